@@ -1,0 +1,1 @@
+//! pipit-reference: the host reference backend.

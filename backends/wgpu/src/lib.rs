@@ -1,0 +1,1 @@
+//! pipit-wgpu: the portable GPU backend.

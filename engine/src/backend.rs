@@ -1,0 +1,313 @@
+//! The two seams between the engine and a device: [`Backend`] (device compute) and
+//! [`Transport`] (moving a tensor from one rank to another).
+//!
+//! Conventions every backend follows, so the model code can rely on them:
+//! - Buffers are flat and row-major; shapes are passed to each op as plain sizes.
+//! - Forward ops overwrite their outputs.
+//! - Backward ops **overwrite input gradients** (`dinp`, `dqkv`, `dlogits`) and **accumulate
+//!   parameter gradients** (`dweight += ...`), so gradients of a step's micro-batches sum up
+//!   until [`Backend::fill`] zeroes them after the optimizer step.
+//! - Every op may return an error (lost device, out of memory); none panics on valid sizes.
+
+use anyhow::Result;
+
+/// Element type of a device buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// 32-bit float: parameters, activations, gradients, optimizer state.
+    F32,
+    /// 32-bit unsigned integer: token ids and targets.
+    U32,
+}
+
+impl DType {
+    /// Size of one element in bytes.
+    pub fn size(self) -> usize {
+        4
+    }
+}
+
+/// Shape and layout of one matrix product `out = op(a) · op(b) (+ bias) (+ out)`.
+///
+/// `op(a)` is `m × k` and `op(b)` is `k × n`; `trans_a` means `a` is stored `k × m`,
+/// `trans_b` means `b` is stored `n × k`. With `accumulate` the product is added to `out`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Matmul {
+    /// Rows of the output.
+    pub m: usize,
+    /// Columns of the output.
+    pub n: usize,
+    /// The contracted dimension.
+    pub k: usize,
+    /// `a` is stored transposed (`k × m`).
+    pub trans_a: bool,
+    /// `b` is stored transposed (`n × k`).
+    pub trans_b: bool,
+    /// Add the product to `out` instead of overwriting it.
+    pub accumulate: bool,
+}
+
+impl Matmul {
+    /// `out[m×n] = a[m×k] · b[k×n]`, nothing transposed, overwriting `out`.
+    pub fn new(m: usize, n: usize, k: usize) -> Self {
+        Self {
+            m,
+            n,
+            k,
+            trans_a: false,
+            trans_b: false,
+            accumulate: false,
+        }
+    }
+    /// The same product with `a` stored transposed.
+    pub fn trans_a(self) -> Self {
+        Self {
+            trans_a: true,
+            ..self
+        }
+    }
+    /// The same product with `b` stored transposed.
+    pub fn trans_b(self) -> Self {
+        Self {
+            trans_b: true,
+            ..self
+        }
+    }
+    /// The same product, added to `out`.
+    pub fn accumulate(self) -> Self {
+        Self {
+            accumulate: true,
+            ..self
+        }
+    }
+    /// Floating-point operations of this product (2·m·n·k).
+    pub fn flops(&self) -> f64 {
+        2.0 * self.m as f64 * self.n as f64 * self.k as f64
+    }
+}
+
+/// Sizes of a causal multi-head self-attention over a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attention {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Model width (`n_embd`); each head has `channels / heads` dimensions.
+    pub channels: usize,
+    /// Number of heads (`n_head`).
+    pub heads: usize,
+}
+
+/// Hyper-parameters of one AdamW update (decoupled weight decay, bias-corrected moments).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    /// Learning rate of this step.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator epsilon.
+    pub eps: f32,
+    /// Decoupled weight decay (0 for biases and layernorm parameters).
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u32,
+}
+
+/// Bytes of device memory a backend holds now, and the most it has held since the last reset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Bytes held by live buffers.
+    pub in_use: u64,
+    /// The largest `in_use` seen since [`Backend::reset_peak_memory`].
+    pub peak: u64,
+}
+
+/// Device compute: buffers and every operation a GPT-2 training step needs.
+///
+/// One value of a backend serves one rank: it owns a device (or a stream on a shared one).
+/// Ops are enqueued in order; results are visible to later ops and to [`Backend::download`].
+pub trait Backend: Send + 'static {
+    /// A device buffer. Dropping it frees its memory.
+    type Buffer: Send + 'static;
+
+    /// A one-line description of the device, e.g. `wgpu: llvmpipe (Vulkan, cpu)`.
+    fn describe(&self) -> String;
+
+    /// A zero-filled buffer of `len` elements.
+    fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Buffer>;
+    /// A new f32 buffer holding `data`.
+    fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
+    /// A new u32 buffer holding `data` (token ids).
+    fn upload_u32(&self, data: &[u32]) -> Result<Self::Buffer>;
+    /// Overwrite an existing f32 buffer with `data` (same length).
+    fn write(&self, buf: &mut Self::Buffer, data: &[f32]) -> Result<()>;
+    /// The contents of an f32 buffer, after all enqueued work.
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
+    /// Number of elements in a buffer.
+    fn len(&self, buf: &Self::Buffer) -> usize;
+
+    /// Set every element of an f32 buffer to `value`.
+    fn fill(&self, buf: &mut Self::Buffer, value: f32) -> Result<()>;
+    /// `dst = src` (same length).
+    fn copy(&self, dst: &mut Self::Buffer, src: &Self::Buffer) -> Result<()>;
+    /// `out = a + b`, elementwise.
+    fn add(&self, out: &mut Self::Buffer, a: &Self::Buffer, b: &Self::Buffer) -> Result<()>;
+    /// `acc += x`, elementwise (gradient accumulation, residual gradients).
+    fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer) -> Result<()>;
+
+    /// Token + position embedding: `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`.
+    /// `tokens` is u32 `[batch·seq]`, `wte` is `[vocab, channels]`, `wpe` is `[n_positions, channels]`.
+    fn embedding_forward(
+        &self,
+        out: &mut Self::Buffer,
+        tokens: &Self::Buffer,
+        wte: &Self::Buffer,
+        wpe: &Self::Buffer,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()>;
+    /// Embedding backward: `dwte[tokens[b,t],:] += dout[b,t,:]`, `dwpe[t,:] += dout[b,t,:]`.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &self,
+        dwte: &mut Self::Buffer,
+        dwpe: &mut Self::Buffer,
+        dout: &Self::Buffer,
+        tokens: &Self::Buffer,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()>;
+
+    /// Layernorm over the last dimension (epsilon 1e-5) of `inp[rows, channels]`; saves each
+    /// row's `mean` and reciprocal standard deviation `rstd` (both `[rows]`) for backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: &mut Self::Buffer,
+        mean: &mut Self::Buffer,
+        rstd: &mut Self::Buffer,
+        inp: &Self::Buffer,
+        weight: &Self::Buffer,
+        bias: &Self::Buffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()>;
+    /// Layernorm backward: overwrites `dinp`, accumulates `dweight` and `dbias`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dinp: &mut Self::Buffer,
+        dweight: &mut Self::Buffer,
+        dbias: &mut Self::Buffer,
+        dout: &Self::Buffer,
+        inp: &Self::Buffer,
+        weight: &Self::Buffer,
+        mean: &Self::Buffer,
+        rstd: &Self::Buffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()>;
+
+    /// Matrix product `out = op(a)·op(b)`, plus `bias[n]` broadcast over rows when given.
+    fn matmul(
+        &self,
+        out: &mut Self::Buffer,
+        a: &Self::Buffer,
+        b: &Self::Buffer,
+        bias: Option<&Self::Buffer>,
+        shape: Matmul,
+    ) -> Result<()>;
+    /// Bias gradient: `dbias[j] += Σ_rows dout[row, j]` for `dout[rows, cols]`.
+    fn bias_backward(
+        &self,
+        dbias: &mut Self::Buffer,
+        dout: &Self::Buffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()>;
+
+    /// GELU, tanh approximation (as GPT-2): `out = gelu(inp)`.
+    fn gelu_forward(&self, out: &mut Self::Buffer, inp: &Self::Buffer) -> Result<()>;
+    /// GELU backward: `dinp = gelu'(inp) · dout`.
+    fn gelu_backward(
+        &self,
+        dinp: &mut Self::Buffer,
+        inp: &Self::Buffer,
+        dout: &Self::Buffer,
+    ) -> Result<()>;
+
+    /// Causal multi-head self-attention. `qkv` is `[batch, seq, 3·channels]` (q, k, v side by
+    /// side, heads contiguous within each), `out` is `[batch, seq, channels]`, and `att`
+    /// `[batch, heads, seq, seq]` receives the softmax probabilities, kept for backward.
+    fn attention_forward(
+        &self,
+        out: &mut Self::Buffer,
+        att: &mut Self::Buffer,
+        qkv: &Self::Buffer,
+        shape: Attention,
+    ) -> Result<()>;
+    /// Attention backward: overwrites `dqkv` from `dout`, `qkv` and the saved `att`.
+    fn attention_backward(
+        &self,
+        dqkv: &mut Self::Buffer,
+        dout: &Self::Buffer,
+        qkv: &Self::Buffer,
+        att: &Self::Buffer,
+        shape: Attention,
+    ) -> Result<()>;
+
+    /// Softmax cross-entropy per row: `losses[r] = logsumexp(logits[r,:]) − logits[r, targets[r]]`
+    /// for `logits[rows, vocab]` and u32 `targets[rows]`.
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut Self::Buffer,
+        logits: &Self::Buffer,
+        targets: &Self::Buffer,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()>;
+    /// Logits gradient of `scale · Σ_r losses[r]`: `dlogits = scale · (softmax(logits) − onehot)`.
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut Self::Buffer,
+        logits: &Self::Buffer,
+        targets: &Self::Buffer,
+        scale: f32,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()>;
+
+    /// One AdamW update of `param` from `grad`, updating the moments `m` and `v` in place.
+    fn adamw(
+        &self,
+        param: &mut Self::Buffer,
+        grad: &Self::Buffer,
+        m: &mut Self::Buffer,
+        v: &mut Self::Buffer,
+        hp: AdamW,
+    ) -> Result<()>;
+
+    /// Block until all enqueued work has finished (for timing and before host reads).
+    fn synchronize(&self) -> Result<()>;
+    /// Device memory held now and at peak.
+    fn memory(&self) -> MemoryStats;
+    /// Start a new peak-memory window at the current usage.
+    fn reset_peak_memory(&self);
+}
+
+/// Moves tensors between ranks. Messages between one pair of ranks arrive in the order they
+/// were sent (NCCL's and TCP's guarantee), and `recv` blocks until its message arrives.
+///
+/// The in-process implementation stages through host memory; NCCL and TCP implementations
+/// move the same messages between processes and machines.
+pub trait Transport<B: Backend>: Send {
+    /// Send `buf` (f32) to rank `to`.
+    fn send(&mut self, backend: &B, to: usize, buf: &B::Buffer) -> Result<()>;
+    /// Receive the next f32 tensor from rank `from` into a new buffer.
+    fn recv(&mut self, backend: &B, from: usize) -> Result<B::Buffer>;
+}

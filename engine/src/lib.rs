@@ -1,0 +1,12 @@
+//! pipit-engine: everything in pipit that is not device code.
+//!
+//! The planner (schedules, simulation, partitioning, analysis, rendering), GPT-2 expressed as
+//! an ordered list of layers over the [`backend::Backend`] trait, and the executor that runs a
+//! lowered schedule on any backend. Nothing here depends on a device crate.
+
+pub mod backend;
+pub mod error;
+pub mod schedule;
+
+pub use backend::{Backend, Transport};
+pub use error::{is_invalid_input, InvalidInput};

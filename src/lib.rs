@@ -1,0 +1,7 @@
+//! pipit: pipeline-parallel training and inference.
+//!
+//! A thin facade over the engine and the backends, so examples and tests name one crate.
+
+pub use pipit_engine as engine;
+pub use pipit_reference as reference;
+pub use pipit_wgpu as wgpu;
