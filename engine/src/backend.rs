@@ -151,7 +151,7 @@ pub trait Backend: Send + 'static {
 
     /// Set every element of an f32 buffer to `value`.
     fn fill(&self, buf: &mut Self::Buffer, value: f32) -> Result<()>;
-    /// `dst = src` (same length).
+    /// `dst = src` (same length and dtype; u32 buffers too, so token ids can be kept).
     fn copy(&self, dst: &mut Self::Buffer, src: &Self::Buffer) -> Result<()>;
     /// `out = a + b`, elementwise.
     fn add(&self, out: &mut Self::Buffer, a: &Self::Buffer, b: &Self::Buffer) -> Result<()>;
@@ -160,6 +160,7 @@ pub trait Backend: Send + 'static {
 
     /// Token + position embedding: `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`.
     /// `tokens` is u32 `[batch·seq]`, `wte` is `[vocab, channels]`, `wpe` is `[n_positions, channels]`.
+    #[allow(clippy::too_many_arguments)]
     fn embedding_forward(
         &self,
         out: &mut Self::Buffer,

@@ -1,1 +1,395 @@
 //! pipit-reference: the host reference backend.
+//!
+//! Every operation of [`pipit_engine::Backend`] in plain f32 host code, written to be read and
+//! trusted rather than fast: long sums (dot products, layernorm statistics, softmax
+//! denominators, bias and embedding gradients) accumulate in f64, and every size is checked
+//! against the buffers before any element is touched, so a wrong call is an error, never a
+//! panic. Each layer family lives in its own module with its forward and backward side by side.
+
+mod adamw;
+mod attention;
+mod buffer;
+mod cross_entropy;
+mod elementwise;
+mod embedding;
+mod gelu;
+mod layernorm;
+mod matmul;
+
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
+
+pub use buffer::RefBuffer;
+use buffer::{elems, expect_len, Meter};
+
+/// The host reference backend. Cheap to create; each value keeps its own memory accounting.
+#[derive(Debug, Default)]
+pub struct ReferenceBackend {
+    meter: Arc<Meter>,
+}
+
+impl ReferenceBackend {
+    /// A new backend with its memory counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Backend for ReferenceBackend {
+    type Buffer = RefBuffer;
+
+    fn describe(&self) -> String {
+        "reference: host f32 (f64 accumulation)".to_string()
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<RefBuffer> {
+        RefBuffer::zeroed(&self.meter, len, dtype)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<RefBuffer> {
+        let mut buf = RefBuffer::zeroed(&self.meter, data.len(), DType::F32)?;
+        buf.f32_mut("upload")?.copy_from_slice(data);
+        Ok(buf)
+    }
+
+    fn upload_u32(&self, data: &[u32]) -> Result<RefBuffer> {
+        let mut buf = RefBuffer::zeroed(&self.meter, data.len(), DType::U32)?;
+        buf.u32_mut("upload_u32")?.copy_from_slice(data);
+        Ok(buf)
+    }
+
+    fn write(&self, buf: &mut RefBuffer, data: &[f32]) -> Result<()> {
+        let dst = buf.f32_mut("write destination")?;
+        expect_len("write data", data.len(), dst.len())?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn download(&self, buf: &RefBuffer) -> Result<Vec<f32>> {
+        Ok(buf.f32("download")?.to_vec())
+    }
+
+    fn len(&self, buf: &RefBuffer) -> usize {
+        buf.len()
+    }
+
+    fn fill(&self, buf: &mut RefBuffer, value: f32) -> Result<()> {
+        buf.f32_mut("fill")?.fill(value);
+        Ok(())
+    }
+
+    fn copy(&self, dst: &mut RefBuffer, src: &RefBuffer) -> Result<()> {
+        dst.copy_from(src)
+    }
+
+    fn add(&self, out: &mut RefBuffer, a: &RefBuffer, b: &RefBuffer) -> Result<()> {
+        let (a, b) = (a.f32("add a")?, b.f32("add b")?);
+        let out = out.f32_mut("add out")?;
+        expect_len("add a", a.len(), out.len())?;
+        expect_len("add b", b.len(), out.len())?;
+        elementwise::add(out, a, b);
+        Ok(())
+    }
+
+    fn add_assign(&self, acc: &mut RefBuffer, x: &RefBuffer) -> Result<()> {
+        let x = x.f32("add_assign x")?;
+        let acc = acc.f32_mut("add_assign acc")?;
+        expect_len("add_assign x", x.len(), acc.len())?;
+        elementwise::add_assign(acc, x);
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut RefBuffer,
+        tokens: &RefBuffer,
+        wte: &RefBuffer,
+        wpe: &RefBuffer,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()> {
+        let (tokens, wte, wpe) = (tokens.u32("tokens")?, wte.f32("wte")?, wpe.f32("wpe")?);
+        let out = out.f32_mut("embedding out")?;
+        let dims = embedding::Dims::check(tokens, wte.len(), wpe.len(), batch, seq, channels)?;
+        expect_len("embedding out", out.len(), elems(&[batch, seq, channels])?)?;
+        embedding::forward(out, tokens, wte, wpe, dims);
+        Ok(())
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut RefBuffer,
+        dwpe: &mut RefBuffer,
+        dout: &RefBuffer,
+        tokens: &RefBuffer,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()> {
+        let (dout, tokens) = (dout.f32("embedding dout")?, tokens.u32("tokens")?);
+        let (dwte, dwpe) = (dwte.f32_mut("dwte")?, dwpe.f32_mut("dwpe")?);
+        let dims = embedding::Dims::check(tokens, dwte.len(), dwpe.len(), batch, seq, channels)?;
+        expect_len(
+            "embedding dout",
+            dout.len(),
+            elems(&[batch, seq, channels])?,
+        )?;
+        embedding::backward(dwte, dwpe, dout, tokens, dims);
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut RefBuffer,
+        mean: &mut RefBuffer,
+        rstd: &mut RefBuffer,
+        inp: &RefBuffer,
+        weight: &RefBuffer,
+        bias: &RefBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        if channels == 0 {
+            bail!("layernorm needs at least one channel");
+        }
+        let (inp, weight, bias) = (
+            inp.f32("ln inp")?,
+            weight.f32("ln weight")?,
+            bias.f32("ln bias")?,
+        );
+        let (out, mean, rstd) = (
+            out.f32_mut("ln out")?,
+            mean.f32_mut("ln mean")?,
+            rstd.f32_mut("ln rstd")?,
+        );
+        let n = elems(&[rows, channels])?;
+        expect_len("ln inp", inp.len(), n)?;
+        expect_len("ln out", out.len(), n)?;
+        expect_len("ln weight", weight.len(), channels)?;
+        expect_len("ln bias", bias.len(), channels)?;
+        expect_len("ln mean", mean.len(), rows)?;
+        expect_len("ln rstd", rstd.len(), rows)?;
+        layernorm::forward(out, mean, rstd, inp, weight, bias, channels);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut RefBuffer,
+        dweight: &mut RefBuffer,
+        dbias: &mut RefBuffer,
+        dout: &RefBuffer,
+        inp: &RefBuffer,
+        weight: &RefBuffer,
+        mean: &RefBuffer,
+        rstd: &RefBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        if channels == 0 {
+            bail!("layernorm needs at least one channel");
+        }
+        let (dout, inp, weight) = (
+            dout.f32("ln dout")?,
+            inp.f32("ln inp")?,
+            weight.f32("ln weight")?,
+        );
+        let (mean, rstd) = (mean.f32("ln mean")?, rstd.f32("ln rstd")?);
+        let (dinp, dweight, dbias) = (
+            dinp.f32_mut("ln dinp")?,
+            dweight.f32_mut("ln dweight")?,
+            dbias.f32_mut("ln dbias")?,
+        );
+        let n = elems(&[rows, channels])?;
+        for (what, len) in [
+            ("ln dinp", dinp.len()),
+            ("ln dout", dout.len()),
+            ("ln inp", inp.len()),
+        ] {
+            expect_len(what, len, n)?;
+        }
+        for (what, len) in [
+            ("ln weight", weight.len()),
+            ("ln dweight", dweight.len()),
+            ("ln dbias", dbias.len()),
+        ] {
+            expect_len(what, len, channels)?;
+        }
+        expect_len("ln mean", mean.len(), rows)?;
+        expect_len("ln rstd", rstd.len(), rows)?;
+        layernorm::backward(
+            dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels,
+        );
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        out: &mut RefBuffer,
+        a: &RefBuffer,
+        b: &RefBuffer,
+        bias: Option<&RefBuffer>,
+        shape: Matmul,
+    ) -> Result<()> {
+        let (a, b) = (a.f32("matmul a")?, b.f32("matmul b")?);
+        let bias = bias.map(|x| x.f32("matmul bias")).transpose()?;
+        let out = out.f32_mut("matmul out")?;
+        expect_len("matmul a", a.len(), elems(&[shape.m, shape.k])?)?;
+        expect_len("matmul b", b.len(), elems(&[shape.k, shape.n])?)?;
+        expect_len("matmul out", out.len(), elems(&[shape.m, shape.n])?)?;
+        if let Some(bias) = bias {
+            expect_len("matmul bias", bias.len(), shape.n)?;
+        }
+        matmul::forward(out, a, b, bias, shape);
+        Ok(())
+    }
+
+    fn bias_backward(
+        &self,
+        dbias: &mut RefBuffer,
+        dout: &RefBuffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let dout = dout.f32("bias dout")?;
+        let dbias = dbias.f32_mut("dbias")?;
+        expect_len("bias dout", dout.len(), elems(&[rows, cols])?)?;
+        expect_len("dbias", dbias.len(), cols)?;
+        matmul::bias_backward(dbias, dout, cols);
+        Ok(())
+    }
+
+    fn gelu_forward(&self, out: &mut RefBuffer, inp: &RefBuffer) -> Result<()> {
+        let inp = inp.f32("gelu inp")?;
+        let out = out.f32_mut("gelu out")?;
+        expect_len("gelu inp", inp.len(), out.len())?;
+        gelu::forward(out, inp);
+        Ok(())
+    }
+
+    fn gelu_backward(&self, dinp: &mut RefBuffer, inp: &RefBuffer, dout: &RefBuffer) -> Result<()> {
+        let (inp, dout) = (inp.f32("gelu inp")?, dout.f32("gelu dout")?);
+        let dinp = dinp.f32_mut("gelu dinp")?;
+        expect_len("gelu inp", inp.len(), dinp.len())?;
+        expect_len("gelu dout", dout.len(), dinp.len())?;
+        gelu::backward(dinp, inp, dout);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut RefBuffer,
+        att: &mut RefBuffer,
+        qkv: &RefBuffer,
+        shape: Attention,
+    ) -> Result<()> {
+        let qkv = qkv.f32("attention qkv")?;
+        let (out, att) = (out.f32_mut("attention out")?, att.f32_mut("attention att")?);
+        let sizes = attention::Sizes::check(shape)?;
+        expect_len("attention qkv", qkv.len(), sizes.qkv_len)?;
+        expect_len("attention out", out.len(), sizes.out_len)?;
+        expect_len("attention att", att.len(), sizes.att_len)?;
+        attention::forward(out, att, qkv, shape);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut RefBuffer,
+        dout: &RefBuffer,
+        qkv: &RefBuffer,
+        att: &RefBuffer,
+        shape: Attention,
+    ) -> Result<()> {
+        let (dout, qkv, att) = (
+            dout.f32("attention dout")?,
+            qkv.f32("attention qkv")?,
+            att.f32("attention att")?,
+        );
+        let dqkv = dqkv.f32_mut("attention dqkv")?;
+        let sizes = attention::Sizes::check(shape)?;
+        expect_len("attention dqkv", dqkv.len(), sizes.qkv_len)?;
+        expect_len("attention qkv", qkv.len(), sizes.qkv_len)?;
+        expect_len("attention dout", dout.len(), sizes.out_len)?;
+        expect_len("attention att", att.len(), sizes.att_len)?;
+        attention::backward(dqkv, dout, qkv, att, shape);
+        Ok(())
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut RefBuffer,
+        logits: &RefBuffer,
+        targets: &RefBuffer,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let (logits, targets) = (logits.f32("logits")?, targets.u32("targets")?);
+        let losses = losses.f32_mut("losses")?;
+        cross_entropy::check(logits.len(), targets, rows, vocab)?;
+        expect_len("losses", losses.len(), rows)?;
+        cross_entropy::forward(losses, logits, targets, vocab);
+        Ok(())
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut RefBuffer,
+        logits: &RefBuffer,
+        targets: &RefBuffer,
+        scale: f32,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let (logits, targets) = (logits.f32("logits")?, targets.u32("targets")?);
+        let dlogits = dlogits.f32_mut("dlogits")?;
+        cross_entropy::check(logits.len(), targets, rows, vocab)?;
+        expect_len("dlogits", dlogits.len(), logits.len())?;
+        cross_entropy::backward(dlogits, logits, targets, scale, vocab);
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        param: &mut RefBuffer,
+        grad: &RefBuffer,
+        m: &mut RefBuffer,
+        v: &mut RefBuffer,
+        hp: AdamW,
+    ) -> Result<()> {
+        if hp.step == 0 {
+            bail!("AdamW step numbers start at 1 (bias correction), got 0");
+        }
+        let grad = grad.f32("adamw grad")?;
+        let (param, m, v) = (
+            param.f32_mut("adamw param")?,
+            m.f32_mut("adamw m")?,
+            v.f32_mut("adamw v")?,
+        );
+        for (what, len) in [
+            ("adamw grad", grad.len()),
+            ("adamw m", m.len()),
+            ("adamw v", v.len()),
+        ] {
+            expect_len(what, len, param.len())?;
+        }
+        adamw::step(param, grad, m, v, hp);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        // Host code runs each op to completion before returning.
+        Ok(())
+    }
+
+    fn memory(&self) -> MemoryStats {
+        self.meter.stats()
+    }
+
+    fn reset_peak_memory(&self) {
+        self.meter.reset_peak();
+    }
+}
