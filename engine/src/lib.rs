@@ -6,6 +6,8 @@
 
 pub mod backend;
 pub mod error;
+pub mod model;
+pub mod rng;
 pub mod schedule;
 
 pub use backend::{Backend, Transport};

@@ -1,0 +1,283 @@
+//! One transformer block (pre-norm, as GPT-2): `x + attn(ln_1(x))`, then `+ mlp(ln_2(·))`.
+
+use anyhow::Result;
+
+use super::params::Params;
+use super::stage::Dims;
+use crate::backend::{Attention, Backend, DType, Matmul};
+
+/// What a block's backward needs from its forward (its input is kept by the stage).
+pub(super) struct BlockActs<B: Backend> {
+    ln1: B::Buffer,
+    ln1_mean: B::Buffer,
+    ln1_rstd: B::Buffer,
+    qkv: B::Buffer,
+    att: B::Buffer,
+    atty: B::Buffer,
+    res1: B::Buffer,
+    ln2: B::Buffer,
+    ln2_mean: B::Buffer,
+    ln2_rstd: B::Buffer,
+    fch: B::Buffer,
+    fch_gelu: B::Buffer,
+}
+
+impl<B: Backend> BlockActs<B> {
+    /// Elements held, for memory accounting.
+    pub(super) fn elements(&self, b: &B) -> usize {
+        [
+            &self.ln1,
+            &self.ln1_mean,
+            &self.ln1_rstd,
+            &self.qkv,
+            &self.att,
+            &self.atty,
+            &self.res1,
+            &self.ln2,
+            &self.ln2_mean,
+            &self.ln2_rstd,
+            &self.fch,
+            &self.fch_gelu,
+        ]
+        .iter()
+        .map(|buf| b.len(buf))
+        .sum()
+    }
+}
+
+fn zeros<B: Backend>(b: &B, len: usize) -> Result<B::Buffer> {
+    b.alloc(len, DType::F32)
+}
+
+fn attention_shape(d: Dims) -> Attention {
+    Attention {
+        batch: d.batch,
+        seq: d.seq,
+        channels: d.channels,
+        heads: d.heads,
+    }
+}
+
+/// Block `i` on `x[rows, C]`: the output and the activations backward needs.
+pub(super) fn forward<B: Backend>(
+    b: &B,
+    p: &Params<B>,
+    i: usize,
+    x: &B::Buffer,
+    d: Dims,
+) -> Result<(B::Buffer, BlockActs<B>)> {
+    let (rows, c) = (d.rows(), d.channels);
+    let w = |s: &str| p.value(&format!("h.{i}.{s}"));
+
+    let (mut ln1, mut ln1_mean, mut ln1_rstd) =
+        (zeros(b, rows * c)?, zeros(b, rows)?, zeros(b, rows)?);
+    b.layernorm_forward(
+        &mut ln1,
+        &mut ln1_mean,
+        &mut ln1_rstd,
+        x,
+        w("ln_1.weight")?,
+        w("ln_1.bias")?,
+        rows,
+        c,
+    )?;
+    let mut qkv = zeros(b, rows * 3 * c)?;
+    b.matmul(
+        &mut qkv,
+        &ln1,
+        w("attn.c_attn.weight")?,
+        Some(w("attn.c_attn.bias")?),
+        Matmul::new(rows, 3 * c, c),
+    )?;
+    let (mut atty, mut att) = (
+        zeros(b, rows * c)?,
+        zeros(b, d.batch * d.heads * d.seq * d.seq)?,
+    );
+    b.attention_forward(&mut atty, &mut att, &qkv, attention_shape(d))?;
+    let mut attproj = zeros(b, rows * c)?;
+    b.matmul(
+        &mut attproj,
+        &atty,
+        w("attn.c_proj.weight")?,
+        Some(w("attn.c_proj.bias")?),
+        Matmul::new(rows, c, c),
+    )?;
+    let mut res1 = zeros(b, rows * c)?;
+    b.add(&mut res1, x, &attproj)?;
+    drop(attproj);
+
+    let (mut ln2, mut ln2_mean, mut ln2_rstd) =
+        (zeros(b, rows * c)?, zeros(b, rows)?, zeros(b, rows)?);
+    b.layernorm_forward(
+        &mut ln2,
+        &mut ln2_mean,
+        &mut ln2_rstd,
+        &res1,
+        w("ln_2.weight")?,
+        w("ln_2.bias")?,
+        rows,
+        c,
+    )?;
+    let mut fch = zeros(b, rows * 4 * c)?;
+    b.matmul(
+        &mut fch,
+        &ln2,
+        w("mlp.c_fc.weight")?,
+        Some(w("mlp.c_fc.bias")?),
+        Matmul::new(rows, 4 * c, c),
+    )?;
+    let mut fch_gelu = zeros(b, rows * 4 * c)?;
+    b.gelu_forward(&mut fch_gelu, &fch)?;
+    let mut fcproj = zeros(b, rows * c)?;
+    b.matmul(
+        &mut fcproj,
+        &fch_gelu,
+        w("mlp.c_proj.weight")?,
+        Some(w("mlp.c_proj.bias")?),
+        Matmul::new(rows, c, 4 * c),
+    )?;
+    let mut out = zeros(b, rows * c)?;
+    b.add(&mut out, &res1, &fcproj)?;
+
+    let acts = BlockActs {
+        ln1,
+        ln1_mean,
+        ln1_rstd,
+        qkv,
+        att,
+        atty,
+        res1,
+        ln2,
+        ln2_mean,
+        ln2_rstd,
+        fch,
+        fch_gelu,
+    };
+    Ok((out, acts))
+}
+
+/// Backward through block `i`: accumulates its parameter gradients and returns the gradient
+/// of its input `x`. `acts` and `dout` are freed as soon as they are no longer needed.
+pub(super) fn backward<B: Backend>(
+    b: &B,
+    p: &mut Params<B>,
+    i: usize,
+    a: BlockActs<B>,
+    x: &B::Buffer,
+    dout: B::Buffer,
+    d: Dims,
+) -> Result<B::Buffer> {
+    let (rows, c) = (d.rows(), d.channels);
+    let n = |s: &str| format!("h.{i}.{s}");
+    let acc_weight = |m, n_, k| Matmul::new(m, n_, k).trans_a().accumulate();
+
+    // MLP: out = res1 + fch_gelu·W_proj + b_proj, fch = ln2·W_fc + b_fc.
+    b.matmul(
+        p.grad_mut(&n("mlp.c_proj.weight"))?,
+        &a.fch_gelu,
+        &dout,
+        None,
+        acc_weight(4 * c, c, rows),
+    )?;
+    b.bias_backward(p.grad_mut(&n("mlp.c_proj.bias"))?, &dout, rows, c)?;
+    let mut dfch_gelu = zeros(b, rows * 4 * c)?;
+    b.matmul(
+        &mut dfch_gelu,
+        &dout,
+        p.value(&n("mlp.c_proj.weight"))?,
+        None,
+        Matmul::new(rows, 4 * c, c).trans_b(),
+    )?;
+    let mut dfch = zeros(b, rows * 4 * c)?;
+    b.gelu_backward(&mut dfch, &a.fch, &dfch_gelu)?;
+    drop(dfch_gelu);
+    b.matmul(
+        p.grad_mut(&n("mlp.c_fc.weight"))?,
+        &a.ln2,
+        &dfch,
+        None,
+        acc_weight(c, 4 * c, rows),
+    )?;
+    b.bias_backward(p.grad_mut(&n("mlp.c_fc.bias"))?, &dfch, rows, 4 * c)?;
+    let mut dln2 = zeros(b, rows * c)?;
+    b.matmul(
+        &mut dln2,
+        &dfch,
+        p.value(&n("mlp.c_fc.weight"))?,
+        None,
+        Matmul::new(rows, c, 4 * c).trans_b(),
+    )?;
+    drop(dfch);
+    let mut dres1 = zeros(b, rows * c)?;
+    let (w, dw, db) = p.layernorm(&n("ln_2.weight"), &n("ln_2.bias"))?;
+    b.layernorm_backward(
+        &mut dres1,
+        dw,
+        db,
+        &dln2,
+        &a.res1,
+        w,
+        &a.ln2_mean,
+        &a.ln2_rstd,
+        rows,
+        c,
+    )?;
+    drop(dln2);
+    // The residual path carries dout straight through to res1.
+    b.add_assign(&mut dres1, &dout)?;
+    drop(dout);
+
+    // Attention: res1 = x + atty·W_proj + b_proj, qkv = ln1·W_attn + b_attn.
+    b.matmul(
+        p.grad_mut(&n("attn.c_proj.weight"))?,
+        &a.atty,
+        &dres1,
+        None,
+        acc_weight(c, c, rows),
+    )?;
+    b.bias_backward(p.grad_mut(&n("attn.c_proj.bias"))?, &dres1, rows, c)?;
+    let mut datty = zeros(b, rows * c)?;
+    b.matmul(
+        &mut datty,
+        &dres1,
+        p.value(&n("attn.c_proj.weight"))?,
+        None,
+        Matmul::new(rows, c, c).trans_b(),
+    )?;
+    let mut dqkv = zeros(b, rows * 3 * c)?;
+    b.attention_backward(&mut dqkv, &datty, &a.qkv, &a.att, attention_shape(d))?;
+    drop(datty);
+    b.matmul(
+        p.grad_mut(&n("attn.c_attn.weight"))?,
+        &a.ln1,
+        &dqkv,
+        None,
+        acc_weight(c, 3 * c, rows),
+    )?;
+    b.bias_backward(p.grad_mut(&n("attn.c_attn.bias"))?, &dqkv, rows, 3 * c)?;
+    let mut dln1 = zeros(b, rows * c)?;
+    b.matmul(
+        &mut dln1,
+        &dqkv,
+        p.value(&n("attn.c_attn.weight"))?,
+        None,
+        Matmul::new(rows, c, 3 * c).trans_b(),
+    )?;
+    drop(dqkv);
+    let mut dx = zeros(b, rows * c)?;
+    let (w, dw, db) = p.layernorm(&n("ln_1.weight"), &n("ln_1.bias"))?;
+    b.layernorm_backward(
+        &mut dx,
+        dw,
+        db,
+        &dln1,
+        x,
+        w,
+        &a.ln1_mean,
+        &a.ln1_rstd,
+        rows,
+        c,
+    )?;
+    b.add_assign(&mut dx, &dres1)?;
+    Ok(dx)
+}

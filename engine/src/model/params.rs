@@ -1,0 +1,105 @@
+//! A stage's parameters on the device: values, gradients and AdamW moments, by name.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+
+use crate::backend::{Backend, DType};
+
+/// Parameters in a fixed order, with their gradients and optimizer moments in parallel
+/// vectors, so one op can read a value while it writes a gradient.
+pub(super) struct Params<B: Backend> {
+    pub(super) names: Vec<String>,
+    pub(super) shapes: Vec<Vec<usize>>,
+    index: HashMap<String, usize>,
+    pub(super) values: Vec<B::Buffer>,
+    pub(super) grads: Vec<B::Buffer>,
+    pub(super) m: Vec<B::Buffer>,
+    pub(super) v: Vec<B::Buffer>,
+}
+
+impl<B: Backend> Params<B> {
+    /// Upload `values` (in the order of `specs`) and allocate zeroed gradients and moments.
+    pub(super) fn new(
+        b: &B,
+        specs: Vec<(String, Vec<usize>)>,
+        values: Vec<&[f32]>,
+    ) -> Result<Self> {
+        let mut p = Self {
+            names: Vec::new(),
+            shapes: Vec::new(),
+            index: HashMap::new(),
+            values: Vec::new(),
+            grads: Vec::new(),
+            m: Vec::new(),
+            v: Vec::new(),
+        };
+        for ((name, shape), data) in specs.into_iter().zip(values) {
+            let len = data.len();
+            let ctx = || format!("allocating parameter {name}");
+            p.values.push(b.upload(data).with_context(ctx)?);
+            p.grads.push(b.alloc(len, DType::F32).with_context(ctx)?);
+            p.m.push(b.alloc(len, DType::F32).with_context(ctx)?);
+            p.v.push(b.alloc(len, DType::F32).with_context(ctx)?);
+            p.index.insert(name.clone(), p.names.len());
+            p.names.push(name);
+            p.shapes.push(shape);
+        }
+        Ok(p)
+    }
+
+    /// Position of `name`, if this stage holds it.
+    pub(super) fn find(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Position of `name`; an error names the missing tensor (a broken stage invariant).
+    pub(super) fn at(&self, name: &str) -> Result<usize> {
+        self.find(name)
+            .with_context(|| format!("this stage holds no parameter {name}"))
+    }
+
+    /// The value of `name`.
+    pub(super) fn value(&self, name: &str) -> Result<&B::Buffer> {
+        Ok(&self.values[self.at(name)?])
+    }
+
+    /// The gradient of `name`, to accumulate into.
+    pub(super) fn grad_mut(&mut self, name: &str) -> Result<&mut B::Buffer> {
+        let i = self.at(name)?;
+        Ok(&mut self.grads[i])
+    }
+
+    /// The value of a layernorm's weight and the gradients of its weight and bias, at once.
+    pub(super) fn layernorm(
+        &mut self,
+        weight: &str,
+        bias: &str,
+    ) -> Result<(&B::Buffer, &mut B::Buffer, &mut B::Buffer)> {
+        let (w, b) = (self.at(weight)?, self.at(bias)?);
+        let (dw, db) = two_mut(&mut self.grads, w, b);
+        Ok((&self.values[w], dw, db))
+    }
+
+    /// The gradients of two different parameters, at once.
+    pub(super) fn grads_pair_mut(
+        &mut self,
+        a: &str,
+        b: &str,
+    ) -> Result<(&mut B::Buffer, &mut B::Buffer)> {
+        let (i, j) = (self.at(a)?, self.at(b)?);
+        Ok(two_mut(&mut self.grads, i, j))
+    }
+}
+
+/// Mutable references to two different elements of a slice.
+fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {
+    assert_ne!(i, j, "two_mut needs two different positions");
+    if i < j {
+        let (lo, hi) = v.split_at_mut(j);
+        (&mut lo[i], &mut hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(i);
+        (&mut hi[0], &mut lo[j])
+    }
+}

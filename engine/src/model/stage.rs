@@ -1,0 +1,586 @@
+//! A stage: a contiguous run of the model's layers, with its parameters, gradients and
+//! AdamW moments on one backend, run forward and backward one micro-batch at a time.
+
+use std::ops::Range;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::block::{self, BlockActs};
+use super::config::{AdamWConfig, GptConfig, Layer};
+use super::head::{self, HeadActs};
+use super::host::HostTensors;
+use super::params::Params;
+use crate::backend::{AdamW, Backend, DType};
+use crate::invalid;
+
+/// The input of a stage's forward.
+pub enum StageInput<'a, B: Backend> {
+    /// Token ids, u32 `[batch·seq]`: the input of the stage that holds the embedding.
+    Tokens(&'a B::Buffer),
+    /// The previous stage's output `[batch·seq, n_embd]`; the stage takes ownership.
+    Hidden(B::Buffer),
+}
+
+/// The output of a stage's forward.
+pub enum StageOutput<B: Backend> {
+    /// Hidden states `[batch·seq, n_embd]` for the next stage.
+    Hidden(B::Buffer),
+    /// Per-token losses `[batch·seq]` (the head, given targets).
+    Loss {
+        /// `losses[r] = −log softmax(logits[r])[targets[r]]`.
+        losses: B::Buffer,
+    },
+    /// Logits `[batch·seq, vocab_size]` (the head, without targets).
+    Logits(B::Buffer),
+}
+
+/// What a forward keeps for its backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Keep {
+    /// Every activation backward needs.
+    All,
+    /// Only the stage input (activation checkpointing): backward recomputes the forward.
+    Input,
+    /// Nothing: inference and evaluation; backward is impossible.
+    Nothing,
+}
+
+/// Sizes of one micro-batch on this model.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Dims {
+    pub(super) batch: usize,
+    pub(super) seq: usize,
+    pub(super) channels: usize,
+    pub(super) heads: usize,
+    pub(super) vocab: usize,
+}
+
+impl Dims {
+    /// Token positions in the micro-batch (`batch·seq`).
+    pub(super) fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+}
+
+/// One layer's activations, in forward order.
+enum Acts<B: Backend> {
+    Embedding,
+    Block(usize, BlockActs<B>),
+    Head(HeadActs<B>),
+}
+
+/// Every activation of one forward: each layer's, and each inner layer boundary.
+struct Trace<B: Backend> {
+    /// Inputs of layers `1..` (outputs of the layers before them); the stage input is apart.
+    hiddens: Vec<B::Buffer>,
+    acts: Vec<Acts<B>>,
+}
+
+/// What one forward kept for its backward. Dropping it frees the buffers.
+pub struct Saved<B: Backend> {
+    dims: Dims,
+    bytes: u64,
+    /// The stage input (a copy of the tokens on the first stage); `None` under [`Keep::Nothing`].
+    input: Option<B::Buffer>,
+    /// A copy of the targets on the head stage.
+    targets: Option<B::Buffer>,
+    /// `None` under [`Keep::Input`]: backward recomputes it.
+    trace: Option<Trace<B>>,
+}
+
+impl<B: Backend> Saved<B> {
+    /// Bytes of device memory held by the kept buffers.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// AdamW moments of a stage's parameters, on the host (for checkpoints).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct OptimizerState {
+    /// First moments, by parameter name.
+    pub m: HostTensors,
+    /// Second moments, by parameter name.
+    pub v: HostTensors,
+}
+
+/// The layers `layers` of a GPT-2 model on one backend: parameters, gradients, AdamW moments.
+///
+/// A stage holding the embedding or the head holds `wte`; one holding both shares one `wte`
+/// between them. When the embedding and the head sit on different stages each holds its own
+/// copy, and the caller keeps them tied: sum the two `wte` gradients before the optimizer
+/// step, so both copies take the same update.
+pub struct StageModel<B: Backend> {
+    cfg: GptConfig,
+    layers: Range<usize>,
+    kinds: Vec<Layer>,
+    params: Params<B>,
+}
+
+impl<B: Backend> StageModel<B> {
+    /// Upload the tensors of `layers` (indices into [`GptConfig::layers`]) from `host`.
+    pub fn new(b: &B, cfg: &GptConfig, layers: Range<usize>, host: &HostTensors) -> Result<Self> {
+        cfg.validate()?;
+        let all = cfg.layers();
+        if layers.start >= layers.end || layers.end > all.len() {
+            invalid!(
+                "stage layers {}..{} must be a non-empty range within the model's {} layers",
+                layers.start,
+                layers.end,
+                all.len()
+            );
+        }
+        let kinds = all[layers.clone()].to_vec();
+        let specs = cfg.params_of(&kinds);
+        let mut data = Vec::with_capacity(specs.len());
+        for (name, shape) in &specs {
+            let Some(t) = host.get(name) else {
+                invalid!("the model parameters lack tensor {name}");
+            };
+            if &t.shape != shape {
+                invalid!(
+                    "tensor {name} has shape {:?}; the model config needs {shape:?}",
+                    t.shape
+                );
+            }
+            data.push(t.data.as_slice());
+        }
+        let params = Params::new(b, specs, data)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            layers,
+            kinds,
+            params,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+
+    /// The layer indices this stage runs.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers.clone()
+    }
+
+    /// The layers this stage runs, in order.
+    pub fn layer_kinds(&self) -> &[Layer] {
+        &self.kinds
+    }
+
+    /// Hugging Face names of this stage's parameters, in a fixed order.
+    pub fn param_names(&self) -> Vec<String> {
+        self.params.names.clone()
+    }
+
+    /// The shape of parameter `name`.
+    pub fn param_shape(&self, name: &str) -> Option<&[usize]> {
+        self.params
+            .find(name)
+            .map(|i| self.params.shapes[i].as_slice())
+    }
+
+    /// The value of parameter `name`.
+    pub fn param(&self, name: &str) -> Option<&B::Buffer> {
+        self.params.find(name).map(|i| &self.params.values[i])
+    }
+
+    /// The value of parameter `name`, mutably.
+    pub fn param_mut(&mut self, name: &str) -> Option<&mut B::Buffer> {
+        self.params.find(name).map(|i| &mut self.params.values[i])
+    }
+
+    /// The accumulated gradient of parameter `name`.
+    pub fn grad(&self, name: &str) -> Option<&B::Buffer> {
+        self.params.find(name).map(|i| &self.params.grads[i])
+    }
+
+    /// The accumulated gradient of parameter `name`, mutably (e.g. to sum tied `wte` copies).
+    pub fn grad_mut(&mut self, name: &str) -> Option<&mut B::Buffer> {
+        self.params.find(name).map(|i| &mut self.params.grads[i])
+    }
+
+    /// Number of parameters this stage holds.
+    pub fn num_parameters(&self) -> usize {
+        self.params
+            .shapes
+            .iter()
+            .map(|s| s.iter().product::<usize>())
+            .sum()
+    }
+
+    fn dims(&self, batch: usize, seq: usize) -> Result<Dims> {
+        if batch == 0 || seq == 0 {
+            invalid!("a micro-batch needs at least one sequence of one token, got batch {batch} and seq {seq}");
+        }
+        if seq > self.cfg.n_positions {
+            invalid!(
+                "sequence length {seq} exceeds the model's n_positions ({})",
+                self.cfg.n_positions
+            );
+        }
+        Ok(Dims {
+            batch,
+            seq,
+            channels: self.cfg.n_embd,
+            heads: self.cfg.n_head,
+            vocab: self.cfg.vocab_size,
+        })
+    }
+
+    fn has_head(&self) -> bool {
+        self.kinds.last() == Some(&Layer::Head)
+    }
+
+    /// Run the stage on one micro-batch of `batch` sequences of `seq` tokens.
+    ///
+    /// `targets` (u32 `[batch·seq]`) matter only on the head stage and are ignored elsewhere;
+    /// a head stage that keeps anything for backward needs them.
+    pub fn forward(
+        &self,
+        b: &B,
+        input: StageInput<'_, B>,
+        targets: Option<&B::Buffer>,
+        batch: usize,
+        seq: usize,
+        keep: Keep,
+    ) -> Result<(StageOutput<B>, Saved<B>)> {
+        let d = self.dims(batch, seq)?;
+        let rows = d.rows();
+        let takes_tokens = self.kinds[0] == Layer::Embedding;
+        let (owned, borrowed) = match input {
+            StageInput::Tokens(_) if !takes_tokens => bail!(
+                "stage {:?} starts with {}; it takes hidden states, not tokens",
+                self.layers,
+                self.kinds[0]
+            ),
+            StageInput::Hidden(_) if takes_tokens => bail!(
+                "stage {:?} starts with the embedding; it takes tokens, not hidden states",
+                self.layers
+            ),
+            StageInput::Tokens(t) => {
+                check_len(b, t, rows, "tokens")?;
+                if keep == Keep::Nothing {
+                    (None, Some(t))
+                } else {
+                    (Some(copy_of(b, t, DType::U32)?), None)
+                }
+            }
+            StageInput::Hidden(h) => {
+                check_len(b, &h, rows * d.channels, "input hidden states")?;
+                (Some(h), None)
+            }
+        };
+        let targets = if self.has_head() { targets } else { None };
+        if let Some(t) = targets {
+            check_len(b, t, rows, "targets")?;
+        }
+        if self.has_head() && keep != Keep::Nothing && targets.is_none() {
+            bail!("the head stage needs targets to keep activations for backward");
+        }
+        let x0 = owned.as_ref().or(borrowed).context("stage input")?;
+        let (output, trace) = self.run(b, x0, targets, d, keep == Keep::All)?;
+        let saved_targets = match (keep, targets) {
+            (Keep::Nothing, _) | (_, None) => None,
+            (_, Some(t)) => Some(copy_of(b, t, DType::U32)?),
+        };
+        let input = if keep == Keep::Nothing { None } else { owned };
+        let mut elements = [&input, &saved_targets]
+            .iter()
+            .filter_map(|x| x.as_ref())
+            .map(|x| b.len(x))
+            .sum::<usize>();
+        if let Some(t) = &trace {
+            elements += t.hiddens.iter().map(|h| b.len(h)).sum::<usize>();
+            elements += t
+                .acts
+                .iter()
+                .map(|a| match a {
+                    Acts::Embedding => 0,
+                    Acts::Block(_, a) => a.elements(b),
+                    Acts::Head(a) => a.elements(b),
+                })
+                .sum::<usize>();
+        }
+        let saved = Saved {
+            dims: d,
+            bytes: (elements * DType::F32.size()) as u64,
+            input,
+            targets: saved_targets,
+            trace,
+        };
+        Ok((output, saved))
+    }
+
+    /// Run every layer on `x0`; with `keep_acts`, return what backward needs as well.
+    fn run(
+        &self,
+        b: &B,
+        x0: &B::Buffer,
+        targets: Option<&B::Buffer>,
+        d: Dims,
+        keep_acts: bool,
+    ) -> Result<(StageOutput<B>, Option<Trace<B>>)> {
+        let mut trace = Trace {
+            hiddens: Vec::new(),
+            acts: Vec::new(),
+        };
+        let mut current: Option<B::Buffer> = None;
+        let mut head_output = None;
+        for &layer in &self.kinds {
+            let x = current.as_ref().unwrap_or(x0);
+            let (next, acts) = match layer {
+                Layer::Embedding => {
+                    let mut out = b.alloc(d.rows() * d.channels, DType::F32)?;
+                    let (wte, wpe) = (self.params.value("wte")?, self.params.value("wpe")?);
+                    b.embedding_forward(&mut out, x, wte, wpe, d.batch, d.seq, d.channels)?;
+                    (Some(out), Some(Acts::Embedding))
+                }
+                Layer::Block(i) => {
+                    let (out, acts) = block::forward(b, &self.params, i, x, d)
+                        .with_context(|| format!("forward of block {i}"))?;
+                    (Some(out), Some(Acts::Block(i, acts)))
+                }
+                Layer::Head => {
+                    let acts =
+                        head::forward(b, &self.params, x, d).context("forward of the head")?;
+                    match targets {
+                        Some(t) => {
+                            head_output = Some(StageOutput::Loss {
+                                losses: head::losses(b, &acts, t, d)?,
+                            });
+                            (None, Some(Acts::Head(acts)))
+                        }
+                        // Without targets there is no backward: hand the logits out.
+                        None => {
+                            head_output = Some(StageOutput::Logits(acts.logits));
+                            (None, None)
+                        }
+                    }
+                }
+            };
+            let previous = std::mem::replace(&mut current, next);
+            if keep_acts {
+                trace.hiddens.extend(previous);
+                trace
+                    .acts
+                    .push(acts.context("the head keeps activations only with targets")?);
+            }
+        }
+        let output = match (head_output, current) {
+            (Some(out), _) => out,
+            (None, Some(hidden)) => StageOutput::Hidden(hidden),
+            (None, None) => bail!("stage {:?} produced no output", self.layers),
+        };
+        Ok((output, keep_acts.then_some(trace)))
+    }
+
+    /// Backward of one micro-batch from what its forward kept.
+    ///
+    /// `dout` is the gradient of the stage output (`None` on the head stage, which starts from
+    /// `loss_scale · Σ losses`). Parameter gradients accumulate; the returned buffer is the
+    /// gradient of the stage input (`None` on the stage holding the embedding). `saved` is
+    /// consumed and its buffers freed as backward goes.
+    pub fn backward(
+        &mut self,
+        b: &B,
+        saved: Saved<B>,
+        dout: Option<B::Buffer>,
+        loss_scale: f32,
+    ) -> Result<Option<B::Buffer>> {
+        let Saved {
+            dims: d,
+            input,
+            targets,
+            trace,
+            ..
+        } = saved;
+        let input = input.ok_or_else(|| {
+            anyhow!(
+                "backward of stage {:?}: its forward ran with Keep::Nothing",
+                self.layers
+            )
+        })?;
+        let trace = match trace {
+            Some(t) => t,
+            None => self
+                .run(b, &input, targets.as_ref(), d, true)
+                .context("recomputing the forward for backward")?
+                .1
+                .context("the recomputed forward kept its activations")?,
+        };
+        match (self.has_head(), &dout) {
+            (true, Some(_)) => {
+                bail!("the head stage starts backward from its loss and takes no output gradient")
+            }
+            (false, None) => bail!(
+                "backward of stage {:?} needs the gradient of its output",
+                self.layers
+            ),
+            (false, Some(g)) => check_len(b, g, d.rows() * d.channels, "output gradient")?,
+            (true, None) => {}
+        }
+        let Trace { mut hiddens, acts } = trace;
+        let mut grad = dout;
+        for acts in acts.into_iter().rev() {
+            // Layer inputs come off the back: the last hidden belongs to the last inner layer.
+            let hidden = hiddens.pop();
+            let x = hidden.as_ref().unwrap_or(&input);
+            let missing = || anyhow!("no gradient reached a layer of stage {:?}", self.layers);
+            grad = match acts {
+                Acts::Head(a) => {
+                    let t = targets
+                        .as_ref()
+                        .context("the head's backward needs its targets")?;
+                    Some(
+                        head::backward(b, &mut self.params, a, x, t, loss_scale, d)
+                            .context("backward of the head")?,
+                    )
+                }
+                Acts::Block(i, a) => {
+                    let g = grad.take().ok_or_else(missing)?;
+                    Some(
+                        block::backward(b, &mut self.params, i, a, x, g, d)
+                            .with_context(|| format!("backward of block {i}"))?,
+                    )
+                }
+                Acts::Embedding => {
+                    let g = grad.take().ok_or_else(missing)?;
+                    let (dwte, dwpe) = self.params.grads_pair_mut("wte", "wpe")?;
+                    b.embedding_backward(dwte, dwpe, &g, x, d.batch, d.seq, d.channels)?;
+                    None
+                }
+            };
+        }
+        Ok(grad)
+    }
+
+    /// Zero every gradient (after the optimizer step, before the next step's micro-batches).
+    pub fn zero_grads(&mut self, b: &B) -> Result<()> {
+        for g in &mut self.params.grads {
+            b.fill(g, 0.0)?;
+        }
+        Ok(())
+    }
+
+    /// One AdamW step (1-based `step`) on every parameter from its accumulated gradient;
+    /// weight decay applies only to 2-D tensors (matrices and embeddings).
+    pub fn optimizer_step(&mut self, b: &B, lr: f32, step: u32, cfg: &AdamWConfig) -> Result<()> {
+        if step == 0 {
+            invalid!("optimizer steps are numbered from 1, got 0");
+        }
+        let p = &mut self.params;
+        for i in 0..p.names.len() {
+            let hp = AdamW {
+                lr,
+                beta1: cfg.beta1,
+                beta2: cfg.beta2,
+                eps: cfg.eps,
+                weight_decay: if p.shapes[i].len() == 2 {
+                    cfg.weight_decay
+                } else {
+                    0.0
+                },
+                step,
+            };
+            b.adamw(&mut p.values[i], &p.grads[i], &mut p.m[i], &mut p.v[i], hp)
+                .with_context(|| format!("AdamW on {}", p.names[i]))?;
+        }
+        Ok(())
+    }
+
+    fn download_all(&self, b: &B, bufs: &[B::Buffer]) -> Result<HostTensors> {
+        let mut out = HostTensors::new();
+        for ((name, shape), buf) in self.params.names.iter().zip(&self.params.shapes).zip(bufs) {
+            out.insert(name.clone(), shape.clone(), b.download(buf)?)?;
+        }
+        Ok(out)
+    }
+
+    fn load_all(
+        b: &B,
+        names: &[String],
+        shapes: &[Vec<usize>],
+        bufs: &mut [B::Buffer],
+        host: &HostTensors,
+        what: &str,
+    ) -> Result<()> {
+        for ((name, shape), buf) in names.iter().zip(shapes).zip(bufs) {
+            let Some(t) = host.get(name) else {
+                invalid!("the {what} lack tensor {name}");
+            };
+            if &t.shape != shape {
+                invalid!(
+                    "{what}: tensor {name} has shape {:?}, the model needs {shape:?}",
+                    t.shape
+                );
+            }
+            b.write(buf, &t.data)?;
+        }
+        Ok(())
+    }
+
+    /// This stage's parameters on the host.
+    pub fn download_params(&self, b: &B) -> Result<HostTensors> {
+        self.download_all(b, &self.params.values)
+    }
+
+    /// This stage's accumulated gradients on the host.
+    pub fn download_grads(&self, b: &B) -> Result<HostTensors> {
+        self.download_all(b, &self.params.grads)
+    }
+
+    /// Overwrite this stage's parameters from `host` (which may hold other stages' too).
+    pub fn load_params(&mut self, b: &B, host: &HostTensors) -> Result<()> {
+        let p = &mut self.params;
+        Self::load_all(b, &p.names, &p.shapes, &mut p.values, host, "parameters")
+    }
+
+    /// The AdamW moments on the host.
+    pub fn optimizer_state(&self, b: &B) -> Result<OptimizerState> {
+        Ok(OptimizerState {
+            m: self.download_all(b, &self.params.m)?,
+            v: self.download_all(b, &self.params.v)?,
+        })
+    }
+
+    /// Overwrite the AdamW moments from `state` (which may hold other stages' too).
+    pub fn load_optimizer_state(&mut self, b: &B, state: &OptimizerState) -> Result<()> {
+        let p = &mut self.params;
+        Self::load_all(
+            b,
+            &p.names,
+            &p.shapes,
+            &mut p.m,
+            &state.m,
+            "optimizer first moments",
+        )?;
+        Self::load_all(
+            b,
+            &p.names,
+            &p.shapes,
+            &mut p.v,
+            &state.v,
+            "optimizer second moments",
+        )
+    }
+}
+
+/// Fail unless `buf` holds `expected` elements.
+fn check_len<B: Backend>(b: &B, buf: &B::Buffer, expected: usize, what: &str) -> Result<()> {
+    let len = b.len(buf);
+    if len != expected {
+        bail!("{what}: buffer has {len} elements, the micro-batch needs {expected}");
+    }
+    Ok(())
+}
+
+/// A new buffer holding the same elements as `src`.
+fn copy_of<B: Backend>(b: &B, src: &B::Buffer, dtype: DType) -> Result<B::Buffer> {
+    let mut dst = b.alloc(b.len(src), dtype)?;
+    b.copy(&mut dst, src)?;
+    Ok(dst)
+}
