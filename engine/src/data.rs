@@ -1,0 +1,135 @@
+//! Byte-level text data: the train/validation split, random training batches, and the
+//! consecutive windows evaluation walks.
+//!
+//! Tokens are bytes (a vocabulary of 256). A training batch is a pure function of
+//! `(seed, step)`, so a resumed run sees exactly the batches an uninterrupted run would have.
+
+use anyhow::Result;
+
+use crate::invalid_input;
+use crate::rng::Rng;
+
+/// A corpus cut into a training part and a held-out validation tail.
+#[derive(Clone, Debug)]
+pub struct Corpus {
+    /// The leading part, trained on.
+    pub train: Vec<u8>,
+    /// The trailing part, held out.
+    pub val: Vec<u8>,
+}
+
+impl Corpus {
+    /// Hold out the last `val_fraction` of `bytes` for validation.
+    pub fn split(bytes: &[u8], val_fraction: f64) -> Result<Self> {
+        if !(0.0..1.0).contains(&val_fraction) {
+            return Err(invalid_input!("validation fraction must be in [0, 1), got {val_fraction}"));
+        }
+        let cut = ((bytes.len() as f64) * (1.0 - val_fraction)).round() as usize;
+        Ok(Self { train: bytes[..cut].to_vec(), val: bytes[cut..].to_vec() })
+    }
+}
+
+/// `batch` sequences of `seq` input tokens and their next-token targets, row-major.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Input tokens `[batch·seq]`.
+    pub inputs: Vec<u32>,
+    /// Target tokens `[batch·seq]`: each input's successor in the text.
+    pub targets: Vec<u32>,
+}
+
+impl Batch {
+    /// The window of `data` starting at each offset, as inputs and shifted targets.
+    pub fn from_offsets(data: &[u8], offsets: &[usize], seq: usize) -> Self {
+        let mut inputs = Vec::with_capacity(offsets.len() * seq);
+        let mut targets = Vec::with_capacity(offsets.len() * seq);
+        for &o in offsets {
+            inputs.extend(data[o..o + seq].iter().map(|&b| b as u32));
+            targets.extend(data[o + 1..o + seq + 1].iter().map(|&b| b as u32));
+        }
+        Self { batch: offsets.len(), seq, inputs, targets }
+    }
+
+    /// Micro-batch `i` of `m` equal parts (whole sequences); `batch` must divide by `m`.
+    pub fn microbatch(&self, i: usize, m: usize) -> Batch {
+        let rows = self.batch / m;
+        let span = rows * self.seq;
+        Batch {
+            batch: rows,
+            seq: self.seq,
+            inputs: self.inputs[i * span..(i + 1) * span].to_vec(),
+            targets: self.targets[i * span..(i + 1) * span].to_vec(),
+        }
+    }
+}
+
+/// The training batch of `step`: `batch` windows at offsets drawn from `(seed, step)`.
+pub fn sample_batch(data: &[u8], batch: usize, seq: usize, seed: u64, step: u64) -> Result<Batch> {
+    if data.len() < seq + 2 {
+        return Err(invalid_input!(
+            "the text ({} bytes) must be longer than seq-len + 1 = {}",
+            data.len(),
+            seq + 1
+        ));
+    }
+    let span = (data.len() - seq - 1) as u64;
+    let mut rng = Rng::for_name(seed, &format!("batch {step}"));
+    let offsets: Vec<usize> = (0..batch).map(|_| rng.below(span) as usize).collect();
+    Ok(Batch::from_offsets(data, &offsets, seq))
+}
+
+/// Consecutive non-overlapping windows of `seq` tokens: window `k` has inputs
+/// `[k·seq, (k+1)·seq)` and targets shifted by one, for every `k` with `(k+1)·seq + 1 ≤ len`.
+pub fn window_offsets(len: usize, seq: usize) -> Vec<usize> {
+    if seq == 0 || len < seq + 1 {
+        return Vec::new();
+    }
+    (0..(len - 1) / seq).map(|k| k * seq).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_holds_out_the_tail() {
+        let bytes: Vec<u8> = (0..100).collect();
+        let c = Corpus::split(&bytes, 0.1).unwrap();
+        assert_eq!(c.train.len(), 90);
+        assert_eq!(c.val, (90..100).collect::<Vec<u8>>());
+        assert!(Corpus::split(&bytes, 1.0).is_err());
+    }
+
+    #[test]
+    fn targets_are_inputs_shifted_by_one() {
+        let text = b"hello, world! this is pipit.".repeat(4);
+        let b = sample_batch(&text, 3, 8, 7, 11).unwrap();
+        assert_eq!(b.inputs.len(), 24);
+        for r in 0..3 {
+            assert_eq!(b.inputs[r * 8 + 1..r * 8 + 8], b.targets[r * 8..r * 8 + 7]);
+        }
+        assert_eq!(b, sample_batch(&text, 3, 8, 7, 11).unwrap(), "same seed and step");
+        assert_ne!(b, sample_batch(&text, 3, 8, 7, 12).unwrap(), "another step");
+    }
+
+    #[test]
+    fn microbatches_partition_the_batch() {
+        let text: Vec<u8> = (0..=255).cycle().take(4096).collect();
+        let b = sample_batch(&text, 8, 16, 1, 0).unwrap();
+        let parts: Vec<Batch> = (0..4).map(|i| b.microbatch(i, 4)).collect();
+        let joined: Vec<u32> = parts.iter().flat_map(|p| p.inputs.clone()).collect();
+        assert_eq!(joined, b.inputs);
+        assert!(parts.iter().all(|p| p.batch == 2));
+    }
+
+    #[test]
+    fn windows_cover_every_full_window_and_no_more() {
+        assert_eq!(window_offsets(10, 3), vec![0, 3, 6]);
+        assert_eq!(window_offsets(9, 3), vec![0, 3]);
+        assert_eq!(window_offsets(3, 3), Vec::<usize>::new());
+    }
+}

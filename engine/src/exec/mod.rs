@@ -1,0 +1,9 @@
+//! The executor: runs a lowered schedule on one worker per rank, over any backend.
+
+mod infer;
+mod step;
+mod transport;
+
+pub use infer::{forward, Want};
+pub use step::{train_step, MeasuredAction, Rank, RankReport, StepOptions, StepReport};
+pub use transport::{in_process_mesh, InProcessTransport, DEFAULT_RECV_TIMEOUT};

@@ -1,0 +1,347 @@
+//! One training step of a lowered schedule: every rank walks its action list on its own
+//! thread, then tied embeddings are reconciled and each stage's optimizer steps once.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+
+use crate::backend::{Backend, Transport};
+use crate::data::Batch;
+use crate::model::{AdamWConfig, Keep, Saved, StageInput, StageModel, StageOutput};
+use crate::schedule::{Action, Schedule};
+
+/// One pipeline rank: its device, its link to the other ranks, and the stages it runs.
+pub struct Rank<B: Backend, T: Transport<B>> {
+    /// This rank's index in the schedule.
+    pub rank: usize,
+    /// The device this rank computes on.
+    pub backend: B,
+    /// This rank's end of the peer-transfer mesh.
+    pub transport: T,
+    /// `(stage index, model)` for every stage placed on this rank, in increasing stage order.
+    pub stages: Vec<(usize, StageModel<B>)>,
+}
+
+/// The model of `stage` among a rank's stages.
+fn stage_mut<B: Backend>(
+    stages: &mut [(usize, StageModel<B>)],
+    stage: usize,
+) -> Result<&mut StageModel<B>> {
+    stages
+        .iter_mut()
+        .find(|(s, _)| *s == stage)
+        .map(|(_, m)| m)
+        .ok_or_else(|| anyhow!("this rank does not hold stage {stage}"))
+}
+
+/// Settings of one optimizer step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepOptions {
+    /// Keep only each stage's input in forward and recompute the rest in backward.
+    pub checkpoint_activations: bool,
+    /// Learning rate of this step.
+    pub lr: f32,
+    /// 1-based optimizer step number (AdamW bias correction).
+    pub step: u32,
+    /// AdamW hyper-parameters other than the learning rate.
+    pub adamw: AdamWConfig,
+}
+
+/// One measured action: which rank ran it and when, in seconds since the step began.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MeasuredAction {
+    /// The rank that ran it.
+    pub rank: usize,
+    /// What ran.
+    pub action: Action,
+    /// Start, seconds since the step began.
+    pub start: f64,
+    /// End, seconds since the step began.
+    pub end: f64,
+}
+
+/// What one rank measured during a step.
+#[derive(Clone, Debug, Default)]
+pub struct RankReport {
+    /// Every action in the order run, including transfers (a receive's span includes its wait).
+    pub timeline: Vec<MeasuredAction>,
+    /// Seconds spent in compute actions.
+    pub busy: f64,
+    /// Peak bytes of device memory during the step (parameters, gradients, optimizer state
+    /// and activations).
+    pub peak_bytes: u64,
+    /// Peak bytes of saved activations (what backward needs) held at once.
+    pub peak_activation_bytes: u64,
+    /// Peak number of micro-batches whose activations were held at once.
+    pub peak_inflight: usize,
+}
+
+/// What a training step measured.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    /// Mean cross-entropy over every target token of the batch (nats per token).
+    pub loss: f32,
+    /// Wall time of the whole step, optimizer included.
+    pub elapsed: Duration,
+    /// Seconds from the step's start to the last rank's last action (the pipeline's makespan).
+    pub makespan: f64,
+    /// Per-rank measurements, indexed by rank.
+    pub ranks: Vec<RankReport>,
+}
+
+impl StepReport {
+    /// Measured bubble fraction: idle / (ranks × makespan), idle being time not in compute.
+    pub fn bubble_fraction(&self) -> f64 {
+        if self.makespan <= 0.0 || self.ranks.is_empty() {
+            return 0.0;
+        }
+        let busy: f64 = self.ranks.iter().map(|r| r.busy).sum();
+        (1.0 - busy / (self.ranks.len() as f64 * self.makespan)).max(0.0)
+    }
+}
+
+/// The parameter the LM head shares with the token embedding.
+const TIED: &str = "wte";
+
+/// Run one training step of `schedule` (lowered: transfers included) over `batch`, split into
+/// `schedule.microbatches` equal micro-batches, on `ranks` (element `r` is rank `r`).
+///
+/// Gradients accumulate over the micro-batches (each scaled so the sum is the gradient of the
+/// batch's mean loss); after the flush the two copies of the tied embedding gradient are summed,
+/// every stage takes one AdamW step, and gradients are zeroed.
+pub fn train_step<B: Backend, T: Transport<B>>(
+    schedule: &Schedule,
+    ranks: &mut [Rank<B, T>],
+    batch: &Batch,
+    opts: &StepOptions,
+) -> Result<StepReport> {
+    let m = schedule.microbatches;
+    if batch.batch % m != 0 {
+        return Err(crate::invalid_input!(
+            "batch size {} must be a multiple of the micro-batch count {m}",
+            batch.batch
+        ));
+    }
+    if ranks.len() != schedule.num_ranks() {
+        return Err(anyhow!("{} ranks for a schedule of {}", ranks.len(), schedule.num_ranks()));
+    }
+    let micro: Vec<Batch> = (0..m).map(|i| batch.microbatch(i, m)).collect();
+    let loss_scale = 1.0 / (batch.batch * batch.seq) as f32;
+    let start = Instant::now();
+    let results: Vec<Result<(RankReport, f64)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .iter_mut()
+            .map(|rank| {
+                let micro = &micro;
+                scope.spawn(move || {
+                    let r = rank.rank;
+                    run_rank(schedule, rank, micro, loss_scale, opts, start)
+                        .with_context(|| format!("rank {r}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a rank's worker panicked"))))
+            .collect()
+    });
+    let mut reports = Vec::with_capacity(results.len());
+    let mut loss_sum = 0.0f64;
+    for result in results {
+        let (report, loss) = result?;
+        loss_sum += loss;
+        reports.push(report);
+    }
+    let makespan = reports
+        .iter()
+        .filter_map(|r| r.timeline.last().map(|a| a.end))
+        .fold(0.0, f64::max);
+    Ok(StepReport {
+        loss: (loss_sum * loss_scale as f64) as f32,
+        elapsed: start.elapsed(),
+        makespan,
+        ranks: reports,
+    })
+}
+
+/// Tensors a rank holds between actions, keyed by (producing stage, micro-batch).
+struct Mailbox<Buf> {
+    activations: HashMap<(usize, usize), Buf>,
+    gradients: HashMap<(usize, usize), Buf>,
+}
+
+impl<Buf> Mailbox<Buf> {
+    fn new() -> Self {
+        Self { activations: HashMap::new(), gradients: HashMap::new() }
+    }
+}
+
+fn take<Buf>(map: &mut HashMap<(usize, usize), Buf>, key: (usize, usize), what: &str) -> Result<Buf> {
+    map.remove(&key)
+        .ok_or_else(|| anyhow!("{what} of stage {} micro-batch {} is not here", key.0, key.1))
+}
+
+/// Walk one rank's action list; returns its report and the sum of its per-token losses.
+fn run_rank<B: Backend, T: Transport<B>>(
+    schedule: &Schedule,
+    rank: &mut Rank<B, T>,
+    micro: &[Batch],
+    loss_scale: f32,
+    opts: &StepOptions,
+    t0: Instant,
+) -> Result<(RankReport, f64)> {
+    let last_stage = schedule.num_stages() - 1;
+    let keep = if opts.checkpoint_activations { Keep::Input } else { Keep::All };
+    let mut mail: Mailbox<B::Buffer> = Mailbox::new();
+    let mut saved: HashMap<(usize, usize), Saved<B>> = HashMap::new();
+    let mut report = RankReport::default();
+    let mut activation_bytes = 0u64;
+    let mut loss_sum = 0.0f64;
+    let Rank { rank: me, backend, transport, stages } = rank;
+    let me = *me;
+    backend.reset_peak_memory();
+
+    for (position, &action) in schedule.ranks[me].iter().enumerate() {
+        let begin = t0.elapsed().as_secs_f64();
+        let key = (action.stage(), action.microbatch());
+        let mb = &micro[action.microbatch()];
+        let result: Result<()> = (|| {
+            match action {
+                Action::Forward { stage, microbatch } => {
+                    let tokens;
+                    let input = if stage == 0 {
+                        tokens = backend.upload_u32(&mb.inputs)?;
+                        StageInput::Tokens(&tokens)
+                    } else {
+                        StageInput::Hidden(take(&mut mail.activations, (stage - 1, microbatch), "activation")?)
+                    };
+                    let targets = if stage == last_stage {
+                        Some(backend.upload_u32(&mb.targets)?)
+                    } else {
+                        None
+                    };
+                    let model = stage_mut(stages, stage)?;
+                    let (output, kept) =
+                        model.forward(backend, input, targets.as_ref(), mb.batch, mb.seq, keep)?;
+                    activation_bytes += kept.bytes();
+                    saved.insert(key, kept);
+                    report.peak_inflight = report.peak_inflight.max(saved.len());
+                    report.peak_activation_bytes = report.peak_activation_bytes.max(activation_bytes);
+                    match output {
+                        StageOutput::Hidden(h) => {
+                            mail.activations.insert(key, h);
+                        }
+                        StageOutput::Loss { losses } => {
+                            let values = backend.download(&losses)?;
+                            loss_sum += values.iter().map(|&x| x as f64).sum::<f64>();
+                        }
+                        StageOutput::Logits(_) => {
+                            return Err(anyhow!("the last stage returned logits during training"))
+                        }
+                    }
+                }
+                Action::Backward { stage, microbatch } => {
+                    let kept = saved.remove(&key).ok_or_else(|| {
+                        anyhow!("backward of stage {stage} micro-batch {microbatch} before its forward")
+                    })?;
+                    activation_bytes -= kept.bytes();
+                    let dout = if stage == last_stage {
+                        None
+                    } else {
+                        Some(take(&mut mail.gradients, (stage + 1, microbatch), "gradient")?)
+                    };
+                    let model = stage_mut(stages, stage)?;
+                    if let Some(dinp) = model.backward(backend, kept, dout, loss_scale)? {
+                        if stage > 0 {
+                            mail.gradients.insert(key, dinp);
+                        }
+                    }
+                }
+                Action::SendActivation { stage, .. } => {
+                    let buf = take(&mut mail.activations, key, "activation")?;
+                    let to = schedule.placement[stage + 1];
+                    transport.send(backend, to, &buf)?;
+                }
+                Action::RecvActivation { stage, .. } => {
+                    let from = schedule.placement[stage];
+                    let buf = transport.recv(backend, from)?;
+                    mail.activations.insert(key, buf);
+                }
+                Action::SendGradient { stage, .. } => {
+                    let buf = take(&mut mail.gradients, key, "gradient")?;
+                    let to = schedule.placement[stage - 1];
+                    transport.send(backend, to, &buf)?;
+                }
+                Action::RecvGradient { stage, .. } => {
+                    let from = schedule.placement[stage];
+                    let buf = transport.recv(backend, from)?;
+                    mail.gradients.insert(key, buf);
+                }
+                Action::BackwardInput { .. } | Action::BackwardWeight { .. } => {
+                    return Err(anyhow!("split backward is not supported by the executor yet"))
+                }
+            }
+            if action.is_compute() {
+                backend.synchronize()?;
+            }
+            Ok(())
+        })();
+        result.with_context(|| format!("at position {position} ({action:?})"))?;
+        let end = t0.elapsed().as_secs_f64();
+        if action.is_compute() {
+            report.busy += end - begin;
+        }
+        report.timeline.push(MeasuredAction { rank: me, action, start: begin, end });
+    }
+    if !saved.is_empty() || !mail.activations.is_empty() || !mail.gradients.is_empty() {
+        return Err(anyhow!("the schedule ended with tensors left over on rank {me}"));
+    }
+
+    reconcile_tied_embedding(schedule, me, backend, transport, stages)
+        .context("summing the tied embedding's gradients")?;
+    for (_, model) in stages.iter_mut() {
+        model.optimizer_step(backend, opts.lr, opts.step, &opts.adamw)?;
+        model.zero_grads(backend)?;
+    }
+    backend.synchronize()?;
+    report.peak_bytes = backend.memory().peak;
+    Ok((report, loss_sum))
+}
+
+/// Sum the tied embedding's two gradient contributions (token embedding on the first stage,
+/// LM head on the last) so both copies take the same optimizer step, as Megatron's embedding
+/// group does. Nothing to do when one stage holds both.
+fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
+    schedule: &Schedule,
+    me: usize,
+    backend: &B,
+    transport: &mut T,
+    stages: &mut [(usize, StageModel<B>)],
+) -> Result<()> {
+    let last = schedule.num_stages() - 1;
+    if last == 0 {
+        return Ok(());
+    }
+    let (first_rank, last_rank) = (schedule.placement[0], schedule.placement[last]);
+    let missing = |stage: usize| anyhow!("stage {stage} holds no {TIED} gradient");
+    if me == first_rank && me == last_rank {
+        // Both stages live here: stages are sorted, so stage 0 is first and the last is last.
+        let (head, tail) = stages.split_at_mut(stages.len() - 1);
+        let g0 = head[0].1.grad_mut(TIED).ok_or_else(|| missing(0))?;
+        let gl = tail[0].1.grad_mut(TIED).ok_or_else(|| missing(last))?;
+        backend.add_assign(g0, gl)?;
+        backend.copy(gl, g0)?;
+    } else if me == last_rank {
+        let gl = stage_mut(stages, last)?.grad_mut(TIED).ok_or_else(|| missing(last))?;
+        transport.send(backend, first_rank, gl)?;
+        let sum = transport.recv(backend, first_rank)?;
+        backend.copy(gl, &sum)?;
+    } else if me == first_rank {
+        let g0 = stage_mut(stages, 0)?.grad_mut(TIED).ok_or_else(|| missing(0))?;
+        let other = transport.recv(backend, last_rank)?;
+        backend.add_assign(g0, &other)?;
+        transport.send(backend, last_rank, g0)?;
+    }
+    Ok(())
+}
