@@ -5,10 +5,15 @@
 //! lowered schedule on any backend. Nothing here depends on a device crate.
 
 pub mod backend;
+pub mod checkpoint;
+pub mod data;
+pub mod exec;
 pub mod error;
 pub mod model;
 pub mod rng;
 pub mod schedule;
+pub mod sim;
+pub mod train;
 
 pub use backend::{Backend, Transport};
 pub use error::{is_invalid_input, InvalidInput};

@@ -1,5 +1,17 @@
 //! Schedules as data: the IR, its generators, lowering to transfers, and validation.
+//!
+//! The usual path: [`generate`] (compute actions only) -> [`lower`] (adds sends and receives)
+//! -> [`validate`] (proves it completes) -> [`crate::sim::simulate`] (times it). A schedule
+//! prints as text and parses back ([`Schedule::parse`]), so it can be written by hand.
 
 mod action;
+mod generate;
+mod lower;
+pub(crate) mod replay;
+mod text;
+pub(crate) mod validate;
 
 pub use action::{Action, Schedule};
+pub use generate::{generate, gpipe, interleaved, naive, one_f_one_b, ScheduleKind};
+pub use lower::{lower, lower_for};
+pub use validate::validate;

@@ -1,0 +1,288 @@
+//! Schedule generators: small pure functions from `(p, m, v)` to per-rank compute actions.
+//!
+//! `p` is the number of pipeline ranks (`--stages`), `m` the micro-batches per step and `v`
+//! the chunks (stages) per rank. Every generator places stage `k` on rank `k mod p`, which is
+//! stage `r` on rank `r` when `v = 1`. Generators emit compute actions only; [`super::lower`]
+//! adds the transfers.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::Result;
+
+use super::{Action, Schedule};
+use crate::invalid;
+
+/// The schedules pipit can generate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ScheduleKind {
+    /// One micro-batch at a time through the whole pipe.
+    Naive,
+    /// Fill-drain: every forward, then every backward.
+    GPipe,
+    /// PipeDream-Flush: warm-up forwards, then one forward / one backward, then drain.
+    OneFOneB,
+    /// Megatron's virtual pipeline: `v` chunks per rank, 1F1B over the chunks.
+    Interleaved,
+}
+
+impl ScheduleKind {
+    /// Every kind, in the order the CLI lists them.
+    pub const ALL: [ScheduleKind; 4] = [
+        ScheduleKind::Naive,
+        ScheduleKind::GPipe,
+        ScheduleKind::OneFOneB,
+        ScheduleKind::Interleaved,
+    ];
+
+    /// The name used on the command line and in schedule files.
+    pub fn name(self) -> &'static str {
+        match self {
+            ScheduleKind::Naive => "naive",
+            ScheduleKind::GPipe => "gpipe",
+            ScheduleKind::OneFOneB => "1f1b",
+            ScheduleKind::Interleaved => "interleaved",
+        }
+    }
+}
+
+impl fmt::Display for ScheduleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ScheduleKind {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match ScheduleKind::ALL.into_iter().find(|k| k.name() == name) {
+            Some(kind) => Ok(kind),
+            None => {
+                invalid!("unknown schedule `{name}` (expected naive, gpipe, 1f1b or interleaved)")
+            }
+        }
+    }
+}
+
+/// Generate the schedule `kind` for `p` ranks, `m` micro-batches and `v` chunks per rank.
+pub fn generate(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Result<Schedule> {
+    match kind {
+        ScheduleKind::Naive => naive(p, m, v),
+        ScheduleKind::GPipe => gpipe(p, m, v),
+        ScheduleKind::OneFOneB => one_f_one_b(p, m, v),
+        ScheduleKind::Interleaved => interleaved(p, m, v),
+    }
+}
+
+fn check_sizes(p: usize, m: usize, v: usize) -> Result<()> {
+    if p == 0 {
+        invalid!("stages must be at least 1 (got 0)");
+    }
+    if m == 0 {
+        invalid!("microbatches must be at least 1 (got 0)");
+    }
+    if v == 0 {
+        invalid!("chunks must be at least 1 (got 0)");
+    }
+    // Stage and micro-batch indices travel as u32 inside the validator and lowering.
+    if p.saturating_mul(v).saturating_mul(m) > u32::MAX as usize / 4 {
+        invalid!("stages x chunks x microbatches must stay below 2^30 (got {p} x {v} x {m})");
+    }
+    Ok(())
+}
+
+fn new_schedule(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Schedule {
+    Schedule {
+        name: kind.name().to_string(),
+        microbatches: m,
+        placement: (0..p * v).map(|stage| stage % p).collect(),
+        ranks: vec![Vec::with_capacity(2 * m * v); p],
+    }
+}
+
+fn fwd(stage: usize, microbatch: usize) -> Action {
+    Action::Forward { stage, microbatch }
+}
+
+fn bwd(stage: usize, microbatch: usize) -> Action {
+    Action::Backward { stage, microbatch }
+}
+
+/// One micro-batch at a time: its forward through every stage, then its backward, then the
+/// next micro-batch. Efficiency is `1/p`. Accepts any `p, m, v >= 1`.
+pub fn naive(p: usize, m: usize, v: usize) -> Result<Schedule> {
+    check_sizes(p, m, v)?;
+    let mut schedule = new_schedule(ScheduleKind::Naive, p, m, v);
+    for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
+        for mb in 0..m {
+            actions.extend((0..v).map(|c| fwd(c * p + rank, mb)));
+            actions.extend((0..v).rev().map(|c| bwd(c * p + rank, mb)));
+        }
+    }
+    Ok(schedule)
+}
+
+/// Fill-drain (GPipe): each rank runs all its forwards (chunk by chunk, micro-batches in
+/// order), then all its backwards (chunks in reverse). Every rank holds all `m` micro-batches'
+/// activations at its peak. Accepts any `p, m, v >= 1`; with `v = 1` its efficiency under
+/// uniform costs is exactly `m / (m + p - 1)`.
+pub fn gpipe(p: usize, m: usize, v: usize) -> Result<Schedule> {
+    check_sizes(p, m, v)?;
+    let mut schedule = new_schedule(ScheduleKind::GPipe, p, m, v);
+    for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
+        for c in 0..v {
+            actions.extend((0..m).map(|mb| fwd(c * p + rank, mb)));
+        }
+        for c in (0..v).rev() {
+            actions.extend((0..m).map(|mb| bwd(c * p + rank, mb)));
+        }
+    }
+    Ok(schedule)
+}
+
+/// 1F1B with a flush (PipeDream-Flush): rank `r` warms up with `min(p - r - 1, m)` forwards,
+/// then alternates one forward and one backward, then drains the remaining backwards. Same
+/// bubble as GPipe (`m / (m + p - 1)` efficiency under uniform costs) but rank `r` holds at
+/// most `min(p - r, m)` micro-batches' activations. One stage per rank: requires `v = 1`
+/// (use [`interleaved`] for more chunks); any `p, m >= 1`.
+pub fn one_f_one_b(p: usize, m: usize, v: usize) -> Result<Schedule> {
+    check_sizes(p, m, v)?;
+    if v != 1 {
+        invalid!("1f1b runs one stage per rank: chunks must be 1 (got {v}); use the interleaved schedule for more chunks");
+    }
+    let mut schedule = new_schedule(ScheduleKind::OneFOneB, p, m, 1);
+    for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
+        let forwards: Vec<Action> = (0..m).map(|mb| fwd(rank, mb)).collect();
+        let backwards: Vec<Action> = (0..m).map(|mb| bwd(rank, mb)).collect();
+        one_forward_one_backward(actions, &forwards, &backwards, (p - rank - 1).min(m));
+    }
+    Ok(schedule)
+}
+
+/// Megatron's interleaved 1F1B (virtual pipeline): rank `r` runs the `v` stages
+/// `r, r + p, ..., r + (v - 1) p`. Micro-batches go in groups of `p`: within a group a rank
+/// runs chunk 0's forwards for the whole group, then chunk 1's, and so on; backwards walk the
+/// chunks in reverse. Rank `r` warms up with `2 (p - r - 1) + (v - 1) p` forwards (at most
+/// `m v`), then alternates forward and backward, then drains.
+///
+/// Megatron requires `m` to be a multiple of `p`; pipit does not: it plans for `m` rounded up
+/// to a multiple of `p` and leaves the extra micro-batches out, so any `p, m, v >= 1` is
+/// accepted and the result always validates. With `m` a multiple of `p` and uniform costs the
+/// bubble is `(p - 1) / (v m)` of the ideal time, as Megatron states; other `m` pay for the
+/// missing micro-batches (the planner's tests state the bound). With `v = 1` this is exactly
+/// [`one_f_one_b`].
+pub fn interleaved(p: usize, m: usize, v: usize) -> Result<Schedule> {
+    check_sizes(p, m, v)?;
+    let mut schedule = new_schedule(ScheduleKind::Interleaved, p, m, v);
+    if v == 1 {
+        let mut plain = one_f_one_b(p, m, 1)?;
+        plain.name = schedule.name;
+        return Ok(plain);
+    }
+    // Megatron's order needs whole groups of p micro-batches: plan for m rounded up to a
+    // multiple of p, then drop the padding. Removing every action of a micro-batch keeps the
+    // order free of cycles (its data dependencies never leave that micro-batch).
+    let padded = m.div_ceil(p) * p;
+    // (micro-batch, chunk) in the order every rank runs its forwards.
+    let mut order = Vec::with_capacity(padded * v);
+    for group_start in (0..padded).step_by(p) {
+        for c in 0..v {
+            order.extend((group_start..group_start + p).map(|mb| (mb, c)));
+        }
+    }
+    for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
+        let forwards: Vec<Action> = order.iter().map(|&(mb, c)| fwd(c * p + rank, mb)).collect();
+        // Backwards visit the chunks of each group in reverse: chunk v-1 first.
+        let backwards: Vec<Action> = order
+            .iter()
+            .map(|&(mb, c)| bwd((v - 1 - c) * p + rank, mb))
+            .collect();
+        let warmup = (2 * (p - rank - 1) + (v - 1) * p).min(padded * v);
+        one_forward_one_backward(actions, &forwards, &backwards, warmup);
+        actions.retain(|a| a.microbatch() < m);
+    }
+    Ok(schedule)
+}
+
+/// Append `warmup` forwards, then forward/backward pairs, then the remaining backwards.
+fn one_forward_one_backward(
+    actions: &mut Vec<Action>,
+    forwards: &[Action],
+    backwards: &[Action],
+    warmup: usize,
+) {
+    let n = forwards.len();
+    actions.extend_from_slice(&forwards[..warmup]);
+    for i in 0..n - warmup {
+        actions.push(forwards[warmup + i]);
+        actions.push(backwards[i]);
+    }
+    actions.extend_from_slice(&backwards[n - warmup..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(actions: &[Action]) -> String {
+        actions
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn one_f_one_b_warms_up_then_alternates() {
+        let s = one_f_one_b(4, 8, 1).unwrap();
+        assert_eq!(
+            text(&s.ranks[0]),
+            "S0F0 S0F1 S0F2 S0F3 S0B0 S0F4 S0B1 S0F5 S0B2 S0F6 S0B3 S0F7 S0B4 S0B5 S0B6 S0B7"
+        );
+        assert_eq!(
+            text(&s.ranks[3]),
+            "S3F0 S3B0 S3F1 S3B1 S3F2 S3B2 S3F3 S3B3 S3F4 S3B4 S3F5 S3B5 S3F6 S3B6 S3F7 S3B7"
+        );
+    }
+
+    #[test]
+    fn interleaved_places_stage_k_on_rank_k_mod_p() {
+        let s = interleaved(2, 4, 2).unwrap();
+        assert_eq!(s.placement, vec![0, 1, 0, 1]);
+        assert_eq!(s.stages_of(0), vec![0, 2]);
+        // Warm-up on rank 0: 2 (p - 1) + (v - 1) p = 4 forwards.
+        assert_eq!(
+            text(&s.ranks[0]),
+            "S0F0 S0F1 S2F0 S2F1 S0F2 S2B0 S0F3 S2B1 S2F2 S0B0 S2F3 S0B1 S2B2 S2B3 S0B2 S0B3"
+        );
+    }
+
+    #[test]
+    fn gpipe_runs_all_forwards_first() {
+        let s = gpipe(2, 3, 1).unwrap();
+        assert_eq!(text(&s.ranks[1]), "S1F0 S1F1 S1F2 S1B0 S1B1 S1B2");
+    }
+
+    #[test]
+    fn naive_finishes_one_microbatch_before_the_next() {
+        let s = naive(2, 2, 2).unwrap();
+        assert_eq!(text(&s.ranks[0]), "S0F0 S2F0 S2B0 S0B0 S0F1 S2F1 S2B1 S0B1");
+    }
+
+    #[test]
+    fn bad_sizes_name_the_constraint() {
+        let err = generate(ScheduleKind::GPipe, 0, 4, 1).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("stages must be at least 1 (got 0)"));
+        let err = generate(ScheduleKind::OneFOneB, 4, 0, 1).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("microbatches must be at least 1 (got 0)"));
+        let err = generate(ScheduleKind::OneFOneB, 4, 8, 2).unwrap_err();
+        assert!(err.to_string().contains("chunks must be 1 (got 2)"));
+        assert!(crate::is_invalid_input(&err));
+        assert!("zb".parse::<ScheduleKind>().is_err());
+    }
+}
