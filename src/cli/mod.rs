@@ -1,5 +1,11 @@
 //! Subcommands of the `pipit` command line, one file each.
 
+mod device;
+mod eval;
+mod generate;
+mod trace;
+mod train;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -7,7 +13,8 @@ use clap::{Parser, Subcommand};
 /// pipit: pipeline-parallel training and inference.
 ///
 /// Plan a pipeline before it runs (`pipit plan`), cut layers into stages (`pipit partition`),
-/// and train a GPT-2-style model cut into stages (`pipit train`).
+/// train a GPT-2-style model cut into stages (`pipit train`), then sample from it
+/// (`pipit generate`) or score it (`pipit eval`).
 #[derive(Parser)]
 #[command(name = "pipit", version, about, long_about)]
 struct Cli {
@@ -16,13 +23,24 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
-enum Command {}
+enum Command {
+    /// Train a byte-level GPT-2 cut into pipeline stages (the main job).
+    Train(Box<train::TrainArgs>),
+    /// Sample text from a checkpoint through the pipeline's stages.
+    Generate(generate::GenerateArgs),
+    /// Score a checkpoint on a text: mean cross-entropy in nats per byte.
+    Eval(eval::EvalArgs),
+}
 
 /// Parse arguments, run the subcommand, and turn an error into one line and an exit status:
 /// 2 for input the user got wrong, 1 for anything else.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result: anyhow::Result<()> = match cli.command {};
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Train(args) => train::run(*args),
+        Command::Generate(args) => generate::run(args),
+        Command::Eval(args) => eval::run(args),
+    };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -1,0 +1,420 @@
+//! The training loop: builds the plan and the ranks, then steps, evaluates and checkpoints.
+//!
+//! [`TrainConfig`] is the plain description of a run (the CLI and `--config FILE` only fill it);
+//! [`Trainer`] turns it into a lowered schedule and one [`Rank`] per pipeline rank on any
+//! backend, and runs the steps.
+
+use std::ops::Range;
+
+use anyhow::{anyhow, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
+use crate::data::{sample_batch, window_offsets, Batch, Corpus};
+use crate::exec::{self, in_process_mesh, InProcessTransport, Rank, StepOptions, StepReport, Want};
+use crate::invalid_input;
+use crate::model::{init_parameters, AdamWConfig, GptConfig, HostTensors, Layer, OptimizerState, StageModel};
+use crate::schedule::{generate, lower, validate, Schedule, ScheduleKind};
+
+/// Everything that defines a training run. Field names are the CLI's flag names with `_`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Model sizes (Hugging Face GPT-2 names).
+    #[serde(flatten)]
+    pub model: GptConfig,
+    /// Schedule generator: naive, gpipe, 1f1b or interleaved.
+    pub schedule: String,
+    /// Pipeline ranks `p`.
+    pub stages: usize,
+    /// Micro-batches per step `m`.
+    pub microbatches: usize,
+    /// Stages per rank `v` (interleaved only).
+    pub chunks: usize,
+    /// Partitioner: uniform or balanced.
+    pub partition: String,
+    /// Optimizer steps to train for.
+    pub steps: u64,
+    /// Sequences per step (split into `microbatches` equal parts).
+    pub batch_size: usize,
+    /// Tokens per sequence (at most `n_positions`).
+    pub seq_len: usize,
+    /// Peak learning rate, reached after `warmup_steps` and decayed by a cosine to `min_lr`.
+    pub lr: f32,
+    /// Steps of linear warm-up.
+    pub warmup_steps: u64,
+    /// Floor of the cosine decay.
+    pub min_lr: f32,
+    /// AdamW decoupled weight decay (matrices and embeddings only).
+    pub weight_decay: f32,
+    /// Seed of the initial weights and of the batch order.
+    pub seed: u64,
+    /// Evaluate the validation loss every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Validation tokens per evaluation (consecutive windows from the split's start).
+    pub eval_tokens: usize,
+    /// Keep only each stage's input in forward and recompute in backward.
+    pub checkpoint_activations: bool,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: GptConfig::default(),
+            schedule: "1f1b".into(),
+            stages: 4,
+            microbatches: 8,
+            chunks: 1,
+            partition: "uniform".into(),
+            steps: 300,
+            batch_size: 16,
+            seq_len: 128,
+            lr: 3e-3,
+            warmup_steps: 30,
+            min_lr: 3e-4,
+            weight_decay: 0.1,
+            seed: 1337,
+            eval_every: 100,
+            eval_tokens: 16_384,
+            checkpoint_activations: false,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Check every constraint between the fields; the error names the field and the value.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let positive = [
+            ("stages", self.stages),
+            ("microbatches", self.microbatches),
+            ("chunks", self.chunks),
+            ("batch-size", self.batch_size),
+            ("seq-len", self.seq_len),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(invalid_input!("--{name} must be at least 1, got 0"));
+        }
+        if self.seq_len > self.model.n_positions {
+            return Err(invalid_input!(
+                "--seq-len must be at most --n-positions = {}, got {}",
+                self.model.n_positions,
+                self.seq_len
+            ));
+        }
+        if self.batch_size % self.microbatches != 0 {
+            return Err(invalid_input!(
+                "--batch-size must be a multiple of --microbatches = {}, got {}",
+                self.microbatches,
+                self.batch_size
+            ));
+        }
+        let layers = self.model.layers().len();
+        let stages = self.stages * self.chunks;
+        if stages > layers {
+            return Err(invalid_input!(
+                "stages × chunks = {stages} exceeds the model's {layers} layers (embedding, {} blocks, head)",
+                self.model.n_layer
+            ));
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(invalid_input!("--lr must be a positive number, got {}", self.lr));
+        }
+        Ok(())
+    }
+
+    /// Learning rate of 1-based step `step`: linear warm-up, then cosine decay to `min_lr`.
+    pub fn lr_at(&self, step: u64) -> f32 {
+        if step <= self.warmup_steps {
+            return self.lr * step as f32 / self.warmup_steps.max(1) as f32;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f32;
+        let progress = ((step - self.warmup_steps) as f32 / span).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
+        self.min_lr + (self.lr - self.min_lr) * cosine
+    }
+
+    /// The lowered, validated schedule this configuration runs.
+    pub fn plan(&self) -> Result<Schedule> {
+        let kind: ScheduleKind = self.schedule.parse()?;
+        let compute = generate(kind, self.stages, self.microbatches, self.chunks)?;
+        let lowered = lower(&compute)?;
+        validate(&lowered)?;
+        Ok(lowered)
+    }
+
+    /// The layers of each stage, in stage order.
+    pub fn stage_layers(&self) -> Result<Vec<Range<usize>>> {
+        let layers = self.model.layers().len();
+        let stages = self.stages * self.chunks;
+        match self.partition.as_str() {
+            "uniform" => Ok((0..stages)
+                .map(|s| (s * layers / stages)..((s + 1) * layers / stages))
+                .collect()),
+            other => Err(invalid_input!("--partition must be uniform or balanced, got {other}")),
+        }
+    }
+}
+
+/// Relative cost of each layer (forward FLOPs per token), for the balanced partitioner.
+pub fn layer_costs(model: &GptConfig, seq: usize) -> Vec<f64> {
+    let (c, v, t) = (model.n_embd as f64, model.vocab_size as f64, seq as f64);
+    model
+        .layers()
+        .iter()
+        .map(|layer| match layer {
+            Layer::Embedding => c,
+            // qkv, projection and MLP matmuls (12·C²) plus attention scores and mixing (2·T·C).
+            Layer::Block(_) => 2.0 * (12.0 * c * c + 2.0 * t * c),
+            Layer::Head => 2.0 * c * v + 10.0 * v,
+        })
+        .collect()
+}
+
+/// How a trainer's weights start.
+pub enum Init<'a> {
+    /// Fresh GPT-2 initialisation from the config's seed.
+    Fresh,
+    /// A checkpoint's weights with a fresh optimizer (`--init`).
+    Weights(&'a Checkpoint),
+    /// A checkpoint's weights, optimizer state and step (`--resume`).
+    Resume(&'a Checkpoint),
+}
+
+/// One step's figures, as `--log-json` writes them.
+#[derive(Clone, Debug)]
+pub struct StepLog {
+    /// 1-based step number.
+    pub step: u64,
+    /// Training loss of the step's batch (nats per token).
+    pub loss: f32,
+    /// Learning rate used.
+    pub lr: f32,
+    /// Training tokens per second of wall time.
+    pub tokens_per_sec: f64,
+    /// Measured bubble fraction of the pipeline.
+    pub bubble_fraction: f64,
+    /// What the executor measured.
+    pub report: StepReport,
+}
+
+/// A pipeline ready to train: the plan, and one rank per pipeline rank with its stages.
+pub struct Trainer<B: Backend> {
+    /// The run's settings.
+    pub config: TrainConfig,
+    /// The lowered schedule every step runs.
+    pub schedule: Schedule,
+    /// Ranks, indexed by rank.
+    pub ranks: Vec<Rank<B, InProcessTransport>>,
+    /// Steps completed so far.
+    pub step: u64,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// Build the plan and the ranks; `make_backend(r)` gives rank `r` its device.
+    pub fn new(
+        config: TrainConfig,
+        mut make_backend: impl FnMut(usize) -> Result<B>,
+        init: Init<'_>,
+    ) -> Result<Self> {
+        config.validate()?;
+        let schedule = config.plan()?;
+        let layer_ranges = config.stage_layers()?;
+        let fresh;
+        let host: &HostTensors = match &init {
+            Init::Fresh => {
+                fresh = init_parameters(&config.model, config.seed)?;
+                &fresh
+            }
+            Init::Weights(c) | Init::Resume(c) => {
+                if c.config != config.model {
+                    return Err(invalid_input!(
+                        "the checkpoint's model ({:?}) differs from the one asked for ({:?})",
+                        c.config,
+                        config.model
+                    ));
+                }
+                &c.params
+            }
+        };
+        let transports = in_process_mesh(schedule.num_ranks(), exec::DEFAULT_RECV_TIMEOUT);
+        let mut ranks = Vec::with_capacity(schedule.num_ranks());
+        for (r, transport) in transports.into_iter().enumerate() {
+            let backend = make_backend(r).with_context(|| format!("creating rank {r}'s device"))?;
+            let mut stages = Vec::new();
+            for stage in schedule.stages_of(r) {
+                let mut model =
+                    StageModel::new(&backend, &config.model, layer_ranges[stage].clone(), host)?;
+                if let Init::Resume(c) = &init {
+                    let opt = c.optimizer.as_ref().ok_or_else(|| {
+                        invalid_input!("the checkpoint has no optimizer state to resume from")
+                    })?;
+                    model.load_optimizer_state(&backend, opt)?;
+                }
+                stages.push((stage, model));
+            }
+            ranks.push(Rank { rank: r, backend, transport, stages });
+        }
+        let step = match &init {
+            Init::Resume(c) => resumed_step(c, &config)?,
+            _ => 0,
+        };
+        Ok(Self { config, schedule, ranks, step })
+    }
+
+    /// One line per rank naming its device and its stages' layers.
+    pub fn describe(&self) -> Vec<String> {
+        let ranges = self.config.stage_layers().unwrap_or_default();
+        let layers = self.config.model.layers();
+        self.ranks
+            .iter()
+            .map(|r| {
+                let parts: Vec<String> = r
+                    .stages
+                    .iter()
+                    .map(|(s, _)| {
+                        let range = &ranges[*s];
+                        format!(
+                            "stage {s}: {}..={}",
+                            layers[range.start],
+                            layers[range.end - 1]
+                        )
+                    })
+                    .collect();
+                format!("rank {}: {} | {}", r.rank, r.backend.describe(), parts.join(", "))
+            })
+            .collect()
+    }
+
+    /// Train one step on the next batch of `corpus.train`.
+    pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
+        let step = self.step + 1;
+        let c = &self.config;
+        let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step)?;
+        let lr = c.lr_at(step);
+        let opts = StepOptions {
+            checkpoint_activations: c.checkpoint_activations,
+            lr,
+            step: step as u32,
+            adamw: AdamWConfig { weight_decay: c.weight_decay, ..AdamWConfig::default() },
+        };
+        let report = exec::train_step(&self.schedule, &mut self.ranks, &batch, &opts)?;
+        if !report.loss.is_finite() {
+            return Err(anyhow!("step {step}: the loss is {} (training diverged)", report.loss));
+        }
+        self.step = step;
+        let tokens = (batch.batch * batch.seq) as f64;
+        Ok(StepLog {
+            step,
+            loss: report.loss,
+            lr,
+            tokens_per_sec: tokens / report.elapsed.as_secs_f64().max(1e-9),
+            bubble_fraction: report.bubble_fraction(),
+            report,
+        })
+    }
+
+    /// Mean cross-entropy (nats per token) over consecutive windows of `seq` tokens of `data`,
+    /// at most `max_tokens` of them (0: all); returns the loss and the tokens scored.
+    pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
+        let mut offsets = window_offsets(data.len(), seq);
+        if max_tokens > 0 {
+            offsets.truncate(max_tokens.div_ceil(seq));
+        }
+        if offsets.is_empty() {
+            return Err(invalid_input!(
+                "the evaluation text ({} bytes) is shorter than one window of {} tokens + 1",
+                data.len(),
+                seq
+            ));
+        }
+        let rows_per_pass = self.config.batch_size.max(1);
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for chunk in offsets.chunks(rows_per_pass) {
+            let b = Batch::from_offsets(data, chunk, seq);
+            let losses =
+                exec::forward(&mut self.ranks, &b.inputs, Want::Losses(&b.targets), b.batch, seq)?;
+            sum += losses.iter().map(|&x| x as f64).sum::<f64>();
+            count += losses.len();
+        }
+        Ok((sum / count as f64, count))
+    }
+
+    /// Logits of the last position of `tokens` (one sequence), for sampling.
+    pub fn next_token_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let logits = exec::forward(&mut self.ranks, tokens, Want::Logits, 1, tokens.len())?;
+        let vocab = self.config.model.vocab_size;
+        Ok(logits[logits.len() - vocab..].to_vec())
+    }
+
+    /// The whole model, optimizer state and training position as one checkpoint.
+    pub fn checkpoint(&self) -> Result<Checkpoint> {
+        let mut params = HostTensors::new();
+        let mut optimizer = OptimizerState::default();
+        for rank in &self.ranks {
+            for (_, model) in &rank.stages {
+                // The tied embedding appears on the first and last stage; the copies are equal.
+                params.extend(model.download_params(&rank.backend)?);
+                let state = model.optimizer_state(&rank.backend)?;
+                optimizer.m.extend(state.m);
+                optimizer.v.extend(state.v);
+            }
+        }
+        let state = json!({
+            "step": self.step,
+            "seed": self.config.seed,
+            "data_position": { "kind": "sampled", "seed": self.config.seed, "next_step": self.step + 1 },
+            "config": self.config,
+        });
+        Ok(Checkpoint {
+            config: self.config.model.clone(),
+            params,
+            optimizer: Some(optimizer),
+            trainer_state: Some(state),
+        })
+    }
+}
+
+fn resumed_step(c: &Checkpoint, config: &TrainConfig) -> Result<u64> {
+    let state = c
+        .trainer_state
+        .as_ref()
+        .ok_or_else(|| invalid_input!("the checkpoint has no trainer_state.json to resume from"))?;
+    let step = state["step"]
+        .as_u64()
+        .ok_or_else(|| invalid_input!("trainer_state.json has no step"))?;
+    let seed = state["seed"].as_u64().unwrap_or(config.seed);
+    if seed != config.seed {
+        return Err(invalid_input!(
+            "--seed must match the checkpoint's seed {seed} to resume its batch order, got {}",
+            config.seed
+        ));
+    }
+    Ok(step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learning_rate_warms_up_then_decays_to_the_floor() {
+        let c = TrainConfig { steps: 100, warmup_steps: 10, lr: 1.0, min_lr: 0.1, ..Default::default() };
+        assert!((c.lr_at(1) - 0.1).abs() < 1e-6);
+        assert!((c.lr_at(10) - 1.0).abs() < 1e-6);
+        assert!((c.lr_at(55) - 0.55).abs() < 1e-5);
+        assert!((c.lr_at(100) - 0.1).abs() < 1e-6);
+        assert!(c.lr_at(30) > c.lr_at(60));
+    }
+
+    #[test]
+    fn constraints_name_the_field_and_value() {
+        let bad = TrainConfig { batch_size: 10, microbatches: 4, ..Default::default() };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("--batch-size") && err.contains("10"), "{err}");
+        let bad = TrainConfig { stages: 40, ..Default::default() };
+        assert!(bad.validate().unwrap_err().to_string().contains("exceeds"));
+    }
+}

@@ -1,0 +1,98 @@
+//! `pipit eval`: the loss of a checkpoint on a text, in nats per byte.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Args, ValueEnum};
+use pipit_engine::checkpoint;
+use pipit_engine::train::{Init, TrainConfig, Trainer};
+use pipit_engine::{invalid_input, Backend};
+use serde_json::json;
+
+use super::device::{with_backend, BackendChoice, BackendJob};
+use super::train::corpus;
+
+/// Output format of `pipit eval`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EvalFormat {
+    /// One human-readable line.
+    Text,
+    /// `{"loss": ..., "tokens": ...}`.
+    Json,
+}
+
+/// Mean cross-entropy (nats per byte) of a checkpoint over consecutive non-overlapping windows
+/// of a text: inputs are bytes [k·T, (k+1)·T), targets the same shifted by one, for every k with
+/// (k+1)·T + 1 ≤ the text's length.
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).
+    #[arg(long, value_name = "DIR")]
+    checkpoint: PathBuf,
+    /// Text to score; default: the validation split (last 10%) of the embedded corpus.
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+    /// Window length T; default: the model's n_positions.
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Windows scored per forward pass.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Pipeline ranks to cut the model into.
+    #[arg(long, default_value_t = 1)]
+    stages: usize,
+    /// Device for every rank.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendChoice,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    format: EvalFormat,
+}
+
+/// Run `pipit eval`.
+pub fn run(args: EvalArgs) -> Result<()> {
+    let ckpt = checkpoint::load(&args.checkpoint)?;
+    let text = match &args.data {
+        Some(path) => std::fs::read(path)
+            .map_err(|e| invalid_input!("cannot read --data {}: {e}", path.display()))?,
+        None => corpus(None)?.val,
+    };
+    let seq = args.seq_len.unwrap_or(ckpt.config.n_positions);
+    if seq == 0 || seq > ckpt.config.n_positions {
+        return Err(invalid_input!(
+            "--seq-len must be between 1 and the model's n_positions = {}, got {seq}",
+            ckpt.config.n_positions
+        ));
+    }
+    let config = TrainConfig {
+        model: ckpt.config.clone(),
+        stages: args.stages,
+        microbatches: 1,
+        batch_size: args.batch_size,
+        seq_len: seq,
+        schedule: "gpipe".into(),
+        ..TrainConfig::default()
+    };
+    let (loss, tokens) = with_backend(args.backend, EvalJob { config, ckpt: &ckpt, text: &text })?;
+    match args.format {
+        EvalFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens })),
+        EvalFormat::Text => println!("loss {loss:.4} nats/byte over {tokens} tokens"),
+    }
+    Ok(())
+}
+
+struct EvalJob<'a> {
+    config: TrainConfig,
+    ckpt: &'a checkpoint::Checkpoint,
+    text: &'a [u8],
+}
+
+impl BackendJob for EvalJob<'_> {
+    type Output = (f64, usize);
+
+    fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<(f64, usize)> {
+        let seq = self.config.seq_len;
+        let mut trainer = Trainer::new(self.config, make, Init::Weights(self.ckpt))?;
+        trainer.evaluate(self.text, seq, 0)
+    }
+}

@@ -1,0 +1,336 @@
+//! `pipit train`: train a GPT-2-style model cut into pipeline stages.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use pipit_engine::checkpoint::{self, Checkpoint};
+use pipit_engine::data::Corpus;
+use pipit_engine::train::{Init, StepLog, TrainConfig, Trainer};
+use pipit_engine::{invalid_input, Backend};
+use serde_json::json;
+
+use super::device::{with_backend, BackendChoice, BackendJob};
+use super::trace;
+
+/// The corpus a fresh clone trains on: twelve Shakespeare plays (public domain), 1.5 MB.
+pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../../data/shakespeare.txt");
+
+/// Train a byte-level GPT-2 cut into pipeline stages.
+///
+/// With no arguments: 4 stages, 1F1B with 8 micro-batches, on the embedded Shakespeare corpus
+/// (the last 10% held out for validation), on the best device found. Every flag overrides the
+/// same field of `--config FILE` (TOML, keys named like the flags with `_`).
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// TOML file with any of the fields below (e.g. `n_layer = 6`, `schedule = "gpipe"`).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Device for every rank.
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendChoice,
+    /// Text file to train on instead of the embedded corpus (bytes are tokens).
+    #[arg(long, value_name = "FILE")]
+    data: Option<PathBuf>,
+
+    /// Transformer blocks.
+    #[arg(long)]
+    n_layer: Option<usize>,
+    /// Attention heads per block (must divide --n-embd).
+    #[arg(long)]
+    n_head: Option<usize>,
+    /// Model width.
+    #[arg(long)]
+    n_embd: Option<usize>,
+    /// Longest sequence the model accepts (rows of the position embedding).
+    #[arg(long)]
+    n_positions: Option<usize>,
+
+    /// Pipeline schedule: naive, gpipe, 1f1b or interleaved.
+    #[arg(long)]
+    schedule: Option<String>,
+    /// Pipeline ranks p (one device each).
+    #[arg(long)]
+    stages: Option<usize>,
+    /// Micro-batches per step m (must divide --batch-size).
+    #[arg(long)]
+    microbatches: Option<usize>,
+    /// Stages per rank v (interleaved schedule).
+    #[arg(long)]
+    chunks: Option<usize>,
+    /// How layers are cut into stages: uniform or balanced (by estimated FLOPs).
+    #[arg(long)]
+    partition: Option<String>,
+
+    /// Optimizer steps.
+    #[arg(long)]
+    steps: Option<u64>,
+    /// Sequences per step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Tokens per sequence (at most --n-positions).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Peak learning rate (linear warm-up, then cosine decay to --min-lr).
+    #[arg(long)]
+    lr: Option<f32>,
+    /// Warm-up steps.
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    /// Final learning rate of the cosine decay.
+    #[arg(long)]
+    min_lr: Option<f32>,
+    /// Seed of the initial weights and of the batch order.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Measure the validation loss every N steps (and always at the end).
+    #[arg(long, value_name = "N")]
+    eval_every: Option<u64>,
+    /// Validation tokens per evaluation.
+    #[arg(long, value_name = "N")]
+    eval_tokens: Option<usize>,
+    /// Keep only each stage's input in forward; recompute the rest during backward.
+    #[arg(long)]
+    checkpoint_activations: bool,
+
+    /// Save a checkpoint (Hugging Face GPT-2 layout) to DIR at the end and every --save-every steps.
+    #[arg(long, value_name = "DIR")]
+    save: Option<PathBuf>,
+    /// Steps between checkpoints (0: only at the end).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    save_every: u64,
+    /// Continue a run from its checkpoint: weights, optimizer state, step and data position.
+    #[arg(long, value_name = "DIR", conflicts_with = "init")]
+    resume: Option<PathBuf>,
+    /// Start from a checkpoint's weights (pipit's or Hugging Face's) with a fresh optimizer.
+    #[arg(long, value_name = "DIR")]
+    init: Option<PathBuf>,
+    /// Write one JSON object per step to PATH.
+    #[arg(long, value_name = "PATH")]
+    log_json: Option<PathBuf>,
+    /// Write the last step's measured timeline to PATH as a Chrome trace (open in Perfetto).
+    #[arg(long, value_name = "PATH")]
+    trace: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// The run's settings: defaults, then the config file, then the flags.
+    fn config(&self) -> Result<TrainConfig> {
+        let mut c = match &self.config {
+            Some(path) => {
+                let text = fs::read_to_string(path)
+                    .map_err(|e| invalid_input!("cannot read --config {}: {e}", path.display()))?;
+                toml::from_str(&text)
+                    .map_err(|e| invalid_input!("--config {}: {}", path.display(), one_line(&e.to_string())))?
+            }
+            None => TrainConfig::default(),
+        };
+        macro_rules! set {
+            ($($field:ident).+ <- $flag:ident) => {
+                if let Some(v) = self.$flag.clone() {
+                    c.$($field).+ = v;
+                }
+            };
+        }
+        set!(model.n_layer <- n_layer);
+        set!(model.n_head <- n_head);
+        set!(model.n_embd <- n_embd);
+        set!(model.n_positions <- n_positions);
+        set!(schedule <- schedule);
+        set!(stages <- stages);
+        set!(microbatches <- microbatches);
+        set!(chunks <- chunks);
+        set!(partition <- partition);
+        set!(steps <- steps);
+        set!(batch_size <- batch_size);
+        set!(seq_len <- seq_len);
+        set!(lr <- lr);
+        set!(warmup_steps <- warmup_steps);
+        set!(min_lr <- min_lr);
+        set!(seed <- seed);
+        set!(eval_every <- eval_every);
+        set!(eval_tokens <- eval_tokens);
+        if self.checkpoint_activations {
+            c.checkpoint_activations = true;
+        }
+        if self.schedule.is_some() && self.chunks.is_none() && c.schedule != "interleaved" {
+            c.chunks = 1;
+        }
+        if self.n_positions.is_some() && self.seq_len.is_none() {
+            c.seq_len = c.seq_len.min(c.model.n_positions);
+        }
+        Ok(c)
+    }
+}
+
+/// Read the training text: `--data FILE` or the embedded corpus, with 10% held out.
+pub fn corpus(data: Option<&Path>) -> Result<Corpus> {
+    match data {
+        Some(path) => {
+            let bytes = fs::read(path)
+                .map_err(|e| invalid_input!("cannot read --data {}: {e}", path.display()))?;
+            Corpus::split(&bytes, 0.1)
+        }
+        None => Corpus::split(EMBEDDED_CORPUS, 0.1),
+    }
+}
+
+/// Run `pipit train`.
+pub fn run(args: TrainArgs) -> Result<()> {
+    let mut config = args.config()?;
+    let resume = args.resume.as_deref().map(checkpoint::load).transpose()?;
+    let init = args.init.as_deref().map(checkpoint::load).transpose()?;
+    if let Some(c) = resume.as_ref().or(init.as_ref()) {
+        // The checkpoint fixes the model's sizes; flags may not contradict them.
+        let asked = (args.n_layer, args.n_head, args.n_embd, args.n_positions);
+        let has = (c.config.n_layer, c.config.n_head, c.config.n_embd, c.config.n_positions);
+        let differs = [asked.0.map(|v| v != has.0), asked.1.map(|v| v != has.1), asked.2.map(|v| v != has.2), asked.3.map(|v| v != has.3)];
+        if differs.iter().any(|d| *d == Some(true)) {
+            return Err(invalid_input!(
+                "the checkpoint's model (n_layer={}, n_head={}, n_embd={}, n_positions={}) differs from the sizes given",
+                has.0, has.1, has.2, has.3
+            ));
+        }
+        config.model = c.config.clone();
+        config.seq_len = config.seq_len.min(config.model.n_positions);
+    }
+    config.validate()?;
+    let corpus = corpus(args.data.as_deref())?;
+    let job = TrainJob { args: &args, config, corpus, resume: resume.as_ref(), init: init.as_ref() };
+    with_backend(args.backend, job)
+}
+
+struct TrainJob<'a> {
+    args: &'a TrainArgs,
+    config: TrainConfig,
+    corpus: Corpus,
+    resume: Option<&'a Checkpoint>,
+    init: Option<&'a Checkpoint>,
+}
+
+impl BackendJob for TrainJob<'_> {
+    type Output = ();
+
+    fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<()> {
+        let TrainJob { args, config, corpus, resume, init } = self;
+        let start = match (resume, init) {
+            (Some(c), _) => Init::Resume(c),
+            (None, Some(c)) => Init::Weights(c),
+            (None, None) => Init::Fresh,
+        };
+        let mut trainer = Trainer::new(config, make, start)?;
+        let c = trainer.config.clone();
+        eprintln!(
+            "model: {} layers, {} heads, width {}, {} parameters | {} schedule, p={} m={} v={}, batch {}×{} tokens",
+            c.model.n_layer,
+            c.model.n_head,
+            c.model.n_embd,
+            c.model.num_parameters(),
+            c.schedule,
+            c.stages,
+            c.microbatches,
+            c.chunks,
+            c.batch_size,
+            c.seq_len
+        );
+        for line in trainer.describe() {
+            eprintln!("  {line}");
+        }
+        if trainer.step >= c.steps {
+            return Err(invalid_input!(
+                "--steps {} is not beyond the checkpoint's step {}; nothing to train",
+                c.steps,
+                trainer.step
+            ));
+        }
+        let mut log = match &args.log_json {
+            Some(path) => Some(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(trainer.step > 0)
+                    .write(true)
+                    .truncate(trainer.step == 0)
+                    .open(path)
+                    .with_context(|| format!("opening --log-json {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let bar = ProgressBar::new(c.steps);
+        bar.set_style(
+            ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_position(trainer.step);
+        let mut last: Option<StepLog> = None;
+        let mut val_loss = None;
+        while trainer.step < c.steps {
+            let entry = trainer.train_step(&corpus)?;
+            let step = entry.step;
+            let evaluate = step == c.steps || (c.eval_every > 0 && step % c.eval_every == 0);
+            let val = if evaluate {
+                let (loss, _) = trainer.evaluate(&corpus.val, c.seq_len, c.eval_tokens)?;
+                val_loss = Some(loss);
+                bar.println(format!("step {step}: train loss {:.4}, val loss {loss:.4}", entry.loss));
+                Some(loss)
+            } else {
+                None
+            };
+            bar.set_position(step);
+            bar.set_message(format!(
+                "loss {:.4} | {:.0} tok/s | bubble {:.1}%",
+                entry.loss,
+                entry.tokens_per_sec,
+                100.0 * entry.bubble_fraction
+            ));
+            if let Some(f) = log.as_mut() {
+                let mut line = json!({
+                    "step": step,
+                    "loss": entry.loss,
+                    "lr": entry.lr,
+                    "tokens_per_sec": entry.tokens_per_sec,
+                    "bubble_fraction": entry.bubble_fraction,
+                    "peak_bytes": entry.report.ranks.iter().map(|r| r.peak_bytes).collect::<Vec<_>>(),
+                });
+                if let Some(v) = val {
+                    line["val_loss"] = json!(v);
+                }
+                writeln!(f, "{line}").context("writing --log-json")?;
+            }
+            if let Some(dir) = &args.save {
+                if args.save_every > 0 && step % args.save_every == 0 && step != c.steps {
+                    checkpoint::save(dir, &trainer.checkpoint()?)?;
+                }
+            }
+            last = Some(entry);
+        }
+        bar.finish_and_clear();
+        if let Some(dir) = &args.save {
+            checkpoint::save(dir, &trainer.checkpoint()?)?;
+            eprintln!("saved checkpoint to {}", dir.display());
+        }
+        if let (Some(path), Some(entry)) = (&args.trace, &last) {
+            trace::write_measured(path, &entry.report)?;
+            eprintln!("wrote the last step's measured timeline to {}", path.display());
+        }
+        if let Some(entry) = &last {
+            let val = val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            println!(
+                "step {}: loss {:.4}, val loss {val} nats/byte, {:.0} tokens/s, measured bubble {:.1}%",
+                entry.step,
+                entry.loss,
+                entry.tokens_per_sec,
+                100.0 * entry.bubble_fraction
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The first line of a multi-line message (TOML errors span several).
+fn one_line(s: &str) -> String {
+    s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
