@@ -1,1 +1,21 @@
 //! pipit-wgpu: the portable GPU backend.
+//!
+//! Implements [`pipit_engine::Backend`] on wgpu (Vulkan, Metal, DX12, and Mesa lavapipe on
+//! machines without a GPU) with the WGSL kernels of `shaders/`, one file per layer family.
+//! Each [`WgpuBackend`] owns one device and queue, which is one pipeline rank; several can
+//! share an adapter ([`WgpuBackend::for_ranks`]).
+//!
+//! Work larger than one storage binding (128 MiB on lavapipe) is cut into windows: matrix
+//! products into sub-matrices, row-wise ops into row ranges, attention into (sequence, head)
+//! units, embeddings into sequence and vocabulary ranges.
+
+mod buffer;
+mod context;
+pub mod device;
+mod kernels;
+mod ops;
+mod split;
+
+pub use buffer::WgpuBuffer;
+pub use context::WgpuBackend;
+pub use device::Options;

@@ -1,0 +1,196 @@
+//! The WGSL kernels: which file and entry point each one is, compiled once per device.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use anyhow::{anyhow, Result};
+
+/// One WGSL file of `shaders/`: a layer family, forward and backward together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Shader {
+    Elementwise,
+    Gelu,
+    Matmul,
+    Layernorm,
+    Attention,
+    Embedding,
+    CrossEntropy,
+    AdamW,
+}
+
+impl Shader {
+    fn source(self) -> &'static str {
+        match self {
+            Shader::Elementwise => include_str!("../../../shaders/elementwise.wgsl"),
+            Shader::Gelu => include_str!("../../../shaders/gelu.wgsl"),
+            Shader::Matmul => include_str!("../../../shaders/matmul.wgsl"),
+            Shader::Layernorm => include_str!("../../../shaders/layernorm.wgsl"),
+            Shader::Attention => include_str!("../../../shaders/attention.wgsl"),
+            Shader::Embedding => include_str!("../../../shaders/embedding.wgsl"),
+            Shader::CrossEntropy => include_str!("../../../shaders/crossentropy.wgsl"),
+            Shader::AdamW => include_str!("../../../shaders/adamw.wgsl"),
+        }
+    }
+
+    fn file(self) -> &'static str {
+        match self {
+            Shader::Elementwise => "elementwise.wgsl",
+            Shader::Gelu => "gelu.wgsl",
+            Shader::Matmul => "matmul.wgsl",
+            Shader::Layernorm => "layernorm.wgsl",
+            Shader::Attention => "attention.wgsl",
+            Shader::Embedding => "embedding.wgsl",
+            Shader::CrossEntropy => "crossentropy.wgsl",
+            Shader::AdamW => "adamw.wgsl",
+        }
+    }
+}
+
+/// One compute pipeline: an entry point of a shader, with its pipeline constants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Kernel {
+    Fill,
+    Add,
+    AddAssign,
+    GeluForward,
+    GeluBackward,
+    Matmul { trans_a: bool, trans_b: bool },
+    BiasBackward,
+    LayernormForward,
+    LayernormBackward,
+    LayernormParamBackward,
+    AttentionForward,
+    AttentionBackwardD,
+    AttentionBackwardDq,
+    AttentionBackwardDkv,
+    EmbeddingForward,
+    EmbeddingBackwardWte,
+    EmbeddingBackwardWpe,
+    CrossEntropyForward,
+    CrossEntropyBackward,
+    AdamW,
+}
+
+impl Kernel {
+    fn shader(self) -> Shader {
+        match self {
+            Kernel::Fill | Kernel::Add | Kernel::AddAssign => Shader::Elementwise,
+            Kernel::GeluForward | Kernel::GeluBackward => Shader::Gelu,
+            Kernel::Matmul { .. } | Kernel::BiasBackward => Shader::Matmul,
+            Kernel::LayernormForward
+            | Kernel::LayernormBackward
+            | Kernel::LayernormParamBackward => Shader::Layernorm,
+            Kernel::AttentionForward
+            | Kernel::AttentionBackwardD
+            | Kernel::AttentionBackwardDq
+            | Kernel::AttentionBackwardDkv => Shader::Attention,
+            Kernel::EmbeddingForward
+            | Kernel::EmbeddingBackwardWte
+            | Kernel::EmbeddingBackwardWpe => Shader::Embedding,
+            Kernel::CrossEntropyForward | Kernel::CrossEntropyBackward => Shader::CrossEntropy,
+            Kernel::AdamW => Shader::AdamW,
+        }
+    }
+
+    /// The WGSL entry point.
+    pub(crate) fn entry(self) -> &'static str {
+        match self {
+            Kernel::Fill => "fill",
+            Kernel::Add => "add",
+            Kernel::AddAssign => "add_assign",
+            Kernel::GeluForward => "gelu_forward",
+            Kernel::GeluBackward => "gelu_backward",
+            Kernel::Matmul { .. } => "matmul",
+            Kernel::BiasBackward => "bias_backward",
+            Kernel::LayernormForward => "layernorm_forward",
+            Kernel::LayernormBackward => "layernorm_backward",
+            Kernel::LayernormParamBackward => "layernorm_param_backward",
+            Kernel::AttentionForward => "attention_forward",
+            Kernel::AttentionBackwardD => "attention_backward_d",
+            Kernel::AttentionBackwardDq => "attention_backward_dq",
+            Kernel::AttentionBackwardDkv => "attention_backward_dkv",
+            Kernel::EmbeddingForward => "embedding_forward",
+            Kernel::EmbeddingBackwardWte => "embedding_backward_wte",
+            Kernel::EmbeddingBackwardWpe => "embedding_backward_wpe",
+            Kernel::CrossEntropyForward => "cross_entropy_forward",
+            Kernel::CrossEntropyBackward => "cross_entropy_backward",
+            Kernel::AdamW => "adamw",
+        }
+    }
+
+    fn constants(self) -> Vec<(&'static str, f64)> {
+        match self {
+            Kernel::Matmul { trans_a, trans_b } => vec![
+                ("TRANS_A", f64::from(u8::from(trans_a))),
+                ("TRANS_B", f64::from(u8::from(trans_b))),
+            ],
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// A compiled kernel and the layout its bind groups follow.
+#[derive(Clone)]
+pub(crate) struct Pipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// Shader modules and pipelines of one device, built on first use and kept.
+#[derive(Default)]
+pub(crate) struct Kernels {
+    modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
+    pipelines: Mutex<HashMap<Kernel, Pipeline>>,
+}
+
+impl Kernels {
+    /// The pipeline of `kernel` on `device`, compiling it the first time.
+    pub(crate) fn get(&self, device: &wgpu::Device, kernel: Kernel) -> Result<Pipeline> {
+        let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = pipelines.get(&kernel) {
+            return Ok(p.clone());
+        }
+        // Compilation errors would otherwise reach the device's uncaptured-error handler
+        // later; a scope turns them into this call's error.
+        let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let module = {
+            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            let shader = kernel.shader();
+            modules
+                .entry(shader)
+                .or_insert_with(|| {
+                    device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                        label: Some(shader.file()),
+                        source: wgpu::ShaderSource::Wgsl(shader.source().into()),
+                    })
+                })
+                .clone()
+        };
+        let constants = kernel.constants();
+        let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(kernel.entry()),
+            layout: None,
+            module: &module,
+            entry_point: Some(kernel.entry()),
+            compilation_options: wgpu::PipelineCompilationOptions {
+                constants: &constants,
+                // Every kernel writes workgroup memory before reading it.
+                zero_initialize_workgroup_memory: false,
+            },
+            cache: None,
+        });
+        if let Some(err) = pollster::block_on(scope.pop()) {
+            return Err(anyhow!(
+                "compiling {} ({}): {err}",
+                kernel.entry(),
+                kernel.shader().file()
+            ));
+        }
+        let p = Pipeline {
+            layout: pipeline.get_bind_group_layout(0),
+            pipeline,
+        };
+        pipelines.insert(kernel, p.clone());
+        Ok(p)
+    }
+}
