@@ -18,13 +18,34 @@ const COLUMN_WG: usize = 64;
 /// Invocations per workgroup of the embedding table gradient (one per channel).
 const CHANNEL_WG: usize = 64;
 
-/// Errors unless `buf` holds `dtype` and at least `elems` elements.
-fn need(buf: &WgpuBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
+/// Errors unless `buf` holds `dtype`.
+fn need_dtype(buf: &WgpuBuffer, dtype: DType, what: &str) -> Result<()> {
     if buf.dtype != dtype {
         bail!("{what} must be a {dtype:?} buffer, got {:?}", buf.dtype);
     }
-    if buf.len < elems {
+    Ok(())
+}
+
+/// Errors unless `buf` holds `dtype` and exactly `elems` elements.
+fn need(buf: &WgpuBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
+    need_dtype(buf, dtype, what)?;
+    if buf.len != elems {
         bail!("{what} holds {} elements but the op needs {elems}", buf.len);
+    }
+    Ok(())
+}
+
+/// Errors unless `table` is an f32 table of whole rows of `channels`, with at least `rows`.
+fn need_table(table: &WgpuBuffer, channels: usize, rows: usize, what: &str) -> Result<()> {
+    need_dtype(table, DType::F32, what)?;
+    if channels == 0 {
+        bail!("embedding needs at least one channel");
+    }
+    if table.len % channels != 0 || table.len / channels < rows {
+        bail!(
+            "{what} holds {} elements: not at least {rows} whole rows of {channels} channels",
+            table.len
+        );
     }
     Ok(())
 }
@@ -116,7 +137,7 @@ impl Backend for WgpuBackend {
     }
 
     fn download(&self, buf: &WgpuBuffer) -> Result<Vec<f32>> {
-        need(buf, 0, DType::F32, "downloaded buffer")?;
+        need_dtype(buf, DType::F32, "downloaded buffer")?;
         self.read_words(buf)
     }
 
@@ -125,7 +146,7 @@ impl Backend for WgpuBackend {
     }
 
     fn fill(&self, buf: &mut WgpuBuffer, value: f32) -> Result<()> {
-        need(buf, 0, DType::F32, "filled buffer")?;
+        need_dtype(buf, DType::F32, "filled buffer")?;
         if buf.len == 0 {
             return Ok(());
         }
@@ -179,8 +200,8 @@ impl Backend for WgpuBackend {
         let (bt, btc, tc) = (batch * seq, batch * seq * channels, seq * channels);
         need(out, btc, DType::F32, "embedding output")?;
         need(tokens, bt, DType::U32, "tokens")?;
-        need(wte, 0, DType::F32, "wte")?;
-        need(wpe, tc, DType::F32, "wpe")?;
+        need_table(wte, channels, 0, "wte")?;
+        need_table(wpe, channels, seq, "wpe")?;
         if btc == 0 {
             return Ok(());
         }
@@ -232,8 +253,8 @@ impl Backend for WgpuBackend {
         let (bt, btc, tc) = (batch * seq, batch * seq * channels, seq * channels);
         need(dout, btc, DType::F32, "embedding output gradient")?;
         need(tokens, bt, DType::U32, "tokens")?;
-        need(dwte, 0, DType::F32, "dwte")?;
-        need(dwpe, tc, DType::F32, "dwpe")?;
+        need_table(dwte, channels, 0, "dwte")?;
+        need_table(dwpe, channels, seq, "dwpe")?;
         if btc == 0 {
             return Ok(());
         }
