@@ -15,7 +15,7 @@ use crate::checkpoint::Checkpoint;
 use crate::data::{sample_batch, window_offsets, Batch, Corpus};
 use crate::exec::{self, in_process_mesh, InProcessTransport, Rank, StepOptions, StepReport, Want};
 use crate::invalid_input;
-use crate::model::{init_parameters, AdamWConfig, GptConfig, HostTensors, Layer, OptimizerState, StageModel};
+use crate::model::{init_parameters, AdamWConfig, GptConfig, HostTensors, OptimizerState, StageModel};
 use crate::schedule::{generate, lower, validate, Schedule, ScheduleKind};
 
 /// Everything that defines a training run. Field names are the CLI's flag names with `_`.
@@ -150,9 +150,8 @@ impl TrainConfig {
         let layers = self.model.layers().len();
         let stages = self.stages * self.chunks;
         match self.partition.as_str() {
-            "uniform" => Ok((0..stages)
-                .map(|s| (s * layers / stages)..((s + 1) * layers / stages))
-                .collect()),
+            "uniform" => crate::partition::uniform(layers, stages),
+            "balanced" => crate::partition::balanced(&layer_costs(&self.model, self.seq_len), stages),
             other => Err(invalid_input!("--partition must be uniform or balanced, got {other}")),
         }
     }
@@ -161,16 +160,10 @@ impl TrainConfig {
 /// Relative cost of each layer (forward FLOPs per token), for the balanced partitioner.
 pub fn layer_costs(model: &GptConfig, seq: usize) -> Vec<f64> {
     let (c, v, t) = (model.n_embd as f64, model.vocab_size as f64, seq as f64);
-    model
-        .layers()
-        .iter()
-        .map(|layer| match layer {
-            Layer::Embedding => c,
-            // qkv, projection and MLP matmuls (12·C²) plus attention scores and mixing (2·T·C).
-            Layer::Block(_) => 2.0 * (12.0 * c * c + 2.0 * t * c),
-            Layer::Head => 2.0 * c * v + 10.0 * v,
-        })
-        .collect()
+    // Block: qkv, projection and MLP matmuls (12·C² multiply-adds) plus attention scores and
+    // mixing (2·T·C); head: the tied LM head (C·V) plus the softmax over V.
+    let block = 2.0 * (12.0 * c * c + 2.0 * t * c);
+    crate::partition::layer_costs(c, block, model.n_layer, 2.0 * c * v + 10.0 * v)
 }
 
 /// How a trainer's weights start.
