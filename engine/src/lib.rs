@@ -4,12 +4,15 @@
 //! an ordered list of layers over the [`backend::Backend`] trait, and the executor that runs a
 //! lowered schedule on any backend. Nothing here depends on a device crate.
 
+pub mod analysis;
 pub mod backend;
 pub mod checkpoint;
 pub mod data;
-pub mod exec;
 pub mod error;
+pub mod exec;
 pub mod model;
+pub mod partition;
+pub mod render;
 pub mod rng;
 pub mod schedule;
 pub mod sim;

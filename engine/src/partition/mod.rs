@@ -1,0 +1,273 @@
+//! Layer -> stage assignment.
+//!
+//! A *layer* is anything the partitioner may place: the embedding (layer 0), each transformer
+//! block, the head + loss (the last layer). Each gets its own cost, so a heavy head or a light
+//! embedding is balanced like any block. A partition is one contiguous, non-empty range of
+//! layers per stage; with interleaving, stage `k` runs on rank `k mod p` ([`chunks`]).
+
+use std::ops::Range;
+
+use anyhow::Result;
+use serde::Serialize;
+
+use crate::invalid;
+
+/// How to cut the layers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Equal layer counts, the first `n mod k` stages one layer longer.
+    Uniform,
+    /// Minimise the slowest stage's cost (exact).
+    Balanced,
+    /// Minimise the slowest stage's cost with every stage's memory within a budget (exact).
+    MemoryCapped,
+}
+
+/// A computed partition with its per-stage totals.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Partition {
+    /// The method that produced it.
+    pub method: Method,
+    /// Layers of each stage.
+    pub stages: Vec<Range<usize>>,
+    /// Sum of the layer costs of each stage.
+    pub stage_cost: Vec<f64>,
+    /// Sum of the layer memory of each stage (bytes).
+    pub stage_memory: Vec<f64>,
+}
+
+impl Partition {
+    /// Total the given per-layer costs and memory over `stages`.
+    pub fn new(method: Method, stages: Vec<Range<usize>>, cost: &[f64], memory: &[f64]) -> Self {
+        let total = |list: &[f64], r: &Range<usize>| {
+            if list.is_empty() {
+                0.0
+            } else {
+                list[r.clone()].iter().sum()
+            }
+        };
+        Partition {
+            method,
+            stage_cost: stages.iter().map(|r| total(cost, r)).collect(),
+            stage_memory: stages.iter().map(|r| total(memory, r)).collect(),
+            stages,
+        }
+    }
+
+    /// Cost of the slowest stage.
+    pub fn max_cost(&self) -> f64 {
+        self.stage_cost.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+fn check_counts(n_layers: usize, stages: usize) -> Result<()> {
+    if stages == 0 {
+        invalid!("stages must be at least 1 (got 0)");
+    }
+    if stages > n_layers {
+        invalid!("cannot cut {n_layers} layers into {stages} stages: every stage needs at least one layer");
+    }
+    Ok(())
+}
+
+fn check_values(name: &str, list: &[f64]) -> Result<()> {
+    if let Some((i, v)) = list
+        .iter()
+        .enumerate()
+        .find(|(_, v)| !(v.is_finite() && **v >= 0.0))
+    {
+        invalid!("{name}: layer {i} must be a non-negative number (got {v})");
+    }
+    Ok(())
+}
+
+/// Cut `n_layers` layers (embedding and head included) into `stages` contiguous stages of
+/// equal size, the first `n_layers mod stages` one layer longer; no stage is empty. This is
+/// the trainer's default: pass `p · v` stages for an interleaved schedule.
+pub fn uniform(n_layers: usize, stages: usize) -> Result<Vec<Range<usize>>> {
+    check_counts(n_layers, stages)?;
+    let (base, extra) = (n_layers / stages, n_layers % stages);
+    let mut start = 0;
+    Ok((0..stages)
+        .map(|s| {
+            let len = base + usize::from(s < extra);
+            start += len;
+            start - len..start
+        })
+        .collect())
+}
+
+/// Cut layers with per-layer `cost` into `stages` stages minimising the slowest stage's total.
+///
+/// Exact: dynamic programming over (stage, layer), `O(stages · layers²)`.
+pub fn balanced(cost: &[f64], stages: usize) -> Result<Vec<Range<usize>>> {
+    check_values("cost", cost)?;
+    memory_capped(cost, &[], stages, f64::INFINITY)
+}
+
+/// Like [`balanced`], with every stage's total `memory` at most `budget` bytes (one stage per
+/// device; with interleaving cap the per-chunk share). Errors when no cut fits, naming the
+/// smallest budget that would.
+pub fn memory_capped(
+    cost: &[f64],
+    memory: &[f64],
+    stages: usize,
+    budget: f64,
+) -> Result<Vec<Range<usize>>> {
+    let n = cost.len();
+    check_counts(n, stages)?;
+    check_values("cost", cost)?;
+    check_values("memory", memory)?;
+    if !memory.is_empty() && memory.len() != n {
+        invalid!("memory: got {} values for {n} layers", memory.len());
+    }
+    if budget.is_nan() || budget < 0.0 {
+        invalid!("memory budget must be a non-negative number of bytes (got {budget})");
+    }
+    let prefix = |list: &[f64]| {
+        let mut out = vec![0.0; n + 1];
+        for i in 0..list.len() {
+            out[i + 1] = out[i] + list[i];
+        }
+        out
+    };
+    let (pc, pm) = (prefix(cost), prefix(memory));
+    let fits = |a: usize, b: usize| pm[b] - pm[a] <= budget;
+    // best[k][i]: least possible slowest stage when the first i layers form k stages.
+    let mut best = vec![vec![f64::INFINITY; n + 1]; stages + 1];
+    let mut cut = vec![vec![0usize; n + 1]; stages + 1];
+    best[0][0] = 0.0;
+    for k in 1..=stages {
+        // Leave at least one layer for each remaining stage.
+        for i in k..=n - (stages - k) {
+            for j in (k - 1..i).rev() {
+                if !fits(j, i) || best[k - 1][j].is_infinite() {
+                    continue;
+                }
+                let slowest = best[k - 1][j].max(pc[i] - pc[j]);
+                if slowest < best[k][i] {
+                    best[k][i] = slowest;
+                    cut[k][i] = j;
+                }
+            }
+        }
+    }
+    if best[stages][n].is_infinite() {
+        let needed = min_max_memory(memory, stages)?;
+        invalid!(
+            "no partition of {n} layers into {stages} stages fits a memory budget of {budget} bytes per stage; the smallest budget that fits is {needed} bytes"
+        );
+    }
+    let mut ranges = vec![0..0; stages];
+    let mut end = n;
+    for k in (1..=stages).rev() {
+        let start = cut[k][end];
+        ranges[k - 1] = start..end;
+        end = start;
+    }
+    Ok(ranges)
+}
+
+/// The least per-stage memory any cut into `stages` stages can achieve.
+fn min_max_memory(memory: &[f64], stages: usize) -> Result<f64> {
+    let ranges = memory_capped(memory, &[], stages, f64::INFINITY)?;
+    Ok(ranges
+        .iter()
+        .map(|r| memory[r.clone()].iter().sum::<f64>())
+        .fold(0.0, f64::max))
+}
+
+/// The layers of each rank's chunks when `stages.len() = p · v` stages are interleaved over
+/// `p` ranks (stage `k` on rank `k mod p`): `result[rank][chunk]`.
+pub fn chunks(stages: &[Range<usize>], p: usize) -> Result<Vec<Vec<Range<usize>>>> {
+    if p == 0 || stages.len() % p != 0 {
+        invalid!(
+            "{} stages cannot be spread evenly over {p} ranks: stages must be a multiple of ranks",
+            stages.len()
+        );
+    }
+    Ok((0..p)
+        .map(|rank| stages.iter().skip(rank).step_by(p).cloned().collect())
+        .collect())
+}
+
+/// Per-layer costs of a model: embedding, `blocks` identical blocks, then head + loss.
+pub fn layer_costs(embedding: f64, block: f64, blocks: usize, head: f64) -> Vec<f64> {
+    let mut out = Vec::with_capacity(blocks + 2);
+    out.push(embedding);
+    out.extend(std::iter::repeat_n(block, blocks));
+    out.push(head);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_spreads_the_remainder() {
+        assert_eq!(uniform(14, 4).unwrap(), vec![0..4, 4..8, 8..11, 11..14]);
+        assert_eq!(uniform(3, 3).unwrap(), vec![0..1, 1..2, 2..3]);
+        let err = uniform(3, 4).unwrap_err().to_string();
+        assert!(err.contains("3 layers into 4 stages"), "{err}");
+        assert!(uniform(3, 0).is_err());
+    }
+
+    #[test]
+    fn interleaved_chunks_match_the_seed() {
+        let stages = uniform(16, 4).unwrap();
+        let ranks = chunks(&stages, 2).unwrap();
+        assert_eq!(ranks[0], vec![0..4, 8..12]);
+        assert_eq!(ranks[1], vec![4..8, 12..16]);
+        assert!(chunks(&stages, 3).is_err());
+    }
+
+    #[test]
+    fn balanced_is_optimal_where_greedy_is_not() {
+        // Greedy "fill to the mean" puts 4+1 together and leaves 3+3+3: slowest 9 over 2 stages.
+        let cost = [4.0, 1.0, 3.0, 3.0, 3.0];
+        let ranges = balanced(&cost, 2).unwrap();
+        let p = Partition::new(Method::Balanced, ranges, &cost, &[]);
+        assert_eq!(p.max_cost(), 8.0);
+        // Brute force over every cut of 8 layers into 3 stages agrees.
+        let cost = [1.0, 7.0, 2.0, 2.0, 5.0, 1.0, 1.0, 6.0];
+        let best = balanced(&cost, 3).unwrap();
+        let got = Partition::new(Method::Balanced, best, &cost, &[]).max_cost();
+        let mut brute = f64::INFINITY;
+        for a in 1..7 {
+            for b in a + 1..8 {
+                let s = |r: Range<usize>| cost[r].iter().sum::<f64>();
+                brute = brute.min(s(0..a).max(s(a..b)).max(s(b..8)));
+            }
+        }
+        assert_eq!(got, brute);
+    }
+
+    #[test]
+    fn embedding_and_head_count_with_their_own_costs() {
+        let cost = layer_costs(0.5, 1.0, 6, 3.0);
+        assert_eq!(cost.len(), 8);
+        let ranges = balanced(&cost, 3).unwrap();
+        // The heavy head gets a stage to itself; the light embedding shares one.
+        assert_eq!(ranges, vec![0..4, 4..7, 7..8]);
+    }
+
+    #[test]
+    fn memory_cap_is_respected_or_refused() {
+        let cost = [1.0; 6];
+        let memory = [4.0, 4.0, 1.0, 1.0, 1.0, 1.0];
+        assert_eq!(balanced(&cost, 3).unwrap(), vec![0..2, 2..4, 4..6]);
+        let ranges = memory_capped(&cost, &memory, 3, 5.0).unwrap();
+        let p = Partition::new(Method::MemoryCapped, ranges.clone(), &cost, &memory);
+        assert!(p.stage_memory.iter().all(|&m| m <= 5.0), "{ranges:?}");
+        assert_eq!(ranges, vec![0..1, 1..3, 3..6]);
+        let err = memory_capped(&cost, &memory, 3, 3.9)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("smallest budget that fits is 4 bytes"),
+            "{err}"
+        );
+    }
+}
