@@ -4,6 +4,7 @@
 //! into `heads` contiguous slices of `hs = C / heads` channels (Hugging Face's `c_attn`
 //! output, viewed as heads). Scores are scaled by `1/√hs`; token `t` attends to `0..=t`.
 
+use crate::dot::dot;
 use anyhow::{bail, Result};
 use pipit_engine::backend::Attention;
 
@@ -63,10 +64,6 @@ impl Layout {
     fn att(&self, b: usize, h: usize, t: usize) -> usize {
         ((b * self.heads + h) * self.seq + t) * self.seq
     }
-}
-
-fn dot(x: &[f32], y: &[f32]) -> f64 {
-    x.iter().zip(y).map(|(&a, &b)| a as f64 * b as f64).sum()
 }
 
 /// Softmax of the scaled causal scores into `att` (zeros above the diagonal), then the

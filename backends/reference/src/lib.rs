@@ -10,6 +10,7 @@ mod adamw;
 mod attention;
 mod buffer;
 mod cross_entropy;
+mod dot;
 mod elementwise;
 mod embedding;
 mod gelu;

@@ -2,6 +2,8 @@
 
 use pipit_engine::backend::Matmul;
 
+use crate::dot::dot;
+
 /// Copy `op(x)` into row-major `[rows, cols]`, whatever layout `x` is stored in, so each dot
 /// product below reads two contiguous rows.
 fn rows_of(x: &[f32], rows: usize, cols: usize, transposed: bool) -> Vec<f32> {
@@ -27,11 +29,7 @@ pub(crate) fn forward(out: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]
         let a_row = &a_rows[i * k..][..k];
         for j in 0..n {
             let b_col = &b_cols[j * k..][..k];
-            let mut sum: f64 = a_row
-                .iter()
-                .zip(b_col)
-                .map(|(&x, &y)| x as f64 * y as f64)
-                .sum();
+            let mut sum = dot(a_row, b_col);
             if let Some(bias) = bias {
                 sum += bias[j] as f64;
             }
