@@ -768,6 +768,7 @@ conformance!(wgpu, || pipit_wgpu::WgpuBackend::new()
 
 /// Central differences of a scalar `loss` at coordinates `at` of `x`, against `grad`:
 /// `max |fd − grad| ≤ tol · max |grad|` over those coordinates.
+#[allow(clippy::too_many_arguments)]
 fn finite_differences<T: Copy + Into<f64>>(
     what: &str,
     x: &[T],
