@@ -3,6 +3,8 @@
 mod device;
 mod eval;
 mod generate;
+mod partition;
+mod plan;
 mod trace;
 mod train;
 
@@ -30,6 +32,10 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Score a checkpoint on a text: mean cross-entropy in nats per byte.
     Eval(eval::EvalArgs),
+    /// Plan a pipeline step: schedule, transfers, deadlock check, simulated bubble and memory.
+    Plan(plan::PlanArgs),
+    /// Cut a model's layers into pipeline stages (uniform, balanced or memory-capped).
+    Partition(partition::PartitionArgs),
 }
 
 /// Parse arguments, run the subcommand, and turn an error into one line and an exit status:
@@ -40,6 +46,8 @@ pub fn main() -> ExitCode {
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),
         Command::Eval(args) => eval::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Partition(args) => partition::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

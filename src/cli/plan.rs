@@ -1,0 +1,193 @@
+//! `pipit plan`: generate (or load) a schedule, lower, validate and simulate it, and report.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use pipit_engine::analysis::Plan;
+use pipit_engine::render::{render, Format};
+use pipit_engine::schedule::{generate, lower_for, validate, Schedule, ScheduleKind};
+use pipit_engine::sim::Costs;
+use pipit_engine::{invalid, invalid_input};
+
+/// Schedules `pipit plan` can generate.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ScheduleArg {
+    /// One micro-batch at a time through the whole pipe (efficiency 1/p).
+    Naive,
+    /// Fill-drain: all forwards, then all backwards; holds m activations per rank.
+    Gpipe,
+    /// PipeDream-Flush: same bubble as GPipe, at most p - r activations on rank r.
+    #[value(name = "1f1b")]
+    OneFOneB,
+    /// Megatron's virtual pipeline: --chunks stages per rank, bubble (p-1)/(v m).
+    Interleaved,
+}
+
+impl From<ScheduleArg> for ScheduleKind {
+    fn from(arg: ScheduleArg) -> Self {
+        match arg {
+            ScheduleArg::Naive => ScheduleKind::Naive,
+            ScheduleArg::Gpipe => ScheduleKind::GPipe,
+            ScheduleArg::OneFOneB => ScheduleKind::OneFOneB,
+            ScheduleArg::Interleaved => ScheduleKind::Interleaved,
+        }
+    }
+}
+
+/// Output formats of `pipit plan`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum FormatArg {
+    /// Timeline in rows of time slots (`T 0: [S0F0] [    ] ...`), then figures and advice.
+    Text,
+    /// Figures as JSON (schedule, stages, microbatches, chunks, makespan, efficiency, ...).
+    Json,
+    /// Chrome trace event JSON for Perfetto or chrome://tracing, with send -> receive arrows.
+    Chrome,
+    /// SVG picture of the timeline, one row per rank.
+    Svg,
+    /// The lowered schedule as text, to edit and load back with --schedule-file.
+    Schedule,
+}
+
+/// Plan a pipeline step before it runs: makespan, bubble, memory, advice.
+///
+/// Generates the schedule (or loads one), inserts the transfers, proves it cannot deadlock
+/// under blocking sends, and simulates it. Times are in milliseconds.
+///
+/// Example: pipit plan --schedule 1f1b --stages 4 --microbatches 8
+#[derive(Args, Debug)]
+pub struct PlanArgs {
+    /// Schedule to generate.
+    #[arg(long, value_enum, required_unless_present = "schedule_file")]
+    pub schedule: Option<ScheduleArg>,
+    /// Load a hand-written schedule (text form, as `--format schedule` writes) instead of
+    /// generating one; it may omit the transfers, which are then inserted.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["schedule", "stages", "microbatches", "chunks"])]
+    pub schedule_file: Option<PathBuf>,
+    /// Pipeline ranks p (devices); each runs --chunks stages.
+    #[arg(
+        long,
+        short = 'p',
+        value_name = "P",
+        required_unless_present = "schedule_file"
+    )]
+    pub stages: Option<usize>,
+    /// Micro-batches m per step.
+    #[arg(
+        long,
+        short = 'm',
+        value_name = "M",
+        required_unless_present = "schedule_file"
+    )]
+    pub microbatches: Option<usize>,
+    /// Chunks v: stages per rank (interleaved; naive and gpipe accept them too). [default: 1]
+    #[arg(long, short = 'v', value_name = "V")]
+    pub chunks: Option<usize>,
+    /// Forward time of one micro-batch on one stage, in ms: one value for every stage, or a
+    /// comma-separated list with one value per stage (p x v values).
+    #[arg(long, value_name = "MS", default_value = "1")]
+    pub fwd: String,
+    /// Backward time of one micro-batch on one stage, in ms: one value or one per stage.
+    #[arg(long, value_name = "MS", default_value = "2")]
+    pub bwd: String,
+    /// Fixed cost of one transfer between ranks, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 0.0)]
+    pub comm: f64,
+    /// Link bandwidth in GB/s; a transfer then also takes activation bytes / bandwidth.
+    /// [default: infinite]
+    #[arg(long, value_name = "GB/S")]
+    pub bandwidth: Option<f64>,
+    /// Bytes of one micro-batch's activation, per stage (one value or one per stage); used for
+    /// peak memory and transfer time.
+    #[arg(long, value_name = "BYTES", default_value = "0")]
+    pub activation_bytes: String,
+    /// Efficiency to aim for (between 0 and 1): sets the micro-batch advice.
+    #[arg(long, value_name = "E", default_value_t = 0.9)]
+    pub target_efficiency: f64,
+    /// What to print.
+    #[arg(long, value_enum, default_value_t = FormatArg::Text)]
+    pub format: FormatArg,
+    /// Write to this file instead of standard output.
+    #[arg(long, short = 'o', value_name = "PATH")]
+    pub output: Option<PathBuf>,
+}
+
+/// Parse `text` as one number or a comma-separated list of `stages` numbers.
+pub fn per_stage(flag: &str, text: &str, stages: usize) -> Result<Vec<f64>> {
+    let values = text
+        .split(',')
+        .map(|v| {
+            v.trim().parse::<f64>().map_err(|_| {
+                invalid_input!(
+                    "--{flag}: `{}` is not a number (give one value, or one per stage separated by commas)",
+                    v.trim()
+                )
+            })
+        })
+        .collect::<Result<Vec<f64>>>()?;
+    match values.len() {
+        1 => Ok(vec![values[0]; stages]),
+        n if n == stages => Ok(values),
+        n => invalid!("--{flag}: got {n} values but the pipeline has {stages} stages (give one value, or one per stage)"),
+    }
+}
+
+/// Build the lowered schedule, simulate it and write the chosen report.
+pub fn run(args: PlanArgs) -> Result<()> {
+    let schedule = match &args.schedule_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading schedule file {}", path.display()))?;
+            Schedule::parse(&text).with_context(|| format!("schedule file {}", path.display()))?
+        }
+        None => {
+            let kind = args
+                .schedule
+                .map(ScheduleKind::from)
+                .unwrap_or(ScheduleKind::OneFOneB);
+            let p = args.stages.unwrap_or(0);
+            let m = args.microbatches.unwrap_or(0);
+            generate(kind, p, m, args.chunks.unwrap_or(1))?
+        }
+    };
+    let stages = schedule.num_stages();
+    let bandwidth = match args.bandwidth {
+        None => f64::INFINITY,
+        Some(gbps) if gbps.is_finite() && gbps > 0.0 => gbps * 1e6,
+        Some(gbps) => invalid!("--bandwidth must be a positive number of GB/s (got {gbps})"),
+    };
+    let costs = Costs {
+        fwd: per_stage("fwd", &args.fwd, stages)?,
+        bwd: per_stage("bwd", &args.bwd, stages)?,
+        latency: args.comm,
+        bandwidth,
+        activation_bytes: per_stage("activation-bytes", &args.activation_bytes, stages)?,
+    };
+    costs.check(stages)?;
+    validate(&schedule)?;
+    let lowered = if schedule.ranks.iter().flatten().all(|a| a.is_compute()) {
+        lower_for(&schedule, &costs)?
+    } else {
+        schedule
+    };
+    let plan = Plan::new(lowered, costs, args.target_efficiency)?;
+    let format = match args.format {
+        FormatArg::Text => Format::Text,
+        FormatArg::Json => Format::Json,
+        FormatArg::Chrome => Format::Chrome,
+        FormatArg::Svg => Format::Svg,
+        FormatArg::Schedule => Format::Schedule,
+    };
+    let mut out = render(&plan, format)?;
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    match &args.output {
+        Some(path) => {
+            std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?
+        }
+        None => print!("{out}"),
+    }
+    Ok(())
+}
