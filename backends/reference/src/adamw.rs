@@ -6,8 +6,8 @@ use pipit_engine::backend::AdamW;
 /// `p −= lr·(m̂/(√v̂ + eps) + weight_decay·p)`.
 pub(crate) fn step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: AdamW) {
     let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
-    let c1 = 1.0 - b1.powi(hp.step as i32);
-    let c2 = 1.0 - b2.powi(hp.step as i32);
+    let c1 = 1.0 - b1.powf(hp.step as f64);
+    let c2 = 1.0 - b2.powf(hp.step as f64);
     let (lr, eps, wd) = (hp.lr as f64, hp.eps as f64, hp.weight_decay as f64);
     for (((p, &g), m), v) in param
         .iter_mut()
