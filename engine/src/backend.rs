@@ -244,7 +244,8 @@ pub trait Backend: Send + 'static {
 
     /// Causal multi-head self-attention. `qkv` is `[batch, seq, 3·channels]` (q, k, v side by
     /// side, heads contiguous within each), `out` is `[batch, seq, channels]`, and `att`
-    /// `[batch, heads, seq, seq]` receives the softmax probabilities (zero above the diagonal), kept for backward.
+    /// `[batch, heads, seq, seq]` receives the softmax probabilities (zero above the
+    /// diagonal), kept for backward.
     fn attention_forward(
         &self,
         out: &mut Self::Buffer,
