@@ -10,6 +10,7 @@ use crate::backend::{Backend, Transport};
 use crate::data::Batch;
 use crate::model::{AdamWConfig, Keep, Saved, StageInput, StageModel, StageOutput};
 use crate::schedule::{Action, Schedule};
+use crate::sim::Timed;
 
 /// One pipeline rank: its device, its link to the other ranks, and the stages it runs.
 pub struct Rank<B: Backend, T: Transport<B>> {
@@ -48,25 +49,13 @@ pub struct StepOptions {
     pub adamw: AdamWConfig,
 }
 
-/// One measured action: which rank ran it and when, in seconds since the step began.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct MeasuredAction {
-    /// The rank that ran it.
-    pub rank: usize,
-    /// What ran.
-    pub action: Action,
-    /// Start, seconds since the step began.
-    pub start: f64,
-    /// End, seconds since the step began.
-    pub end: f64,
-}
-
 /// What one rank measured during a step.
 #[derive(Clone, Debug, Default)]
 pub struct RankReport {
-    /// Every action in the order run, including transfers (a receive's span includes its wait).
-    pub timeline: Vec<MeasuredAction>,
-    /// Seconds spent in compute actions.
+    /// Every action in the order run, including transfers (a receive's span includes its
+    /// wait); milliseconds since the step began, as the simulator's timelines are.
+    pub timeline: Vec<Timed>,
+    /// Milliseconds spent in compute actions.
     pub busy: f64,
     /// Peak bytes of device memory during the step (parameters, gradients, optimizer state
     /// and activations).
@@ -84,7 +73,7 @@ pub struct StepReport {
     pub loss: f32,
     /// Wall time of the whole step, optimizer included.
     pub elapsed: Duration,
-    /// Seconds from the step's start to the last rank's last action (the pipeline's makespan).
+    /// Milliseconds from the step's start to the last rank's last action (the makespan).
     pub makespan: f64,
     /// Per-rank measurements, indexed by rank.
     pub ranks: Vec<RankReport>,
@@ -203,7 +192,7 @@ fn run_rank<B: Backend, T: Transport<B>>(
     backend.reset_peak_memory();
 
     for (position, &action) in schedule.ranks[me].iter().enumerate() {
-        let begin = t0.elapsed().as_secs_f64();
+        let begin = t0.elapsed().as_secs_f64() * 1e3;
         let key = (action.stage(), action.microbatch());
         let mb = &micro[action.microbatch()];
         let result: Result<()> = (|| {
@@ -288,11 +277,11 @@ fn run_rank<B: Backend, T: Transport<B>>(
             Ok(())
         })();
         result.with_context(|| format!("at position {position} ({action:?})"))?;
-        let end = t0.elapsed().as_secs_f64();
+        let end = t0.elapsed().as_secs_f64() * 1e3;
         if action.is_compute() {
             report.busy += end - begin;
         }
-        report.timeline.push(MeasuredAction { rank: me, action, start: begin, end });
+        report.timeline.push(Timed { action, start: begin, end });
     }
     if !saved.is_empty() || !mail.activations.is_empty() || !mail.gradients.is_empty() {
         return Err(anyhow!("the schedule ended with tensors left over on rank {me}"));

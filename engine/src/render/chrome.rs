@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use serde_json::{json, Value};
 
 use crate::schedule::Action;
-use crate::sim::Simulation;
+use crate::sim::{Simulation, Timed};
 
 /// One slice of a timeline: an action on a rank. Times in microseconds.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,12 +81,18 @@ pub fn write(events: &[TraceEvent], flows: &[Flow]) -> String {
 
 /// The events and arrows of a simulated step (its milliseconds become microseconds).
 pub fn from_simulation(sim: &Simulation) -> (Vec<TraceEvent>, Vec<Flow>) {
+    from_timeline(&sim.timeline)
+}
+
+/// The events and arrows of per-rank timelines in milliseconds, simulated or measured by the
+/// executor (element `r` is rank `r`'s actions).
+pub fn from_timeline(timeline: &[Vec<Timed>]) -> (Vec<TraceEvent>, Vec<Flow>) {
     const US: f64 = 1000.0;
     let mut events = Vec::new();
     // Transfer identity (is activation, stage, micro-batch) -> (rank, send start).
     let mut sends: HashMap<(bool, usize, usize), (usize, f64)> = HashMap::new();
     let mut recvs = Vec::new();
-    for (rank, actions) in sim.timeline.iter().enumerate() {
+    for (rank, actions) in timeline.iter().enumerate() {
         for t in actions {
             events.push(TraceEvent {
                 rank,

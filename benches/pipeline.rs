@@ -1,0 +1,150 @@
+//! Pipeline figures measured on this machine, printed as Markdown tables for BENCHMARKS.md:
+//!
+//! 1. memory follows the schedule: per-rank peak saved-activation bytes under GPipe and 1F1B
+//!    (p = 4, m = 8), with and without activation checkpointing, beside the simulator's figures;
+//! 2. measured vs simulated: one 1F1B step's measured per-stage forward/backward times fed to
+//!    the simulator, and each rank's busy fraction compared with the measured one.
+//!
+//! Run: `cargo bench --bench pipeline` (`-- wgpu` to run on wgpu instead of the reference backend).
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use pipit::engine::data::{sample_batch, Corpus};
+use pipit::engine::exec::{self, StepOptions, StepReport};
+use pipit::engine::model::{AdamWConfig, GptConfig};
+use pipit::engine::schedule::Action;
+use pipit::engine::sim::{simulate, Costs, Simulation};
+use pipit::engine::train::{Init, TrainConfig, Trainer};
+use pipit::engine::Backend;
+use pipit::reference::ReferenceBackend;
+use pipit::wgpu::WgpuBackend;
+
+fn config(schedule: &str) -> TrainConfig {
+    TrainConfig {
+        model: GptConfig { vocab_size: 256, n_positions: 64, n_embd: 64, n_layer: 6, n_head: 4 },
+        schedule: schedule.into(),
+        stages: 4,
+        microbatches: 8,
+        batch_size: 16,
+        seq_len: 64,
+        ..TrainConfig::default()
+    }
+}
+
+/// Train `steps` steps and return the last step's report and the trainer's schedule.
+fn run<B: Backend>(
+    make: &dyn Fn() -> Result<B>,
+    schedule: &str,
+    checkpoint_activations: bool,
+    steps: u32,
+) -> Result<(StepReport, Trainer<B>)> {
+    let corpus = Corpus::split(include_bytes!("../data/shakespeare.txt"), 0.1)?;
+    let c = config(schedule);
+    let mut trainer = Trainer::new(c.clone(), |_| make(), Init::Fresh)?;
+    let mut last = None;
+    for step in 1..=steps {
+        let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step as u64)?;
+        let opts = StepOptions {
+            checkpoint_activations,
+            lr: 1e-3,
+            step,
+            adamw: AdamWConfig::default(),
+        };
+        last = Some(exec::train_step(&trainer.schedule, &mut trainer.ranks, &batch, &opts)?);
+    }
+    Ok((last.expect("at least one step"), trainer))
+}
+
+fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
+    println!("| schedule | checkpointing | rank | peak micro-batches held | measured peak activation bytes | simulated | total device peak bytes |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for schedule in ["gpipe", "1f1b"] {
+        for ckpt in [false, true] {
+            let (report, trainer) = run(make, schedule, ckpt, 1)?;
+            let per_mb: Vec<f64> = report
+                .ranks
+                .iter()
+                .map(|r| r.peak_activation_bytes as f64 / r.peak_inflight.max(1) as f64)
+                .collect();
+            let costs = Costs { activation_bytes: per_mb, ..Costs::uniform(4) };
+            let sim = simulate(&trainer.schedule, &costs)?;
+            for (r, rank) in report.ranks.iter().enumerate() {
+                println!(
+                    "| {schedule} | {} | {r} | {} | {} | {:.0} | {} |",
+                    if ckpt { "on" } else { "off" },
+                    rank.peak_inflight,
+                    rank.peak_activation_bytes,
+                    sim.ranks[r].peak_activation_bytes,
+                    rank.peak_bytes
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Mean measured duration of each stage's forwards and backwards, in milliseconds.
+fn measured_costs(report: &StepReport, stages: usize) -> Costs {
+    let mut sums: HashMap<(bool, usize), (f64, usize)> = HashMap::new();
+    for t in report.ranks.iter().flat_map(|r| &r.timeline) {
+        let key = match t.action {
+            Action::Forward { stage, .. } => (true, stage),
+            Action::Backward { stage, .. } => (false, stage),
+            _ => continue,
+        };
+        let e = sums.entry(key).or_default();
+        e.0 += t.end - t.start;
+        e.1 += 1;
+    }
+    let mean = |fwd: bool, s: usize| sums.get(&(fwd, s)).map_or(0.0, |(t, n)| t / *n as f64);
+    Costs {
+        fwd: (0..stages).map(|s| mean(true, s)).collect(),
+        bwd: (0..stages).map(|s| mean(false, s)).collect(),
+        ..Costs::uniform(stages)
+    }
+}
+
+fn busy_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
+    let (report, trainer) = run(make, "1f1b", false, 3)?;
+    let costs = measured_costs(&report, trainer.schedule.num_stages());
+    let sim: Simulation = simulate(&trainer.schedule, &costs)?;
+    println!(
+        "measured makespan {:.1} ms, simulated {:.1} ms; per-stage fwd ms {:?}, bwd ms {:?}",
+        report.makespan,
+        sim.makespan,
+        costs.fwd.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
+        costs.bwd.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>()
+    );
+    println!("| rank | measured busy fraction | simulated busy fraction | difference (points) |");
+    println!("| --- | --- | --- | --- |");
+    for (r, rank) in report.ranks.iter().enumerate() {
+        let measured = rank.busy / report.makespan;
+        let simulated = sim.ranks[r].busy / sim.makespan;
+        println!(
+            "| {r} | {:.1}% | {:.1}% | {:+.1} |",
+            100.0 * measured,
+            100.0 * simulated,
+            100.0 * (measured - simulated)
+        );
+    }
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let wgpu = std::env::args().any(|a| a == "wgpu");
+    println!("model: 6 layers, width 64, 4 heads, vocab 256; batch 16 x 64 tokens; p = 4, m = 8\n");
+    if wgpu {
+        let make = || WgpuBackend::new();
+        println!("backend: {}\n", make()?.describe());
+        memory_table(&make)?;
+        println!();
+        busy_table(&make)
+    } else {
+        let make = || Ok(ReferenceBackend::new());
+        println!("backend: reference\n");
+        memory_table(&make)?;
+        println!();
+        busy_table(&make)
+    }
+}
