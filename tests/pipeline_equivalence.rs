@@ -153,3 +153,8 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
 fn every_schedule_trains_like_one_device_on_reference() {
     check_all(&ReferenceBackend::new);
 }
+
+#[test]
+fn every_schedule_trains_like_one_device_on_wgpu() {
+    check_all(&|| pipit::wgpu::WgpuBackend::new().expect("a wgpu adapter (lavapipe in CI)"));
+}
