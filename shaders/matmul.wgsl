@@ -1,16 +1,19 @@
 // Tiled matrix product and the bias gradient.
 //
 // matmul: out[m×n] = op(a)·op(b) (+ bias[n]) (+ out). Each workgroup computes a 64×64 tile of
-// `out` with 16×16 invocations, each holding a 4×4 block of accumulators. The contracted
+// `out` with 8×8 invocations, each holding an 8×8 block of accumulators. The contracted
 // dimension is walked in steps of 16: every step stages a 64×16 slice of op(a) and a 16×64
 // slice of op(b) in workgroup memory, so each element read from storage is reused 64 times.
-// Invocation (x, y) owns rows y, y+16, y+32, y+48 and columns x, x+16, x+32, x+48 of the tile,
-// so neighbouring invocations touch neighbouring columns when reading the staged slice of
-// op(b) and when writing `out`.
+// Invocation (x, y) owns rows 4y..4y+3 and 32+4y..32+4y+3 and the same columns with x; per
+// step of the contraction it reads two vec4 of each slice and does 64 multiply-adds. Large
+// per-invocation blocks keep barriers and loads rare, which matters most on CPU Vulkan
+// drivers (lavapipe), where each barrier switches coroutines and each load is a loop over
+// SIMD lanes.
 //
-// The operands are strided sub-matrices (leading dimensions lda, ldb, ldo), which lets the
-// host cut a product that exceeds one storage binding into windows. The transposes are
-// pipeline constants, so each of the four layouts compiles to its own branch-free loop.
+// Staging reads storage element by element with bounds checks, so any size, layout and
+// alignment works. The operands are strided sub-matrices (leading dimensions lda, ldb, ldo),
+// which lets the host cut a product that exceeds one storage binding into windows. The
+// transposes are pipeline constants, so each of the four layouts compiles without branches.
 //
 // bias_backward: dbias[j] += Σ_rows dout[row, j]; 64 columns per workgroup, four invocations
 // per column splitting the rows, summed in workgroup memory.
@@ -41,10 +44,14 @@ override TRANS_B: bool = false;
 
 const TILE: u32 = 64u;
 const BK: u32 = 16u;
+// vec4 slots per staged row of 64 elements.
+const TILE4: u32 = 16u;
 
-// Staged slices, both indexed [kk * TILE + i]: row kk of the slice, element i of the tile.
-var<workgroup> a_tile: array<f32, 1024>;
-var<workgroup> b_tile: array<f32, 1024>;
+// Staged slices, both [kk][i] with i along the tile as vec4: row kk of the slice, elements
+// 4·i .. 4·i+3 of the tile. Reading them as vec4 keeps the inner loop at four loads for 64
+// multiply-adds per invocation.
+var<workgroup> a_tile: array<vec4<f32>, 256>;
+var<workgroup> b_tile: array<vec4<f32>, 256>;
 
 fn load_a(row: u32, kk: u32) -> f32 {
     if row >= p.m || kk >= p.k {
@@ -66,7 +73,7 @@ fn load_b(kk: u32, col: u32) -> f32 {
     return b[p.base_b + kk * p.ldb + col];
 }
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(8, 8)
 fn matmul(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_id) lid: vec3<u32>,
@@ -74,61 +81,92 @@ fn matmul(
 ) {
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
-    var acc0 = vec4<f32>(0.0);
-    var acc1 = vec4<f32>(0.0);
-    var acc2 = vec4<f32>(0.0);
-    var acc3 = vec4<f32>(0.0);
+    // acc_RC: row R of this invocation's eight, columns 4·tx.. (C = 0) or 32 + 4·tx.. (C = 1).
+    var acc00 = vec4<f32>(0.0); var acc01 = vec4<f32>(0.0);
+    var acc10 = vec4<f32>(0.0); var acc11 = vec4<f32>(0.0);
+    var acc20 = vec4<f32>(0.0); var acc21 = vec4<f32>(0.0);
+    var acc30 = vec4<f32>(0.0); var acc31 = vec4<f32>(0.0);
+    var acc40 = vec4<f32>(0.0); var acc41 = vec4<f32>(0.0);
+    var acc50 = vec4<f32>(0.0); var acc51 = vec4<f32>(0.0);
+    var acc60 = vec4<f32>(0.0); var acc61 = vec4<f32>(0.0);
+    var acc70 = vec4<f32>(0.0); var acc71 = vec4<f32>(0.0);
 
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        // 1024 elements per slice, four per invocation; the index order follows the stored
-        // layout so that consecutive invocations read consecutive addresses.
+        // 256 vec4 slots per slice, four per invocation, visited in the order of the stored
+        // layout so that neighbouring invocations read neighbouring addresses.
         for (var s = 0u; s < 4u; s++) {
-            let e = li + s * 256u;
+            let slot = li + s * 64u;
+            var kk: u32;
+            var i4: u32;
             if TRANS_A {
-                let r = e % TILE;
-                let kk = e / TILE;
-                a_tile[kk * TILE + r] = load_a(row0 + r, k0 + kk);
+                i4 = slot % TILE4;
+                kk = slot / TILE4;
             } else {
-                let kk = e % BK;
-                let r = e / BK;
-                a_tile[kk * TILE + r] = load_a(row0 + r, k0 + kk);
+                kk = slot % BK;
+                i4 = slot / BK;
             }
+            let r = row0 + 4u * i4;
+            a_tile[kk * TILE4 + i4] = vec4<f32>(
+                load_a(r, k0 + kk),
+                load_a(r + 1u, k0 + kk),
+                load_a(r + 2u, k0 + kk),
+                load_a(r + 3u, k0 + kk),
+            );
             if TRANS_B {
-                let kk = e % BK;
-                let c = e / BK;
-                b_tile[kk * TILE + c] = load_b(k0 + kk, col0 + c);
+                kk = slot % BK;
+                i4 = slot / BK;
             } else {
-                let c = e % TILE;
-                let kk = e / TILE;
-                b_tile[kk * TILE + c] = load_b(k0 + kk, col0 + c);
+                i4 = slot % TILE4;
+                kk = slot / TILE4;
             }
+            let c = col0 + 4u * i4;
+            b_tile[kk * TILE4 + i4] = vec4<f32>(
+                load_b(k0 + kk, c),
+                load_b(k0 + kk, c + 1u),
+                load_b(k0 + kk, c + 2u),
+                load_b(k0 + kk, c + 3u),
+            );
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
-            let ao = kk * TILE + lid.y;
-            let bo = kk * TILE + lid.x;
-            let bv = vec4<f32>(b_tile[bo], b_tile[bo + 16u], b_tile[bo + 32u], b_tile[bo + 48u]);
-            acc0 = fma(vec4<f32>(a_tile[ao]), bv, acc0);
-            acc1 = fma(vec4<f32>(a_tile[ao + 16u]), bv, acc1);
-            acc2 = fma(vec4<f32>(a_tile[ao + 32u]), bv, acc2);
-            acc3 = fma(vec4<f32>(a_tile[ao + 48u]), bv, acc3);
+            let a0 = a_tile[kk * TILE4 + lid.y];
+            let a1 = a_tile[kk * TILE4 + lid.y + 8u];
+            let b0 = b_tile[kk * TILE4 + lid.x];
+            let b1 = b_tile[kk * TILE4 + lid.x + 8u];
+            acc00 = fma(vec4<f32>(a0.x), b0, acc00); acc01 = fma(vec4<f32>(a0.x), b1, acc01);
+            acc10 = fma(vec4<f32>(a0.y), b0, acc10); acc11 = fma(vec4<f32>(a0.y), b1, acc11);
+            acc20 = fma(vec4<f32>(a0.z), b0, acc20); acc21 = fma(vec4<f32>(a0.z), b1, acc21);
+            acc30 = fma(vec4<f32>(a0.w), b0, acc30); acc31 = fma(vec4<f32>(a0.w), b1, acc31);
+            acc40 = fma(vec4<f32>(a1.x), b0, acc40); acc41 = fma(vec4<f32>(a1.x), b1, acc41);
+            acc50 = fma(vec4<f32>(a1.y), b0, acc50); acc51 = fma(vec4<f32>(a1.y), b1, acc51);
+            acc60 = fma(vec4<f32>(a1.z), b0, acc60); acc61 = fma(vec4<f32>(a1.z), b1, acc61);
+            acc70 = fma(vec4<f32>(a1.w), b0, acc70); acc71 = fma(vec4<f32>(a1.w), b1, acc71);
         }
         workgroupBarrier();
     }
 
-    store_row(row0 + lid.y, col0 + lid.x, acc0);
-    store_row(row0 + lid.y + 16u, col0 + lid.x, acc1);
-    store_row(row0 + lid.y + 32u, col0 + lid.x, acc2);
-    store_row(row0 + lid.y + 48u, col0 + lid.x, acc3);
+    // Rows 4·ty .. 4·ty+3 come from a0, rows 32 + 4·ty .. from a1.
+    let r0 = row0 + 4u * lid.y;
+    let r1 = r0 + 32u;
+    let c0 = col0 + 4u * lid.x;
+    let c1 = c0 + 32u;
+    store4(r0, c0, acc00); store4(r0, c1, acc01);
+    store4(r0 + 1u, c0, acc10); store4(r0 + 1u, c1, acc11);
+    store4(r0 + 2u, c0, acc20); store4(r0 + 2u, c1, acc21);
+    store4(r0 + 3u, c0, acc30); store4(r0 + 3u, c1, acc31);
+    store4(r1, c0, acc40); store4(r1, c1, acc41);
+    store4(r1 + 1u, c0, acc50); store4(r1 + 1u, c1, acc51);
+    store4(r1 + 2u, c0, acc60); store4(r1 + 2u, c1, acc61);
+    store4(r1 + 3u, c0, acc70); store4(r1 + 3u, c1, acc71);
 }
 
-// Writes the four accumulators of one row: columns col, col+16, col+32, col+48.
-fn store_row(row: u32, col: u32, acc: vec4<f32>) {
+// Writes columns col .. col+3 of one output row (bias and accumulation applied).
+fn store4(row: u32, col: u32, acc: vec4<f32>) {
     if row >= p.m {
         return;
     }
     for (var j = 0u; j < 4u; j++) {
-        let c = col + 16u * j;
+        let c = col + j;
         if c < p.n {
             var v = acc[j];
             if p.has_bias != 0u {
