@@ -62,22 +62,22 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            model: GptConfig::default(),
+            model: GptConfig { n_positions: 64, ..GptConfig::default() },
             schedule: "1f1b".into(),
             stages: 4,
             microbatches: 8,
             chunks: 1,
             partition: "uniform".into(),
-            steps: 300,
-            batch_size: 16,
-            seq_len: 128,
-            lr: 3e-3,
+            steps: 600,
+            batch_size: 32,
+            seq_len: 64,
+            lr: 1e-2,
             warmup_steps: 30,
-            min_lr: 3e-4,
+            min_lr: 1e-3,
             weight_decay: 0.1,
             seed: 1337,
             eval_every: 100,
-            eval_tokens: 16_384,
+            eval_tokens: 8192,
             checkpoint_activations: false,
         }
     }

@@ -9,6 +9,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pipit_engine::checkpoint::{self, Checkpoint};
 use pipit_engine::data::Corpus;
+use pipit_engine::model::GptConfig;
 use pipit_engine::train::{Init, StepLog, TrainConfig, Trainer};
 use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
@@ -117,8 +118,12 @@ pub struct TrainArgs {
 }
 
 impl TrainArgs {
-    /// The run's settings: defaults, then the config file, then the flags.
-    fn config(&self) -> Result<TrainConfig> {
+    /// The run's settings: defaults (or the resumed run's settings), then the config file,
+    /// then the flags.
+    fn config(&self, resumed: Option<&Checkpoint>) -> Result<TrainConfig> {
+        let saved = resumed
+            .and_then(|c| c.trainer_state.as_ref())
+            .and_then(|s| serde_json::from_value::<TrainConfig>(s["config"].clone()).ok());
         let mut c = match &self.config {
             Some(path) => {
                 let text = fs::read_to_string(path)
@@ -126,7 +131,7 @@ impl TrainArgs {
                 toml::from_str(&text)
                     .map_err(|e| invalid_input!("--config {}: {}", path.display(), one_line(&e.to_string())))?
             }
-            None => TrainConfig::default(),
+            None => saved.unwrap_or_default(),
         };
         macro_rules! set {
             ($($field:ident).+ <- $flag:ident) => {
@@ -180,18 +185,18 @@ pub fn corpus(data: Option<&Path>) -> Result<Corpus> {
 
 /// Run `pipit train`.
 pub fn run(args: TrainArgs) -> Result<()> {
-    let mut config = args.config()?;
     let resume = args.resume.as_deref().map(checkpoint::load).transpose()?;
     let init = args.init.as_deref().map(checkpoint::load).transpose()?;
+    let mut config = args.config(resume.as_ref())?;
     if let Some(c) = resume.as_ref().or(init.as_ref()) {
         // The checkpoint fixes the model's sizes; flags may not contradict them.
-        let asked = (args.n_layer, args.n_head, args.n_embd, args.n_positions);
-        let has = (c.config.n_layer, c.config.n_head, c.config.n_embd, c.config.n_positions);
-        let differs = [asked.0.map(|v| v != has.0), asked.1.map(|v| v != has.1), asked.2.map(|v| v != has.2), asked.3.map(|v| v != has.3)];
-        if differs.iter().any(|d| *d == Some(true)) {
+        let sizes = |m: &GptConfig| (m.n_layer, m.n_head, m.n_embd, m.n_positions);
+        let given = [args.n_layer, args.n_head, args.n_embd, args.n_positions];
+        if given.iter().any(Option::is_some) && sizes(&config.model) != sizes(&c.config) {
+            let (l, h, e, p) = sizes(&c.config);
             return Err(invalid_input!(
-                "the checkpoint's model (n_layer={}, n_head={}, n_embd={}, n_positions={}) differs from the sizes given",
-                has.0, has.1, has.2, has.3
+                "the checkpoint's model has n_layer={l}, n_head={h}, n_embd={e}, n_positions={p}; the flags ask for n_layer={}, n_head={}, n_embd={}, n_positions={}",
+                config.model.n_layer, config.model.n_head, config.model.n_embd, config.model.n_positions
             ));
         }
         config.model = c.config.clone();

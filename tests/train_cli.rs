@@ -1,0 +1,155 @@
+//! `pipit train`, `generate` and `eval` as a user runs them: checkpoints that resume exactly,
+//! logs and traces with the promised keys, and bad input that ends with one line and status 2
+//! without touching a good checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn pipit(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pipit"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .output()
+        .expect("the pipit binary runs")
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pipit-train-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A tiny model on the reference backend with a constant learning rate, so a run cut in two
+/// follows the same learning-rate schedule as an uninterrupted one.
+const TINY: &[&str] = &[
+    "--backend", "reference", "--n-layer", "2", "--n-embd", "16", "--n-head", "2",
+    "--n-positions", "16", "--seq-len", "16", "--batch-size", "4", "--microbatches", "2",
+    "--stages", "2", "--lr", "0.003", "--min-lr", "0.003", "--warmup-steps", "0",
+    "--eval-every", "0", "--eval-tokens", "256",
+];
+
+fn train(extra: &[&str]) -> Output {
+    let mut args = vec!["train"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(extra);
+    pipit(&args)
+}
+
+fn log_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ok(out: &Output) {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Exit status 2 and exactly one line on stderr that contains `needle`.
+fn refused(out: &Output, needle: &str) {
+    let err = String::from_utf8_lossy(&out.stderr);
+    let last = err.lines().last().unwrap_or_default();
+    assert_eq!(out.status.code(), Some(2), "stderr: {err}");
+    assert!(last.starts_with("error: ") && last.contains(needle), "stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("backtrace"), "stderr: {err}");
+}
+
+#[test]
+fn resuming_gives_the_losses_of_an_uninterrupted_run() {
+    let dir = scratch("resume");
+    let (full, half, rest) = (dir.join("full.jsonl"), dir.join("half.jsonl"), dir.join("rest.jsonl"));
+    let ckpt = dir.join("ckpt");
+    ok(&train(&["--steps", "6", "--log-json", full.to_str().unwrap()]));
+    ok(&train(&["--steps", "3", "--log-json", half.to_str().unwrap(), "--save", ckpt.to_str().unwrap()]));
+    for file in ["model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"] {
+        assert!(ckpt.join(file).is_file(), "{file} is written");
+    }
+    ok(&pipit(&["train", "--resume", ckpt.to_str().unwrap(), "--steps", "6", "--log-json", rest.to_str().unwrap()]));
+
+    let full = log_lines(&full);
+    let mut cut = log_lines(&half);
+    cut.extend(log_lines(&rest));
+    assert_eq!(full.len(), 6);
+    assert_eq!(cut.len(), 6);
+    for (a, b) in full.iter().zip(&cut) {
+        assert_eq!(a["step"], b["step"]);
+        assert_eq!(a["loss"], b["loss"], "step {}: same loss after resuming", a["step"]);
+    }
+    for key in ["step", "loss", "val_loss", "lr", "tokens_per_sec", "bubble_fraction", "peak_bytes"] {
+        assert!(!full[5][key].is_null(), "the last log line has {key}");
+    }
+    assert_eq!(full[5]["peak_bytes"].as_array().unwrap().len(), 2, "one peak per rank");
+    assert!(full[0]["val_loss"].is_null(), "val_loss only when evaluated");
+}
+
+#[test]
+fn same_seed_same_losses_and_trace_opens_as_chrome_json() {
+    let dir = scratch("seed");
+    let (a, b, trace) = (dir.join("a.jsonl"), dir.join("b.jsonl"), dir.join("trace.json"));
+    ok(&train(&["--steps", "2", "--schedule", "gpipe", "--log-json", a.to_str().unwrap(), "--trace", trace.to_str().unwrap()]));
+    ok(&train(&["--steps", "2", "--schedule", "gpipe", "--log-json", b.to_str().unwrap()]));
+    // Speeds differ from run to run; losses must not.
+    let figures = |p: &Path| -> Vec<(Value, Value, Value)> {
+        log_lines(p).into_iter().map(|v| (v["step"].clone(), v["loss"].clone(), v["lr"].clone())).collect()
+    };
+    assert_eq!(figures(&a), figures(&b));
+
+    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    let slices: Vec<&Value> = events.iter().filter(|e| e["ph"] == "X").collect();
+    // GPipe, p = 2, m = 2: each rank runs 2 forwards, 2 backwards, and 4 transfers.
+    assert_eq!(slices.iter().filter(|e| e["cat"] == "forward").count(), 4);
+    assert_eq!(slices.iter().filter(|e| e["cat"] == "backward").count(), 4);
+    assert_eq!(events.iter().filter(|e| e["ph"] == "s").count(), 4, "one arrow per transfer");
+}
+
+#[test]
+fn generate_and_eval_read_the_checkpoint() {
+    let dir = scratch("generate");
+    let ckpt = dir.join("ckpt");
+    ok(&train(&["--steps", "2", "--save", ckpt.to_str().unwrap()]));
+    let gen = |t: &str| pipit(&["generate", "--backend", "reference", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "KING:", "--max-tokens", "20", "--temperature", t, "--stages", "3"]);
+    let (g1, g2) = (gen("0"), gen("0"));
+    ok(&g1);
+    assert_eq!(g1.stdout, g2.stdout, "greedy decoding is deterministic");
+    assert!(g1.stdout.starts_with(b"KING:"));
+    assert_eq!(g1.stdout.len(), "KING:".len() + 20 + 1, "prompt, 20 bytes, newline");
+
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "a".repeat(16 * 5 + 3)).unwrap();
+    let out = pipit(&["eval", "--backend", "reference", "--checkpoint", ckpt.to_str().unwrap(), "--data", text.to_str().unwrap(), "--format", "json"]);
+    ok(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tokens"], 5 * 16, "windows k with (k+1)·T + 1 ≤ len");
+    assert!(v["loss"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
+    let dir = scratch("bad");
+    let ckpt = dir.join("ckpt");
+    ok(&train(&["--steps", "1", "--save", ckpt.to_str().unwrap()]));
+    let before = std::fs::read(ckpt.join("model.safetensors")).unwrap();
+    let c = ckpt.to_str().unwrap();
+
+    refused(&train(&["--data", "/nonexistent/corpus.txt"]), "--data");
+    refused(&pipit(&["train", "--backend", "reference", "--stages", "9"]), "exceeds");
+    refused(&pipit(&["train", "--backend", "reference", "--batch-size", "10", "--microbatches", "4"]), "--batch-size");
+    refused(&train(&["--schedule", "zigzag"]), "zigzag");
+    refused(&pipit(&["train", "--resume", c, "--n-embd", "32", "--n-head", "2", "--save", c]), "n_embd=16");
+    refused(&pipit(&["train", "--resume", dir.join("missing").to_str().unwrap()]), "does not exist");
+
+    let corrupt = dir.join("corrupt");
+    std::fs::create_dir_all(&corrupt).unwrap();
+    std::fs::copy(ckpt.join("config.json"), corrupt.join("config.json")).unwrap();
+    std::fs::write(corrupt.join("model.safetensors"), &before[..before.len() / 2]).unwrap();
+    refused(&pipit(&["eval", "--backend", "reference", "--checkpoint", corrupt.to_str().unwrap()]), "safetensors");
+    refused(&pipit(&["train", "--resume", corrupt.to_str().unwrap(), "--save", c]), "safetensors");
+
+    assert_eq!(std::fs::read(ckpt.join("model.safetensors")).unwrap(), before, "the good checkpoint is untouched");
+}
