@@ -103,13 +103,14 @@ pub fn lower_for(schedule: &Schedule, costs: &Costs) -> Result<Schedule> {
         }
     }
 
-    let mut lowered = schedule.clone();
-    for ((list, spans), mut moves) in lowered.ranks.iter_mut().zip(&spans).zip(transfers) {
-        moves.sort_unstable_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
-        let computes = std::mem::take(list);
-        list.reserve(computes.len() + moves.len());
+    let mut ranks = Vec::with_capacity(schedule.num_ranks());
+    for ((computes, spans), mut moves) in schedule.ranks.iter().zip(&spans).zip(transfers) {
+        // A rank's transfers arrive as a few runs already in time order (one per peer and
+        // direction), which the stable sort merges in about linear time.
+        moves.sort_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)));
+        let mut list = Vec::with_capacity(computes.len() + moves.len());
         let mut moves = moves.into_iter().peekable();
-        for (action, span) in computes.into_iter().zip(spans) {
+        for (&action, span) in computes.iter().zip(spans) {
             // A transfer at the instant a compute starts goes first: it may be its input.
             while let Some(t) = moves.next_if(|t| t.0 <= span.start) {
                 list.push(t.2);
@@ -117,7 +118,14 @@ pub fn lower_for(schedule: &Schedule, costs: &Costs) -> Result<Schedule> {
             list.push(action);
         }
         list.extend(moves.map(|t| t.2));
+        ranks.push(list);
     }
+    let lowered = Schedule {
+        name: schedule.name.clone(),
+        microbatches: schedule.microbatches,
+        placement: schedule.placement.clone(),
+        ranks,
+    };
     Ok(lowered)
 }
 

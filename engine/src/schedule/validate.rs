@@ -116,7 +116,7 @@ pub(crate) fn check_structure(schedule: &Schedule) -> Result<Positions> {
     check_complete(schedule, &positions)?;
     check_order(schedule, &positions)?;
     if lowered {
-        check_pairing(schedule)?;
+        check_pairing(schedule, &positions)?;
     }
     Ok(positions)
 }
@@ -408,60 +408,61 @@ fn check_order(schedule: &Schedule, positions: &Positions) -> Result<()> {
     Ok(())
 }
 
-/// The k-th send from rank a to rank b must be the k-th receive on b from a.
-fn check_pairing(schedule: &Schedule) -> Result<()> {
-    use std::collections::BTreeMap;
+/// The k-th send from rank a to rank b must be the k-th receive on b from a: every transfer's
+/// send and receive carry the same number within their lane. Linear in the actions.
+fn check_pairing(schedule: &Schedule, positions: &Positions) -> Result<()> {
+    let (n, m) = (positions.n, positions.m);
     let placement = &schedule.placement;
-    // (from, to) -> positions of the sends on `from` and of the receives on `to`.
-    let mut lanes: BTreeMap<(usize, usize), (Vec<u32>, Vec<u32>)> = BTreeMap::new();
-    for (r, actions) in schedule.ranks.iter().enumerate() {
-        for (i, &action) in actions.iter().enumerate() {
+    // Number of each transfer within its lane, by (kind - SEND_ACT) * n + stage * m + mb.
+    let mut number = vec![0u32; 4 * n];
+    for actions in &schedule.ranks {
+        // (peer, is send, count so far): a rank talks to few peers.
+        let mut lanes: Vec<(usize, bool, u32)> = Vec::new();
+        for &action in actions.iter().filter(|a| !a.is_compute()) {
             let s = action.stage();
-            match action {
-                Action::SendActivation { .. } => lanes
-                    .entry((r, placement[s + 1]))
-                    .or_default()
-                    .0
-                    .push(i as u32),
-                Action::SendGradient { .. } => lanes
-                    .entry((r, placement[s - 1]))
-                    .or_default()
-                    .0
-                    .push(i as u32),
-                Action::RecvActivation { .. } | Action::RecvGradient { .. } => {
-                    lanes.entry((placement[s], r)).or_default().1.push(i as u32)
+            let (peer, send) = match action {
+                Action::SendActivation { .. } => (placement[s + 1], true),
+                Action::SendGradient { .. } => (placement[s - 1], true),
+                _ => (placement[s], false),
+            };
+            let lane = match lanes.iter().position(|l| l.0 == peer && l.1 == send) {
+                Some(i) => i,
+                None => {
+                    lanes.push((peer, send, 0));
+                    lanes.len() - 1
                 }
-                _ => {}
-            }
+            };
+            number[(kind(action) - SEND_ACT) * n + s * m + action.microbatch()] = lanes[lane].2;
+            lanes[lane].2 += 1;
         }
     }
-    for (&(from, to), (sends, recvs)) in &lanes {
-        for (k, (&i, &j)) in sends.iter().zip(recvs).enumerate() {
-            let send = schedule.ranks[from][i as usize];
-            let recv = schedule.ranks[to][j as usize];
-            let matches = match (send, recv) {
-                (
-                    Action::SendActivation { stage, microbatch },
-                    Action::RecvActivation {
-                        stage: s2,
-                        microbatch: m2,
-                    },
-                )
-                | (
-                    Action::SendGradient { stage, microbatch },
-                    Action::RecvGradient {
-                        stage: s2,
-                        microbatch: m2,
-                    },
-                ) => stage == s2 && microbatch == m2,
-                _ => false,
-            };
-            if !matches {
-                invalid!(
-                    "invalid schedule: {}: send number {k} from rank {from} to rank {to} meets receive {} at rank {to}, position {j}: sends and receives must pair in the same order",
-                    at(from, i as usize, send),
-                    recv
+    for stage in 0..schedule.num_stages() {
+        for mb in 0..m {
+            for (send, recv) in [(SEND_ACT, RECV_ACT), (SEND_GRAD, RECV_GRAD)] {
+                let (Some(i), Some(j)) = (
+                    positions.get(send, stage, mb),
+                    positions.get(recv, stage, mb),
+                ) else {
+                    continue;
+                };
+                let slot = stage * m + mb;
+                let (k, k2) = (
+                    number[(send - SEND_ACT) * n + slot],
+                    number[(recv - SEND_ACT) * n + slot],
                 );
+                if k != k2 {
+                    let from = placement[stage];
+                    let action = schedule.ranks[from][i];
+                    let to = if send == SEND_ACT {
+                        placement[stage + 1]
+                    } else {
+                        placement[stage - 1]
+                    };
+                    invalid!(
+                        "invalid schedule: {}: it is send number {k} from rank {from} to rank {to}, but rank {to} receives it as number {k2} (position {j}): sends and receives must pair in the same order",
+                        at(from, i, action)
+                    );
+                }
             }
         }
     }
