@@ -3,21 +3,25 @@
 // Layouts: qkv [B, T, 3C] with q, k, v side by side and heads contiguous inside each;
 // out [B, T, C]; att [B, NH, T, T] holds the softmax probabilities (zero above the diagonal).
 // A "unit" is one (sequence, head) pair, numbered b·NH + h; the host may bind a window of
-// units [unit0, unit0 + units) when the tensors exceed one storage binding. Every kernel runs
-// one workgroup per (unit, row).
+// units [unit0, unit0 + units) when the tensors exceed one storage binding.
 //
-// attention_forward: scores q·k·scale for t2 ≤ t go into the att row, then a max and a sum
-// reduction turn them into probabilities in place; after a storage barrier the invocations
-// switch to head dimensions and form out = Σ att·v.
+// Every kernel works on rows: one (unit, query) row, or one (unit, key) column for dk and dv.
+// A workgroup of 64 invocations takes 64 / LANES rows, LANES invocations per row (a pipeline
+// constant, a power of two up to 64). The lanes of a row split its positions; sums over
+// positions are combined in workgroup memory. GPUs use many lanes per row; CPU drivers
+// (lavapipe) use one, where the barriers are skipped (each would switch coroutines).
+// Head dimensions are handled CHUNK at a time in per-invocation accumulators.
 //
-// Backward, with dout [B, T, C] and D[t] = Σ_d dout[t,d]·out[t,d] = Σ_j att[t,j]·datt[t,j]
-// (so the softmax backward needs no second pass over a row):
+// Forward: scores q·k·scale for j ≤ t go into the att row, a max and a sum turn them into
+// probabilities in place, then out[t] = Σ_j att[t,j]·v[j].
+//
+// Backward, with dout [B, T, C] and D[t] = Σ_j att[t,j]·(dout[t]·v[j]) (= dout[t]·out[t], so
+// the softmax backward needs no second pass over a row):
 //   dpre[t,j] = att[t,j]·(dout[t]·v[j] − D[t])
 //   dq[t] = scale·Σ_j dpre[t,j]·k[j]      dk[j] = scale·Σ_t dpre[t,j]·q[t]
 //   dv[j] = Σ_t att[t,j]·dout[t]
-// attention_backward_d computes D (recomputing out from att and v) into a scratch buffer,
-// attention_backward_dq walks a query row, attention_backward_dkv walks a key column; both
-// stage 64 entries of dpre at a time in workgroup memory and overwrite their part of dqkv.
+// attention_backward_d writes D to a scratch buffer, attention_backward_dq walks query rows,
+// attention_backward_dkv walks key columns; both overwrite their part of dqkv.
 
 struct Params {
     units: u32,
@@ -35,6 +39,8 @@ struct Params {
     scale: f32,
 }
 
+override LANES: u32 = 64u;
+
 @group(0) @binding(0) var<uniform> p: Params;
 // Forward: out. Backward: dqkv.
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
@@ -45,60 +51,69 @@ struct Params {
 @group(0) @binding(6) var<storage, read> att_in: array<f32>;
 
 const WG: u32 = 64u;
+const CHUNK: u32 = 64u;
 
-var<workgroup> red: array<f32, WG>;
-var<workgroup> sh_a: array<f32, WG>;
-var<workgroup> sh_b: array<f32, WG>;
+// Per-lane partial accumulators, [invocation][CHUNK]; also the scalar reductions' slots.
+var<workgroup> gather: array<f32, 4096>;
 
-// Where one workgroup's (unit, row) lives.
+// One row's place: the unit inside the bound window, the position, the head, and where the
+// sequence starts in the qkv and out/dout windows (this head's first element).
 struct Row {
-    // Unit index inside the bound window.
+    valid: bool,
+    lane: u32,
     lu: u32,
-    // Row (query or key position) inside the sequence.
     t: u32,
-    // Head.
-    h: u32,
-    // Start of token (b, 0)'s qkv row for this head's q, relative to the bound window.
     qkv0: u32,
-    // Start of token (b, 0)'s out / dout row for this head, relative to a [T, C] window origin.
     tok0: u32,
 }
 
-fn locate(wid: vec3<u32>, nwg: vec3<u32>) -> Row {
-    let g = wid.y * nwg.x + wid.x;
+fn locate(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Row {
+    let g = (wid.y * nwg.x + wid.x) * (WG / LANES) + lid / LANES;
+    let rows = p.units * p.seq;
+    // Invocations past the last row shadow it: they join the reductions and write nothing.
+    let gc = min(g, rows - 1u);
     var r: Row;
-    r.lu = g / p.seq;
-    r.t = g % p.seq;
+    r.valid = g < rows;
+    r.lane = lid % LANES;
+    r.lu = gc / p.seq;
+    r.t = gc % p.seq;
     let unit = p.unit0 + r.lu;
     let b = unit / p.heads - p.batch0;
-    r.h = unit % p.heads;
-    r.qkv0 = b * p.seq * 3u * p.channels + r.h * p.head_size;
-    r.tok0 = b * p.seq * p.channels + r.h * p.head_size;
+    let h = unit % p.heads;
+    r.qkv0 = p.base_qkv + b * p.seq * 3u * p.channels + h * p.head_size;
+    r.tok0 = b * p.seq * p.channels + h * p.head_size;
     return r;
 }
 
 fn q_at(r: Row, t: u32, d: u32) -> f32 {
-    return qkv[p.base_qkv + r.qkv0 + t * 3u * p.channels + d];
+    return qkv[r.qkv0 + t * 3u * p.channels + d];
 }
 
 fn k_at(r: Row, t: u32, d: u32) -> f32 {
-    return qkv[p.base_qkv + r.qkv0 + t * 3u * p.channels + p.channels + d];
+    return qkv[r.qkv0 + t * 3u * p.channels + p.channels + d];
 }
 
 fn v_at(r: Row, t: u32, d: u32) -> f32 {
-    return qkv[p.base_qkv + r.qkv0 + t * 3u * p.channels + 2u * p.channels + d];
+    return qkv[r.qkv0 + t * 3u * p.channels + 2u * p.channels + d];
 }
 
 fn dout_at(r: Row, t: u32, d: u32) -> f32 {
     return dout[p.base_dout + r.tok0 + t * p.channels + d];
 }
 
-// Index of att[t, j] of this unit inside the bound att window.
+// Index of att[t, j] of this row's unit inside the bound att window.
 fn att_index(r: Row, t: u32, j: u32) -> u32 {
     return p.base_att + (r.lu * p.seq + t) * p.seq + j;
 }
 
-// dout[t] · v[j] for this head.
+fn q_dot_k(r: Row, t: u32, j: u32) -> f32 {
+    var s = 0.0;
+    for (var d = 0u; d < p.head_size; d++) {
+        s += q_at(r, t, d) * k_at(r, j, d);
+    }
+    return s;
+}
+
 fn dout_dot_v(r: Row, t: u32, j: u32) -> f32 {
     var s = 0.0;
     for (var d = 0u; d < p.head_size; d++) {
@@ -107,22 +122,51 @@ fn dout_dot_v(r: Row, t: u32, j: u32) -> f32 {
     return s;
 }
 
-// Tree reduction of `red`, by max or by sum; every invocation gets the result.
-fn reduce(lid: u32, take_max: bool) -> f32 {
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+// Sum (or max) of `v` over the lanes of a row; every lane gets the result.
+fn row_reduce(v: f32, lid: u32, lane: u32, take_max: bool) -> f32 {
+    if LANES == 1u {
+        return v;
+    }
+    gather[lid] = v;
+    for (var s = LANES / 2u; s > 0u; s >>= 1u) {
         workgroupBarrier();
-        if lid < s {
+        if lane < s {
             if take_max {
-                red[lid] = max(red[lid], red[lid + s]);
+                gather[lid] = max(gather[lid], gather[lid + s]);
             } else {
-                red[lid] += red[lid + s];
+                gather[lid] += gather[lid + s];
             }
         }
     }
     workgroupBarrier();
-    let total = red[0];
+    let total = gather[lid - lane];
     workgroupBarrier();
     return total;
+}
+
+// Makes each lane's accumulators visible to the other lanes of its row.
+fn publish(lid: u32, acc: ptr<function, array<f32, CHUNK>>) {
+    if LANES == 1u {
+        return;
+    }
+    workgroupBarrier();
+    for (var i = 0u; i < CHUNK; i++) {
+        gather[lid * CHUNK + i] = (*acc)[i];
+    }
+    workgroupBarrier();
+}
+
+// Dimension `i` of the row's accumulators summed over its lanes (after `publish`).
+fn lane_total(lid: u32, lane: u32, i: u32, acc: ptr<function, array<f32, CHUNK>>) -> f32 {
+    if LANES == 1u {
+        return (*acc)[i];
+    }
+    let first = (lid - lane) * CHUNK;
+    var s = 0.0;
+    for (var l = 0u; l < LANES; l++) {
+        s += gather[first + l * CHUNK + i];
+    }
+    return s;
 }
 
 @compute @workgroup_size(64)
@@ -131,51 +175,60 @@ fn attention_forward(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    if wid.y * nwg.x + wid.x >= p.units * p.seq {
-        return;
-    }
-    let r = locate(wid, nwg);
+    let r = locate(wid, nwg, lid);
     let t = r.t;
 
     var mx = -3.4e38;
-    for (var j = lid; j <= t; j += WG) {
-        var s = 0.0;
-        for (var d = 0u; d < p.head_size; d++) {
-            s += q_at(r, t, d) * k_at(r, j, d);
+    for (var j = r.lane; j <= t; j += LANES) {
+        let s = p.scale * q_dot_k(r, t, j);
+        if r.valid {
+            att[att_index(r, t, j)] = s;
         }
-        s *= p.scale;
-        att[att_index(r, t, j)] = s;
         mx = max(mx, s);
     }
-    red[lid] = mx;
-    mx = reduce(lid, true);
+    mx = row_reduce(mx, lid, r.lane, true);
 
     var sum = 0.0;
-    for (var j = lid; j <= t; j += WG) {
+    for (var j = r.lane; j <= t; j += LANES) {
+        // Each lane reads back only the scores it wrote itself.
         let e = exp(att[att_index(r, t, j)] - mx);
-        att[att_index(r, t, j)] = e;
+        if r.valid {
+            att[att_index(r, t, j)] = e;
+        }
         sum += e;
     }
-    red[lid] = sum;
-    let inv = 1.0 / reduce(lid, false);
+    let inv = 1.0 / row_reduce(sum, lid, r.lane, false);
 
-    for (var j = lid; j < p.seq; j += WG) {
-        let i = att_index(r, t, j);
-        if j <= t {
-            att[i] *= inv;
-        } else {
-            att[i] = 0.0;
+    if r.valid {
+        for (var j = r.lane; j < p.seq; j += LANES) {
+            let i = att_index(r, t, j);
+            if j <= t {
+                att[i] *= inv;
+            } else {
+                att[i] = 0.0;
+            }
         }
     }
-    // Each invocation wrote a strided share of the row; the sums below read all of it.
-    storageBarrier();
+    if LANES > 1u {
+        // The lanes read each other's probabilities below.
+        storageBarrier();
+    }
 
-    for (var d = lid; d < p.head_size; d += WG) {
-        var o = 0.0;
-        for (var j = 0u; j <= t; j++) {
-            o += att[att_index(r, t, j)] * v_at(r, j, d);
+    for (var dc = 0u; dc < p.head_size; dc += CHUNK) {
+        let n = min(CHUNK, p.head_size - dc);
+        var acc: array<f32, CHUNK>;
+        for (var j = r.lane; j <= t; j += LANES) {
+            let a = att[att_index(r, t, j)];
+            for (var i = 0u; i < n; i++) {
+                acc[i] += a * v_at(r, j, dc + i);
+            }
         }
-        out[p.base_out + r.tok0 + t * p.channels + d] = o;
+        publish(lid, &acc);
+        if r.valid {
+            for (var i = r.lane; i < n; i += LANES) {
+                out[p.base_out + r.tok0 + t * p.channels + dc + i] = lane_total(lid, r.lane, i, &acc);
+            }
+        }
     }
 }
 
@@ -185,22 +238,14 @@ fn attention_backward_d(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    if wid.y * nwg.x + wid.x >= p.units * p.seq {
-        return;
-    }
-    let r = locate(wid, nwg);
+    let r = locate(wid, nwg, lid);
     let t = r.t;
     var part = 0.0;
-    for (var d = lid; d < p.head_size; d += WG) {
-        var o = 0.0;
-        for (var j = 0u; j <= t; j++) {
-            o += att_in[att_index(r, t, j)] * v_at(r, j, d);
-        }
-        part += o * dout_at(r, t, d);
+    for (var j = r.lane; j <= t; j += LANES) {
+        part += att_in[att_index(r, t, j)] * dout_dot_v(r, t, j);
     }
-    red[lid] = part;
-    let total = reduce(lid, false);
-    if lid == 0u {
+    let total = row_reduce(part, lid, r.lane, false);
+    if r.valid && r.lane == 0u {
         scratch[p.base_scratch + r.lu * p.seq + t] = total;
     }
 }
@@ -211,33 +256,24 @@ fn attention_backward_dq(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    if wid.y * nwg.x + wid.x >= p.units * p.seq {
-        return;
-    }
-    let r = locate(wid, nwg);
+    let r = locate(wid, nwg, lid);
     let t = r.t;
     let dt = scratch[p.base_scratch + r.lu * p.seq + t];
-    for (var dc = 0u; dc < p.head_size; dc += WG) {
-        let d = dc + lid;
-        var acc = 0.0;
-        for (var tile = 0u; tile <= t; tile += WG) {
-            let j = tile + lid;
-            var dp = 0.0;
-            if j <= t {
-                dp = att_in[att_index(r, t, j)] * (dout_dot_v(r, t, j) - dt);
+    for (var dc = 0u; dc < p.head_size; dc += CHUNK) {
+        let n = min(CHUNK, p.head_size - dc);
+        var acc: array<f32, CHUNK>;
+        for (var j = r.lane; j <= t; j += LANES) {
+            let dp = att_in[att_index(r, t, j)] * (dout_dot_v(r, t, j) - dt);
+            for (var i = 0u; i < n; i++) {
+                acc[i] += dp * k_at(r, j, dc + i);
             }
-            sh_a[lid] = dp;
-            workgroupBarrier();
-            if d < p.head_size {
-                let count = min(WG, t + 1u - tile);
-                for (var i = 0u; i < count; i++) {
-                    acc += sh_a[i] * k_at(r, tile + i, d);
-                }
-            }
-            workgroupBarrier();
         }
-        if d < p.head_size {
-            out[p.base_out + r.qkv0 + t * 3u * p.channels + d] = p.scale * acc;
+        publish(lid, &acc);
+        if r.valid {
+            for (var i = r.lane; i < n; i += LANES) {
+                out[r.qkv0 - p.base_qkv + p.base_out + t * 3u * p.channels + dc + i] =
+                    p.scale * lane_total(lid, r.lane, i, &acc);
+            }
         }
     }
 }
@@ -248,40 +284,33 @@ fn attention_backward_dkv(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    if wid.y * nwg.x + wid.x >= p.units * p.seq {
-        return;
-    }
-    let r = locate(wid, nwg);
-    // This workgroup owns key / value position s and sums over the queries t ≥ s.
+    let r = locate(wid, nwg, lid);
+    // This row is key / value position s; it sums over the queries t ≥ s.
     let s = r.t;
-    for (var dc = 0u; dc < p.head_size; dc += WG) {
-        let d = dc + lid;
-        var dk = 0.0;
-        var dv = 0.0;
-        for (var tile = s; tile < p.seq; tile += WG) {
-            let t = tile + lid;
-            var a = 0.0;
-            var dp = 0.0;
-            if t < p.seq {
-                a = att_in[att_index(r, t, s)];
-                dp = a * (dout_dot_v(r, t, s) - scratch[p.base_scratch + r.lu * p.seq + t]);
+    let o = r.qkv0 - p.base_qkv + p.base_out + s * 3u * p.channels;
+    for (var dc = 0u; dc < p.head_size; dc += CHUNK) {
+        let n = min(CHUNK, p.head_size - dc);
+        var acc_k: array<f32, CHUNK>;
+        var acc_v: array<f32, CHUNK>;
+        for (var t = s + r.lane; t < p.seq; t += LANES) {
+            let a = att_in[att_index(r, t, s)];
+            let dp = a * (dout_dot_v(r, t, s) - scratch[p.base_scratch + r.lu * p.seq + t]);
+            for (var i = 0u; i < n; i++) {
+                acc_k[i] += dp * q_at(r, t, dc + i);
+                acc_v[i] += a * dout_at(r, t, dc + i);
             }
-            sh_a[lid] = a;
-            sh_b[lid] = dp;
-            workgroupBarrier();
-            if d < p.head_size {
-                let count = min(WG, p.seq - tile);
-                for (var i = 0u; i < count; i++) {
-                    dk += sh_b[i] * q_at(r, tile + i, d);
-                    dv += sh_a[i] * dout_at(r, tile + i, d);
-                }
-            }
-            workgroupBarrier();
         }
-        if d < p.head_size {
-            let o = p.base_out + r.qkv0 + s * 3u * p.channels;
-            out[o + p.channels + d] = p.scale * dk;
-            out[o + 2u * p.channels + d] = dv;
+        publish(lid, &acc_k);
+        if r.valid {
+            for (var i = r.lane; i < n; i += LANES) {
+                out[o + p.channels + dc + i] = p.scale * lane_total(lid, r.lane, i, &acc_k);
+            }
+        }
+        publish(lid, &acc_v);
+        if r.valid {
+            for (var i = r.lane; i < n; i += LANES) {
+                out[o + 2u * p.channels + dc + i] = lane_total(lid, r.lane, i, &acc_v);
+            }
         }
     }
 }

@@ -1,16 +1,21 @@
 // Layernorm over the last dimension (epsilon 1e-5), forward and backward.
 //
-// layernorm_forward: one workgroup per row. The mean and the variance are two reductions in
-// workgroup memory (the variance from the centred values, which loses less precision than
-// E[x²] − E[x]²); the row's mean and 1/std are saved for backward.
+// Row kernels run 64 invocations per workgroup with LANES invocations per row (a pipeline
+// constant, a power of two up to 64), so one workgroup covers 64 / LANES rows. The LANES
+// invocations of a row split its channels and combine their partial sums with a tree
+// reduction in workgroup memory. GPUs use many lanes per row; CPU drivers (lavapipe) use one,
+// which skips the barriers entirely: there every barrier is a coroutine switch per SIMD group.
 //
-// layernorm_backward: one workgroup per row overwrites dinp:
+// layernorm_forward: mean, then the variance from the centred values (which loses less
+// precision than E[x²] − E[x]²); the row's mean and 1/std are saved for backward.
+//
+// layernorm_backward overwrites dinp:
 //   dnorm = w·dout,  xhat = (x − mean)·rstd
 //   dinp  = rstd·(dnorm − mean(dnorm) − xhat·mean(dnorm·xhat))
 //
 // layernorm_param_backward: the parameter gradients are column sums over rows,
-// dweight[c] += Σ dout·xhat and dbias[c] += Σ dout; 64 columns per workgroup and four
-// invocations per column splitting the rows, so no two workgroups write the same element.
+// dweight[c] += Σ dout·xhat and dbias[c] += Σ dout, one invocation per channel walking the
+// rows in order, so no two invocations write the same element.
 
 struct Params {
     rows: u32,
@@ -24,6 +29,8 @@ struct Params {
     base_dout: u32,
 }
 
+override LANES: u32 = 64u;
+
 @group(0) @binding(0) var<uniform> p: Params;
 // Forward: out. Backward: dinp. Parameter backward: dweight.
 @group(0) @binding(1) var<storage, read_write> out: array<f32>;
@@ -36,130 +43,129 @@ struct Params {
 @group(0) @binding(7) var<storage, read> bias: array<f32>;
 @group(0) @binding(8) var<storage, read> dout: array<f32>;
 
-const WG: u32 = 128u;
+const WG: u32 = 64u;
 const EPS: f32 = 1e-5;
 
-var<workgroup> red_a: array<f32, WG>;
-var<workgroup> red_b: array<f32, WG>;
+var<workgroup> red: array<vec2<f32>, WG>;
 
-// Sums red_a (and red_b) over the workgroup; every invocation gets the totals.
-fn reduce2(lid: u32) -> vec2<f32> {
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
+// Where an invocation works: its row (clamped to a valid one, so inactive invocations still
+// take part in the reductions) and its lane within the row.
+struct Slot {
+    row: u32,
+    valid: bool,
+    lane: u32,
+}
+
+fn slot(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Slot {
+    let row = (wid.y * nwg.x + wid.x) * (WG / LANES) + lid / LANES;
+    return Slot(min(row, p.rows - 1u), row < p.rows, lid % LANES);
+}
+
+// Sums `v` over the LANES invocations of a row; every one of them gets the total.
+fn row_sum(v: vec2<f32>, lid: u32, lane: u32) -> vec2<f32> {
+    if LANES == 1u {
+        return v;
+    }
+    red[lid] = v;
+    for (var s = LANES / 2u; s > 0u; s >>= 1u) {
         workgroupBarrier();
-        if lid < s {
-            red_a[lid] += red_a[lid + s];
-            red_b[lid] += red_b[lid + s];
+        if lane < s {
+            red[lid] += red[lid + s];
         }
     }
     workgroupBarrier();
-    let total = vec2<f32>(red_a[0], red_b[0]);
-    // Keep the next reduction from overwriting the totals before everyone has read them.
+    let total = red[lid - lane];
+    // Keep the next reduction from overwriting the total before everyone has read it.
     workgroupBarrier();
     return total;
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(64)
 fn layernorm_forward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.y * nwg.x + wid.x;
-    if row >= p.rows {
-        return;
-    }
+    let s = slot(wid, nwg, lid);
     let c = p.channels;
-    let x0 = p.base_inp + row * c;
+    let x0 = p.base_inp + s.row * c;
 
     var sum = 0.0;
-    for (var i = lid; i < c; i += WG) {
+    for (var i = s.lane; i < c; i += LANES) {
         sum += inp[x0 + i];
     }
-    red_a[lid] = sum;
-    red_b[lid] = 0.0;
-    let mu = reduce2(lid).x / f32(c);
+    let mu = row_sum(vec2<f32>(sum, 0.0), lid, s.lane).x / f32(c);
 
     var sq = 0.0;
-    for (var i = lid; i < c; i += WG) {
+    for (var i = s.lane; i < c; i += LANES) {
         let d = inp[x0 + i] - mu;
         sq += d * d;
     }
-    red_a[lid] = sq;
-    red_b[lid] = 0.0;
-    let s = 1.0 / sqrt(reduce2(lid).x / f32(c) + EPS);
+    let r = 1.0 / sqrt(row_sum(vec2<f32>(sq, 0.0), lid, s.lane).x / f32(c) + EPS);
 
-    let o0 = p.base_out + row * c;
-    for (var i = lid; i < c; i += WG) {
-        let xhat = (inp[x0 + i] - mu) * s;
+    if !s.valid {
+        return;
+    }
+    let o0 = p.base_out + s.row * c;
+    for (var i = s.lane; i < c; i += LANES) {
+        let xhat = (inp[x0 + i] - mu) * r;
         out[o0 + i] = xhat * weight[p.base_weight + i] + bias[p.base_bias + i];
     }
-    if lid == 0u {
-        mean[p.base_mean + row] = mu;
-        rstd[p.base_rstd + row] = s;
+    if s.lane == 0u {
+        mean[p.base_mean + s.row] = mu;
+        rstd[p.base_rstd + s.row] = r;
     }
 }
 
-@compute @workgroup_size(128)
+@compute @workgroup_size(64)
 fn layernorm_backward(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row = wid.y * nwg.x + wid.x;
-    if row >= p.rows {
+    let s = slot(wid, nwg, lid);
+    let c = p.channels;
+    let x0 = p.base_inp + s.row * c;
+    let d0 = p.base_dout + s.row * c;
+    let mu = mean[p.base_mean + s.row];
+    let r = rstd[p.base_rstd + s.row];
+
+    var sums = vec2<f32>(0.0);
+    for (var i = s.lane; i < c; i += LANES) {
+        let dnorm = weight[p.base_weight + i] * dout[d0 + i];
+        sums += vec2<f32>(dnorm, dnorm * (inp[x0 + i] - mu) * r);
+    }
+    let means = row_sum(sums, lid, s.lane) / f32(c);
+
+    if !s.valid {
         return;
     }
-    let c = p.channels;
-    let x0 = p.base_inp + row * c;
-    let d0 = p.base_dout + row * c;
-    let mu = mean[p.base_mean + row];
-    let s = rstd[p.base_rstd + row];
-
-    var sum_dnorm = 0.0;
-    var sum_dnorm_xhat = 0.0;
-    for (var i = lid; i < c; i += WG) {
+    let o0 = p.base_out + s.row * c;
+    for (var i = s.lane; i < c; i += LANES) {
         let dnorm = weight[p.base_weight + i] * dout[d0 + i];
-        sum_dnorm += dnorm;
-        sum_dnorm_xhat += dnorm * (inp[x0 + i] - mu) * s;
-    }
-    red_a[lid] = sum_dnorm;
-    red_b[lid] = sum_dnorm_xhat;
-    let sums = reduce2(lid) / f32(c);
-
-    let o0 = p.base_out + row * c;
-    for (var i = lid; i < c; i += WG) {
-        let dnorm = weight[p.base_weight + i] * dout[d0 + i];
-        let xhat = (inp[x0 + i] - mu) * s;
-        out[o0 + i] = s * (dnorm - sums.x - xhat * sums.y);
+        let xhat = (inp[x0 + i] - mu) * r;
+        out[o0 + i] = r * (dnorm - means.x - xhat * means.y);
     }
 }
 
-var<workgroup> part_w: array<f32, 256>;
-var<workgroup> part_b: array<f32, 256>;
-
-@compute @workgroup_size(64, 4)
+@compute @workgroup_size(64)
 fn layernorm_param_backward(
     @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
 ) {
-    let col = wid.x * 64u + lid.x;
+    let col = wid.x * WG + lid;
     let c = p.channels;
+    if col >= c {
+        return;
+    }
     var dw = 0.0;
     var db = 0.0;
-    if col < c {
-        for (var r = lid.y; r < p.rows; r += 4u) {
-            let g = dout[p.base_dout + r * c + col];
-            let xhat = (inp[p.base_inp + r * c + col] - mean[p.base_mean + r]) * rstd[p.base_rstd + r];
-            dw += g * xhat;
-            db += g;
-        }
+    for (var r = 0u; r < p.rows; r++) {
+        let g = dout[p.base_dout + r * c + col];
+        let xhat = (inp[p.base_inp + r * c + col] - mean[p.base_mean + r]) * rstd[p.base_rstd + r];
+        dw += g * xhat;
+        db += g;
     }
-    let slot = lid.y * 64u + lid.x;
-    part_w[slot] = dw;
-    part_b[slot] = db;
-    workgroupBarrier();
-    if lid.y == 0u && col < c {
-        out[p.base_out + col] += part_w[lid.x] + part_w[64u + lid.x] + part_w[128u + lid.x] + part_w[192u + lid.x];
-        out2[p.base_bias + col] += part_b[lid.x] + part_b[64u + lid.x] + part_b[128u + lid.x] + part_b[192u + lid.x];
-    }
+    out[p.base_out + col] += dw;
+    out2[p.base_bias + col] += db;
 }

@@ -15,8 +15,7 @@
 // which lets the host cut a product that exceeds one storage binding into windows. The
 // transposes are pipeline constants, so each of the four layouts compiles without branches.
 //
-// bias_backward: dbias[j] += Σ_rows dout[row, j]; 64 columns per workgroup, four invocations
-// per column splitting the rows, summed in workgroup memory.
+// bias_backward: dbias[j] += Σ_rows dout[row, j], one invocation per column.
 
 struct Params {
     m: u32,
@@ -181,25 +180,20 @@ fn store4(row: u32, col: u32, acc: vec4<f32>) {
     }
 }
 
-var<workgroup> partial: array<f32, 256>;
-
 // Column sums: `out` is dbias (base_out), `a` is dout [m rows × n columns] (base_a, lda).
-@compute @workgroup_size(64, 4)
+// One invocation per column walks the rows in order: no barriers, no shared writes.
+@compute @workgroup_size(64)
 fn bias_backward(
     @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
 ) {
-    let c = wid.x * 64u + lid.x;
+    let c = wid.x * 64u + lid;
+    if c >= p.n {
+        return;
+    }
     var sum = 0.0;
-    if c < p.n {
-        for (var r = lid.y; r < p.m; r += 4u) {
-            sum += a[p.base_a + r * p.lda + c];
-        }
+    for (var r = 0u; r < p.m; r++) {
+        sum += a[p.base_a + r * p.lda + c];
     }
-    partial[lid.y * 64u + lid.x] = sum;
-    workgroupBarrier();
-    if lid.y == 0u && c < p.n {
-        let total = partial[lid.x] + partial[64u + lid.x] + partial[128u + lid.x] + partial[192u + lid.x];
-        out[p.base_out + c] += total;
-    }
+    out[p.base_out + c] += sum;
 }

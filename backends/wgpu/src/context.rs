@@ -10,7 +10,7 @@ use pipit_engine::backend::DType;
 use wgpu::util::DeviceExt;
 
 use crate::buffer::{MemoryCounters, WgpuBuffer};
-use crate::device::{self, Options};
+use crate::device::{self, KernelProfile, Options};
 use crate::kernels::{Kernel, Kernels};
 
 /// Ops recorded into one command encoder before it is submitted. Submitting in batches keeps
@@ -130,12 +130,15 @@ impl WgpuBackend {
             usage: wgpu::BufferUsages::STORAGE,
             mapped_at_creation: false,
         });
-        log::info!("{}", device::describe(&info));
+        let profile = options
+            .profile
+            .unwrap_or_else(|| KernelProfile::for_device(info.device_type));
+        log::info!("{} ({profile:?} kernels)", device::describe(&info));
         Ok(Self {
             device,
             queue,
             info,
-            kernels: Kernels::default(),
+            kernels: Kernels::new(profile.lanes_per_row()),
             pending: Mutex::default(),
             memory: Arc::default(),
             errors,

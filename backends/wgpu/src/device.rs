@@ -7,12 +7,43 @@
 
 use anyhow::{anyhow, bail, Result};
 
+/// Kernel tuning for a kind of device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelProfile {
+    /// Many invocations per row, combined with workgroup reductions (GPUs).
+    Gpu,
+    /// One invocation per row and no barriers in row kernels: CPU drivers such as lavapipe
+    /// run each barrier as a coroutine switch per SIMD group, which costs more than the work.
+    Cpu,
+}
+
+impl KernelProfile {
+    /// The profile that suits an adapter: `Cpu` for software adapters, else `Gpu`.
+    pub fn for_device(device_type: wgpu::DeviceType) -> Self {
+        if device_type == wgpu::DeviceType::Cpu {
+            KernelProfile::Cpu
+        } else {
+            KernelProfile::Gpu
+        }
+    }
+
+    /// Invocations that share one row in the row kernels (layernorm, cross-entropy, attention).
+    pub fn lanes_per_row(self) -> u32 {
+        match self {
+            KernelProfile::Gpu => 64,
+            KernelProfile::Cpu => 1,
+        }
+    }
+}
+
 /// Options for opening a [`crate::WgpuBackend`].
 #[derive(Clone, Debug, Default)]
 pub struct Options {
     /// Cap on the bytes one storage binding may cover, below the device's own limit. Work on
     /// larger buffers is cut into windows, so a small cap exercises that path on small data.
     pub max_binding_bytes: Option<u64>,
+    /// Kernel tuning; `None` picks it from the adapter's device type.
+    pub profile: Option<KernelProfile>,
 }
 
 /// Every adapter the environment allows, in wgpu's order.

@@ -118,12 +118,20 @@ impl Kernel {
         }
     }
 
-    fn constants(self) -> Vec<(&'static str, f64)> {
+    fn constants(self, lanes: u32) -> Vec<(&'static str, f64)> {
         match self {
             Kernel::Matmul { trans_a, trans_b } => vec![
                 ("TRANS_A", f64::from(u8::from(trans_a))),
                 ("TRANS_B", f64::from(u8::from(trans_b))),
             ],
+            Kernel::LayernormForward
+            | Kernel::LayernormBackward
+            | Kernel::CrossEntropyForward
+            | Kernel::CrossEntropyBackward
+            | Kernel::AttentionForward
+            | Kernel::AttentionBackwardD
+            | Kernel::AttentionBackwardDq
+            | Kernel::AttentionBackwardDkv => vec![("LANES", f64::from(lanes))],
             _ => Vec::new(),
         }
     }
@@ -137,13 +145,28 @@ pub(crate) struct Pipeline {
 }
 
 /// Shader modules and pipelines of one device, built on first use and kept.
-#[derive(Default)]
 pub(crate) struct Kernels {
+    /// Invocations per row in the row kernels (the `LANES` pipeline constant).
+    lanes: u32,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     pipelines: Mutex<HashMap<Kernel, Pipeline>>,
 }
 
 impl Kernels {
+    /// No kernel compiled yet; row kernels will use `lanes` invocations per row.
+    pub(crate) fn new(lanes: u32) -> Self {
+        Self {
+            lanes,
+            modules: Mutex::default(),
+            pipelines: Mutex::default(),
+        }
+    }
+
+    /// Rows one workgroup of a row kernel covers (64 invocations, `lanes` per row).
+    pub(crate) fn rows_per_group(&self) -> usize {
+        (64 / self.lanes) as usize
+    }
+
     /// The pipeline of `kernel` on `device`, compiling it the first time.
     pub(crate) fn get(&self, device: &wgpu::Device, kernel: Kernel) -> Result<Pipeline> {
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
@@ -166,7 +189,7 @@ impl Kernels {
                 })
                 .clone()
         };
-        let constants = kernel.constants();
+        let constants = kernel.constants(self.lanes);
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(kernel.entry()),
             layout: None,

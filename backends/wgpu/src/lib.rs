@@ -18,4 +18,4 @@ mod split;
 
 pub use buffer::WgpuBuffer;
 pub use context::WgpuBackend;
-pub use device::Options;
+pub use device::{KernelProfile, Options};

@@ -72,6 +72,11 @@ fn u(x: usize) -> Result<u32> {
 }
 
 impl WgpuBackend {
+    /// The grid of a row kernel over `rows` rows.
+    fn row_grid(&self, rows: usize) -> Result<(u32, u32)> {
+        self.grid(rows.div_ceil(self.kernels.rows_per_group()))
+    }
+
     /// One-element-per-invocation kernel over `n` elements: `out` at binding 1, `inputs` at
     /// bindings 2, 3, ...; the parameter block is (n, bases..., extra...).
     fn map_kernel(
@@ -360,7 +365,7 @@ impl Backend for WgpuBackend {
                 Kernel::LayernormForward,
                 &params,
                 &[(1, &vo), (3, &vm), (4, &vs), (5, &vi), (6, &vw), (7, &vb)],
-                self.grid(r.len())?,
+                self.row_grid(r.len())?,
             )?;
         }
         Ok(())
@@ -420,7 +425,7 @@ impl Backend for WgpuBackend {
                 Kernel::LayernormBackward,
                 &params,
                 &[(1, &vdi), (3, &vm), (4, &vs), (5, &vi), (6, &vw), (8, &vd)],
-                self.grid(r.len())?,
+                self.row_grid(r.len())?,
             )?;
             let params = [
                 u(r.len())?,
@@ -613,7 +618,7 @@ impl Backend for WgpuBackend {
                 Kernel::AttentionForward,
                 &params,
                 &[(1, &vo), (2, &va), (3, &vq)],
-                self.grid((u1 - u0) * plan.t)?,
+                self.row_grid((u1 - u0) * plan.t)?,
             )?;
         }
         Ok(())
@@ -656,7 +661,7 @@ impl Backend for WgpuBackend {
             let va = self.view(att, plan.att_range(u0, u1));
             let vs = self.view(&scratch, 0..(u1 - u0) * plan.t);
             let params = plan.params(u0, u1, b0, [vdq.base, va.base, vq.base, vd.base, vs.base])?;
-            let grid = self.grid((u1 - u0) * plan.t)?;
+            let grid = self.row_grid((u1 - u0) * plan.t)?;
             self.dispatch(
                 Kernel::AttentionBackwardD,
                 &params,
@@ -817,7 +822,7 @@ impl WgpuBackend {
                 kernel,
                 &params,
                 &[(1, &vo), (2, &vl), (3, &vt)],
-                self.grid(r.len())?,
+                self.row_grid(r.len())?,
             )?;
         }
         Ok(())

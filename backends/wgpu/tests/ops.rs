@@ -4,7 +4,7 @@
 //! Run with a software device: `XDG_RUNTIME_DIR=/tmp WGPU_ADAPTER_NAME=llvmpipe cargo test -p pipit-wgpu`.
 
 use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul};
-use pipit_wgpu::{Options, WgpuBackend};
+use pipit_wgpu::{KernelProfile, Options, WgpuBackend};
 
 /// Deterministic values in [-1, 1).
 struct Rng(u64);
@@ -26,15 +26,17 @@ impl Rng {
 }
 
 fn backends() -> Vec<(&'static str, WgpuBackend)> {
-    let tiny = Options {
-        max_binding_bytes: Some(16384),
+    let open = |max_binding_bytes, profile| {
+        WgpuBackend::with_options(&Options {
+            max_binding_bytes,
+            profile,
+        })
+        .expect("a wgpu adapter")
     };
     vec![
-        ("device limits", WgpuBackend::new().expect("a wgpu adapter")),
-        (
-            "16 KiB bindings",
-            WgpuBackend::with_options(&tiny).expect("a wgpu adapter"),
-        ),
+        ("gpu kernels", open(None, Some(KernelProfile::Gpu))),
+        ("cpu kernels", open(None, Some(KernelProfile::Cpu))),
+        ("16 KiB bindings", open(Some(16384), None)),
     ]
 }
 
