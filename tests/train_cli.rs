@@ -31,10 +31,14 @@ const TINY: &[&str] = &[
     "--eval-every", "0", "--eval-tokens", "256",
 ];
 
+/// `pipit train` on the tiny model; it writes no checkpoint unless `extra` says `--save`.
 fn train(extra: &[&str]) -> Output {
     let mut args = vec!["train"];
     args.extend_from_slice(TINY);
     args.extend_from_slice(extra);
+    if !extra.contains(&"--save") {
+        args.push("--no-save");
+    }
     pipit(&args)
 }
 
@@ -69,7 +73,7 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     for file in ["model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"] {
         assert!(ckpt.join(file).is_file(), "{file} is written");
     }
-    ok(&pipit(&["train", "--resume", ckpt.to_str().unwrap(), "--steps", "6", "--log-json", rest.to_str().unwrap()]));
+    ok(&pipit(&["train", "--resume", ckpt.to_str().unwrap(), "--steps", "6", "--no-save", "--log-json", rest.to_str().unwrap()]));
 
     let full = log_lines(&full);
     let mut cut = log_lines(&half);
@@ -138,11 +142,11 @@ fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
     let c = ckpt.to_str().unwrap();
 
     refused(&train(&["--data", "/nonexistent/corpus.txt"]), "--data");
-    refused(&pipit(&["train", "--backend", "reference", "--stages", "9"]), "exceeds");
-    refused(&pipit(&["train", "--backend", "reference", "--batch-size", "10", "--microbatches", "4"]), "--batch-size");
+    refused(&pipit(&["train", "--backend", "reference", "--stages", "9", "--no-save"]), "exceeds");
+    refused(&pipit(&["train", "--backend", "reference", "--batch-size", "10", "--microbatches", "4", "--no-save"]), "--batch-size");
     refused(&train(&["--schedule", "zigzag"]), "zigzag");
     refused(&pipit(&["train", "--resume", c, "--n-embd", "32", "--n-head", "2", "--save", c]), "n_embd=16");
-    refused(&pipit(&["train", "--resume", dir.join("missing").to_str().unwrap()]), "does not exist");
+    refused(&pipit(&["train", "--resume", dir.join("missing").to_str().unwrap(), "--no-save"]), "does not exist");
 
     let corrupt = dir.join("corrupt");
     std::fs::create_dir_all(&corrupt).unwrap();

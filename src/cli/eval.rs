@@ -27,7 +27,7 @@ pub enum EvalFormat {
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", default_value = super::train::DEFAULT_CHECKPOINT)]
     checkpoint: PathBuf,
     /// Text to score; default: the validation split (last 10%) of the embedded corpus.
     #[arg(long, value_name = "FILE")]

@@ -17,7 +17,7 @@ use super::device::{with_backend, BackendChoice, BackendJob};
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", default_value = super::train::DEFAULT_CHECKPOINT)]
     checkpoint: PathBuf,
     /// Text the sample continues.
     #[arg(long, default_value = "ROMEO:\n")]

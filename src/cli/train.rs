@@ -17,6 +17,9 @@ use serde_json::json;
 use super::device::{with_backend, BackendChoice, BackendJob};
 use super::trace;
 
+/// Where `pipit train` saves and `pipit generate`/`pipit eval` look by default.
+pub const DEFAULT_CHECKPOINT: &str = "runs/latest";
+
 /// The corpus a fresh clone trains on: twelve Shakespeare plays (public domain), 1.5 MB.
 pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../../data/shakespeare.txt");
 
@@ -97,9 +100,13 @@ pub struct TrainArgs {
     #[arg(long)]
     checkpoint_activations: bool,
 
-    /// Save a checkpoint (Hugging Face GPT-2 layout) to DIR at the end and every --save-every steps.
-    #[arg(long, value_name = "DIR")]
-    save: Option<PathBuf>,
+    /// Save a checkpoint (Hugging Face GPT-2 layout) to DIR at the end and every --save-every
+    /// steps; `pipit generate` and `pipit eval` read the same default.
+    #[arg(long, value_name = "DIR", default_value = DEFAULT_CHECKPOINT)]
+    save: PathBuf,
+    /// Do not write a checkpoint.
+    #[arg(long, conflicts_with = "save")]
+    no_save: bool,
     /// Steps between checkpoints (0: only at the end).
     #[arg(long, value_name = "N", default_value_t = 0)]
     save_every: u64,
@@ -263,6 +270,7 @@ impl BackendJob for TrainJob<'_> {
             ),
             None => None,
         };
+        let save_to = (!args.no_save).then_some(&args.save);
         let bar = ProgressBar::new(c.steps);
         bar.set_style(
             ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
@@ -305,15 +313,13 @@ impl BackendJob for TrainJob<'_> {
                 }
                 writeln!(f, "{line}").context("writing --log-json")?;
             }
-            if let Some(dir) = &args.save {
-                if args.save_every > 0 && step % args.save_every == 0 && step != c.steps {
-                    checkpoint::save(dir, &trainer.checkpoint()?)?;
-                }
+            if save_to.is_some() && args.save_every > 0 && step % args.save_every == 0 && step != c.steps {
+                checkpoint::save(&args.save, &trainer.checkpoint()?)?;
             }
             last = Some(entry);
         }
         bar.finish_and_clear();
-        if let Some(dir) = &args.save {
+        if let Some(dir) = save_to {
             checkpoint::save(dir, &trainer.checkpoint()?)?;
             eprintln!("saved checkpoint to {}", dir.display());
         }
