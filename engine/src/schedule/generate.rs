@@ -169,9 +169,10 @@ pub fn one_f_one_b(p: usize, m: usize, v: usize) -> Result<Schedule> {
 /// Megatron requires `m` to be a multiple of `p`; pipit does not: it plans for `m` rounded up
 /// to a multiple of `p` and leaves the extra micro-batches out, so any `p, m, v >= 1` is
 /// accepted and the result always validates. With `m` a multiple of `p` and uniform costs the
-/// bubble is `(p - 1) / (v m)` of the ideal time, as Megatron states; other `m` pay for the
-/// missing micro-batches (the planner's tests state the bound). With `v = 1` this is exactly
-/// [`one_f_one_b`].
+/// bubble is `(p - 1) / (v m)` of the ideal time, as Megatron states; for other `m` it is at
+/// most `(p - 1) / (v m) + (m' - m) / m`, with `m'` the padded count, and never more than
+/// 1F1B's `(p - 1) / m` (both checked by the planner's property tests). With `v = 1` this is
+/// exactly [`one_f_one_b`].
 pub fn interleaved(p: usize, m: usize, v: usize) -> Result<Schedule> {
     check_sizes(p, m, v)?;
     let mut schedule = new_schedule(ScheduleKind::Interleaved, p, m, v);
