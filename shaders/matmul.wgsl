@@ -52,6 +52,9 @@ const TILE4: u32 = 16u;
 var<workgroup> a_tile: array<vec4<f32>, 256>;
 var<workgroup> b_tile: array<vec4<f32>, 256>;
 
+// acc[2·R + C]: row R of this invocation's eight, columns 4·x.. (C = 0) or 32 + 4·x.. (C = 1).
+var<private> acc: array<vec4<f32>, 16>;
+
 fn load_a(row: u32, kk: u32) -> f32 {
     if row >= p.m || kk >= p.k {
         return 0.0;
@@ -72,6 +75,69 @@ fn load_b(kk: u32, col: u32) -> f32 {
     return b[p.base_b + kk * p.ldb + col];
 }
 
+// Stages vec4 slot `slot` (of 256) of both slices for the step starting at k0, visiting
+// slots in the order of the stored layout so neighbouring invocations read neighbouring
+// addresses.
+fn stage(slot: u32, k0: u32, row0: u32, col0: u32) {
+    var kk: u32;
+    var i4: u32;
+    if TRANS_A {
+        i4 = slot % TILE4;
+        kk = slot / TILE4;
+    } else {
+        kk = slot % BK;
+        i4 = slot / BK;
+    }
+    let r = row0 + 4u * i4;
+    a_tile[kk * TILE4 + i4] = vec4<f32>(
+        load_a(r, k0 + kk),
+        load_a(r + 1u, k0 + kk),
+        load_a(r + 2u, k0 + kk),
+        load_a(r + 3u, k0 + kk),
+    );
+    if TRANS_B {
+        kk = slot % BK;
+        i4 = slot / BK;
+    } else {
+        i4 = slot % TILE4;
+        kk = slot / TILE4;
+    }
+    let c = col0 + 4u * i4;
+    b_tile[kk * TILE4 + i4] = vec4<f32>(
+        load_b(k0 + kk, c),
+        load_b(k0 + kk, c + 1u),
+        load_b(k0 + kk, c + 2u),
+        load_b(k0 + kk, c + 3u),
+    );
+}
+
+// One contracted index of the staged slices: 64 multiply-adds.
+fn step(kk: u32, x: u32, y: u32) {
+    let a0 = a_tile[kk * TILE4 + y];
+    let a1 = a_tile[kk * TILE4 + y + 8u];
+    let b0 = b_tile[kk * TILE4 + x];
+    let b1 = b_tile[kk * TILE4 + x + 8u];
+    acc[0] = fma(vec4<f32>(a0.x), b0, acc[0]);
+    acc[1] = fma(vec4<f32>(a0.x), b1, acc[1]);
+    acc[2] = fma(vec4<f32>(a0.y), b0, acc[2]);
+    acc[3] = fma(vec4<f32>(a0.y), b1, acc[3]);
+    acc[4] = fma(vec4<f32>(a0.z), b0, acc[4]);
+    acc[5] = fma(vec4<f32>(a0.z), b1, acc[5]);
+    acc[6] = fma(vec4<f32>(a0.w), b0, acc[6]);
+    acc[7] = fma(vec4<f32>(a0.w), b1, acc[7]);
+    acc[8] = fma(vec4<f32>(a1.x), b0, acc[8]);
+    acc[9] = fma(vec4<f32>(a1.x), b1, acc[9]);
+    acc[10] = fma(vec4<f32>(a1.y), b0, acc[10]);
+    acc[11] = fma(vec4<f32>(a1.y), b1, acc[11]);
+    acc[12] = fma(vec4<f32>(a1.z), b0, acc[12]);
+    acc[13] = fma(vec4<f32>(a1.z), b1, acc[13]);
+    acc[14] = fma(vec4<f32>(a1.w), b0, acc[14]);
+    acc[15] = fma(vec4<f32>(a1.w), b1, acc[15]);
+}
+
+// The loops over staging slots, contracted indices and output columns are written out:
+// lavapipe stops every invocation after 65535 loop iterations in total, so only the walk
+// over the contracted dimension may loop (the host keeps it below that).
 @compute @workgroup_size(8, 8)
 fn matmul(
     @builtin(workgroup_id) wid: vec3<u32>,
@@ -80,104 +146,78 @@ fn matmul(
 ) {
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
-    // acc_RC: row R of this invocation's eight, columns 4·tx.. (C = 0) or 32 + 4·tx.. (C = 1).
-    var acc00 = vec4<f32>(0.0); var acc01 = vec4<f32>(0.0);
-    var acc10 = vec4<f32>(0.0); var acc11 = vec4<f32>(0.0);
-    var acc20 = vec4<f32>(0.0); var acc21 = vec4<f32>(0.0);
-    var acc30 = vec4<f32>(0.0); var acc31 = vec4<f32>(0.0);
-    var acc40 = vec4<f32>(0.0); var acc41 = vec4<f32>(0.0);
-    var acc50 = vec4<f32>(0.0); var acc51 = vec4<f32>(0.0);
-    var acc60 = vec4<f32>(0.0); var acc61 = vec4<f32>(0.0);
-    var acc70 = vec4<f32>(0.0); var acc71 = vec4<f32>(0.0);
-
+    let x = lid.x;
+    let y = lid.y;
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        // 256 vec4 slots per slice, four per invocation, visited in the order of the stored
-        // layout so that neighbouring invocations read neighbouring addresses.
-        for (var s = 0u; s < 4u; s++) {
-            let slot = li + s * 64u;
-            var kk: u32;
-            var i4: u32;
-            if TRANS_A {
-                i4 = slot % TILE4;
-                kk = slot / TILE4;
-            } else {
-                kk = slot % BK;
-                i4 = slot / BK;
-            }
-            let r = row0 + 4u * i4;
-            a_tile[kk * TILE4 + i4] = vec4<f32>(
-                load_a(r, k0 + kk),
-                load_a(r + 1u, k0 + kk),
-                load_a(r + 2u, k0 + kk),
-                load_a(r + 3u, k0 + kk),
-            );
-            if TRANS_B {
-                kk = slot % BK;
-                i4 = slot / BK;
-            } else {
-                i4 = slot % TILE4;
-                kk = slot / TILE4;
-            }
-            let c = col0 + 4u * i4;
-            b_tile[kk * TILE4 + i4] = vec4<f32>(
-                load_b(k0 + kk, c),
-                load_b(k0 + kk, c + 1u),
-                load_b(k0 + kk, c + 2u),
-                load_b(k0 + kk, c + 3u),
-            );
-        }
+        stage(li, k0, row0, col0);
+        stage(li + 64u, k0, row0, col0);
+        stage(li + 128u, k0, row0, col0);
+        stage(li + 192u, k0, row0, col0);
         workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            let a0 = a_tile[kk * TILE4 + lid.y];
-            let a1 = a_tile[kk * TILE4 + lid.y + 8u];
-            let b0 = b_tile[kk * TILE4 + lid.x];
-            let b1 = b_tile[kk * TILE4 + lid.x + 8u];
-            acc00 = fma(vec4<f32>(a0.x), b0, acc00); acc01 = fma(vec4<f32>(a0.x), b1, acc01);
-            acc10 = fma(vec4<f32>(a0.y), b0, acc10); acc11 = fma(vec4<f32>(a0.y), b1, acc11);
-            acc20 = fma(vec4<f32>(a0.z), b0, acc20); acc21 = fma(vec4<f32>(a0.z), b1, acc21);
-            acc30 = fma(vec4<f32>(a0.w), b0, acc30); acc31 = fma(vec4<f32>(a0.w), b1, acc31);
-            acc40 = fma(vec4<f32>(a1.x), b0, acc40); acc41 = fma(vec4<f32>(a1.x), b1, acc41);
-            acc50 = fma(vec4<f32>(a1.y), b0, acc50); acc51 = fma(vec4<f32>(a1.y), b1, acc51);
-            acc60 = fma(vec4<f32>(a1.z), b0, acc60); acc61 = fma(vec4<f32>(a1.z), b1, acc61);
-            acc70 = fma(vec4<f32>(a1.w), b0, acc70); acc71 = fma(vec4<f32>(a1.w), b1, acc71);
-        }
+        step(0u, x, y);
+        step(1u, x, y);
+        step(2u, x, y);
+        step(3u, x, y);
+        step(4u, x, y);
+        step(5u, x, y);
+        step(6u, x, y);
+        step(7u, x, y);
+        step(8u, x, y);
+        step(9u, x, y);
+        step(10u, x, y);
+        step(11u, x, y);
+        step(12u, x, y);
+        step(13u, x, y);
+        step(14u, x, y);
+        step(15u, x, y);
         workgroupBarrier();
     }
 
-    // Rows 4·ty .. 4·ty+3 come from a0, rows 32 + 4·ty .. from a1.
-    let r0 = row0 + 4u * lid.y;
+    // Rows 4y .. 4y+3 come from a0, rows 32 + 4y .. from a1.
+    let r0 = row0 + 4u * y;
     let r1 = r0 + 32u;
-    let c0 = col0 + 4u * lid.x;
+    let c0 = col0 + 4u * x;
     let c1 = c0 + 32u;
-    store4(r0, c0, acc00); store4(r0, c1, acc01);
-    store4(r0 + 1u, c0, acc10); store4(r0 + 1u, c1, acc11);
-    store4(r0 + 2u, c0, acc20); store4(r0 + 2u, c1, acc21);
-    store4(r0 + 3u, c0, acc30); store4(r0 + 3u, c1, acc31);
-    store4(r1, c0, acc40); store4(r1, c1, acc41);
-    store4(r1 + 1u, c0, acc50); store4(r1 + 1u, c1, acc51);
-    store4(r1 + 2u, c0, acc60); store4(r1 + 2u, c1, acc61);
-    store4(r1 + 3u, c0, acc70); store4(r1 + 3u, c1, acc71);
+    store4(r0, c0, acc[0]);
+    store4(r0, c1, acc[1]);
+    store4(r0 + 1u, c0, acc[2]);
+    store4(r0 + 1u, c1, acc[3]);
+    store4(r0 + 2u, c0, acc[4]);
+    store4(r0 + 2u, c1, acc[5]);
+    store4(r0 + 3u, c0, acc[6]);
+    store4(r0 + 3u, c1, acc[7]);
+    store4(r1, c0, acc[8]);
+    store4(r1, c1, acc[9]);
+    store4(r1 + 1u, c0, acc[10]);
+    store4(r1 + 1u, c1, acc[11]);
+    store4(r1 + 2u, c0, acc[12]);
+    store4(r1 + 2u, c1, acc[13]);
+    store4(r1 + 3u, c0, acc[14]);
+    store4(r1 + 3u, c1, acc[15]);
 }
 
-// Writes columns col .. col+3 of one output row (bias and accumulation applied).
-fn store4(row: u32, col: u32, acc: vec4<f32>) {
-    if row >= p.m {
+// Writes one output element (bias and accumulation applied) when it is inside the product.
+fn store1(row: u32, col: u32, value: f32) {
+    if row >= p.m || col >= p.n {
         return;
     }
-    for (var j = 0u; j < 4u; j++) {
-        let c = col + j;
-        if c < p.n {
-            var v = acc[j];
-            if p.has_bias != 0u {
-                v += bias[p.base_bias + c];
-            }
-            let idx = p.base_out + row * p.ldo + c;
-            if p.accumulate != 0u {
-                v += out[idx];
-            }
-            out[idx] = v;
-        }
+    var v = value;
+    if p.has_bias != 0u {
+        v += bias[p.base_bias + col];
     }
+    let idx = p.base_out + row * p.ldo + col;
+    if p.accumulate != 0u {
+        v += out[idx];
+    }
+    out[idx] = v;
+}
+
+// Writes columns col .. col+3 of one output row.
+fn store4(row: u32, col: u32, v: vec4<f32>) {
+    store1(row, col, v.x);
+    store1(row, col + 1u, v.y);
+    store1(row, col + 2u, v.z);
+    store1(row, col + 3u, v.w);
 }
 
 // Column sums: `out` is dbias (base_out), `a` is dout [m rows × n columns] (base_a, lda).

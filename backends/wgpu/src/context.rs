@@ -31,6 +31,8 @@ pub struct WgpuBackend {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     pub(crate) kernels: Kernels,
+    /// Invocations per row the profile prefers for row kernels.
+    pub(crate) lanes: u32,
     pending: Mutex<Pending>,
     pub(crate) memory: Arc<MemoryCounters>,
     errors: Arc<Mutex<Option<String>>>,
@@ -138,7 +140,8 @@ impl WgpuBackend {
             device,
             queue,
             info,
-            kernels: Kernels::new(profile.lanes_per_row()),
+            kernels: Kernels::default(),
+            lanes: profile.lanes_per_row(),
             pending: Mutex::default(),
             memory: Arc::default(),
             errors,
@@ -256,10 +259,22 @@ impl WgpuBackend {
         bindings: &[(u32, &View<'_>)],
         grid: (u32, u32),
     ) -> Result<()> {
+        self.dispatch_rows(kernel, 0, params, bindings, grid)
+    }
+
+    /// [`Self::dispatch`] for a row kernel with `lanes` invocations per row.
+    pub(crate) fn dispatch_rows(
+        &self,
+        kernel: Kernel,
+        lanes: u32,
+        params: &[u32],
+        bindings: &[(u32, &View<'_>)],
+        grid: (u32, u32),
+    ) -> Result<()> {
         if grid.0 == 0 || grid.1 == 0 {
             return Ok(());
         }
-        let pipeline = self.kernels.get(&self.device, kernel)?;
+        let pipeline = self.kernels.get(&self.device, kernel, lanes)?;
         let mut bytes: Vec<u8> = bytemuck::cast_slice(params).to_vec();
         // At least as large as every kernel's parameter struct; unused words stay zero.
         bytes.resize(bytes.len().next_multiple_of(16).max(UNIFORM_BYTES), 0);

@@ -118,20 +118,28 @@ impl Kernel {
         }
     }
 
+    /// Kernels that take the `LANES` constant: invocations per row.
+    pub(crate) fn is_row_kernel(self) -> bool {
+        matches!(
+            self,
+            Kernel::LayernormForward
+                | Kernel::LayernormBackward
+                | Kernel::CrossEntropyForward
+                | Kernel::CrossEntropyBackward
+                | Kernel::AttentionForward
+                | Kernel::AttentionBackwardD
+                | Kernel::AttentionBackwardDq
+                | Kernel::AttentionBackwardDkv
+        )
+    }
+
     fn constants(self, lanes: u32) -> Vec<(&'static str, f64)> {
         match self {
             Kernel::Matmul { trans_a, trans_b } => vec![
                 ("TRANS_A", f64::from(u8::from(trans_a))),
                 ("TRANS_B", f64::from(u8::from(trans_b))),
             ],
-            Kernel::LayernormForward
-            | Kernel::LayernormBackward
-            | Kernel::CrossEntropyForward
-            | Kernel::CrossEntropyBackward
-            | Kernel::AttentionForward
-            | Kernel::AttentionBackwardD
-            | Kernel::AttentionBackwardDq
-            | Kernel::AttentionBackwardDkv => vec![("LANES", f64::from(lanes))],
+            _ if self.is_row_kernel() => vec![("LANES", f64::from(lanes))],
             _ => Vec::new(),
         }
     }
@@ -144,33 +152,27 @@ pub(crate) struct Pipeline {
     pub layout: wgpu::BindGroupLayout,
 }
 
-/// Shader modules and pipelines of one device, built on first use and kept.
+/// Shader modules and pipelines of one device, built on first use and kept; row kernels
+/// once per number of lanes per row they are used with.
+#[derive(Default)]
 pub(crate) struct Kernels {
-    /// Invocations per row in the row kernels (the `LANES` pipeline constant).
-    lanes: u32,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
-    pipelines: Mutex<HashMap<Kernel, Pipeline>>,
+    pipelines: Mutex<HashMap<(Kernel, u32), Pipeline>>,
 }
 
 impl Kernels {
-    /// No kernel compiled yet; row kernels will use `lanes` invocations per row.
-    pub(crate) fn new(lanes: u32) -> Self {
-        Self {
-            lanes,
-            modules: Mutex::default(),
-            pipelines: Mutex::default(),
-        }
-    }
-
-    /// Rows one workgroup of a row kernel covers (64 invocations, `lanes` per row).
-    pub(crate) fn rows_per_group(&self) -> usize {
-        (64 / self.lanes) as usize
-    }
-
-    /// The pipeline of `kernel` on `device`, compiling it the first time.
-    pub(crate) fn get(&self, device: &wgpu::Device, kernel: Kernel) -> Result<Pipeline> {
+    /// The pipeline of `kernel` on `device` (a row kernel with `lanes` invocations per row),
+    /// compiling it the first time.
+    pub(crate) fn get(
+        &self,
+        device: &wgpu::Device,
+        kernel: Kernel,
+        lanes: u32,
+    ) -> Result<Pipeline> {
+        // Only row kernels depend on the lanes.
+        let lanes = if kernel.is_row_kernel() { lanes } else { 0 };
         let mut pipelines = self.pipelines.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = pipelines.get(&kernel) {
+        if let Some(p) = pipelines.get(&(kernel, lanes)) {
             return Ok(p.clone());
         }
         // Compilation errors would otherwise reach the device's uncaptured-error handler
@@ -189,7 +191,7 @@ impl Kernels {
                 })
                 .clone()
         };
-        let constants = kernel.constants(self.lanes);
+        let constants = kernel.constants(lanes);
         let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(kernel.entry()),
             layout: None,
@@ -213,7 +215,7 @@ impl Kernels {
             layout: pipeline.get_bind_group_layout(0),
             pipeline,
         };
-        pipelines.insert(kernel, p.clone());
+        pipelines.insert((kernel, lanes), p.clone());
         Ok(p)
     }
 }

@@ -7,7 +7,7 @@ use wgpu::util::DeviceExt;
 use crate::buffer::WgpuBuffer;
 use crate::context::{View, WgpuBackend};
 use crate::kernels::Kernel;
-use crate::split::{largest_fitting, matmul_pieces, row_chunks};
+use crate::split::{largest_fitting, matmul_pieces, row_chunks, MAX_LOOP_ITERATIONS};
 
 /// Invocations per workgroup of the one-element-per-invocation kernels.
 const ELEMENTWISE_WG: usize = 256;
@@ -72,9 +72,23 @@ fn u(x: usize) -> Result<u32> {
 }
 
 impl WgpuBackend {
-    /// The grid of a row kernel over `rows` rows.
-    fn row_grid(&self, rows: usize) -> Result<(u32, u32)> {
-        self.grid(rows.div_ceil(self.kernels.rows_per_group()))
+    /// The grid of a row kernel over `rows` rows with `lanes` invocations per row.
+    fn row_grid(&self, rows: usize, lanes: u32) -> Result<(u32, u32)> {
+        self.grid(rows.div_ceil((64 / lanes) as usize))
+    }
+
+    /// Invocations per row for a row kernel: the profile's choice, doubled while one
+    /// invocation would run more than [`MAX_LOOP_ITERATIONS`] loop iterations (`iterations`
+    /// estimates them for a given number of lanes).
+    fn lanes_for(&self, what: &str, iterations: impl Fn(usize) -> usize) -> Result<u32> {
+        let mut lanes = self.lanes;
+        while iterations(lanes as usize) > MAX_LOOP_ITERATIONS {
+            if lanes >= 64 {
+                bail!("{what}: a row is too long for one workgroup on this device");
+            }
+            lanes *= 2;
+        }
+        Ok(lanes)
     }
 
     /// One-element-per-invocation kernel over `n` elements: `out` at binding 1, `inputs` at
@@ -87,7 +101,7 @@ impl WgpuBackend {
         extra: &[u32],
     ) -> Result<()> {
         let n = out.len;
-        for r in row_chunks(n, &[1], self.max_binding_elems)? {
+        for r in row_chunks(n, &[1], self.max_binding_elems, usize::MAX)? {
             let vo = self.view(out, r.clone());
             let vins: Vec<View> = inputs.iter().map(|b| self.view(b, r.clone())).collect();
             let mut params = vec![u(r.len())?, vo.base];
@@ -212,8 +226,8 @@ impl Backend for WgpuBackend {
         }
         let max = self.max_binding_elems;
         let vocab_chunks = embedding_vocab_chunks(wte.len / channels, channels, max)?;
-        row_chunks(1, &[tc], max)?;
-        for bc in row_chunks(batch, &[tc, seq], max)? {
+        row_chunks(1, &[tc], max, usize::MAX)?;
+        for bc in row_chunks(batch, &[tc, seq], max, usize::MAX)? {
             let positions = bc.len() * seq;
             let vo = self.view(out, bc.start * tc..bc.end * tc);
             let vt = self.view(tokens, bc.start * seq..bc.end * seq);
@@ -265,12 +279,16 @@ impl Backend for WgpuBackend {
         }
         let max = self.max_binding_elems;
         let vocab_chunks = embedding_vocab_chunks(dwte.len / channels, channels, max)?;
-        row_chunks(1, &[tc], max)?;
+        row_chunks(1, &[tc], max, usize::MAX)?;
         let channel_groups = u(channels.div_ceil(CHANNEL_WG))?;
         if channel_groups > self.max_groups {
             bail!("{channels} channels exceed the device's dispatch limit");
         }
-        for bc in row_chunks(batch, &[tc, seq], max)? {
+        // The table gradient walks a window's positions in one loop.
+        if seq > MAX_LOOP_ITERATIONS {
+            bail!("embedding backward: {seq} tokens per sequence exceed the device's loop limit");
+        }
+        for bc in row_chunks(batch, &[tc, seq], max, MAX_LOOP_ITERATIONS / seq)? {
             let positions = bc.len() * seq;
             let vd = self.view(dout, bc.start * tc..bc.end * tc);
             let vt = self.view(tokens, bc.start * seq..bc.end * seq);
@@ -342,9 +360,10 @@ impl Backend for WgpuBackend {
         if channels == 0 {
             bail!("layernorm over zero channels");
         }
+        let lanes = self.lanes_for("layernorm", |l| 3 * channels.div_ceil(l) + 64)?;
         let vw = self.view(weight, 0..channels);
         let vb = self.view(bias, 0..channels);
-        for r in row_chunks(rows, &[channels, 1], self.max_binding_elems)? {
+        for r in row_chunks(rows, &[channels, 1], self.max_binding_elems, usize::MAX)? {
             let cr = r.start * channels..r.end * channels;
             let vo = self.view(out, cr.clone());
             let vi = self.view(inp, cr);
@@ -361,11 +380,12 @@ impl Backend for WgpuBackend {
                 vb.base,
                 0,
             ];
-            self.dispatch(
+            self.dispatch_rows(
                 Kernel::LayernormForward,
+                lanes,
                 &params,
                 &[(1, &vo), (3, &vm), (4, &vs), (5, &vi), (6, &vw), (7, &vb)],
-                self.row_grid(r.len())?,
+                self.row_grid(r.len(), lanes)?,
             )?;
         }
         Ok(())
@@ -400,10 +420,17 @@ impl Backend for WgpuBackend {
         if column_groups > self.max_groups {
             bail!("{channels} channels exceed the device's dispatch limit");
         }
+        let lanes = self.lanes_for("layernorm backward", |l| 2 * channels.div_ceil(l) + 64)?;
         let vw = self.view(weight, 0..channels);
         let vdw = self.view(dweight, 0..channels);
         let vdb = self.view(dbias, 0..channels);
-        for r in row_chunks(rows, &[channels, 1], self.max_binding_elems)? {
+        // The parameter gradients walk a window's rows in one loop.
+        for r in row_chunks(
+            rows,
+            &[channels, 1],
+            self.max_binding_elems,
+            MAX_LOOP_ITERATIONS,
+        )? {
             let cr = r.start * channels..r.end * channels;
             let vdi = self.view(dinp, cr.clone());
             let vd = self.view(dout, cr.clone());
@@ -421,11 +448,12 @@ impl Backend for WgpuBackend {
                 0,
                 vd.base,
             ];
-            self.dispatch(
+            self.dispatch_rows(
                 Kernel::LayernormBackward,
+                lanes,
                 &params,
                 &[(1, &vdi), (3, &vm), (4, &vs), (5, &vi), (6, &vw), (8, &vd)],
-                self.row_grid(r.len())?,
+                self.row_grid(r.len(), lanes)?,
             )?;
             let params = [
                 u(r.len())?,
@@ -478,7 +506,9 @@ impl Backend for WgpuBackend {
             }
         };
         let max_dim = self.max_groups as usize * MATMUL_TILE;
-        for piece in matmul_pieces(&shape, self.max_binding_elems, max_dim) {
+        // The kernel loops once per 16 contracted indices.
+        let max_k = 16 * MAX_LOOP_ITERATIONS;
+        for piece in matmul_pieces(&shape, self.max_binding_elems, max_dim, max_k) {
             let (m0, mc) = (piece.m.start, piece.m.len());
             let (n0, nc) = (piece.n.start, piece.n.len());
             let (k0, kc) = (piece.k.start, piece.k.len());
@@ -539,7 +569,8 @@ impl Backend for WgpuBackend {
             bail!("{cols} columns exceed the device's dispatch limit");
         }
         let vdb = self.view(dbias, 0..cols);
-        for r in row_chunks(rows, &[cols], self.max_binding_elems)? {
+        // One invocation walks a window's rows in one loop.
+        for r in row_chunks(rows, &[cols], self.max_binding_elems, MAX_LOOP_ITERATIONS)? {
             let vd = self.view(dout, r.start * cols..r.end * cols);
             let params = [
                 u(r.len())?,
@@ -608,17 +639,19 @@ impl Backend for WgpuBackend {
             "attention probabilities",
         )?;
         need(qkv, plan.b * plan.t * 3 * plan.c, DType::F32, "qkv")?;
+        let lanes = self.lanes_for("attention", |l| plan.loop_iterations(l))?;
         for (u0, u1) in plan.windows() {
             let (b0, b1) = plan.batches(u0, u1);
             let vo = self.view(out, plan.tok_range(b0, b1, 1));
             let va = self.view(att, plan.att_range(u0, u1));
             let vq = self.view(qkv, plan.tok_range(b0, b1, 3));
             let params = plan.params(u0, u1, b0, [vo.base, va.base, vq.base, 0, 0])?;
-            self.dispatch(
+            self.dispatch_rows(
                 Kernel::AttentionForward,
+                lanes,
                 &params,
                 &[(1, &vo), (2, &va), (3, &vq)],
-                self.row_grid((u1 - u0) * plan.t)?,
+                self.row_grid((u1 - u0) * plan.t, lanes)?,
             )?;
         }
         Ok(())
@@ -653,6 +686,7 @@ impl Backend for WgpuBackend {
         }
         // D[t] = dout[t]·out[t] per (unit, row) of one window.
         let scratch = self.create(plan.per_window * plan.t, DType::F32, None)?;
+        let lanes = self.lanes_for("attention backward", |l| plan.loop_iterations(l))?;
         for (u0, u1) in plan.windows() {
             let (b0, b1) = plan.batches(u0, u1);
             let vdq = self.view(dqkv, plan.tok_range(b0, b1, 3));
@@ -661,16 +695,18 @@ impl Backend for WgpuBackend {
             let va = self.view(att, plan.att_range(u0, u1));
             let vs = self.view(&scratch, 0..(u1 - u0) * plan.t);
             let params = plan.params(u0, u1, b0, [vdq.base, va.base, vq.base, vd.base, vs.base])?;
-            let grid = self.row_grid((u1 - u0) * plan.t)?;
-            self.dispatch(
+            let grid = self.row_grid((u1 - u0) * plan.t, lanes)?;
+            self.dispatch_rows(
                 Kernel::AttentionBackwardD,
+                lanes,
                 &params,
                 &[(3, &vq), (4, &vd), (5, &vs), (6, &va)],
                 grid,
             )?;
             for kernel in [Kernel::AttentionBackwardDq, Kernel::AttentionBackwardDkv] {
-                self.dispatch(
+                self.dispatch_rows(
                     kernel,
+                    lanes,
                     &params,
                     &[(1, &vdq), (3, &vq), (4, &vd), (5, &vs), (6, &va)],
                     grid,
@@ -744,7 +780,7 @@ impl Backend for WgpuBackend {
         let bc1 = 1.0 - f64::from(hp.beta1).powi(hp.step as i32);
         let bc2 = 1.0 - f64::from(hp.beta2).powi(hp.step as i32);
         let n = param.len;
-        for r in row_chunks(n, &[1], self.max_binding_elems)? {
+        for r in row_chunks(n, &[1], self.max_binding_elems, usize::MAX)? {
             let vp = self.view(param, r.clone());
             let vg = self.view(grad, r.clone());
             let vm = self.view(m, r.clone());
@@ -806,7 +842,8 @@ impl WgpuBackend {
         } else {
             vocab
         };
-        for r in row_chunks(rows, &[vocab, 1], self.max_binding_elems)? {
+        let lanes = self.lanes_for("cross-entropy", |l| 2 * vocab.div_ceil(l) + 64)?;
+        for r in row_chunks(rows, &[vocab, 1], self.max_binding_elems, usize::MAX)? {
             let vo = self.view(out, r.start * out_per_row..r.end * out_per_row);
             let vl = self.view(logits, r.start * vocab..r.end * vocab);
             let vt = self.view(targets, r.clone());
@@ -818,11 +855,12 @@ impl WgpuBackend {
                 vt.base,
                 scale.to_bits(),
             ];
-            self.dispatch(
+            self.dispatch_rows(
                 kernel,
+                lanes,
                 &params,
                 &[(1, &vo), (2, &vl), (3, &vt)],
-                self.row_grid(r.len())?,
+                self.row_grid(r.len(), lanes)?,
             )?;
         }
         Ok(())
@@ -839,7 +877,7 @@ fn embedding_vocab_chunks(
     if channels == 0 {
         bail!("embedding with zero channels");
     }
-    let mut chunks = row_chunks(vocab, &[channels], max)?;
+    let mut chunks = row_chunks(vocab, &[channels], max, usize::MAX)?;
     if chunks.is_empty() {
         chunks.push(0..0);
     }
@@ -888,6 +926,14 @@ impl AttentionPlan {
             units,
             per_window,
         })
+    }
+
+    /// A bound on the loop iterations of one invocation with `lanes` per row: the walk over
+    /// a row's positions, each with dot products and accumulator updates over head
+    /// dimensions (64 at a time), plus the fixed loops that combine lanes.
+    fn loop_iterations(&self, lanes: usize) -> usize {
+        let hs = self.head_size;
+        self.t.div_ceil(lanes) * (hs + 2 * hs.min(64) + 8) * hs.div_ceil(64) + 256
     }
 
     fn windows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {

@@ -10,14 +10,20 @@ use std::ops::Range;
 use anyhow::{bail, Result};
 use pipit_engine::backend::Matmul;
 
-/// Splits `0..rows` into consecutive ranges such that, for every operand, `row_elems[i]`
-/// elements per row times the rows of a range stay within `max_elems`.
+/// Loop iterations one kernel invocation may run in total. lavapipe (llvmpipe) silently ends
+/// every loop of an invocation once 65535 iterations have run across all its loops; work is
+/// cut and lanes are chosen to stay below that, with room for the short fixed loops.
+pub(crate) const MAX_LOOP_ITERATIONS: usize = 60_000;
+
+/// Splits `0..rows` into consecutive ranges of at most `max_rows` rows such that, for every
+/// operand, `row_elems[i]` elements per row times the rows of a range stay within `max_elems`.
 pub(crate) fn row_chunks(
     rows: usize,
     row_elems: &[usize],
     max_elems: usize,
+    max_rows: usize,
 ) -> Result<Vec<Range<usize>>> {
-    let mut per = rows.max(1);
+    let mut per = rows.min(max_rows).max(1);
     for &e in row_elems.iter().filter(|&&e| e > 0) {
         if e > max_elems {
             bail!(
@@ -75,15 +81,21 @@ fn spans(s: &Matmul, mc: usize, nc: usize, kc: usize) -> [usize; 3] {
 }
 
 /// Cuts a product into pieces whose `out`, `a` and `b` windows each span at most
-/// `max_elems` elements and whose output is at most `max_dim` rows and columns (the dispatch
-/// limit). Each step halves the dimension that shrinks the offending window fastest: rows of
-/// a row-major operand, else the other dimension of that operand.
-pub(crate) fn matmul_pieces(s: &Matmul, max_elems: usize, max_dim: usize) -> Vec<MatmulPiece> {
+/// `max_elems` elements, whose output is at most `max_dim` rows and columns (the dispatch
+/// limit) and whose contraction is at most `max_k` long. Each step halves the dimension that
+/// shrinks the offending window fastest: rows of a row-major operand, else the other
+/// dimension of that operand.
+pub(crate) fn matmul_pieces(
+    s: &Matmul,
+    max_elems: usize,
+    max_dim: usize,
+    max_k: usize,
+) -> Vec<MatmulPiece> {
     if s.m == 0 || s.n == 0 {
         return Vec::new();
     }
     let max_elems = max_elems.max(1);
-    let (mut mc, mut nc, mut kc) = (s.m.min(max_dim), s.n.min(max_dim), s.k);
+    let (mut mc, mut nc, mut kc) = (s.m.min(max_dim), s.n.min(max_dim), s.k.min(max_k.max(1)));
     loop {
         let [out, a, b] = spans(s, mc, nc, kc);
         if out > max_elems {
@@ -167,7 +179,7 @@ mod tests {
     use super::*;
 
     fn check_cover(s: &Matmul, max_elems: usize, max_dim: usize) {
-        let pieces = matmul_pieces(s, max_elems, max_dim);
+        let pieces = matmul_pieces(s, max_elems, max_dim, usize::MAX);
         let mut covered = vec![0usize; s.m * s.n];
         for p in &pieces {
             assert!(p.m.len() <= max_dim && p.n.len() <= max_dim);
@@ -203,16 +215,18 @@ mod tests {
     #[test]
     fn matmul_that_fits_is_one_piece() {
         let s = Matmul::new(100, 200, 300).trans_b();
-        assert_eq!(matmul_pieces(&s, 1 << 20, 1 << 20).len(), 1);
+        assert_eq!(matmul_pieces(&s, 1 << 20, 1 << 20, usize::MAX).len(), 1);
+        assert_eq!(matmul_pieces(&s, 1 << 20, 1 << 20, 100).len(), 3);
     }
 
     #[test]
     fn row_chunks_respect_limit_and_cover() {
-        let chunks = row_chunks(10, &[3, 1], 7).unwrap();
+        let chunks = row_chunks(10, &[3, 1], 7, usize::MAX).unwrap();
         assert_eq!(chunks, vec![0..2, 2..4, 4..6, 6..8, 8..10]);
-        assert!(row_chunks(0, &[3], 7).unwrap().is_empty());
-        assert!(row_chunks(4, &[8], 7).is_err());
-        assert_eq!(row_chunks(5, &[0], 7).unwrap(), vec![0..5]);
+        assert!(row_chunks(0, &[3], 7, usize::MAX).unwrap().is_empty());
+        assert!(row_chunks(4, &[8], 7, usize::MAX).is_err());
+        assert_eq!(row_chunks(5, &[0], 7, usize::MAX).unwrap(), vec![0..5]);
+        assert_eq!(row_chunks(5, &[0], 7, 2).unwrap(), vec![0..2, 2..4, 4..5]);
     }
 
     #[test]

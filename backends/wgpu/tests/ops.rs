@@ -626,3 +626,123 @@ fn one_device_per_rank() {
     let got: Vec<f32> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(got, vec![1.0, 2.0, 3.0]);
 }
+
+/// Shapes whose loops would run past lavapipe's 65535 iterations per invocation if a kernel
+/// walked them in one go: long vocabulary rows, long contractions, many rows per column sum,
+/// many positions per embedding gradient, long attention rows.
+#[test]
+fn long_loops_are_split() {
+    let mut rng = Rng(8);
+    // Rows this long do not fit the 16 KiB bindings of the third backend.
+    for (name, b) in backends().into_iter().take(2) {
+        let (rows, vocab) = (3, 50257);
+        let logits = rng.vec(rows * vocab);
+        let targets: Vec<u32> = (0..rows).map(|_| rng.below(vocab as u32)).collect();
+        let (dl, dt) = (b.upload(&logits).unwrap(), b.upload_u32(&targets).unwrap());
+        let mut losses = poisoned(&b, rows);
+        b.cross_entropy_forward(&mut losses, &dl, &dt, rows, vocab)
+            .unwrap();
+        let mut grad = poisoned(&b, rows * vocab);
+        b.cross_entropy_backward(&mut grad, &dl, &dt, 0.5, rows, vocab)
+            .unwrap();
+        let (want_loss, want_grad) = host_cross_entropy(&logits, &targets, vocab, 0.5);
+        assert_close(
+            &format!("{name} long losses"),
+            &b.download(&losses).unwrap(),
+            &want_loss,
+            1e-5,
+        );
+        assert_close(
+            &format!("{name} long dlogits"),
+            &b.download(&grad).unwrap(),
+            &want_grad,
+            1e-6,
+        );
+
+        let s = Matmul::new(2, 3, 70001);
+        let (x, w) = (rng.vec(2 * 70001), rng.vec(70001 * 3));
+        let mut out = poisoned(&b, 6);
+        b.matmul(
+            &mut out,
+            &b.upload(&x).unwrap(),
+            &b.upload(&w).unwrap(),
+            None,
+            s,
+        )
+        .unwrap();
+        assert_close(
+            &format!("{name} long matmul"),
+            &b.download(&out).unwrap(),
+            &host_matmul(s, &x, &w, None, &[]),
+            1e-4,
+        );
+
+        let (n, cols) = (70001, 2);
+        let dout = rng.vec(n * cols);
+        let mut dbias = b.upload(&[0.0; 2]).unwrap();
+        b.bias_backward(&mut dbias, &b.upload(&dout).unwrap(), n, cols)
+            .unwrap();
+        let want: Vec<f64> = (0..cols)
+            .map(|c| (0..n).map(|r| dout[r * cols + c] as f64).sum())
+            .collect();
+        assert_close(
+            &format!("{name} long bias_backward"),
+            &b.download(&dbias).unwrap(),
+            &want,
+            1e-4,
+        );
+
+        let (bn, t, c, vocab) = (10_000, 7, 1, 5);
+        let tokens: Vec<u32> = (0..bn * t).map(|_| rng.below(vocab as u32)).collect();
+        let dout = rng.vec(bn * t * c);
+        let (mut dwte, mut dwpe) = (b.upload(&[0.0; 5]).unwrap(), b.upload(&[0.0; 7]).unwrap());
+        b.embedding_backward(
+            &mut dwte,
+            &mut dwpe,
+            &b.upload(&dout).unwrap(),
+            &b.upload_u32(&tokens).unwrap(),
+            bn,
+            t,
+            c,
+        )
+        .unwrap();
+        let mut want = vec![0f64; vocab];
+        for (i, &tok) in tokens.iter().enumerate() {
+            want[tok as usize] += dout[i] as f64;
+        }
+        assert_close(
+            &format!("{name} long dwte"),
+            &b.download(&dwte).unwrap(),
+            &want,
+            1e-4,
+        );
+
+        let s = Attention {
+            batch: 1,
+            seq: 600,
+            channels: 64,
+            heads: 1,
+        };
+        let qkv = rng.vec(600 * 3 * 64);
+        let g = rng.vec(600 * 64);
+        let (mut o, mut att) = (poisoned(&b, 600 * 64), poisoned(&b, 600 * 600));
+        let dq = b.upload(&qkv).unwrap();
+        b.attention_forward(&mut o, &mut att, &dq, s).unwrap();
+        let mut dqkv = poisoned(&b, 600 * 3 * 64);
+        b.attention_backward(&mut dqkv, &b.upload(&g).unwrap(), &dq, &att, s)
+            .unwrap();
+        let (want_out, _, want_dqkv) = host_attention(s, &qkv, &g);
+        assert_close(
+            &format!("{name} long attention"),
+            &b.download(&o).unwrap(),
+            &want_out,
+            1e-5,
+        );
+        assert_close(
+            &format!("{name} long attention grad"),
+            &b.download(&dqkv).unwrap(),
+            &want_dqkv,
+            1e-5,
+        );
+    }
+}
