@@ -8,6 +8,10 @@
 //! Work larger than one storage binding (128 MiB on lavapipe) is cut into windows: matrix
 //! products into sub-matrices, row-wise ops into row ranges, attention into (sequence, head)
 //! units, embeddings into sequence and vocabulary ranges.
+//!
+//! Row kernels are tuned per [`KernelProfile`]: workgroup reductions on GPUs, one invocation
+//! per row without barriers on CPU adapters (lavapipe), where barriers are costly. Work is
+//! also cut so no invocation runs more than 65535 loop iterations, where llvmpipe stops loops.
 
 mod buffer;
 mod context;
