@@ -1,7 +1,9 @@
 //! Pipeline figures measured on this machine, printed as Markdown tables for BENCHMARKS.md:
 //!
 //! 1. memory follows the schedule: per-rank peak saved-activation bytes under GPipe and 1F1B
-//!    (p = 4, m = 8), with and without activation checkpointing, beside the simulator's figures;
+//!    (p = 4, m = 8), with and without activation checkpointing, beside the simulator's figures
+//!    (the simulator is given each stage's measured bytes per micro-batch; the count of
+//!    micro-batches held at once is its own prediction);
 //! 2. measured vs simulated: one 1F1B step's measured per-stage forward/backward times fed to
 //!    the simulator, and each rank's busy fraction compared with the measured one.
 //!
@@ -20,11 +22,11 @@ use pipit::engine::Backend;
 use pipit::reference::ReferenceBackend;
 use pipit::wgpu::WgpuBackend;
 
-fn config(schedule: &str) -> TrainConfig {
+fn config(schedule: &str, stages: usize) -> TrainConfig {
     TrainConfig {
         model: GptConfig { vocab_size: 256, n_positions: 64, n_embd: 64, n_layer: 6, n_head: 4 },
         schedule: schedule.into(),
-        stages: 4,
+        stages,
         microbatches: 8,
         batch_size: 16,
         seq_len: 64,
@@ -36,11 +38,12 @@ fn config(schedule: &str) -> TrainConfig {
 fn run<B: Backend>(
     make: &dyn Fn() -> Result<B>,
     schedule: &str,
+    stages: usize,
     checkpoint_activations: bool,
     steps: u32,
 ) -> Result<(StepReport, Trainer<B>)> {
     let corpus = Corpus::split(include_bytes!("../data/shakespeare.txt"), 0.1)?;
-    let c = config(schedule);
+    let c = config(schedule, stages);
     let mut trainer = Trainer::new(c.clone(), |_| make(), Init::Fresh)?;
     let mut last = None;
     for step in 1..=steps {
@@ -57,11 +60,11 @@ fn run<B: Backend>(
 }
 
 fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
-    println!("| schedule | checkpointing | rank | peak micro-batches held | measured peak activation bytes | simulated | total device peak bytes |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| schedule | checkpointing | rank | micro-batches held at peak: measured | simulated | peak saved-activation bytes: measured | simulated | device peak bytes |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for schedule in ["gpipe", "1f1b"] {
         for ckpt in [false, true] {
-            let (report, trainer) = run(make, schedule, ckpt, 1)?;
+            let (report, trainer) = run(make, schedule, 4, ckpt, 1)?;
             let per_mb: Vec<f64> = report
                 .ranks
                 .iter()
@@ -71,9 +74,10 @@ fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
             let sim = simulate(&trainer.schedule, &costs)?;
             for (r, rank) in report.ranks.iter().enumerate() {
                 println!(
-                    "| {schedule} | {} | {r} | {} | {} | {:.0} | {} |",
+                    "| {schedule} | {} | {r} | {} | {} | {} | {:.0} | {} |",
                     if ckpt { "on" } else { "off" },
                     rank.peak_inflight,
+                    sim.ranks[r].peak_activations,
                     rank.peak_activation_bytes,
                     sim.ranks[r].peak_activation_bytes,
                     rank.peak_bytes
@@ -84,13 +88,20 @@ fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     Ok(())
 }
 
-/// Mean measured duration of each stage's forwards and backwards, in milliseconds.
+/// Mean measured duration of each stage's forwards and backwards, and of a send (the
+/// transfer latency), in milliseconds.
 fn measured_costs(report: &StepReport, stages: usize) -> Costs {
     let mut sums: HashMap<(bool, usize), (f64, usize)> = HashMap::new();
+    let (mut send_time, mut sends) = (0.0, 0usize);
     for t in report.ranks.iter().flat_map(|r| &r.timeline) {
         let key = match t.action {
             Action::Forward { stage, .. } => (true, stage),
             Action::Backward { stage, .. } => (false, stage),
+            Action::SendActivation { .. } | Action::SendGradient { .. } => {
+                send_time += t.end - t.start;
+                sends += 1;
+                continue;
+            }
             _ => continue,
         };
         let e = sums.entry(key).or_default();
@@ -101,18 +112,21 @@ fn measured_costs(report: &StepReport, stages: usize) -> Costs {
     Costs {
         fwd: (0..stages).map(|s| mean(true, s)).collect(),
         bwd: (0..stages).map(|s| mean(false, s)).collect(),
+        latency: send_time / sends.max(1) as f64,
         ..Costs::uniform(stages)
     }
 }
 
-fn busy_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
-    let (report, trainer) = run(make, "1f1b", false, 3)?;
+fn busy_table<B: Backend>(make: &dyn Fn() -> Result<B>, stages: usize) -> Result<()> {
+    let (report, trainer) = run(make, "1f1b", stages, false, 3)?;
+    println!("1F1B, p = {stages}, m = 8, third step:");
     let costs = measured_costs(&report, trainer.schedule.num_stages());
     let sim: Simulation = simulate(&trainer.schedule, &costs)?;
     println!(
-        "measured makespan {:.1} ms, simulated {:.1} ms; per-stage fwd ms {:?}, bwd ms {:?}",
+        "measured makespan {:.1} ms, simulated {:.1} ms; transfer {:.3} ms; per-stage fwd ms {:?}, bwd ms {:?}",
         report.makespan,
         sim.makespan,
+        costs.latency,
         costs.fwd.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>(),
         costs.bwd.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>()
     );
@@ -133,18 +147,24 @@ fn busy_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
 
 fn main() -> Result<()> {
     let wgpu = std::env::args().any(|a| a == "wgpu");
-    println!("model: 6 layers, width 64, 4 heads, vocab 256; batch 16 x 64 tokens; p = 4, m = 8\n");
+    println!("model: 6 layers, width 64, 4 heads, vocab 256; batch 16 x 64 tokens; m = 8\n");
     if wgpu {
         let make = || WgpuBackend::new();
         println!("backend: {}\n", make()?.describe());
         memory_table(&make)?;
-        println!();
-        busy_table(&make)
+        for p in [2, 4] {
+            println!();
+            busy_table(&make, p)?;
+        }
+        Ok(())
     } else {
         let make = || Ok(ReferenceBackend::new());
         println!("backend: reference\n");
         memory_table(&make)?;
-        println!();
-        busy_table(&make)
+        for p in [2, 4] {
+            println!();
+            busy_table(&make, p)?;
+        }
+        Ok(())
     }
 }
