@@ -282,3 +282,89 @@ pub fn check_shapes(config: &GptConfig, params: &HostTensors) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::init_parameters;
+
+    fn tiny() -> GptConfig {
+        GptConfig { vocab_size: 11, n_positions: 6, n_embd: 8, n_layer: 2, n_head: 2 }
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("pipit-ckpt-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn save_then_load_round_trips_and_replaces_atomically() {
+        let dir = scratch("round").join("ckpt");
+        let params = init_parameters(&tiny(), 3).unwrap();
+        let ckpt = Checkpoint {
+            config: tiny(),
+            params: params.clone(),
+            optimizer: Some(OptimizerState { m: params.clone(), v: params.clone() }),
+            trainer_state: Some(json!({"step": 7})),
+        };
+        save(&dir, &ckpt).unwrap();
+        save(&dir, &ckpt).unwrap();
+        let back = load(&dir).unwrap();
+        assert_eq!(back.params, params);
+        assert_eq!(back.optimizer.unwrap().v, params);
+        assert_eq!(back.trainer_state.unwrap()["step"], 7);
+        let siblings: Vec<String> = fs::read_dir(dir.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(siblings, vec!["ckpt".to_string()], "no temporary directory left behind");
+        let (raw, meta) = safetensors::from_bytes(&fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
+        assert_eq!(meta["format"], "pt", "transformers refuses safetensors without format=pt");
+        assert!(raw.get("transformer.wte.weight").is_some() && raw.get("transformer.h.1.mlp.c_fc.weight").is_some());
+    }
+
+    #[test]
+    fn loads_hugging_face_hub_layout() {
+        // The Hub's gpt2 files: no `transformer.` prefix, causal-mask buffers, and sometimes an
+        // explicit copy of the tied head.
+        let dir = scratch("hub");
+        let params = init_parameters(&tiny(), 5).unwrap();
+        let mut hub = HostTensors::new();
+        for (name, t) in params.iter() {
+            let name = if name == "wte" || name == "wpe" { format!("{name}.weight") } else { name.to_string() };
+            hub.insert(name, t.shape.clone(), t.data.clone()).unwrap();
+        }
+        hub.insert("h.0.attn.bias", vec![1, 1, 6, 6], vec![1.0; 36]).unwrap();
+        let wte = params.get("wte").unwrap();
+        hub.insert("lm_head.weight", wte.shape.clone(), wte.data.clone()).unwrap();
+        fs::write(dir.join("model.safetensors"), safetensors::to_bytes(&hub, &BTreeMap::new())).unwrap();
+        let mut config = hf_config(&tiny());
+        config["n_inner"] = Value::Null;
+        fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let back = load(&dir).unwrap();
+        assert_eq!(back.params, params);
+        assert!(back.optimizer.is_none() && back.trainer_state.is_none());
+    }
+
+    #[test]
+    fn wrong_sizes_and_variants_are_invalid_input() {
+        let dir = scratch("sizes").join("ckpt");
+        let ckpt = Checkpoint {
+            config: tiny(),
+            params: init_parameters(&tiny(), 1).unwrap(),
+            optimizer: None,
+            trainer_state: None,
+        };
+        save(&dir, &ckpt).unwrap();
+        let mut bigger = hf_config(&tiny());
+        bigger["n_embd"] = json!(16);
+        fs::write(dir.join("config.json"), bigger.to_string()).unwrap();
+        let err = load(&dir).unwrap_err();
+        assert!(crate::is_invalid_input(&err) && format!("{err:#}").contains("shape"), "{err:#}");
+        let mut relu = hf_config(&tiny());
+        relu["activation_function"] = json!("relu");
+        assert!(crate::is_invalid_input(&parse_hf_config(&relu).unwrap_err()));
+    }
+}
