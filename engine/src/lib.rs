@@ -8,6 +8,7 @@ pub mod analysis;
 pub mod backend;
 pub mod checkpoint;
 pub mod data;
+pub mod dist;
 pub mod exec;
 pub mod error;
 pub mod model;

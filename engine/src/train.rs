@@ -370,7 +370,57 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
-fn resumed_step(c: &Checkpoint, config: &TrainConfig) -> Result<u64> {
+/// What `pipit train` drives step by step: the whole pipeline in one process ([`Trainer`]),
+/// or one rank of a multi-process run ([`crate::dist::RankTrainer`]). In a multi-process run
+/// every method is collective: all ranks call the same ones in the same order.
+pub trait TrainLoop {
+    /// The run's settings.
+    fn config(&self) -> &TrainConfig;
+    /// Steps completed so far.
+    fn step(&self) -> u64;
+    /// True on the process that reports: it prints, writes logs and saves checkpoints.
+    fn is_leader(&self) -> bool {
+        true
+    }
+    /// One line per rank naming its device and its stages' layers.
+    fn describe(&self) -> Vec<String>;
+    /// Train one step on the next batch of `corpus.train`.
+    fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog>;
+    /// Mean cross-entropy over windows of `data` and the tokens scored ([`Trainer::evaluate`]).
+    fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)>;
+    /// The whole model, optimizer state and position as one checkpoint, on the leader
+    /// (`None` on the other ranks, which send their stages to it).
+    fn gather_checkpoint(&mut self) -> Result<Option<Checkpoint>>;
+    /// End the run cleanly (multi-process: once every peer has finished too).
+    fn finish(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Stop after a failure, telling the peers `reason`.
+    fn abort(&mut self, _reason: &str) {}
+}
+
+impl<B: Backend> TrainLoop for Trainer<B> {
+    fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn describe(&self) -> Vec<String> {
+        Trainer::describe(self)
+    }
+    fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
+        Trainer::train_step(self, corpus)
+    }
+    fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
+        Trainer::evaluate(self, data, seq, max_tokens)
+    }
+    fn gather_checkpoint(&mut self) -> Result<Option<Checkpoint>> {
+        self.checkpoint().map(Some)
+    }
+}
+
+pub(crate) fn resumed_step(c: &Checkpoint, config: &TrainConfig) -> Result<u64> {
     let state = c
         .trainer_state
         .as_ref()

@@ -5,5 +5,5 @@ mod step;
 mod transport;
 
 pub use infer::{forward, Want};
-pub use step::{train_step, Rank, RankReport, StepOptions, StepReport};
+pub use step::{train_step, train_step_rank, Rank, RankReport, StepOptions, StepReport};
 pub use transport::{in_process_mesh, InProcessTransport, DEFAULT_RECV_TIMEOUT};

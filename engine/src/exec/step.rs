@@ -154,6 +154,30 @@ pub fn train_step<B: Backend, T: Transport<B>>(
     })
 }
 
+/// Run one rank's part of a training step, for a process that holds only that rank (the
+/// other ranks run theirs in other processes, reached through `rank.transport`).
+///
+/// Returns the rank's measurements and the sum of the per-token losses it computed: nonzero
+/// only on the rank holding the last stage. The step's loss is the sum over every rank, in
+/// rank order, times `1 / (batch · seq)`, as [`train_step`] computes it.
+pub fn train_step_rank<B: Backend, T: Transport<B>>(
+    schedule: &Schedule,
+    rank: &mut Rank<B, T>,
+    batch: &Batch,
+    opts: &StepOptions,
+) -> Result<(RankReport, f64)> {
+    let m = schedule.microbatches;
+    if batch.batch % m != 0 {
+        return Err(crate::invalid_input!(
+            "batch size {} must be a multiple of the micro-batch count {m}",
+            batch.batch
+        ));
+    }
+    let micro: Vec<Batch> = (0..m).map(|i| batch.microbatch(i, m)).collect();
+    let loss_scale = 1.0 / (batch.batch * batch.seq) as f32;
+    run_rank(schedule, rank, &micro, loss_scale, opts, Instant::now())
+}
+
 /// Tensors a rank holds between actions, keyed by (producing stage, micro-batch).
 struct Mailbox<Buf> {
     activations: HashMap<(usize, usize), Buf>,

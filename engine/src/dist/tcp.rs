@@ -1,0 +1,554 @@
+//! Peer transfer between processes over TCP: one connection per pair of ranks.
+//!
+//! Sends write a whole frame on the calling thread (blocking, with a write timeout). Each
+//! connection has a reader thread that reads frames as they arrive and queues them per peer,
+//! so a receive waits on one condition for three things at once: its own message, a failure
+//! of *any* peer (a closed connection, an abort, a corrupt frame), or its timeout. That is
+//! what lets every rank stop within the timeout, naming the rank that failed, whichever peer
+//! it happened to be waiting for.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use super::frame::{read_frame, write_frame, Frame, FrameError};
+use crate::backend::{Backend, Transport};
+
+/// How long a write may block before the peer is declared stuck (it stopped reading).
+const ABORT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the reader threads have delivered, shared with the receiving side.
+#[derive(Default)]
+struct InboxState {
+    queues: Vec<VecDeque<Frame>>,
+    /// Peers that said goodbye.
+    finished: Vec<bool>,
+    /// Peers whose connection has ended (after a goodbye, or not).
+    closed: Vec<bool>,
+    /// Why the run cannot go on: the first peer failure seen.
+    failure: Option<String>,
+}
+
+struct Inbox {
+    state: Mutex<InboxState>,
+    changed: Condvar,
+}
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        // A reader thread never panics while holding the lock; recover the data if one did.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The write side of one peer connection.
+struct Link {
+    stream: TcpStream,
+    next_seq: u64,
+}
+
+/// One rank's end of a TCP mesh. Implements [`Transport`] for any backend (tensors are staged
+/// through host memory), and carries JSON control messages between ranks as well.
+pub struct TcpTransport {
+    rank: usize,
+    links: Vec<Option<Link>>,
+    inbox: Arc<Inbox>,
+    timeout: Duration,
+    done: bool,
+}
+
+impl TcpTransport {
+    /// A transport for `rank` of `world` over `streams`, one connected stream per peer
+    /// (`(peer rank, stream)`; a rank may leave out peers it never talks to). Every wait on a
+    /// peer gives up after `timeout`.
+    pub fn new(
+        rank: usize,
+        world: usize,
+        streams: Vec<(usize, TcpStream)>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        let inbox = Arc::new(Inbox {
+            state: Mutex::new(InboxState {
+                queues: vec![VecDeque::new(); world],
+                finished: vec![false; world],
+                closed: vec![false; world],
+                failure: None,
+            }),
+            changed: Condvar::new(),
+        });
+        let mut links: Vec<Option<Link>> = (0..world).map(|_| None).collect();
+        for (peer, stream) in streams {
+            if peer >= world || peer == rank || links[peer].is_some() {
+                bail!("rank {rank}: unexpected connection for rank {peer} (world of {world})");
+            }
+            stream.set_nodelay(true)?;
+            stream.set_write_timeout(Some(timeout))?;
+            stream.set_read_timeout(None)?;
+            let reader = stream.try_clone().context("cloning a peer connection")?;
+            let inbox = Arc::clone(&inbox);
+            thread::Builder::new()
+                .name(format!("pipit-recv-{peer}"))
+                .spawn(move || read_loop(peer, reader, &inbox))
+                .context("starting a receive thread")?;
+            links[peer] = Some(Link {
+                stream,
+                next_seq: 0,
+            });
+        }
+        Ok(Self {
+            rank,
+            links,
+            inbox,
+            timeout,
+            done: false,
+        })
+    }
+
+    /// This rank's index.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks in the run.
+    pub fn world_size(&self) -> usize {
+        self.links.len()
+    }
+
+    /// How long a wait on a peer lasts before it fails.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Send an f32 tensor to rank `to`.
+    pub fn send_f32(&mut self, to: usize, values: &[f32]) -> Result<()> {
+        self.send_frame(to, Frame::f32s(values), "a tensor")
+    }
+
+    /// Receive the next f32 tensor from rank `from`; `what` names it in errors.
+    pub fn recv_f32(&mut self, from: usize, what: &str) -> Result<Vec<f32>> {
+        let frame = self.recv_frame(from, what)?;
+        let kind = frame.kind_name();
+        frame.into_f32s().ok_or_else(|| {
+            anyhow!("rank {from} sent {kind} where rank {} expected {what} (f32 tensor): the ranks are out of step", self.rank)
+        })
+    }
+
+    /// Send a JSON control message to rank `to`.
+    pub fn send_json(&mut self, to: usize, value: &Value) -> Result<()> {
+        self.send_frame(to, Frame::Message(serde_json::to_vec(value)?), "a message")
+    }
+
+    /// Receive the next JSON control message from rank `from`; `what` names it in errors.
+    pub fn recv_json(&mut self, from: usize, what: &str) -> Result<Value> {
+        match self.recv_frame(from, what)? {
+            Frame::Message(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("rank {from} sent {what} that is not valid JSON")),
+            other => Err(anyhow!(
+                "rank {from} sent {} where rank {} expected {what}: the ranks are out of step",
+                other.kind_name(),
+                self.rank
+            )),
+        }
+    }
+
+    /// Send one frame to `to` (to itself: straight into its own queue).
+    pub fn send_frame(&mut self, to: usize, frame: Frame, what: &str) -> Result<()> {
+        let me = self.rank;
+        if to >= self.links.len() {
+            bail!(
+                "rank {me} cannot send to rank {to}: the run has {} ranks",
+                self.links.len()
+            );
+        }
+        {
+            let mut state = self.inbox.lock();
+            if let Some(f) = &state.failure {
+                bail!("{} (rank {me} was about to send {what} to rank {to})", f);
+            }
+            if to == me {
+                state.queues[me].push_back(frame);
+                return Ok(());
+            }
+            if state.finished[to] {
+                bail!("rank {me} cannot send {what} to rank {to}: it has finished its run");
+            }
+        }
+        let link = self.links[to]
+            .as_mut()
+            .ok_or_else(|| anyhow!("rank {me} has no connection to rank {to}"))?;
+        let seq = link.next_seq;
+        write_frame(&mut link.stream, seq, &frame).map_err(|e| {
+            let why = match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    format!("rank {to} stopped reading for {}", seconds(self.timeout))
+                }
+                _ => format!("rank {to} has stopped ({e})"),
+            };
+            anyhow!("rank {me} could not send {what} to rank {to}: {why}")
+        })?;
+        link.next_seq += 1;
+        Ok(())
+    }
+
+    /// Receive the next frame from `from`, waiting at most the timeout; fails at once when any
+    /// peer has failed.
+    pub fn recv_frame(&mut self, from: usize, what: &str) -> Result<Frame> {
+        let me = self.rank;
+        if from >= self.links.len() {
+            bail!(
+                "rank {me} cannot receive from rank {from}: the run has {} ranks",
+                self.links.len()
+            );
+        }
+        if from != me && self.links[from].is_none() {
+            bail!("rank {me} has no connection to rank {from}");
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut state = self.inbox.lock();
+        loop {
+            if let Some(f) = &state.failure {
+                bail!("{} (rank {me} was waiting for {what} from rank {from})", f);
+            }
+            if let Some(frame) = state.queues[from].pop_front() {
+                return Ok(frame);
+            }
+            if from == me {
+                bail!("rank {me} waited for {what} from itself, but sent itself nothing");
+            }
+            if state.finished[from] {
+                bail!("rank {from} has finished its run while rank {me} was waiting for {what} from it");
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!(
+                    "rank {me} waited {} for {what} from rank {from}, which stopped answering (raise --peer-timeout if it is only slow)",
+                    seconds(self.timeout)
+                );
+            }
+            state = self
+                .inbox
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// End the run cleanly: say goodbye to every peer, then wait (at most the timeout) until
+    /// every peer has said goodbye and closed, so no message is cut off in flight.
+    pub fn finish(&mut self) -> Result<()> {
+        self.done = true;
+        let me = self.rank;
+        for (peer, link) in self.links.iter_mut().enumerate() {
+            if let Some(link) = link {
+                write_frame(&mut link.stream, link.next_seq, &Frame::Goodbye)
+                    .with_context(|| format!("rank {me} saying goodbye to rank {peer}"))?;
+                link.next_seq += 1;
+                let _ = link.stream.shutdown(Shutdown::Write);
+            }
+        }
+        let deadline = Instant::now() + self.timeout;
+        let mut state = self.inbox.lock();
+        loop {
+            if let Some(f) = &state.failure {
+                bail!("{} (rank {me} was finishing its run)", f);
+            }
+            let waiting: Vec<usize> = (0..self.links.len())
+                .filter(|&p| self.links[p].is_some() && !state.closed[p])
+                .collect();
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                bail!(
+                    "rank {me} finished, but ranks {waiting:?} did not within {}",
+                    seconds(self.timeout)
+                );
+            }
+            state = self
+                .inbox
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Stop after a failure: tell every peer why (best effort, briefly) and close.
+    pub fn abort(&mut self, reason: &str) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let frame = Frame::Abort(reason.to_string());
+        for link in self.links.iter_mut().flatten() {
+            let _ = link.stream.set_write_timeout(Some(ABORT_WRITE_TIMEOUT));
+            let _ = write_frame(&mut link.stream, link.next_seq, &frame);
+            link.next_seq += 1;
+            let _ = link.stream.shutdown(Shutdown::Write);
+        }
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        let reason = format!("rank {} stopped before the end of the run", self.rank);
+        self.abort(&reason);
+    }
+}
+
+impl<B: Backend> Transport<B> for TcpTransport {
+    fn send(&mut self, backend: &B, to: usize, buf: &B::Buffer) -> Result<()> {
+        let values = backend.download(buf)?;
+        self.send_f32(to, &values)
+    }
+
+    fn recv(&mut self, backend: &B, from: usize) -> Result<B::Buffer> {
+        let values = self.recv_f32(from, "a tensor")?;
+        backend.upload(&values)
+    }
+}
+
+/// Read frames from `peer` until its connection ends, queueing them and recording failures.
+fn read_loop(peer: usize, mut stream: TcpStream, inbox: &Inbox) {
+    let mut expected = 0u64;
+    loop {
+        let result = read_frame(&mut stream);
+        let mut state = inbox.lock();
+        let finished = state.finished[peer];
+        let (failure, ended) = match result {
+            Ok(Some((seq, _))) if seq != expected => (
+                Some(format!(
+                    "corrupt stream from rank {peer}: frame {seq} arrived where frame {expected} was due"
+                )),
+                true,
+            ),
+            Ok(Some((_, frame))) => {
+                expected += 1;
+                match frame {
+                    Frame::Goodbye => {
+                        state.finished[peer] = true;
+                        (None, false)
+                    }
+                    // The aborting rank's reason usually names the rank that failed first.
+                    Frame::Abort(reason) => (Some(format!("rank {peer} failed: {reason}")), false),
+                    other => {
+                        state.queues[peer].push_back(other);
+                        (None, false)
+                    }
+                }
+            }
+            Ok(None) | Err(_) if finished => (None, true),
+            Ok(None) => (
+                Some(format!(
+                    "rank {peer} closed its connection without finishing (its process crashed or was killed)"
+                )),
+                true,
+            ),
+            Err(FrameError::Corrupt(why)) => {
+                (Some(format!("corrupt frame from rank {peer}: {why}")), true)
+            }
+            Err(e @ FrameError::Io(_)) => (
+                Some(format!(
+                    "lost the connection to rank {peer} ({e}; its process crashed or was killed)"
+                )),
+                true,
+            ),
+        };
+        if let Some(reason) = failure {
+            record(&mut state, reason);
+        }
+        if ended {
+            state.closed[peer] = true;
+        }
+        drop(state);
+        inbox.changed.notify_all();
+        if ended {
+            return;
+        }
+    }
+}
+
+fn record(state: &mut InboxState, reason: String) {
+    if state.failure.is_none() {
+        state.failure = Some(reason);
+    }
+}
+
+/// A duration as people write it: `60 s`, `0.5 s`.
+pub fn seconds(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::frame::encode;
+    use super::*;
+    use std::io::Write;
+    use std::net::TcpListener;
+
+    /// Two connected ends of a loopback connection.
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    const T: Duration = Duration::from_secs(20);
+
+    /// Rank 0's transport of a world of two, and a raw socket standing in for rank 1.
+    fn with_raw_peer(timeout: Duration) -> (TcpTransport, TcpStream) {
+        let (a, b) = pair();
+        (TcpTransport::new(0, 2, vec![(1, a)], timeout).unwrap(), b)
+    }
+
+    #[test]
+    fn tensors_and_messages_arrive_in_order_and_exactly() {
+        let (a, b) = pair();
+        let mut t0 = TcpTransport::new(0, 2, vec![(1, a)], T).unwrap();
+        let mut t1 = TcpTransport::new(1, 2, vec![(0, b)], T).unwrap();
+        let values: Vec<f32> = (0..1000).map(|i| (i as f32).sin() * 1e-3).collect();
+        for i in 0..5 {
+            t0.send_f32(1, &values[i..]).unwrap();
+        }
+        t0.send_json(1, &serde_json::json!({"step": 3})).unwrap();
+        for i in 0..5 {
+            let got = t1.recv_f32(0, "a tensor").unwrap();
+            assert_eq!(
+                got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                values[i..].iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        assert_eq!(t1.recv_json(0, "a message").unwrap()["step"], 3);
+        t1.send_f32(1, &[7.0]).unwrap();
+        assert_eq!(
+            t1.recv_f32(1, "a tensor sent to itself").unwrap(),
+            vec![7.0]
+        );
+        t0.send_f32(1, &[1.0]).unwrap();
+        let err = t1.recv_json(0, "the step's loss").unwrap_err().to_string();
+        assert!(err.contains("out of step"), "{err}");
+
+        let finisher = std::thread::spawn(move || t0.finish());
+        t1.finish().unwrap();
+        finisher.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_frame_is_an_error_naming_the_peer() {
+        let (mut t, mut raw) = with_raw_peer(T);
+        let mut bytes = encode(0, &Frame::f32s(&[1.0, 2.0, 3.0, 4.0]));
+        let n = bytes.len();
+        bytes[n - 10] ^= 0x40;
+        raw.write_all(&bytes).unwrap();
+        let err = t.recv_f32(1, "an activation").unwrap_err().to_string();
+        assert!(err.contains("corrupt frame from rank 1"), "{err}");
+        assert!(err.contains("payload checksum mismatch"), "{err}");
+        assert!(
+            err.contains("rank 0 was waiting for an activation from rank 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_frame_out_of_sequence_is_an_error() {
+        let (mut t, mut raw) = with_raw_peer(T);
+        raw.write_all(&encode(1, &Frame::f32s(&[1.0]))).unwrap();
+        let err = t.recv_f32(1, "a tensor").unwrap_err().to_string();
+        assert!(
+            err.contains("frame 1 arrived where frame 0 was due"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_torn_frame_then_a_close_is_an_error() {
+        let (mut t, mut raw) = with_raw_peer(T);
+        let bytes = encode(0, &Frame::f32s(&[1.0; 64]));
+        raw.write_all(&bytes[..bytes.len() / 2]).unwrap();
+        drop(raw);
+        let err = t.recv_f32(1, "a tensor").unwrap_err().to_string();
+        assert!(err.contains("rank 1") && err.contains("torn"), "{err}");
+    }
+
+    #[test]
+    fn a_closed_connection_fails_every_wait_at_once() {
+        // Rank 0 waits on rank 2 while rank 1 dies: the wait ends with rank 1 named.
+        let (a, b) = pair();
+        let (c, _d) = pair();
+        let mut t = TcpTransport::new(0, 3, vec![(1, a), (2, c)], T).unwrap();
+        drop(b);
+        let start = Instant::now();
+        let err = t.recv_f32(2, "a gradient").unwrap_err().to_string();
+        assert!(
+            start.elapsed() < T,
+            "the failure ended the wait before its timeout"
+        );
+        assert!(
+            err.contains("rank 1 closed its connection without finishing"),
+            "{err}"
+        );
+        assert!(err.contains("waiting for a gradient from rank 2"), "{err}");
+        let err = t.send_f32(2, &[1.0]).unwrap_err().to_string();
+        assert!(err.contains("rank 1 closed"), "sends stop too: {err}");
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_naming_it() {
+        let (mut t, _raw) = with_raw_peer(Duration::from_millis(300));
+        let err = t.recv_f32(1, "an activation").unwrap_err().to_string();
+        assert!(
+            err.contains("rank 0 waited 0.3 s for an activation from rank 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_abort_carries_the_reason() {
+        let (a, b) = pair();
+        let mut t0 = TcpTransport::new(0, 2, vec![(1, a)], T).unwrap();
+        let mut t1 = TcpTransport::new(1, 2, vec![(0, b)], T).unwrap();
+        t1.abort("rank 1 ran out of device memory");
+        let err = t0
+            .recv_json(1, "the figures of step 2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rank 1 failed: rank 1 ran out of device memory"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_goodbye_is_not_a_failure_but_ends_receiving() {
+        let (a, b) = pair();
+        let mut t0 = TcpTransport::new(0, 2, vec![(1, a)], T).unwrap();
+        let t1 = std::thread::spawn(move || {
+            let mut t1 = TcpTransport::new(1, 2, vec![(0, b)], T).unwrap();
+            t1.send_f32(0, &[5.0]).unwrap();
+            t1.finish()
+        });
+        assert_eq!(
+            t0.recv_f32(1, "a tensor").unwrap(),
+            vec![5.0],
+            "sent before the goodbye"
+        );
+        let err = t0.recv_f32(1, "a tensor").unwrap_err().to_string();
+        assert!(err.contains("rank 1 has finished its run"), "{err}");
+        t0.finish().unwrap();
+        t1.join().unwrap().unwrap();
+    }
+}

@@ -1,0 +1,566 @@
+//! One rank of a multi-process training run: it builds only its own stages, runs its part of
+//! every step over TCP, and reports to rank 0, which logs and checkpoints for the whole run.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+
+use super::{connect, LaunchEnv, TcpTransport};
+use crate::backend::Backend;
+use crate::checkpoint::Checkpoint;
+use crate::data::{sample_batch, window_offsets, Batch, Corpus};
+use crate::exec::{train_step_rank, Rank, RankReport, StepOptions, StepReport};
+use crate::invalid_input;
+use crate::model::{
+    init_tensor, AdamWConfig, HostTensors, Keep, OptimizerState, StageInput, StageModel,
+    StageOutput,
+};
+use crate::schedule::{Action, Schedule};
+use crate::sim::Timed;
+use crate::train::{resumed_step, Init, StepLog, TrainConfig, TrainLoop};
+
+/// Environment variable for fault tests: `RANK:STEP` makes rank `RANK` abort (no goodbye, as a
+/// crash) after computing step `STEP` and before reporting it.
+pub const FAULT_ENV: &str = "PIPIT_FAULT_ABORT_AFTER_STEP";
+
+/// The rank that writes logs and checkpoints.
+const LEADER: usize = 0;
+
+/// One rank of a multi-process run: the plan, this rank's stages, and its links to the others.
+pub struct RankTrainer<B: Backend> {
+    /// The run's settings (the same on every rank; checked at the rendezvous).
+    pub config: TrainConfig,
+    /// The lowered schedule every step runs.
+    pub schedule: Schedule,
+    /// This rank: its device, its transport and its stages.
+    pub rank: Rank<B, TcpTransport>,
+    /// Steps completed so far.
+    pub step: u64,
+    /// Every rank's description on the leader; this rank's elsewhere.
+    descriptions: Vec<String>,
+    /// Step after which this rank aborts ([`FAULT_ENV`]).
+    abort_after: Option<u64>,
+}
+
+impl<B: Backend> RankTrainer<B> {
+    /// Meet the other ranks of `env`'s run, check they all run the same settings, and build
+    /// this rank's stages on `backend`. Every wait on a peer lasts at most `timeout`.
+    pub fn new(
+        config: TrainConfig,
+        backend: B,
+        init: Init<'_>,
+        env: &LaunchEnv,
+        timeout: Duration,
+    ) -> Result<Self> {
+        config.validate()?;
+        let schedule = config.plan()?;
+        if schedule.num_ranks() != env.world_size {
+            return Err(invalid_input!(
+                "WORLD_SIZE is {} but the pipeline has {} ranks (--stages {}): start one process per pipeline rank",
+                env.world_size,
+                schedule.num_ranks(),
+                config.stages
+            ));
+        }
+        let step = match &init {
+            Init::Resume(c) => resumed_step(c, &config)?,
+            _ => 0,
+        };
+        let start = match &init {
+            Init::Fresh => "fresh",
+            Init::Weights(_) => "weights",
+            Init::Resume(_) => "resume",
+        };
+        let abort_after = fault_step(env.rank)?;
+        let shared = json!({ "config": config, "start": start, "step": step });
+        let (mut transport, leader_shared) = connect(env, shared.clone(), timeout)?;
+        let me = env.rank;
+        let built = if leader_shared != shared {
+            Err(invalid_input!(
+                "rank {me}'s settings differ from rank 0's ({}): start every rank with the same arguments",
+                first_difference(&shared, &leader_shared)
+            ))
+        } else {
+            build_stages(&config, &schedule, me, &backend, &init)
+        };
+        let stages = match built {
+            Ok(stages) => stages,
+            Err(e) => {
+                // Tell the peers why, so they stop at once with this rank's reason.
+                transport.abort(&format!("{e:#}"));
+                return Err(e);
+            }
+        };
+        let ranges = config.stage_layers()?;
+        let layers = config.model.layers();
+        let own = schedule.stages_of(me);
+        let parts: Vec<String> = own
+            .iter()
+            .map(|&s| {
+                let r = &ranges[s];
+                format!("stage {s}: {}..={}", layers[r.start], layers[r.end - 1])
+            })
+            .collect();
+        let line = format!("rank {me}: {} | {}", backend.describe(), parts.join(", "));
+        let mut trainer = Self {
+            config,
+            schedule,
+            rank: Rank {
+                rank: me,
+                backend,
+                transport,
+                stages,
+            },
+            step,
+            descriptions: vec![line],
+            abort_after,
+        };
+        trainer.gather_descriptions()?;
+        Ok(trainer)
+    }
+
+    fn me(&self) -> usize {
+        self.rank.rank
+    }
+
+    fn world(&self) -> usize {
+        self.schedule.num_ranks()
+    }
+
+    fn transport(&mut self) -> &mut TcpTransport {
+        &mut self.rank.transport
+    }
+
+    fn gather_descriptions(&mut self) -> Result<()> {
+        if self.me() == LEADER {
+            for r in 1..self.world() {
+                let v = self.transport().recv_json(r, "its device description")?;
+                self.descriptions
+                    .push(v.as_str().unwrap_or_default().to_string());
+            }
+        } else {
+            let line = json!(self.descriptions[0]);
+            self.transport().send_json(LEADER, &line)?;
+        }
+        Ok(())
+    }
+
+    /// Train one step: this rank's part of the schedule, then the figures go to rank 0, which
+    /// sends every rank the step's loss.
+    pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
+        let t0 = Instant::now();
+        let step = self.step + 1;
+        let me = self.me();
+        let c = &self.config;
+        let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step)?;
+        let lr = c.lr_at(step);
+        let opts = StepOptions {
+            checkpoint_activations: c.checkpoint_activations,
+            lr,
+            step: step as u32,
+            adamw: AdamWConfig {
+                weight_decay: c.weight_decay,
+                ..AdamWConfig::default()
+            },
+        };
+        let (report, loss_sum) = train_step_rank(&self.schedule, &mut self.rank, &batch, &opts)
+            .with_context(|| format!("rank {me}, step {step}"))?;
+        if self.abort_after == Some(step) {
+            eprintln!("rank {me}: aborting after step {step} as {FAULT_ENV} asks");
+            std::process::abort();
+        }
+        let figures = |report: &RankReport, loss_sum: f64| {
+            json!({
+                "loss_sum": loss_sum.to_bits(),
+                "busy": report.busy,
+                "peak_bytes": report.peak_bytes,
+                "peak_activation_bytes": report.peak_activation_bytes,
+                "peak_inflight": report.peak_inflight,
+                "timeline": report.timeline.iter().map(|t| json!([t.action, t.start, t.end])).collect::<Vec<_>>(),
+            })
+        };
+        let loss_scale = 1.0 / (batch.batch * batch.seq) as f32;
+        let (loss, ranks) = if me == LEADER {
+            let mut ranks = vec![report];
+            let mut total = loss_sum;
+            for r in 1..self.world() {
+                let v = self
+                    .transport()
+                    .recv_json(r, &format!("the figures of step {step}"))
+                    .with_context(|| format!("rank {me}, step {step}"))?;
+                let (report, sum) =
+                    parse_figures(&v).with_context(|| format!("rank {r}'s figures"))?;
+                total += sum;
+                ranks.push(report);
+            }
+            // As the in-process executor: the sum over ranks in rank order, then the scale.
+            let loss = (total * loss_scale as f64) as f32;
+            for r in 1..self.world() {
+                self.transport()
+                    .send_json(r, &json!({ "loss": loss.to_bits() }))?;
+            }
+            (loss, ranks)
+        } else {
+            let v = figures(&report, loss_sum);
+            self.transport()
+                .send_json(LEADER, &v)
+                .with_context(|| format!("rank {me}, step {step}"))?;
+            let v = self
+                .transport()
+                .recv_json(LEADER, &format!("the loss of step {step}"))
+                .with_context(|| format!("rank {me}, step {step}"))?;
+            let bits = v["loss"]
+                .as_u64()
+                .ok_or_else(|| anyhow!("rank 0 sent no loss"))?;
+            (f32::from_bits(bits as u32), vec![report])
+        };
+        if !loss.is_finite() {
+            return Err(anyhow!(
+                "step {step}: the loss is {loss} (training diverged)"
+            ));
+        }
+        self.step = step;
+        let makespan = ranks
+            .iter()
+            .filter_map(|r| r.timeline.last().map(|a| a.end))
+            .fold(0.0, f64::max);
+        let report = StepReport {
+            loss,
+            elapsed: t0.elapsed(),
+            makespan,
+            ranks,
+        };
+        let tokens = (batch.batch * batch.seq) as f64;
+        Ok(StepLog {
+            step,
+            loss,
+            lr,
+            tokens_per_sec: tokens / report.elapsed.as_secs_f64().max(1e-9),
+            bubble_fraction: report.bubble_fraction(),
+            report,
+        })
+    }
+
+    /// Mean cross-entropy over windows of `data` (as [`crate::train::Trainer::evaluate`]):
+    /// activations flow through the ranks' stages in order; the rank holding the last stage
+    /// sends every rank the result.
+    pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
+        let mut offsets = window_offsets(data.len(), seq);
+        if max_tokens > 0 {
+            offsets.truncate(max_tokens.div_ceil(seq));
+        }
+        if offsets.is_empty() {
+            return Err(invalid_input!(
+                "the evaluation text ({} bytes) is shorter than one window of {} tokens + 1",
+                data.len(),
+                seq
+            ));
+        }
+        let rows_per_pass = self.config.batch_size.max(1);
+        let (mut sum, mut count) = (0.0f64, 0usize);
+        for chunk in offsets.chunks(rows_per_pass) {
+            let b = Batch::from_offsets(data, chunk, seq);
+            if let Some(losses) = self.forward(&b)? {
+                sum += losses.iter().map(|&x| x as f64).sum::<f64>();
+                count += losses.len();
+            }
+        }
+        let last = self.schedule.placement[self.schedule.num_stages() - 1];
+        let me = self.me();
+        if me == last {
+            let result = json!({ "sum": sum.to_bits(), "count": count });
+            for r in (0..self.world()).filter(|&r| r != me) {
+                self.transport().send_json(r, &result)?;
+            }
+        } else {
+            let v = self.transport().recv_json(last, "the validation loss")?;
+            sum = f64::from_bits(v["sum"].as_u64().unwrap_or_default());
+            count = v["count"].as_u64().unwrap_or_default() as usize;
+        }
+        Ok((sum / count.max(1) as f64, count))
+    }
+
+    /// This rank's part of a forward pass of `b`; the per-token losses on the last stage's rank.
+    fn forward(&mut self, b: &Batch) -> Result<Option<Vec<f32>>> {
+        let me = self.me();
+        let placement = self.schedule.placement.clone();
+        let last = placement.len() - 1;
+        let Rank {
+            backend,
+            transport,
+            stages,
+            ..
+        } = &mut self.rank;
+        let mut local: Option<B::Buffer> = None;
+        for (stage, &owner) in placement.iter().enumerate() {
+            if owner != me {
+                continue;
+            }
+            let what = || format!("rank {me}, evaluation forward of stage {stage}");
+            let tokens;
+            let input = if stage == 0 {
+                tokens = backend.upload_u32(&b.inputs)?;
+                StageInput::Tokens(&tokens)
+            } else if placement[stage - 1] == me {
+                StageInput::Hidden(
+                    local
+                        .take()
+                        .ok_or_else(|| anyhow!("stage {stage} has no input"))?,
+                )
+            } else {
+                let h = transport
+                    .recv_f32(placement[stage - 1], "an activation")
+                    .with_context(what)?;
+                StageInput::Hidden(backend.upload(&h)?)
+            };
+            let targets = if stage == last {
+                Some(backend.upload_u32(&b.targets)?)
+            } else {
+                None
+            };
+            let model = &mut stages
+                .iter_mut()
+                .find(|(s, _)| *s == stage)
+                .ok_or_else(|| anyhow!("rank {me} does not hold stage {stage}"))?
+                .1;
+            let (out, _) = model.forward(
+                backend,
+                input,
+                targets.as_ref(),
+                b.batch,
+                b.seq,
+                Keep::Nothing,
+            )?;
+            match out {
+                StageOutput::Hidden(h) if placement[stage + 1] == me => local = Some(h),
+                StageOutput::Hidden(h) => {
+                    let values = backend.download(&h)?;
+                    transport
+                        .send_f32(placement[stage + 1], &values)
+                        .with_context(what)?;
+                }
+                StageOutput::Loss { losses } => return Ok(Some(backend.download(&losses)?)),
+                StageOutput::Logits(_) => {
+                    return Err(anyhow!("the head returned logits, not losses"))
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Gather the whole model to rank 0: every other rank sends its stages' parameters and
+    /// optimizer moments there. `Some` on rank 0.
+    pub fn checkpoint(&mut self) -> Result<Option<Checkpoint>> {
+        let me = self.me();
+        let mut params = HostTensors::new();
+        let mut optimizer = OptimizerState::default();
+        let Rank {
+            backend, stages, ..
+        } = &self.rank;
+        for (_, model) in stages {
+            params.extend(model.download_params(backend)?);
+            let state = model.optimizer_state(backend)?;
+            optimizer.m.extend(state.m);
+            optimizer.v.extend(state.v);
+        }
+        if me != LEADER {
+            let groups = [("param", &params), ("m", &optimizer.m), ("v", &optimizer.v)];
+            let manifest: Vec<Value> = groups
+                .iter()
+                .flat_map(|(g, t)| t.iter().map(move |(name, t)| json!([g, name, t.shape])))
+                .collect();
+            let transport = &mut self.rank.transport;
+            transport.send_json(LEADER, &json!({ "tensors": manifest }))?;
+            for (_, t) in groups {
+                for (_, tensor) in t.iter() {
+                    transport.send_f32(LEADER, &tensor.data)?;
+                }
+            }
+            return Ok(None);
+        }
+        for r in 1..self.world() {
+            let what = format!("rank {r}'s checkpoint manifest");
+            let manifest = self.transport().recv_json(r, &what)?;
+            let entries = manifest["tensors"].as_array().cloned().unwrap_or_default();
+            for entry in entries {
+                let (group, name) = (
+                    entry[0].as_str().unwrap_or(""),
+                    entry[1].as_str().unwrap_or(""),
+                );
+                let shape: Vec<usize> = serde_json::from_value(entry[2].clone())
+                    .with_context(|| format!("{what}: the shape of {name}"))?;
+                let data = self
+                    .transport()
+                    .recv_f32(r, &format!("tensor {name} of the checkpoint"))?;
+                let into = match group {
+                    "param" => &mut params,
+                    "m" => &mut optimizer.m,
+                    "v" => &mut optimizer.v,
+                    other => return Err(anyhow!("{what}: unknown tensor group {other:?}")),
+                };
+                into.insert(name, shape, data)?;
+            }
+        }
+        let state = json!({
+            "step": self.step,
+            "seed": self.config.seed,
+            "data_position": { "kind": "sampled", "seed": self.config.seed, "next_step": self.step + 1 },
+            "config": self.config,
+        });
+        Ok(Some(Checkpoint {
+            config: self.config.model.clone(),
+            params,
+            optimizer: Some(optimizer),
+            trainer_state: Some(state),
+        }))
+    }
+}
+
+impl<B: Backend> TrainLoop for RankTrainer<B> {
+    fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+    fn step(&self) -> u64 {
+        self.step
+    }
+    fn is_leader(&self) -> bool {
+        self.me() == LEADER
+    }
+    fn describe(&self) -> Vec<String> {
+        self.descriptions.clone()
+    }
+    fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
+        RankTrainer::train_step(self, corpus)
+    }
+    fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
+        RankTrainer::evaluate(self, data, seq, max_tokens)
+    }
+    fn gather_checkpoint(&mut self) -> Result<Option<Checkpoint>> {
+        RankTrainer::checkpoint(self)
+    }
+    fn finish(&mut self) -> Result<()> {
+        self.rank.transport.finish()
+    }
+    fn abort(&mut self, reason: &str) {
+        self.rank.transport.abort(reason)
+    }
+}
+
+/// The stages `rank` runs, on `backend`, with weights (and optimizer state) as `init` says.
+fn build_stages<B: Backend>(
+    config: &TrainConfig,
+    schedule: &Schedule,
+    rank: usize,
+    backend: &B,
+    init: &Init<'_>,
+) -> Result<Vec<(usize, StageModel<B>)>> {
+    let ranges = config.stage_layers()?;
+    let layers = config.model.layers();
+    let own = schedule.stages_of(rank);
+    let fresh;
+    let host: &HostTensors = match init {
+        Init::Fresh => {
+            // Only this rank's tensors: each starts the same whichever rank creates it.
+            let mut t = HostTensors::new();
+            for &s in &own {
+                for (name, shape) in config.model.params_of(&layers[ranges[s].clone()]) {
+                    let data = init_tensor(&config.model, config.seed, &name, &shape);
+                    t.insert(name, shape, data)?;
+                }
+            }
+            fresh = t;
+            &fresh
+        }
+        Init::Weights(c) | Init::Resume(c) => {
+            if c.config != config.model {
+                return Err(invalid_input!(
+                    "the checkpoint's model ({:?}) differs from the one asked for ({:?})",
+                    c.config,
+                    config.model
+                ));
+            }
+            &c.params
+        }
+    };
+    let mut stages = Vec::with_capacity(own.len());
+    for &s in &own {
+        let mut model = StageModel::new(backend, &config.model, ranges[s].clone(), host)?;
+        if let Init::Resume(c) = init {
+            let opt = c.optimizer.as_ref().ok_or_else(|| {
+                invalid_input!("the checkpoint has no optimizer state to resume from")
+            })?;
+            model.load_optimizer_state(backend, opt)?;
+        }
+        stages.push((s, model));
+    }
+    Ok(stages)
+}
+
+/// A rank's step figures, as rank 0 receives them.
+fn parse_figures(v: &Value) -> Result<(RankReport, f64)> {
+    let f = |key: &str| v[key].as_f64().ok_or_else(|| anyhow!("no {key}"));
+    let u = |key: &str| v[key].as_u64().ok_or_else(|| anyhow!("no {key}"));
+    let timeline = v["timeline"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no timeline"))?
+        .iter()
+        .map(|t| {
+            let action: Action = serde_json::from_value(t[0].clone())?;
+            let (start, end) = (t[1].as_f64().unwrap_or(0.0), t[2].as_f64().unwrap_or(0.0));
+            Ok(Timed { action, start, end })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let report = RankReport {
+        timeline,
+        busy: f("busy")?,
+        peak_bytes: u("peak_bytes")?,
+        peak_activation_bytes: u("peak_activation_bytes")?,
+        peak_inflight: u("peak_inflight")? as usize,
+    };
+    Ok((report, f64::from_bits(u("loss_sum")?)))
+}
+
+/// The first top-level setting where `a` and `b` differ, as `key: a vs b`.
+fn first_difference(a: &Value, b: &Value) -> String {
+    let flat = |v: &Value| -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        for (k, x) in v.as_object().into_iter().flatten() {
+            match x.as_object() {
+                Some(inner) => out.extend(inner.iter().map(|(k2, y)| (k2.clone(), y.clone()))),
+                None => out.push((k.clone(), x.clone())),
+            }
+        }
+        out
+    };
+    let (fa, fb) = (flat(a), flat(b));
+    fa.iter()
+        .find_map(|(k, x)| {
+            let y = fb
+                .iter()
+                .find(|(k2, _)| k2 == k)
+                .map(|(_, y)| y.clone())
+                .unwrap_or(Value::Null);
+            (x != &y).then(|| format!("{k}: {x} here, {y} on rank 0"))
+        })
+        .unwrap_or_else(|| "the settings".into())
+}
+
+/// The step after which `rank` aborts, from [`FAULT_ENV`].
+fn fault_step(rank: usize) -> Result<Option<u64>> {
+    let Ok(spec) = std::env::var(FAULT_ENV) else {
+        return Ok(None);
+    };
+    let parsed = spec.split_once(':').and_then(|(r, s)| {
+        Some((
+            r.trim().parse::<usize>().ok()?,
+            s.trim().parse::<u64>().ok()?,
+        ))
+    });
+    match parsed {
+        Some((r, step)) => Ok((r == rank).then_some(step)),
+        None => Err(invalid_input!(
+            "{FAULT_ENV} must be RANK:STEP, got {spec:?}"
+        )),
+    }
+}
