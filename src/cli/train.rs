@@ -3,14 +3,16 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pipit_engine::checkpoint::{self, Checkpoint};
 use pipit_engine::data::Corpus;
+use pipit_engine::dist::{LaunchEnv, RankTrainer};
 use pipit_engine::model::GptConfig;
-use pipit_engine::train::{Init, StepLog, TrainConfig, Trainer};
+use pipit_engine::train::{Init, StepLog, TrainConfig, TrainLoop, Trainer};
 use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
 
@@ -122,6 +124,10 @@ pub struct TrainArgs {
     /// Write the last step's measured timeline to PATH as a Chrome trace (open in Perfetto).
     #[arg(long, value_name = "PATH")]
     trace: Option<PathBuf>,
+    /// Multi-process runs (`pipit launch`, or RANK/WORLD_SIZE set): seconds a rank waits on
+    /// another (or on the rendezvous) before it stops with an error naming that rank.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    peer_timeout: f64,
 }
 
 impl TrainArgs {
@@ -210,8 +216,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.seq_len = config.seq_len.min(config.model.n_positions);
     }
     config.validate()?;
+    if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
+        return Err(invalid_input!(
+            "--peer-timeout must be a positive number of seconds, got {}",
+            args.peer_timeout
+        ));
+    }
+    // Under a launcher with more than one process, this process runs only its own rank.
+    let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
     let corpus = corpus(args.data.as_deref())?;
-    let job = TrainJob { args: &args, config, corpus, resume: resume.as_ref(), init: init.as_ref() };
+    let job = TrainJob { args: &args, config, corpus, resume: resume.as_ref(), init: init.as_ref(), launch };
     with_backend(args.backend, job)
 }
 
@@ -221,73 +235,108 @@ struct TrainJob<'a> {
     corpus: Corpus,
     resume: Option<&'a Checkpoint>,
     init: Option<&'a Checkpoint>,
+    launch: Option<LaunchEnv>,
 }
 
 impl BackendJob for TrainJob<'_> {
     type Output = ();
 
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<()> {
-        let TrainJob { args, config, corpus, resume, init } = self;
+        let TrainJob { args, config, corpus, resume, init, launch } = self;
         let start = match (resume, init) {
             (Some(c), _) => Init::Resume(c),
             (None, Some(c)) => Init::Weights(c),
             (None, None) => Init::Fresh,
         };
-        let mut trainer = Trainer::new(config, make, start)?;
-        let c = trainer.config.clone();
-        eprintln!(
-            "model: {} layers, {} heads, width {}, {} parameters | {} schedule, p={} m={} v={}, batch {}×{} tokens",
-            c.model.n_layer,
-            c.model.n_head,
-            c.model.n_embd,
-            c.model.num_parameters(),
-            c.schedule,
-            c.stages,
-            c.microbatches,
-            c.chunks,
-            c.batch_size,
-            c.seq_len
-        );
+        let mut trainer: Box<dyn TrainLoop> = match &launch {
+            Some(env) => {
+                let backend = make(env.local_rank)?;
+                let timeout = Duration::from_secs_f64(args.peer_timeout);
+                Box::new(RankTrainer::new(config, backend, start, env, timeout)?)
+            }
+            None => Box::new(Trainer::new(config, make, start)?),
+        };
+        let result = Self::drive(args, trainer.as_mut(), &corpus);
+        if let Err(e) = &result {
+            // The other ranks of a multi-process run stop at once, naming this one and why.
+            trainer.abort(&format!("{e:#}"));
+        }
+        result
+    }
+}
+
+impl TrainJob<'_> {
+    /// Train to the last step. Only the leader (the one process, or rank 0) prints, logs and
+    /// saves; the other ranks take part in every step, evaluation and checkpoint gather.
+    fn drive(args: &TrainArgs, trainer: &mut dyn TrainLoop, corpus: &Corpus) -> Result<()> {
+        let c = trainer.config().clone();
+        let leader = trainer.is_leader();
+        if leader {
+            eprintln!(
+                "model: {} layers, {} heads, width {}, {} parameters | {} schedule, p={} m={} v={}, batch {}×{} tokens",
+                c.model.n_layer,
+                c.model.n_head,
+                c.model.n_embd,
+                c.model.num_parameters(),
+                c.schedule,
+                c.stages,
+                c.microbatches,
+                c.chunks,
+                c.batch_size,
+                c.seq_len
+            );
+        }
         for line in trainer.describe() {
             eprintln!("  {line}");
         }
-        if trainer.step >= c.steps {
+        if trainer.step() >= c.steps {
             return Err(invalid_input!(
                 "--steps {} is not beyond the checkpoint's step {}; nothing to train",
                 c.steps,
-                trainer.step
+                trainer.step()
             ));
         }
-        let mut log = match &args.log_json {
+        let mut log = match args.log_json.as_ref().filter(|_| leader) {
             Some(path) => Some(
                 fs::OpenOptions::new()
                     .create(true)
-                    .append(trainer.step > 0)
+                    .append(trainer.step() > 0)
                     .write(true)
-                    .truncate(trainer.step == 0)
+                    .truncate(trainer.step() == 0)
                     .open(path)
                     .with_context(|| format!("opening --log-json {}", path.display()))?,
             ),
             None => None,
         };
         let save_to = (!args.no_save).then_some(&args.save);
-        let bar = ProgressBar::new(c.steps);
+        let bar = if leader { ProgressBar::new(c.steps) } else { ProgressBar::hidden() };
         bar.set_style(
             ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
                 .expect("a valid template")
                 .progress_chars("=> "),
         );
-        bar.set_position(trainer.step);
+        bar.set_position(trainer.step());
         let mut last: Option<StepLog> = None;
         let mut val_loss = None;
-        while trainer.step < c.steps {
-            let entry = trainer.train_step(&corpus)?;
+        while trainer.step() < c.steps {
+            let entry = trainer.train_step(corpus)?;
             let step = entry.step;
             let evaluate = step == c.steps || (c.eval_every > 0 && step % c.eval_every == 0);
             let val = if evaluate {
                 let (loss, _) = trainer.evaluate(&corpus.val, c.seq_len, c.eval_tokens)?;
                 val_loss = Some(loss);
-                bar.println(format!("step {step}: train loss {:.4}, val loss {loss:.4}", entry.loss));
+                let line = format!(
+                    "step {step}: train loss {:.4}, val loss {loss:.4}, {:.0} tokens/s, bubble {:.1}%",
+                    entry.loss,
+                    entry.tokens_per_sec,
+                    100.0 * entry.bubble_fraction
+                );
+                // A hidden bar (output not a terminal) prints nothing; logs still get the line.
+                if bar.is_hidden() && leader {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
                 Some(loss)
             } else {
                 None
@@ -314,14 +363,25 @@ impl BackendJob for TrainJob<'_> {
                 writeln!(f, "{line}").context("writing --log-json")?;
             }
             if save_to.is_some() && args.save_every > 0 && step % args.save_every == 0 && step != c.steps {
-                checkpoint::save(&args.save, &trainer.checkpoint()?)?;
+                if let Some(ckpt) = trainer.gather_checkpoint()? {
+                    checkpoint::save(&args.save, &ckpt)?;
+                }
             }
             last = Some(entry);
         }
         bar.finish_and_clear();
-        if let Some(dir) = save_to {
-            checkpoint::save(dir, &trainer.checkpoint()?)?;
+        let final_checkpoint = match save_to {
+            Some(_) => trainer.gather_checkpoint()?,
+            None => None,
+        };
+        // Nothing more crosses between ranks: all of them finish before rank 0 writes.
+        trainer.finish()?;
+        if let (Some(dir), Some(ckpt)) = (save_to, final_checkpoint) {
+            checkpoint::save(dir, &ckpt)?;
             eprintln!("saved checkpoint to {}", dir.display());
+        }
+        if !leader {
+            return Ok(());
         }
         if let (Some(path), Some(entry)) = (&args.trace, &last) {
             trace::write_measured(path, &entry.report)?;
