@@ -157,3 +157,23 @@ fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
 
     assert_eq!(std::fs::read(ckpt.join("model.safetensors")).unwrap(), before, "the good checkpoint is untouched");
 }
+
+#[test]
+fn a_toml_config_holds_the_same_fields_as_the_flags() {
+    let dir = scratch("config");
+    let (config, from_file, from_flags) = (dir.join("run.toml"), dir.join("file.jsonl"), dir.join("flags.jsonl"));
+    std::fs::write(
+        &config,
+        "n_layer = 2\nn_embd = 16\nn_head = 2\nn_positions = 16\nseq_len = 16\nbatch_size = 4\n\
+         microbatches = 2\nstages = 2\nlr = 0.003\nmin_lr = 0.003\nwarmup_steps = 0\neval_every = 0\n\
+         eval_tokens = 256\nschedule = \"gpipe\"\nsteps = 2\n",
+    )
+    .unwrap();
+    ok(&pipit(&["train", "--backend", "reference", "--no-save", "--config", config.to_str().unwrap(), "--log-json", from_file.to_str().unwrap()]));
+    ok(&train(&["--schedule", "gpipe", "--steps", "2", "--log-json", from_flags.to_str().unwrap()]));
+    let losses = |p: &Path| log_lines(p).iter().map(|v| v["loss"].clone()).collect::<Vec<_>>();
+    assert_eq!(losses(&from_file), losses(&from_flags));
+
+    std::fs::write(&config, "n_layrs = 3\n").unwrap();
+    refused(&pipit(&["train", "--no-save", "--config", config.to_str().unwrap()]), "n_layrs");
+}
