@@ -84,6 +84,8 @@ pub enum Frame {
     Goodbye,
     /// The sender has failed; the text says why.
     Abort(String),
+    /// The sender is alive (sent while it computes or waits, so silence means it is stuck).
+    Heartbeat,
 }
 
 impl Frame {
@@ -123,6 +125,7 @@ impl Frame {
             Frame::Message(_) => "a message",
             Frame::Goodbye => "a goodbye",
             Frame::Abort(_) => "an abort",
+            Frame::Heartbeat => "a heartbeat",
         }
     }
 
@@ -132,6 +135,7 @@ impl Frame {
             Frame::Message(_) => 2,
             Frame::Goodbye => 3,
             Frame::Abort(_) => 4,
+            Frame::Heartbeat => 5,
         }
     }
 }
@@ -177,7 +181,7 @@ pub fn encode(seq: u64, frame: &Frame) -> Vec<u8> {
     let (dtype, shape, payload): (u8, &[usize], &[u8]) = match frame {
         Frame::Tensor { dtype, shape, data } => (dtype_code(*dtype), shape, data),
         Frame::Message(text) => (0, &[], text),
-        Frame::Goodbye => (0, &[], &[]),
+        Frame::Goodbye | Frame::Heartbeat => (0, &[], &[]),
         Frame::Abort(reason) => (0, &[], reason.as_bytes()),
     };
     let mut out = Vec::with_capacity(FIXED_HEADER + 8 * shape.len() + 8 + payload.len() + 8);
@@ -296,6 +300,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<(u64, Frame)>, FrameError>
         2 => Frame::Message(payload),
         3 => Frame::Goodbye,
         4 => Frame::Abort(String::from_utf8_lossy(&payload).into_owned()),
+        5 => Frame::Heartbeat,
         other => return Err(FrameError::Corrupt(format!("unknown frame kind {other}"))),
     };
     Ok(Some((seq, frame)))
@@ -324,6 +329,7 @@ mod tests {
             Frame::Message(br#"{"loss": 1}"#.to_vec()),
             Frame::Goodbye,
             Frame::Abort("rank 3 ran out of memory".into()),
+            Frame::Heartbeat,
             Frame::f32s(&[]),
         ];
         let mut wire = Vec::new();

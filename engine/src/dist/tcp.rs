@@ -2,15 +2,17 @@
 //!
 //! Sends write a whole frame on the calling thread (blocking, with a write timeout). Each
 //! connection has a reader thread that reads frames as they arrive and queues them per peer,
-//! so a receive waits on one condition for three things at once: its own message, a failure
-//! of *any* peer (a closed connection, an abort, a corrupt frame), or its timeout. That is
-//! what lets every rank stop within the timeout, naming the rank that failed, whichever peer
-//! it happened to be waiting for.
+//! and a heartbeat thread tells every peer this process is alive while it computes or waits.
+//! A receive waits on one condition for its message and for a failure of *any* peer: a
+//! connection closed without a goodbye, an abort (which carries the root cause), a corrupt
+//! frame, or silence (not even a heartbeat) for the peer timeout. So every rank stops within
+//! the timeout, naming the rank that failed, whichever peer it happened to be waiting for.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Read};
 use std::net::{Shutdown, TcpStream};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -20,18 +22,22 @@ use serde_json::Value;
 use super::frame::{read_frame, write_frame, Frame, FrameError};
 use crate::backend::{Backend, Transport};
 
-/// How long a write may block before the peer is declared stuck (it stopped reading).
+/// How long the last words (an abort) may take to write.
 const ABORT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// A receive from a peer that is alive (it sends heartbeats) but never sends the awaited
+/// message gives up after this many peer timeouts: a stuck run, not a slow one.
+const ALIVE_BUT_SILENT_FACTOR: u32 = 10;
 
 /// What the reader threads have delivered, shared with the receiving side.
-#[derive(Default)]
 struct InboxState {
     queues: Vec<VecDeque<Frame>>,
     /// Peers that said goodbye.
     finished: Vec<bool>,
     /// Peers whose connection has ended (after a goodbye, or not).
     closed: Vec<bool>,
-    /// Why the run cannot go on: the first peer failure seen.
+    /// When each peer was last heard from (any bytes).
+    last_heard: Vec<Instant>,
+    /// Why the run cannot go on: the first peer failure seen, naming the rank to blame.
     failure: Option<String>,
 }
 
@@ -42,47 +48,71 @@ struct Inbox {
 
 impl Inbox {
     fn lock(&self) -> MutexGuard<'_, InboxState> {
-        // A reader thread never panics while holding the lock; recover the data if one did.
+        // No thread panics while holding the lock; recover the data if one did.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-/// The write side of one peer connection.
+/// The write side of one peer connection; frames are numbered per connection.
 struct Link {
     stream: TcpStream,
     next_seq: u64,
+}
+
+impl Link {
+    fn write(&mut self, frame: &Frame) -> io::Result<()> {
+        write_frame(&mut self.stream, self.next_seq, frame)?;
+        self.next_seq += 1;
+        Ok(())
+    }
+}
+
+type Links = Arc<Vec<Option<Mutex<Link>>>>;
+
+fn lock_link(link: &Mutex<Link>) -> MutexGuard<'_, Link> {
+    link.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// One rank's end of a TCP mesh. Implements [`Transport`] for any backend (tensors are staged
 /// through host memory), and carries JSON control messages between ranks as well.
 pub struct TcpTransport {
     rank: usize,
-    links: Vec<Option<Link>>,
+    links: Links,
     inbox: Arc<Inbox>,
     timeout: Duration,
+    /// Cleared to stop the heartbeat thread.
+    beating: Arc<AtomicBool>,
     done: bool,
+}
+
+/// How often a process tells its peers it is alive: often enough that a peer timeout spans
+/// several heartbeats.
+fn heartbeat_interval(timeout: Duration) -> Duration {
+    (timeout / 5).clamp(Duration::from_millis(10), Duration::from_secs(5))
 }
 
 impl TcpTransport {
     /// A transport for `rank` of `world` over `streams`, one connected stream per peer
-    /// (`(peer rank, stream)`; a rank may leave out peers it never talks to). Every wait on a
-    /// peer gives up after `timeout`.
+    /// (`(peer rank, stream)`; a rank may leave out peers it never talks to). A peer silent
+    /// for `timeout` (no message, no heartbeat) is declared stopped.
     pub fn new(
         rank: usize,
         world: usize,
         streams: Vec<(usize, TcpStream)>,
         timeout: Duration,
     ) -> Result<Self> {
+        let now = Instant::now();
         let inbox = Arc::new(Inbox {
             state: Mutex::new(InboxState {
                 queues: vec![VecDeque::new(); world],
                 finished: vec![false; world],
                 closed: vec![false; world],
+                last_heard: vec![now; world],
                 failure: None,
             }),
             changed: Condvar::new(),
         });
-        let mut links: Vec<Option<Link>> = (0..world).map(|_| None).collect();
+        let mut links: Vec<Option<Mutex<Link>>> = (0..world).map(|_| None).collect();
         for (peer, stream) in streams {
             if peer >= world || peer == rank || links[peer].is_some() {
                 bail!("rank {rank}: unexpected connection for rank {peer} (world of {world})");
@@ -96,16 +126,24 @@ impl TcpTransport {
                 .name(format!("pipit-recv-{peer}"))
                 .spawn(move || read_loop(peer, reader, &inbox))
                 .context("starting a receive thread")?;
-            links[peer] = Some(Link {
+            links[peer] = Some(Mutex::new(Link {
                 stream,
                 next_seq: 0,
-            });
+            }));
         }
+        let links: Links = Arc::new(links);
+        let beating = Arc::new(AtomicBool::new(true));
+        let (l, b) = (Arc::clone(&links), Arc::clone(&beating));
+        thread::Builder::new()
+            .name("pipit-heartbeat".into())
+            .spawn(move || heartbeat_loop(&l, &b, heartbeat_interval(timeout)))
+            .context("starting the heartbeat thread")?;
         Ok(Self {
             rank,
             links,
             inbox,
             timeout,
+            beating,
             done: false,
         })
     }
@@ -120,7 +158,7 @@ impl TcpTransport {
         self.links.len()
     }
 
-    /// How long a wait on a peer lasts before it fails.
+    /// How long a peer may stay silent before it is declared stopped.
     pub fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -135,7 +173,10 @@ impl TcpTransport {
         let frame = self.recv_frame(from, what)?;
         let kind = frame.kind_name();
         frame.into_f32s().ok_or_else(|| {
-            anyhow!("rank {from} sent {kind} where rank {} expected {what} (f32 tensor): the ranks are out of step", self.rank)
+            anyhow!(
+                "rank {from} sent {kind} where rank {} expected {what} (f32 tensor): the ranks are out of step",
+                self.rank
+            )
         })
     }
 
@@ -169,7 +210,7 @@ impl TcpTransport {
         {
             let mut state = self.inbox.lock();
             if let Some(f) = &state.failure {
-                bail!("{} (rank {me} was about to send {what} to rank {to})", f);
+                bail!("{f}; rank {me} stopped before sending {what} to rank {to}");
             }
             if to == me {
                 state.queues[me].push_back(frame);
@@ -180,24 +221,26 @@ impl TcpTransport {
             }
         }
         let link = self.links[to]
-            .as_mut()
+            .as_ref()
             .ok_or_else(|| anyhow!("rank {me} has no connection to rank {to}"))?;
-        let seq = link.next_seq;
-        write_frame(&mut link.stream, seq, &frame).map_err(|e| {
-            let why = match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
-                    format!("rank {to} stopped reading for {}", seconds(self.timeout))
-                }
-                _ => format!("rank {to} has stopped ({e})"),
+        let written = lock_link(link).write(&frame);
+        if let Err(e) = written {
+            let root = match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+                    "rank {to} stopped answering (it read nothing for {})",
+                    seconds(self.timeout)
+                ),
+                _ => format!(
+                    "rank {to} stopped without finishing ({e}: the process crashed or was killed)"
+                ),
             };
-            anyhow!("rank {me} could not send {what} to rank {to}: {why}")
-        })?;
-        link.next_seq += 1;
+            record(&mut self.inbox.lock(), root.clone());
+            bail!("{root}; rank {me} could not send {what} to it");
+        }
         Ok(())
     }
 
-    /// Receive the next frame from `from`, waiting at most the timeout; fails at once when any
-    /// peer has failed.
+    /// Receive the next frame from `from`; fails as soon as any peer has failed or gone silent.
     pub fn recv_frame(&mut self, from: usize, what: &str) -> Result<Frame> {
         let me = self.rank;
         if from >= self.links.len() {
@@ -209,11 +252,13 @@ impl TcpTransport {
         if from != me && self.links[from].is_none() {
             bail!("rank {me} has no connection to rank {from}");
         }
-        let deadline = Instant::now() + self.timeout;
+        let cap = self.timeout * ALIVE_BUT_SILENT_FACTOR;
+        let deadline = Instant::now() + cap;
         let mut state = self.inbox.lock();
         loop {
+            self.check_silence(&mut state);
             if let Some(f) = &state.failure {
-                bail!("{} (rank {me} was waiting for {what} from rank {from})", f);
+                bail!("{f}; rank {me} stopped while waiting for {what} from rank {from}");
             }
             if let Some(frame) = state.queues[from].pop_front() {
                 return Ok(frame);
@@ -222,42 +267,77 @@ impl TcpTransport {
                 bail!("rank {me} waited for {what} from itself, but sent itself nothing");
             }
             if state.finished[from] {
-                bail!("rank {from} has finished its run while rank {me} was waiting for {what} from it");
+                bail!(
+                    "rank {from} has finished its run while rank {me} was waiting for {what} from it"
+                );
             }
             let now = Instant::now();
             if now >= deadline {
-                bail!(
-                    "rank {me} waited {} for {what} from rank {from}, which stopped answering (raise --peer-timeout if it is only slow)",
-                    seconds(self.timeout)
+                let root = format!(
+                    "rank {from} is alive but sent rank {me} no {what} for {}: the run is stuck",
+                    seconds(cap)
                 );
+                record(&mut state, root.clone());
+                bail!(root);
             }
-            state = self
-                .inbox
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = self.wait(state, deadline - now);
         }
     }
 
-    /// End the run cleanly: say goodbye to every peer, then wait (at most the timeout) until
-    /// every peer has said goodbye and closed, so no message is cut off in flight.
+    /// Wait for news from the reader threads, or at most until the next silence check.
+    fn wait<'a>(
+        &self,
+        state: MutexGuard<'a, InboxState>,
+        left: Duration,
+    ) -> MutexGuard<'a, InboxState> {
+        let step = left.min(heartbeat_interval(self.timeout));
+        self.inbox
+            .changed
+            .wait_timeout(state, step)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
+    /// Record a failure for the first live peer that has been silent for the timeout.
+    fn check_silence(&self, state: &mut InboxState) {
+        let now = Instant::now();
+        let silent = (0..self.links.len()).find(|&p| {
+            self.links[p].is_some()
+                && !state.finished[p]
+                && !state.closed[p]
+                && now.duration_since(state.last_heard[p]) > self.timeout
+        });
+        if let Some(p) = silent {
+            let root = format!(
+                "rank {p} stopped answering (rank {} heard nothing from it, not even a heartbeat, for {}; raise --peer-timeout if it is only slow)",
+                self.rank,
+                seconds(self.timeout)
+            );
+            record(state, root);
+        }
+    }
+
+    /// End the run cleanly: say goodbye to every peer, then wait until every peer has said
+    /// goodbye and closed, so no message is cut off in flight.
     pub fn finish(&mut self) -> Result<()> {
         self.done = true;
+        self.beating.store(false, Ordering::SeqCst);
         let me = self.rank;
-        for (peer, link) in self.links.iter_mut().enumerate() {
+        for (peer, link) in self.links.iter().enumerate() {
             if let Some(link) = link {
-                write_frame(&mut link.stream, link.next_seq, &Frame::Goodbye)
+                let mut link = lock_link(link);
+                link.write(&Frame::Goodbye)
                     .with_context(|| format!("rank {me} saying goodbye to rank {peer}"))?;
-                link.next_seq += 1;
                 let _ = link.stream.shutdown(Shutdown::Write);
             }
         }
-        let deadline = Instant::now() + self.timeout;
+        let cap = self.timeout * ALIVE_BUT_SILENT_FACTOR;
+        let deadline = Instant::now() + cap;
         let mut state = self.inbox.lock();
         loop {
+            self.check_silence(&mut state);
             if let Some(f) = &state.failure {
-                bail!("{} (rank {me} was finishing its run)", f);
+                bail!("{f}; rank {me} stopped while finishing its run");
             }
             let waiting: Vec<usize> = (0..self.links.len())
                 .filter(|&p| self.links[p].is_some() && !state.closed[p])
@@ -269,29 +349,29 @@ impl TcpTransport {
             if now >= deadline {
                 bail!(
                     "rank {me} finished, but ranks {waiting:?} did not within {}",
-                    seconds(self.timeout)
+                    seconds(cap)
                 );
             }
-            state = self
-                .inbox
-                .changed
-                .wait_timeout(state, deadline - now)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            state = self.wait(state, deadline - now);
         }
     }
 
-    /// Stop after a failure: tell every peer why (best effort, briefly) and close.
+    /// Stop after a failure: tell every peer why (best effort, briefly) and close. When this
+    /// rank stopped because of a peer's failure, the peers are told that one (it names the rank
+    /// to blame); otherwise they are told `reason`, as this rank's own failure.
     pub fn abort(&mut self, reason: &str) {
         if self.done {
             return;
         }
         self.done = true;
-        let frame = Frame::Abort(reason.to_string());
-        for link in self.links.iter_mut().flatten() {
+        self.beating.store(false, Ordering::SeqCst);
+        let seen = self.inbox.lock().failure.clone();
+        let root = seen.unwrap_or_else(|| format!("rank {} failed: {reason}", self.rank));
+        let frame = Frame::Abort(root);
+        for link in self.links.iter().flatten() {
+            let mut link = lock_link(link);
             let _ = link.stream.set_write_timeout(Some(ABORT_WRITE_TIMEOUT));
-            let _ = write_frame(&mut link.stream, link.next_seq, &frame);
-            link.next_seq += 1;
+            let _ = link.write(&frame);
             let _ = link.stream.shutdown(Shutdown::Write);
         }
     }
@@ -299,8 +379,7 @@ impl TcpTransport {
 
 impl Drop for TcpTransport {
     fn drop(&mut self) {
-        let reason = format!("rank {} stopped before the end of the run", self.rank);
-        self.abort(&reason);
+        self.abort("it stopped before the end of the run");
     }
 }
 
@@ -316,8 +395,49 @@ impl<B: Backend> Transport<B> for TcpTransport {
     }
 }
 
+/// Tell every peer this process is alive, until `beating` is cleared. A link busy with a
+/// send is skipped: that peer is hearing from this process anyway, or not reading at all.
+fn heartbeat_loop(links: &Links, beating: &AtomicBool, interval: Duration) {
+    while beating.load(Ordering::SeqCst) {
+        thread::sleep(interval);
+        for link in links.iter().flatten() {
+            if !beating.load(Ordering::SeqCst) {
+                return;
+            }
+            match link.try_lock() {
+                Ok(mut link) => drop(link.write(&Frame::Heartbeat)),
+                Err(TryLockError::Poisoned(e)) => drop(e.into_inner().write(&Frame::Heartbeat)),
+                Err(TryLockError::WouldBlock) => {}
+            }
+        }
+    }
+}
+
+/// A peer's stream that notes, on every read, that the peer was heard from: a large frame
+/// still arriving counts as life.
+struct Heard<'a> {
+    peer: usize,
+    stream: TcpStream,
+    inbox: &'a Inbox,
+}
+
+impl Read for Heard<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        if n > 0 {
+            self.inbox.lock().last_heard[self.peer] = Instant::now();
+        }
+        Ok(n)
+    }
+}
+
 /// Read frames from `peer` until its connection ends, queueing them and recording failures.
-fn read_loop(peer: usize, mut stream: TcpStream, inbox: &Inbox) {
+fn read_loop(peer: usize, stream: TcpStream, inbox: &Inbox) {
+    let mut stream = Heard {
+        peer,
+        stream,
+        inbox,
+    };
     let mut expected = 0u64;
     loop {
         let result = read_frame(&mut stream);
@@ -326,19 +446,20 @@ fn read_loop(peer: usize, mut stream: TcpStream, inbox: &Inbox) {
         let (failure, ended) = match result {
             Ok(Some((seq, _))) if seq != expected => (
                 Some(format!(
-                    "corrupt stream from rank {peer}: frame {seq} arrived where frame {expected} was due"
+                    "rank {peer} sent a corrupt stream: frame {seq} arrived where frame {expected} was due"
                 )),
                 true,
             ),
             Ok(Some((_, frame))) => {
                 expected += 1;
                 match frame {
+                    Frame::Heartbeat => (None, false),
                     Frame::Goodbye => {
                         state.finished[peer] = true;
                         (None, false)
                     }
-                    // The aborting rank's reason usually names the rank that failed first.
-                    Frame::Abort(reason) => (Some(format!("rank {peer} failed: {reason}")), false),
+                    // An abort carries the root cause, which names the rank that failed first.
+                    Frame::Abort(reason) => (Some(reason), false),
                     other => {
                         state.queues[peer].push_back(other);
                         (None, false)
@@ -348,16 +469,16 @@ fn read_loop(peer: usize, mut stream: TcpStream, inbox: &Inbox) {
             Ok(None) | Err(_) if finished => (None, true),
             Ok(None) => (
                 Some(format!(
-                    "rank {peer} closed its connection without finishing (its process crashed or was killed)"
+                    "rank {peer} stopped without finishing (its connection closed: the process crashed or was killed)"
                 )),
                 true,
             ),
             Err(FrameError::Corrupt(why)) => {
-                (Some(format!("corrupt frame from rank {peer}: {why}")), true)
+                (Some(format!("rank {peer} sent a corrupt frame: {why}")), true)
             }
             Err(e @ FrameError::Io(_)) => (
                 Some(format!(
-                    "lost the connection to rank {peer} ({e}; its process crashed or was killed)"
+                    "rank {peer} stopped without finishing ({e}: the process crashed or was killed)"
                 )),
                 true,
             ),
@@ -455,10 +576,10 @@ mod tests {
         bytes[n - 10] ^= 0x40;
         raw.write_all(&bytes).unwrap();
         let err = t.recv_f32(1, "an activation").unwrap_err().to_string();
-        assert!(err.contains("corrupt frame from rank 1"), "{err}");
+        assert!(err.contains("rank 1 sent a corrupt frame"), "{err}");
         assert!(err.contains("payload checksum mismatch"), "{err}");
         assert!(
-            err.contains("rank 0 was waiting for an activation from rank 1"),
+            err.contains("rank 0 stopped while waiting for an activation from rank 1"),
             "{err}"
         );
     }
@@ -497,13 +618,16 @@ mod tests {
             start.elapsed() < T,
             "the failure ended the wait before its timeout"
         );
+        assert!(err.starts_with("rank 1 stopped without finishing"), "{err}");
         assert!(
-            err.contains("rank 1 closed its connection without finishing"),
+            err.contains("rank 0 stopped while waiting for a gradient from rank 2"),
             "{err}"
         );
-        assert!(err.contains("waiting for a gradient from rank 2"), "{err}");
         let err = t.send_f32(2, &[1.0]).unwrap_err().to_string();
-        assert!(err.contains("rank 1 closed"), "sends stop too: {err}");
+        assert!(
+            err.starts_with("rank 1 stopped without finishing"),
+            "sends stop too: {err}"
+        );
     }
 
     #[test]
@@ -511,7 +635,23 @@ mod tests {
         let (mut t, _raw) = with_raw_peer(Duration::from_millis(300));
         let err = t.recv_f32(1, "an activation").unwrap_err().to_string();
         assert!(
-            err.contains("rank 0 waited 0.3 s for an activation from rank 1"),
+            err.starts_with("rank 1 stopped answering (rank 0 heard nothing from it, not even a heartbeat, for 0.3 s"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_silent_rank_is_blamed_not_the_live_one_waited_on() {
+        // Rank 0 waits on rank 1, which is alive (heartbeats) while rank 2 has gone quiet.
+        let t = Duration::from_millis(500);
+        let (a, b) = pair();
+        let (c, _silent) = pair();
+        let mut t0 = TcpTransport::new(0, 3, vec![(1, a), (2, c)], t).unwrap();
+        let _t1 = TcpTransport::new(1, 2, vec![(0, b)], t).unwrap();
+        let err = t0.recv_f32(1, "a gradient").unwrap_err().to_string();
+        assert!(err.starts_with("rank 2 stopped answering"), "{err}");
+        assert!(
+            err.contains("rank 0 stopped while waiting for a gradient from rank 1"),
             "{err}"
         );
     }

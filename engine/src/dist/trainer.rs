@@ -37,8 +37,8 @@ pub struct RankTrainer<B: Backend> {
     pub rank: Rank<B, TcpTransport>,
     /// Steps completed so far.
     pub step: u64,
-    /// Every rank's description on the leader; this rank's elsewhere.
-    descriptions: Vec<String>,
+    /// This rank's device and stages, in one line.
+    description: String,
     /// Step after which this rank aborts ([`FAULT_ENV`]).
     abort_after: Option<u64>,
 }
@@ -103,7 +103,7 @@ impl<B: Backend> RankTrainer<B> {
             })
             .collect();
         let line = format!("rank {me}: {} | {}", backend.describe(), parts.join(", "));
-        let mut trainer = Self {
+        Ok(Self {
             config,
             schedule,
             rank: Rank {
@@ -113,11 +113,9 @@ impl<B: Backend> RankTrainer<B> {
                 stages,
             },
             step,
-            descriptions: vec![line],
+            description: line,
             abort_after,
-        };
-        trainer.gather_descriptions()?;
-        Ok(trainer)
+        })
     }
 
     fn me(&self) -> usize {
@@ -130,20 +128,6 @@ impl<B: Backend> RankTrainer<B> {
 
     fn transport(&mut self) -> &mut TcpTransport {
         &mut self.rank.transport
-    }
-
-    fn gather_descriptions(&mut self) -> Result<()> {
-        if self.me() == LEADER {
-            for r in 1..self.world() {
-                let v = self.transport().recv_json(r, "its device description")?;
-                self.descriptions
-                    .push(v.as_str().unwrap_or_default().to_string());
-            }
-        } else {
-            let line = json!(self.descriptions[0]);
-            self.transport().send_json(LEADER, &line)?;
-        }
-        Ok(())
     }
 
     /// Train one step: this rank's part of the schedule, then the figures go to rank 0, which
@@ -428,7 +412,7 @@ impl<B: Backend> TrainLoop for RankTrainer<B> {
         self.me() == LEADER
     }
     fn describe(&self) -> Vec<String> {
-        self.descriptions.clone()
+        vec![self.description.clone()]
     }
     fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
         RankTrainer::train_step(self, corpus)
