@@ -3,6 +3,7 @@
 mod device;
 mod eval;
 mod generate;
+mod launch;
 mod partition;
 mod plan;
 mod trace;
@@ -36,6 +37,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Cut a model's layers into pipeline stages (uniform, balanced or memory-capped).
     Partition(partition::PartitionArgs),
+    /// Start one process per pipeline rank on this host: `pipit launch --nproc-per-node 4 -- train ...`.
+    Launch(launch::LaunchArgs),
 }
 
 /// Parse arguments, run the subcommand, and turn an error into one line and an exit status:
@@ -48,6 +51,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Partition(args) => partition::run(args),
+        Command::Launch(args) => launch::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

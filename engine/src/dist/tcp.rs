@@ -24,6 +24,8 @@ use crate::backend::{Backend, Transport};
 
 /// How long the last words (an abort) may take to write.
 const ABORT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a failed send waits for the peer's last words (an abort) to be read.
+const LAST_WORDS_WAIT: Duration = Duration::from_secs(1);
 /// A receive from a peer that is alive (it sends heartbeats) but never sends the awaited
 /// message gives up after this many peer timeouts: a stuck run, not a slow one.
 const ALIVE_BUT_SILENT_FACTOR: u32 = 10;
@@ -225,6 +227,16 @@ impl TcpTransport {
             .ok_or_else(|| anyhow!("rank {me} has no connection to rank {to}"))?;
         let written = lock_link(link).write(&frame);
         if let Err(e) = written {
+            // A peer that failed usually said why just before it closed: let the reader
+            // deliver that (or the end of the stream) before blaming the broken pipe.
+            let mut state = self.inbox.lock();
+            let until = Instant::now() + LAST_WORDS_WAIT;
+            while !state.closed[to] && Instant::now() < until {
+                state = self.wait(state, until.saturating_duration_since(Instant::now()));
+            }
+            if let Some(f) = &state.failure {
+                bail!("{f}; rank {me} could not send {what} to rank {to}");
+            }
             let root = match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
                     "rank {to} stopped answering (it read nothing for {})",
@@ -234,7 +246,7 @@ impl TcpTransport {
                     "rank {to} stopped without finishing ({e}: the process crashed or was killed)"
                 ),
             };
-            record(&mut self.inbox.lock(), root.clone());
+            record(&mut state, root.clone());
             bail!("{root}; rank {me} could not send {what} to it");
         }
         Ok(())

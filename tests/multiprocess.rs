@@ -1,0 +1,575 @@
+//! Multi-process training as users run it: `pipit launch`, or `pipit train` processes started
+//! by hand with torchrun's or srun's variables. The runs give the single-process losses and
+//! checkpoint exactly; a rank that crashes, is killed or stops answering makes every other
+//! rank exit non-zero naming it; the rendezvous refuses a wrong token, a taken rank and
+//! different settings.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Only a guard against a hung test: far beyond the peer timeouts used below.
+const GUARD: Duration = Duration::from_secs(120);
+
+/// Variables of launchers and of pipit's multi-process runs, cleared so a test sets its own.
+const LAUNCH_VARS: &[&str] = &[
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_LOCALID",
+    "SLURM_JOB_NODELIST",
+    "SLURM_NODELIST",
+    "PIPIT_TOKEN",
+    "PIPIT_FAULT_ABORT_AFTER_STEP",
+];
+
+/// A tiny model on the reference backend, as in the train CLI tests (4 layers in all).
+const TINY: &[&str] = &[
+    "--backend",
+    "reference",
+    "--n-layer",
+    "2",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--n-positions",
+    "16",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--microbatches",
+    "2",
+    "--lr",
+    "0.003",
+    "--min-lr",
+    "0.003",
+    "--warmup-steps",
+    "0",
+    "--eval-every",
+    "2",
+    "--eval-tokens",
+    "256",
+];
+
+fn pipit(args: &[String], env: &[(&str, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipit"));
+    cmd.args(args).env("XDG_RUNTIME_DIR", "/tmp");
+    for var in LAUNCH_VARS {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("pipit-multiprocess-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `train` with the tiny model, a schedule, and `extra` flags.
+fn train_args(schedule: &str, stages: usize, chunks: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = vec!["train".into()];
+    args.extend(TINY.iter().map(|s| s.to_string()));
+    for (flag, value) in [
+        ("--schedule", schedule.to_string()),
+        ("--stages", stages.to_string()),
+        ("--chunks", chunks.to_string()),
+    ] {
+        args.push(flag.into());
+        args.push(value);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// Wait for `child` (at most [`GUARD`]) and collect its output.
+fn finish(child: Child) -> Output {
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || tx.send(child.wait_with_output()));
+    match rx.recv_timeout(GUARD) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            panic!("process {pid} still ran after {GUARD:?}");
+        }
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    finish(cmd.spawn().expect("the pipit binary runs"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "failed ({:?}): {}",
+        out.status,
+        stderr(out)
+    );
+}
+
+fn log_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The same steps, keys, losses (to the bit) and validation losses; one peak per rank.
+fn same_losses(single: &Path, multi: &Path, ranks: usize) {
+    let (a, b) = (log_lines(single), log_lines(multi));
+    assert_eq!(a.len(), b.len(), "one line per step");
+    assert!(!a.is_empty());
+    for (x, y) in a.iter().zip(&b) {
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(x), keys(y), "the same keys");
+        for key in ["step", "loss", "lr", "val_loss", "peak_bytes"] {
+            assert_eq!(x[key], y[key], "step {}: {key}", x["step"]);
+        }
+        assert_eq!(y["peak_bytes"].as_array().unwrap().len(), ranks);
+    }
+    assert!(
+        b.iter().any(|v| !v["val_loss"].is_null()),
+        "validation ran across the ranks"
+    );
+}
+
+fn same_files(a: &Path, b: &Path) {
+    for file in [
+        "model.safetensors",
+        "optimizer.safetensors",
+        "config.json",
+        "trainer_state.json",
+    ] {
+        let (x, y) = (
+            std::fs::read(a.join(file)).unwrap(),
+            std::fs::read(b.join(file)).unwrap(),
+        );
+        assert!(
+            x == y,
+            "{file} differs between {} and {}",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// torchrun's variables for `rank` of `world` meeting at `port`.
+fn torchrun_env(rank: usize, world: usize, port: u16) -> Vec<(&'static str, String)> {
+    vec![
+        ("RANK", rank.to_string()),
+        ("WORLD_SIZE", world.to_string()),
+        ("LOCAL_RANK", rank.to_string()),
+        ("MASTER_ADDR", "127.0.0.1".into()),
+        ("MASTER_PORT", port.to_string()),
+    ]
+}
+
+/// Start `world` ranks of `args` by hand, each with the variables `env(rank)` gives.
+fn start_ranks(
+    world: usize,
+    args: &[String],
+    env: impl Fn(usize) -> Vec<(&'static str, String)>,
+) -> Vec<Child> {
+    (0..world)
+        .map(|r| pipit(args, &env(r)).spawn().unwrap())
+        .collect()
+}
+
+#[test]
+fn launched_runs_give_the_single_process_losses_and_checkpoint() {
+    let dir = scratch("launch");
+    for (schedule, p, v) in [("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved", 2, 2)] {
+        let (single_log, multi_log) = (
+            dir.join(format!("{schedule}-1.jsonl")),
+            dir.join(format!("{schedule}-n.jsonl")),
+        );
+        let (single_ckpt, multi_ckpt) = (
+            dir.join(format!("{schedule}-1")),
+            dir.join(format!("{schedule}-n")),
+        );
+        let extra = |log: &Path, ckpt: &Path| {
+            train_args(
+                schedule,
+                p,
+                v,
+                &[
+                    "--steps",
+                    "3",
+                    "--log-json",
+                    log.to_str().unwrap(),
+                    "--save",
+                    ckpt.to_str().unwrap(),
+                ],
+            )
+        };
+        ok(&run(&mut pipit(&extra(&single_log, &single_ckpt), &[])));
+
+        let mut launch: Vec<String> = ["launch", "--nproc-per-node", &p.to_string(), "--"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        launch.extend(extra(&multi_log, &multi_ckpt));
+        let out = run(&mut pipit(&launch, &[]));
+        ok(&out);
+        same_losses(&single_log, &multi_log, p);
+        same_files(&single_ckpt, &multi_ckpt);
+
+        let (text, err) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
+        assert!(
+            text.lines().all(|l| l.starts_with("[rank ")),
+            "stdout: {text}"
+        );
+        assert!(
+            err.lines()
+                .all(|l| l.starts_with("[rank ") || l.starts_with("launch: ")),
+            "stderr: {err}"
+        );
+        assert!(
+            text.contains("[rank 0] step 3: loss"),
+            "rank 0 reports the run: {text}"
+        );
+        for r in 0..p {
+            assert!(
+                err.contains(&format!("[rank {r}]   rank {r}: ")),
+                "rank {r} describes its stages: {err}"
+            );
+        }
+    }
+}
+
+#[test]
+fn processes_started_by_hand_with_torchrun_or_srun_variables() {
+    let dir = scratch("by-hand");
+    let single = dir.join("single.jsonl");
+    let args = |log: &Path| {
+        train_args(
+            "1f1b",
+            4,
+            1,
+            &[
+                "--steps",
+                "3",
+                "--no-save",
+                "--log-json",
+                log.to_str().unwrap(),
+            ],
+        )
+    };
+    ok(&run(&mut pipit(&args(&single), &[])));
+
+    let torchrun = dir.join("torchrun.jsonl");
+    let port = free_port();
+    for out in start_ranks(4, &args(&torchrun), |r| torchrun_env(r, 4, port))
+        .into_iter()
+        .map(finish)
+    {
+        ok(&out);
+    }
+    same_losses(&single, &torchrun, 4);
+
+    let srun = dir.join("srun.jsonl");
+    let port = free_port();
+    let slurm = |r: usize| {
+        vec![
+            ("SLURM_PROCID", r.to_string()),
+            ("SLURM_NTASKS", "4".to_string()),
+            ("SLURM_LOCALID", r.to_string()),
+            ("SLURM_JOB_NODELIST", "localhost".to_string()),
+            ("MASTER_PORT", port.to_string()),
+        ]
+    };
+    for out in start_ranks(4, &args(&srun), slurm).into_iter().map(finish) {
+        ok(&out);
+    }
+    same_losses(&single, &srun, 4);
+}
+
+/// The last line of a rank's stderr: the one error line.
+fn error_line(out: &Output) -> String {
+    let err = stderr(out);
+    let last = err.lines().last().unwrap_or_default().to_string();
+    assert!(last.starts_with("error: "), "stderr: {err}");
+    assert_eq!(err.matches("error: ").count(), 1, "one error line: {err}");
+    last
+}
+
+#[test]
+fn a_rank_that_crashes_stops_every_other_rank_naming_it() {
+    // Rank 2 aborts (SIGABRT, no goodbye) after computing step 2, before reporting it.
+    let mut launch: Vec<String> = ["launch", "--nproc-per-node", "4", "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    launch.extend(train_args(
+        "1f1b",
+        4,
+        1,
+        &["--steps", "100000", "--no-save", "--peer-timeout", "20"],
+    ));
+    let out = run(&mut pipit(
+        &launch,
+        &[("PIPIT_FAULT_ABORT_AFTER_STEP", "2:2".into())],
+    ));
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 6),
+        "the crashed rank's status: {}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    for r in [0, 1, 3] {
+        let lines: Vec<&str> = err
+            .lines()
+            .filter(|l| l.starts_with(&format!("[rank {r}] error: ")))
+            .collect();
+        assert_eq!(lines.len(), 1, "rank {r} stops with one line: {err}");
+        assert!(
+            lines[0].contains("rank 2 stopped without finishing"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[0].contains(&format!("; rank {r} stopped ")),
+            "says what it was doing: {}",
+            lines[0]
+        );
+    }
+    assert!(
+        err.lines()
+            .last()
+            .unwrap()
+            .starts_with("launch: rank 2 failed first"),
+        "{err}"
+    );
+}
+
+/// Start three ranks of a long run by hand; returns them once rank 0 has logged a step.
+fn three_running_ranks(dir: &Path, peer_timeout: &str) -> Vec<Child> {
+    let log = dir.join("log.jsonl");
+    let args = train_args(
+        "gpipe",
+        3,
+        1,
+        &[
+            "--steps",
+            "100000",
+            "--no-save",
+            "--peer-timeout",
+            peer_timeout,
+            "--log-json",
+            log.to_str().unwrap(),
+        ],
+    );
+    let port = free_port();
+    let mut children = start_ranks(3, &args, |r| torchrun_env(r, 3, port));
+    let start = Instant::now();
+    while std::fs::read_to_string(&log)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+        < 1
+    {
+        if start.elapsed() > GUARD || children.iter_mut().any(|c| c.try_wait().unwrap().is_some()) {
+            children.iter_mut().for_each(|c| drop(c.kill()));
+            panic!("the run did not get going");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    children
+}
+
+#[test]
+fn a_killed_rank_stops_the_others_naming_it() {
+    let dir = scratch("killed");
+    let mut ranks = three_running_ranks(&dir, "20");
+    let mut victim = ranks.remove(1);
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    for (r, out) in [0, 2].into_iter().zip(ranks.into_iter().map(finish)) {
+        assert!(!out.status.success(), "rank {r} exits non-zero");
+        let line = error_line(&out);
+        assert!(
+            line.contains("rank 1 stopped without finishing"),
+            "rank {r}: {line}"
+        );
+    }
+}
+
+#[test]
+fn a_rank_that_stops_answering_is_named_after_the_peer_timeout() {
+    let dir = scratch("stopped");
+    let mut ranks = three_running_ranks(&dir, "2");
+    let pid = ranks[1].id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut stopped = ranks.remove(1);
+    let outs: Vec<Output> = ranks.into_iter().map(finish).collect();
+    stopped.kill().unwrap();
+    stopped.wait().unwrap();
+    for (r, out) in [0, 2].into_iter().zip(outs) {
+        assert!(!out.status.success(), "rank {r} exits non-zero");
+        let line = error_line(&out);
+        assert!(
+            line.contains("rank 1 stopped answering"),
+            "rank {r}: {line}"
+        );
+        assert!(line.contains("for 2 s"), "rank {r}: {line}");
+    }
+}
+
+#[test]
+fn the_rendezvous_refuses_a_wrong_token_and_different_settings() {
+    let args = train_args(
+        "gpipe",
+        2,
+        1,
+        &["--steps", "2", "--no-save", "--peer-timeout", "3"],
+    );
+    let port = free_port();
+    let ranks = start_ranks(2, &args, |r| {
+        let mut env = torchrun_env(r, 2, port);
+        env.push(("PIPIT_TOKEN", if r == 0 { "right" } else { "wrong" }.into()));
+        env
+    });
+    let outs: Vec<Output> = ranks.into_iter().map(finish).collect();
+    assert_eq!(outs[1].status.code(), Some(2), "{}", stderr(&outs[1]));
+    assert!(error_line(&outs[1]).contains("refused rank 1: wrong PIPIT_TOKEN"));
+    assert!(!outs[0].status.success());
+    assert!(error_line(&outs[0]).contains("rank(s) 1 of 2 never joined"));
+
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| {
+            let mut a = args.clone();
+            a.extend(["--seed".to_string(), (7 + r).to_string()]);
+            pipit(&a, &torchrun_env(r, 2, port)).spawn().unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = ranks.into_iter().map(finish).collect();
+    assert_eq!(outs[1].status.code(), Some(2), "{}", stderr(&outs[1]));
+    assert!(
+        error_line(&outs[1]).contains("settings differ from rank 0's (seed: 8 here, 7 on rank 0)")
+    );
+    let line = error_line(&outs[0]);
+    assert!(
+        line.contains("rank 1 failed") && line.contains("settings differ"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_second_process_for_a_taken_rank_is_refused() {
+    // Rank 2 starts only once one of the two rank-1 processes has been turned away, so both
+    // reach the rendezvous while it is still gathering ranks.
+    let args = train_args(
+        "gpipe",
+        3,
+        1,
+        &["--steps", "2", "--no-save", "--peer-timeout", "30"],
+    );
+    let port = free_port();
+    let mut first_two = start_ranks(3, &args, |i| torchrun_env(i.min(1), 3, port));
+    let start = Instant::now();
+    let turned_away = loop {
+        if let Some(i) = (1..3).find(|&i| first_two[i].try_wait().unwrap().is_some()) {
+            break i;
+        }
+        assert!(
+            start.elapsed() < GUARD,
+            "neither rank-1 process was refused"
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    let refused = finish(first_two.remove(turned_away));
+    assert_eq!(refused.status.code(), Some(2), "{}", stderr(&refused));
+    assert!(error_line(&refused).contains("rank 1 is already taken"));
+    let last = pipit(&args, &torchrun_env(2, 3, port)).spawn().unwrap();
+    for out in first_two.into_iter().chain([last]).map(finish) {
+        ok(&out);
+    }
+}
+
+#[test]
+fn launch_refuses_bad_input() {
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["launch", "--nproc-per-node", "2", "--", "generate"],
+            "runs `train`",
+        ),
+        (
+            &["launch", "--nproc-per-node", "0", "--", "train"],
+            "--nproc-per-node",
+        ),
+        (
+            &[
+                "launch",
+                "--nproc-per-node",
+                "2",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--",
+                "train",
+            ],
+            "--node-rank",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let out = run(&mut pipit(&args, &[]));
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            error_line(&out).contains(needle),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    // A pipeline of 2 ranks in 3 processes is refused by every rank.
+    let mut launch: Vec<String> = ["launch", "--nproc-per-node", "3", "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    launch.extend(train_args("gpipe", 2, 1, &["--steps", "1", "--no-save"]));
+    let out = run(&mut pipit(&launch, &[]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("WORLD_SIZE is 3 but the pipeline has 2 ranks"),
+        "{}",
+        stderr(&out)
+    );
+}
