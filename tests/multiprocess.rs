@@ -270,6 +270,43 @@ fn launched_runs_give_the_single_process_losses_and_checkpoint() {
 }
 
 #[test]
+fn a_launched_wgpu_run_gives_the_single_process_losses() {
+    let dir = scratch("wgpu");
+    let args = |log: &Path| {
+        let mut a = train_args(
+            "1f1b",
+            2,
+            1,
+            &[
+                "--steps",
+                "2",
+                "--no-save",
+                "--log-json",
+                log.to_str().unwrap(),
+            ],
+        );
+        let backend = a.iter().position(|x| x == "reference").unwrap();
+        a[backend] = "wgpu".into();
+        a
+    };
+    let (single, multi) = (dir.join("single.jsonl"), dir.join("multi.jsonl"));
+    ok(&run(&mut pipit(&args(&single), &[])));
+    let mut launch: Vec<String> = ["launch", "--nproc-per-node", "2", "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    launch.extend(args(&multi));
+    let out = run(&mut pipit(&launch, &[]));
+    ok(&out);
+    assert!(
+        stderr(&out).contains("[rank 1]   rank 1: wgpu"),
+        "{}",
+        stderr(&out)
+    );
+    same_losses(&single, &multi, 2);
+}
+
+#[test]
 fn processes_started_by_hand_with_torchrun_or_srun_variables() {
     let dir = scratch("by-hand");
     let single = dir.join("single.jsonl");
