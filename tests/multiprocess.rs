@@ -610,3 +610,181 @@ fn launch_refuses_bad_input() {
         stderr(&out)
     );
 }
+
+/// Two network namespaces joined by a veth pair, removed when dropped.
+struct TwoHosts {
+    names: [String; 2],
+}
+
+impl TwoHosts {
+    /// Hosts `{tag}-a` (10.77.x.1) and `{tag}-b` (10.77.x.2), `x` from the process id.
+    fn new(tag: &str) -> Self {
+        let names = [format!("{tag}-a"), format!("{tag}-b")];
+        let hosts = Self { names };
+        let net = std::process::id() % 200 + 20;
+        let (a, b) = (&hosts.names[0], &hosts.names[1]);
+        let veth = (format!("pv{net}a"), format!("pv{net}b"));
+        let steps: Vec<Vec<String>> = vec![
+            vec!["netns".into(), "add".into(), a.clone()],
+            vec!["netns".into(), "add".into(), b.clone()],
+            vec![
+                "link".into(),
+                "add".into(),
+                veth.0.clone(),
+                "netns".into(),
+                a.clone(),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                veth.1.clone(),
+                "netns".into(),
+                b.clone(),
+            ],
+            vec![
+                "-n".into(),
+                a.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("10.77.{net}.1/24"),
+                "dev".into(),
+                veth.0.clone(),
+            ],
+            vec![
+                "-n".into(),
+                b.clone(),
+                "addr".into(),
+                "add".into(),
+                format!("10.77.{net}.2/24"),
+                "dev".into(),
+                veth.1.clone(),
+            ],
+            vec![
+                "-n".into(),
+                a.clone(),
+                "link".into(),
+                "set".into(),
+                veth.0.clone(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                b.clone(),
+                "link".into(),
+                "set".into(),
+                veth.1.clone(),
+                "up".into(),
+            ],
+            // Local delivery of a host's own address goes through its lo device.
+            vec![
+                "-n".into(),
+                a.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+            vec![
+                "-n".into(),
+                b.clone(),
+                "link".into(),
+                "set".into(),
+                "lo".into(),
+                "up".into(),
+            ],
+        ];
+        for step in steps {
+            let status = Command::new("ip")
+                .args(&step)
+                .status()
+                .expect("the ip command runs");
+            assert!(status.success(), "ip {}", step.join(" "));
+        }
+        hosts
+    }
+
+    fn master(&self) -> String {
+        format!("10.77.{}.1", std::process::id() % 200 + 20)
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and iproute2: cargo test --test multiprocess -- --ignored"]
+fn a_launch_across_two_network_namespaces_gives_the_single_process_losses() {
+    let dir = scratch("netns");
+    let hosts = TwoHosts::new(&format!("pipit{}", std::process::id()));
+    let single = dir.join("single.jsonl");
+    let args = |log: &Path| {
+        train_args(
+            "1f1b",
+            4,
+            1,
+            &[
+                "--steps",
+                "3",
+                "--no-save",
+                "--log-json",
+                log.to_str().unwrap(),
+            ],
+        )
+    };
+    ok(&run(&mut pipit(&args(&single), &[])));
+
+    let multi = dir.join("multi.jsonl");
+    let master = hosts.master();
+    let nodes: Vec<Child> = (0..2)
+        .map(|node| {
+            let mut cmd: Vec<String> = [
+                "netns",
+                "exec",
+                hosts.names[node].as_str(),
+                env!("CARGO_BIN_EXE_pipit"),
+                "launch",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            for (flag, value) in [
+                ("--nproc-per-node", "2".to_string()),
+                ("--nnodes", "2".into()),
+                ("--node-rank", node.to_string()),
+                ("--master-addr", master.clone()),
+                ("--master-port", "29533".into()),
+            ] {
+                cmd.push(flag.into());
+                cmd.push(value);
+            }
+            cmd.push("--".into());
+            cmd.extend(args(&multi));
+            let mut c = Command::new("ip");
+            c.args(&cmd)
+                .env("PIPIT_TOKEN", "two-hosts")
+                .env("XDG_RUNTIME_DIR", "/tmp");
+            for var in LAUNCH_VARS.iter().filter(|v| **v != "PIPIT_TOKEN") {
+                c.env_remove(var);
+            }
+            c.stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = nodes.into_iter().map(finish).collect();
+    for out in &outs {
+        ok(out);
+    }
+    let rank0 = stderr(&outs[0]);
+    assert!(
+        rank0.contains(&format!("rendezvous at {master}:29533")),
+        "{rank0}"
+    );
+    same_losses(&single, &multi, 4);
+}
