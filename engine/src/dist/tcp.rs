@@ -516,7 +516,7 @@ fn record(state: &mut InboxState, reason: String) {
 }
 
 /// A duration as people write it: `60 s`, `0.5 s`.
-pub fn seconds(d: Duration) -> String {
+fn seconds(d: Duration) -> String {
     let s = d.as_secs_f64();
     if s.fract() == 0.0 {
         format!("{s:.0} s")

@@ -259,8 +259,13 @@ impl<B: Backend> RankTrainer<B> {
             }
         } else {
             let v = self.transport().recv_json(last, "the validation loss")?;
-            sum = f64::from_bits(v["sum"].as_u64().unwrap_or_default());
-            count = v["count"].as_u64().unwrap_or_default() as usize;
+            let (Some(bits), Some(n)) = (v["sum"].as_u64(), v["count"].as_u64()) else {
+                return Err(anyhow!(
+                    "rank {last} sent a validation loss without sum or count: {v}"
+                ));
+            };
+            sum = f64::from_bits(bits);
+            count = n as usize;
         }
         Ok((sum / count.max(1) as f64, count))
     }
@@ -366,12 +371,14 @@ impl<B: Backend> RankTrainer<B> {
         for r in 1..self.world() {
             let what = format!("rank {r}'s checkpoint manifest");
             let manifest = self.transport().recv_json(r, &what)?;
-            let entries = manifest["tensors"].as_array().cloned().unwrap_or_default();
+            let entries = manifest["tensors"]
+                .as_array()
+                .cloned()
+                .ok_or_else(|| anyhow!("{what} lists no tensors"))?;
             for entry in entries {
-                let (group, name) = (
-                    entry[0].as_str().unwrap_or(""),
-                    entry[1].as_str().unwrap_or(""),
-                );
+                let (Some(group), Some(name)) = (entry[0].as_str(), entry[1].as_str()) else {
+                    return Err(anyhow!("{what}: a malformed entry {entry}"));
+                };
                 let shape: Vec<usize> = serde_json::from_value(entry[2].clone())
                     .with_context(|| format!("{what}: the shape of {name}"))?;
                 let data = self
