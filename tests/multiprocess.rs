@@ -270,6 +270,68 @@ fn launched_runs_give_the_single_process_losses_and_checkpoint() {
 }
 
 #[test]
+fn a_launched_run_resumes_from_its_checkpoint_exactly() {
+    let dir = scratch("resume");
+    let (full, half, rest, ckpt) = (
+        dir.join("full.jsonl"),
+        dir.join("half.jsonl"),
+        dir.join("rest.jsonl"),
+        dir.join("ckpt"),
+    );
+    let launch = |extra: &[&str]| {
+        let mut a: Vec<String> = ["launch", "--nproc-per-node", "2", "--"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(train_args("1f1b", 2, 1, extra));
+        run(&mut pipit(&a, &[]))
+    };
+    ok(&run(&mut pipit(
+        &train_args(
+            "1f1b",
+            2,
+            1,
+            &[
+                "--steps",
+                "4",
+                "--no-save",
+                "--log-json",
+                full.to_str().unwrap(),
+            ],
+        ),
+        &[],
+    )));
+    ok(&launch(&[
+        "--steps",
+        "2",
+        "--save",
+        ckpt.to_str().unwrap(),
+        "--log-json",
+        half.to_str().unwrap(),
+    ]));
+    ok(&launch(&[
+        "--steps",
+        "4",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--no-save",
+        "--log-json",
+        rest.to_str().unwrap(),
+    ]));
+    let mut cut = log_lines(&half);
+    cut.extend(log_lines(&rest));
+    let full = log_lines(&full);
+    assert_eq!(cut.len(), 4);
+    for (a, b) in full.iter().zip(&cut) {
+        assert_eq!(
+            (&a["step"], &a["loss"]),
+            (&b["step"], &b["loss"]),
+            "the same loss after resuming"
+        );
+    }
+}
+
+#[test]
 fn a_launched_wgpu_run_gives_the_single_process_losses() {
     let dir = scratch("wgpu");
     let args = |log: &Path| {
@@ -364,7 +426,10 @@ fn error_line(out: &Output) -> String {
 
 #[test]
 fn a_rank_that_crashes_stops_every_other_rank_naming_it() {
-    // Rank 2 aborts (SIGABRT, no goodbye) after computing step 2, before reporting it.
+    // Rank 2 aborts (SIGABRT, no goodbye) after computing step 2, before reporting it; the
+    // checkpoint saved after step 1 stays the one on disk, whole.
+    let dir = scratch("crash");
+    let ckpt = dir.join("ckpt");
     let mut launch: Vec<String> = ["launch", "--nproc-per-node", "4", "--"]
         .iter()
         .map(|s| s.to_string())
@@ -373,12 +438,27 @@ fn a_rank_that_crashes_stops_every_other_rank_naming_it() {
         "1f1b",
         4,
         1,
-        &["--steps", "100000", "--no-save", "--peer-timeout", "20"],
+        &[
+            "--steps",
+            "100000",
+            "--save",
+            ckpt.to_str().unwrap(),
+            "--save-every",
+            "1",
+            "--peer-timeout",
+            "20",
+        ],
     ));
     let out = run(&mut pipit(
         &launch,
         &[("PIPIT_FAULT_ABORT_AFTER_STEP", "2:2".into())],
     ));
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("trainer_state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 1, "the last good checkpoint is step 1's");
+    assert!(
+        ckpt.join("model.safetensors").is_file() && ckpt.join("optimizer.safetensors").is_file()
+    );
     assert_eq!(
         out.status.code(),
         Some(128 + 6),
