@@ -546,7 +546,7 @@ fn a_killed_rank_stops_the_others_naming_it() {
 #[test]
 fn a_rank_that_stops_answering_is_named_after_the_peer_timeout() {
     let dir = scratch("stopped");
-    let mut ranks = three_running_ranks(&dir, "2");
+    let mut ranks = three_running_ranks(&dir, "3");
     let pid = ranks[1].id().to_string();
     assert!(Command::new("kill")
         .args(["-STOP", &pid])
@@ -564,7 +564,7 @@ fn a_rank_that_stops_answering_is_named_after_the_peer_timeout() {
             line.contains("rank 1 stopped answering"),
             "rank {r}: {line}"
         );
-        assert!(line.contains("for 2 s"), "rank {r}: {line}");
+        assert!(line.contains("for 3 s"), "rank {r}: {line}");
     }
 }
 
