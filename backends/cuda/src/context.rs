@@ -1,0 +1,184 @@
+//! The backend value: a CUDA context, its own stream, a cuBLAS handle on that stream, the
+//! kernels, and the launch shapes every op shares.
+
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaStream, LaunchConfig};
+use pipit_engine::backend::DType;
+
+use crate::buffer::{CudaBuffer, Data, Meter};
+use crate::kernels::{Kernels, ROW_BLOCK};
+use crate::probe::{guarded, probe};
+
+/// Most blocks an elementwise kernel is launched with; its grid-stride loop covers the rest.
+const MAX_ELEMENTWISE_BLOCKS: u64 = 1 << 20;
+
+/// pipit's CUDA backend: one stream on one GPU (one pipeline rank).
+///
+/// Ops are enqueued on the stream in order and return without waiting; only
+/// [`pipit_engine::Backend::download`] and [`pipit_engine::Backend::synchronize`] wait.
+pub struct CudaBackend {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: CudaBlas,
+    pub(crate) kernels: Kernels,
+    pub(crate) meter: Arc<Meter>,
+    description: String,
+}
+
+impl CudaBackend {
+    /// A backend with its own stream on GPU `device_ordinal`.
+    ///
+    /// Fails with one line when CUDA is not usable here (see [`crate::probe`]), when the
+    /// device does not exist, or when the kernels do not compile for it.
+    pub fn new(device_ordinal: usize) -> Result<Self> {
+        let count = probe()?;
+        if device_ordinal >= count {
+            bail!("CUDA device {device_ordinal} does not exist: this machine has {count}");
+        }
+        // The libraries are there; a panic now would be a symbol missing from an older
+        // library, which is still an error to report, not a crash.
+        guarded("opening the CUDA backend", || Self::open(device_ordinal))?
+    }
+
+    fn open(ordinal: usize) -> Result<Self> {
+        let ctx =
+            CudaContext::new(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .context("reading the device's compute capability")?;
+        let arch = format!("sm_{major}{minor}");
+        let name = ctx.name().context("reading the device name")?;
+        let total = ctx.total_mem().context("reading the device memory size")?;
+        let stream = ctx.new_stream().context("creating a CUDA stream")?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| anyhow!("creating a cuBLAS handle: {e:?}"))?;
+        let kernels = Kernels::load(&ctx, &arch)?;
+        let description = format!(
+            "cuda: {name} ({arch}, {:.0} GiB, device {ordinal})",
+            total as f64 / (1u64 << 30) as f64
+        );
+        log::info!("{description}");
+        Ok(Self {
+            ctx,
+            stream,
+            blas,
+            kernels,
+            meter: Arc::default(),
+            description,
+        })
+    }
+
+    /// `cuda: <GPU name> (<architecture>, <memory>, device <ordinal>)`.
+    pub(crate) fn description(&self) -> &str {
+        &self.description
+    }
+
+    /// A zero-filled buffer of `len` elements, counted by this backend's meter.
+    pub(crate) fn zeroed(&self, len: usize, dtype: DType) -> Result<CudaBuffer> {
+        // CUDA cannot allocate zero bytes: an empty buffer keeps one unused element.
+        let cells = len.max(1);
+        let data = match dtype {
+            DType::F32 => Data::F32(
+                self.stream
+                    .alloc_zeros::<f32>(cells)
+                    .with_context(|| format!("allocating {len} f32 elements on the GPU"))?,
+            ),
+            DType::U32 => Data::U32 {
+                device: self
+                    .stream
+                    .alloc_zeros::<u32>(cells)
+                    .with_context(|| format!("allocating {len} u32 elements on the GPU"))?,
+                host: vec![0u32; len].into(),
+            },
+        };
+        Ok(CudaBuffer::new(data, len, &self.meter))
+    }
+
+    /// The first error the CUDA context recorded on its own (from a free or a stream wait in
+    /// a destructor), as this call's error.
+    pub(crate) fn check(&self) -> Result<()> {
+        self.ctx
+            .check_err()
+            .context("an earlier CUDA operation failed")
+    }
+}
+
+/// `x` as a 32-bit kernel parameter, or an error naming `what`.
+pub(crate) fn u32_of(x: usize, what: &str) -> Result<u32> {
+    u32::try_from(x).map_err(|_| anyhow!("{what} = {x} exceeds the kernels' 32-bit sizes"))
+}
+
+/// Launch shape of an elementwise kernel over `n` elements (`n` > 0).
+pub(crate) fn elementwise(n: usize) -> LaunchConfig {
+    let blocks = (n as u64)
+        .div_ceil(ROW_BLOCK as u64)
+        .min(MAX_ELEMENTWISE_BLOCKS);
+    LaunchConfig {
+        grid_dim: (blocks as u32, 1, 1),
+        block_dim: (ROW_BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Launch shape of a row kernel: one block of [`ROW_BLOCK`] threads per row, with `shared`
+/// bytes of dynamic shared memory.
+pub(crate) fn per_row(rows: usize, shared: u32) -> Result<LaunchConfig> {
+    // A grid's first dimension holds at most 2³¹ − 1 blocks.
+    if rows > i32::MAX as usize {
+        bail!("{rows} rows exceed CUDA's grid size");
+    }
+    Ok(LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (ROW_BLOCK, 1, 1),
+        shared_mem_bytes: shared,
+    })
+}
+
+/// Rows per chunk of the column-sum kernels: at least 256, and at most 1024 chunks so the
+/// grid's second dimension stays far below its limit of 65535.
+pub(crate) fn chunk_rows(rows: usize) -> usize {
+    rows.div_ceil(1024).max(256)
+}
+
+/// Launch shape of the stage-1 column-sum kernels: 32 columns × 8 row lanes per block, one
+/// block per (column tile, chunk of rows).
+pub(crate) fn column_tiles(cols: usize, chunks: usize) -> Result<LaunchConfig> {
+    let tiles = u32_of(cols.div_ceil(32), "column tiles")?;
+    Ok(LaunchConfig {
+        grid_dim: (tiles, u32_of(chunks, "row chunks")?, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn elementwise_grids_cover_every_element_or_loop_over_it() {
+        for n in [1usize, 255, 256, 257, 1 << 30] {
+            let cfg = elementwise(n);
+            let threads = cfg.grid_dim.0 as u64 * cfg.block_dim.0 as u64;
+            assert!(
+                threads >= (n as u64).min(MAX_ELEMENTWISE_BLOCKS * 256),
+                "{n}"
+            );
+            assert!(cfg.grid_dim.0 >= 1);
+        }
+    }
+
+    #[test]
+    fn column_chunks_stay_few_and_cover_all_rows() {
+        for rows in [1usize, 255, 256, 1030, 16_384, 10_000_000] {
+            let per = chunk_rows(rows);
+            let chunks = rows.div_ceil(per);
+            assert!(chunks <= 1024, "{rows}: {chunks} chunks");
+            assert!(chunks * per >= rows);
+            assert!(per >= 256);
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! The CUDA C++ sources of `cuda/`, compiled by NVRTC once per process and architecture, and
+//! the kernel handles a backend launches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{anyhow, Context, Result};
+use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+/// Threads per block of the row kernels (`PIPIT_BLOCK` in `cuda/common.cu`).
+pub(crate) const ROW_BLOCK: u32 = 256;
+
+/// Each source file, in the order they are joined into one program: `common.cu` first, since
+/// the others use its helpers.
+const SOURCES: [(&str, &str); 9] = [
+    ("common.cu", include_str!("../../../cuda/common.cu")),
+    (
+        "elementwise.cu",
+        include_str!("../../../cuda/elementwise.cu"),
+    ),
+    ("matmul.cu", include_str!("../../../cuda/matmul.cu")),
+    ("gelu.cu", include_str!("../../../cuda/gelu.cu")),
+    ("adamw.cu", include_str!("../../../cuda/adamw.cu")),
+    ("embedding.cu", include_str!("../../../cuda/embedding.cu")),
+    ("layernorm.cu", include_str!("../../../cuda/layernorm.cu")),
+    (
+        "crossentropy.cu",
+        include_str!("../../../cuda/crossentropy.cu"),
+    ),
+    ("attention.cu", include_str!("../../../cuda/attention.cu")),
+];
+
+/// The whole program: every file behind a `#line` marker, so NVRTC's messages name the file
+/// and line they refer to.
+pub(crate) fn program() -> String {
+    let mut src = String::new();
+    for (name, text) in SOURCES {
+        src.push_str(&format!("#line 1 \"{name}\"\n"));
+        src.push_str(text);
+        src.push('\n');
+    }
+    src
+}
+
+/// NVRTC's output per GPU architecture (e.g. `sm_90`), compiled on first use in this process.
+fn compiled() -> &'static Mutex<HashMap<String, Ptx>> {
+    static CACHE: OnceLock<Mutex<HashMap<String, Ptx>>> = OnceLock::new();
+    CACHE.get_or_init(Mutex::default)
+}
+
+/// The program compiled for `arch`, from the cache or NVRTC. Holding the lock while compiling
+/// makes backends opened at the same time wait for one compilation instead of each running one.
+fn ptx_for(arch: &str) -> Result<Ptx> {
+    let mut cache = compiled().lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(ptx) = cache.get(arch) {
+        return Ok(ptx.clone());
+    }
+    // cudarc wants a 'static architecture name; there are a handful per process at most.
+    let arch_static: &'static str = Box::leak(arch.to_string().into_boxed_str());
+    let started = std::time::Instant::now();
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(
+        program(),
+        CompileOptions {
+            arch: Some(arch_static),
+            name: Some("pipit.cu".into()),
+            ..Default::default()
+        },
+    )
+    .map_err(|e| anyhow!("{}", describe_compile_error(&e)))
+    .with_context(|| format!("compiling pipit's CUDA kernels for {arch} with NVRTC"))?;
+    log::info!(
+        "NVRTC compiled pipit's kernels for {arch} in {:.0} ms",
+        started.elapsed().as_secs_f64() * 1e3
+    );
+    cache.insert(arch.to_string(), ptx.clone());
+    Ok(ptx)
+}
+
+/// NVRTC's log for a failed compilation, or the error itself.
+fn describe_compile_error(e: &cudarc::nvrtc::CompileError) -> String {
+    match e {
+        cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. } => {
+            format!("{nvrtc:?}: {}", log.to_string_lossy().trim())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// Declares [`Kernels`] with one field per kernel, loaded by the field's name.
+macro_rules! kernels {
+    ($($name:ident),* $(,)?) => {
+        /// Handles of every kernel in `cuda/`, loaded into one CUDA context.
+        pub(crate) struct Kernels {
+            $(pub(crate) $name: CudaFunction,)*
+        }
+
+        impl Kernels {
+            /// The entry points, by name.
+            #[cfg(test)]
+            pub(crate) const NAMES: &'static [&'static str] = &[$(stringify!($name)),*];
+
+            fn from_module(module: &Arc<cudarc::driver::CudaModule>) -> Result<Self> {
+                Ok(Self {
+                    $($name: module
+                        .load_function(stringify!($name))
+                        .with_context(|| format!("loading kernel {}", stringify!($name)))?,)*
+                })
+            }
+        }
+    };
+}
+
+kernels!(
+    fill_f32,
+    add_f32,
+    add_assign_f32,
+    bias_rows,
+    column_partial_sums,
+    column_sums_finish,
+    gelu_forward,
+    gelu_backward,
+    adamw,
+    embedding_forward,
+    embedding_backward_wpe,
+    embedding_backward_wte,
+    layernorm_forward,
+    layernorm_backward,
+    layernorm_param_partials,
+    cross_entropy_forward,
+    cross_entropy_backward,
+    attention_forward,
+    attention_backward_query,
+    attention_backward_key_value,
+);
+
+impl Kernels {
+    /// Compile (once per process) for `arch` and load every kernel into `ctx`.
+    pub(crate) fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
+        let ptx = ptx_for(arch)?;
+        let module = ctx
+            .load_module(ptx)
+            .with_context(|| format!("loading pipit's kernels ({arch}) into the CUDA context"))?;
+        Self::from_module(&module)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_is_defined_once_in_the_sources() {
+        let src = program();
+        for name in Kernels::NAMES {
+            let decl = format!("extern \"C\" __global__ void {name}(");
+            assert_eq!(src.matches(&decl).count(), 1, "{name}");
+        }
+        assert_eq!(
+            src.matches("__global__").count(),
+            Kernels::NAMES.len(),
+            "every kernel in cuda/ is loaded"
+        );
+    }
+
+    #[test]
+    fn sources_include_no_headers() {
+        for (name, text) in SOURCES {
+            assert!(
+                !text.lines().any(|l| l.trim_start().starts_with("#include")),
+                "{name} includes a header; NVRTC compiles without the CUDA headers"
+            );
+        }
+    }
+
+    #[test]
+    fn the_program_marks_where_each_file_starts() {
+        let src = program();
+        for (name, _) in SOURCES {
+            assert!(src.contains(&format!("#line 1 \"{name}\"\n")), "{name}");
+        }
+        assert!(src.contains(&format!("#define PIPIT_BLOCK {ROW_BLOCK}\n")));
+    }
+}

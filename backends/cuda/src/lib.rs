@@ -1,0 +1,28 @@
+//! pipit-cuda: the CUDA backend for NVIDIA GPUs.
+//!
+//! Implements [`pipit_engine::Backend`] with cuBLAS for the matrix products and the CUDA C++
+//! kernels of `cuda/` (one file per layer family), compiled at run time by NVRTC for the
+//! device's own architecture, once per process. Each [`CudaBackend`] owns one CUDA stream on
+//! its device, which is one pipeline rank; several can share a GPU.
+//!
+//! cudarc loads the CUDA libraries when the program runs (`dynamic-loading`), so this crate
+//! builds on machines without CUDA. [`probe`] says whether CUDA is usable before anything
+//! touches it, and [`CudaBackend::new`] reports a missing driver, compiler or GPU as an
+//! ordinary error, never a panic.
+//!
+//! Every reduction (layernorm and softmax rows, bias and layernorm parameter gradients, the
+//! embedding gradient) combines values in an order fixed by the sizes alone, without float
+//! atomics, so a run repeats bit for bit. f32 throughout for now; buffers carry their element
+//! type so that bf16 can join them.
+
+mod buffer;
+mod context;
+mod gemm;
+mod groups;
+mod kernels;
+mod ops;
+mod probe;
+
+pub use buffer::CudaBuffer;
+pub use context::CudaBackend;
+pub use probe::probe;

@@ -1,0 +1,880 @@
+//! `Backend` for [`CudaBackend`]: size checks on the host, then kernel launches and cuBLAS
+//! calls on the backend's stream.
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::cublas::Gemm;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
+
+use crate::buffer::{CudaBuffer, Data};
+use crate::context::{chunk_rows, column_tiles, elementwise, per_row, u32_of, CudaBackend};
+use crate::gemm;
+use crate::groups::token_groups;
+use crate::kernels::ROW_BLOCK;
+
+/// Largest head size the attention kernels keep in shared memory (48 KiB of f32).
+const MAX_HEAD_SIZE: usize = 12 * 1024;
+
+/// Launch kernel `$kernel` of `$self` with shape `$cfg` and the arguments in order. Every
+/// argument is a reference that lives until the launch: a device slice or a local scalar.
+macro_rules! launch {
+    ($self:expr, $kernel:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let mut builder = $self.stream.launch_builder(&$self.kernels.$kernel);
+        $(builder.arg($arg);)+
+        // SAFETY: the arguments match the kernel's parameters in cuda/ in type and order,
+        // and the sizes passed were checked against the buffers' lengths, so the kernel
+        // reads and writes only inside them.
+        unsafe { builder.launch($cfg) }
+            .map(drop)
+            .with_context(|| concat!("launching CUDA kernel ", stringify!($kernel)))
+    }};
+}
+
+/// Errors unless `buf` holds `dtype`.
+fn need_dtype(buf: &CudaBuffer, dtype: DType, what: &str) -> Result<()> {
+    if buf.dtype() != dtype {
+        bail!("{what} must be a {dtype:?} buffer, got {:?}", buf.dtype());
+    }
+    Ok(())
+}
+
+/// Errors unless `buf` holds `dtype` and exactly `elems` elements.
+fn need(buf: &CudaBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
+    need_dtype(buf, dtype, what)?;
+    if buf.len() != elems {
+        bail!(
+            "{what} holds {} elements but the op needs {elems}",
+            buf.len()
+        );
+    }
+    Ok(())
+}
+
+/// The product of `dims`, or an error when it overflows.
+fn elems(dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| anyhow!("dimensions {dims:?} overflow the address space"))
+}
+
+/// Rows of a table of `channels`-wide rows, or an error when it is not whole rows.
+fn table_rows(table: &CudaBuffer, channels: usize, what: &str) -> Result<usize> {
+    need_dtype(table, DType::F32, what)?;
+    if channels == 0 {
+        bail!("embedding needs at least one channel");
+    }
+    if table.len() % channels != 0 {
+        bail!(
+            "{what} holds {} elements: not whole rows of {channels} channels",
+            table.len()
+        );
+    }
+    Ok(table.len() / channels)
+}
+
+/// Errors unless every id is below `limit`, naming the first that is not.
+fn check_ids(ids: &[u32], limit: usize, what: &str) -> Result<()> {
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= limit) {
+        bail!("{what} id {bad} is outside the vocabulary of {limit}");
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Shapes of an attention call: (head size, query rows = batch·heads·seq).
+    fn attention_sizes(&self, s: Attention) -> Result<(usize, usize)> {
+        if s.heads == 0 || s.channels == 0 || s.channels % s.heads != 0 {
+            bail!(
+                "attention: {} channels cannot be split into {} heads of equal width",
+                s.channels,
+                s.heads
+            );
+        }
+        let hs = s.channels / s.heads;
+        if hs > MAX_HEAD_SIZE {
+            bail!("attention: head size {hs} exceeds the kernels' limit of {MAX_HEAD_SIZE}");
+        }
+        u32_of(s.seq, "attention sequence length")?;
+        u32_of(3 * s.channels, "attention channels")?;
+        Ok((hs, elems(&[s.batch, s.heads, s.seq])?))
+    }
+
+    /// `dst[col] += Σ_rows x[row, col]` for `x[rows, cols]`, in two deterministic stages.
+    fn column_sums(
+        &self,
+        dst: &mut CudaBuffer,
+        x: &CudaBuffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let per = chunk_rows(rows);
+        let chunks = rows.div_ceil(per);
+        let mut partial = self.zeroed(chunks * cols, DType::F32)?;
+        let (rows32, cols32, per32) = (
+            u32_of(rows, "rows")?,
+            u32_of(cols, "columns")?,
+            u32_of(per, "rows")?,
+        );
+        launch!(
+            self,
+            column_partial_sums,
+            column_tiles(cols, chunks)?,
+            partial.f32_mut("column partial sums")?,
+            x.f32("column sum input")?,
+            &rows32,
+            &cols32,
+            &per32,
+        )?;
+        self.finish_column_sums(dst, &partial, chunks, cols)
+    }
+
+    /// Stage 2 of the column sums: `dst[col] += Σ_chunk partial[chunk, col]`.
+    fn finish_column_sums(
+        &self,
+        dst: &mut CudaBuffer,
+        partial: &CudaBuffer,
+        chunks: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let (chunks32, cols32) = (u32_of(chunks, "row chunks")?, u32_of(cols, "columns")?);
+        launch!(
+            self,
+            column_sums_finish,
+            elementwise(cols),
+            dst.f32_mut("column sums")?,
+            partial.f32("column partial sums")?,
+            &chunks32,
+            &cols32,
+        )
+    }
+
+    /// Cross-entropy's checks: sizes, and every target inside the vocabulary.
+    fn check_cross_entropy(
+        &self,
+        logits: &CudaBuffer,
+        targets: &CudaBuffer,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        if vocab == 0 {
+            bail!("cross-entropy needs a vocabulary of at least one token");
+        }
+        need(logits, elems(&[rows, vocab])?, DType::F32, "logits")?;
+        need(targets, rows, DType::U32, "targets")?;
+        check_ids(targets.u32("targets")?.1, vocab, "target")?;
+        u32_of(rows, "cross-entropy rows")?;
+        u32_of(vocab, "vocabulary size")?;
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buffer = CudaBuffer;
+
+    fn describe(&self) -> String {
+        self.description().to_string()
+    }
+
+    fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuffer> {
+        self.zeroed(len, dtype)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaBuffer> {
+        let mut buf = self.zeroed(data.len(), DType::F32)?;
+        self.write(&mut buf, data)?;
+        Ok(buf)
+    }
+
+    fn upload_u32(&self, data: &[u32]) -> Result<CudaBuffer> {
+        let mut buf = self.zeroed(data.len(), DType::U32)?;
+        if let Data::U32 { device, host } = &mut buf.data {
+            if !data.is_empty() {
+                self.stream
+                    .memcpy_htod(data, device)
+                    .context("copying token ids to the GPU")?;
+            }
+            *host = data.into();
+        }
+        Ok(buf)
+    }
+
+    fn write(&self, buf: &mut CudaBuffer, data: &[f32]) -> Result<()> {
+        need(buf, data.len(), DType::F32, "write target")?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_htod(data, buf.f32_mut("write target")?)
+            .context("copying to the GPU")
+    }
+
+    fn download(&self, buf: &CudaBuffer) -> Result<Vec<f32>> {
+        need_dtype(buf, DType::F32, "downloaded buffer")?;
+        let mut host = vec![0f32; buf.len()];
+        if !host.is_empty() {
+            self.stream
+                .memcpy_dtoh(buf.f32("downloaded buffer")?, &mut host)
+                .context("copying from the GPU")?;
+        }
+        self.synchronize()?;
+        Ok(host)
+    }
+
+    fn len(&self, buf: &CudaBuffer) -> usize {
+        buf.len()
+    }
+
+    fn fill(&self, buf: &mut CudaBuffer, value: f32) -> Result<()> {
+        need_dtype(buf, DType::F32, "filled buffer")?;
+        let n = buf.len();
+        if n == 0 {
+            return Ok(());
+        }
+        if value.to_bits() == 0 {
+            return self
+                .stream
+                .memset_zeros(buf.f32_mut("filled buffer")?)
+                .context("zeroing a GPU buffer");
+        }
+        let n64 = n as u64;
+        launch!(
+            self,
+            fill_f32,
+            elementwise(n),
+            buf.f32_mut("filled buffer")?,
+            &value,
+            &n64
+        )
+    }
+
+    fn copy(&self, dst: &mut CudaBuffer, src: &CudaBuffer) -> Result<()> {
+        if dst.dtype() != src.dtype() || dst.len() != src.len() {
+            bail!(
+                "copy needs equal buffers: destination {} × {:?}, source {} × {:?}",
+                dst.len(),
+                dst.dtype(),
+                src.len(),
+                src.dtype()
+            );
+        }
+        if src.is_empty() {
+            return Ok(());
+        }
+        match (&mut dst.data, &src.data) {
+            (Data::F32(d), Data::F32(s)) => self.stream.memcpy_dtod(s, d),
+            (
+                Data::U32 {
+                    device: d,
+                    host: dh,
+                },
+                Data::U32 {
+                    device: s,
+                    host: sh,
+                },
+            ) => {
+                *dh = sh.clone();
+                self.stream.memcpy_dtod(s, d)
+            }
+            _ => unreachable!("dtypes were checked equal above"),
+        }
+        .context("copying between GPU buffers")
+    }
+
+    fn add(&self, out: &mut CudaBuffer, a: &CudaBuffer, b: &CudaBuffer) -> Result<()> {
+        let n = out.len();
+        need(out, n, DType::F32, "add output")?;
+        need(a, n, DType::F32, "add input a")?;
+        need(b, n, DType::F32, "add input b")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        launch!(
+            self,
+            add_f32,
+            elementwise(n),
+            out.f32_mut("add output")?,
+            a.f32("add input a")?,
+            b.f32("add input b")?,
+            &n64,
+        )
+    }
+
+    fn add_assign(&self, acc: &mut CudaBuffer, x: &CudaBuffer) -> Result<()> {
+        let n = acc.len();
+        need(acc, n, DType::F32, "accumulator")?;
+        need(x, n, DType::F32, "added buffer")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        launch!(
+            self,
+            add_assign_f32,
+            elementwise(n),
+            acc.f32_mut("accumulator")?,
+            x.f32("added buffer")?,
+            &n64,
+        )
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut CudaBuffer,
+        tokens: &CudaBuffer,
+        wte: &CudaBuffer,
+        wpe: &CudaBuffer,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()> {
+        let vocab = table_rows(wte, channels, "wte")?;
+        let positions = table_rows(wpe, channels, "wpe")?;
+        let n = elems(&[batch, seq, channels])?;
+        need(out, n, DType::F32, "embedding output")?;
+        need(tokens, elems(&[batch, seq])?, DType::U32, "tokens")?;
+        if seq > positions {
+            bail!("sequence length {seq} exceeds the {positions} positions of wpe");
+        }
+        let (dev_tokens, host_tokens) = tokens.u32("tokens")?;
+        check_ids(host_tokens, vocab, "token")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (seq32, c32, v32, n64) = (
+            u32_of(seq, "sequence length")?,
+            u32_of(channels, "channels")?,
+            u32_of(vocab, "vocabulary size")?,
+            n as u64,
+        );
+        launch!(
+            self,
+            embedding_forward,
+            elementwise(n),
+            out.f32_mut("embedding output")?,
+            dev_tokens,
+            wte.f32("wte")?,
+            wpe.f32("wpe")?,
+            &seq32,
+            &c32,
+            &v32,
+            &n64,
+        )
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut CudaBuffer,
+        dwpe: &mut CudaBuffer,
+        dout: &CudaBuffer,
+        tokens: &CudaBuffer,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()> {
+        let vocab = table_rows(dwte, channels, "dwte")?;
+        let positions = table_rows(dwpe, channels, "dwpe")?;
+        let n = elems(&[batch, seq, channels])?;
+        need(dout, n, DType::F32, "embedding output gradient")?;
+        need(tokens, elems(&[batch, seq])?, DType::U32, "tokens")?;
+        if seq > positions {
+            bail!("sequence length {seq} exceeds the {positions} positions of wpe");
+        }
+        let host_tokens = tokens.u32("tokens")?.1;
+        check_ids(host_tokens, vocab, "token")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let (b32, seq32, c32) = (
+            u32_of(batch, "batch")?,
+            u32_of(seq, "sequence length")?,
+            u32_of(channels, "channels")?,
+        );
+        launch!(
+            self,
+            embedding_backward_wpe,
+            elementwise(seq * channels),
+            dwpe.f32_mut("dwpe")?,
+            dout.f32("embedding output gradient")?,
+            &b32,
+            &seq32,
+            &c32,
+        )?;
+
+        let (groups, table) = token_groups(host_tokens)?;
+        let table = self.upload_u32(&table)?;
+        let blocks_per_group = channels.div_ceil(ROW_BLOCK as usize);
+        let blocks = elems(&[groups as usize, blocks_per_group])?;
+        let cfg = LaunchConfig {
+            grid_dim: (u32_of(blocks, "embedding gradient blocks")?, 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            embedding_backward_wte,
+            cfg,
+            dwte.f32_mut("dwte")?,
+            dout.f32("embedding output gradient")?,
+            table.u32("token groups")?.0,
+            &groups,
+            &c32,
+        )
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut CudaBuffer,
+        mean: &mut CudaBuffer,
+        rstd: &mut CudaBuffer,
+        inp: &CudaBuffer,
+        weight: &CudaBuffer,
+        bias: &CudaBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        if channels == 0 {
+            bail!("layernorm needs at least one channel");
+        }
+        let n = elems(&[rows, channels])?;
+        need(out, n, DType::F32, "layernorm output")?;
+        need(mean, rows, DType::F32, "layernorm mean")?;
+        need(rstd, rows, DType::F32, "layernorm rstd")?;
+        need(inp, n, DType::F32, "layernorm input")?;
+        need(weight, channels, DType::F32, "layernorm weight")?;
+        need(bias, channels, DType::F32, "layernorm bias")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r32, c32) = (u32_of(rows, "rows")?, u32_of(channels, "channels")?);
+        launch!(
+            self,
+            layernorm_forward,
+            per_row(rows, 0)?,
+            out.f32_mut("layernorm output")?,
+            mean.f32_mut("layernorm mean")?,
+            rstd.f32_mut("layernorm rstd")?,
+            inp.f32("layernorm input")?,
+            weight.f32("layernorm weight")?,
+            bias.f32("layernorm bias")?,
+            &r32,
+            &c32,
+        )
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut CudaBuffer,
+        dweight: &mut CudaBuffer,
+        dbias: &mut CudaBuffer,
+        dout: &CudaBuffer,
+        inp: &CudaBuffer,
+        weight: &CudaBuffer,
+        mean: &CudaBuffer,
+        rstd: &CudaBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        if channels == 0 {
+            bail!("layernorm needs at least one channel");
+        }
+        let n = elems(&[rows, channels])?;
+        need(dinp, n, DType::F32, "layernorm input gradient")?;
+        need(dweight, channels, DType::F32, "layernorm weight gradient")?;
+        need(dbias, channels, DType::F32, "layernorm bias gradient")?;
+        need(dout, n, DType::F32, "layernorm output gradient")?;
+        need(inp, n, DType::F32, "layernorm input")?;
+        need(weight, channels, DType::F32, "layernorm weight")?;
+        need(mean, rows, DType::F32, "layernorm mean")?;
+        need(rstd, rows, DType::F32, "layernorm rstd")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r32, c32) = (u32_of(rows, "rows")?, u32_of(channels, "channels")?);
+        launch!(
+            self,
+            layernorm_backward,
+            per_row(rows, 0)?,
+            dinp.f32_mut("layernorm input gradient")?,
+            dout.f32("layernorm output gradient")?,
+            inp.f32("layernorm input")?,
+            weight.f32("layernorm weight")?,
+            mean.f32("layernorm mean")?,
+            rstd.f32("layernorm rstd")?,
+            &r32,
+            &c32,
+        )?;
+
+        let per = chunk_rows(rows);
+        let chunks = rows.div_ceil(per);
+        let per32 = u32_of(per, "rows")?;
+        let mut partial_w = self.zeroed(chunks * channels, DType::F32)?;
+        let mut partial_b = self.zeroed(chunks * channels, DType::F32)?;
+        launch!(
+            self,
+            layernorm_param_partials,
+            column_tiles(channels, chunks)?,
+            partial_w.f32_mut("layernorm weight partial sums")?,
+            partial_b.f32_mut("layernorm bias partial sums")?,
+            dout.f32("layernorm output gradient")?,
+            inp.f32("layernorm input")?,
+            mean.f32("layernorm mean")?,
+            rstd.f32("layernorm rstd")?,
+            &r32,
+            &c32,
+            &per32,
+        )?;
+        self.finish_column_sums(dweight, &partial_w, chunks, channels)?;
+        self.finish_column_sums(dbias, &partial_b, chunks, channels)
+    }
+
+    fn matmul(
+        &self,
+        out: &mut CudaBuffer,
+        a: &CudaBuffer,
+        b: &CudaBuffer,
+        bias: Option<&CudaBuffer>,
+        shape: Matmul,
+    ) -> Result<()> {
+        let Matmul { m, n, k, .. } = shape;
+        need(out, elems(&[m, n])?, DType::F32, "matmul output")?;
+        need(a, elems(&[m, k])?, DType::F32, "matmul a")?;
+        need(b, elems(&[k, n])?, DType::F32, "matmul b")?;
+        if let Some(bias) = bias {
+            need(bias, n, DType::F32, "matmul bias")?;
+        }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        // The bias goes in first; cuBLAS then adds the product to it (beta = 1).
+        if let Some(bias) = bias {
+            let (n32, acc32, mn) = (
+                u32_of(n, "matmul n")?,
+                u32::from(shape.accumulate),
+                (m * n) as u64,
+            );
+            launch!(
+                self,
+                bias_rows,
+                elementwise(m * n),
+                out.f32_mut("matmul output")?,
+                bias.f32("matmul bias")?,
+                &n32,
+                &acc32,
+                &mn,
+            )?;
+        }
+        let keep_out = shape.accumulate || bias.is_some();
+        if k == 0 {
+            // An empty contraction adds nothing; cuBLAS is not asked about it.
+            return if keep_out {
+                Ok(())
+            } else {
+                self.fill(out, 0.0)
+            };
+        }
+        let cfg = gemm::config(&shape, if keep_out { 1.0 } else { 0.0 })?;
+        self.ctx
+            .bind_to_thread()
+            .context("making the CUDA context current")?;
+        // SAFETY: the configuration describes buffers of exactly the checked lengths (m·k,
+        // k·n, m·n), so cuBLAS stays inside them; pipit's b is cuBLAS's first operand.
+        unsafe {
+            self.blas.gemm(
+                cfg,
+                b.f32("matmul b")?,
+                a.f32("matmul a")?,
+                out.f32_mut("matmul output")?,
+            )
+        }
+        .map_err(|e| anyhow!("cuBLAS sgemm {shape:?}: {e:?}"))
+    }
+
+    fn bias_backward(
+        &self,
+        dbias: &mut CudaBuffer,
+        dout: &CudaBuffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        need(dbias, cols, DType::F32, "bias gradient")?;
+        need(dout, elems(&[rows, cols])?, DType::F32, "output gradient")?;
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        self.column_sums(dbias, dout, rows, cols)
+    }
+
+    fn gelu_forward(&self, out: &mut CudaBuffer, inp: &CudaBuffer) -> Result<()> {
+        let n = out.len();
+        need(out, n, DType::F32, "gelu output")?;
+        need(inp, n, DType::F32, "gelu input")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        launch!(
+            self,
+            gelu_forward,
+            elementwise(n),
+            out.f32_mut("gelu output")?,
+            inp.f32("gelu input")?,
+            &n64,
+        )
+    }
+
+    fn gelu_backward(
+        &self,
+        dinp: &mut CudaBuffer,
+        inp: &CudaBuffer,
+        dout: &CudaBuffer,
+    ) -> Result<()> {
+        let n = dinp.len();
+        need(dinp, n, DType::F32, "gelu input gradient")?;
+        need(inp, n, DType::F32, "gelu input")?;
+        need(dout, n, DType::F32, "gelu output gradient")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let n64 = n as u64;
+        launch!(
+            self,
+            gelu_backward,
+            elementwise(n),
+            dinp.f32_mut("gelu input gradient")?,
+            inp.f32("gelu input")?,
+            dout.f32("gelu output gradient")?,
+            &n64,
+        )
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut CudaBuffer,
+        att: &mut CudaBuffer,
+        qkv: &CudaBuffer,
+        shape: Attention,
+    ) -> Result<()> {
+        let (hs, rows) = self.attention_sizes(shape)?;
+        let Attention {
+            batch,
+            seq,
+            channels,
+            heads,
+        } = shape;
+        need(
+            out,
+            elems(&[batch, seq, channels])?,
+            DType::F32,
+            "attention output",
+        )?;
+        need(
+            att,
+            elems(&[rows, seq])?,
+            DType::F32,
+            "attention probabilities",
+        )?;
+        need(qkv, elems(&[batch, seq, 3, channels])?, DType::F32, "qkv")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (seq32, c32, h32) = (seq as u32, channels as u32, heads as u32);
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
+        let rows64 = rows as u64;
+        launch!(
+            self,
+            attention_forward,
+            per_row(rows, (hs * 4) as u32)?,
+            out.f32_mut("attention output")?,
+            att.f32_mut("attention probabilities")?,
+            qkv.f32("qkv")?,
+            &seq32,
+            &c32,
+            &h32,
+            &scale,
+            &rows64,
+        )
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut CudaBuffer,
+        dout: &CudaBuffer,
+        qkv: &CudaBuffer,
+        att: &CudaBuffer,
+        shape: Attention,
+    ) -> Result<()> {
+        let (hs, rows) = self.attention_sizes(shape)?;
+        let Attention {
+            batch,
+            seq,
+            channels,
+            heads,
+        } = shape;
+        let qkv_len = elems(&[batch, seq, 3, channels])?;
+        need(dqkv, qkv_len, DType::F32, "qkv gradient")?;
+        need(
+            dout,
+            elems(&[batch, seq, channels])?,
+            DType::F32,
+            "attention output gradient",
+        )?;
+        need(qkv, qkv_len, DType::F32, "qkv")?;
+        need(
+            att,
+            elems(&[rows, seq])?,
+            DType::F32,
+            "attention probabilities",
+        )?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (seq32, c32, h32) = (seq as u32, channels as u32, heads as u32);
+        let scale = (1.0 / (hs as f64).sqrt()) as f32;
+        let rows64 = rows as u64;
+        let mut dpre = self.zeroed(att.len(), DType::F32)?;
+        launch!(
+            self,
+            attention_backward_query,
+            per_row(rows, (hs * 4) as u32)?,
+            dqkv.f32_mut("qkv gradient")?,
+            dpre.f32_mut("attention score gradient")?,
+            dout.f32("attention output gradient")?,
+            qkv.f32("qkv")?,
+            att.f32("attention probabilities")?,
+            &seq32,
+            &c32,
+            &h32,
+            &scale,
+            &rows64,
+        )?;
+        // One thread per head dimension, in whole warps.
+        let threads = hs.next_multiple_of(32).min(ROW_BLOCK as usize) as u32;
+        let cfg = LaunchConfig {
+            block_dim: (threads, 1, 1),
+            ..per_row(rows, 0)?
+        };
+        launch!(
+            self,
+            attention_backward_key_value,
+            cfg,
+            dqkv.f32_mut("qkv gradient")?,
+            dpre.f32("attention score gradient")?,
+            dout.f32("attention output gradient")?,
+            qkv.f32("qkv")?,
+            att.f32("attention probabilities")?,
+            &seq32,
+            &c32,
+            &h32,
+            &rows64,
+        )
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut CudaBuffer,
+        logits: &CudaBuffer,
+        targets: &CudaBuffer,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        self.check_cross_entropy(logits, targets, rows, vocab)?;
+        need(losses, rows, DType::F32, "losses")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r32, v32) = (rows as u32, vocab as u32);
+        launch!(
+            self,
+            cross_entropy_forward,
+            per_row(rows, 0)?,
+            losses.f32_mut("losses")?,
+            logits.f32("logits")?,
+            targets.u32("targets")?.0,
+            &r32,
+            &v32,
+        )
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut CudaBuffer,
+        logits: &CudaBuffer,
+        targets: &CudaBuffer,
+        scale: f32,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        self.check_cross_entropy(logits, targets, rows, vocab)?;
+        need(dlogits, rows * vocab, DType::F32, "logits gradient")?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let (r32, v32) = (rows as u32, vocab as u32);
+        launch!(
+            self,
+            cross_entropy_backward,
+            per_row(rows, 0)?,
+            dlogits.f32_mut("logits gradient")?,
+            logits.f32("logits")?,
+            targets.u32("targets")?.0,
+            &scale,
+            &r32,
+            &v32,
+        )
+    }
+
+    fn adamw(
+        &self,
+        param: &mut CudaBuffer,
+        grad: &CudaBuffer,
+        m: &mut CudaBuffer,
+        v: &mut CudaBuffer,
+        hp: AdamW,
+    ) -> Result<()> {
+        if hp.step == 0 {
+            bail!("AdamW step numbers start at 1 (bias correction), got 0");
+        }
+        let n = param.len();
+        need(param, n, DType::F32, "parameter")?;
+        need(grad, n, DType::F32, "gradient")?;
+        need(m, n, DType::F32, "first moment")?;
+        need(v, n, DType::F32, "second moment")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let bc1 = (1.0 - f64::from(hp.beta1).powf(f64::from(hp.step))) as f32;
+        let bc2 = (1.0 - f64::from(hp.beta2).powf(f64::from(hp.step))) as f32;
+        let n64 = n as u64;
+        launch!(
+            self,
+            adamw,
+            elementwise(n),
+            param.f32_mut("parameter")?,
+            grad.f32("gradient")?,
+            m.f32_mut("first moment")?,
+            v.f32_mut("second moment")?,
+            &hp.lr,
+            &hp.beta1,
+            &hp.beta2,
+            &hp.eps,
+            &hp.weight_decay,
+            &bc1,
+            &bc2,
+            &n64,
+        )
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().context("waiting for the GPU")?;
+        self.check()
+    }
+
+    fn memory(&self) -> MemoryStats {
+        self.meter.stats()
+    }
+
+    fn reset_peak_memory(&self) {
+        self.meter.reset_peak();
+    }
+}
