@@ -124,8 +124,9 @@ pub struct TrainArgs {
     /// Write the last step's measured timeline to PATH as a Chrome trace (open in Perfetto).
     #[arg(long, value_name = "PATH")]
     trace: Option<PathBuf>,
-    /// Multi-process runs (`pipit launch`, or RANK/WORLD_SIZE set): seconds a rank waits on
-    /// another (or on the rendezvous) before it stops with an error naming that rank.
+    /// Multi-process runs (`pipit launch`, or RANK/WORLD_SIZE set): seconds a rank may stay
+    /// silent (no message, no heartbeat) before every other rank stops with an error naming
+    /// it; also how long the rendezvous waits for missing ranks.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     peer_timeout: f64,
 }
