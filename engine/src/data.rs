@@ -82,6 +82,22 @@ pub fn sample_batch(data: &[u8], batch: usize, seq: usize, seed: u64, step: u64)
     Ok(Batch::from_offsets(data, &offsets, seq))
 }
 
+/// The evaluation windows of `data` (see [`window_offsets`]), at most `max_tokens` tokens of
+/// them (0: all), grouped `rows` windows to a batch; an error when not even one window fits.
+pub fn eval_batches(data: &[u8], seq: usize, max_tokens: usize, rows: usize) -> Result<Vec<Batch>> {
+    let mut offsets = window_offsets(data.len(), seq);
+    if max_tokens > 0 {
+        offsets.truncate(max_tokens.div_ceil(seq));
+    }
+    if offsets.is_empty() {
+        return Err(invalid_input!(
+            "the evaluation text ({} bytes) is shorter than one window of {seq} tokens + 1",
+            data.len()
+        ));
+    }
+    Ok(offsets.chunks(rows.max(1)).map(|c| Batch::from_offsets(data, c, seq)).collect())
+}
+
 /// Consecutive non-overlapping windows of `seq` tokens: window `k` has inputs
 /// `[k·seq, (k+1)·seq)` and targets shifted by one, for every `k` with `(k+1)·seq + 1 ≤ len`.
 pub fn window_offsets(len: usize, seq: usize) -> Vec<usize> {

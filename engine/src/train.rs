@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
-use crate::data::{sample_batch, window_offsets, Batch, Corpus};
+use crate::data::{eval_batches, sample_batch, Batch, Corpus};
 use crate::exec::{self, in_process_mesh, InProcessTransport, Rank, StepOptions, StepReport, Want};
 use crate::invalid_input;
 use crate::model::{init_parameters, AdamWConfig, GptConfig, HostTensors, OptimizerState, StageModel};
@@ -193,6 +193,25 @@ pub struct StepLog {
     pub report: StepReport,
 }
 
+impl StepLog {
+    /// The figures of step `step`, trained at `lr` on `batch`; a loss that is not finite is
+    /// an error (the run diverged).
+    pub fn new(step: u64, lr: f32, batch: &Batch, report: StepReport) -> Result<Self> {
+        if !report.loss.is_finite() {
+            return Err(anyhow!("step {step}: the loss is {} (training diverged)", report.loss));
+        }
+        let tokens = (batch.batch * batch.seq) as f64;
+        Ok(StepLog {
+            step,
+            loss: report.loss,
+            lr,
+            tokens_per_sec: tokens / report.elapsed.as_secs_f64().max(1e-9),
+            bubble_fraction: report.bubble_fraction(),
+            report,
+        })
+    }
+}
+
 /// A pipeline ready to train: the plan, and one rank per pipeline rank with its stages.
 pub struct Trainer<B: Backend> {
     /// The run's settings.
@@ -294,39 +313,16 @@ impl<B: Backend> Trainer<B> {
             adamw: AdamWConfig { weight_decay: c.weight_decay, ..AdamWConfig::default() },
         };
         let report = exec::train_step(&self.schedule, &mut self.ranks, &batch, &opts)?;
-        if !report.loss.is_finite() {
-            return Err(anyhow!("step {step}: the loss is {} (training diverged)", report.loss));
-        }
+        let log = StepLog::new(step, lr, &batch, report)?;
         self.step = step;
-        let tokens = (batch.batch * batch.seq) as f64;
-        Ok(StepLog {
-            step,
-            loss: report.loss,
-            lr,
-            tokens_per_sec: tokens / report.elapsed.as_secs_f64().max(1e-9),
-            bubble_fraction: report.bubble_fraction(),
-            report,
-        })
+        Ok(log)
     }
 
     /// Mean cross-entropy (nats per token) over consecutive windows of `seq` tokens of `data`,
     /// at most `max_tokens` of them (0: all); returns the loss and the tokens scored.
     pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
-        let mut offsets = window_offsets(data.len(), seq);
-        if max_tokens > 0 {
-            offsets.truncate(max_tokens.div_ceil(seq));
-        }
-        if offsets.is_empty() {
-            return Err(invalid_input!(
-                "the evaluation text ({} bytes) is shorter than one window of {} tokens + 1",
-                data.len(),
-                seq
-            ));
-        }
-        let rows_per_pass = self.config.batch_size.max(1);
         let (mut sum, mut count) = (0.0f64, 0usize);
-        for chunk in offsets.chunks(rows_per_pass) {
-            let b = Batch::from_offsets(data, chunk, seq);
+        for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
             let losses =
                 exec::forward(&mut self.ranks, &b.inputs, Want::Losses(&b.targets), b.batch, seq)?;
             sum += losses.iter().map(|&x| x as f64).sum::<f64>();

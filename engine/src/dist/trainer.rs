@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::{connect, LaunchEnv, TcpTransport};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
-use crate::data::{sample_batch, window_offsets, Batch, Corpus};
+use crate::data::{eval_batches, sample_batch, Batch, Corpus};
 use crate::exec::{train_step_rank, Rank, RankReport, StepOptions, StepReport};
 use crate::invalid_input;
 use crate::model::{
@@ -199,52 +199,17 @@ impl<B: Backend> RankTrainer<B> {
                 .ok_or_else(|| anyhow!("rank 0 sent no loss"))?;
             (f32::from_bits(bits as u32), vec![report])
         };
-        if !loss.is_finite() {
-            return Err(anyhow!(
-                "step {step}: the loss is {loss} (training diverged)"
-            ));
-        }
+        let log = StepLog::new(step, lr, &batch, StepReport::new(loss, t0.elapsed(), ranks))?;
         self.step = step;
-        let makespan = ranks
-            .iter()
-            .filter_map(|r| r.timeline.last().map(|a| a.end))
-            .fold(0.0, f64::max);
-        let report = StepReport {
-            loss,
-            elapsed: t0.elapsed(),
-            makespan,
-            ranks,
-        };
-        let tokens = (batch.batch * batch.seq) as f64;
-        Ok(StepLog {
-            step,
-            loss,
-            lr,
-            tokens_per_sec: tokens / report.elapsed.as_secs_f64().max(1e-9),
-            bubble_fraction: report.bubble_fraction(),
-            report,
-        })
+        Ok(log)
     }
 
     /// Mean cross-entropy over windows of `data` (as [`crate::train::Trainer::evaluate`]):
     /// activations flow through the ranks' stages in order; the rank holding the last stage
     /// sends every rank the result.
     pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
-        let mut offsets = window_offsets(data.len(), seq);
-        if max_tokens > 0 {
-            offsets.truncate(max_tokens.div_ceil(seq));
-        }
-        if offsets.is_empty() {
-            return Err(invalid_input!(
-                "the evaluation text ({} bytes) is shorter than one window of {} tokens + 1",
-                data.len(),
-                seq
-            ));
-        }
-        let rows_per_pass = self.config.batch_size.max(1);
         let (mut sum, mut count) = (0.0f64, 0usize);
-        for chunk in offsets.chunks(rows_per_pass) {
-            let b = Batch::from_offsets(data, chunk, seq);
+        for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
             if let Some(losses) = self.forward(&b)? {
                 sum += losses.iter().map(|&x| x as f64).sum::<f64>();
                 count += losses.len();

@@ -80,6 +80,16 @@ pub struct StepReport {
 }
 
 impl StepReport {
+    /// The report of a step from its loss, wall time and per-rank figures; the makespan is the
+    /// end of the last action on any rank.
+    pub fn new(loss: f32, elapsed: Duration, ranks: Vec<RankReport>) -> Self {
+        let makespan = ranks
+            .iter()
+            .filter_map(|r| r.timeline.last().map(|a| a.end))
+            .fold(0.0, f64::max);
+        Self { loss, elapsed, makespan, ranks }
+    }
+
     /// Measured bubble fraction: idle / (ranks × makespan), idle being time not in compute.
     pub fn bubble_fraction(&self) -> f64 {
         if self.makespan <= 0.0 || self.ranks.is_empty() {
@@ -142,16 +152,7 @@ pub fn train_step<B: Backend, T: Transport<B>>(
         loss_sum += loss;
         reports.push(report);
     }
-    let makespan = reports
-        .iter()
-        .filter_map(|r| r.timeline.last().map(|a| a.end))
-        .fold(0.0, f64::max);
-    Ok(StepReport {
-        loss: (loss_sum * loss_scale as f64) as f32,
-        elapsed: start.elapsed(),
-        makespan,
-        ranks: reports,
-    })
+    Ok(StepReport::new((loss_sum * loss_scale as f64) as f32, start.elapsed(), reports))
 }
 
 /// Run one rank's part of a training step, for a process that holds only that rank (the
