@@ -695,76 +695,123 @@ pub fn check_gpt2_matches_reference<B: Backend>(b: &B) {
 }
 
 /// Instantiate the whole suite for one backend: `conformance!(module_name, constructor)`,
-/// where `constructor` is a function or closure taking nothing and returning the backend.
+/// where `constructor` is a function or closure taking nothing and returning the backend, or
+/// `conformance!(module_name, optional constructor)` with a constructor returning `None` where
+/// the backend is not available (each test then passes without checking anything).
 macro_rules! conformance {
-    ($name:ident, $make:expr) => {
+    ($name:ident, optional $make:expr) => {
         mod $name {
             use super::*;
 
             #[allow(clippy::redundant_closure_call)]
-            fn backend() -> impl Backend {
+            fn backend() -> Option<impl Backend> {
                 ($make)()
             }
 
             #[test]
             fn buffers() {
-                check_buffers(&backend());
+                if let Some(b) = backend() {
+                    check_buffers(&b);
+                }
             }
             #[test]
             fn memory() {
-                check_memory(&backend());
+                if let Some(b) = backend() {
+                    check_memory(&b);
+                }
             }
             #[test]
             fn matmul() {
-                check_matmul(&backend());
+                if let Some(b) = backend() {
+                    check_matmul(&b);
+                }
             }
             #[test]
             fn bias_backward() {
-                check_bias_backward(&backend());
+                if let Some(b) = backend() {
+                    check_bias_backward(&b);
+                }
             }
             #[test]
             fn embedding() {
-                check_embedding(&backend());
+                if let Some(b) = backend() {
+                    check_embedding(&b);
+                }
             }
             #[test]
             fn layernorm() {
-                check_layernorm(&backend());
+                if let Some(b) = backend() {
+                    check_layernorm(&b);
+                }
             }
             #[test]
             fn gelu() {
-                check_gelu(&backend());
+                if let Some(b) = backend() {
+                    check_gelu(&b);
+                }
             }
             #[test]
             fn attention() {
-                check_attention(&backend());
+                if let Some(b) = backend() {
+                    check_attention(&b);
+                }
             }
             #[test]
             fn cross_entropy() {
-                check_cross_entropy(&backend());
+                if let Some(b) = backend() {
+                    check_cross_entropy(&b);
+                }
             }
             #[test]
             fn adamw() {
-                check_adamw(&backend());
+                if let Some(b) = backend() {
+                    check_adamw(&b);
+                }
             }
             #[test]
             fn size_errors() {
-                check_size_errors(&backend());
+                if let Some(b) = backend() {
+                    check_size_errors(&b);
+                }
             }
             #[test]
             fn large_logits() {
-                check_large_logits(&backend());
+                if let Some(b) = backend() {
+                    check_large_logits(&b);
+                }
             }
             #[test]
             fn gpt2_matches_reference() {
-                check_gpt2_matches_reference(&backend());
+                if let Some(b) = backend() {
+                    check_gpt2_matches_reference(&b);
+                }
             }
         }
+    };
+    ($name:ident, $make:expr) => {
+        conformance!($name, optional || Some(($make)()));
     };
 }
 
 conformance!(reference, ReferenceBackend::new);
 conformance!(wgpu, || pipit_wgpu::WgpuBackend::new()
     .expect("a wgpu adapter"));
+conformance!(cuda, optional cuda_backend);
+
+/// The CUDA backend on device 0, or `None` with the reason on stderr where CUDA is not usable
+/// (no driver, toolkit or GPU). With `PIPIT_REQUIRE_CUDA` set (as on GPU machines) that is a
+/// failure instead; and where CUDA is usable, a backend that does not open is one too.
+fn cuda_backend() -> Option<pipit_cuda::CudaBackend> {
+    if let Err(why) = pipit_cuda::probe() {
+        assert!(
+            std::env::var_os("PIPIT_REQUIRE_CUDA").is_none(),
+            "PIPIT_REQUIRE_CUDA is set, but CUDA is not usable: {why}"
+        );
+        eprintln!("skipped: CUDA is not usable here: {why}");
+        return None;
+    }
+    Some(pipit_cuda::CudaBackend::new(0).expect("CUDA is usable, so its backend opens"))
+}
 
 /// Central differences of a scalar `loss` at coordinates `at` of `x`, against `grad`:
 /// `max |fd − grad| ≤ tol · max |grad|` over those coordinates.
@@ -1034,6 +1081,13 @@ pub fn check_finite_differences<B: Backend>(b: &B) {
 #[test]
 fn reference_gradients_match_finite_differences() {
     check_finite_differences(&ReferenceBackend::new());
+}
+
+#[test]
+fn cuda_gradients_match_finite_differences() {
+    if let Some(b) = cuda_backend() {
+        check_finite_differences(&b);
+    }
 }
 
 /// Token ids outside the vocabulary are errors on the reference backend (a device backend may

@@ -154,6 +154,21 @@ fn every_schedule_trains_like_one_device_on_reference() {
     check_all(&ReferenceBackend::new);
 }
 
+/// Skipped, with the reason on stderr, where CUDA is not usable (a failure instead with
+/// `PIPIT_REQUIRE_CUDA` set, as on GPU machines).
+#[test]
+fn every_schedule_trains_like_one_device_on_cuda() {
+    if let Err(why) = pipit::cuda::probe() {
+        assert!(
+            std::env::var_os("PIPIT_REQUIRE_CUDA").is_none(),
+            "PIPIT_REQUIRE_CUDA is set, but CUDA is not usable: {why}"
+        );
+        eprintln!("skipped: CUDA is not usable here: {why}");
+        return;
+    }
+    check_all(&|| pipit::cuda::CudaBackend::new(0).expect("CUDA is usable, so its backend opens"));
+}
+
 #[test]
 fn every_schedule_trains_like_one_device_on_wgpu() {
     check_all(&|| pipit::wgpu::WgpuBackend::new().expect("a wgpu adapter (lavapipe in CI)"));

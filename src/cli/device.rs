@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::ValueEnum;
+use pipit_cuda::CudaBackend;
 use pipit_engine::Backend;
 use pipit_reference::ReferenceBackend;
 use pipit_wgpu::WgpuBackend;
@@ -45,26 +46,63 @@ pub fn with_backend<J: BackendJob>(choice: BackendChoice, job: J) -> Result<J::O
                 None => WgpuBackend::new(),
             })
         }
-        BackendChoice::Cuda => Err(invalid_input!(
-            "--backend cuda: this build of pipit has no CUDA backend yet; use auto, wgpu or reference"
-        )),
-        BackendChoice::Auto => match WgpuBackend::new() {
-            Ok(b) if b.adapter_info().device_type != wgpu::DeviceType::Cpu => {
-                eprintln!("backend: {} (auto: a hardware GPU through wgpu)", b.describe());
-                let mut first = Some(b);
-                job.run(&mut |_| match first.take() {
-                    Some(b) => Ok(b),
-                    None => WgpuBackend::new(),
-                })
-            }
-            found => {
-                let why = match found {
-                    Ok(b) => format!("only a software adapter ({})", b.describe()),
-                    Err(e) => format!("no wgpu adapter ({e})"),
-                };
-                eprintln!("backend: reference (auto: no GPU found, {why})");
-                job.run(&mut |_| Ok(ReferenceBackend::new()))
-            }
-        },
+        BackendChoice::Cuda => {
+            // A machine without CUDA is an environment the user can change, not a failure.
+            let devices = pipit_cuda::probe().map_err(|e| {
+                invalid_input!("--backend cuda: {e}; or use auto, wgpu or reference")
+            })?;
+            let first = CudaBackend::new(0)?;
+            eprintln!("backend: {}", first.describe());
+            run_on_cuda(job, first, devices)
+        }
+        BackendChoice::Auto => {
+            let no_cuda = match pipit_cuda::probe().and_then(|n| Ok((CudaBackend::new(0)?, n))) {
+                Ok((first, devices)) => {
+                    eprintln!("backend: {} (auto: a CUDA GPU)", first.describe());
+                    return run_on_cuda(job, first, devices);
+                }
+                Err(e) => e,
+            };
+            auto_without_cuda(job, &no_cuda)
+        }
+    }
+}
+
+/// Run `job` on CUDA: rank `r` on device `r mod devices`, so in-process ranks share one GPU
+/// (a stream each) or spread over several; `first` (device 0) serves the first rank there.
+fn run_on_cuda<J: BackendJob>(job: J, first: CudaBackend, devices: usize) -> Result<J::Output> {
+    let mut first = Some(first);
+    job.run(&mut |r| match first.take() {
+        Some(b) if r % devices == 0 => Ok(b),
+        _ => CudaBackend::new(r % devices),
+    })
+}
+
+/// `--backend auto` once CUDA is ruled out (`no_cuda` says why): a hardware GPU through wgpu,
+/// else the reference backend.
+fn auto_without_cuda<J: BackendJob>(job: J, no_cuda: &anyhow::Error) -> Result<J::Output> {
+    // The first clause of the reason is enough here ("no CUDA driver found (libcuda.so)").
+    let no_cuda = no_cuda.to_string();
+    let no_cuda = no_cuda.split(": ").next().unwrap_or_default();
+    match WgpuBackend::new() {
+        Ok(b) if b.adapter_info().device_type != wgpu::DeviceType::Cpu => {
+            eprintln!(
+                "backend: {} (auto: {no_cuda}, a hardware GPU through wgpu)",
+                b.describe()
+            );
+            let mut first = Some(b);
+            job.run(&mut |_| match first.take() {
+                Some(b) => Ok(b),
+                None => WgpuBackend::new(),
+            })
+        }
+        found => {
+            let why = match found {
+                Ok(b) => format!("only a software adapter ({})", b.describe()),
+                Err(e) => format!("no wgpu adapter ({e})"),
+            };
+            eprintln!("backend: reference (auto: no GPU found, {no_cuda}, {why})");
+            job.run(&mut |_| Ok(ReferenceBackend::new()))
+        }
     }
 }

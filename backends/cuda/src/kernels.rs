@@ -1,11 +1,11 @@
-//! The CUDA C++ sources of `cuda/`, compiled by NVRTC once per process and architecture, and
-//! the kernel handles a backend launches.
+//! The CUDA C++ sources of `cuda/`, compiled by NVRTC once per process and architecture and
+//! loaded once per device, and the kernel handles a backend launches.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{anyhow, Context, Result};
-use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// Threads per block of the row kernels (`PIPIT_BLOCK` in `cuda/common.cu`).
@@ -134,13 +134,28 @@ kernels!(
     attention_backward_key_value,
 );
 
+/// The program loaded into each device's primary context, by device ordinal. Every backend on
+/// a device shares that context (and so the module), so the driver translates the PTX once.
+fn loaded() -> &'static Mutex<HashMap<usize, Arc<CudaModule>>> {
+    static MODULES: OnceLock<Mutex<HashMap<usize, Arc<CudaModule>>>> = OnceLock::new();
+    MODULES.get_or_init(Mutex::default)
+}
+
 impl Kernels {
-    /// Compile (once per process) for `arch` and load every kernel into `ctx`.
+    /// Every kernel, compiled for `arch` and loaded into `ctx` (a device's primary context)
+    /// on first use in this process.
     pub(crate) fn load(ctx: &Arc<CudaContext>, arch: &str) -> Result<Self> {
-        let ptx = ptx_for(arch)?;
-        let module = ctx
-            .load_module(ptx)
-            .with_context(|| format!("loading pipit's kernels ({arch}) into the CUDA context"))?;
+        let mut modules = loaded().lock().unwrap_or_else(|p| p.into_inner());
+        let module = match modules.get(&ctx.ordinal()) {
+            Some(module) => module.clone(),
+            None => {
+                let module = ctx.load_module(ptx_for(arch)?).with_context(|| {
+                    format!("loading pipit's kernels ({arch}) into the CUDA context")
+                })?;
+                modules.insert(ctx.ordinal(), module.clone());
+                module
+            }
+        };
         Self::from_module(&module)
     }
 }

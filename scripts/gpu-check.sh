@@ -1,0 +1,187 @@
+#!/usr/bin/env bash
+# pipit on an NVIDIA GPU machine, in one run: the CUDA backend's conformance suite and the
+# pipeline-equivalence test on CUDA, short training runs on CUDA and on wgpu (NVIDIA's Vulkan
+# driver), a GPT-2 124M-sized step on CUDA, and the PyTorch baseline, with a table last.
+#
+# The GPU machine has no Rust toolchain, so the binaries are built on the development machine
+# (Debian 12, x86-64) first, from the repository root:
+#
+#     scripts/gpu-check.sh prepare
+#
+# which runs `cargo build --release` and `cargo test --release --no-run`, copies the pipit
+# binary and the backend_conformance and pipeline_equivalence test binaries (stripped of debug
+# information, to keep them small) into .gpu/, adds torch_gpt2.py from the shared device notes
+# when it finds them (TORCH_BASELINE=path overrides), and downloads Debian's libvulkan1 into
+# .gl/ (the GPU machine has no Vulkan loader). Both folders are listed in .git/info/exclude, so
+# they have to be carried to the GPU machine along with the working tree. Then, there, from
+# the repository root:
+#
+#     scripts/gpu-check.sh
+#
+# Every step has its own timeout and the whole run stays within GPU_CHECK_BUDGET seconds
+# (default 540): a step that would start too late is reported as skipped. Full logs go to
+# $OUT/gpu-check/ when OUT is set, else to .gpu/logs/. PIPIT_REQUIRE_CUDA=1 makes the CUDA
+# tests fail, rather than skip, when CUDA is not usable. Exit status: 0 when every step that
+# ran passed, 1 otherwise.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+exclude() {
+    local pattern
+    for pattern in /.gpu/ /.gl/; do
+        grep -qxF "$pattern" .git/info/exclude 2>/dev/null || echo "$pattern" >>.git/info/exclude
+    done
+}
+
+prepare() {
+    set -e
+    exclude
+    mkdir -p .gpu .gl
+    cargo build --release -p pipit --bin pipit
+    cp target/release/pipit .gpu/pipit
+    # Test executables carry a hash in their names: take the paths from cargo's messages.
+    cargo test --release --no-run -p pipit --test backend_conformance --test pipeline_equivalence \
+        --message-format=json-render-diagnostics |
+        python3 -c '
+import json, sys
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
+        print(m["target"]["name"], m["executable"])
+' | while read -r name exe; do cp "$exe" ".gpu/$name"; done
+    for f in .gpu/pipit .gpu/backend_conformance .gpu/pipeline_equivalence; do
+        [ -x "$f" ] || { echo "prepare: $f is missing" >&2; exit 1; }
+        strip --strip-debug "$f"
+    done
+    local torch="${TORCH_BASELINE:-}"
+    if [ -z "$torch" ]; then
+        for candidate in ../shared/device/torch_gpt2.py /work/shared/device/torch_gpt2.py; do
+            [ -f "$candidate" ] && torch="$candidate" && break
+        done
+    fi
+    if [ -n "$torch" ]; then cp "$torch" .gpu/torch_gpt2.py; else echo "prepare: no torch_gpt2.py found; the baseline will be skipped"; fi
+    local apt_opts=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
+    mkdir -p /tmp/amd64/partial
+    apt-get "${apt_opts[@]}" update -qq
+    rm -f .gl/*.deb
+    (cd .gl && apt-get "${apt_opts[@]}" download libvulkan1)
+    du -sh .gpu .gl
+    echo "prepared: carry .gpu and .gl to the GPU machine and run scripts/gpu-check.sh there"
+}
+
+if [ "${1:-}" = prepare ]; then
+    prepare
+    exit $?
+fi
+if [ $# -gt 0 ]; then
+    echo "usage: scripts/gpu-check.sh [prepare]" >&2
+    exit 2
+fi
+
+# ---- On the GPU machine ----------------------------------------------------------------
+
+for f in .gpu/pipit .gpu/backend_conformance .gpu/pipeline_equivalence; do
+    [ -x "$f" ] || { echo "gpu-check: $f is missing: run scripts/gpu-check.sh prepare on the build machine" >&2; exit 2; }
+done
+LOGS="${OUT:+$OUT/gpu-check}"
+LOGS="${LOGS:-.gpu/logs}"
+mkdir -p "$LOGS"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"
+export PIPIT_REQUIRE_CUDA="${PIPIT_REQUIRE_CUDA:-1}"
+export RUST_BACKTRACE=1
+if ! ldconfig -p | grep -q 'libvulkan.so.1' && ls .gl/*.deb >/dev/null 2>&1; then
+    for f in .gl/*.deb; do dpkg -x "$f" /; done
+    ldconfig
+fi
+BUDGET="${GPU_CHECK_BUDGET:-540}"
+START=$SECONDS
+ROWS=()
+FAILED=0
+
+echo "== machine"
+timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi not available"
+ls /usr/local/cuda/lib64/libnvrtc.so* /usr/local/cuda/lib64/libcublas.so* 2>/dev/null | head -4
+
+# One line about a finished test binary: its result counts, and the first failures.
+tests_summary() {
+    local log=$1 result failures
+    result=$(grep -E '^test result:' "$log" | tail -1 | sed -E 's/^test result: ([A-Za-z]+)\. ([0-9]+ passed; [0-9]+ failed).*/\1: \2/')
+    failures=$(grep -E '^test .* FAILED$' "$log" | sed -E 's/^test (.*) \.\.\. FAILED$/\1/' | head -3 | paste -sd, -)
+    echo "${result:-no result line}${failures:+ (failed: $failures)}"
+}
+
+# One line about a training run from its --log-json ($LOGS/NAME.jsonl): median tokens/s after
+# the first step, the largest per-rank peak memory, the last loss.
+train_summary() {
+    python3 - "$LOGS/$2.jsonl" <<'PY' 2>/dev/null || echo "no --log-json lines"
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+later = rows[1:] or rows
+tps = statistics.median(r["tokens_per_sec"] for r in later)
+peak = max(max(r["peak_bytes"]) for r in rows) / 2**30
+print(f"{len(rows)} steps, {tps:,.0f} tokens/s (median after step 1), peak {peak:.2f} GiB/rank, last loss {rows[-1]['loss']:.4f}")
+PY
+}
+
+torch_summary() {
+    grep -E '^torch ' "$1" | sed -E 's/^torch [^ ]+ ([a-z0-9-]+) GPT-2 124M B=16 T=1024: /\1 /; s/, peak mem/ peak/' | paste -sd';' - | sed 's/;/; /g'
+}
+
+# step NAME TIMEOUT SUMMARY -- COMMAND...: run COMMAND with a timeout (cut to what is left of
+# the budget), log its output to $LOGS/NAME.log, and add a table row summarised by SUMMARY (a
+# function given the log and NAME).
+step() {
+    local name=$1 limit=$2 summary=$3
+    shift 4
+    local left=$((BUDGET - (SECONDS - START)))
+    if ((left < 20)); then
+        ROWS+=("$name|skipped|0|the run's time budget is spent")
+        return
+    fi
+    ((limit > left)) && limit=$left
+    local log="$LOGS/$name.log" t0=$SECONDS rc status detail
+    echo "== $name (timeout ${limit}s): $*"
+    timeout -k 10 "$limit" "$@" >"$log" 2>&1
+    rc=$?
+    tail -n 12 "$log"
+    case $rc in
+        0) status=ok ;;
+        124 | 137) status=timeout; FAILED=1 ;;
+        *) status="FAIL($rc)"; FAILED=1 ;;
+    esac
+    detail=$("$summary" "$log" "$name")
+    ROWS+=("$name|$status|$((SECONDS - t0))|$detail")
+}
+
+step conformance-cuda 120 tests_summary -- \
+    .gpu/backend_conformance cuda --test-threads=1
+step pipeline-equivalence-cuda 150 tests_summary -- \
+    .gpu/pipeline_equivalence every_schedule_trains_like_one_device_on_cuda
+SMALL=(train --steps 30 --no-save --eval-every 0 --eval-tokens 4096)
+step train-cuda-default 60 train_summary -- \
+    .gpu/pipit "${SMALL[@]}" --backend cuda --log-json "$LOGS/train-cuda-default.jsonl"
+step train-wgpu-default 90 train_summary -- \
+    .gpu/pipit "${SMALL[@]}" --backend wgpu --log-json "$LOGS/train-wgpu-default.jsonl"
+# GPT-2 124M's shape (but a byte vocabulary), f32 on one stage, as a first speed figure.
+step train-cuda-gpt2-124m 120 train_summary -- .gpu/pipit train --backend cuda --n-layer 12 \
+    --n-head 12 --n-embd 768 --n-positions 1024 --seq-len 1024 --batch-size 16 --stages 1 \
+    --microbatches 1 --steps 4 --no-save --eval-every 0 --eval-tokens 1024 \
+    --log-json "$LOGS/train-cuda-gpt2-124m.jsonl"
+if [ -f .gpu/torch_gpt2.py ]; then
+    step torch-baseline 150 torch_summary -- python3 .gpu/torch_gpt2.py
+else
+    ROWS+=("torch-baseline|skipped|0|no .gpu/torch_gpt2.py")
+fi
+
+echo
+echo "== gpu-check: $((SECONDS - START)) s in all; logs in $LOGS"
+printf '%-28s %-10s %6s  %s\n' step status seconds detail
+for row in "${ROWS[@]}"; do
+    IFS='|' read -r name status secs detail <<<"$row"
+    printf '%-28s %-10s %6s  %s\n' "$name" "$status" "$secs" "$detail"
+done
+exit $FAILED
