@@ -12,8 +12,9 @@ use crate::gemm;
 use crate::groups::token_groups;
 use crate::kernels::ROW_BLOCK;
 
-/// Largest head size the attention kernels keep in shared memory (48 KiB of f32).
-const MAX_HEAD_SIZE: usize = 12 * 1024;
+/// Largest head size the attention kernels keep in shared memory: within the 48 KiB a block
+/// may use without opting in, beside the kernels' own reduction scratch.
+const MAX_HEAD_SIZE: usize = 12_000;
 
 /// Launch kernel `$kernel` of `$self` with shape `$cfg` and the arguments in order. Every
 /// argument is a reference that lives until the launch: a device slice or a local scalar.
