@@ -116,7 +116,12 @@ fn run<B: Backend>(b: &B, quick: bool) -> Result<()> {
     let sizes: &[(usize, usize, usize)] = if quick {
         &[(256, 256, 256)]
     } else {
-        &[(256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (4096, 768, 3072)]
+        &[
+            (256, 256, 256),
+            (512, 512, 512),
+            (1024, 1024, 1024),
+            (4096, 768, 3072),
+        ]
     };
     for &(m, n, k) in sizes {
         let g = matmul_gflops(b, m, n, k).with_context(|| format!("matmul {m}x{n}x{k}"))?;

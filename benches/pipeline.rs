@@ -24,7 +24,13 @@ use pipit::wgpu::WgpuBackend;
 
 fn config(schedule: &str, stages: usize) -> TrainConfig {
     TrainConfig {
-        model: GptConfig { vocab_size: 256, n_positions: 64, n_embd: 64, n_layer: 6, n_head: 4 },
+        model: GptConfig {
+            vocab_size: 256,
+            n_positions: 64,
+            n_embd: 64,
+            n_layer: 6,
+            n_head: 4,
+        },
         schedule: schedule.into(),
         stages,
         microbatches: 8,
@@ -54,7 +60,12 @@ fn run<B: Backend>(
             step,
             adamw: AdamWConfig::default(),
         };
-        last = Some(exec::train_step(&trainer.schedule, &mut trainer.ranks, &batch, &opts)?);
+        last = Some(exec::train_step(
+            &trainer.schedule,
+            &mut trainer.ranks,
+            &batch,
+            &opts,
+        )?);
     }
     Ok((last.expect("at least one step"), trainer))
 }
@@ -70,7 +81,10 @@ fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
                 .iter()
                 .map(|r| r.peak_activation_bytes as f64 / r.peak_inflight.max(1) as f64)
                 .collect();
-            let costs = Costs { activation_bytes: per_mb, ..Costs::uniform(4) };
+            let costs = Costs {
+                activation_bytes: per_mb,
+                ..Costs::uniform(4)
+            };
             let sim = simulate(&trainer.schedule, &costs)?;
             for (r, rank) in report.ranks.iter().enumerate() {
                 println!(

@@ -31,7 +31,10 @@ fn main() -> anyhow::Result<()> {
         let t3 = Instant::now();
         let sim = simulate(&lowered, &Costs::uniform(P * V))?;
         let t4 = Instant::now();
-        for (phase, time) in phases.iter_mut().zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0]) {
+        for (phase, time) in phases
+            .iter_mut()
+            .zip([t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0])
+        {
             phase.push(time);
         }
         let actions: usize = lowered.ranks.iter().map(Vec::len).sum();
@@ -39,10 +42,16 @@ fn main() -> anyhow::Result<()> {
     }
     let (actions, makespan, efficiency) = figures.expect("at least one run");
     println!("planner: interleaved p={P} m={M} v={V}, {actions} actions after lowering");
-    println!("simulated makespan {makespan} ms, efficiency {:.2} %", 100.0 * efficiency);
+    println!(
+        "simulated makespan {makespan} ms, efficiency {:.2} %",
+        100.0 * efficiency
+    );
     let names = ["generate", "lower", "validate", "simulate", "total"];
     for (name, times) in names.iter().zip(phases) {
-        println!("{name:>9}: {:8.1} ms (median of {RUNS})", median(times).as_secs_f64() * 1e3);
+        println!(
+            "{name:>9}: {:8.1} ms (median of {RUNS})",
+            median(times).as_secs_f64() * 1e3
+        );
     }
     Ok(())
 }

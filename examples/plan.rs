@@ -21,13 +21,22 @@ fn main() -> Result<()> {
         let lowered = lower(&generate(kind, p, m, v)?)?;
         validate(&lowered)?;
         let plan = Plan::new(lowered, Costs::uniform(p * v), 0.9)?;
-        let peaks: Vec<usize> = plan.simulation.ranks.iter().map(|r| r.peak_activations).collect();
+        let peaks: Vec<usize> = plan
+            .simulation
+            .ranks
+            .iter()
+            .map(|r| r.peak_activations)
+            .collect();
         println!(
             "{kind:>12} v={v}: efficiency {:5.1}%, peak in-flight micro-batches per rank {peaks:?}",
             100.0 * plan.simulation.efficiency
         );
     }
-    let one_f_one_b = Plan::new(lower(&generate(ScheduleKind::OneFOneB, p, m, 1)?)?, Costs::uniform(p), 0.9)?;
+    let one_f_one_b = Plan::new(
+        lower(&generate(ScheduleKind::OneFOneB, p, m, 1)?)?,
+        Costs::uniform(p),
+        0.9,
+    )?;
     println!("\n{}", render(&one_f_one_b, Format::Text)?);
     Ok(())
 }

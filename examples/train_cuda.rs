@@ -13,7 +13,13 @@ use pipit::engine::Backend;
 fn main() -> Result<()> {
     let corpus = Corpus::split(include_bytes!("../data/shakespeare.txt"), 0.1)?;
     let config = TrainConfig {
-        model: GptConfig { n_layer: 4, n_embd: 128, n_head: 4, n_positions: 128, vocab_size: 256 },
+        model: GptConfig {
+            n_layer: 4,
+            n_embd: 128,
+            n_head: 4,
+            n_positions: 128,
+            vocab_size: 256,
+        },
         seq_len: 128,
         steps: 100,
         ..TrainConfig::default()
@@ -23,7 +29,10 @@ fn main() -> Result<()> {
     while trainer.step < trainer.config.steps {
         let log = trainer.train_step(&corpus)?;
         if log.step % 20 == 0 {
-            println!("step {:3}  loss {:.4}  {:.0} tokens/s", log.step, log.loss, log.tokens_per_sec);
+            println!(
+                "step {:3}  loss {:.4}  {:.0} tokens/s",
+                log.step, log.loss, log.tokens_per_sec
+            );
         }
     }
     let (val, tokens) = trainer.evaluate(&corpus.val, 128, 16_384)?;

@@ -13,7 +13,13 @@ fn main() -> Result<()> {
     let text = include_bytes!("../data/shakespeare.txt");
     let corpus = Corpus::split(text, 0.1)?;
     let config = TrainConfig {
-        model: GptConfig { n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, vocab_size: 256 },
+        model: GptConfig {
+            n_layer: 2,
+            n_embd: 32,
+            n_head: 2,
+            n_positions: 64,
+            vocab_size: 256,
+        },
         schedule: "1f1b".into(),
         stages: 2,
         microbatches: 4,
@@ -30,7 +36,12 @@ fn main() -> Result<()> {
     while trainer.step < trainer.config.steps {
         let log = trainer.train_step(&corpus)?;
         if log.step % 10 == 0 {
-            println!("step {:3}  loss {:.4}  bubble {:.1}%", log.step, log.loss, 100.0 * log.bubble_fraction);
+            println!(
+                "step {:3}  loss {:.4}  bubble {:.1}%",
+                log.step,
+                log.loss,
+                100.0 * log.bubble_fraction
+            );
         }
     }
     let (val, tokens) = trainer.evaluate(&corpus.val, 64, 4096)?;

@@ -14,7 +14,13 @@ fn main() -> Result<()> {
     let text = include_bytes!("../data/shakespeare.txt");
     let corpus = Corpus::split(text, 0.1)?;
     let config = TrainConfig {
-        model: GptConfig { n_layer: 2, n_embd: 32, n_head: 2, n_positions: 64, vocab_size: 256 },
+        model: GptConfig {
+            n_layer: 2,
+            n_embd: 32,
+            n_head: 2,
+            n_positions: 64,
+            vocab_size: 256,
+        },
         schedule: "gpipe".into(),
         stages: 4,
         microbatches: 4,
@@ -29,7 +35,10 @@ fn main() -> Result<()> {
     while trainer.step < trainer.config.steps {
         let log = trainer.train_step(&corpus)?;
         if log.step % 10 == 0 {
-            println!("step {:3}  loss {:.4}  {:.0} tokens/s", log.step, log.loss, log.tokens_per_sec);
+            println!(
+                "step {:3}  loss {:.4}  {:.0} tokens/s",
+                log.step, log.loss, log.tokens_per_sec
+            );
         }
     }
     let (val, tokens) = trainer.evaluate(&corpus.val, 64, 4096)?;

@@ -13,7 +13,13 @@ use pipit::reference::ReferenceBackend;
 /// simulator's prediction for the same plan, fed the measured bytes of one micro-batch.
 fn measure(schedule: &str, checkpoint_activations: bool) -> (Vec<u64>, Vec<f64>) {
     let config = TrainConfig {
-        model: GptConfig { vocab_size: 64, n_positions: 16, n_embd: 16, n_layer: 6, n_head: 2 },
+        model: GptConfig {
+            vocab_size: 64,
+            n_positions: 16,
+            n_embd: 16,
+            n_layer: 6,
+            n_head: 2,
+        },
         schedule: schedule.into(),
         stages: 4,
         microbatches: 8,
@@ -21,7 +27,8 @@ fn measure(schedule: &str, checkpoint_activations: bool) -> (Vec<u64>, Vec<f64>)
         seq_len: 16,
         ..TrainConfig::default()
     };
-    let mut trainer = Trainer::new(config.clone(), |_| Ok(ReferenceBackend::new()), Init::Fresh).unwrap();
+    let mut trainer =
+        Trainer::new(config.clone(), |_| Ok(ReferenceBackend::new()), Init::Fresh).unwrap();
     let text: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 64) as u8).collect();
     let batch = sample_batch(&text, 16, 16, 1, 1).unwrap();
     let opts = StepOptions {
@@ -31,14 +38,21 @@ fn measure(schedule: &str, checkpoint_activations: bool) -> (Vec<u64>, Vec<f64>)
         adamw: AdamWConfig::default(),
     };
     let report = exec::train_step(&trainer.schedule, &mut trainer.ranks, &batch, &opts).unwrap();
-    let measured: Vec<u64> = report.ranks.iter().map(|r| r.peak_activation_bytes).collect();
+    let measured: Vec<u64> = report
+        .ranks
+        .iter()
+        .map(|r| r.peak_activation_bytes)
+        .collect();
     // What one micro-batch keeps on each rank, as the executor measured it.
     let per_microbatch: Vec<f64> = report
         .ranks
         .iter()
         .map(|r| r.peak_activation_bytes as f64 / r.peak_inflight as f64)
         .collect();
-    let costs = Costs { activation_bytes: per_microbatch, ..Costs::uniform(4) };
+    let costs = Costs {
+        activation_bytes: per_microbatch,
+        ..Costs::uniform(4)
+    };
     let sim = simulate(&trainer.schedule, &costs).unwrap();
     let predicted = sim.ranks.iter().map(|r| r.peak_activation_bytes).collect();
     (measured, predicted)
@@ -59,7 +73,11 @@ fn gpipe_and_1f1b_memory_stand_in_the_simulated_ratio() {
     // 1F1B keeps min(p - s, m) micro-batches: 4, 3, 2, 1 on p = 4; GPipe keeps all 8.
     let ratios: Vec<f64> = (0..4).map(|r| gpipe[r] as f64 / ofob[r] as f64).collect();
     for (rank, want) in [2.0, 8.0 / 3.0, 4.0, 8.0].iter().enumerate() {
-        assert!((ratios[rank] - want).abs() < 1e-9, "rank {rank}: ratio {}", ratios[rank]);
+        assert!(
+            (ratios[rank] - want).abs() < 1e-9,
+            "rank {rank}: ratio {}",
+            ratios[rank]
+        );
     }
 }
 

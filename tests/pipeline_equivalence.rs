@@ -6,8 +6,7 @@
 use pipit::engine::data::{sample_batch, Batch};
 use pipit::engine::exec::{self, in_process_mesh, Rank, StepOptions, DEFAULT_RECV_TIMEOUT};
 use pipit::engine::model::{
-    init_parameters, AdamWConfig, GptConfig, HostTensors, Keep, StageInput, StageModel,
-    StageOutput,
+    init_parameters, AdamWConfig, GptConfig, HostTensors, Keep, StageInput, StageModel, StageOutput,
 };
 use pipit::engine::train::TrainConfig;
 use pipit::engine::Backend;
@@ -18,19 +17,31 @@ const LR: f32 = 1e-3;
 
 fn model() -> GptConfig {
     // Eight layers (embedding, six blocks, head), so p = 4 with v = 2 chunks fits.
-    GptConfig { vocab_size: 61, n_positions: 12, n_embd: 16, n_layer: 6, n_head: 2 }
+    GptConfig {
+        vocab_size: 61,
+        n_positions: 12,
+        n_embd: 16,
+        n_layer: 6,
+        n_head: 2,
+    }
 }
 
 fn batches() -> Vec<Batch> {
-    let text: Vec<u8> = b"To be, or not to be, that is the question: whether 'tis nobler in the mind"
-        .iter()
-        .map(|b| b % 61)
-        .collect();
-    (1..=STEPS as u64).map(|s| sample_batch(&text, 8, 10, 5, s).unwrap()).collect()
+    let text: Vec<u8> =
+        b"To be, or not to be, that is the question: whether 'tis nobler in the mind"
+            .iter()
+            .map(|b| b % 61)
+            .collect();
+    (1..=STEPS as u64)
+        .map(|s| sample_batch(&text, 8, 10, 5, s).unwrap())
+        .collect()
 }
 
 fn adamw() -> AdamWConfig {
-    AdamWConfig { weight_decay: 0.1, ..AdamWConfig::default() }
+    AdamWConfig {
+        weight_decay: 0.1,
+        ..AdamWConfig::default()
+    }
 }
 
 /// Plain training on one device: the whole model as one stage, each batch as one micro-batch.
@@ -42,14 +53,28 @@ fn single_device<B: Backend>(backend: &B, host: &HostTensors) -> (Vec<f32>, Host
         let tokens = backend.upload_u32(&b.inputs).unwrap();
         let targets = backend.upload_u32(&b.targets).unwrap();
         let (out, saved) = stage
-            .forward(backend, StageInput::Tokens(&tokens), Some(&targets), b.batch, b.seq, Keep::All)
+            .forward(
+                backend,
+                StageInput::Tokens(&tokens),
+                Some(&targets),
+                b.batch,
+                b.seq,
+                Keep::All,
+            )
             .unwrap();
-        let StageOutput::Loss { losses: l } = out else { panic!("the head returns losses") };
+        let StageOutput::Loss { losses: l } = out else {
+            panic!("the head returns losses")
+        };
         let l = backend.download(&l).unwrap();
         losses.push((l.iter().map(|&x| x as f64).sum::<f64>() / l.len() as f64) as f32);
         let scale = 1.0 / (b.batch * b.seq) as f32;
-        assert!(stage.backward(backend, saved, None, scale).unwrap().is_none());
-        stage.optimizer_step(backend, LR, i as u32 + 1, &adamw()).unwrap();
+        assert!(stage
+            .backward(backend, saved, None, scale)
+            .unwrap()
+            .is_none());
+        stage
+            .optimizer_step(backend, LR, i as u32 + 1, &adamw())
+            .unwrap();
         stage.zero_grads(backend).unwrap();
     }
     (losses, stage.download_params(backend).unwrap())
@@ -84,9 +109,19 @@ fn pipelined<B: Backend>(
             let stages = plan
                 .stages_of(r)
                 .into_iter()
-                .map(|s| (s, StageModel::new(&backend, &config.model, ranges[s].clone(), host).unwrap()))
+                .map(|s| {
+                    (
+                        s,
+                        StageModel::new(&backend, &config.model, ranges[s].clone(), host).unwrap(),
+                    )
+                })
                 .collect();
-            Rank { rank: r, backend, transport, stages }
+            Rank {
+                rank: r,
+                backend,
+                transport,
+                stages,
+            }
         })
         .collect();
     let mut losses = Vec::new();
@@ -106,7 +141,10 @@ fn pipelined<B: Backend>(
             // Both copies of the tied embedding must have stayed identical.
             for (name, t) in got.iter() {
                 if let Some(seen) = params.get(name) {
-                    assert!(seen == t, "{schedule} p={p} v={v}: the copies of {name} differ");
+                    assert!(
+                        seen == t,
+                        "{schedule} p={p} v={v}: the copies of {name} differ"
+                    );
                 }
             }
             params.extend(got);
@@ -118,11 +156,21 @@ fn pipelined<B: Backend>(
 fn check_all<B: Backend>(make: &dyn Fn() -> B) {
     let host = init_parameters(&model(), 42).unwrap();
     let (want_losses, want_params) = single_device(&make(), &host);
-    assert!(want_losses[2] < want_losses[0], "training lowers the loss: {want_losses:?}");
-    let moved = want_params.get("h.0.mlp.c_fc.weight").unwrap().data.iter()
+    assert!(
+        want_losses[2] < want_losses[0],
+        "training lowers the loss: {want_losses:?}"
+    );
+    let moved = want_params
+        .get("h.0.mlp.c_fc.weight")
+        .unwrap()
+        .data
+        .iter()
         .zip(&host.get("h.0.mlp.c_fc.weight").unwrap().data)
         .any(|(a, b)| (a - b).abs() > 1e-4);
-    assert!(moved, "three steps move the weights by more than the tolerance");
+    assert!(
+        moved,
+        "three steps move the weights by more than the tolerance"
+    );
     let cases = [("naive", 1), ("gpipe", 1), ("1f1b", 1), ("interleaved", 2)];
     for (schedule, v) in cases {
         for p in [1, 2, 4] {
@@ -131,11 +179,17 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
                 let (losses, params) = pipelined(make, &host, schedule, p, v, ckpt);
                 for (step, (got, want)) in losses.iter().zip(&want_losses).enumerate() {
                     let rel = ((got - want) / want).abs();
-                    assert!(rel <= 1e-5, "{label} step {}: loss {got} vs {want}", step + 1);
+                    assert!(
+                        rel <= 1e-5,
+                        "{label} step {}: loss {got} vs {want}",
+                        step + 1
+                    );
                 }
                 assert_eq!(params.len(), want_params.len(), "{label}: parameter count");
                 for (name, want) in want_params.iter() {
-                    let got = params.get(name).unwrap_or_else(|| panic!("{label}: {name} missing"));
+                    let got = params
+                        .get(name)
+                        .unwrap_or_else(|| panic!("{label}: {name} missing"));
                     let worst = got
                         .data
                         .iter()

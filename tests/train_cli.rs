@@ -25,10 +25,34 @@ fn scratch(name: &str) -> PathBuf {
 /// A tiny model on the reference backend with a constant learning rate, so a run cut in two
 /// follows the same learning-rate schedule as an uninterrupted one.
 const TINY: &[&str] = &[
-    "--backend", "reference", "--n-layer", "2", "--n-embd", "16", "--n-head", "2",
-    "--n-positions", "16", "--seq-len", "16", "--batch-size", "4", "--microbatches", "2",
-    "--stages", "2", "--lr", "0.003", "--min-lr", "0.003", "--warmup-steps", "0",
-    "--eval-every", "0", "--eval-tokens", "256",
+    "--backend",
+    "reference",
+    "--n-layer",
+    "2",
+    "--n-embd",
+    "16",
+    "--n-head",
+    "2",
+    "--n-positions",
+    "16",
+    "--seq-len",
+    "16",
+    "--batch-size",
+    "4",
+    "--microbatches",
+    "2",
+    "--stages",
+    "2",
+    "--lr",
+    "0.003",
+    "--min-lr",
+    "0.003",
+    "--warmup-steps",
+    "0",
+    "--eval-every",
+    "0",
+    "--eval-tokens",
+    "256",
 ];
 
 /// `pipit train` on the tiny model; it writes no checkpoint unless `extra` says `--save`.
@@ -51,7 +75,11 @@ fn log_lines(path: &Path) -> Vec<Value> {
 }
 
 fn ok(out: &Output) {
-    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Exit status 2 and exactly one line on stderr that contains `needle`.
@@ -59,21 +87,57 @@ fn refused(out: &Output, needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     let last = err.lines().last().unwrap_or_default();
     assert_eq!(out.status.code(), Some(2), "stderr: {err}");
-    assert!(last.starts_with("error: ") && last.contains(needle), "stderr: {err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "stderr: {err}");
+    assert!(
+        last.starts_with("error: ") && last.contains(needle),
+        "stderr: {err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "stderr: {err}"
+    );
 }
 
 #[test]
 fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     let dir = scratch("resume");
-    let (full, half, rest) = (dir.join("full.jsonl"), dir.join("half.jsonl"), dir.join("rest.jsonl"));
+    let (full, half, rest) = (
+        dir.join("full.jsonl"),
+        dir.join("half.jsonl"),
+        dir.join("rest.jsonl"),
+    );
     let ckpt = dir.join("ckpt");
-    ok(&train(&["--steps", "6", "--log-json", full.to_str().unwrap()]));
-    ok(&train(&["--steps", "3", "--log-json", half.to_str().unwrap(), "--save", ckpt.to_str().unwrap()]));
-    for file in ["model.safetensors", "config.json", "optimizer.safetensors", "trainer_state.json"] {
+    ok(&train(&[
+        "--steps",
+        "6",
+        "--log-json",
+        full.to_str().unwrap(),
+    ]));
+    ok(&train(&[
+        "--steps",
+        "3",
+        "--log-json",
+        half.to_str().unwrap(),
+        "--save",
+        ckpt.to_str().unwrap(),
+    ]));
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+    ] {
         assert!(ckpt.join(file).is_file(), "{file} is written");
     }
-    ok(&pipit(&["train", "--resume", ckpt.to_str().unwrap(), "--steps", "6", "--no-save", "--log-json", rest.to_str().unwrap()]));
+    ok(&pipit(&[
+        "train",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--no-save",
+        "--log-json",
+        rest.to_str().unwrap(),
+    ]));
 
     let full = log_lines(&full);
     let mut cut = log_lines(&half);
@@ -82,24 +146,66 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     assert_eq!(cut.len(), 6);
     for (a, b) in full.iter().zip(&cut) {
         assert_eq!(a["step"], b["step"]);
-        assert_eq!(a["loss"], b["loss"], "step {}: same loss after resuming", a["step"]);
+        assert_eq!(
+            a["loss"], b["loss"],
+            "step {}: same loss after resuming",
+            a["step"]
+        );
     }
-    for key in ["step", "loss", "val_loss", "lr", "tokens_per_sec", "bubble_fraction", "peak_bytes"] {
+    for key in [
+        "step",
+        "loss",
+        "val_loss",
+        "lr",
+        "tokens_per_sec",
+        "bubble_fraction",
+        "peak_bytes",
+    ] {
         assert!(!full[5][key].is_null(), "the last log line has {key}");
     }
-    assert_eq!(full[5]["peak_bytes"].as_array().unwrap().len(), 2, "one peak per rank");
-    assert!(full[0]["val_loss"].is_null(), "val_loss only when evaluated");
+    assert_eq!(
+        full[5]["peak_bytes"].as_array().unwrap().len(),
+        2,
+        "one peak per rank"
+    );
+    assert!(
+        full[0]["val_loss"].is_null(),
+        "val_loss only when evaluated"
+    );
 }
 
 #[test]
 fn same_seed_same_losses_and_trace_opens_as_chrome_json() {
     let dir = scratch("seed");
-    let (a, b, trace) = (dir.join("a.jsonl"), dir.join("b.jsonl"), dir.join("trace.json"));
-    ok(&train(&["--steps", "2", "--schedule", "gpipe", "--log-json", a.to_str().unwrap(), "--trace", trace.to_str().unwrap()]));
-    ok(&train(&["--steps", "2", "--schedule", "gpipe", "--log-json", b.to_str().unwrap()]));
+    let (a, b, trace) = (
+        dir.join("a.jsonl"),
+        dir.join("b.jsonl"),
+        dir.join("trace.json"),
+    );
+    ok(&train(&[
+        "--steps",
+        "2",
+        "--schedule",
+        "gpipe",
+        "--log-json",
+        a.to_str().unwrap(),
+        "--trace",
+        trace.to_str().unwrap(),
+    ]));
+    ok(&train(&[
+        "--steps",
+        "2",
+        "--schedule",
+        "gpipe",
+        "--log-json",
+        b.to_str().unwrap(),
+    ]));
     // Speeds differ from run to run; losses must not.
     let figures = |p: &Path| -> Vec<(Value, Value, Value)> {
-        log_lines(p).into_iter().map(|v| (v["step"].clone(), v["loss"].clone(), v["lr"].clone())).collect()
+        log_lines(p)
+            .into_iter()
+            .map(|v| (v["step"].clone(), v["loss"].clone(), v["lr"].clone()))
+            .collect()
     };
     assert_eq!(figures(&a), figures(&b));
 
@@ -109,7 +215,11 @@ fn same_seed_same_losses_and_trace_opens_as_chrome_json() {
     // GPipe, p = 2, m = 2: each rank runs 2 forwards, 2 backwards, and 4 transfers.
     assert_eq!(slices.iter().filter(|e| e["cat"] == "forward").count(), 4);
     assert_eq!(slices.iter().filter(|e| e["cat"] == "backward").count(), 4);
-    assert_eq!(events.iter().filter(|e| e["ph"] == "s").count(), 4, "one arrow per transfer");
+    assert_eq!(
+        events.iter().filter(|e| e["ph"] == "s").count(),
+        4,
+        "one arrow per transfer"
+    );
 }
 
 #[test]
@@ -117,16 +227,46 @@ fn generate_and_eval_read_the_checkpoint() {
     let dir = scratch("generate");
     let ckpt = dir.join("ckpt");
     ok(&train(&["--steps", "2", "--save", ckpt.to_str().unwrap()]));
-    let gen = |t: &str| pipit(&["generate", "--backend", "reference", "--checkpoint", ckpt.to_str().unwrap(), "--prompt", "KING:", "--max-tokens", "20", "--temperature", t, "--stages", "3"]);
+    let gen = |t: &str| {
+        pipit(&[
+            "generate",
+            "--backend",
+            "reference",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--prompt",
+            "KING:",
+            "--max-tokens",
+            "20",
+            "--temperature",
+            t,
+            "--stages",
+            "3",
+        ])
+    };
     let (g1, g2) = (gen("0"), gen("0"));
     ok(&g1);
     assert_eq!(g1.stdout, g2.stdout, "greedy decoding is deterministic");
     assert!(g1.stdout.starts_with(b"KING:"));
-    assert_eq!(g1.stdout.len(), "KING:".len() + 20 + 1, "prompt, 20 bytes, newline");
+    assert_eq!(
+        g1.stdout.len(),
+        "KING:".len() + 20 + 1,
+        "prompt, 20 bytes, newline"
+    );
 
     let text = dir.join("text.txt");
     std::fs::write(&text, "a".repeat(16 * 5 + 3)).unwrap();
-    let out = pipit(&["eval", "--backend", "reference", "--checkpoint", ckpt.to_str().unwrap(), "--data", text.to_str().unwrap(), "--format", "json"]);
+    let out = pipit(&[
+        "eval",
+        "--backend",
+        "reference",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--data",
+        text.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
     ok(&out);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens"], 5 * 16, "windows k with (k+1)·T + 1 ≤ len");
@@ -142,26 +282,85 @@ fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
     let c = ckpt.to_str().unwrap();
 
     refused(&train(&["--data", "/nonexistent/corpus.txt"]), "--data");
-    refused(&pipit(&["train", "--backend", "reference", "--stages", "9", "--no-save"]), "exceeds");
-    refused(&pipit(&["train", "--backend", "reference", "--batch-size", "10", "--microbatches", "4", "--no-save"]), "--batch-size");
+    refused(
+        &pipit(&[
+            "train",
+            "--backend",
+            "reference",
+            "--stages",
+            "9",
+            "--no-save",
+        ]),
+        "exceeds",
+    );
+    refused(
+        &pipit(&[
+            "train",
+            "--backend",
+            "reference",
+            "--batch-size",
+            "10",
+            "--microbatches",
+            "4",
+            "--no-save",
+        ]),
+        "--batch-size",
+    );
     refused(&train(&["--schedule", "zigzag"]), "zigzag");
-    refused(&pipit(&["train", "--resume", c, "--n-embd", "32", "--n-head", "2", "--save", c]), "n_embd=16");
-    refused(&pipit(&["train", "--resume", dir.join("missing").to_str().unwrap(), "--no-save"]), "does not exist");
+    refused(
+        &pipit(&[
+            "train", "--resume", c, "--n-embd", "32", "--n-head", "2", "--save", c,
+        ]),
+        "n_embd=16",
+    );
+    refused(
+        &pipit(&[
+            "train",
+            "--resume",
+            dir.join("missing").to_str().unwrap(),
+            "--no-save",
+        ]),
+        "does not exist",
+    );
 
     let corrupt = dir.join("corrupt");
     std::fs::create_dir_all(&corrupt).unwrap();
     std::fs::copy(ckpt.join("config.json"), corrupt.join("config.json")).unwrap();
-    std::fs::write(corrupt.join("model.safetensors"), &before[..before.len() / 2]).unwrap();
-    refused(&pipit(&["eval", "--backend", "reference", "--checkpoint", corrupt.to_str().unwrap()]), "safetensors");
-    refused(&pipit(&["train", "--resume", corrupt.to_str().unwrap(), "--save", c]), "safetensors");
+    std::fs::write(
+        corrupt.join("model.safetensors"),
+        &before[..before.len() / 2],
+    )
+    .unwrap();
+    refused(
+        &pipit(&[
+            "eval",
+            "--backend",
+            "reference",
+            "--checkpoint",
+            corrupt.to_str().unwrap(),
+        ]),
+        "safetensors",
+    );
+    refused(
+        &pipit(&["train", "--resume", corrupt.to_str().unwrap(), "--save", c]),
+        "safetensors",
+    );
 
-    assert_eq!(std::fs::read(ckpt.join("model.safetensors")).unwrap(), before, "the good checkpoint is untouched");
+    assert_eq!(
+        std::fs::read(ckpt.join("model.safetensors")).unwrap(),
+        before,
+        "the good checkpoint is untouched"
+    );
 }
 
 #[test]
 fn a_toml_config_holds_the_same_fields_as_the_flags() {
     let dir = scratch("config");
-    let (config, from_file, from_flags) = (dir.join("run.toml"), dir.join("file.jsonl"), dir.join("flags.jsonl"));
+    let (config, from_file, from_flags) = (
+        dir.join("run.toml"),
+        dir.join("file.jsonl"),
+        dir.join("flags.jsonl"),
+    );
     std::fs::write(
         &config,
         "n_layer = 2\nn_embd = 16\nn_head = 2\nn_positions = 16\nseq_len = 16\nbatch_size = 4\n\
@@ -169,21 +368,63 @@ fn a_toml_config_holds_the_same_fields_as_the_flags() {
          eval_tokens = 256\nschedule = \"gpipe\"\nsteps = 2\n",
     )
     .unwrap();
-    ok(&pipit(&["train", "--backend", "reference", "--no-save", "--config", config.to_str().unwrap(), "--log-json", from_file.to_str().unwrap()]));
-    ok(&train(&["--schedule", "gpipe", "--steps", "2", "--log-json", from_flags.to_str().unwrap()]));
-    let losses = |p: &Path| log_lines(p).iter().map(|v| v["loss"].clone()).collect::<Vec<_>>();
+    ok(&pipit(&[
+        "train",
+        "--backend",
+        "reference",
+        "--no-save",
+        "--config",
+        config.to_str().unwrap(),
+        "--log-json",
+        from_file.to_str().unwrap(),
+    ]));
+    ok(&train(&[
+        "--schedule",
+        "gpipe",
+        "--steps",
+        "2",
+        "--log-json",
+        from_flags.to_str().unwrap(),
+    ]));
+    let losses = |p: &Path| {
+        log_lines(p)
+            .iter()
+            .map(|v| v["loss"].clone())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(losses(&from_file), losses(&from_flags));
 
     std::fs::write(&config, "n_layrs = 3\n").unwrap();
-    refused(&pipit(&["train", "--no-save", "--config", config.to_str().unwrap()]), "n_layrs");
+    refused(
+        &pipit(&["train", "--no-save", "--config", config.to_str().unwrap()]),
+        "n_layrs",
+    );
 }
 
 #[test]
 fn init_starts_from_a_checkpoints_weights_with_a_fresh_optimizer() {
     let dir = scratch("init");
-    let (ckpt, first, second) = (dir.join("ckpt"), dir.join("first.jsonl"), dir.join("second.jsonl"));
-    ok(&train(&["--steps", "8", "--save", ckpt.to_str().unwrap(), "--log-json", first.to_str().unwrap()]));
-    ok(&train(&["--steps", "1", "--init", ckpt.to_str().unwrap(), "--log-json", second.to_str().unwrap()]));
+    let (ckpt, first, second) = (
+        dir.join("ckpt"),
+        dir.join("first.jsonl"),
+        dir.join("second.jsonl"),
+    );
+    ok(&train(&[
+        "--steps",
+        "8",
+        "--save",
+        ckpt.to_str().unwrap(),
+        "--log-json",
+        first.to_str().unwrap(),
+    ]));
+    ok(&train(&[
+        "--steps",
+        "1",
+        "--init",
+        ckpt.to_str().unwrap(),
+        "--log-json",
+        second.to_str().unwrap(),
+    ]));
     let (first, second) = (log_lines(&first), log_lines(&second));
     assert_eq!(second[0]["step"], 1, "a fresh run: step counting restarts");
     // Same first batch (same seed), trained weights: the loss starts well below the fresh one.

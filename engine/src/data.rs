@@ -22,10 +22,15 @@ impl Corpus {
     /// Hold out the last `val_fraction` of `bytes` for validation.
     pub fn split(bytes: &[u8], val_fraction: f64) -> Result<Self> {
         if !(0.0..1.0).contains(&val_fraction) {
-            return Err(invalid_input!("validation fraction must be in [0, 1), got {val_fraction}"));
+            return Err(invalid_input!(
+                "validation fraction must be in [0, 1), got {val_fraction}"
+            ));
         }
         let cut = ((bytes.len() as f64) * (1.0 - val_fraction)).round() as usize;
-        Ok(Self { train: bytes[..cut].to_vec(), val: bytes[cut..].to_vec() })
+        Ok(Self {
+            train: bytes[..cut].to_vec(),
+            val: bytes[cut..].to_vec(),
+        })
     }
 }
 
@@ -51,7 +56,12 @@ impl Batch {
             inputs.extend(data[o..o + seq].iter().map(|&b| b as u32));
             targets.extend(data[o + 1..o + seq + 1].iter().map(|&b| b as u32));
         }
-        Self { batch: offsets.len(), seq, inputs, targets }
+        Self {
+            batch: offsets.len(),
+            seq,
+            inputs,
+            targets,
+        }
     }
 
     /// Micro-batch `i` of `m` equal parts (whole sequences); `batch` must divide by `m`.
@@ -95,7 +105,10 @@ pub fn eval_batches(data: &[u8], seq: usize, max_tokens: usize, rows: usize) -> 
             data.len()
         ));
     }
-    Ok(offsets.chunks(rows.max(1)).map(|c| Batch::from_offsets(data, c, seq)).collect())
+    Ok(offsets
+        .chunks(rows.max(1))
+        .map(|c| Batch::from_offsets(data, c, seq))
+        .collect())
 }
 
 /// Consecutive non-overlapping windows of `seq` tokens: window `k` has inputs
@@ -128,7 +141,11 @@ mod tests {
         for r in 0..3 {
             assert_eq!(b.inputs[r * 8 + 1..r * 8 + 8], b.targets[r * 8..r * 8 + 7]);
         }
-        assert_eq!(b, sample_batch(&text, 3, 8, 7, 11).unwrap(), "same seed and step");
+        assert_eq!(
+            b,
+            sample_batch(&text, 3, 8, 7, 11).unwrap(),
+            "same seed and step"
+        );
         assert_ne!(b, sample_batch(&text, 3, 8, 7, 12).unwrap(), "another step");
     }
 

@@ -15,7 +15,9 @@ use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Batch, Corpus};
 use crate::exec::{self, in_process_mesh, InProcessTransport, Rank, StepOptions, StepReport, Want};
 use crate::invalid_input;
-use crate::model::{init_parameters, AdamWConfig, GptConfig, HostTensors, OptimizerState, StageModel};
+use crate::model::{
+    init_parameters, AdamWConfig, GptConfig, HostTensors, OptimizerState, StageModel,
+};
 use crate::schedule::{generate, lower, validate, Schedule, ScheduleKind};
 
 /// Everything that defines a training run. Field names are the CLI's flag names with `_`.
@@ -62,7 +64,10 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            model: GptConfig { n_positions: 64, ..GptConfig::default() },
+            model: GptConfig {
+                n_positions: 64,
+                ..GptConfig::default()
+            },
             schedule: "1f1b".into(),
             stages: 4,
             microbatches: 8,
@@ -120,7 +125,10 @@ impl TrainConfig {
             ));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(invalid_input!("--lr must be a positive number, got {}", self.lr));
+            return Err(invalid_input!(
+                "--lr must be a positive number, got {}",
+                self.lr
+            ));
         }
         Ok(())
     }
@@ -151,8 +159,12 @@ impl TrainConfig {
         let stages = self.stages * self.chunks;
         match self.partition.as_str() {
             "uniform" => crate::partition::uniform(layers, stages),
-            "balanced" => crate::partition::balanced(&layer_costs(&self.model, self.seq_len), stages),
-            other => Err(invalid_input!("--partition must be uniform or balanced, got {other}")),
+            "balanced" => {
+                crate::partition::balanced(&layer_costs(&self.model, self.seq_len), stages)
+            }
+            other => Err(invalid_input!(
+                "--partition must be uniform or balanced, got {other}"
+            )),
         }
     }
 }
@@ -198,7 +210,10 @@ impl StepLog {
     /// an error (the run diverged).
     pub fn new(step: u64, lr: f32, batch: &Batch, report: StepReport) -> Result<Self> {
         if !report.loss.is_finite() {
-            return Err(anyhow!("step {step}: the loss is {} (training diverged)", report.loss));
+            return Err(anyhow!(
+                "step {step}: the loss is {} (training diverged)",
+                report.loss
+            ));
         }
         let tokens = (batch.batch * batch.seq) as f64;
         Ok(StepLog {
@@ -267,13 +282,23 @@ impl<B: Backend> Trainer<B> {
                 }
                 stages.push((stage, model));
             }
-            ranks.push(Rank { rank: r, backend, transport, stages });
+            ranks.push(Rank {
+                rank: r,
+                backend,
+                transport,
+                stages,
+            });
         }
         let step = match &init {
             Init::Resume(c) => resumed_step(c, &config)?,
             _ => 0,
         };
-        Ok(Self { config, schedule, ranks, step })
+        Ok(Self {
+            config,
+            schedule,
+            ranks,
+            step,
+        })
     }
 
     /// One line per rank naming its device and its stages' layers.
@@ -295,7 +320,12 @@ impl<B: Backend> Trainer<B> {
                         )
                     })
                     .collect();
-                format!("rank {}: {} | {}", r.rank, r.backend.describe(), parts.join(", "))
+                format!(
+                    "rank {}: {} | {}",
+                    r.rank,
+                    r.backend.describe(),
+                    parts.join(", ")
+                )
             })
             .collect()
     }
@@ -310,7 +340,10 @@ impl<B: Backend> Trainer<B> {
             checkpoint_activations: c.checkpoint_activations,
             lr,
             step: step as u32,
-            adamw: AdamWConfig { weight_decay: c.weight_decay, ..AdamWConfig::default() },
+            adamw: AdamWConfig {
+                weight_decay: c.weight_decay,
+                ..AdamWConfig::default()
+            },
         };
         let report = exec::train_step(&self.schedule, &mut self.ranks, &batch, &opts)?;
         let log = StepLog::new(step, lr, &batch, report)?;
@@ -323,8 +356,13 @@ impl<B: Backend> Trainer<B> {
     pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
-            let losses =
-                exec::forward(&mut self.ranks, &b.inputs, Want::Losses(&b.targets), b.batch, seq)?;
+            let losses = exec::forward(
+                &mut self.ranks,
+                &b.inputs,
+                Want::Losses(&b.targets),
+                b.batch,
+                seq,
+            )?;
             sum += losses.iter().map(|&x| x as f64).sum::<f64>();
             count += losses.len();
         }
@@ -440,7 +478,13 @@ mod tests {
 
     #[test]
     fn learning_rate_warms_up_then_decays_to_the_floor() {
-        let c = TrainConfig { steps: 100, warmup_steps: 10, lr: 1.0, min_lr: 0.1, ..Default::default() };
+        let c = TrainConfig {
+            steps: 100,
+            warmup_steps: 10,
+            lr: 1.0,
+            min_lr: 0.1,
+            ..Default::default()
+        };
         assert!((c.lr_at(1) - 0.1).abs() < 1e-6);
         assert!((c.lr_at(10) - 1.0).abs() < 1e-6);
         assert!((c.lr_at(55) - 0.55).abs() < 1e-5);
@@ -450,10 +494,17 @@ mod tests {
 
     #[test]
     fn constraints_name_the_field_and_value() {
-        let bad = TrainConfig { batch_size: 10, microbatches: 4, ..Default::default() };
+        let bad = TrainConfig {
+            batch_size: 10,
+            microbatches: 4,
+            ..Default::default()
+        };
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("--batch-size") && err.contains("10"), "{err}");
-        let bad = TrainConfig { stages: 40, ..Default::default() };
+        let bad = TrainConfig {
+            stages: 40,
+            ..Default::default()
+        };
         assert!(bad.validate().unwrap_err().to_string().contains("exceeds"));
     }
 }

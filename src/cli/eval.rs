@@ -73,7 +73,14 @@ pub fn run(args: EvalArgs) -> Result<()> {
         schedule: "gpipe".into(),
         ..TrainConfig::default()
     };
-    let (loss, tokens) = with_backend(args.backend, EvalJob { config, ckpt: &ckpt, text: &text })?;
+    let (loss, tokens) = with_backend(
+        args.backend,
+        EvalJob {
+            config,
+            ckpt: &ckpt,
+            text: &text,
+        },
+    )?;
     match args.format {
         EvalFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens })),
         EvalFormat::Text => println!("loss {loss:.4} nats/byte over {tokens} tokens"),

@@ -45,7 +45,10 @@ pub struct GenerateArgs {
 /// Run `pipit generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        return Err(invalid_input!("--temperature must be 0 or more, got {}", args.temperature));
+        return Err(invalid_input!(
+            "--temperature must be 0 or more, got {}",
+            args.temperature
+        ));
     }
     if args.prompt.is_empty() {
         return Err(invalid_input!("--prompt must hold at least one byte"));
@@ -67,7 +70,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         schedule: "gpipe".into(),
         ..TrainConfig::default()
     };
-    with_backend(args.backend, GenerateJob { args: &args, config, ckpt: &ckpt })
+    with_backend(
+        args.backend,
+        GenerateJob {
+            args: &args,
+            config,
+            ckpt: &ckpt,
+        },
+    )
 }
 
 struct GenerateJob<'a> {
@@ -112,8 +122,10 @@ fn sample(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> usiz
         order.truncate(top_k);
     }
     let top = logits[order[0]] as f64;
-    let weights: Vec<f64> =
-        order.iter().map(|&i| ((logits[i] as f64 - top) / temperature as f64).exp()).collect();
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&i| ((logits[i] as f64 - top) / temperature as f64).exp())
+        .collect();
     let mut draw = rng.uniform() * weights.iter().sum::<f64>();
     for (&i, w) in order.iter().zip(&weights) {
         draw -= w;

@@ -142,8 +142,9 @@ impl TrainArgs {
             Some(path) => {
                 let text = fs::read_to_string(path)
                     .map_err(|e| invalid_input!("cannot read --config {}: {e}", path.display()))?;
-                toml::from_str(&text)
-                    .map_err(|e| invalid_input!("--config {}: {}", path.display(), one_line(&e.to_string())))?
+                toml::from_str(&text).map_err(|e| {
+                    invalid_input!("--config {}: {}", path.display(), one_line(&e.to_string()))
+                })?
             }
             None => saved.unwrap_or_default(),
         };
@@ -226,7 +227,14 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Under a launcher with more than one process, this process runs only its own rank.
     let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
     let corpus = corpus(args.data.as_deref())?;
-    let job = TrainJob { args: &args, config, corpus, resume: resume.as_ref(), init: init.as_ref(), launch };
+    let job = TrainJob {
+        args: &args,
+        config,
+        corpus,
+        resume: resume.as_ref(),
+        init: init.as_ref(),
+        launch,
+    };
     with_backend(args.backend, job)
 }
 
@@ -243,7 +251,14 @@ impl BackendJob for TrainJob<'_> {
     type Output = ();
 
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<()> {
-        let TrainJob { args, config, corpus, resume, init, launch } = self;
+        let TrainJob {
+            args,
+            config,
+            corpus,
+            resume,
+            init,
+            launch,
+        } = self;
         let start = match (resume, init) {
             (Some(c), _) => Init::Resume(c),
             (None, Some(c)) => Init::Weights(c),
@@ -310,7 +325,11 @@ impl TrainJob<'_> {
             None => None,
         };
         let save_to = (!args.no_save).then_some(&args.save);
-        let bar = if leader { ProgressBar::new(c.steps) } else { ProgressBar::hidden() };
+        let bar = if leader {
+            ProgressBar::new(c.steps)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg}")
                 .expect("a valid template")
@@ -363,7 +382,11 @@ impl TrainJob<'_> {
                 }
                 writeln!(f, "{line}").context("writing --log-json")?;
             }
-            if save_to.is_some() && args.save_every > 0 && step % args.save_every == 0 && step != c.steps {
+            if save_to.is_some()
+                && args.save_every > 0
+                && step % args.save_every == 0
+                && step != c.steps
+            {
                 if let Some(ckpt) = trainer.gather_checkpoint()? {
                     checkpoint::save(&args.save, &ckpt)?;
                 }
@@ -386,10 +409,15 @@ impl TrainJob<'_> {
         }
         if let (Some(path), Some(entry)) = (&args.trace, &last) {
             trace::write_measured(path, &entry.report)?;
-            eprintln!("wrote the last step's measured timeline to {}", path.display());
+            eprintln!(
+                "wrote the last step's measured timeline to {}",
+                path.display()
+            );
         }
         if let Some(entry) = &last {
-            let val = val_loss.map(|v| format!("{v:.4}")).unwrap_or_else(|| "-".into());
+            let val = val_loss
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or_else(|| "-".into());
             println!(
                 "step {}: loss {:.4}, val loss {val} nats/byte, {:.0} tokens/s, measured bubble {:.1}%",
                 entry.step,
@@ -404,5 +432,9 @@ impl TrainJob<'_> {
 
 /// The first line of a multi-line message (TOML errors span several).
 fn one_line(s: &str) -> String {
-    s.split('\n').map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    s.split('\n')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }

@@ -34,7 +34,12 @@ fn dot_lanes(x: &[f32], y: &[f32]) -> f64 {
             lanes[l] += a[l] as f64 * b[l] as f64;
         }
     }
-    let tail: f64 = xs.remainder().iter().zip(ys.remainder()).map(|(&a, &b)| a as f64 * b as f64).sum();
+    let tail: f64 = xs
+        .remainder()
+        .iter()
+        .zip(ys.remainder())
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum();
     lanes.iter().sum::<f64>() + tail
 }
 
@@ -48,7 +53,10 @@ mod tests {
             let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
             let y: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
             let plain: f64 = x.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
-            assert!((dot(&x, &y) - plain).abs() <= 1e-12 * (1.0 + plain.abs()), "n = {n}");
+            assert!(
+                (dot(&x, &y) - plain).abs() <= 1e-12 * (1.0 + plain.abs()),
+                "n = {n}"
+            );
         }
     }
 }

@@ -20,7 +20,6 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
-
 use crate::invalid_input;
 use crate::model::{GptConfig, HostTensors, OptimizerState};
 
@@ -42,14 +41,18 @@ const PREFIX: &str = "transformer.";
 
 /// Write `ckpt` to `dir`, replacing any checkpoint there only once the new one is complete.
 pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = sibling(dir, "tmp");
     if tmp.exists() {
         fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_contents(&tmp, ckpt).with_context(|| format!("writing checkpoint to {}", tmp.display()))?;
+    write_contents(&tmp, ckpt)
+        .with_context(|| format!("writing checkpoint to {}", tmp.display()))?;
 
     // Swap: the old directory is moved aside first, so at every instant one complete
     // checkpoint exists under `dir` or under its `.old` sibling.
@@ -60,7 +63,8 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
         }
         fs::rename(dir, &old).with_context(|| format!("moving {} aside", dir.display()))?;
     }
-    fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     if old.exists() {
         fs::remove_dir_all(&old)?;
     }
@@ -68,7 +72,10 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
 }
 
 fn sibling(dir: &Path, suffix: &str) -> PathBuf {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     dir.with_file_name(format!(".{name}.{suffix}"))
 }
 
@@ -78,7 +85,10 @@ fn write_contents(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
     for (name, t) in ckpt.params.iter() {
         prefixed.insert(hf_name(name), t.shape.clone(), t.data.clone())?;
     }
-    write_synced(&dir.join("model.safetensors"), &safetensors::to_bytes(&prefixed, &format))?;
+    write_synced(
+        &dir.join("model.safetensors"),
+        &safetensors::to_bytes(&prefixed, &format),
+    )?;
     let config = serde_json::to_vec_pretty(&hf_config(&ckpt.config))?;
     write_synced(&dir.join("config.json"), &config)?;
     if let Some(opt) = &ckpt.optimizer {
@@ -88,10 +98,16 @@ fn write_contents(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
                 moments.insert(format!("{name}.{suffix}"), t.shape.clone(), t.data.clone())?;
             }
         }
-        write_synced(&dir.join("optimizer.safetensors"), &safetensors::to_bytes(&moments, &format))?;
+        write_synced(
+            &dir.join("optimizer.safetensors"),
+            &safetensors::to_bytes(&moments, &format),
+        )?;
     }
     if let Some(state) = &ckpt.trainer_state {
-        write_synced(&dir.join("trainer_state.json"), &serde_json::to_vec_pretty(state)?)?;
+        write_synced(
+            &dir.join("trainer_state.json"),
+            &serde_json::to_vec_pretty(state)?,
+        )?;
     }
     Ok(())
 }
@@ -147,7 +163,9 @@ pub fn parse_hf_config(v: &Value) -> Result<GptConfig> {
     };
     if let Some(model_type) = v.get("model_type").and_then(Value::as_str) {
         if model_type != "gpt2" {
-            return Err(invalid_input!("config.json: model_type must be gpt2, got {model_type}"));
+            return Err(invalid_input!(
+                "config.json: model_type must be gpt2, got {model_type}"
+            ));
         }
     }
     if let Some(act) = v.get("activation_function").and_then(Value::as_str) {
@@ -166,7 +184,9 @@ pub fn parse_hf_config(v: &Value) -> Result<GptConfig> {
         }
     }
     if v.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
-        return Err(invalid_input!("config.json: tie_word_embeddings must be true (GPT-2 ties the LM head to wte)"));
+        return Err(invalid_input!(
+            "config.json: tie_word_embeddings must be true (GPT-2 ties the LM head to wte)"
+        ));
     }
     config.validate()?;
     Ok(config)
@@ -176,7 +196,10 @@ pub fn parse_hf_config(v: &Value) -> Result<GptConfig> {
 /// model needs must be present with the shape the config implies.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
     if !dir.is_dir() {
-        return Err(invalid_input!("checkpoint directory {} does not exist", dir.display()));
+        return Err(invalid_input!(
+            "checkpoint directory {} does not exist",
+            dir.display()
+        ));
     }
     let config_path = dir.join("config.json");
     let config_text = fs::read(&config_path)
@@ -188,7 +211,8 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let model_path = dir.join("model.safetensors");
     let bytes = fs::read(&model_path)
         .map_err(|e| invalid_input!("cannot read {}: {e}", model_path.display()))?;
-    let (raw, _) = safetensors::from_bytes(&bytes).with_context(|| model_path.display().to_string())?;
+    let (raw, _) =
+        safetensors::from_bytes(&bytes).with_context(|| model_path.display().to_string())?;
     let params = hf_names_to_internal(raw)?;
     check_shapes(&config, &params).with_context(|| model_path.display().to_string())?;
 
@@ -211,7 +235,12 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     } else {
         None
     };
-    Ok(Checkpoint { config, params, optimizer, trainer_state })
+    Ok(Checkpoint {
+        config,
+        params,
+        optimizer,
+        trainer_state,
+    })
 }
 
 /// Sort `{name}.exp_avg` / `{name}.exp_avg_sq` tensors into first and second moments.
@@ -223,7 +252,9 @@ fn split_moments(moments: HostTensors) -> Result<OptimizerState> {
         } else if let Some(base) = name.strip_suffix(".exp_avg") {
             (&mut state.m, base)
         } else {
-            return Err(invalid_input!("optimizer state has unexpected tensor `{name}`"));
+            return Err(invalid_input!(
+                "optimizer state has unexpected tensor `{name}`"
+            ));
         };
         target.insert(base, t.shape.clone(), t.data.clone())?;
     }
@@ -277,8 +308,13 @@ pub fn check_shapes(config: &GptConfig, params: &HostTensors) -> Result<()> {
             Some(_) => {}
         }
     }
-    if let Some(extra) = params.names().find(|k| !expected.iter().any(|(n, _)| n == k)) {
-        return Err(invalid_input!("checkpoint has tensor `{extra}`, which this model does not"));
+    if let Some(extra) = params
+        .names()
+        .find(|k| !expected.iter().any(|(n, _)| n == k))
+    {
+        return Err(invalid_input!(
+            "checkpoint has tensor `{extra}`, which this model does not"
+        ));
     }
     Ok(())
 }
@@ -289,7 +325,13 @@ mod tests {
     use crate::model::init_parameters;
 
     fn tiny() -> GptConfig {
-        GptConfig { vocab_size: 11, n_positions: 6, n_embd: 8, n_layer: 2, n_head: 2 }
+        GptConfig {
+            vocab_size: 11,
+            n_positions: 6,
+            n_embd: 8,
+            n_layer: 2,
+            n_head: 2,
+        }
     }
 
     fn scratch(name: &str) -> PathBuf {
@@ -306,7 +348,10 @@ mod tests {
         let ckpt = Checkpoint {
             config: tiny(),
             params: params.clone(),
-            optimizer: Some(OptimizerState { m: params.clone(), v: params.clone() }),
+            optimizer: Some(OptimizerState {
+                m: params.clone(),
+                v: params.clone(),
+            }),
             trainer_state: Some(json!({"step": 7})),
         };
         save(&dir, &ckpt).unwrap();
@@ -319,10 +364,21 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(siblings, vec!["ckpt".to_string()], "no temporary directory left behind");
-        let (raw, meta) = safetensors::from_bytes(&fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
-        assert_eq!(meta["format"], "pt", "transformers refuses safetensors without format=pt");
-        assert!(raw.get("transformer.wte.weight").is_some() && raw.get("transformer.h.1.mlp.c_fc.weight").is_some());
+        assert_eq!(
+            siblings,
+            vec!["ckpt".to_string()],
+            "no temporary directory left behind"
+        );
+        let (raw, meta) =
+            safetensors::from_bytes(&fs::read(dir.join("model.safetensors")).unwrap()).unwrap();
+        assert_eq!(
+            meta["format"], "pt",
+            "transformers refuses safetensors without format=pt"
+        );
+        assert!(
+            raw.get("transformer.wte.weight").is_some()
+                && raw.get("transformer.h.1.mlp.c_fc.weight").is_some()
+        );
     }
 
     #[test]
@@ -333,13 +389,23 @@ mod tests {
         let params = init_parameters(&tiny(), 5).unwrap();
         let mut hub = HostTensors::new();
         for (name, t) in params.iter() {
-            let name = if name == "wte" || name == "wpe" { format!("{name}.weight") } else { name.to_string() };
+            let name = if name == "wte" || name == "wpe" {
+                format!("{name}.weight")
+            } else {
+                name.to_string()
+            };
             hub.insert(name, t.shape.clone(), t.data.clone()).unwrap();
         }
-        hub.insert("h.0.attn.bias", vec![1, 1, 6, 6], vec![1.0; 36]).unwrap();
+        hub.insert("h.0.attn.bias", vec![1, 1, 6, 6], vec![1.0; 36])
+            .unwrap();
         let wte = params.get("wte").unwrap();
-        hub.insert("lm_head.weight", wte.shape.clone(), wte.data.clone()).unwrap();
-        fs::write(dir.join("model.safetensors"), safetensors::to_bytes(&hub, &BTreeMap::new())).unwrap();
+        hub.insert("lm_head.weight", wte.shape.clone(), wte.data.clone())
+            .unwrap();
+        fs::write(
+            dir.join("model.safetensors"),
+            safetensors::to_bytes(&hub, &BTreeMap::new()),
+        )
+        .unwrap();
         let mut config = hf_config(&tiny());
         config["n_inner"] = Value::Null;
         fs::write(dir.join("config.json"), config.to_string()).unwrap();
@@ -362,9 +428,14 @@ mod tests {
         bigger["n_embd"] = json!(16);
         fs::write(dir.join("config.json"), bigger.to_string()).unwrap();
         let err = load(&dir).unwrap_err();
-        assert!(crate::is_invalid_input(&err) && format!("{err:#}").contains("shape"), "{err:#}");
+        assert!(
+            crate::is_invalid_input(&err) && format!("{err:#}").contains("shape"),
+            "{err:#}"
+        );
         let mut relu = hf_config(&tiny());
         relu["activation_function"] = json!("relu");
-        assert!(crate::is_invalid_input(&parse_hf_config(&relu).unwrap_err()));
+        assert!(crate::is_invalid_input(
+            &parse_hf_config(&relu).unwrap_err()
+        ));
     }
 }

@@ -68,8 +68,8 @@ pub fn from_bytes(bytes: &[u8]) -> Result<(HostTensors, BTreeMap<String, String>
             }
             continue;
         }
-        let tensor = parse_tensor(&entry, data)
-            .map_err(|e| corrupt(&format!("tensor `{name}`: {e}")))?;
+        let tensor =
+            parse_tensor(&entry, data).map_err(|e| corrupt(&format!("tensor `{name}`: {e}")))?;
         tensors.insert(name, tensor.shape, tensor.data)?;
     }
     Ok((tensors, metadata))
@@ -81,7 +81,10 @@ fn parse_tensor(entry: &Value, data: &[u8]) -> Result<HostTensor> {
     let offsets: [usize; 2] =
         serde_json::from_value(entry["data_offsets"].clone()).context("bad data_offsets")?;
     let [begin, end] = offsets;
-    ensure!(begin <= end && end <= data.len(), "byte range {begin}..{end} exceeds the data");
+    ensure!(
+        begin <= end && end <= data.len(),
+        "byte range {begin}..{end} exceeds the data"
+    );
     let raw = &data[begin..end];
     let count: usize = shape.iter().product();
     let width = match dtype {
@@ -95,14 +98,23 @@ fn parse_tensor(entry: &Value, data: &[u8]) -> Result<HostTensor> {
         raw.len()
     );
     let values = match dtype {
-        "F32" => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect(),
+        "F32" => raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
         "BF16" => raw
             .chunks_exact(2)
             .map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16))
             .collect(),
-        _ => raw.chunks_exact(2).map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]]))).collect(),
+        _ => raw
+            .chunks_exact(2)
+            .map(|c| f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
+            .collect(),
     };
-    Ok(HostTensor { shape, data: values })
+    Ok(HostTensor {
+        shape,
+        data: values,
+    })
 }
 
 /// IEEE half to single precision (subnormals, infinities and NaN included).
@@ -130,8 +142,10 @@ mod tests {
     #[test]
     fn round_trip_keeps_names_shapes_values_and_metadata() {
         let mut t = HostTensors::new();
-        t.insert("wte", vec![2, 3], vec![1., -2., 3.5, 0., 1e-8, -0.25]).unwrap();
-        t.insert("ln_f.bias", vec![3], vec![0.5, 0.25, -1.0]).unwrap();
+        t.insert("wte", vec![2, 3], vec![1., -2., 3.5, 0., 1e-8, -0.25])
+            .unwrap();
+        t.insert("ln_f.bias", vec![3], vec![0.5, 0.25, -1.0])
+            .unwrap();
         let meta = BTreeMap::from([("format".to_string(), "pt".to_string())]);
         let bytes = to_bytes(&t, &meta);
         assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()) % 8, 0);
@@ -145,7 +159,11 @@ mod tests {
         let mut t = HostTensors::new();
         t.insert("a", vec![4], vec![1.0; 4]).unwrap();
         let bytes = to_bytes(&t, &BTreeMap::new());
-        for bad in [&bytes[..4], &bytes[..bytes.len() - 1], b"\xff\xff\xff\xff\xff\xff\xff\x7f{}"] {
+        for bad in [
+            &bytes[..4],
+            &bytes[..bytes.len() - 1],
+            b"\xff\xff\xff\xff\xff\xff\xff\x7f{}",
+        ] {
             let err = from_bytes(bad).unwrap_err();
             assert!(crate::is_invalid_input(&err), "{err:#}");
         }

@@ -56,7 +56,8 @@ pub fn forward<B: Backend, T: Transport<B>>(
             (Want::Losses(t), true) => Some(backend.upload_u32(t)?),
             _ => None,
         };
-        let (output, _) = model.forward(backend, input, targets.as_ref(), batch, seq, Keep::Nothing)?;
+        let (output, _) =
+            model.forward(backend, input, targets.as_ref(), batch, seq, Keep::Nothing)?;
         match output {
             StageOutput::Hidden(h) => hidden = Some(backend.download(&h)?),
             StageOutput::Loss { losses } => return backend.download(&losses),

@@ -87,7 +87,12 @@ impl StepReport {
             .iter()
             .filter_map(|r| r.timeline.last().map(|a| a.end))
             .fold(0.0, f64::max);
-        Self { loss, elapsed, makespan, ranks }
+        Self {
+            loss,
+            elapsed,
+            makespan,
+            ranks,
+        }
     }
 
     /// Measured bubble fraction: idle / (ranks × makespan), idle being time not in compute.
@@ -123,7 +128,11 @@ pub fn train_step<B: Backend, T: Transport<B>>(
         ));
     }
     if ranks.len() != schedule.num_ranks() {
-        return Err(anyhow!("{} ranks for a schedule of {}", ranks.len(), schedule.num_ranks()));
+        return Err(anyhow!(
+            "{} ranks for a schedule of {}",
+            ranks.len(),
+            schedule.num_ranks()
+        ));
     }
     let micro: Vec<Batch> = (0..m).map(|i| batch.microbatch(i, m)).collect();
     let loss_scale = 1.0 / (batch.batch * batch.seq) as f32;
@@ -142,7 +151,10 @@ pub fn train_step<B: Backend, T: Transport<B>>(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(anyhow!("a rank's worker panicked"))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a rank's worker panicked")))
+            })
             .collect()
     });
     let mut reports = Vec::with_capacity(results.len());
@@ -152,7 +164,11 @@ pub fn train_step<B: Backend, T: Transport<B>>(
         loss_sum += loss;
         reports.push(report);
     }
-    Ok(StepReport::new((loss_sum * loss_scale as f64) as f32, start.elapsed(), reports))
+    Ok(StepReport::new(
+        (loss_sum * loss_scale as f64) as f32,
+        start.elapsed(),
+        reports,
+    ))
 }
 
 /// Run one rank's part of a training step, for a process that holds only that rank (the
@@ -187,13 +203,25 @@ struct Mailbox<Buf> {
 
 impl<Buf> Mailbox<Buf> {
     fn new() -> Self {
-        Self { activations: HashMap::new(), gradients: HashMap::new() }
+        Self {
+            activations: HashMap::new(),
+            gradients: HashMap::new(),
+        }
     }
 }
 
-fn take<Buf>(map: &mut HashMap<(usize, usize), Buf>, key: (usize, usize), what: &str) -> Result<Buf> {
-    map.remove(&key)
-        .ok_or_else(|| anyhow!("{what} of stage {} micro-batch {} is not here", key.0, key.1))
+fn take<Buf>(
+    map: &mut HashMap<(usize, usize), Buf>,
+    key: (usize, usize),
+    what: &str,
+) -> Result<Buf> {
+    map.remove(&key).ok_or_else(|| {
+        anyhow!(
+            "{what} of stage {} micro-batch {} is not here",
+            key.0,
+            key.1
+        )
+    })
 }
 
 /// Walk one rank's action list; returns its report and the sum of its per-token losses.
@@ -206,13 +234,22 @@ fn run_rank<B: Backend, T: Transport<B>>(
     t0: Instant,
 ) -> Result<(RankReport, f64)> {
     let last_stage = schedule.num_stages() - 1;
-    let keep = if opts.checkpoint_activations { Keep::Input } else { Keep::All };
+    let keep = if opts.checkpoint_activations {
+        Keep::Input
+    } else {
+        Keep::All
+    };
     let mut mail: Mailbox<B::Buffer> = Mailbox::new();
     let mut saved: HashMap<(usize, usize), Saved<B>> = HashMap::new();
     let mut report = RankReport::default();
     let mut activation_bytes = 0u64;
     let mut loss_sum = 0.0f64;
-    let Rank { rank: me, backend, transport, stages } = rank;
+    let Rank {
+        rank: me,
+        backend,
+        transport,
+        stages,
+    } = rank;
     let me = *me;
     backend.reset_peak_memory();
 
@@ -228,7 +265,11 @@ fn run_rank<B: Backend, T: Transport<B>>(
                         tokens = backend.upload_u32(&mb.inputs)?;
                         StageInput::Tokens(&tokens)
                     } else {
-                        StageInput::Hidden(take(&mut mail.activations, (stage - 1, microbatch), "activation")?)
+                        StageInput::Hidden(take(
+                            &mut mail.activations,
+                            (stage - 1, microbatch),
+                            "activation",
+                        )?)
                     };
                     let targets = if stage == last_stage {
                         Some(backend.upload_u32(&mb.targets)?)
@@ -241,7 +282,8 @@ fn run_rank<B: Backend, T: Transport<B>>(
                     activation_bytes += kept.bytes();
                     saved.insert(key, kept);
                     report.peak_inflight = report.peak_inflight.max(saved.len());
-                    report.peak_activation_bytes = report.peak_activation_bytes.max(activation_bytes);
+                    report.peak_activation_bytes =
+                        report.peak_activation_bytes.max(activation_bytes);
                     match output {
                         StageOutput::Hidden(h) => {
                             mail.activations.insert(key, h);
@@ -257,13 +299,19 @@ fn run_rank<B: Backend, T: Transport<B>>(
                 }
                 Action::Backward { stage, microbatch } => {
                     let kept = saved.remove(&key).ok_or_else(|| {
-                        anyhow!("backward of stage {stage} micro-batch {microbatch} before its forward")
+                        anyhow!(
+                            "backward of stage {stage} micro-batch {microbatch} before its forward"
+                        )
                     })?;
                     activation_bytes -= kept.bytes();
                     let dout = if stage == last_stage {
                         None
                     } else {
-                        Some(take(&mut mail.gradients, (stage + 1, microbatch), "gradient")?)
+                        Some(take(
+                            &mut mail.gradients,
+                            (stage + 1, microbatch),
+                            "gradient",
+                        )?)
                     };
                     let model = stage_mut(stages, stage)?;
                     if let Some(dinp) = model.backward(backend, kept, dout, loss_scale)? {
@@ -293,7 +341,9 @@ fn run_rank<B: Backend, T: Transport<B>>(
                     mail.gradients.insert(key, buf);
                 }
                 Action::BackwardInput { .. } | Action::BackwardWeight { .. } => {
-                    return Err(anyhow!("split backward is not supported by the executor yet"))
+                    return Err(anyhow!(
+                        "split backward is not supported by the executor yet"
+                    ))
                 }
             }
             if action.is_compute() {
@@ -306,10 +356,16 @@ fn run_rank<B: Backend, T: Transport<B>>(
         if action.is_compute() {
             report.busy += end - begin;
         }
-        report.timeline.push(Timed { action, start: begin, end });
+        report.timeline.push(Timed {
+            action,
+            start: begin,
+            end,
+        });
     }
     if !saved.is_empty() || !mail.activations.is_empty() || !mail.gradients.is_empty() {
-        return Err(anyhow!("the schedule ended with tensors left over on rank {me}"));
+        return Err(anyhow!(
+            "the schedule ended with tensors left over on rank {me}"
+        ));
     }
 
     reconcile_tied_embedding(schedule, me, backend, transport, stages)
@@ -347,12 +403,16 @@ fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
         backend.add_assign(g0, gl)?;
         backend.copy(gl, g0)?;
     } else if me == last_rank {
-        let gl = stage_mut(stages, last)?.grad_mut(TIED).ok_or_else(|| missing(last))?;
+        let gl = stage_mut(stages, last)?
+            .grad_mut(TIED)
+            .ok_or_else(|| missing(last))?;
         transport.send(backend, first_rank, gl)?;
         let sum = transport.recv(backend, first_rank)?;
         backend.copy(gl, &sum)?;
     } else if me == first_rank {
-        let g0 = stage_mut(stages, 0)?.grad_mut(TIED).ok_or_else(|| missing(0))?;
+        let g0 = stage_mut(stages, 0)?
+            .grad_mut(TIED)
+            .ok_or_else(|| missing(0))?;
         let other = transport.recv(backend, last_rank)?;
         backend.add_assign(g0, &other)?;
         transport.send(backend, last_rank, g0)?;

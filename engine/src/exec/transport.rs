@@ -24,8 +24,9 @@ pub struct InProcessTransport {
 pub fn in_process_mesh(ranks: usize, timeout: Duration) -> Vec<InProcessTransport> {
     // senders[src][dst] and receivers[dst][src] are the two ends of the src -> dst channel.
     let mut senders: Vec<Vec<Sender<Vec<f32>>>> = (0..ranks).map(|_| Vec::new()).collect();
-    let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> =
-        (0..ranks).map(|_| (0..ranks).map(|_| None).collect()).collect();
+    let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = (0..ranks)
+        .map(|_| (0..ranks).map(|_| None).collect())
+        .collect();
     for (src, row) in senders.iter_mut().enumerate() {
         for dst_receivers in receivers.iter_mut() {
             let (tx, rx) = channel();
@@ -40,7 +41,10 @@ pub fn in_process_mesh(ranks: usize, timeout: Duration) -> Vec<InProcessTranspor
         .map(|(rank, (to, from))| InProcessTransport {
             rank,
             to,
-            from: from.into_iter().map(|r| r.expect("every pair has a channel")).collect(),
+            from: from
+                .into_iter()
+                .map(|r| r.expect("every pair has a channel"))
+                .collect(),
             timeout,
         })
         .collect()
@@ -49,17 +53,21 @@ pub fn in_process_mesh(ranks: usize, timeout: Duration) -> Vec<InProcessTranspor
 impl<B: Backend> Transport<B> for InProcessTransport {
     fn send(&mut self, backend: &B, to: usize, buf: &B::Buffer) -> Result<()> {
         let data = backend.download(buf)?;
-        self.to[to]
-            .send(data)
-            .map_err(|_| anyhow!("rank {} cannot send to rank {to}: it has stopped", self.rank))
+        self.to[to].send(data).map_err(|_| {
+            anyhow!(
+                "rank {} cannot send to rank {to}: it has stopped",
+                self.rank
+            )
+        })
     }
 
     fn recv(&mut self, backend: &B, from: usize) -> Result<B::Buffer> {
         match self.from[from].recv_timeout(self.timeout) {
             Ok(data) => backend.upload(&data),
-            Err(RecvTimeoutError::Disconnected) => {
-                Err(anyhow!("rank {} waited for rank {from}, which has stopped", self.rank))
-            }
+            Err(RecvTimeoutError::Disconnected) => Err(anyhow!(
+                "rank {} waited for rank {from}, which has stopped",
+                self.rank
+            )),
             Err(RecvTimeoutError::Timeout) => Err(anyhow!(
                 "rank {} waited {:.0} s for a tensor from rank {from}; giving up",
                 self.rank,
