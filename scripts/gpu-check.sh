@@ -10,8 +10,8 @@
 #
 # which runs `cargo build --release` and `cargo test --release --no-run`, copies the pipit
 # binary and the backend_conformance and pipeline_equivalence test binaries (stripped of debug
-# information, to keep them small) into .gpu/, adds torch_gpt2.py from the shared device notes
-# when it finds them (TORCH_BASELINE=path overrides), and downloads Debian's libvulkan1 into
+# information, to keep them small) into .gpu/, copies the PyTorch baseline script named by
+# TORCH_BASELINE=path (a GPT-2 124M training step) when given, and downloads Debian's libvulkan1 into
 # .gl/ (the GPU machine has no Vulkan loader). Both folders are listed in .git/info/exclude, so
 # they have to be carried to the GPU machine along with the working tree. Then, there, from
 # the repository root:
@@ -57,12 +57,7 @@ for line in sys.stdin:
         strip --strip-debug "$f"
     done
     local torch="${TORCH_BASELINE:-}"
-    if [ -z "$torch" ]; then
-        for candidate in ../shared/device/torch_gpt2.py /work/shared/device/torch_gpt2.py; do
-            [ -f "$candidate" ] && torch="$candidate" && break
-        done
-    fi
-    if [ -n "$torch" ]; then cp "$torch" .gpu/torch_gpt2.py; else echo "prepare: no torch_gpt2.py found; the baseline will be skipped"; fi
+    if [ -n "$torch" ]; then cp "$torch" .gpu/torch_gpt2.py; else echo "prepare: TORCH_BASELINE is not set; the PyTorch baseline will be skipped"; fi
     local apt_opts=(-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64)
     mkdir -p /tmp/amd64/partial
     apt-get "${apt_opts[@]}" update -qq
