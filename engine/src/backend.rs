@@ -9,6 +9,8 @@
 //!   until [`Backend::fill`] zeroes them after the optimizer step.
 //! - Every op may return an error (lost device, out of memory); none panics on valid sizes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use anyhow::Result;
 
 /// Element type of a device buffer.
@@ -123,6 +125,42 @@ pub struct MemoryStats {
     pub in_use: u64,
     /// The largest `in_use` seen since [`Backend::reset_peak_memory`].
     pub peak: u64,
+}
+
+/// The counters behind [`MemoryStats`]: bytes held by one backend's live buffers and the most
+/// held since the last reset. Backends share one (in an `Arc`) with every buffer they make and
+/// update it on allocation and on drop.
+#[derive(Debug, Default)]
+pub struct MemoryMeter {
+    in_use: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl MemoryMeter {
+    /// Record `bytes` newly held.
+    pub fn acquire(&self, bytes: u64) {
+        let now = self.in_use.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+    }
+
+    /// Record `bytes` released.
+    pub fn release(&self, bytes: u64) {
+        self.in_use.fetch_sub(bytes, Ordering::SeqCst);
+    }
+
+    /// Bytes held now and at peak.
+    pub fn stats(&self) -> MemoryStats {
+        MemoryStats {
+            in_use: self.in_use.load(Ordering::SeqCst),
+            peak: self.peak.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Start a new peak window at the current usage.
+    pub fn reset_peak(&self) {
+        self.peak
+            .store(self.in_use.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
 }
 
 /// Device compute: buffers and every operation a GPT-2 training step needs.

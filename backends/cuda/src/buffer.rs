@@ -1,41 +1,10 @@
 //! Device buffers and the memory accounting they feed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use cudarc::driver::CudaSlice;
-use pipit_engine::backend::{DType, MemoryStats};
-
-/// Bytes held by one backend's live buffers, and the most held since the last reset.
-#[derive(Debug, Default)]
-pub(crate) struct Meter {
-    in_use: AtomicU64,
-    peak: AtomicU64,
-}
-
-impl Meter {
-    fn acquire(&self, bytes: u64) {
-        let now = self.in_use.fetch_add(bytes, Ordering::SeqCst) + bytes;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-    }
-
-    fn release(&self, bytes: u64) {
-        self.in_use.fetch_sub(bytes, Ordering::SeqCst);
-    }
-
-    pub(crate) fn stats(&self) -> MemoryStats {
-        MemoryStats {
-            in_use: self.in_use.load(Ordering::SeqCst),
-            peak: self.peak.load(Ordering::SeqCst),
-        }
-    }
-
-    pub(crate) fn reset_peak(&self) {
-        self.peak
-            .store(self.in_use.load(Ordering::SeqCst), Ordering::SeqCst);
-    }
-}
+use pipit_engine::backend::{DType, MemoryMeter};
 
 /// What a buffer holds on the device.
 #[derive(Debug)]
@@ -58,12 +27,12 @@ pub(crate) enum Data {
 pub struct CudaBuffer {
     pub(crate) data: Data,
     len: usize,
-    meter: Arc<Meter>,
+    meter: Arc<MemoryMeter>,
 }
 
 impl CudaBuffer {
     /// Wrap `data` holding `len` logical elements and count them as held by `meter`.
-    pub(crate) fn new(data: Data, len: usize, meter: &Arc<Meter>) -> Self {
+    pub(crate) fn new(data: Data, len: usize, meter: &Arc<MemoryMeter>) -> Self {
         let buf = Self {
             data,
             len,

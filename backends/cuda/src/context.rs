@@ -6,9 +6,9 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaStream, LaunchConfig};
-use pipit_engine::backend::DType;
+use pipit_engine::backend::{DType, MemoryMeter};
 
-use crate::buffer::{CudaBuffer, Data, Meter};
+use crate::buffer::{CudaBuffer, Data};
 use crate::kernels::{Kernels, ROW_BLOCK};
 use crate::probe::{guarded, probe};
 
@@ -24,7 +24,7 @@ pub struct CudaBackend {
     pub(crate) stream: Arc<CudaStream>,
     pub(crate) blas: CudaBlas,
     pub(crate) kernels: Kernels,
-    pub(crate) meter: Arc<Meter>,
+    pub(crate) meter: Arc<MemoryMeter>,
     description: String,
 }
 

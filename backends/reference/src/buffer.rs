@@ -1,40 +1,9 @@
 //! Host buffers, their memory accounting, and the size checks every op shares.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use pipit_engine::backend::{DType, MemoryStats};
-
-/// Bytes held by one backend's live buffers, and the most held since the last reset.
-#[derive(Debug, Default)]
-pub(crate) struct Meter {
-    in_use: AtomicU64,
-    peak: AtomicU64,
-}
-
-impl Meter {
-    fn acquire(&self, bytes: u64) {
-        let now = self.in_use.fetch_add(bytes, Ordering::SeqCst) + bytes;
-        self.peak.fetch_max(now, Ordering::SeqCst);
-    }
-
-    fn release(&self, bytes: u64) {
-        self.in_use.fetch_sub(bytes, Ordering::SeqCst);
-    }
-
-    pub(crate) fn stats(&self) -> MemoryStats {
-        MemoryStats {
-            in_use: self.in_use.load(Ordering::SeqCst),
-            peak: self.peak.load(Ordering::SeqCst),
-        }
-    }
-
-    pub(crate) fn reset_peak(&self) {
-        self.peak
-            .store(self.in_use.load(Ordering::SeqCst), Ordering::SeqCst);
-    }
-}
+use pipit_engine::backend::{DType, MemoryMeter};
 
 #[derive(Debug)]
 enum Data {
@@ -47,7 +16,7 @@ enum Data {
 #[derive(Debug)]
 pub struct RefBuffer {
     data: Data,
-    meter: Arc<Meter>,
+    meter: Arc<MemoryMeter>,
 }
 
 /// A zero-filled vector, or an error (not an abort) when the host cannot hold it.
@@ -60,7 +29,7 @@ fn zeroed_vec<T: Clone + Default>(len: usize) -> Result<Vec<T>> {
 }
 
 impl RefBuffer {
-    pub(crate) fn zeroed(meter: &Arc<Meter>, len: usize, dtype: DType) -> Result<Self> {
+    pub(crate) fn zeroed(meter: &Arc<MemoryMeter>, len: usize, dtype: DType) -> Result<Self> {
         let data = match dtype {
             DType::F32 => Data::F32(zeroed_vec(len)?),
             DType::U32 => Data::U32(zeroed_vec(len)?),

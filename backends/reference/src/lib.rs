@@ -20,15 +20,15 @@ mod matmul;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
+use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryMeter, MemoryStats};
 
 pub use buffer::RefBuffer;
-use buffer::{elems, expect_len, Meter};
+use buffer::{elems, expect_len};
 
 /// The host reference backend. Cheap to create; each value keeps its own memory accounting.
 #[derive(Debug, Default)]
 pub struct ReferenceBackend {
-    meter: Arc<Meter>,
+    meter: Arc<MemoryMeter>,
 }
 
 impl ReferenceBackend {

@@ -6,10 +6,10 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use pipit_engine::backend::DType;
+use pipit_engine::backend::{DType, MemoryMeter};
 use wgpu::util::DeviceExt;
 
-use crate::buffer::{MemoryCounters, WgpuBuffer};
+use crate::buffer::WgpuBuffer;
 use crate::device::{self, KernelProfile, Options};
 use crate::kernels::{Kernel, Kernels};
 
@@ -34,7 +34,7 @@ pub struct WgpuBackend {
     /// Invocations per row the profile prefers for row kernels.
     pub(crate) lanes: u32,
     pending: Mutex<Pending>,
-    pub(crate) memory: Arc<MemoryCounters>,
+    pub(crate) memory: Arc<MemoryMeter>,
     errors: Arc<Mutex<Option<String>>>,
     /// Bound where a kernel declares a buffer that an op has nothing for (an empty window).
     placeholder: wgpu::Buffer,
