@@ -4,6 +4,8 @@
 //! rank exit non-zero naming it; the rendezvous refuses a wrong token, a taken rank and
 //! different settings.
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,63 +13,15 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::{log_lines, ok, LAUNCH_VARS, TINY_MODEL};
 use serde_json::Value;
 
 /// Only a guard against a hung test: far beyond the peer timeouts used below.
 const GUARD: Duration = Duration::from_secs(120);
 
-/// Variables of launchers and of pipit's multi-process runs, cleared so a test sets its own.
-const LAUNCH_VARS: &[&str] = &[
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_LOCALID",
-    "SLURM_JOB_NODELIST",
-    "SLURM_NODELIST",
-    "PIPIT_TOKEN",
-    "PIPIT_FAULT_ABORT_AFTER_STEP",
-];
-
-/// A tiny model on the reference backend, as in the train CLI tests (4 layers in all).
-const TINY: &[&str] = &[
-    "--backend",
-    "reference",
-    "--n-layer",
-    "2",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
-    "--n-positions",
-    "16",
-    "--seq-len",
-    "16",
-    "--batch-size",
-    "4",
-    "--microbatches",
-    "2",
-    "--lr",
-    "0.003",
-    "--min-lr",
-    "0.003",
-    "--warmup-steps",
-    "0",
-    "--eval-every",
-    "2",
-    "--eval-tokens",
-    "256",
-];
-
 fn pipit(args: &[String], env: &[(&str, String)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipit"));
-    cmd.args(args).env("XDG_RUNTIME_DIR", "/tmp");
-    for var in LAUNCH_VARS {
-        cmd.env_remove(var);
-    }
+    let mut cmd = common::pipit_command();
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -76,17 +30,14 @@ fn pipit(args: &[String], env: &[(&str, String)]) -> Command {
 }
 
 fn scratch(name: &str) -> PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("pipit-multiprocess-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    common::scratch("multiprocess", name)
 }
 
 /// `train` with the tiny model, a schedule, and `extra` flags.
 fn train_args(schedule: &str, stages: usize, chunks: usize, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = vec!["train".into()];
-    args.extend(TINY.iter().map(|s| s.to_string()));
+    args.extend(TINY_MODEL.iter().map(|s| s.to_string()));
+    args.extend(["--eval-every".to_string(), "2".to_string()]);
     for (flag, value) in [
         ("--schedule", schedule.to_string()),
         ("--stages", stages.to_string()),
@@ -121,24 +72,6 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "failed ({:?}): {}",
-        out.status,
-        stderr(out)
-    );
-}
-
-fn log_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-/// The same steps, keys, losses (to the bit) and validation losses; one peak per rank.
 fn same_losses(single: &Path, multi: &Path, ranks: usize) {
     let (a, b) = (log_lines(single), log_lines(multi));
     assert_eq!(a.len(), b.len(), "one line per step");

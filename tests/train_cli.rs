@@ -2,84 +2,35 @@
 //! logs and traces with the promised keys, and bad input that ends with one line and status 2
 //! without touching a good checkpoint.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
+use std::path::Path;
+use std::process::Output;
+
+use common::{log_lines, ok, TINY_MODEL};
 use serde_json::Value;
 
 fn pipit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pipit"))
+    common::pipit_command()
         .args(args)
-        .env("XDG_RUNTIME_DIR", "/tmp")
         .output()
         .expect("the pipit binary runs")
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("pipit-train-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+fn scratch(name: &str) -> std::path::PathBuf {
+    common::scratch("train-cli", name)
 }
-
-/// A tiny model on the reference backend with a constant learning rate, so a run cut in two
-/// follows the same learning-rate schedule as an uninterrupted one.
-const TINY: &[&str] = &[
-    "--backend",
-    "reference",
-    "--n-layer",
-    "2",
-    "--n-embd",
-    "16",
-    "--n-head",
-    "2",
-    "--n-positions",
-    "16",
-    "--seq-len",
-    "16",
-    "--batch-size",
-    "4",
-    "--microbatches",
-    "2",
-    "--stages",
-    "2",
-    "--lr",
-    "0.003",
-    "--min-lr",
-    "0.003",
-    "--warmup-steps",
-    "0",
-    "--eval-every",
-    "0",
-    "--eval-tokens",
-    "256",
-];
 
 /// `pipit train` on the tiny model; it writes no checkpoint unless `extra` says `--save`.
 fn train(extra: &[&str]) -> Output {
     let mut args = vec!["train"];
-    args.extend_from_slice(TINY);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(&["--stages", "2", "--eval-every", "0"]);
     args.extend_from_slice(extra);
     if !extra.contains(&"--save") {
         args.push("--no-save");
     }
     pipit(&args)
-}
-
-fn log_lines(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn ok(out: &Output) {
-    assert!(
-        out.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// Exit status 2 and exactly one line on stderr that contains `needle`.
