@@ -345,6 +345,30 @@ fn a_toml_config_holds_the_same_fields_as_the_flags() {
     };
     assert_eq!(losses(&from_file), losses(&from_flags));
 
+    // --show-config writes the merged settings as a config file that loads back as they are.
+    let shown = pipit(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--steps",
+        "5",
+        "--show-config",
+    ]);
+    ok(&shown);
+    let text = String::from_utf8(shown.stdout).unwrap();
+    assert!(
+        text.contains("steps = 5") && text.contains("schedule = \"gpipe\""),
+        "{text}"
+    );
+    std::fs::write(&config, &text).unwrap();
+    let again = pipit(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--show-config",
+    ]);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
+
     std::fs::write(&config, "n_layrs = 3\n").unwrap();
     refused(
         &pipit(&["train", "--no-save", "--config", config.to_str().unwrap()]),

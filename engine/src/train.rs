@@ -44,13 +44,13 @@ pub struct TrainConfig {
     /// Tokens per sequence (at most `n_positions`).
     pub seq_len: usize,
     /// Peak learning rate, reached after `warmup_steps` and decayed by a cosine to `min_lr`.
-    pub lr: f32,
+    pub lr: f64,
     /// Steps of linear warm-up.
     pub warmup_steps: u64,
     /// Floor of the cosine decay.
-    pub min_lr: f32,
+    pub min_lr: f64,
     /// AdamW decoupled weight decay (matrices and embeddings only).
-    pub weight_decay: f32,
+    pub weight_decay: f64,
     /// Seed of the initial weights and of the batch order.
     pub seed: u64,
     /// Evaluate the validation loss every this many steps (0: only at the end).
@@ -135,13 +135,15 @@ impl TrainConfig {
 
     /// Learning rate of 1-based step `step`: linear warm-up, then cosine decay to `min_lr`.
     pub fn lr_at(&self, step: u64) -> f32 {
+        // In f32, as the optimizer takes it.
+        let (lr, min_lr) = (self.lr as f32, self.min_lr as f32);
         if step <= self.warmup_steps {
-            return self.lr * step as f32 / self.warmup_steps.max(1) as f32;
+            return lr * step as f32 / self.warmup_steps.max(1) as f32;
         }
         let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f32;
         let progress = ((step - self.warmup_steps) as f32 / span).min(1.0);
         let cosine = 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
-        self.min_lr + (self.lr - self.min_lr) * cosine
+        min_lr + (lr - min_lr) * cosine
     }
 
     /// The lowered, validated schedule this configuration runs.
@@ -341,7 +343,7 @@ impl<B: Backend> Trainer<B> {
             lr,
             step: step as u32,
             adamw: AdamWConfig {
-                weight_decay: c.weight_decay,
+                weight_decay: c.weight_decay as f32,
                 ..AdamWConfig::default()
             },
         };

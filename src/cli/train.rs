@@ -82,13 +82,13 @@ pub struct TrainArgs {
     seq_len: Option<usize>,
     /// Peak learning rate (linear warm-up, then cosine decay to --min-lr).
     #[arg(long)]
-    lr: Option<f32>,
+    lr: Option<f64>,
     /// Warm-up steps.
     #[arg(long)]
     warmup_steps: Option<u64>,
     /// Final learning rate of the cosine decay.
     #[arg(long)]
-    min_lr: Option<f32>,
+    min_lr: Option<f64>,
     /// Seed of the initial weights and of the batch order.
     #[arg(long)]
     seed: Option<u64>,
@@ -118,6 +118,10 @@ pub struct TrainArgs {
     /// Start from a checkpoint's weights (pipit's or Hugging Face's) with a fresh optimizer.
     #[arg(long, value_name = "DIR")]
     init: Option<PathBuf>,
+    /// Print the settings this command would train with (defaults, config file and flags
+    /// merged) as a TOML config file, and exit.
+    #[arg(long)]
+    show_config: bool,
     /// Write one JSON object per step to PATH.
     #[arg(long, value_name = "PATH")]
     log_json: Option<PathBuf>,
@@ -218,6 +222,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.seq_len = config.seq_len.min(config.model.n_positions);
     }
     config.validate()?;
+    if args.show_config {
+        print!(
+            "{}",
+            toml::to_string(&config).context("writing the settings as TOML")?
+        );
+        return Ok(());
+    }
     if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
         return Err(invalid_input!(
             "--peer-timeout must be a positive number of seconds, got {}",

@@ -144,7 +144,7 @@ impl<B: Backend> RankTrainer<B> {
             lr,
             step: step as u32,
             adamw: AdamWConfig {
-                weight_decay: c.weight_decay,
+                weight_decay: c.weight_decay as f32,
                 ..AdamWConfig::default()
             },
         };
