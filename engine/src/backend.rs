@@ -127,6 +127,44 @@ pub struct MemoryStats {
     pub peak: u64,
 }
 
+/// Size checks every backend runs before touching a buffer, so a wrong call is the same
+/// error on every device.
+pub mod check {
+    use anyhow::{anyhow, bail, Result};
+
+    use super::DType;
+
+    /// The product of `dims`, or an error when it overflows.
+    pub fn elems(dims: &[usize]) -> Result<usize> {
+        dims.iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or_else(|| anyhow!("dimensions {dims:?} overflow the address space"))
+    }
+
+    /// Errors unless a buffer of element type `dtype` holds `want`.
+    pub fn dtype(what: &str, dtype: DType, want: DType) -> Result<()> {
+        if dtype != want {
+            bail!("{what} must be a {want:?} buffer, got {dtype:?}");
+        }
+        Ok(())
+    }
+
+    /// Errors unless a buffer of `len` elements of `dtype` holds exactly `want_len` of `want`.
+    pub fn buffer(
+        what: &str,
+        len: usize,
+        dtype: DType,
+        want_len: usize,
+        want: DType,
+    ) -> Result<()> {
+        self::dtype(what, dtype, want)?;
+        if len != want_len {
+            bail!("{what} holds {len} elements but the op needs {want_len}");
+        }
+        Ok(())
+    }
+}
+
 /// The counters behind [`MemoryStats`]: bytes held by one backend's live buffers and the most
 /// held since the last reset. Backends share one (in an `Arc`) with every buffer they make and
 /// update it on allocation and on drop.

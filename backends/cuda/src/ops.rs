@@ -4,6 +4,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::Gemm;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use pipit_engine::backend::check::{self, elems};
 use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
 
 use crate::buffer::{CudaBuffer, Data};
@@ -33,29 +34,12 @@ macro_rules! launch {
 
 /// Errors unless `buf` holds `dtype`.
 fn need_dtype(buf: &CudaBuffer, dtype: DType, what: &str) -> Result<()> {
-    if buf.dtype() != dtype {
-        bail!("{what} must be a {dtype:?} buffer, got {:?}", buf.dtype());
-    }
-    Ok(())
+    check::dtype(what, buf.dtype(), dtype)
 }
 
 /// Errors unless `buf` holds `dtype` and exactly `elems` elements.
 fn need(buf: &CudaBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
-    need_dtype(buf, dtype, what)?;
-    if buf.len() != elems {
-        bail!(
-            "{what} holds {} elements but the op needs {elems}",
-            buf.len()
-        );
-    }
-    Ok(())
-}
-
-/// The product of `dims`, or an error when it overflows.
-fn elems(dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| anyhow!("dimensions {dims:?} overflow the address space"))
+    check::buffer(what, buf.len(), buf.dtype(), elems, dtype)
 }
 
 /// Rows of a table of `channels`-wide rows, or an error when it is not whole rows.

@@ -126,9 +126,4 @@ pub(crate) fn expect_len(what: &str, actual: usize, expected: usize) -> Result<(
     Ok(())
 }
 
-/// The product of `dims`, or an error when it overflows.
-pub(crate) fn elems(dims: &[usize]) -> Result<usize> {
-    dims.iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .with_context(|| format!("dimensions {dims:?} overflow the address space"))
-}
+pub(crate) use pipit_engine::backend::check::elems;

@@ -1,6 +1,7 @@
 //! `Backend` for [`WgpuBackend`]: size checks, cutting into binding windows, and dispatches.
 
 use anyhow::{bail, Result};
+use pipit_engine::backend::check;
 use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
 use wgpu::util::DeviceExt;
 
@@ -20,19 +21,12 @@ const CHANNEL_WG: usize = 64;
 
 /// Errors unless `buf` holds `dtype`.
 fn need_dtype(buf: &WgpuBuffer, dtype: DType, what: &str) -> Result<()> {
-    if buf.dtype != dtype {
-        bail!("{what} must be a {dtype:?} buffer, got {:?}", buf.dtype);
-    }
-    Ok(())
+    check::dtype(what, buf.dtype, dtype)
 }
 
 /// Errors unless `buf` holds `dtype` and exactly `elems` elements.
 fn need(buf: &WgpuBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
-    need_dtype(buf, dtype, what)?;
-    if buf.len != elems {
-        bail!("{what} holds {} elements but the op needs {elems}", buf.len);
-    }
-    Ok(())
+    check::buffer(what, buf.len, buf.dtype, elems, dtype)
 }
 
 /// Errors unless `table` is an f32 table of whole rows of `channels`, with at least `rows`.
