@@ -386,6 +386,8 @@ pub trait Backend: Send + 'static {
 pub trait Transport<B: Backend>: Send {
     /// Send `buf` (f32) to rank `to`.
     fn send(&mut self, backend: &B, to: usize, buf: &B::Buffer) -> Result<()>;
-    /// Receive the next f32 tensor from rank `from` into a new buffer.
-    fn recv(&mut self, backend: &B, from: usize) -> Result<B::Buffer>;
+    /// Receive the next f32 tensor from rank `from` into a new buffer of `len` values. The
+    /// receiver states the length because NCCL must post a receive of known size; a message
+    /// of another length is an error, never a silent truncation.
+    fn recv(&mut self, backend: &B, from: usize, len: usize) -> Result<B::Buffer>;
 }

@@ -401,8 +401,9 @@ impl<B: Backend> Transport<B> for TcpTransport {
         self.send_f32(to, &values)
     }
 
-    fn recv(&mut self, backend: &B, from: usize) -> Result<B::Buffer> {
+    fn recv(&mut self, backend: &B, from: usize, len: usize) -> Result<B::Buffer> {
         let values = self.recv_f32(from, "a tensor")?;
+        crate::exec::check_len(self.rank, from, len, values.len())?;
         backend.upload(&values)
     }
 }

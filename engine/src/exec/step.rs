@@ -251,6 +251,12 @@ fn run_rank<B: Backend, T: Transport<B>>(
         stages,
     } = rank;
     let me = *me;
+    let channels = stages
+        .first()
+        .map(|(_, model)| model.config().n_embd)
+        .ok_or_else(|| anyhow!("rank {me} holds no stage"))?;
+    // Activations and their gradients cross stage boundaries as `[batch·seq, n_embd]`.
+    let hidden_len = |mb: &Batch| mb.batch * mb.seq * channels;
     backend.reset_peak_memory();
 
     for (position, &action) in schedule.ranks[me].iter().enumerate() {
@@ -327,7 +333,7 @@ fn run_rank<B: Backend, T: Transport<B>>(
                 }
                 Action::RecvActivation { stage, .. } => {
                     let from = schedule.placement[stage];
-                    let buf = transport.recv(backend, from)?;
+                    let buf = transport.recv(backend, from, hidden_len(mb))?;
                     mail.activations.insert(key, buf);
                 }
                 Action::SendGradient { stage, .. } => {
@@ -337,7 +343,7 @@ fn run_rank<B: Backend, T: Transport<B>>(
                 }
                 Action::RecvGradient { stage, .. } => {
                     let from = schedule.placement[stage];
-                    let buf = transport.recv(backend, from)?;
+                    let buf = transport.recv(backend, from, hidden_len(mb))?;
                     mail.gradients.insert(key, buf);
                 }
                 Action::BackwardInput { .. } | Action::BackwardWeight { .. } => {
@@ -406,14 +412,15 @@ fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
         let gl = stage_mut(stages, last)?
             .grad_mut(TIED)
             .ok_or_else(|| missing(last))?;
+        let len = backend.len(gl);
         transport.send(backend, first_rank, gl)?;
-        let sum = transport.recv(backend, first_rank)?;
+        let sum = transport.recv(backend, first_rank, len)?;
         backend.copy(gl, &sum)?;
     } else if me == first_rank {
         let g0 = stage_mut(stages, 0)?
             .grad_mut(TIED)
             .ok_or_else(|| missing(0))?;
-        let other = transport.recv(backend, last_rank)?;
+        let other = transport.recv(backend, last_rank, backend.len(g0))?;
         backend.add_assign(g0, &other)?;
         transport.send(backend, last_rank, g0)?;
     }

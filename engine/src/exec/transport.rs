@@ -61,9 +61,12 @@ impl<B: Backend> Transport<B> for InProcessTransport {
         })
     }
 
-    fn recv(&mut self, backend: &B, from: usize) -> Result<B::Buffer> {
+    fn recv(&mut self, backend: &B, from: usize, len: usize) -> Result<B::Buffer> {
         match self.from[from].recv_timeout(self.timeout) {
-            Ok(data) => backend.upload(&data),
+            Ok(data) => {
+                check_len(self.rank, from, len, data.len())?;
+                backend.upload(&data)
+            }
             Err(RecvTimeoutError::Disconnected) => Err(anyhow!(
                 "rank {} waited for rank {from}, which has stopped",
                 self.rank
@@ -75,4 +78,14 @@ impl<B: Backend> Transport<B> for InProcessTransport {
             )),
         }
     }
+}
+
+/// The error for a message whose length is not the one its receiver expects.
+pub fn check_len(me: usize, from: usize, want: usize, got: usize) -> Result<()> {
+    if want != got {
+        return Err(anyhow!(
+            "rank {me} expected a tensor of {want} values from rank {from} and received {got}"
+        ));
+    }
+    Ok(())
 }
