@@ -8,6 +8,11 @@
 //!   parameter gradients** (`dweight += ...`), so gradients of a step's micro-batches sum up
 //!   until [`Backend::fill`] zeroes them after the optimizer step.
 //! - Every op may return an error (lost device, out of memory); none panics on valid sizes.
+//!
+//! Mixed precision: a backend that [`Backend::supports`] [`DType::BF16`] accepts bf16 for the
+//! operands each op's documentation allows. It reads bf16 values as f32, computes in f32 (or
+//! wider), and rounds once, to nearest even, when it stores into a bf16 output. The model keeps
+//! the residual stream, layernorm statistics, parameters, gradients and optimizer state in f32.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,13 +25,43 @@ pub enum DType {
     F32,
     /// 32-bit unsigned integer: token ids and targets.
     U32,
+    /// bfloat16 (8-bit exponent, 7-bit mantissa): activations and matmul weight copies under
+    /// mixed precision.
+    BF16,
 }
 
 impl DType {
     /// Size of one element in bytes.
     pub fn size(self) -> usize {
-        4
+        match self {
+            DType::F32 | DType::U32 => 4,
+            DType::BF16 => 2,
+        }
     }
+
+    /// True for the floating-point types.
+    pub fn is_float(self) -> bool {
+        self != DType::U32
+    }
+
+    /// The name users write (`--dtype f32|bf16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::U32 => "u32",
+            DType::BF16 => "bf16",
+        }
+    }
+}
+
+/// `x` rounded to the nearest bfloat16 (ties to even), as an f32. NaN stays NaN.
+pub fn round_bf16(x: f32) -> f32 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return f32::from_bits((bits | 0x0040_0000) & 0xffff_0000);
+    }
+    let rounded = bits.wrapping_add(0x7fff + ((bits >> 16) & 1));
+    f32::from_bits(rounded & 0xffff_0000)
 }
 
 /// Shape and layout of one matrix product `out = op(a) · op(b) (+ bias) (+ out)`.
@@ -149,6 +184,14 @@ pub mod check {
         Ok(())
     }
 
+    /// Errors unless a buffer of element type `dtype` holds floats (f32 or bf16).
+    pub fn float(what: &str, dtype: DType) -> Result<()> {
+        if !dtype.is_float() {
+            bail!("{what} must be an F32 or BF16 buffer, got {dtype:?}");
+        }
+        Ok(())
+    }
+
     /// Errors unless a buffer of `len` elements of `dtype` holds exactly `want_len` of `want`.
     pub fn buffer(
         what: &str,
@@ -212,24 +255,36 @@ pub trait Backend: Send + 'static {
     /// A one-line description of the device, e.g. `wgpu: llvmpipe (Vulkan, cpu)`.
     fn describe(&self) -> String;
 
+    /// Whether buffers and ops of `dtype` are available (every backend has F32 and U32).
+    fn supports(&self, dtype: DType) -> bool {
+        dtype != DType::BF16
+    }
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Buffer>;
     /// A new f32 buffer holding `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
     /// A new u32 buffer holding `data` (token ids).
     fn upload_u32(&self, data: &[u32]) -> Result<Self::Buffer>;
-    /// Overwrite an existing f32 buffer with `data` (same length).
+    /// Overwrite an existing float buffer with `data` (same length; rounded into bf16).
     fn write(&self, buf: &mut Self::Buffer, data: &[f32]) -> Result<()>;
-    /// The contents of an f32 buffer, after all enqueued work.
+    /// The contents of a float buffer as f32, after all enqueued work.
     fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>>;
     /// Number of elements in a buffer.
     fn len(&self, buf: &Self::Buffer) -> usize;
+    /// Element type of a buffer.
+    fn dtype(&self, buf: &Self::Buffer) -> DType;
+    /// Bytes of device memory a buffer's elements take.
+    fn bytes(&self, buf: &Self::Buffer) -> u64 {
+        (self.len(buf) * self.dtype(buf).size()) as u64
+    }
 
-    /// Set every element of an f32 buffer to `value`.
+    /// Set every element of a float buffer to `value`.
     fn fill(&self, buf: &mut Self::Buffer, value: f32) -> Result<()>;
-    /// `dst = src` (same length and dtype; u32 buffers too, so token ids can be kept).
+    /// `dst = src` (same length; u32 buffers too, so token ids can be kept). Between f32 and
+    /// bf16 the values are converted (rounded to nearest even into bf16).
     fn copy(&self, dst: &mut Self::Buffer, src: &Self::Buffer) -> Result<()>;
-    /// `out = a + b`, elementwise.
+    /// `out = a + b`, elementwise. bf16: `b` may be bf16 (a matmul output added to the f32
+    /// residual stream).
     fn add(&self, out: &mut Self::Buffer, a: &Self::Buffer, b: &Self::Buffer) -> Result<()>;
     /// `acc += x`, elementwise (gradient accumulation, residual gradients).
     fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer) -> Result<()>;
@@ -262,6 +317,7 @@ pub trait Backend: Send + 'static {
 
     /// Layernorm over the last dimension (epsilon 1e-5) of `inp[rows, channels]`; saves each
     /// row's `mean` and reciprocal standard deviation `rstd` (both `[rows]`) for backward.
+    /// bf16: `out` may be bf16.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &self,
@@ -275,6 +331,7 @@ pub trait Backend: Send + 'static {
         channels: usize,
     ) -> Result<()>;
     /// Layernorm backward: overwrites `dinp`, accumulates `dweight` and `dbias`.
+    /// bf16: `dout` may be bf16.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
@@ -291,6 +348,8 @@ pub trait Backend: Send + 'static {
     ) -> Result<()>;
 
     /// Matrix product `out = op(a)·op(b)`, plus `bias[n]` broadcast over rows when given.
+    /// bf16: `a` and `b` may be bf16 together, and `out` may be bf16 or f32 (weight gradients
+    /// accumulate in f32); `bias` is f32.
     fn matmul(
         &self,
         out: &mut Self::Buffer,
@@ -300,6 +359,7 @@ pub trait Backend: Send + 'static {
         shape: Matmul,
     ) -> Result<()>;
     /// Bias gradient: `dbias[j] += Σ_rows dout[row, j]` for `dout[rows, cols]`.
+    /// bf16: `dout` may be bf16.
     fn bias_backward(
         &self,
         dbias: &mut Self::Buffer,
@@ -308,7 +368,8 @@ pub trait Backend: Send + 'static {
         cols: usize,
     ) -> Result<()>;
 
-    /// GELU, tanh approximation (as GPT-2): `out = gelu(inp)`.
+    /// GELU, tanh approximation (as GPT-2): `out = gelu(inp)`. bf16: all operands bf16
+    /// (forward and backward).
     fn gelu_forward(&self, out: &mut Self::Buffer, inp: &Self::Buffer) -> Result<()>;
     /// GELU backward: `dinp = gelu'(inp) · dout`.
     fn gelu_backward(
@@ -321,7 +382,7 @@ pub trait Backend: Send + 'static {
     /// Causal multi-head self-attention. `qkv` is `[batch, seq, 3·channels]` (q, k, v side by
     /// side, heads contiguous within each), `out` is `[batch, seq, channels]`, and `att`
     /// `[batch, heads, seq, seq]` receives the softmax probabilities (zero above the
-    /// diagonal), kept for backward.
+    /// diagonal), kept for backward. bf16: all operands bf16 (forward and backward).
     fn attention_forward(
         &self,
         out: &mut Self::Buffer,
@@ -340,7 +401,8 @@ pub trait Backend: Send + 'static {
     ) -> Result<()>;
 
     /// Softmax cross-entropy per row: `losses[r] = logsumexp(logits[r,:]) − logits[r, targets[r]]`
-    /// for `logits[rows, vocab]` and u32 `targets[rows]`.
+    /// for `logits[rows, vocab]` and u32 `targets[rows]`. bf16: `logits` (and `dlogits` in
+    /// backward) may be bf16; `losses` is f32.
     fn cross_entropy_forward(
         &self,
         losses: &mut Self::Buffer,

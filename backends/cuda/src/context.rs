@@ -93,6 +93,7 @@ impl CudaBackend {
                     .with_context(|| format!("allocating {len} u32 elements on the GPU"))?,
                 host: vec![0u32; len].into(),
             },
+            DType::BF16 => bail!("the CUDA backend has no bf16 buffers yet"),
         };
         Ok(CudaBuffer::new(data, len, &self.meter))
     }

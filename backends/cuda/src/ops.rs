@@ -209,6 +209,10 @@ impl Backend for CudaBackend {
         buf.len()
     }
 
+    fn dtype(&self, buf: &CudaBuffer) -> DType {
+        buf.dtype()
+    }
+
     fn fill(&self, buf: &mut CudaBuffer, value: f32) -> Result<()> {
         need_dtype(buf, DType::F32, "filled buffer")?;
         let n = buf.len();

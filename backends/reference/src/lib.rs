@@ -42,7 +42,7 @@ impl Backend for ReferenceBackend {
     type Buffer = RefBuffer;
 
     fn describe(&self) -> String {
-        "reference: host f32 (f64 accumulation)".to_string()
+        "reference: host f32 (f64 accumulation; bf16 emulated)".to_string()
     }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<RefBuffer> {
@@ -62,7 +62,7 @@ impl Backend for ReferenceBackend {
     }
 
     fn write(&self, buf: &mut RefBuffer, data: &[f32]) -> Result<()> {
-        let dst = buf.f32_mut("write destination")?;
+        let mut dst = buf.f32_mut("write destination")?;
         expect_len("write data", data.len(), dst.len())?;
         dst.copy_from_slice(data);
         Ok(())
@@ -76,6 +76,14 @@ impl Backend for ReferenceBackend {
         buf.len()
     }
 
+    fn dtype(&self, buf: &RefBuffer) -> DType {
+        buf.dtype()
+    }
+
+    fn supports(&self, _dtype: DType) -> bool {
+        true
+    }
+
     fn fill(&self, buf: &mut RefBuffer, value: f32) -> Result<()> {
         buf.f32_mut("fill")?.fill(value);
         Ok(())
@@ -87,18 +95,18 @@ impl Backend for ReferenceBackend {
 
     fn add(&self, out: &mut RefBuffer, a: &RefBuffer, b: &RefBuffer) -> Result<()> {
         let (a, b) = (a.f32("add a")?, b.f32("add b")?);
-        let out = out.f32_mut("add out")?;
+        let mut out = out.f32_mut("add out")?;
         expect_len("add a", a.len(), out.len())?;
         expect_len("add b", b.len(), out.len())?;
-        elementwise::add(out, a, b);
+        elementwise::add(&mut out, a, b);
         Ok(())
     }
 
     fn add_assign(&self, acc: &mut RefBuffer, x: &RefBuffer) -> Result<()> {
         let x = x.f32("add_assign x")?;
-        let acc = acc.f32_mut("add_assign acc")?;
+        let mut acc = acc.f32_mut("add_assign acc")?;
         expect_len("add_assign x", x.len(), acc.len())?;
-        elementwise::add_assign(acc, x);
+        elementwise::add_assign(&mut acc, x);
         Ok(())
     }
 
@@ -113,10 +121,10 @@ impl Backend for ReferenceBackend {
         channels: usize,
     ) -> Result<()> {
         let (tokens, wte, wpe) = (tokens.u32("tokens")?, wte.f32("wte")?, wpe.f32("wpe")?);
-        let out = out.f32_mut("embedding out")?;
+        let mut out = out.f32_mut("embedding out")?;
         let dims = embedding::Dims::check(tokens, wte.len(), wpe.len(), batch, seq, channels)?;
         expect_len("embedding out", out.len(), elems(&[batch, seq, channels])?)?;
-        embedding::forward(out, tokens, wte, wpe, dims);
+        embedding::forward(&mut out, tokens, wte, wpe, dims);
         Ok(())
     }
 
@@ -131,14 +139,14 @@ impl Backend for ReferenceBackend {
         channels: usize,
     ) -> Result<()> {
         let (dout, tokens) = (dout.f32("embedding dout")?, tokens.u32("tokens")?);
-        let (dwte, dwpe) = (dwte.f32_mut("dwte")?, dwpe.f32_mut("dwpe")?);
+        let (mut dwte, mut dwpe) = (dwte.f32_mut("dwte")?, dwpe.f32_mut("dwpe")?);
         let dims = embedding::Dims::check(tokens, dwte.len(), dwpe.len(), batch, seq, channels)?;
         expect_len(
             "embedding dout",
             dout.len(),
             elems(&[batch, seq, channels])?,
         )?;
-        embedding::backward(dwte, dwpe, dout, tokens, dims);
+        embedding::backward(&mut dwte, &mut dwpe, dout, tokens, dims);
         Ok(())
     }
 
@@ -161,8 +169,7 @@ impl Backend for ReferenceBackend {
             weight.f32("ln weight")?,
             bias.f32("ln bias")?,
         );
-        let (out, mean, rstd) = (
-            out.f32_mut("ln out")?,
+        let (mut out, mut mean, mut rstd) = (out.f32_mut("ln out")?,
             mean.f32_mut("ln mean")?,
             rstd.f32_mut("ln rstd")?,
         );
@@ -173,7 +180,7 @@ impl Backend for ReferenceBackend {
         expect_len("ln bias", bias.len(), channels)?;
         expect_len("ln mean", mean.len(), rows)?;
         expect_len("ln rstd", rstd.len(), rows)?;
-        layernorm::forward(out, mean, rstd, inp, weight, bias, channels);
+        layernorm::forward(&mut out, &mut mean, &mut rstd, inp, weight, bias, channels);
         Ok(())
     }
 
@@ -199,8 +206,7 @@ impl Backend for ReferenceBackend {
             weight.f32("ln weight")?,
         );
         let (mean, rstd) = (mean.f32("ln mean")?, rstd.f32("ln rstd")?);
-        let (dinp, dweight, dbias) = (
-            dinp.f32_mut("ln dinp")?,
+        let (mut dinp, mut dweight, mut dbias) = (dinp.f32_mut("ln dinp")?,
             dweight.f32_mut("ln dweight")?,
             dbias.f32_mut("ln dbias")?,
         );
@@ -222,7 +228,7 @@ impl Backend for ReferenceBackend {
         expect_len("ln mean", mean.len(), rows)?;
         expect_len("ln rstd", rstd.len(), rows)?;
         layernorm::backward(
-            dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels,
+            &mut dinp, &mut dweight, &mut dbias, dout, inp, weight, mean, rstd, channels,
         );
         Ok(())
     }
@@ -237,14 +243,14 @@ impl Backend for ReferenceBackend {
     ) -> Result<()> {
         let (a, b) = (a.f32("matmul a")?, b.f32("matmul b")?);
         let bias = bias.map(|x| x.f32("matmul bias")).transpose()?;
-        let out = out.f32_mut("matmul out")?;
+        let mut out = out.f32_mut("matmul out")?;
         expect_len("matmul a", a.len(), elems(&[shape.m, shape.k])?)?;
         expect_len("matmul b", b.len(), elems(&[shape.k, shape.n])?)?;
         expect_len("matmul out", out.len(), elems(&[shape.m, shape.n])?)?;
         if let Some(bias) = bias {
             expect_len("matmul bias", bias.len(), shape.n)?;
         }
-        matmul::forward(out, a, b, bias, shape);
+        matmul::forward(&mut out, a, b, bias, shape);
         Ok(())
     }
 
@@ -256,27 +262,27 @@ impl Backend for ReferenceBackend {
         cols: usize,
     ) -> Result<()> {
         let dout = dout.f32("bias dout")?;
-        let dbias = dbias.f32_mut("dbias")?;
+        let mut dbias = dbias.f32_mut("dbias")?;
         expect_len("bias dout", dout.len(), elems(&[rows, cols])?)?;
         expect_len("dbias", dbias.len(), cols)?;
-        matmul::bias_backward(dbias, dout, cols);
+        matmul::bias_backward(&mut dbias, dout, cols);
         Ok(())
     }
 
     fn gelu_forward(&self, out: &mut RefBuffer, inp: &RefBuffer) -> Result<()> {
         let inp = inp.f32("gelu inp")?;
-        let out = out.f32_mut("gelu out")?;
+        let mut out = out.f32_mut("gelu out")?;
         expect_len("gelu inp", inp.len(), out.len())?;
-        gelu::forward(out, inp);
+        gelu::forward(&mut out, inp);
         Ok(())
     }
 
     fn gelu_backward(&self, dinp: &mut RefBuffer, inp: &RefBuffer, dout: &RefBuffer) -> Result<()> {
         let (inp, dout) = (inp.f32("gelu inp")?, dout.f32("gelu dout")?);
-        let dinp = dinp.f32_mut("gelu dinp")?;
+        let mut dinp = dinp.f32_mut("gelu dinp")?;
         expect_len("gelu inp", inp.len(), dinp.len())?;
         expect_len("gelu dout", dout.len(), dinp.len())?;
-        gelu::backward(dinp, inp, dout);
+        gelu::backward(&mut dinp, inp, dout);
         Ok(())
     }
 
@@ -288,12 +294,12 @@ impl Backend for ReferenceBackend {
         shape: Attention,
     ) -> Result<()> {
         let qkv = qkv.f32("attention qkv")?;
-        let (out, att) = (out.f32_mut("attention out")?, att.f32_mut("attention att")?);
+        let (mut out, mut att) = (out.f32_mut("attention out")?, att.f32_mut("attention att")?);
         let sizes = attention::Sizes::check(shape)?;
         expect_len("attention qkv", qkv.len(), sizes.qkv_len)?;
         expect_len("attention out", out.len(), sizes.out_len)?;
         expect_len("attention att", att.len(), sizes.att_len)?;
-        attention::forward(out, att, qkv, shape);
+        attention::forward(&mut out, &mut att, qkv, shape);
         Ok(())
     }
 
@@ -310,13 +316,13 @@ impl Backend for ReferenceBackend {
             qkv.f32("attention qkv")?,
             att.f32("attention att")?,
         );
-        let dqkv = dqkv.f32_mut("attention dqkv")?;
+        let mut dqkv = dqkv.f32_mut("attention dqkv")?;
         let sizes = attention::Sizes::check(shape)?;
         expect_len("attention dqkv", dqkv.len(), sizes.qkv_len)?;
         expect_len("attention qkv", qkv.len(), sizes.qkv_len)?;
         expect_len("attention dout", dout.len(), sizes.out_len)?;
         expect_len("attention att", att.len(), sizes.att_len)?;
-        attention::backward(dqkv, dout, qkv, att, shape);
+        attention::backward(&mut dqkv, dout, qkv, att, shape);
         Ok(())
     }
 
@@ -329,10 +335,10 @@ impl Backend for ReferenceBackend {
         vocab: usize,
     ) -> Result<()> {
         let (logits, targets) = (logits.f32("logits")?, targets.u32("targets")?);
-        let losses = losses.f32_mut("losses")?;
+        let mut losses = losses.f32_mut("losses")?;
         cross_entropy::check(logits.len(), targets, rows, vocab)?;
         expect_len("losses", losses.len(), rows)?;
-        cross_entropy::forward(losses, logits, targets, vocab);
+        cross_entropy::forward(&mut losses, logits, targets, vocab);
         Ok(())
     }
 
@@ -346,10 +352,10 @@ impl Backend for ReferenceBackend {
         vocab: usize,
     ) -> Result<()> {
         let (logits, targets) = (logits.f32("logits")?, targets.u32("targets")?);
-        let dlogits = dlogits.f32_mut("dlogits")?;
+        let mut dlogits = dlogits.f32_mut("dlogits")?;
         cross_entropy::check(logits.len(), targets, rows, vocab)?;
         expect_len("dlogits", dlogits.len(), logits.len())?;
-        cross_entropy::backward(dlogits, logits, targets, scale, vocab);
+        cross_entropy::backward(&mut dlogits, logits, targets, scale, vocab);
         Ok(())
     }
 
@@ -365,8 +371,7 @@ impl Backend for ReferenceBackend {
             bail!("AdamW step numbers start at 1 (bias correction), got 0");
         }
         let grad = grad.f32("adamw grad")?;
-        let (param, m, v) = (
-            param.f32_mut("adamw param")?,
+        let (mut param, mut m, mut v) = (param.f32_mut("adamw param")?,
             m.f32_mut("adamw m")?,
             v.f32_mut("adamw v")?,
         );
@@ -377,7 +382,7 @@ impl Backend for ReferenceBackend {
         ] {
             expect_len(what, len, param.len())?;
         }
-        adamw::step(param, grad, m, v, hp);
+        adamw::step(&mut param, grad, &mut m, &mut v, hp);
         Ok(())
     }
 

@@ -120,6 +120,9 @@ impl Backend for WgpuBackend {
     }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<WgpuBuffer> {
+        if dtype == DType::BF16 {
+            bail!("the wgpu backend computes in f32 only; bf16 needs the CUDA or reference backend");
+        }
         self.create(len, dtype, None)
     }
 
@@ -156,6 +159,10 @@ impl Backend for WgpuBackend {
 
     fn len(&self, buf: &WgpuBuffer) -> usize {
         buf.len
+    }
+
+    fn dtype(&self, buf: &WgpuBuffer) -> DType {
+        buf.dtype
     }
 
     fn fill(&self, buf: &mut WgpuBuffer, value: f32) -> Result<()> {

@@ -144,6 +144,7 @@ fn dtype_code(dtype: DType) -> u8 {
     match dtype {
         DType::F32 => 1,
         DType::U32 => 2,
+        DType::BF16 => 3,
     }
 }
 
@@ -282,6 +283,7 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<(u64, Frame)>, FrameError>
             let dtype = match dtype {
                 1 => DType::F32,
                 2 => DType::U32,
+                3 => DType::BF16,
                 other => return Err(FrameError::Corrupt(format!("unknown dtype code {other}"))),
             };
             let elements = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
