@@ -8,9 +8,11 @@
 
 pub mod env;
 pub mod frame;
+mod infer;
 pub mod rendezvous;
 pub mod tcp;
 mod trainer;
+pub mod watchdog;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -23,6 +25,7 @@ use crate::invalid_input;
 pub use env::LaunchEnv;
 pub use tcp::TcpTransport;
 pub use trainer::{RankTrainer, FAULT_ENV};
+pub use watchdog::watch_launcher;
 
 /// How long a rank waits on a peer (and on the rendezvous) before giving up, by default.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(60);

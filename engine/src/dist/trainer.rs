@@ -6,16 +6,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 
+use super::infer::forward;
 use super::{connect, LaunchEnv, TcpTransport};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
-use crate::data::{eval_batches, sample_batch, Batch, Corpus};
-use crate::exec::{train_step_rank, Rank, RankReport, StepOptions, StepReport};
+use crate::data::{eval_batches, sample_batch, Corpus};
+use crate::exec::{train_step_rank, Rank, RankReport, StepOptions, StepReport, Want};
 use crate::invalid_input;
-use crate::model::{
-    init_tensor, AdamWConfig, HostTensors, Keep, OptimizerState, StageInput, StageModel,
-    StageOutput,
-};
+use crate::model::{init_tensor, AdamWConfig, HostTensors, OptimizerState, StageModel};
 use crate::schedule::{Action, Schedule};
 use crate::sim::Timed;
 use crate::train::{resumed_step, Init, StepLog, TrainConfig, TrainLoop};
@@ -25,7 +23,7 @@ use crate::train::{resumed_step, Init, StepLog, TrainConfig, TrainLoop};
 pub const FAULT_ENV: &str = "PIPIT_FAULT_ABORT_AFTER_STEP";
 
 /// The rank that writes logs and checkpoints.
-const LEADER: usize = 0;
+pub(super) const LEADER: usize = 0;
 
 /// One rank of a multi-process run: the plan, this rank's stages, and its links to the others.
 pub struct RankTrainer<B: Backend> {
@@ -210,7 +208,11 @@ impl<B: Backend> RankTrainer<B> {
     pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
-            if let Some(losses) = self.forward(&b)? {
+            let placement = &self.schedule.placement;
+            let want = Want::Losses(&b.targets);
+            if let Some(losses) =
+                forward(placement, &mut self.rank, &b.inputs, &want, b.batch, b.seq)?
+            {
                 sum += losses.iter().map(|&x| x as f64).sum::<f64>();
                 count += losses.len();
             }
@@ -233,74 +235,6 @@ impl<B: Backend> RankTrainer<B> {
             count = n as usize;
         }
         Ok((sum / count.max(1) as f64, count))
-    }
-
-    /// This rank's part of a forward pass of `b`; the per-token losses on the last stage's rank.
-    fn forward(&mut self, b: &Batch) -> Result<Option<Vec<f32>>> {
-        let me = self.me();
-        let placement = self.schedule.placement.clone();
-        let last = placement.len() - 1;
-        let Rank {
-            backend,
-            transport,
-            stages,
-            ..
-        } = &mut self.rank;
-        let mut local: Option<B::Buffer> = None;
-        for (stage, &owner) in placement.iter().enumerate() {
-            if owner != me {
-                continue;
-            }
-            let what = || format!("rank {me}, evaluation forward of stage {stage}");
-            let tokens;
-            let input = if stage == 0 {
-                tokens = backend.upload_u32(&b.inputs)?;
-                StageInput::Tokens(&tokens)
-            } else if placement[stage - 1] == me {
-                StageInput::Hidden(
-                    local
-                        .take()
-                        .ok_or_else(|| anyhow!("stage {stage} has no input"))?,
-                )
-            } else {
-                let h = transport
-                    .recv_f32(placement[stage - 1], "an activation")
-                    .with_context(what)?;
-                StageInput::Hidden(backend.upload(&h)?)
-            };
-            let targets = if stage == last {
-                Some(backend.upload_u32(&b.targets)?)
-            } else {
-                None
-            };
-            let model = &mut stages
-                .iter_mut()
-                .find(|(s, _)| *s == stage)
-                .ok_or_else(|| anyhow!("rank {me} does not hold stage {stage}"))?
-                .1;
-            let (out, _) = model.forward(
-                backend,
-                input,
-                targets.as_ref(),
-                b.batch,
-                b.seq,
-                Keep::Nothing,
-            )?;
-            match out {
-                StageOutput::Hidden(h) if placement[stage + 1] == me => local = Some(h),
-                StageOutput::Hidden(h) => {
-                    let values = backend.download(&h)?;
-                    transport
-                        .send_f32(placement[stage + 1], &values)
-                        .with_context(what)?;
-                }
-                StageOutput::Loss { losses } => return Ok(Some(backend.download(&losses)?)),
-                StageOutput::Logits(_) => {
-                    return Err(anyhow!("the head returned logits, not losses"))
-                }
-            }
-        }
-        Ok(None)
     }
 
     /// Gather the whole model to rank 0: every other rank sends its stages' parameters and
@@ -478,7 +412,7 @@ fn parse_figures(v: &Value) -> Result<(RankReport, f64)> {
 }
 
 /// The first top-level setting where `a` and `b` differ, as `key: a vs b`.
-fn first_difference(a: &Value, b: &Value) -> String {
+pub(super) fn first_difference(a: &Value, b: &Value) -> String {
     let flat = |v: &Value| -> Vec<(String, Value)> {
         let mut out = Vec::new();
         for (k, x) in v.as_object().into_iter().flatten() {

@@ -1,0 +1,167 @@
+//! Forward-only passes across the processes of a run, for evaluation and text generation:
+//! each rank runs its own stages in stage order, activations cross between ranks over TCP.
+
+use anyhow::{anyhow, Context, Result};
+use serde_json::{json, Value};
+
+use super::trainer::{first_difference, LEADER};
+use super::{RankTrainer, TcpTransport};
+use crate::backend::Backend;
+use crate::exec::{Rank, Want};
+use crate::invalid_input;
+use crate::model::{Keep, StageInput, StageOutput};
+
+/// This rank's part of a forward pass of `tokens` (`[batch·seq]`) through the stages placed by
+/// `placement`: what the last stage produces (per-token losses or logits, as `want` says) on
+/// the rank that holds it, `None` on the others. Every rank of the run calls it together.
+pub(super) fn forward<B: Backend>(
+    placement: &[usize],
+    rank: &mut Rank<B, TcpTransport>,
+    tokens: &[u32],
+    want: &Want<'_>,
+    batch: usize,
+    seq: usize,
+) -> Result<Option<Vec<f32>>> {
+    let last = placement.len() - 1;
+    let Rank {
+        rank: me,
+        backend,
+        transport,
+        stages,
+    } = rank;
+    let me = *me;
+    let mut local: Option<B::Buffer> = None;
+    for (stage, &owner) in placement.iter().enumerate() {
+        if owner != me {
+            continue;
+        }
+        let what = || format!("rank {me}, forward of stage {stage}");
+        let token_buf;
+        let input = if stage == 0 {
+            token_buf = backend.upload_u32(tokens)?;
+            StageInput::Tokens(&token_buf)
+        } else if placement[stage - 1] == me {
+            StageInput::Hidden(
+                local
+                    .take()
+                    .ok_or_else(|| anyhow!("stage {stage} has no input"))?,
+            )
+        } else {
+            let h = transport
+                .recv_f32(placement[stage - 1], "an activation")
+                .with_context(what)?;
+            StageInput::Hidden(backend.upload(&h)?)
+        };
+        let targets = match want {
+            Want::Losses(t) if stage == last => Some(backend.upload_u32(t)?),
+            _ => None,
+        };
+        let model = &mut stages
+            .iter_mut()
+            .find(|(s, _)| *s == stage)
+            .ok_or_else(|| anyhow!("rank {me} does not hold stage {stage}"))?
+            .1;
+        let (out, _) =
+            model.forward(backend, input, targets.as_ref(), batch, seq, Keep::Nothing)?;
+        match out {
+            StageOutput::Hidden(h) if placement[stage + 1] == me => local = Some(h),
+            StageOutput::Hidden(h) => {
+                let values = backend.download(&h)?;
+                transport
+                    .send_f32(placement[stage + 1], &values)
+                    .with_context(what)?;
+            }
+            StageOutput::Loss { losses } => return Ok(Some(backend.download(&losses)?)),
+            StageOutput::Logits(logits) => return Ok(Some(backend.download(&logits)?)),
+        }
+    }
+    Ok(None)
+}
+
+impl<B: Backend> RankTrainer<B> {
+    /// The next token after `context` (one sequence, the same on every rank): the last stage's
+    /// rank sends the last position's logits to rank 0, where `pick` chooses the token (`pick`
+    /// runs on rank 0 only), and rank 0 sends the choice to every rank. Collective.
+    pub fn next_token(
+        &mut self,
+        context: &[u32],
+        pick: impl FnOnce(&[f32]) -> usize,
+    ) -> Result<usize> {
+        let me = self.rank.rank;
+        let world = self.schedule.num_ranks();
+        let vocab = self.config.model.vocab_size;
+        let placement = &self.schedule.placement;
+        let holder = placement[placement.len() - 1];
+        let logits = forward(
+            placement,
+            &mut self.rank,
+            context,
+            &Want::Logits,
+            1,
+            context.len(),
+        )?;
+        let row = logits.map(|l| l[l.len() - vocab..].to_vec());
+        let transport = &mut self.rank.transport;
+        if me != LEADER {
+            if let Some(row) = row {
+                transport.send_f32(LEADER, &row)?;
+            }
+            let v = transport.recv_json(LEADER, "the next token")?;
+            return v["token"]
+                .as_u64()
+                .map(|t| t as usize)
+                .ok_or_else(|| anyhow!("rank 0 sent no token: {v}"));
+        }
+        let row = match row {
+            Some(row) => row,
+            None => transport.recv_f32(holder, "the next token's logits")?,
+        };
+        if row.len() != vocab {
+            return Err(anyhow!(
+                "rank {holder} sent {} logits for a vocabulary of {vocab}",
+                row.len()
+            ));
+        }
+        let token = pick(&row);
+        for r in 1..world {
+            transport.send_json(r, &json!({ "token": token }))?;
+        }
+        Ok(token)
+    }
+
+    /// Check that every rank was given the same `settings` as rank 0 (`what` names them in the
+    /// error): rank 0 sends its own, the others compare. Collective.
+    pub fn same_settings(&mut self, what: &str, settings: &Value) -> Result<()> {
+        let me = self.rank.rank;
+        let transport = &mut self.rank.transport;
+        if me == LEADER {
+            for r in 1..self.schedule.num_ranks() {
+                transport.send_json(r, settings)?;
+            }
+            return Ok(());
+        }
+        let leader = transport.recv_json(LEADER, &format!("rank 0's {what}"))?;
+        if &leader != settings {
+            return Err(invalid_input!(
+                "rank {me}'s {what} differ from rank 0's ({}): start every rank with the same arguments",
+                first_difference(settings, &leader)
+            ));
+        }
+        Ok(())
+    }
+
+    /// End a collective command with `result`: after success, finish cleanly with every peer;
+    /// after a failure, tell the peers why, so they stop at once naming this rank.
+    pub fn conclude<T>(&mut self, result: Result<T>) -> Result<T> {
+        match result {
+            Ok(v) => {
+                self.rank.transport.finish()?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.rank.transport.abort(&format!("{e:#}"));
+                Err(e)
+            }
+        }
+    }
+}
