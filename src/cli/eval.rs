@@ -1,10 +1,14 @@
-//! `pipit eval`: the loss of a checkpoint on a text, in nats per byte.
+//! `pipit eval`: the loss of a checkpoint on a text, in nats per byte, in one process or in one
+//! process per rank (`pipit launch`, or RANK/WORLD_SIZE set), where rank 0 prints it.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use pipit_engine::checkpoint;
+use pipit_engine::dist::frame::Fnv64;
+use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
 use pipit_engine::train::{Init, TrainConfig, Trainer};
 use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
@@ -47,10 +51,22 @@ pub struct EvalArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "text")]
     format: EvalFormat,
+    /// Multi-process runs: seconds a rank may stay silent before every other rank stops with
+    /// an error naming it; also how long the rendezvous waits for missing ranks.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    peer_timeout: f64,
 }
 
 /// Run `pipit eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
+    // A rank started by `pipit launch` stops by itself once the launcher is gone.
+    watch_launcher()?;
+    if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
+        return Err(invalid_input!(
+            "--peer-timeout must be a positive number of seconds, got {}",
+            args.peer_timeout
+        ));
+    }
     let ckpt = checkpoint::load(&args.checkpoint)?;
     let text = match &args.data {
         Some(path) => std::fs::read(path)
@@ -73,14 +89,22 @@ pub fn run(args: EvalArgs) -> Result<()> {
         schedule: "gpipe".into(),
         ..TrainConfig::default()
     };
+    // Under a launcher with more than one process, this process runs only its own rank.
+    let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
+    let leader = launch.as_ref().is_none_or(|env| env.rank == 0);
     let (loss, tokens) = with_backend(
         args.backend,
         EvalJob {
             config,
             ckpt: &ckpt,
             text: &text,
+            launch,
+            peer_timeout: Duration::from_secs_f64(args.peer_timeout),
         },
     )?;
+    if !leader {
+        return Ok(());
+    }
     match args.format {
         EvalFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens })),
         EvalFormat::Text => println!("loss {loss:.4} nats/byte over {tokens} tokens"),
@@ -92,6 +116,8 @@ struct EvalJob<'a> {
     config: TrainConfig,
     ckpt: &'a checkpoint::Checkpoint,
     text: &'a [u8],
+    launch: Option<LaunchEnv>,
+    peer_timeout: Duration,
 }
 
 impl BackendJob for EvalJob<'_> {
@@ -99,7 +125,18 @@ impl BackendJob for EvalJob<'_> {
 
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<(f64, usize)> {
         let seq = self.config.seq_len;
-        let mut trainer = Trainer::new(self.config, make, Init::Weights(self.ckpt))?;
-        trainer.evaluate(self.text, seq, 0)
+        let Some(env) = self.launch else {
+            let mut trainer = Trainer::new(self.config, make, Init::Weights(self.ckpt))?;
+            return trainer.evaluate(self.text, seq, 0);
+        };
+        let backend = make(env.local_rank)?;
+        let init = Init::Weights(self.ckpt);
+        let mut rank = RankTrainer::new(self.config, backend, init, &env, self.peer_timeout)?;
+        // The first stage reads the inputs and the last the targets: both must see the same text.
+        let text = json!({ "bytes": self.text.len(), "checksum": Fnv64::of(self.text) });
+        let result = rank
+            .same_settings("text to score", &text)
+            .and_then(|()| rank.evaluate(self.text, seq, 0));
+        rank.conclude(result)
     }
 }

@@ -1,14 +1,19 @@
-//! `pipit generate`: sample text from a checkpoint through the pipeline's stages.
+//! `pipit generate`: sample text from a checkpoint through the pipeline's stages, in one
+//! process or in one process per rank (`pipit launch`, or RANK/WORLD_SIZE set), where rank 0
+//! samples and prints.
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
 use pipit_engine::checkpoint;
+use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
 use pipit_engine::rng::Rng;
 use pipit_engine::train::{Init, TrainConfig, Trainer};
 use pipit_engine::{invalid_input, Backend};
+use serde_json::json;
 
 use super::device::{with_backend, BackendChoice, BackendJob};
 
@@ -40,10 +45,16 @@ pub struct GenerateArgs {
     /// Device for every rank.
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendChoice,
+    /// Multi-process runs: seconds a rank may stay silent before every other rank stops with
+    /// an error naming it; also how long the rendezvous waits for missing ranks.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
+    peer_timeout: f64,
 }
 
 /// Run `pipit generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    // A rank started by `pipit launch` stops by itself once the launcher is gone.
+    watch_launcher()?;
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         return Err(invalid_input!(
             "--temperature must be 0 or more, got {}",
@@ -52,6 +63,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if args.prompt.is_empty() {
         return Err(invalid_input!("--prompt must hold at least one byte"));
+    }
+    if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
+        return Err(invalid_input!(
+            "--peer-timeout must be a positive number of seconds, got {}",
+            args.peer_timeout
+        ));
     }
     let ckpt = checkpoint::load(&args.checkpoint)?;
     let layers = ckpt.config.n_layer + 2;
@@ -70,12 +87,15 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         schedule: "gpipe".into(),
         ..TrainConfig::default()
     };
+    // Under a launcher with more than one process, this process runs only its own rank.
+    let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
     with_backend(
         args.backend,
         GenerateJob {
             args: &args,
             config,
             ckpt: &ckpt,
+            launch,
         },
     )
 }
@@ -84,30 +104,78 @@ struct GenerateJob<'a> {
     args: &'a GenerateArgs,
     config: TrainConfig,
     ckpt: &'a checkpoint::Checkpoint,
+    launch: Option<LaunchEnv>,
 }
 
 impl BackendJob for GenerateJob<'_> {
     type Output = ();
 
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<()> {
-        let GenerateJob { args, config, ckpt } = self;
+        let GenerateJob {
+            args,
+            config,
+            ckpt,
+            launch,
+        } = self;
         let window = config.model.n_positions;
-        let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
-        let mut tokens: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
-        let mut rng = Rng::new(args.seed);
-        let mut out = std::io::stdout().lock();
+        let Some(env) = launch else {
+            let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
+            return write_sample(args, window, true, |context, pick| {
+                Ok(pick(&trainer.next_token_logits(context)?))
+            });
+        };
+        let backend = make(env.local_rank)?;
+        let timeout = Duration::from_secs_f64(args.peer_timeout);
+        let mut rank = RankTrainer::new(config, backend, Init::Weights(ckpt), &env, timeout)?;
+        // Every rank runs as many forward passes as rank 0 samples tokens.
+        let settings = json!({
+            "prompt": args.prompt,
+            "max_tokens": args.max_tokens,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "seed": args.seed,
+        });
+        let result = rank
+            .same_settings("generation settings", &settings)
+            .and_then(|()| {
+                write_sample(args, window, env.rank == 0, |context, pick| {
+                    rank.next_token(context, pick)
+                })
+            });
+        rank.conclude(result)
+    }
+}
+
+/// Generate `args.max_tokens` tokens after the prompt, each from `next(context, pick)`: the
+/// pipeline's logits for `context` (the last `window` tokens) handed to `pick`, which samples.
+/// Only the `leader` writes the prompt and the tokens to stdout.
+fn write_sample(
+    args: &GenerateArgs,
+    window: usize,
+    leader: bool,
+    mut next: impl FnMut(&[u32], &mut dyn FnMut(&[f32]) -> usize) -> Result<usize>,
+) -> Result<()> {
+    let mut tokens: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+    let mut rng = Rng::new(args.seed);
+    let mut out = leader.then(|| std::io::stdout().lock());
+    if let Some(out) = out.as_mut() {
         out.write_all(args.prompt.as_bytes())?;
-        for _ in 0..args.max_tokens {
-            let context = &tokens[tokens.len().saturating_sub(window)..];
-            let logits = trainer.next_token_logits(context)?;
-            let next = sample(&logits, args.temperature, args.top_k, &mut rng);
-            tokens.push(next as u32);
-            out.write_all(&[next as u8])?;
+    }
+    for _ in 0..args.max_tokens {
+        let context = &tokens[tokens.len().saturating_sub(window)..];
+        let token = next(context, &mut |logits| {
+            sample(logits, args.temperature, args.top_k, &mut rng)
+        })?;
+        tokens.push(token as u32);
+        if let Some(out) = out.as_mut() {
+            out.write_all(&[token as u8])?;
             out.flush()?;
         }
-        writeln!(out)?;
-        Ok(())
     }
+    if let Some(out) = out.as_mut() {
+        writeln!(out)?;
+    }
+    Ok(())
 }
 
 /// Pick a token from `logits`: the arg-max when `temperature` is 0, otherwise a draw from the

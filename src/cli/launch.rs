@@ -1,5 +1,6 @@
 //! `pipit launch`: start one `pipit` process per rank on this host, as torchrun does, with
-//! each line of their output prefixed by the rank, and stop them all when one fails.
+//! each line of their output prefixed by the rank, and stop them all when one fails. The
+//! ranks watch the launcher and stop by themselves if it is killed.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use pipit_engine::dist::env::DEFAULT_MASTER_PORT;
+use pipit_engine::dist::watchdog::LAUNCHER_PID_ENV;
 use pipit_engine::invalid_input;
 
 /// How often the launcher looks at its children.
@@ -17,10 +19,11 @@ const POLL: Duration = Duration::from_millis(10);
 
 /// Start one process per rank of a multi-process run on this host.
 ///
-/// Each process runs `pipit <ARGS>` with torchrun's variables set (RANK, WORLD_SIZE,
-/// LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank 0 serves the rendezvous.
-/// The launcher exits with the status of the first rank that fails (128 + signal for a rank
-/// killed by a signal), after stopping the others.
+/// Each process runs `pipit <ARGS>` (`train`, `generate` or `eval`) with torchrun's variables
+/// set (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT); rank 0
+/// serves the rendezvous and prints the result. The launcher exits with the status of the
+/// first rank that fails (128 + signal for a rank killed by a signal), after stopping the
+/// others; if the launcher itself is killed, the ranks notice and exit.
 #[derive(Args, Debug)]
 pub struct LaunchArgs {
     /// Processes (ranks) to start on this host.
@@ -42,7 +45,8 @@ pub struct LaunchArgs {
     /// killed.
     #[arg(long, value_name = "SECONDS", default_value_t = 5.0)]
     grace: f64,
-    /// The pipit command every rank runs, after `--`: `-- train --stages 4 ...`.
+    /// The pipit command every rank runs, after `--`: `-- train --stages 4 ...` (or `generate`,
+    /// `eval`).
     #[arg(last = true, required = true, value_name = "ARGS")]
     command: Vec<String>,
 }
@@ -69,9 +73,12 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             args.grace
         ));
     }
-    if args.command.first().map(String::as_str) != Some("train") {
+    if !matches!(
+        args.command.first().map(String::as_str),
+        Some("train" | "generate" | "eval")
+    ) {
         return Err(invalid_input!(
-            "pipit launch runs `train` (one process per pipeline rank), got `{}`",
+            "pipit launch runs `train`, `generate` or `eval` (one process per pipeline rank), got `{}`",
             args.command.join(" ")
         ));
     }
@@ -102,6 +109,7 @@ pub fn run(args: LaunchArgs) -> Result<()> {
             .env("GROUP_RANK", args.node_rank.to_string())
             .env("MASTER_ADDR", &args.master_addr)
             .env("MASTER_PORT", port.to_string())
+            .env(LAUNCHER_PID_ENV, std::process::id().to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -156,23 +164,27 @@ fn free_port(host: &str) -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Copy `from` to this process's stdout or stderr line by line, each line prefixed with the rank.
+/// Copy `from` to this process's stdout or stderr line by line, each line prefixed with the
+/// rank. The bytes pass unchanged (generated text need not be UTF-8); a last line without a
+/// newline gets one.
 fn pump(rank: usize, from: impl Read + Send + 'static, to_stderr: bool) -> JoinHandle<()> {
     thread::spawn(move || {
         let mut reader = BufReader::new(from);
-        let mut line = Vec::new();
+        let prefix = format!("[rank {rank}] ");
+        let mut line = prefix.clone().into_bytes();
         loop {
-            line.clear();
+            line.truncate(prefix.len());
             match reader.read_until(b'\n', &mut line) {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim_end_matches(['\n', '\r']);
+            if line.last() != Some(&b'\n') {
+                line.push(b'\n');
+            }
             let _ = if to_stderr {
-                writeln!(io::stderr().lock(), "[rank {rank}] {text}")
+                io::stderr().lock().write_all(&line)
             } else {
-                writeln!(io::stdout().lock(), "[rank {rank}] {text}")
+                io::stdout().lock().write_all(&line)
             };
         }
     })

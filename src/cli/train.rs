@@ -204,6 +204,8 @@ pub fn corpus(data: Option<&Path>) -> Result<Corpus> {
 
 /// Run `pipit train`.
 pub fn run(args: TrainArgs) -> Result<()> {
+    // A rank started by `pipit launch` stops by itself once the launcher is gone.
+    pipit_engine::dist::watch_launcher()?;
     let resume = args.resume.as_deref().map(checkpoint::load).transpose()?;
     let init = args.init.as_deref().map(checkpoint::load).transpose()?;
     let mut config = args.config(resume.as_ref())?;

@@ -3,7 +3,7 @@
 use anyhow::Result;
 
 use super::params::Params;
-use super::stage::Dims;
+use super::stage::{converted, Dims};
 use crate::backend::{Attention, Backend, DType, Matmul};
 
 /// What a block's backward needs from its forward (its input is kept by the stage).
@@ -23,8 +23,8 @@ pub(super) struct BlockActs<B: Backend> {
 }
 
 impl<B: Backend> BlockActs<B> {
-    /// Elements held, for memory accounting.
-    pub(super) fn elements(&self, b: &B) -> usize {
+    /// Bytes held, for memory accounting.
+    pub(super) fn bytes(&self, b: &B) -> u64 {
         [
             &self.ln1,
             &self.ln1_mean,
@@ -40,13 +40,19 @@ impl<B: Backend> BlockActs<B> {
             &self.fch_gelu,
         ]
         .iter()
-        .map(|buf| b.len(buf))
+        .map(|buf| b.bytes(buf))
         .sum()
     }
 }
 
+/// A zeroed f32 buffer: the residual stream, its gradient, layernorm statistics.
 fn zeros<B: Backend>(b: &B, len: usize) -> Result<B::Buffer> {
     b.alloc(len, DType::F32)
+}
+
+/// A zeroed buffer of the compute dtype: activations inside the block and their gradients.
+fn acts<B: Backend>(b: &B, len: usize, d: Dims) -> Result<B::Buffer> {
+    b.alloc(len, d.act)
 }
 
 fn attention_shape(d: Dims) -> Attention {
@@ -70,7 +76,7 @@ pub(super) fn forward<B: Backend>(
     let w = |s: &str| p.value(&format!("h.{i}.{s}"));
 
     let (mut ln1, mut ln1_mean, mut ln1_rstd) =
-        (zeros(b, rows * c)?, zeros(b, rows)?, zeros(b, rows)?);
+        (acts(b, rows * c, d)?, zeros(b, rows)?, zeros(b, rows)?);
     b.layernorm_forward(
         &mut ln1,
         &mut ln1_mean,
@@ -81,24 +87,24 @@ pub(super) fn forward<B: Backend>(
         rows,
         c,
     )?;
-    let mut qkv = zeros(b, rows * 3 * c)?;
+    let mut qkv = acts(b, rows * 3 * c, d)?;
     b.matmul(
         &mut qkv,
         &ln1,
-        w("attn.c_attn.weight")?,
+        p.operand(&format!("h.{i}.attn.c_attn.weight"))?,
         Some(w("attn.c_attn.bias")?),
         Matmul::new(rows, 3 * c, c),
     )?;
     let (mut atty, mut att) = (
-        zeros(b, rows * c)?,
-        zeros(b, d.batch * d.heads * d.seq * d.seq)?,
+        acts(b, rows * c, d)?,
+        acts(b, d.batch * d.heads * d.seq * d.seq, d)?,
     );
     b.attention_forward(&mut atty, &mut att, &qkv, attention_shape(d))?;
-    let mut attproj = zeros(b, rows * c)?;
+    let mut attproj = acts(b, rows * c, d)?;
     b.matmul(
         &mut attproj,
         &atty,
-        w("attn.c_proj.weight")?,
+        p.operand(&format!("h.{i}.attn.c_proj.weight"))?,
         Some(w("attn.c_proj.bias")?),
         Matmul::new(rows, c, c),
     )?;
@@ -107,7 +113,7 @@ pub(super) fn forward<B: Backend>(
     drop(attproj);
 
     let (mut ln2, mut ln2_mean, mut ln2_rstd) =
-        (zeros(b, rows * c)?, zeros(b, rows)?, zeros(b, rows)?);
+        (acts(b, rows * c, d)?, zeros(b, rows)?, zeros(b, rows)?);
     b.layernorm_forward(
         &mut ln2,
         &mut ln2_mean,
@@ -118,21 +124,21 @@ pub(super) fn forward<B: Backend>(
         rows,
         c,
     )?;
-    let mut fch = zeros(b, rows * 4 * c)?;
+    let mut fch = acts(b, rows * 4 * c, d)?;
     b.matmul(
         &mut fch,
         &ln2,
-        w("mlp.c_fc.weight")?,
+        p.operand(&format!("h.{i}.mlp.c_fc.weight"))?,
         Some(w("mlp.c_fc.bias")?),
         Matmul::new(rows, 4 * c, c),
     )?;
-    let mut fch_gelu = zeros(b, rows * 4 * c)?;
+    let mut fch_gelu = acts(b, rows * 4 * c, d)?;
     b.gelu_forward(&mut fch_gelu, &fch)?;
-    let mut fcproj = zeros(b, rows * c)?;
+    let mut fcproj = acts(b, rows * c, d)?;
     b.matmul(
         &mut fcproj,
         &fch_gelu,
-        w("mlp.c_proj.weight")?,
+        p.operand(&format!("h.{i}.mlp.c_proj.weight"))?,
         Some(w("mlp.c_proj.bias")?),
         Matmul::new(rows, c, 4 * c),
     )?;
@@ -172,23 +178,26 @@ pub(super) fn backward<B: Backend>(
     let acc_weight = |m, n_, k| Matmul::new(m, n_, k).trans_a().accumulate();
 
     // MLP: out = res1 + fch_gelu·W_proj + b_proj, fch = ln2·W_fc + b_fc.
+    // The matmuls read the f32 residual gradient in the compute dtype, as their other operand.
+    let dout_act = converted(b, &dout, d.act)?;
+    let dout_mm = dout_act.as_ref().unwrap_or(&dout);
     b.matmul(
         p.grad_mut(&n("mlp.c_proj.weight"))?,
         &a.fch_gelu,
-        &dout,
+        dout_mm,
         None,
         acc_weight(4 * c, c, rows),
     )?;
     b.bias_backward(p.grad_mut(&n("mlp.c_proj.bias"))?, &dout, rows, c)?;
-    let mut dfch_gelu = zeros(b, rows * 4 * c)?;
+    let mut dfch_gelu = acts(b, rows * 4 * c, d)?;
     b.matmul(
         &mut dfch_gelu,
-        &dout,
-        p.value(&n("mlp.c_proj.weight"))?,
+        dout_mm,
+        p.operand(&n("mlp.c_proj.weight"))?,
         None,
         Matmul::new(rows, 4 * c, c).trans_b(),
     )?;
-    let mut dfch = zeros(b, rows * 4 * c)?;
+    let mut dfch = acts(b, rows * 4 * c, d)?;
     b.gelu_backward(&mut dfch, &a.fch, &dfch_gelu)?;
     drop(dfch_gelu);
     b.matmul(
@@ -199,11 +208,11 @@ pub(super) fn backward<B: Backend>(
         acc_weight(c, 4 * c, rows),
     )?;
     b.bias_backward(p.grad_mut(&n("mlp.c_fc.bias"))?, &dfch, rows, 4 * c)?;
-    let mut dln2 = zeros(b, rows * c)?;
+    let mut dln2 = acts(b, rows * c, d)?;
     b.matmul(
         &mut dln2,
         &dfch,
-        p.value(&n("mlp.c_fc.weight"))?,
+        p.operand(&n("mlp.c_fc.weight"))?,
         None,
         Matmul::new(rows, c, 4 * c).trans_b(),
     )?;
@@ -225,28 +234,32 @@ pub(super) fn backward<B: Backend>(
     drop(dln2);
     // The residual path carries dout straight through to res1.
     b.add_assign(&mut dres1, &dout)?;
+    drop(dout_act);
     drop(dout);
+    let dres1_act = converted(b, &dres1, d.act)?;
+    let dres1_mm = dres1_act.as_ref().unwrap_or(&dres1);
 
     // Attention: res1 = x + atty·W_proj + b_proj, qkv = ln1·W_attn + b_attn.
     b.matmul(
         p.grad_mut(&n("attn.c_proj.weight"))?,
         &a.atty,
-        &dres1,
+        dres1_mm,
         None,
         acc_weight(c, c, rows),
     )?;
     b.bias_backward(p.grad_mut(&n("attn.c_proj.bias"))?, &dres1, rows, c)?;
-    let mut datty = zeros(b, rows * c)?;
+    let mut datty = acts(b, rows * c, d)?;
     b.matmul(
         &mut datty,
-        &dres1,
-        p.value(&n("attn.c_proj.weight"))?,
+        dres1_mm,
+        p.operand(&n("attn.c_proj.weight"))?,
         None,
         Matmul::new(rows, c, c).trans_b(),
     )?;
-    let mut dqkv = zeros(b, rows * 3 * c)?;
+    let mut dqkv = acts(b, rows * 3 * c, d)?;
     b.attention_backward(&mut dqkv, &datty, &a.qkv, &a.att, attention_shape(d))?;
     drop(datty);
+    drop(dres1_act);
     b.matmul(
         p.grad_mut(&n("attn.c_attn.weight"))?,
         &a.ln1,
@@ -255,11 +268,11 @@ pub(super) fn backward<B: Backend>(
         acc_weight(c, 3 * c, rows),
     )?;
     b.bias_backward(p.grad_mut(&n("attn.c_attn.bias"))?, &dqkv, rows, 3 * c)?;
-    let mut dln1 = zeros(b, rows * c)?;
+    let mut dln1 = acts(b, rows * c, d)?;
     b.matmul(
         &mut dln1,
         &dqkv,
-        p.value(&n("attn.c_attn.weight"))?,
+        p.operand(&n("attn.c_attn.weight"))?,
         None,
         Matmul::new(rows, c, 3 * c).trans_b(),
     )?;

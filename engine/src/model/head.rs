@@ -16,11 +16,11 @@ pub(super) struct HeadActs<B: Backend> {
 }
 
 impl<B: Backend> HeadActs<B> {
-    /// Elements held, for memory accounting.
-    pub(super) fn elements(&self, b: &B) -> usize {
+    /// Bytes held, for memory accounting.
+    pub(super) fn bytes(&self, b: &B) -> u64 {
         [&self.lnf, &self.mean, &self.rstd, &self.logits]
             .iter()
-            .map(|buf| b.len(buf))
+            .map(|buf| b.bytes(buf))
             .sum()
     }
 }
@@ -33,7 +33,7 @@ pub(super) fn forward<B: Backend>(
     d: Dims,
 ) -> Result<HeadActs<B>> {
     let (rows, c, v) = (d.rows(), d.channels, d.vocab);
-    let mut lnf = b.alloc(rows * c, DType::F32)?;
+    let mut lnf = b.alloc(rows * c, d.act)?;
     let mut mean = b.alloc(rows, DType::F32)?;
     let mut rstd = b.alloc(rows, DType::F32)?;
     b.layernorm_forward(
@@ -46,12 +46,12 @@ pub(super) fn forward<B: Backend>(
         rows,
         c,
     )?;
-    let mut logits = b.alloc(rows * v, DType::F32)?;
+    let mut logits = b.alloc(rows * v, d.act)?;
     // wte is [vocab, C]: the LM head multiplies by its transpose.
     b.matmul(
         &mut logits,
         &lnf,
-        p.value("wte")?,
+        p.operand("wte")?,
         None,
         Matmul::new(rows, v, c).trans_b(),
     )?;
@@ -87,7 +87,7 @@ pub(super) fn backward<B: Backend>(
     d: Dims,
 ) -> Result<B::Buffer> {
     let (rows, c, v) = (d.rows(), d.channels, d.vocab);
-    let mut dlogits = b.alloc(rows * v, DType::F32)?;
+    let mut dlogits = b.alloc(rows * v, d.act)?;
     b.cross_entropy_backward(&mut dlogits, &a.logits, targets, loss_scale, rows, v)?;
     drop(a.logits);
     b.matmul(
@@ -97,11 +97,11 @@ pub(super) fn backward<B: Backend>(
         None,
         Matmul::new(v, c, rows).trans_a().accumulate(),
     )?;
-    let mut dlnf = b.alloc(rows * c, DType::F32)?;
+    let mut dlnf = b.alloc(rows * c, d.act)?;
     b.matmul(
         &mut dlnf,
         &dlogits,
-        p.value("wte")?,
+        p.operand("wte")?,
         None,
         Matmul::new(rows, c, v),
     )?;

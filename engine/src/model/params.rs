@@ -8,6 +8,10 @@ use crate::backend::{Backend, DType};
 
 /// Parameters in a fixed order, with their gradients and optimizer moments in parallel
 /// vectors, so one op can read a value while it writes a gradient.
+///
+/// Values, gradients and moments are f32 (the master copy). Under mixed precision each matrix
+/// a matmul reads also has a low-precision compute copy, refreshed from the master after
+/// every change to it.
 pub(super) struct Params<B: Backend> {
     pub(super) names: Vec<String>,
     pub(super) shapes: Vec<Vec<usize>>,
@@ -16,6 +20,8 @@ pub(super) struct Params<B: Backend> {
     pub(super) grads: Vec<B::Buffer>,
     pub(super) m: Vec<B::Buffer>,
     pub(super) v: Vec<B::Buffer>,
+    /// Compute copies of the matmul operands, when the compute dtype is not f32.
+    compute: Vec<Option<B::Buffer>>,
 }
 
 impl<B: Backend> Params<B> {
@@ -33,6 +39,7 @@ impl<B: Backend> Params<B> {
             grads: Vec::new(),
             m: Vec::new(),
             v: Vec::new(),
+            compute: Vec::new(),
         };
         for ((name, shape), data) in specs.into_iter().zip(values) {
             let len = data.len();
@@ -41,6 +48,7 @@ impl<B: Backend> Params<B> {
             p.grads.push(b.alloc(len, DType::F32).with_context(ctx)?);
             p.m.push(b.alloc(len, DType::F32).with_context(ctx)?);
             p.v.push(b.alloc(len, DType::F32).with_context(ctx)?);
+            p.compute.push(None);
             p.index.insert(name.clone(), p.names.len());
             p.names.push(name);
             p.shapes.push(shape);
@@ -62,6 +70,39 @@ impl<B: Backend> Params<B> {
     /// The value of `name`.
     pub(super) fn value(&self, name: &str) -> Result<&B::Buffer> {
         Ok(&self.values[self.at(name)?])
+    }
+
+    /// What a matmul reads for `name`: its compute copy under mixed precision, else its value.
+    pub(super) fn operand(&self, name: &str) -> Result<&B::Buffer> {
+        let i = self.at(name)?;
+        Ok(self.compute[i].as_ref().unwrap_or(&self.values[i]))
+    }
+
+    /// Give every matmul operand (the 2-D parameters but the position embedding, which only
+    /// the embedding reads) a compute copy of `dtype`, or drop the copies for f32.
+    pub(super) fn set_compute_dtype(&mut self, b: &B, dtype: DType) -> Result<()> {
+        for i in 0..self.names.len() {
+            let matmul_operand = self.shapes[i].len() == 2 && self.names[i] != "wpe";
+            self.compute[i] = if dtype != DType::F32 && matmul_operand {
+                let len = b.len(&self.values[i]);
+                Some(b.alloc(len, dtype).with_context(|| {
+                    format!("allocating the {} copy of {}", dtype.name(), self.names[i])
+                })?)
+            } else {
+                None
+            };
+        }
+        self.refresh_compute(b)
+    }
+
+    /// Bring every compute copy up to date with its master value.
+    pub(super) fn refresh_compute(&mut self, b: &B) -> Result<()> {
+        for (copy, value) in self.compute.iter_mut().zip(&self.values) {
+            if let Some(copy) = copy {
+                b.copy(copy, value)?;
+            }
+        }
+        Ok(())
     }
 
     /// The gradient of `name`, to accumulate into.

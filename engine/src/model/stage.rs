@@ -55,6 +55,9 @@ pub(super) struct Dims {
     pub(super) channels: usize,
     pub(super) heads: usize,
     pub(super) vocab: usize,
+    /// Element type of the activations inside blocks and the head (the residual stream
+    /// between layers stays f32).
+    pub(super) act: DType,
 }
 
 impl Dims {
@@ -117,6 +120,8 @@ pub struct StageModel<B: Backend> {
     layers: Range<usize>,
     kinds: Vec<Layer>,
     params: Params<B>,
+    /// The compute dtype: f32, or bf16 for mixed precision.
+    dtype: DType,
 }
 
 impl<B: Backend> StageModel<B> {
@@ -153,7 +158,32 @@ impl<B: Backend> StageModel<B> {
             layers,
             kinds,
             params,
+            dtype: DType::F32,
         })
+    }
+
+    /// Compute in `dtype` from now on: [`DType::F32`] (the default), or [`DType::BF16`] for
+    /// mixed precision — bf16 matmul operands and activations inside each layer, with f32
+    /// master weights, gradients, optimizer state, layernorm statistics and residual stream.
+    pub fn set_dtype(&mut self, b: &B, dtype: DType) -> Result<()> {
+        if !dtype.is_float() {
+            invalid!("the compute dtype must be f32 or bf16, got {}", dtype.name());
+        }
+        if !b.supports(dtype) {
+            invalid!(
+                "--dtype {} is not available on {}; use --dtype f32 or another backend",
+                dtype.name(),
+                b.describe()
+            );
+        }
+        self.params.set_compute_dtype(b, dtype)?;
+        self.dtype = dtype;
+        Ok(())
+    }
+
+    /// The compute dtype (see [`Self::set_dtype`]).
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// The model configuration.
@@ -186,11 +216,6 @@ impl<B: Backend> StageModel<B> {
     /// The value of parameter `name`.
     pub fn param(&self, name: &str) -> Option<&B::Buffer> {
         self.params.find(name).map(|i| &self.params.values[i])
-    }
-
-    /// The value of parameter `name`, mutably.
-    pub fn param_mut(&mut self, name: &str) -> Option<&mut B::Buffer> {
-        self.params.find(name).map(|i| &mut self.params.values[i])
     }
 
     /// The accumulated gradient of parameter `name`.
@@ -228,6 +253,7 @@ impl<B: Backend> StageModel<B> {
             channels: self.cfg.n_embd,
             heads: self.cfg.n_head,
             vocab: self.cfg.vocab_size,
+            act: self.dtype,
         })
     }
 
@@ -288,26 +314,26 @@ impl<B: Backend> StageModel<B> {
             (_, Some(t)) => Some(copy_of(b, t, DType::U32)?),
         };
         let input = if keep == Keep::Nothing { None } else { owned };
-        let mut elements = [&input, &saved_targets]
+        let mut bytes = [&input, &saved_targets]
             .iter()
             .filter_map(|x| x.as_ref())
-            .map(|x| b.len(x))
-            .sum::<usize>();
+            .map(|x| b.bytes(x))
+            .sum::<u64>();
         if let Some(t) = &trace {
-            elements += t.hiddens.iter().map(|h| b.len(h)).sum::<usize>();
-            elements += t
+            bytes += t.hiddens.iter().map(|h| b.bytes(h)).sum::<u64>();
+            bytes += t
                 .acts
                 .iter()
                 .map(|a| match a {
                     Acts::Embedding => 0,
-                    Acts::Block(_, a) => a.elements(b),
-                    Acts::Head(a) => a.elements(b),
+                    Acts::Block(_, a) => a.bytes(b),
+                    Acts::Head(a) => a.bytes(b),
                 })
-                .sum::<usize>();
+                .sum::<u64>();
         }
         let saved = Saved {
             dims: d,
-            bytes: (elements * DType::F32.size()) as u64,
+            bytes,
             input,
             targets: saved_targets,
             trace,
@@ -489,7 +515,7 @@ impl<B: Backend> StageModel<B> {
             b.adamw(&mut p.values[i], &p.grads[i], &mut p.m[i], &mut p.v[i], hp)
                 .with_context(|| format!("AdamW on {}", p.names[i]))?;
         }
-        Ok(())
+        p.refresh_compute(b)
     }
 
     fn download_all(&self, b: &B, bufs: &[B::Buffer]) -> Result<HostTensors> {
@@ -536,7 +562,8 @@ impl<B: Backend> StageModel<B> {
     /// Overwrite this stage's parameters from `host` (which may hold other stages' too).
     pub fn load_params(&mut self, b: &B, host: &HostTensors) -> Result<()> {
         let p = &mut self.params;
-        Self::load_all(b, &p.names, &p.shapes, &mut p.values, host, "parameters")
+        Self::load_all(b, &p.names, &p.shapes, &mut p.values, host, "parameters")?;
+        p.refresh_compute(b)
     }
 
     /// The AdamW moments on the host.
@@ -578,7 +605,19 @@ fn check_len<B: Backend>(b: &B, buf: &B::Buffer, expected: usize, what: &str) ->
     Ok(())
 }
 
-/// A new buffer holding the same elements as `src`.
+/// `src` converted to `dtype`, or `None` when it already is of that type (use `src` itself).
+pub(super) fn converted<B: Backend>(
+    b: &B,
+    src: &B::Buffer,
+    dtype: DType,
+) -> Result<Option<B::Buffer>> {
+    if b.dtype(src) == dtype {
+        return Ok(None);
+    }
+    copy_of(b, src, dtype).map(Some)
+}
+
+/// A new buffer of `dtype` holding the same elements as `src`.
 fn copy_of<B: Backend>(b: &B, src: &B::Buffer, dtype: DType) -> Result<B::Buffer> {
     let mut dst = b.alloc(b.len(src), dtype)?;
     b.copy(&mut dst, src)?;
