@@ -1,7 +1,8 @@
-//! Multi-process training as users run it: `pipit launch`, or `pipit train` processes started
+//! Multi-process runs as users start them: `pipit launch`, or `pipit train` processes started
 //! by hand with torchrun's or srun's variables. The runs give the single-process losses and
-//! checkpoint exactly; a rank that crashes, is killed or stops answering makes every other
-//! rank exit non-zero naming it; the rendezvous refuses a wrong token, a taken rank and
+//! checkpoint exactly, and `generate` and `eval` print what one process prints; a rank that
+//! crashes, is killed or stops answering makes every other rank exit non-zero naming it; no
+//! rank outlives a killed launcher; the rendezvous refuses a wrong token, a taken rank and
 //! different settings.
 
 mod common;
@@ -577,8 +578,8 @@ fn a_second_process_for_a_taken_rank_is_refused() {
 fn launch_refuses_bad_input() {
     let cases: &[(&[&str], &str)] = &[
         (
-            &["launch", "--nproc-per-node", "2", "--", "generate"],
-            "runs `train`",
+            &["launch", "--nproc-per-node", "2", "--", "plan"],
+            "runs `train`, `generate` or `eval`",
         ),
         (
             &["launch", "--nproc-per-node", "0", "--", "train"],
@@ -622,6 +623,194 @@ fn launch_refuses_bad_input() {
         "{}",
         stderr(&out)
     );
+}
+
+/// How long the ranks of a killed launcher may take to go: far beyond the watch's period.
+const ORPHAN_BOUND: Duration = Duration::from_secs(30);
+
+/// A process's state letter and parent, from `/proc/PID/stat`; `None` once it is reaped.
+fn proc_state(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces; the fields after it are plain.
+    let mut fields = stat[stat.rfind(')')? + 1..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let parent = fields.next()?.parse().ok()?;
+    Some((state, parent))
+}
+
+/// Still running: not reaped and not a zombie (a zombie has exited; its new parent may never
+/// reap it).
+fn running(pid: u32) -> bool {
+    matches!(proc_state(pid), Some((state, _)) if state != 'Z' && state != 'X')
+}
+
+/// The processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| {
+            let child: u32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            (proc_state(child)?.1 == pid).then_some(child)
+        })
+        .collect()
+}
+
+#[test]
+fn no_rank_outlives_a_killed_launcher() {
+    let dir = scratch("orphans");
+    let log = dir.join("log.jsonl");
+    let mut args = train_args(
+        "gpipe",
+        2,
+        1,
+        &[
+            "--steps",
+            "100000",
+            "--no-save",
+            "--log-json",
+            log.to_str().unwrap(),
+        ],
+    );
+    // No validation before the last step: once training runs the ranks print nothing, so
+    // only the launcher watch can stop them, not a failed write to the dead launcher's pipes.
+    let every = args.iter().position(|a| a == "--eval-every").unwrap();
+    args[every + 1] = "0".into();
+    let mut launch: Vec<String> = ["launch", "--nproc-per-node", "2", "--"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    launch.extend(args);
+    let mut launcher = pipit(&launch, &[]).spawn().unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(&log).map_or(0, |t| t.lines().count()) < 1 {
+        if start.elapsed() > GUARD || launcher.try_wait().unwrap().is_some() {
+            let _ = launcher.kill();
+            panic!("the run did not get going: {}", stderr(&finish(launcher)));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let ranks = children_of(launcher.id());
+    assert_eq!(ranks.len(), 2, "the launcher's ranks: {ranks:?}");
+    assert!(ranks.iter().all(|&pid| running(pid)));
+    launcher.kill().unwrap(); // SIGKILL: the launcher can do nothing for its ranks.
+    launcher.wait().unwrap();
+    let start = Instant::now();
+    while ranks.iter().any(|&pid| running(pid)) && start.elapsed() < ORPHAN_BOUND {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<u32> = ranks.iter().copied().filter(|&pid| running(pid)).collect();
+    for pid in &left {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    assert!(
+        left.is_empty(),
+        "ranks {left:?} still ran {ORPHAN_BOUND:?} after their launcher was killed"
+    );
+}
+
+#[test]
+fn a_rank_whose_launcher_is_gone_stops_with_one_line() {
+    // The test, not the process the variable names, is this process's parent: as for a rank
+    // whose launcher died and which was handed to another parent.
+    let args = train_args("gpipe", 1, 1, &["--steps", "100000", "--no-save"]);
+    let gone = u32::MAX.to_string();
+    let out = run(&mut pipit(&args, &[("PIPIT_LAUNCHER_PID", gone.clone())]));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let line = error_line(&out);
+    assert!(
+        line.contains(&format!("pipit launch (process {gone}) exited")),
+        "{line}"
+    );
+    let out = run(&mut pipit(&args, &[("PIPIT_LAUNCHER_PID", "me".into())]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(error_line(&out).contains("PIPIT_LAUNCHER_PID must be a process id"));
+}
+
+/// What `rank` wrote to the launcher's stdout, without the prefixes; every line must be its.
+fn output_of_rank(stdout: &[u8], rank: usize) -> Vec<u8> {
+    let prefix = format!("[rank {rank}] ");
+    let mut out = Vec::new();
+    for line in stdout.split_inclusive(|&b| b == b'\n') {
+        let rest = line.strip_prefix(prefix.as_bytes()).unwrap_or_else(|| {
+            panic!(
+                "a line not from rank {rank}: {:?}",
+                String::from_utf8_lossy(line)
+            )
+        });
+        out.extend_from_slice(rest);
+    }
+    out
+}
+
+#[test]
+fn launched_generate_and_eval_print_what_one_process_prints() {
+    let dir = scratch("infer");
+    let ckpt = dir.join("ckpt");
+    let save = ["--steps", "2", "--save", ckpt.to_str().unwrap()];
+    ok(&run(&mut pipit(&train_args("gpipe", 2, 1, &save), &[])));
+    let corpus = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/data/shakespeare.txt"));
+    let text = dir.join("text.txt");
+    std::fs::write(&text, &corpus.unwrap()[..4000]).unwrap();
+    let with = |command: &str, flags: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [command, "--backend", "reference", "--stages", "2"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(["--checkpoint".into(), ckpt.to_str().unwrap().to_string()]);
+        a.extend(flags.iter().map(|s| s.to_string()));
+        a
+    };
+    let launched = |args: &[String]| {
+        let mut a: Vec<String> = ["launch", "--nproc-per-node", "2", "--"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(args.iter().cloned());
+        let out = run(&mut pipit(&a, &[]));
+        ok(&out);
+        output_of_rank(&out.stdout, 0)
+    };
+    // 40 tokens after a 7-byte prompt: the context slides past the 16-position window.
+    let generate = with("generate", &["--max-tokens", "40", "--seed", "7"]);
+    let single = run(&mut pipit(&generate, &[]));
+    ok(&single);
+    assert_eq!(
+        single.stdout.len(),
+        "ROMEO:\n".len() + 40 + 1,
+        "prompt, tokens, newline"
+    );
+    assert_eq!(launched(&generate), single.stdout, "the same sample");
+
+    let eval = with(
+        "eval",
+        &["--data", text.to_str().unwrap(), "--format", "json"],
+    );
+    let single = run(&mut pipit(&eval, &[]));
+    ok(&single);
+    let v: Value = serde_json::from_slice(&single.stdout).unwrap();
+    assert!(v["loss"].as_f64().unwrap() > 0.0 && v["tokens"].as_u64().unwrap() > 3000);
+    assert_eq!(launched(&eval), single.stdout, "the same loss, every digit");
+
+    // Ranks started with different sampling settings are refused before any token.
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| {
+            let mut a = with("generate", &["--max-tokens", "5", "--peer-timeout", "10"]);
+            a.extend(["--seed".to_string(), (7 + r).to_string()]);
+            pipit(&a, &torchrun_env(r, 2, port)).spawn().unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = ranks.into_iter().map(finish).collect();
+    assert_eq!(outs[1].status.code(), Some(2), "{}", stderr(&outs[1]));
+    assert!(error_line(&outs[1]).contains(
+        "rank 1 was given other generation settings than rank 0 (seed: 8 here, 7 on rank 0)"
+    ));
+    assert!(
+        outs[0].stdout.len() <= "ROMEO:\n".len(),
+        "rank 0 sampled no token"
+    );
+    let line = error_line(&outs[0]);
+    assert!(line.contains("rank 1 failed"), "{line}");
 }
 
 /// Two network namespaces joined by a veth pair, removed when dropped.

@@ -143,7 +143,7 @@ impl<B: Backend> RankTrainer<B> {
         let leader = transport.recv_json(LEADER, &format!("rank 0's {what}"))?;
         if &leader != settings {
             return Err(invalid_input!(
-                "rank {me}'s {what} differ from rank 0's ({}): start every rank with the same arguments",
+                "rank {me} was given other {what} than rank 0 ({}): start every rank with the same arguments",
                 first_difference(settings, &leader)
             ));
         }
