@@ -10,6 +10,10 @@
 //! touches it, and [`CudaBackend::new`] reports a missing driver, compiler or GPU as an
 //! ordinary error, never a panic.
 //!
+//! Between processes, [`NcclTransport`] moves tensors from GPU to GPU through NCCL (loaded at
+//! run time too; [`nccl_probe`] says whether it is there), on a stream of its own, guarded by
+//! a watchdog that aborts the communicator when a peer stops taking part.
+//!
 //! Every reduction (layernorm and softmax rows, bias and layernorm parameter gradients, the
 //! embedding gradient) combines values in an order fixed by the sizes alone, without float
 //! atomics, so a run repeats bit for bit. f32 throughout for now; buffers carry their element
@@ -20,9 +24,12 @@ mod context;
 mod gemm;
 mod groups;
 mod kernels;
+mod nccl;
 mod ops;
 mod probe;
+mod watchdog;
 
 pub use buffer::CudaBuffer;
 pub use context::CudaBackend;
+pub use nccl::{nccl_probe, NcclSetup, NcclTransport};
 pub use probe::probe;

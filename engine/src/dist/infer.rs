@@ -5,7 +5,7 @@ use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 
 use super::trainer::{first_difference, LEADER};
-use super::{RankTrainer, TcpTransport};
+use super::{RankLinks, RankTrainer};
 use crate::backend::Backend;
 use crate::exec::{Rank, Want};
 use crate::invalid_input;
@@ -16,7 +16,7 @@ use crate::model::{Keep, StageInput, StageOutput};
 /// the rank that holds it, `None` on the others. Every rank of the run calls it together.
 pub(super) fn forward<B: Backend>(
     placement: &[usize],
-    rank: &mut Rank<B, TcpTransport>,
+    rank: &mut Rank<B, RankLinks<B>>,
     tokens: &[u32],
     want: &Want<'_>,
     batch: usize,

@@ -9,6 +9,7 @@
 pub mod env;
 pub mod frame;
 mod infer;
+pub mod links;
 pub mod rendezvous;
 pub mod tcp;
 mod trainer;
@@ -23,6 +24,7 @@ use serde_json::Value;
 use crate::invalid_input;
 
 pub use env::LaunchEnv;
+pub use links::{PeerProbe, RankLinks, TensorSetup, TensorTransport};
 pub use tcp::TcpTransport;
 pub use trainer::{RankTrainer, FAULT_ENV};
 pub use watchdog::watch_launcher;
@@ -50,6 +52,20 @@ pub fn master_address(env: &LaunchEnv) -> Result<SocketAddr> {
 /// Rank 0 serves the store on MASTER_ADDR: loopback unless MASTER_ADDR names another
 /// interface, in which case `PIPIT_TOKEN` must be set so strangers are refused.
 pub fn connect(env: &LaunchEnv, shared: Value, timeout: Duration) -> Result<(TcpTransport, Value)> {
+    let (transport, shared, _) = connect_sharing(env, shared, &[], timeout)?;
+    Ok((transport, shared))
+}
+
+/// [`connect`], where rank 0 also hands every rank the opaque bytes `blob` (a tensor
+/// transport's key, such as NCCL's unique id; the other ranks' `blob` is ignored). Returns
+/// rank 0's settings and bytes.
+pub fn connect_sharing(
+    env: &LaunchEnv,
+    shared: Value,
+    blob: &[u8],
+    timeout: Duration,
+) -> Result<(TcpTransport, Value, Vec<u8>)> {
+    let shared = serde_json::json!({ "settings": shared, "blob": links::to_hex(blob) });
     let master = master_address(env)?;
     let token = env.token.as_deref();
     let meeting = if env.rank == 0 {
@@ -66,5 +82,10 @@ pub fn connect(env: &LaunchEnv, shared: Value, timeout: Duration) -> Result<(Tcp
     log::info!("rank {} joined run {}", env.rank, meeting.run_id_hex());
     let streams = rendezvous::connect_mesh(&meeting, timeout)?;
     let transport = TcpTransport::new(env.rank, env.world_size, streams, timeout)?;
-    Ok((transport, meeting.shared))
+    let mut shared = meeting.shared;
+    let blob = shared["blob"]
+        .as_str()
+        .and_then(links::from_hex)
+        .ok_or_else(|| anyhow::anyhow!("rank 0 shared no readable blob at the rendezvous"))?;
+    Ok((transport, shared["settings"].take(), blob))
 }

@@ -165,6 +165,13 @@ impl TcpTransport {
         self.timeout
     }
 
+    /// A probe other threads may call: the first peer failure the receive threads have seen
+    /// (a connection closed without a goodbye, an abort, a corrupt frame), if any.
+    pub fn failure_probe(&self) -> super::PeerProbe {
+        let inbox = Arc::clone(&self.inbox);
+        Arc::new(move || inbox.lock().failure.clone())
+    }
+
     /// Send an f32 tensor to rank `to`.
     pub fn send_f32(&mut self, to: usize, values: &[f32]) -> Result<()> {
         self.send_frame(to, Frame::f32s(values), "a tensor")
@@ -640,6 +647,30 @@ mod tests {
         assert!(
             err.starts_with("rank 1 stopped without finishing"),
             "sends stop too: {err}"
+        );
+    }
+
+    #[test]
+    fn the_failure_probe_sees_a_crash_from_another_thread() {
+        let (t, raw) = with_raw_peer(T);
+        let probe = t.failure_probe();
+        assert_eq!(probe(), None, "a live peer is no failure");
+        drop(raw);
+        let seen = thread::spawn(move || {
+            let until = Instant::now() + T;
+            while Instant::now() < until {
+                if let Some(f) = probe() {
+                    return f;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            panic!("the crash was not seen within {T:?}");
+        })
+        .join()
+        .unwrap();
+        assert!(
+            seen.starts_with("rank 1 stopped without finishing"),
+            "{seen}"
         );
     }
 

@@ -7,7 +7,8 @@ use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 
 use super::infer::forward;
-use super::{connect, LaunchEnv, TcpTransport};
+use super::links::{RankLinks, TensorSetup};
+use super::{connect_sharing, LaunchEnv};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Corpus};
@@ -31,8 +32,8 @@ pub struct RankTrainer<B: Backend> {
     pub config: TrainConfig,
     /// The lowered schedule every step runs.
     pub schedule: Schedule,
-    /// This rank: its device, its transport and its stages.
-    pub rank: Rank<B, TcpTransport>,
+    /// This rank: its device, its links (TCP, and NCCL for tensors where opened) and its stages.
+    pub rank: Rank<B, RankLinks<B>>,
     /// Steps completed so far.
     pub step: u64,
     /// This rank's device and stages, in one line.
@@ -43,13 +44,38 @@ pub struct RankTrainer<B: Backend> {
 
 impl<B: Backend> RankTrainer<B> {
     /// Meet the other ranks of `env`'s run, check they all run the same settings, and build
-    /// this rank's stages on `backend`. Every wait on a peer lasts at most `timeout`.
+    /// this rank's stages on `backend`; tensors and control messages travel over TCP. Every
+    /// wait on a peer lasts at most `timeout`.
     pub fn new(
         config: TrainConfig,
         backend: B,
         init: Init<'_>,
         env: &LaunchEnv,
         timeout: Duration,
+    ) -> Result<Self> {
+        Self::open(config, backend, init, env, timeout, None)
+    }
+
+    /// [`Self::new`], with tensors moving over the transport `tensors` opens (NCCL between
+    /// CUDA ranks) while control messages stay on TCP. Every rank of the run must use the same.
+    pub fn with_tensor_transport(
+        config: TrainConfig,
+        backend: B,
+        init: Init<'_>,
+        env: &LaunchEnv,
+        timeout: Duration,
+        tensors: &dyn TensorSetup<B>,
+    ) -> Result<Self> {
+        Self::open(config, backend, init, env, timeout, Some(tensors))
+    }
+
+    fn open(
+        config: TrainConfig,
+        backend: B,
+        init: Init<'_>,
+        env: &LaunchEnv,
+        timeout: Duration,
+        tensors: Option<&dyn TensorSetup<B>>,
     ) -> Result<Self> {
         config.validate()?;
         let schedule = config.plan()?;
@@ -71,9 +97,17 @@ impl<B: Backend> RankTrainer<B> {
             Init::Resume(_) => "resume",
         };
         let abort_after = fault_step(env.rank)?;
-        let shared = json!({ "config": config, "start": start, "step": step });
-        let (mut transport, leader_shared) = connect(env, shared.clone(), timeout)?;
+        let mut shared = json!({ "config": config, "start": start, "step": step });
         let me = env.rank;
+        let blob = match tensors {
+            Some(t) => {
+                // Part of the settings, so ranks that would move tensors differently never meet.
+                shared["tensors"] = t.name().into();
+                t.prepare(me == LEADER)?
+            }
+            None => Vec::new(),
+        };
+        let (mut tcp, leader_shared, blob) = connect_sharing(env, shared.clone(), &blob, timeout)?;
         let built = if leader_shared != shared {
             Err(invalid_input!(
                 "rank {me}'s settings differ from rank 0's ({}): start every rank with the same arguments",
@@ -82,14 +116,25 @@ impl<B: Backend> RankTrainer<B> {
         } else {
             build_stages(&config, &schedule, me, &backend, &init)
         };
-        let stages = match built {
-            Ok(stages) => stages,
+        let opened = built.and_then(|stages| {
+            let Some(t) = tensors else {
+                return Ok((stages, None));
+            };
+            let world = env.world_size;
+            let link = t
+                .open(&backend, me, world, &blob, timeout, tcp.failure_probe())
+                .with_context(|| format!("rank {me} opening its {} transport", t.name()))?;
+            Ok((stages, Some(link)))
+        });
+        let (stages, tensor_link) = match opened {
+            Ok(opened) => opened,
             Err(e) => {
                 // Tell the peers why, so they stop at once with this rank's reason.
-                transport.abort(&format!("{e:#}"));
+                tcp.abort(&format!("{e:#}"));
                 return Err(e);
             }
         };
+        let transport = RankLinks::new(tcp, tensor_link);
         let ranges = config.stage_layers()?;
         let layers = config.model.layers();
         let own = schedule.stages_of(me);
@@ -100,7 +145,10 @@ impl<B: Backend> RankTrainer<B> {
                 format!("stage {s}: {}..={}", layers[r.start], layers[r.end - 1])
             })
             .collect();
-        let line = format!("rank {me}: {} | {}", backend.describe(), parts.join(", "));
+        let mut line = format!("rank {me}: {} | {}", backend.describe(), parts.join(", "));
+        if let Some(t) = tensors {
+            line.push_str(&format!(" | tensors over {}", t.name()));
+        }
         Ok(Self {
             config,
             schedule,
@@ -124,7 +172,7 @@ impl<B: Backend> RankTrainer<B> {
         self.schedule.num_ranks()
     }
 
-    fn transport(&mut self) -> &mut TcpTransport {
+    fn transport(&mut self) -> &mut RankLinks<B> {
         &mut self.rank.transport
     }
 

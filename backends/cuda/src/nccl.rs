@@ -1,0 +1,666 @@
+//! Tensors between CUDA ranks through NCCL: [`NcclSetup`] opens a communicator once the ranks
+//! have met, [`NcclTransport`] moves f32 device buffers without host staging.
+//!
+//! Transfers run on a stream of their own, so compute on the backend's stream goes on while a
+//! transfer waits for its peer. A send first copies the tensor on the transfer stream, after
+//! the compute that produced it (an event), so the caller may drop or overwrite it at once; a
+//! receive makes the compute stream wait (an event, on the GPU) for its data. Each message is
+//! a length header and the payload in one NCCL group, so a receiver that expected another
+//! length finds out instead of reading a truncated tensor.
+//!
+//! NCCL waits happen on the GPU, beyond any host timeout: a [`Watchdog`] aborts the
+//! communicator when a transfer makes no progress for the peer timeout, or when the TCP mesh
+//! reports a peer gone, and the next call says which peer and what this rank was waiting for.
+
+use std::collections::VecDeque;
+use std::ffi::{c_int, c_void};
+use std::mem::MaybeUninit;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::nccl::result::{self as nccl, NcclError};
+use cudarc::nccl::sys;
+use pipit_engine::backend::{DType, Transport};
+use pipit_engine::dist::{PeerProbe, TensorSetup, TensorTransport};
+use pipit_engine::exec::check_len;
+
+use crate::buffer::{CudaBuffer, Data};
+use crate::context::CudaBackend;
+use crate::probe::guarded;
+use crate::watchdog::{seconds, Check, Completion, OnFailure, Watchdog};
+
+/// Bytes of NCCL's unique id.
+const ID_BYTES: usize = 128;
+/// How often a rank waiting for the communicator looks at its peers.
+const SETUP_POLL: Duration = Duration::from_millis(20);
+/// How long the watchdog waits for the host to leave an NCCL call before aborting.
+const ABORT_GRACE: Duration = Duration::from_secs(5);
+
+/// `Ok` when the NCCL library loads; otherwise one line saying how to provide it. Checked
+/// before any NCCL call, because cudarc panics when the library is missing.
+pub fn nccl_probe() -> Result<()> {
+    // SAFETY: the check only tries to open the library by its usual names and closes it.
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        bail!("no NCCL found (libnccl.so): install NCCL, or add the folder holding libnccl.so to LD_LIBRARY_PATH (with only libnccl.so.2 there, add a libnccl.so link to it)")
+    }
+}
+
+/// One line for an NCCL error code.
+fn nccl_error(e: NcclError) -> anyhow::Error {
+    let hint = if e.0 == sys::ncclResult_t::ncclInvalidUsage {
+        " (NCCL reports this for two ranks on one GPU, among other misuses: give every rank its own GPU, or move tensors over TCP)"
+    } else {
+        ""
+    };
+    anyhow!("NCCL failed: {:?}{hint}", e.0)
+}
+
+/// Opens [`NcclTransport`]s: rank 0 makes NCCL's unique id, which the rendezvous hands to
+/// every rank.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NcclSetup;
+
+impl TensorSetup<CudaBackend> for NcclSetup {
+    fn name(&self) -> &'static str {
+        "nccl"
+    }
+
+    fn prepare(&self, leader: bool) -> Result<Vec<u8>> {
+        nccl_probe()?;
+        if !leader {
+            return Ok(Vec::new());
+        }
+        let id = guarded("creating NCCL's unique id", nccl::get_uniqueid)?
+            .map_err(|e| nccl_error(e).context("creating NCCL's unique id"))?;
+        Ok(id.internal.iter().map(|&c| c as u8).collect())
+    }
+
+    fn open(
+        &self,
+        backend: &CudaBackend,
+        rank: usize,
+        world: usize,
+        blob: &[u8],
+        timeout: Duration,
+        peers: PeerProbe,
+    ) -> Result<Box<dyn TensorTransport<CudaBackend>>> {
+        Ok(Box::new(NcclTransport::open(
+            backend, rank, world, blob, timeout, peers,
+        )?))
+    }
+}
+
+/// NCCL's unique id from the bytes rank 0 shared.
+fn unique_id(bytes: &[u8]) -> Result<sys::ncclUniqueId> {
+    if bytes.len() != ID_BYTES {
+        bail!(
+            "rank 0 shared an NCCL id of {} bytes, not {ID_BYTES}: do all ranks run the same pipit with --transport nccl?",
+            bytes.len()
+        );
+    }
+    let mut id = sys::ncclUniqueId {
+        internal: [0; ID_BYTES],
+    };
+    for (dst, &src) in id.internal.iter_mut().zip(bytes) {
+        *dst = src as std::ffi::c_char;
+    }
+    Ok(id)
+}
+
+/// An NCCL communicator, aborted at most once.
+struct Comm {
+    raw: sys::ncclComm_t,
+    live: bool,
+}
+
+// SAFETY: NCCL lets any thread use a communicator, one call at a time; every use goes through
+// the mutex around it.
+unsafe impl Send for Comm {}
+
+impl Comm {
+    /// Abort the communicator: NCCL kernels waiting on peers exit and its resources are freed.
+    fn abort(&mut self) {
+        if !self.live {
+            return;
+        }
+        self.live = false;
+        let raw = self.raw;
+        // SAFETY: `raw` came from ncclCommInitRank and, being live until now, was not aborted.
+        match guarded("aborting the NCCL communicator", || unsafe {
+            nccl::comm_abort(raw)
+        }) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::warn!("aborting the NCCL communicator: {:?}", e.0),
+            Err(e) => log::warn!("{e:#}"),
+        }
+    }
+
+    /// An error NCCL recorded on its own (a network failure), if any.
+    fn async_error(&self) -> Option<String> {
+        if !self.live {
+            return None;
+        }
+        let raw = self.raw;
+        let mut state = sys::ncclResult_t::ncclSuccess;
+        // SAFETY: a live communicator and a valid place for the result.
+        let asked = guarded("asking NCCL for errors", || unsafe {
+            sys::ncclCommGetAsyncError(raw, &mut state)
+        });
+        match asked {
+            Err(e) => Some(format!("{e:#}")),
+            Ok(code) if code != sys::ncclResult_t::ncclSuccess => {
+                Some(format!("NCCL could not report its state: {code:?}"))
+            }
+            Ok(_) => match state.result() {
+                Ok(_) => None,
+                Err(e) => Some(format!("NCCL reported {:?}", e.0)),
+            },
+        }
+    }
+}
+
+fn lock(comm: &Mutex<Comm>) -> MutexGuard<'_, Comm> {
+    comm.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The watchdog's way to abort: at once unless the host is inside an NCCL call; a call that
+/// has not returned after [`ABORT_GRACE`] (a peer that never connects) cannot be interrupted
+/// safely, so then the process stops with the failure as its one error line.
+fn abort_for_watchdog(comm: &Mutex<Comm>, why: &str) {
+    let until = Instant::now() + ABORT_GRACE;
+    loop {
+        match comm.try_lock() {
+            Ok(mut c) => return c.abort(),
+            Err(TryLockError::Poisoned(p)) => return p.into_inner().abort(),
+            Err(TryLockError::WouldBlock) if Instant::now() < until => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            Err(TryLockError::WouldBlock) => {
+                eprintln!("error: {why}; an NCCL call on this rank did not return, so it stops");
+                std::process::exit(1);
+            }
+        }
+    }
+}
+
+/// Make `rank`'s end of a communicator of `world` ranks on `backend`'s device, waiting at most
+/// `timeout` for the others and giving up as soon as `peers` reports a failure.
+fn init_comm(
+    backend: &CudaBackend,
+    rank: usize,
+    world: usize,
+    id: sys::ncclUniqueId,
+    timeout: Duration,
+    peers: &PeerProbe,
+) -> Result<Comm> {
+    let (n, r) = (
+        c_int::try_from(world).context("the world size")?,
+        c_int::try_from(rank).context("the rank")?,
+    );
+    let ctx = Arc::clone(&backend.ctx);
+    let (tx, rx) = mpsc::channel();
+    // ncclCommInitRank blocks until every rank has joined; waiting on another thread lets this
+    // one give up on time.
+    thread::Builder::new()
+        .name("pipit-nccl-setup".into())
+        .spawn(move || {
+            let made = (|| -> Result<Comm> {
+                ctx.bind_to_thread()
+                    .context("making the CUDA context current")?;
+                let mut raw = MaybeUninit::uninit();
+                // SAFETY: a valid place for the handle, and an id made by ncclGetUniqueId.
+                guarded("setting up the NCCL communicator", || unsafe {
+                    nccl::comm_init_rank(raw.as_mut_ptr(), n, id, r)
+                })?
+                .map_err(nccl_error)?;
+                Ok(Comm {
+                    // SAFETY: ncclCommInitRank succeeded, so it wrote the handle.
+                    raw: unsafe { raw.assume_init() },
+                    live: true,
+                })
+            })();
+            if let Err(mpsc::SendError(Ok(mut late))) = tx.send(made) {
+                // The waiting rank gave up; free what came too late.
+                late.abort();
+            }
+        })
+        .context("starting the NCCL setup thread")?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(SETUP_POLL) {
+            Ok(made) => return made,
+            Err(RecvTimeoutError::Disconnected) => {
+                bail!("the NCCL setup thread stopped without an answer")
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                if let Some(f) = peers() {
+                    bail!("{f}; rank {rank} stopped while setting up NCCL");
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "the NCCL communicator of {world} ranks was not complete after {}: a rank did not join (see the other ranks' output; raise --peer-timeout if they are only slow)",
+                        seconds(timeout)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A message a rank sent itself: the received buffer and the event of its transfer.
+struct ToSelf {
+    buf: CudaBuffer,
+    done: Arc<CudaEvent>,
+}
+
+/// One issued transfer, as the watchdog follows it.
+struct InFlight {
+    /// Recorded on the transfer stream after the transfer.
+    done: Arc<CudaEvent>,
+    /// Buffers the transfer reads or writes, freed once it has completed.
+    _keep: (Option<CudaBuffer>, Vec<CudaSlice<u64>>),
+    /// For a receive: the header that arrives, the length expected, and the sender.
+    expect: Option<(CudaSlice<u64>, usize, usize)>,
+}
+
+impl Completion for InFlight {
+    fn poll(&self) -> std::result::Result<bool, String> {
+        let ctx = self.done.context();
+        ctx.bind_to_thread()
+            .map_err(|e| format!("CUDA failed: {e}"))?;
+        if !self
+            .done
+            .try_is_complete()
+            .map_err(|e| format!("CUDA failed: {e}"))?
+        {
+            return Ok(false);
+        }
+        if let Some((header, want, from)) = &self.expect {
+            let mut got = [0u64];
+            let (ptr, _read) = header.device_ptr(header.stream());
+            // SAFETY: the transfer that wrote the header has completed and `header` is alive;
+            // eight bytes into an eight-byte array.
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut got, ptr) }
+                .map_err(|e| format!("CUDA failed reading a message header: {e}"))?;
+            if got[0] != *want as u64 {
+                return Err(format!(
+                    "rank {from} sent {} values where {want} were expected (the ranks are out of step)",
+                    got[0]
+                ));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// One rank's end of an NCCL communicator: implements [`Transport`] for [`CudaBackend`] (f32
+/// buffers, device to device) and [`TensorTransport`] (flush, abort). See the module
+/// documentation for the streams, events and the watchdog.
+pub struct NcclTransport {
+    rank: usize,
+    world: usize,
+    ordinal: usize,
+    /// The transfer stream, on the backend's device.
+    stream: Arc<CudaStream>,
+    comm: Arc<Mutex<Comm>>,
+    watchdog: Watchdog<InFlight>,
+    to_self: VecDeque<ToSelf>,
+}
+
+impl NcclTransport {
+    /// Open `rank`'s end among `world` ranks on `backend`'s device, from the NCCL unique id
+    /// rank 0 made ([`TensorSetup::prepare`] of [`NcclSetup`]). Waits at most `timeout` for
+    /// the other ranks, and stops early when `peers` reports a failure; afterwards a transfer
+    /// may wait `timeout` for its peer before the communicator is aborted.
+    pub fn open(
+        backend: &CudaBackend,
+        rank: usize,
+        world: usize,
+        id: &[u8],
+        timeout: Duration,
+        peers: PeerProbe,
+    ) -> Result<Self> {
+        nccl_probe()?;
+        if rank >= world {
+            bail!("rank {rank} is not below the world size {world}");
+        }
+        let id = unique_id(id)?;
+        let ctx = &backend.ctx;
+        let stream = ctx
+            .new_stream()
+            .context("creating the NCCL transfer stream")?;
+        if !ctx.is_managing_stream_synchronization() {
+            // cudarc's per-buffer events keep a buffer alive until the other stream is done
+            // with it; without them a freed buffer could be reused under a transfer.
+            bail!("the CUDA context does not track buffer use across streams, which NCCL transfers rely on");
+        }
+        let comm = Arc::new(Mutex::new(init_comm(
+            backend, rank, world, id, timeout, &peers,
+        )?));
+        let c = Arc::clone(&comm);
+        let check: Check = Box::new(move || {
+            peers().or_else(|| match c.try_lock() {
+                Ok(comm) => comm.async_error(),
+                Err(_) => None,
+            })
+        });
+        let c = Arc::clone(&comm);
+        let on_failure: OnFailure = Box::new(move |why| abort_for_watchdog(&c, why));
+        let watchdog = Watchdog::start(rank, timeout, check, on_failure)?;
+        log::info!("rank {rank}: NCCL communicator of {world} ranks open");
+        Ok(Self {
+            rank,
+            world,
+            ordinal: ctx.ordinal(),
+            stream,
+            comm,
+            watchdog,
+            to_self: VecDeque::new(),
+        })
+    }
+
+    /// Errors unless `peer` is a rank of the run and `backend` is on this transport's device.
+    fn check(&self, backend: &CudaBackend, peer: usize) -> Result<()> {
+        if peer >= self.world {
+            bail!(
+                "rank {} has no peer {peer}: the run has {} ranks",
+                self.rank,
+                self.world
+            );
+        }
+        if backend.ctx.ordinal() != self.ordinal {
+            bail!(
+                "a backend on CUDA device {} used with an NCCL transport on device {}",
+                backend.ctx.ordinal(),
+                self.ordinal
+            );
+        }
+        self.watchdog.check()
+    }
+
+    /// Enqueue `ops` on the transfer stream as one NCCL group. A failure aborts the
+    /// communicator and is recorded, so every later call reports it too.
+    fn group(
+        &self,
+        what: &str,
+        ops: impl FnOnce(sys::ncclComm_t, sys::cudaStream_t) -> Result<(), NcclError>,
+    ) -> Result<()> {
+        let mut comm = lock(&self.comm);
+        if !comm.live {
+            self.watchdog.check()?;
+            bail!("rank {}: the NCCL communicator was aborted", self.rank);
+        }
+        let (raw, stream) = (comm.raw, self.stream.cu_stream() as sys::cudaStream_t);
+        let issued = guarded(what, || {
+            nccl::group_start()?;
+            let queued = ops(raw, stream);
+            // The group must be closed even when an operation in it failed.
+            let closed = nccl::group_end();
+            queued.and(closed).map(drop)
+        })
+        .and_then(|r| r.map_err(nccl_error));
+        if let Err(e) = issued {
+            let line = format!("rank {}: {e:#} while {what}", self.rank);
+            comm.abort();
+            drop(comm);
+            self.watchdog.fail(line.clone());
+            bail!(line);
+        }
+        Ok(())
+    }
+}
+
+/// `ncclSend` of `count` elements of `dtype` at `ptr`.
+///
+/// # Safety
+/// `ptr` holds `count` elements, alive until the transfer completes; `comm` is live.
+unsafe fn send_raw(
+    ptr: u64,
+    count: usize,
+    dtype: sys::ncclDataType_t,
+    peer: usize,
+    comm: sys::ncclComm_t,
+    stream: sys::cudaStream_t,
+) -> Result<(), NcclError> {
+    nccl::send(
+        ptr as *const c_void,
+        count,
+        dtype,
+        peer as c_int,
+        comm,
+        stream,
+    )
+    .map(drop)
+}
+
+/// `ncclRecv` of `count` elements of `dtype` into `ptr`.
+///
+/// # Safety
+/// As [`send_raw`].
+unsafe fn recv_raw(
+    ptr: u64,
+    count: usize,
+    dtype: sys::ncclDataType_t,
+    peer: usize,
+    comm: sys::ncclComm_t,
+    stream: sys::cudaStream_t,
+) -> Result<(), NcclError> {
+    nccl::recv(
+        ptr as *mut c_void,
+        count,
+        dtype,
+        peer as c_int,
+        comm,
+        stream,
+    )
+    .map(drop)
+}
+
+const F32: sys::ncclDataType_t = sys::ncclDataType_t::ncclFloat32;
+const U64: sys::ncclDataType_t = sys::ncclDataType_t::ncclUint64;
+
+impl Transport<CudaBackend> for NcclTransport {
+    fn send(&mut self, backend: &CudaBackend, to: usize, buf: &CudaBuffer) -> Result<()> {
+        self.check(backend, to)?;
+        let me = self.rank;
+        let len = buf.len();
+        let what = format!("sending {len} values to rank {to}");
+        let src = buf.f32("the tensor to send")?;
+        let stream = &self.stream;
+        // To itself, NCCL needs the matching receive in the same group.
+        let mut landing = if to == me {
+            Some((
+                backend.zeroed(len, DType::F32)?,
+                stream.alloc_zeros::<u64>(1)?,
+            ))
+        } else {
+            None
+        };
+        // Copy on the transfer stream once the compute stream has produced `buf`: the caller
+        // may drop or overwrite it at once, however long the peer takes.
+        stream
+            .join(&backend.stream)
+            .context("ordering a send after compute")?;
+        // SAFETY: the copy below writes every element before anything reads one.
+        let mut staged = unsafe { stream.alloc::<f32>(src.len()) }
+            .with_context(|| format!("allocating {len} f32 elements to send"))?;
+        stream
+            .memcpy_dtod(src, &mut staged)
+            .context("copying a tensor to send")?;
+        let staged = CudaBuffer::new(Data::F32(staged), len, &backend.meter);
+        let header = stream
+            .clone_htod(&[len as u64])
+            .context("writing a message header")?;
+        self.group(&what, |comm, raw_stream| {
+            let (h, _h) = header.device_ptr(stream);
+            let payload = staged
+                .f32("the staged tensor")
+                .map_err(|_| NcclError(sys::ncclResult_t::ncclInternalError))?;
+            let (p, _p) = payload.device_ptr(stream);
+            // SAFETY: both buffers stay alive in the watchdog's entry until the transfer ends.
+            unsafe {
+                send_raw(h, 1, U64, to, comm, raw_stream)?;
+                if len > 0 {
+                    send_raw(p, len, F32, to, comm, raw_stream)?;
+                }
+            }
+            if let Some((out, out_header)) = &mut landing {
+                let (oh, _oh) = out_header.device_ptr_mut(stream);
+                let slice = out
+                    .f32_mut("the received tensor")
+                    .map_err(|_| NcclError(sys::ncclResult_t::ncclInternalError))?;
+                let (o, _o) = slice.device_ptr_mut(stream);
+                // SAFETY: as above, the landing buffers live in the message queue.
+                unsafe {
+                    recv_raw(oh, 1, U64, me, comm, raw_stream)?;
+                    if len > 0 {
+                        recv_raw(o, len, F32, me, comm, raw_stream)?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let done = Arc::new(
+            stream
+                .record_event(None)
+                .context("recording a send's event")?,
+        );
+        let mut headers = vec![header];
+        if let Some((buf, out_header)) = landing {
+            headers.push(out_header);
+            self.to_self.push_back(ToSelf {
+                buf,
+                done: Arc::clone(&done),
+            });
+        }
+        let item = InFlight {
+            done,
+            _keep: (Some(staged), headers),
+            expect: None,
+        };
+        self.watchdog.track(item, to, what);
+        Ok(())
+    }
+
+    fn recv(&mut self, backend: &CudaBackend, from: usize, len: usize) -> Result<CudaBuffer> {
+        self.check(backend, from)?;
+        let me = self.rank;
+        if from == me {
+            let m = self.to_self.pop_front().ok_or_else(|| {
+                anyhow!("rank {me} waited for a tensor from itself, but sent itself nothing")
+            })?;
+            check_len(me, from, len, m.buf.len())?;
+            backend
+                .stream
+                .wait(&m.done)
+                .context("ordering compute after a transfer")?;
+            return Ok(m.buf);
+        }
+        let what = format!("receiving {len} values from rank {from}");
+        let mut out = backend.zeroed(len, DType::F32)?;
+        let stream = &self.stream;
+        let mut header = stream
+            .alloc_zeros::<u64>(1)
+            .context("allocating a message header")?;
+        // The receive may land once its buffer exists on the compute stream.
+        stream
+            .join(&backend.stream)
+            .context("ordering a receive after compute")?;
+        self.group(&what, |comm, raw_stream| {
+            let (h, _h) = header.device_ptr_mut(stream);
+            let slice = out
+                .f32_mut("the received tensor")
+                .map_err(|_| NcclError(sys::ncclResult_t::ncclInternalError))?;
+            let (o, _o) = slice.device_ptr_mut(stream);
+            // SAFETY: `header` lives in the watchdog's entry and `out` is returned to the
+            // caller; cudarc's events keep either from being freed before the transfer ends.
+            unsafe {
+                recv_raw(h, 1, U64, from, comm, raw_stream)?;
+                if len > 0 {
+                    recv_raw(o, len, F32, from, comm, raw_stream)?;
+                }
+            }
+            Ok(())
+        })?;
+        let done = Arc::new(
+            stream
+                .record_event(None)
+                .context("recording a receive's event")?,
+        );
+        // The compute stream waits for the data on the GPU; the host goes on.
+        backend
+            .stream
+            .wait(&done)
+            .context("ordering compute after a receive")?;
+        let item = InFlight {
+            done,
+            _keep: (None, Vec::new()),
+            expect: Some((header, len, from)),
+        };
+        self.watchdog.track(item, from, what);
+        Ok(out)
+    }
+}
+
+impl TensorTransport<CudaBackend> for NcclTransport {
+    fn flush(&mut self) -> Result<()> {
+        self.watchdog.flush()
+    }
+
+    fn abort(&mut self) {
+        self.watchdog
+            .fail(format!("rank {} stopped its NCCL transfers", self.rank));
+        lock(&self.comm).abort();
+    }
+}
+
+impl Drop for NcclTransport {
+    fn drop(&mut self) {
+        // After a flush nothing is in flight; otherwise the abort ends what still waits.
+        lock(&self.comm).abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_have_nccls_size() {
+        let bytes: Vec<u8> = (0..128u8).collect();
+        let id = unique_id(&bytes).unwrap();
+        assert_eq!(id.internal[0], 0);
+        assert_eq!(id.internal[127] as u8, 127);
+        let err = unique_id(&bytes[..16]).unwrap_err().to_string();
+        assert!(err.contains("16 bytes, not 128"), "{err}");
+    }
+
+    #[test]
+    fn the_probe_answers_without_panicking() {
+        // With NCCL installed it passes; without, it is one line naming the library.
+        if let Err(e) = nccl_probe() {
+            let line = e.to_string();
+            assert!(line.starts_with("no NCCL found (libnccl.so)"), "{line}");
+            assert!(!line.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn nccl_errors_are_one_line_with_a_hint_for_shared_gpus() {
+        let e = nccl_error(NcclError(sys::ncclResult_t::ncclInvalidUsage)).to_string();
+        assert!(
+            e.starts_with(
+                "NCCL failed: ncclInvalidUsage (NCCL reports this for two ranks on one GPU"
+            ),
+            "{e}"
+        );
+        let e = nccl_error(NcclError(sys::ncclResult_t::ncclSystemError)).to_string();
+        assert_eq!(e, "NCCL failed: ncclSystemError");
+    }
+}
