@@ -12,10 +12,14 @@
 //! - **Awkward shapes.** Sizes that are not multiples of 4, 16, 64 or 256, one token,
 //!   vocabularies of 131, 257, 1031 and 50257, sequences of 300 tokens, channels beyond 1024,
 //!   and one case whose logits exceed a 128 MiB storage binding.
+//! - **bf16.** On backends that support it, every op again with bf16 operands where the
+//!   `Backend` docs allow them, against the oracles fed the same bf16-rounded inputs, within
+//!   a relative error of 1e-2; and a whole tiny GPT-2 in mixed precision against the f32
+//!   reference.
 
 mod oracle;
 
-use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul};
+use pipit_engine::backend::{round_bf16, AdamW, Attention, Backend, DType, Matmul};
 use pipit_engine::model::{
     init_parameters, GptConfig, HostTensors, Keep, StageInput, StageModel, StageOutput,
 };
@@ -613,9 +617,11 @@ pub fn gpt2_loss_and_grads<B: Backend>(
     tokens: &[u32],
     targets: &[u32],
     seq: usize,
+    dtype: DType,
 ) -> (f64, HostTensors) {
     let batch = tokens.len() / seq;
     let mut model = StageModel::new(b, cfg, 0..cfg.n_layer + 2, host).unwrap();
+    model.set_dtype(b, dtype).unwrap();
     let (tok, tgt) = (
         b.upload_u32(tokens).unwrap(),
         b.upload_u32(targets).unwrap(),
@@ -653,6 +659,315 @@ pub fn relative_norm(a: &[f32], b: &[f32]) -> f64 {
     (diff / norm.max(1e-30)).sqrt()
 }
 
+/// Largest accepted error of a result stored in bf16 (or computed from bf16 operands).
+const BF16_TOL: f64 = 1e-2;
+
+/// `x` rounded to bf16, as the values a bf16 buffer holds.
+fn bf16s(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| round_bf16(v)).collect()
+}
+
+/// A bf16 buffer holding `x` (rounded).
+fn up16<B: Backend>(b: &B, x: &[f32]) -> B::Buffer {
+    let mut buf = b.alloc(x.len(), DType::BF16).unwrap();
+    b.write(&mut buf, x).unwrap();
+    buf
+}
+
+/// A bf16 buffer full of NaN.
+fn poisoned16<B: Backend>(b: &B, len: usize) -> B::Buffer {
+    let mut buf = b.alloc(len, DType::BF16).unwrap();
+    b.fill(&mut buf, f32::NAN).unwrap();
+    buf
+}
+
+fn check16<B: Backend>(b: &B, what: &str, buf: &B::Buffer, want: &[f64]) {
+    assert_eq!(b.dtype(buf), DType::BF16, "{what}: dtype");
+    assert_close(what, &b.download(buf).unwrap(), want, BF16_TOL);
+}
+
+/// True when `b` has bf16; otherwise says the bf16 checks are skipped.
+fn has_bf16<B: Backend>(b: &B) -> bool {
+    let yes = b.supports(DType::BF16);
+    if !yes {
+        eprintln!("skipped: {} has no bf16", b.describe());
+        assert!(
+            b.alloc(1, DType::BF16).is_err(),
+            "a backend without bf16 refuses bf16 buffers"
+        );
+    }
+    yes
+}
+
+/// bf16 buffers: two bytes an element, conversions from and to f32 round to nearest even
+/// (exactly as `round_bf16`), write and fill round, and `add` takes a bf16 addend.
+pub fn check_bf16_buffers<B: Backend>(b: &B) {
+    if !has_bf16(b) {
+        return;
+    }
+    let mut rng = Rng::new(21);
+    for len in [1, 3, 257, 65_537] {
+        let mut x = rand(&mut rng, len, 3.0);
+        // A tie (exactly half-way between two bf16 values) must round to even.
+        x[0] = f32::from_bits(0x3f80_8000);
+        let want = bf16s(&x);
+        assert_eq!(want[0], 1.0, "the tie rounds to the even neighbour");
+        let mut h = b.alloc(len, DType::BF16).unwrap();
+        assert_eq!(b.dtype(&h), DType::BF16);
+        assert_eq!(b.bytes(&h), 2 * len as u64);
+        b.copy(&mut h, &up(b, &x)).unwrap();
+        assert_eq!(b.download(&h).unwrap(), want, "f32 -> bf16 copy, len {len}");
+        let mut f = poisoned(b, len);
+        b.copy(&mut f, &h).unwrap();
+        assert_eq!(b.download(&f).unwrap(), want, "bf16 -> f32 copy, len {len}");
+        assert_eq!(b.download(&up16(b, &x)).unwrap(), want, "write rounds");
+        b.fill(&mut h, 1.0 / 3.0).unwrap();
+        assert!(b
+            .download(&h)
+            .unwrap()
+            .iter()
+            .all(|&v| v == round_bf16(1.0 / 3.0)));
+
+        let a = rand(&mut rng, len, 2.0);
+        let mut out = poisoned(b, len);
+        b.add(&mut out, &up(b, &a), &up16(b, &x)).unwrap();
+        let sum: Vec<f64> = a
+            .iter()
+            .zip(&want)
+            .map(|(&p, &q)| p as f64 + q as f64)
+            .collect();
+        check(b, &format!("add f32 + bf16, len {len}"), &out, &sum);
+    }
+}
+
+/// bf16 matmuls in every layout: bf16 operands into a bf16 output (with an f32 bias), and into
+/// an f32 output that accumulates (weight gradients).
+pub fn check_bf16_matmul<B: Backend>(b: &B) {
+    if !has_bf16(b) {
+        return;
+    }
+    let mut rng = Rng::new(22);
+    for &(m, n, k) in &[
+        (1, 1, 1),
+        (3, 5, 7),
+        (17, 33, 65),
+        (130, 3, 300),
+        (64, 96, 64),
+    ] {
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut s = Matmul::new(m, n, k);
+            s.trans_a = trans_a;
+            s.trans_b = trans_b;
+            let (a, bm) = (
+                bf16s(&rand(&mut rng, m * k, 1.0)),
+                bf16s(&rand(&mut rng, k * n, 1.0)),
+            );
+            let (ab, bb) = (up16(b, &a), up16(b, &bm));
+            let bias = rand(&mut rng, n, 1.0);
+            let mut out = poisoned16(b, m * n);
+            b.matmul(&mut out, &ab, &bb, Some(&up(b, &bias)), s)
+                .unwrap();
+            let want = oracle::matmul(&a, &bm, Some(&bias), None, s);
+            check16(b, &format!("bf16 matmul {s:?} into bf16"), &out, &want);
+
+            let acc = s.accumulate();
+            let init = rand(&mut rng, m * n, 1.0);
+            let mut out = up(b, &init);
+            b.matmul(&mut out, &ab, &bb, None, acc).unwrap();
+            let want = oracle::matmul(&a, &bm, None, Some(&init), acc);
+            assert_close(
+                &format!("bf16 matmul {acc:?} into f32"),
+                &b.download(&out).unwrap(),
+                &want,
+                BF16_TOL,
+            );
+        }
+    }
+}
+
+/// Layernorm, GELU, attention, cross-entropy and bias gradients with bf16 activations.
+pub fn check_bf16_layers<B: Backend>(b: &B) {
+    if !has_bf16(b) {
+        return;
+    }
+    let mut rng = Rng::new(23);
+    let (rows, c) = (33, 257);
+    let inp: Vec<f32> = rand(&mut rng, rows * c, 1.0)
+        .iter()
+        .map(|x| x + 3.0)
+        .collect();
+    let (w, bias) = (rand(&mut rng, c, 1.5), rand(&mut rng, c, 1.0));
+    let (inp_b, w_b) = (up(b, &inp), up(b, &w));
+    let (mut out, mut mean, mut rstd) = (
+        poisoned16(b, rows * c),
+        poisoned(b, rows),
+        poisoned(b, rows),
+    );
+    b.layernorm_forward(
+        &mut out,
+        &mut mean,
+        &mut rstd,
+        &inp_b,
+        &w_b,
+        &up(b, &bias),
+        rows,
+        c,
+    )
+    .unwrap();
+    let (want, want_mean, want_rstd) = oracle::layernorm(&f64s(&inp), &f64s(&w), &f64s(&bias), c);
+    check16(b, "bf16 layernorm out", &out, &want);
+    check(b, "bf16 layernorm mean", &mean, &want_mean);
+    check(b, "bf16 layernorm rstd", &rstd, &want_rstd);
+    let dout = bf16s(&rand(&mut rng, rows * c, 1.0));
+    let (mut dinp, mut dw, mut db) = (
+        poisoned(b, rows * c),
+        up(b, &vec![0.0; c]),
+        up(b, &vec![0.0; c]),
+    );
+    b.layernorm_backward(
+        &mut dinp,
+        &mut dw,
+        &mut db,
+        &up16(b, &dout),
+        &inp_b,
+        &w_b,
+        &mean,
+        &rstd,
+        rows,
+        c,
+    )
+    .unwrap();
+    let (want_dinp, want_dw, want_db) =
+        oracle::layernorm_backward(&f64s(&dout), &f64s(&inp), &f64s(&w), c);
+    for (what, buf, want) in [
+        ("dinp", &dinp, &want_dinp),
+        ("dweight", &dw, &want_dw),
+        ("dbias", &db, &want_db),
+    ] {
+        let got = b.download(buf).unwrap();
+        assert_close(&format!("bf16 layernorm {what}"), &got, want, BF16_TOL);
+    }
+
+    let mut dbias = up(b, &vec![0.0; c]);
+    b.bias_backward(&mut dbias, &up16(b, &dout), rows, c)
+        .unwrap();
+    let want = oracle::bias_backward(&vec![0.0; c], &dout, c);
+    assert_close(
+        "bf16 bias_backward",
+        &b.download(&dbias).unwrap(),
+        &want,
+        BF16_TOL,
+    );
+
+    let len = 70_001;
+    let (x, g) = (
+        bf16s(&rand(&mut rng, len, 6.0)),
+        bf16s(&rand(&mut rng, len, 1.0)),
+    );
+    let xb = up16(b, &x);
+    let mut out = poisoned16(b, len);
+    b.gelu_forward(&mut out, &xb).unwrap();
+    let want: Vec<f64> = x.iter().map(|&v| oracle::gelu(v as f64)).collect();
+    check16(b, "bf16 gelu", &out, &want);
+    let mut dinp = poisoned16(b, len);
+    b.gelu_backward(&mut dinp, &xb, &up16(b, &g)).unwrap();
+    let want: Vec<f64> = x
+        .iter()
+        .zip(&g)
+        .map(|(&v, &d)| oracle::gelu_grad(v as f64) * d as f64)
+        .collect();
+    check16(b, "bf16 gelu backward", &dinp, &want);
+
+    for (batch, seq, channels, heads) in [(2, 5, 12, 3), (1, 300, 16, 2), (3, 33, 64, 1)] {
+        let s = Attention {
+            batch,
+            seq,
+            channels,
+            heads,
+        };
+        let qkv = bf16s(&rand(&mut rng, batch * seq * 3 * channels, 1.0));
+        let qkv_b = up16(b, &qkv);
+        let (mut out, mut att) = (
+            poisoned16(b, batch * seq * channels),
+            poisoned16(b, batch * heads * seq * seq),
+        );
+        b.attention_forward(&mut out, &mut att, &qkv_b, s).unwrap();
+        let (want_out, want_att) = oracle::attention(&f64s(&qkv), s);
+        check16(b, &format!("bf16 attention {s:?} out"), &out, &want_out);
+        check16(b, &format!("bf16 attention {s:?} att"), &att, &want_att);
+        let dout = bf16s(&rand(&mut rng, batch * seq * channels, 1.0));
+        let mut dqkv = poisoned16(b, qkv.len());
+        b.attention_backward(&mut dqkv, &up16(b, &dout), &qkv_b, &att, s)
+            .unwrap();
+        let want = oracle::attention_backward(&f64s(&dout), &f64s(&qkv), s);
+        check16(b, &format!("bf16 attention {s:?} dqkv"), &dqkv, &want);
+    }
+
+    for (rows, vocab) in [(3, 131), (2, 1031), (3, 50257)] {
+        let logits = bf16s(&rand(&mut rng, rows * vocab, 4.0));
+        let targets = rand_tokens(&mut rng, rows, vocab);
+        let (lb, tb) = (up16(b, &logits), b.upload_u32(&targets).unwrap());
+        let mut losses = poisoned(b, rows);
+        b.cross_entropy_forward(&mut losses, &lb, &tb, rows, vocab)
+            .unwrap();
+        let rows_of = || logits.chunks(vocab).zip(&targets);
+        let want: Vec<f64> = rows_of()
+            .map(|(r, &t)| oracle::cross_entropy_row(r, t))
+            .collect();
+        check(
+            b,
+            &format!("bf16 cross_entropy {rows}x{vocab}"),
+            &losses,
+            &want,
+        );
+        let mut dlogits = poisoned16(b, rows * vocab);
+        b.cross_entropy_backward(&mut dlogits, &lb, &tb, 0.37, rows, vocab)
+            .unwrap();
+        let want: Vec<f64> = rows_of()
+            .flat_map(|(r, &t)| oracle::cross_entropy_grad_row(r, t, 0.37))
+            .collect();
+        check16(
+            b,
+            &format!("bf16 cross_entropy {rows}x{vocab} dlogits"),
+            &dlogits,
+            &want,
+        );
+    }
+}
+
+/// A whole tiny GPT-2 in bf16 mixed precision on `b` against the f32 reference: loss within
+/// 1e-2 relative, every parameter gradient within 5e-2 relative norm.
+pub fn check_gpt2_bf16_matches_reference<B: Backend>(b: &B) {
+    if !has_bf16(b) {
+        return;
+    }
+    let cfg = tiny_gpt2();
+    let host = tiny_gpt2_params(&cfg, 11);
+    let mut rng = Rng::new(12);
+    let seq = 19;
+    let tokens = rand_tokens(&mut rng, 2 * seq, cfg.vocab_size);
+    let targets = rand_tokens(&mut rng, 2 * seq, cfg.vocab_size);
+    let run = |dtype| gpt2_loss_and_grads(b, &cfg, &host, &tokens, &targets, seq, dtype);
+    let (loss, grads) = run(DType::BF16);
+    let reference = ReferenceBackend::new();
+    let (ref_loss, ref_grads) =
+        gpt2_loss_and_grads(&reference, &cfg, &host, &tokens, &targets, seq, DType::F32);
+    assert!(
+        ((loss - ref_loss) / ref_loss).abs() <= BF16_TOL,
+        "bf16 loss {loss} vs f32 reference {ref_loss}"
+    );
+    for (name, want) in ref_grads.iter() {
+        let got = grads
+            .get(name)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        let err = relative_norm(&got.data, &want.data);
+        assert!(
+            err <= 5e-2,
+            "bf16 gradient of {name}: relative norm error {err:.3e}"
+        );
+    }
+}
+
 /// A whole tiny GPT-2 forward + backward on `b` agrees with the reference backend: loss within
 /// 1e-5 relative, every parameter gradient within 1e-3 relative norm.
 pub fn check_gpt2_matches_reference<B: Backend>(b: &B) {
@@ -662,7 +977,7 @@ pub fn check_gpt2_matches_reference<B: Backend>(b: &B) {
     let seq = 19;
     let tokens = rand_tokens(&mut rng, 2 * seq, cfg.vocab_size);
     let targets = rand_tokens(&mut rng, 2 * seq, cfg.vocab_size);
-    let (loss, grads) = gpt2_loss_and_grads(b, &cfg, &host, &tokens, &targets, seq);
+    let (loss, grads) = gpt2_loss_and_grads(b, &cfg, &host, &tokens, &targets, seq, DType::F32);
     let (ref_loss, ref_grads) = gpt2_loss_and_grads(
         &ReferenceBackend::new(),
         &cfg,
@@ -670,6 +985,7 @@ pub fn check_gpt2_matches_reference<B: Backend>(b: &B) {
         &tokens,
         &targets,
         seq,
+        DType::F32,
     );
     assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
     assert!(
@@ -784,6 +1100,30 @@ macro_rules! conformance {
             fn gpt2_matches_reference() {
                 if let Some(b) = backend() {
                     check_gpt2_matches_reference(&b);
+                }
+            }
+            #[test]
+            fn bf16_buffers() {
+                if let Some(b) = backend() {
+                    check_bf16_buffers(&b);
+                }
+            }
+            #[test]
+            fn bf16_matmul() {
+                if let Some(b) = backend() {
+                    check_bf16_matmul(&b);
+                }
+            }
+            #[test]
+            fn bf16_layers() {
+                if let Some(b) = backend() {
+                    check_bf16_layers(&b);
+                }
+            }
+            #[test]
+            fn gpt2_bf16_matches_reference() {
+                if let Some(b) = backend() {
+                    check_gpt2_bf16_matches_reference(&b);
                 }
             }
         }

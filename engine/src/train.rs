@@ -10,7 +10,7 @@ use anyhow::{anyhow, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, DType};
 use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Batch, Corpus};
 use crate::exec::{self, in_process_mesh, InProcessTransport, Rank, StepOptions, StepReport, Want};
@@ -59,6 +59,8 @@ pub struct TrainConfig {
     pub eval_tokens: usize,
     /// Keep only each stage's input in forward and recompute in backward.
     pub checkpoint_activations: bool,
+    /// Compute dtype: `f32`, or `bf16` mixed precision (f32 master weights and optimizer).
+    pub dtype: String,
 }
 
 impl Default for TrainConfig {
@@ -84,6 +86,7 @@ impl Default for TrainConfig {
             eval_every: 200,
             eval_tokens: 8192,
             checkpoint_activations: false,
+            dtype: "f32".into(),
         }
     }
 }
@@ -124,6 +127,7 @@ impl TrainConfig {
                 self.model.n_layer
             ));
         }
+        self.compute_dtype()?;
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(invalid_input!(
                 "--lr must be a positive number, got {}",
@@ -131,6 +135,15 @@ impl TrainConfig {
             ));
         }
         Ok(())
+    }
+
+    /// The compute dtype named by `dtype`.
+    pub fn compute_dtype(&self) -> Result<DType> {
+        match self.dtype.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            other => Err(invalid_input!("--dtype must be f32 or bf16, got {other:?}")),
+        }
     }
 
     /// Learning rate of 1-based step `step`: linear warm-up, then cosine decay to `min_lr`.
@@ -274,14 +287,8 @@ impl<B: Backend> Trainer<B> {
             let backend = make_backend(r).with_context(|| format!("creating rank {r}'s device"))?;
             let mut stages = Vec::new();
             for stage in schedule.stages_of(r) {
-                let mut model =
-                    StageModel::new(&backend, &config.model, layer_ranges[stage].clone(), host)?;
-                if let Init::Resume(c) = &init {
-                    let opt = c.optimizer.as_ref().ok_or_else(|| {
-                        invalid_input!("the checkpoint has no optimizer state to resume from")
-                    })?;
-                    model.load_optimizer_state(&backend, opt)?;
-                }
+                let layers = layer_ranges[stage].clone();
+                let model = training_stage(&backend, &config, layers, host, &init)?;
                 stages.push((stage, model));
             }
             ranks.push(Rank {
@@ -454,6 +461,26 @@ impl<B: Backend> TrainLoop for Trainer<B> {
     fn gather_checkpoint(&mut self) -> Result<Option<Checkpoint>> {
         self.checkpoint().map(Some)
     }
+}
+
+/// The layers `layers` of `config`'s model on `backend`, ready to train: weights from `host`,
+/// the run's compute dtype, and the optimizer state when resuming.
+pub(crate) fn training_stage<B: Backend>(
+    backend: &B,
+    config: &TrainConfig,
+    layers: Range<usize>,
+    host: &HostTensors,
+    init: &Init<'_>,
+) -> Result<StageModel<B>> {
+    let mut model = StageModel::new(backend, &config.model, layers, host)?;
+    model.set_dtype(backend, config.compute_dtype()?)?;
+    if let Init::Resume(c) = init {
+        let opt = c.optimizer.as_ref().ok_or_else(|| {
+            invalid_input!("the checkpoint has no optimizer state to resume from")
+        })?;
+        model.load_optimizer_state(backend, opt)?;
+    }
+    Ok(model)
 }
 
 pub(crate) fn resumed_step(c: &Checkpoint, config: &TrainConfig) -> Result<u64> {

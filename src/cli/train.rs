@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use pipit_engine::checkpoint::{self, Checkpoint};
 use pipit_engine::data::Corpus;
-use pipit_engine::dist::{LaunchEnv, RankTrainer};
+use pipit_cuda::{CudaBackend, NcclSetup};
+use pipit_engine::dist::{LaunchEnv, RankTrainer, TensorSetup};
 use pipit_engine::model::GptConfig;
 use pipit_engine::train::{Init, StepLog, TrainConfig, TrainLoop, Trainer};
 use pipit_engine::{invalid_input, Backend};
@@ -101,6 +102,10 @@ pub struct TrainArgs {
     /// Keep only each stage's input in forward; recompute the rest during backward.
     #[arg(long)]
     checkpoint_activations: bool,
+    /// Compute dtype: f32, or bf16 mixed precision (bf16 matmuls and activations, f32 master
+    /// weights, gradients and optimizer state). bf16 runs on the CUDA and reference backends.
+    #[arg(long, value_name = "f32|bf16")]
+    dtype: Option<String>,
 
     /// Save a checkpoint (Hugging Face GPT-2 layout) to DIR at the end and every --save-every
     /// steps; `pipit generate` and `pipit eval` read the same default.
@@ -130,9 +135,25 @@ pub struct TrainArgs {
     trace: Option<PathBuf>,
     /// Multi-process runs (`pipit launch`, or RANK/WORLD_SIZE set): seconds a rank may stay
     /// silent (no message, no heartbeat) before every other rank stops with an error naming
-    /// it; also how long the rendezvous waits for missing ranks.
+    /// it; also how long the rendezvous waits for missing ranks, and an NCCL transfer for its
+    /// peer.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     peer_timeout: f64,
+    /// Multi-process runs: how activations and gradients travel between ranks (control
+    /// messages always use TCP).
+    #[arg(long, value_enum, default_value = "auto")]
+    transport: TransportChoice,
+}
+
+/// How tensors travel between the processes of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TransportChoice {
+    /// NCCL between CUDA ranks, TCP between the others.
+    Auto,
+    /// NCCL, GPU to GPU (CUDA only; one GPU per process, as NCCL requires).
+    Nccl,
+    /// TCP through host memory, on every backend (several processes may share a GPU).
+    Tcp,
 }
 
 impl TrainArgs {
@@ -177,6 +198,7 @@ impl TrainArgs {
         set!(seed <- seed);
         set!(eval_every <- eval_every);
         set!(eval_tokens <- eval_tokens);
+        set!(dtype <- dtype);
         if self.checkpoint_activations {
             c.checkpoint_activations = true;
         }
@@ -264,6 +286,28 @@ impl BackendJob for TrainJob<'_> {
     type Output = ();
 
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<()> {
+        if self.launch.is_some() && self.args.transport == TransportChoice::Nccl {
+            return Err(invalid_input!(
+                "--transport nccl moves tensors between CUDA ranks: use it with --backend cuda"
+            ));
+        }
+        self.train(make, None)
+    }
+
+    fn run_cuda(self, make: &mut dyn FnMut(usize) -> Result<CudaBackend>) -> Result<()> {
+        let nccl = (self.args.transport != TransportChoice::Tcp).then_some(&NcclSetup);
+        self.train(make, nccl.map(|s| s as &dyn TensorSetup<CudaBackend>))
+    }
+}
+
+impl TrainJob<'_> {
+    /// Train on `make`'s devices; under a launcher, tensors between ranks go over `tensors`
+    /// where given, else over TCP.
+    fn train<B: Backend>(
+        self,
+        make: &mut dyn FnMut(usize) -> Result<B>,
+        tensors: Option<&dyn TensorSetup<B>>,
+    ) -> Result<()> {
         let TrainJob {
             args,
             config,
@@ -281,7 +325,12 @@ impl BackendJob for TrainJob<'_> {
             Some(env) => {
                 let backend = make(env.local_rank)?;
                 let timeout = Duration::from_secs_f64(args.peer_timeout);
-                Box::new(RankTrainer::new(config, backend, start, env, timeout)?)
+                Box::new(match tensors {
+                    Some(t) => {
+                        RankTrainer::with_tensor_transport(config, backend, start, env, timeout, t)?
+                    }
+                    None => RankTrainer::new(config, backend, start, env, timeout)?,
+                })
             }
             None => Box::new(Trainer::new(config, make, start)?),
         };
@@ -292,9 +341,7 @@ impl BackendJob for TrainJob<'_> {
         }
         result
     }
-}
 
-impl TrainJob<'_> {
     /// Train to the last step. Only the leader (the one process, or rank 0) prints, logs and
     /// saves; the other ranks take part in every step, evaluation and checkpoint gather.
     fn drive(args: &TrainArgs, trainer: &mut dyn TrainLoop, corpus: &Corpus) -> Result<()> {

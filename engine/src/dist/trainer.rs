@@ -17,7 +17,7 @@ use crate::invalid_input;
 use crate::model::{init_tensor, AdamWConfig, HostTensors, OptimizerState, StageModel};
 use crate::schedule::{Action, Schedule};
 use crate::sim::Timed;
-use crate::train::{resumed_step, Init, StepLog, TrainConfig, TrainLoop};
+use crate::train::{resumed_step, training_stage, Init, StepLog, TrainConfig, TrainLoop};
 
 /// Environment variable for fault tests: `RANK:STEP` makes rank `RANK` abort (no goodbye, as a
 /// crash) after computing step `STEP` and before reporting it.
@@ -195,6 +195,11 @@ impl<B: Backend> RankTrainer<B> {
             },
         };
         let (report, loss_sum) = train_step_rank(&self.schedule, &mut self.rank, &batch, &opts)
+            .with_context(|| format!("rank {me}, step {step}"))?;
+        // A transfer that failed after its buffer was handed over surfaces in this step.
+        self.rank
+            .transport
+            .flush()
             .with_context(|| format!("rank {me}, step {step}"))?;
         if self.abort_after == Some(step) {
             eprintln!("rank {me}: aborting after step {step} as {FAULT_ENV} asks");
@@ -423,13 +428,7 @@ fn build_stages<B: Backend>(
     };
     let mut stages = Vec::with_capacity(own.len());
     for &s in &own {
-        let mut model = StageModel::new(backend, &config.model, ranges[s].clone(), host)?;
-        if let Init::Resume(c) = init {
-            let opt = c.optimizer.as_ref().ok_or_else(|| {
-                invalid_input!("the checkpoint has no optimizer state to resume from")
-            })?;
-            model.load_optimizer_state(backend, opt)?;
-        }
+        let model = training_stage(backend, config, ranges[s].clone(), host, init)?;
         stages.push((s, model));
     }
     Ok(stages)
