@@ -28,6 +28,14 @@ pub trait BackendJob {
     type Output;
     /// Run with `make(r)` giving rank `r` its device.
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<Self::Output>;
+    /// [`Self::run`] on CUDA devices; a job that does something only CUDA can (NCCL between
+    /// processes) overrides it.
+    fn run_cuda(self, make: &mut dyn FnMut(usize) -> Result<CudaBackend>) -> Result<Self::Output>
+    where
+        Self: Sized,
+    {
+        self.run(make)
+    }
 }
 
 /// Pick the backend for `choice`, say which on stderr, and run `job` on it.
@@ -72,7 +80,7 @@ pub fn with_backend<J: BackendJob>(choice: BackendChoice, job: J) -> Result<J::O
 /// (a stream each) or spread over several; `first` (device 0) serves the first rank there.
 fn run_on_cuda<J: BackendJob>(job: J, first: CudaBackend, devices: usize) -> Result<J::Output> {
     let mut first = Some(first);
-    job.run(&mut |r| match first.take() {
+    job.run_cuda(&mut |r| match first.take() {
         Some(b) if r % devices == 0 => Ok(b),
         _ => CudaBackend::new(r % devices),
     })

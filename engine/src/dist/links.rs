@@ -58,11 +58,6 @@ impl<B: Backend> RankLinks<B> {
         Self { tcp, tensors }
     }
 
-    /// The TCP mesh.
-    pub fn tcp(&mut self) -> &mut TcpTransport {
-        &mut self.tcp
-    }
-
     /// Send host values to rank `to` over TCP (evaluation activations, checkpoint tensors).
     pub fn send_f32(&mut self, to: usize, values: &[f32]) -> Result<()> {
         self.tcp.send_f32(to, values)
@@ -83,14 +78,21 @@ impl<B: Backend> RankLinks<B> {
         self.tcp.recv_json(from, what)
     }
 
+    /// Wait until the tensor transfers issued so far have completed (at once over TCP, whose
+    /// sends are complete when they return).
+    pub fn flush(&mut self) -> Result<()> {
+        match &mut self.tensors {
+            Some(t) => t.flush(),
+            None => Ok(()),
+        }
+    }
+
     /// End the run cleanly: let the tensor transfers in flight complete, then finish with
     /// every peer over TCP.
     pub fn finish(&mut self) -> Result<()> {
-        if let Some(t) = &mut self.tensors {
-            if let Err(e) = t.flush() {
-                self.abort(&format!("{e:#}"));
-                return Err(e);
-            }
+        if let Err(e) = self.flush() {
+            self.abort(&format!("{e:#}"));
+            return Err(e);
         }
         self.tcp.finish()
     }
