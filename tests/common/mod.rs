@@ -54,9 +54,12 @@ pub const TINY_MODEL: &[&str] = &[
     "256",
 ];
 
-/// The pipit binary, with no launcher variables inherited from the test's environment.
+/// The pipit binary, with no launcher variables inherited from the test's environment:
+/// `PIPIT_BIN` when set (a build carried to another machine, as scripts/gpu-check.sh does),
+/// else the one cargo built for these tests.
 pub fn pipit_command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pipit"));
+    let bin = std::env::var_os("PIPIT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_pipit").into());
+    let mut cmd = Command::new(bin);
     cmd.env("XDG_RUNTIME_DIR", "/tmp");
     for var in LAUNCH_VARS {
         cmd.env_remove(var);
