@@ -990,3 +990,127 @@ fn a_launch_across_two_network_namespaces_gives_the_single_process_losses() {
     );
     same_losses(&single, &multi, 4);
 }
+
+/// The number of CUDA devices, or `None` after printing why CUDA is not usable here (a
+/// failure instead with `PIPIT_REQUIRE_CUDA` set, as on GPU machines).
+fn cuda_devices() -> Option<usize> {
+    match pipit::cuda::probe() {
+        Ok(n) => Some(n),
+        Err(why) => {
+            assert!(
+                std::env::var_os("PIPIT_REQUIRE_CUDA").is_none(),
+                "PIPIT_REQUIRE_CUDA is set, but CUDA is not usable: {why}"
+            );
+            eprintln!("skipped: CUDA is not usable here: {why}");
+            None
+        }
+    }
+}
+
+/// [`same_losses`] for CUDA ranks: every key and step, with losses equal to float rounding
+/// (1e-5 relative) and, where `same_memory`, the same per-rank peaks.
+fn close_losses(single: &Path, multi: &Path, ranks: usize, same_memory: bool) {
+    let (a, b) = (log_lines(single), log_lines(multi));
+    assert_eq!(a.len(), b.len(), "one line per step");
+    assert!(!a.is_empty());
+    for (x, y) in a.iter().zip(&b) {
+        let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(x), keys(y), "the same keys");
+        assert_eq!((&x["step"], &x["lr"]), (&y["step"], &y["lr"]));
+        for key in ["loss", "val_loss"] {
+            match (x[key].as_f64(), y[key].as_f64()) {
+                (Some(p), Some(q)) => assert!(
+                    (p - q).abs() <= 1e-5 * p.abs().max(1.0),
+                    "step {}: {key} {p} in one process, {q} across processes",
+                    x["step"]
+                ),
+                _ => assert_eq!(x[key], y[key], "step {}: {key}", x["step"]),
+            }
+        }
+        assert_eq!(y["peak_bytes"].as_array().unwrap().len(), ranks);
+        if same_memory {
+            assert_eq!(x["peak_bytes"], y["peak_bytes"], "step {}", x["step"]);
+        }
+    }
+}
+
+/// CUDA ranks in separate processes give the single-process CUDA losses. One GPU holds both
+/// ranks only with tensors over TCP (NCCL refuses two ranks on one GPU), so that run is the
+/// one every GPU machine checks; with a GPU per rank the NCCL run must match too, and on a
+/// single GPU asking for NCCL ends at once with one error line per rank that names NCCL.
+#[test]
+fn a_launched_cuda_run_gives_the_single_process_losses() {
+    let Some(gpus) = cuda_devices() else {
+        return;
+    };
+    let dir = scratch("cuda");
+    let args = |log: &Path, transport: &str| {
+        let mut a = train_args(
+            "1f1b",
+            2,
+            1,
+            &[
+                "--steps",
+                "2",
+                "--no-save",
+                "--log-json",
+                log.to_str().unwrap(),
+                "--transport",
+                transport,
+                "--peer-timeout",
+                "20",
+            ],
+        );
+        let backend = a.iter().position(|x| x == "reference").unwrap();
+        a[backend] = "cuda".into();
+        a
+    };
+    let launch = |log: &Path, transport: &str| {
+        let mut a: Vec<String> = ["launch", "--nproc-per-node", "2", "--"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(args(log, transport));
+        run(&mut pipit(&a, &[]))
+    };
+    let single = dir.join("single.jsonl");
+    ok(&run(&mut pipit(&args(&single, "auto"), &[])));
+
+    let tcp = dir.join("tcp.jsonl");
+    let out = launch(&tcp, "tcp");
+    ok(&out);
+    let err = stderr(&out);
+    assert!(err.contains("[rank 1]   rank 1: cuda"), "{err}");
+    assert!(!err.contains("tensors over nccl"), "{err}");
+    close_losses(&single, &tcp, 2, true);
+
+    let nccl = dir.join("nccl.jsonl");
+    let out = launch(&nccl, "nccl");
+    let err = stderr(&out);
+    if gpus >= 2 {
+        ok(&out);
+        for r in 0..2 {
+            assert!(
+                err.lines()
+                    .any(|l| l.starts_with(&format!("[rank {r}]   rank {r}: cuda"))
+                        && l.ends_with("| tensors over nccl")),
+                "rank {r} moves tensors over NCCL: {err}"
+            );
+        }
+        // Staged copies of sent tensors count towards the senders' peaks.
+        close_losses(&single, &nccl, 2, false);
+    } else {
+        assert!(
+            !out.status.success(),
+            "NCCL refused two ranks on one GPU: {err}"
+        );
+        for r in 0..2 {
+            let lines: Vec<&str> = err
+                .lines()
+                .filter(|l| l.starts_with(&format!("[rank {r}] error: ")))
+                .collect();
+            assert_eq!(lines.len(), 1, "rank {r} stops with one line: {err}");
+            assert!(lines[0].contains("NCCL"), "{}", lines[0]);
+        }
+    }
+}
