@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # pipit on an NVIDIA GPU machine, in one run: the CUDA backend's conformance suite and the
-# pipeline-equivalence test on CUDA, short training runs on CUDA and on wgpu (NVIDIA's Vulkan
-# driver), a GPT-2 124M-sized step on CUDA, and the PyTorch baseline, with a table last.
+# pipeline-equivalence test on CUDA, the NCCL transport (a one-rank communicator sending to
+# itself; a communicator short of a rank giving up), launched CUDA ranks against one process
+# (the cuda test of tests/multiprocess.rs), short training runs on CUDA and on wgpu (NVIDIA's
+# Vulkan driver), a GPT-2 124M-sized step on CUDA, and the PyTorch baseline, with a table last.
 #
 # The GPU machine has no Rust toolchain, so the binaries are built on the development machine
 # (Debian 12, x86-64) first, from the repository root:
@@ -9,12 +11,12 @@
 #     scripts/gpu-check.sh prepare
 #
 # which runs `cargo build --release` and `cargo test --release --no-run`, copies the pipit
-# binary and the backend_conformance and pipeline_equivalence test binaries (stripped of debug
-# information, to keep them small) into .gpu/, copies the PyTorch baseline script named by
-# TORCH_BASELINE=path (a GPT-2 124M training step) when given, and downloads Debian's libvulkan1 into
-# .gl/ (the GPU machine has no Vulkan loader). Both folders are listed in .git/info/exclude, so
-# they have to be carried to the GPU machine along with the working tree. Then, there, from
-# the repository root:
+# binary and the backend_conformance, pipeline_equivalence, multiprocess and (pipit-cuda's)
+# nccl_transport test binaries (stripped of debug information, to keep them small) into
+# .gpu/, copies the PyTorch baseline script named by TORCH_BASELINE=path (a GPT-2 124M
+# training step) when given, and downloads Debian's libvulkan1 into .gl/ (the GPU machine has
+# no Vulkan loader). Both folders are listed in .git/info/exclude, so they have to be carried
+# to the GPU machine along with the working tree. Then, there, from the repository root:
 #
 #     scripts/gpu-check.sh
 #
@@ -25,6 +27,9 @@
 # ran passed, 1 otherwise.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+BINARIES=(.gpu/pipit .gpu/backend_conformance .gpu/pipeline_equivalence .gpu/nccl_transport
+    .gpu/multiprocess)
 
 exclude() {
     local pattern
@@ -40,9 +45,12 @@ prepare() {
     cargo build --release -p pipit --bin pipit
     cp target/release/pipit .gpu/pipit
     # Test executables carry a hash in their names: take the paths from cargo's messages.
-    cargo test --release --no-run -p pipit --test backend_conformance --test pipeline_equivalence \
-        --message-format=json-render-diagnostics |
-        python3 -c '
+    {
+        cargo test --release --no-run -p pipit --test backend_conformance \
+            --test pipeline_equivalence --test multiprocess --message-format=json-render-diagnostics
+        cargo test --release --no-run -p pipit-cuda --test nccl_transport \
+            --message-format=json-render-diagnostics
+    } | python3 -c '
 import json, sys
 for line in sys.stdin:
     try:
@@ -52,7 +60,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and "test" in m["target"]["kind"]:
         print(m["target"]["name"], m["executable"])
 ' | while read -r name exe; do cp "$exe" ".gpu/$name"; done
-    for f in .gpu/pipit .gpu/backend_conformance .gpu/pipeline_equivalence; do
+    for f in "${BINARIES[@]}"; do
         [ -x "$f" ] || { echo "prepare: $f is missing" >&2; exit 1; }
         strip --strip-debug "$f"
     done
@@ -78,7 +86,7 @@ fi
 
 # ---- On the GPU machine ----------------------------------------------------------------
 
-for f in .gpu/pipit .gpu/backend_conformance .gpu/pipeline_equivalence; do
+for f in "${BINARIES[@]}"; do
     [ -x "$f" ] || { echo "gpu-check: $f is missing: run scripts/gpu-check.sh prepare on the build machine" >&2; exit 2; }
 done
 LOGS="${OUT:+$OUT/gpu-check}"
@@ -122,6 +130,13 @@ print(f"{len(rows)} steps, {tps:,.0f} tokens/s (median after step 1), peak {peak
 PY
 }
 
+# tests_summary, with the NCCL send-to-self figure the transport test prints.
+nccl_summary() {
+    local figure
+    figure=$(grep -oE 'NCCL send to self of [0-9]+ MiB: [0-9.]+ ms \([0-9.]+ GB/s' "$1" | head -1)
+    echo "$(tests_summary "$1")${figure:+; $figure)}"
+}
+
 torch_summary() {
     grep -E '^torch ' "$1" | sed -E 's/^torch [^ ]+ ([a-z0-9-]+) GPT-2 124M B=16 T=1024: /\1 /; s/, peak mem/ peak/' | paste -sd';' - | sed 's/;/; /g'
 }
@@ -156,6 +171,13 @@ step conformance-cuda 120 tests_summary -- \
     .gpu/backend_conformance cuda --test-threads=1
 step pipeline-equivalence-cuda 150 tests_summary -- \
     .gpu/pipeline_equivalence every_schedule_trains_like_one_device_on_cuda
+step nccl-one-rank 60 nccl_summary -- \
+    .gpu/nccl_transport one_rank ranks_and_ids --test-threads=1 --nocapture
+# Its own process: the communicator it gives up on stays blocked in NCCL until the process ends.
+step nccl-setup-gives-up 40 tests_summary -- \
+    .gpu/nccl_transport never_joins --test-threads=1
+step multiprocess-cuda 150 tests_summary -- \
+    env PIPIT_BIN="$PWD/.gpu/pipit" .gpu/multiprocess cuda --test-threads=1
 SMALL=(train --steps 30 --no-save --eval-every 0 --eval-tokens 4096)
 step train-cuda-default 60 train_summary -- \
     .gpu/pipit "${SMALL[@]}" --backend cuda --log-json "$LOGS/train-cuda-default.jsonl"

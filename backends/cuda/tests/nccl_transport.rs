@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pipit::cuda::{nccl_probe, probe, CudaBackend, NcclSetup, NcclTransport};
-use pipit::engine::dist::{PeerProbe, TensorSetup};
-use pipit::engine::Backend;
+use pipit_cuda::{nccl_probe, probe, CudaBackend, NcclSetup, NcclTransport};
+use pipit_engine::dist::{PeerProbe, TensorSetup};
+use pipit_engine::Backend;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
