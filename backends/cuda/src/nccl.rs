@@ -264,9 +264,9 @@ struct InFlight {
     /// Recorded on the transfer stream after the transfer.
     done: Arc<CudaEvent>,
     /// Buffers the transfer reads or writes, freed once it has completed.
-    _keep: (Option<CudaBuffer>, Vec<CudaSlice<u64>>),
+    _keep: (Option<CudaBuffer>, Vec<Header>),
     /// For a receive: the header that arrives, the length expected, and the sender.
-    expect: Option<(CudaSlice<u64>, usize, usize)>,
+    expect: Option<(Header, usize, usize)>,
 }
 
 impl Completion for InFlight {
@@ -282,16 +282,16 @@ impl Completion for InFlight {
             return Ok(false);
         }
         if let Some((header, want, from)) = &self.expect {
-            let mut got = [0u64];
+            let mut words = [0u32; HEADER_WORDS];
             let (ptr, _read) = header.device_ptr(header.stream());
             // SAFETY: the transfer that wrote the header has completed and `header` is alive;
-            // eight bytes into an eight-byte array.
-            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut got, ptr) }
+            // two words into a two-word array.
+            unsafe { cudarc::driver::result::memcpy_dtoh_sync(&mut words, ptr) }
                 .map_err(|e| format!("CUDA failed reading a message header: {e}"))?;
-            if got[0] != *want as u64 {
+            let got = u64::from(words[0]) | (u64::from(words[1]) << 32);
+            if got != *want as u64 {
                 return Err(format!(
-                    "rank {from} sent {} values where {want} were expected (the ranks are out of step)",
-                    got[0]
+                    "rank {from} sent {got} values where {want} were expected (the ranks are out of step)"
                 ));
             }
         }
@@ -463,7 +463,38 @@ unsafe fn recv_raw(
 }
 
 const F32: sys::ncclDataType_t = sys::ncclDataType_t::ncclFloat32;
-const U64: sys::ncclDataType_t = sys::ncclDataType_t::ncclUint64;
+const U32: sys::ncclDataType_t = sys::ncclDataType_t::ncclUint32;
+
+/// A message header on the device: the payload's length as two 32-bit words, low first.
+type Header = CudaSlice<u32>;
+/// Words of a [`Header`].
+const HEADER_WORDS: usize = 2;
+
+/// A header holding `len`, written by the transfer stream itself: copying from host memory
+/// could make the host wait for that stream, which may be waiting for a peer.
+fn header_of(stream: &Arc<CudaStream>, len: usize) -> Result<Header> {
+    // SAFETY: both words are written below, before the send that reads them.
+    let mut header =
+        unsafe { stream.alloc::<u32>(HEADER_WORDS) }.context("allocating a message header")?;
+    {
+        let (ptr, _write) = header.device_ptr_mut(stream);
+        let words = [len as u32, (len as u64 >> 32) as u32];
+        for (i, word) in words.into_iter().enumerate() {
+            // SAFETY: `ptr` holds HEADER_WORDS words, and `i` is below that.
+            unsafe {
+                cudarc::driver::sys::cuMemsetD32Async(
+                    ptr + 4 * i as u64,
+                    word,
+                    1,
+                    stream.cu_stream(),
+                )
+            }
+            .result()
+            .context("writing a message header")?;
+        }
+    }
+    Ok(header)
+}
 
 impl Transport<CudaBackend> for NcclTransport {
     fn send(&mut self, backend: &CudaBackend, to: usize, buf: &CudaBuffer) -> Result<()> {
@@ -477,7 +508,7 @@ impl Transport<CudaBackend> for NcclTransport {
         let mut landing = if to == me {
             Some((
                 backend.zeroed(len, DType::F32)?,
-                stream.alloc_zeros::<u64>(1)?,
+                stream.alloc_zeros::<u32>(HEADER_WORDS)?,
             ))
         } else {
             None
@@ -494,9 +525,7 @@ impl Transport<CudaBackend> for NcclTransport {
             .memcpy_dtod(src, &mut staged)
             .context("copying a tensor to send")?;
         let staged = CudaBuffer::new(Data::F32(staged), len, &backend.meter);
-        let header = stream
-            .clone_htod(&[len as u64])
-            .context("writing a message header")?;
+        let header = header_of(stream, len)?;
         self.group(&what, |comm, raw_stream| {
             let (h, _h) = header.device_ptr(stream);
             let payload = staged
@@ -505,7 +534,7 @@ impl Transport<CudaBackend> for NcclTransport {
             let (p, _p) = payload.device_ptr(stream);
             // SAFETY: both buffers stay alive in the watchdog's entry until the transfer ends.
             unsafe {
-                send_raw(h, 1, U64, to, comm, raw_stream)?;
+                send_raw(h, HEADER_WORDS, U32, to, comm, raw_stream)?;
                 if len > 0 {
                     send_raw(p, len, F32, to, comm, raw_stream)?;
                 }
@@ -518,7 +547,7 @@ impl Transport<CudaBackend> for NcclTransport {
                 let (o, _o) = slice.device_ptr_mut(stream);
                 // SAFETY: as above, the landing buffers live in the message queue.
                 unsafe {
-                    recv_raw(oh, 1, U64, me, comm, raw_stream)?;
+                    recv_raw(oh, HEADER_WORDS, U32, me, comm, raw_stream)?;
                     if len > 0 {
                         recv_raw(o, len, F32, me, comm, raw_stream)?;
                     }
@@ -566,7 +595,7 @@ impl Transport<CudaBackend> for NcclTransport {
         let mut out = backend.zeroed(len, DType::F32)?;
         let stream = &self.stream;
         let mut header = stream
-            .alloc_zeros::<u64>(1)
+            .alloc_zeros::<u32>(HEADER_WORDS)
             .context("allocating a message header")?;
         // The receive may land once its buffer exists on the compute stream.
         stream
@@ -581,7 +610,7 @@ impl Transport<CudaBackend> for NcclTransport {
             // SAFETY: `header` lives in the watchdog's entry and `out` is returned to the
             // caller; cudarc's events keep either from being freed before the transfer ends.
             unsafe {
-                recv_raw(h, 1, U64, from, comm, raw_stream)?;
+                recv_raw(h, HEADER_WORDS, U32, from, comm, raw_stream)?;
                 if len > 0 {
                     recv_raw(o, len, F32, from, comm, raw_stream)?;
                 }
