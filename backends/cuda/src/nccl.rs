@@ -526,35 +526,35 @@ impl Transport<CudaBackend> for NcclTransport {
             .context("copying a tensor to send")?;
         let staged = CudaBuffer::new(Data::F32(staged), len, &backend.meter);
         let header = header_of(stream, len)?;
-        self.group(&what, |comm, raw_stream| {
+        {
+            // The guards record, once the group is enqueued, that the transfer stream uses
+            // these buffers, so none is freed before the transfer has ended.
             let (h, _h) = header.device_ptr(stream);
-            let payload = staged
-                .f32("the staged tensor")
-                .map_err(|_| NcclError(sys::ncclResult_t::ncclInternalError))?;
-            let (p, _p) = payload.device_ptr(stream);
-            // SAFETY: both buffers stay alive in the watchdog's entry until the transfer ends.
-            unsafe {
+            let (p, _p) = staged.f32("the staged tensor")?.device_ptr(stream);
+            let mut back = None;
+            let _landing_guards;
+            if let Some((out, out_header)) = &mut landing {
+                let (oh, oh_guard) = out_header.device_ptr_mut(stream);
+                let (o, o_guard) = out.f32_mut("the received tensor")?.device_ptr_mut(stream);
+                back = Some((oh, o));
+                _landing_guards = (oh_guard, o_guard);
+            }
+            // SAFETY: the staged tensor and the header stay alive in the watchdog's entry, the
+            // landing buffers in the message queue, until the transfer has ended.
+            self.group(&what, |comm, raw_stream| unsafe {
                 send_raw(h, HEADER_WORDS, U32, to, comm, raw_stream)?;
                 if len > 0 {
                     send_raw(p, len, F32, to, comm, raw_stream)?;
                 }
-            }
-            if let Some((out, out_header)) = &mut landing {
-                let (oh, _oh) = out_header.device_ptr_mut(stream);
-                let slice = out
-                    .f32_mut("the received tensor")
-                    .map_err(|_| NcclError(sys::ncclResult_t::ncclInternalError))?;
-                let (o, _o) = slice.device_ptr_mut(stream);
-                // SAFETY: as above, the landing buffers live in the message queue.
-                unsafe {
+                if let Some((oh, o)) = back {
                     recv_raw(oh, HEADER_WORDS, U32, me, comm, raw_stream)?;
                     if len > 0 {
                         recv_raw(o, len, F32, me, comm, raw_stream)?;
                     }
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })?;
+        }
         let done = Arc::new(
             stream
                 .record_event(None)
@@ -601,22 +601,19 @@ impl Transport<CudaBackend> for NcclTransport {
         stream
             .join(&backend.stream)
             .context("ordering a receive after compute")?;
-        self.group(&what, |comm, raw_stream| {
+        {
             let (h, _h) = header.device_ptr_mut(stream);
-            let slice = out
-                .f32_mut("the received tensor")
-                .map_err(|_| NcclError(sys::ncclResult_t::ncclInternalError))?;
-            let (o, _o) = slice.device_ptr_mut(stream);
+            let (o, _o) = out.f32_mut("the received tensor")?.device_ptr_mut(stream);
             // SAFETY: `header` lives in the watchdog's entry and `out` is returned to the
-            // caller; cudarc's events keep either from being freed before the transfer ends.
-            unsafe {
+            // caller; the guards' events keep either from being freed before the transfer ends.
+            self.group(&what, |comm, raw_stream| unsafe {
                 recv_raw(h, HEADER_WORDS, U32, from, comm, raw_stream)?;
                 if len > 0 {
                     recv_raw(o, len, F32, from, comm, raw_stream)?;
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            })?;
+        }
         let done = Arc::new(
             stream
                 .record_event(None)
