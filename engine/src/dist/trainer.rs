@@ -123,7 +123,12 @@ impl<B: Backend> RankTrainer<B> {
             let world = env.world_size;
             let link = t
                 .open(&backend, me, world, &blob, timeout, tcp.failure_probe())
-                .with_context(|| format!("rank {me} opening its {} transport", t.name()))?;
+                .with_context(|| {
+                    format!(
+                        "rank {me} opening its {} transport (--transport tcp moves tensors over TCP instead)",
+                        t.name()
+                    )
+                })?;
             Ok((stages, Some(link)))
         });
         let (stages, tensor_link) = match opened {
