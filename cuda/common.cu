@@ -18,6 +18,30 @@ typedef unsigned long long u64;
 #define PIPIT_WARPS (PIPIT_BLOCK / 32)
 #define FULL_MASK 0xffffffffu
 
+// bfloat16, stored as its 16 bits: the upper half of an f32. Kernels read it as f32 (f32_of)
+// and store through put(), which rounds to nearest even, so every kernel computes in f32
+// whatever its operands' type. Templated kernels take T = float or bf16 for the operands
+// that mixed precision keeps in bf16; the host launches the instantiation named *_bf16.
+struct bf16 {
+    unsigned short bits;
+};
+
+__device__ __forceinline__ float f32_of(float v) { return v; }
+__device__ __forceinline__ float f32_of(bf16 v) { return __uint_as_float(((u32)v.bits) << 16); }
+
+// v rounded to the nearest bf16, ties to even; NaN stays a (quiet) NaN.
+__device__ __forceinline__ unsigned short bf16_bits(float v) {
+    u32 x = __float_as_uint(v);
+    if ((x & 0x7fffffffu) > 0x7f800000u) {
+        return (unsigned short)((x >> 16) | 0x0040u);
+    }
+    x += 0x7fffu + ((x >> 16) & 1u);
+    return (unsigned short)(x >> 16);
+}
+
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void put(bf16* p, float v) { p->bits = bf16_bits(v); }
+
 __device__ __forceinline__ float pipit_nan() { return __int_as_float(0x7fffffff); }
 __device__ __forceinline__ float pipit_neg_inf() { return __int_as_float(0xff800000); }
 

@@ -10,17 +10,27 @@
 // the chunks of each column in chunk order to the accumulator.
 
 // out[r, c] = bias[c] (or out[r, c] + bias[c] when accumulate != 0), for `n` = rows · cols.
-extern "C" __global__ void bias_rows(float* out, const float* bias, u32 cols, u32 accumulate, u64 n) {
+// The bias is f32; a bf16 output holds it rounded, and cuBLAS adds the product to that.
+template <typename T>
+__device__ void bias_rows_impl(T* out, const float* bias, u32 cols, u32 accumulate, u64 n) {
     for (u64 i = global_index(); i < n; i += grid_stride()) {
         float b = bias[i % cols];
-        out[i] = accumulate ? out[i] + b : b;
+        put(out + i, accumulate ? f32_of(out[i]) + b : b);
     }
+}
+
+extern "C" __global__ void bias_rows(float* out, const float* bias, u32 cols, u32 accumulate, u64 n) {
+    bias_rows_impl(out, bias, cols, accumulate, n);
+}
+extern "C" __global__ void bias_rows_bf16(bf16* out, const float* bias, u32 cols, u32 accumulate, u64 n) {
+    bias_rows_impl(out, bias, cols, accumulate, n);
 }
 
 // Stage 1 of dbias: partial[chunk, col] = Σ x[r, col] over the chunk's rows.
 // Grid: (ceil(cols / 32), chunks); block: (32, 8).
-extern "C" __global__ void column_partial_sums(
-    float* partial, const float* x, u32 rows, u32 cols, u32 chunk_rows) {
+template <typename T>
+__device__ void column_partial_sums_impl(
+    float* partial, const T* x, u32 rows, u32 cols, u32 chunk_rows) {
     __shared__ float tile[8][33];
     u32 col = blockIdx.x * 32 + threadIdx.x;
     u32 r0 = blockIdx.y * chunk_rows;
@@ -28,7 +38,7 @@ extern "C" __global__ void column_partial_sums(
     float s = 0.0f;
     if (col < cols) {
         for (u32 r = r0 + threadIdx.y; r < r1; r += 8) {
-            s += x[(u64)r * cols + col];
+            s += f32_of(x[(u64)r * cols + col]);
         }
     }
     tile[threadIdx.y][threadIdx.x] = s;
@@ -40,6 +50,15 @@ extern "C" __global__ void column_partial_sums(
         }
         partial[(u64)blockIdx.y * cols + col] = total;
     }
+}
+
+extern "C" __global__ void column_partial_sums(
+    float* partial, const float* x, u32 rows, u32 cols, u32 chunk_rows) {
+    column_partial_sums_impl(partial, x, rows, cols, chunk_rows);
+}
+extern "C" __global__ void column_partial_sums_bf16(
+    float* partial, const bf16* x, u32 rows, u32 cols, u32 chunk_rows) {
+    column_partial_sums_impl(partial, x, rows, cols, chunk_rows);
 }
 
 // Stage 2: acc[col] += Σ_chunk partial[chunk, col], chunks in order. One thread per column.

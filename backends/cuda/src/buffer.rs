@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 use pipit_engine::backend::{DType, MemoryMeter};
 
 /// What a buffer holds on the device.
@@ -11,6 +11,8 @@ use pipit_engine::backend::{DType, MemoryMeter};
 pub(crate) enum Data {
     /// f32 elements.
     F32(CudaSlice<f32>),
+    /// bf16 elements, as their 16 bits (`struct bf16` in `cuda/common.cu`).
+    BF16(CudaSlice<u16>),
     /// u32 elements (token ids), with a host copy of the same ids: u32 buffers are only ever
     /// filled from the host (upload, zeroed allocation, or a copy of another u32 buffer), so
     /// the copy is always exact, and lets ops check ids and group positions by token without
@@ -56,6 +58,7 @@ impl CudaBuffer {
     pub fn dtype(&self) -> DType {
         match self.data {
             Data::F32(_) => DType::F32,
+            Data::BF16(_) => DType::BF16,
             Data::U32 { .. } => DType::U32,
         }
     }
@@ -68,15 +71,34 @@ impl CudaBuffer {
     pub(crate) fn f32(&self, what: &str) -> Result<&CudaSlice<f32>> {
         match &self.data {
             Data::F32(s) => Ok(s),
-            Data::U32 { .. } => bail!("{what} must be an F32 buffer, got U32"),
+            _ => bail!("{what} must be an F32 buffer, got {:?}", self.dtype()),
         }
     }
 
     /// [`Self::f32`], for writing.
     pub(crate) fn f32_mut(&mut self, what: &str) -> Result<&mut CudaSlice<f32>> {
+        let dtype = self.dtype();
         match &mut self.data {
             Data::F32(s) => Ok(s),
-            Data::U32 { .. } => bail!("{what} must be an F32 buffer, got U32"),
+            _ => bail!("{what} must be an F32 buffer, got {dtype:?}"),
+        }
+    }
+
+    /// The device slice of a float buffer (f32 or bf16), as a kernel argument.
+    pub(crate) fn floats(&self, what: &str) -> Result<Floats<'_>> {
+        match &self.data {
+            Data::F32(s) => Ok(Floats::F32(s)),
+            Data::BF16(s) => Ok(Floats::BF16(s)),
+            Data::U32 { .. } => bail!("{what} must be an F32 or BF16 buffer, got U32"),
+        }
+    }
+
+    /// [`Self::floats`], for writing.
+    pub(crate) fn floats_mut(&mut self, what: &str) -> Result<FloatsMut<'_>> {
+        match &mut self.data {
+            Data::F32(s) => Ok(FloatsMut::F32(s)),
+            Data::BF16(s) => Ok(FloatsMut::BF16(s)),
+            Data::U32 { .. } => bail!("{what} must be an F32 or BF16 buffer, got U32"),
         }
     }
 
@@ -84,7 +106,43 @@ impl CudaBuffer {
     pub(crate) fn u32(&self, what: &str) -> Result<(&CudaSlice<u32>, &[u32])> {
         match &self.data {
             Data::U32 { device, host } => Ok((device, host)),
-            Data::F32(_) => bail!("{what} must be a U32 buffer, got F32"),
+            _ => bail!("{what} must be a U32 buffer, got {:?}", self.dtype()),
+        }
+    }
+}
+
+/// A float buffer's device slice, whichever its element type: a kernel argument for the
+/// `float*` or `bf16*` parameter of the kernel the op picked for that type.
+pub(crate) enum Floats<'a> {
+    F32(&'a CudaSlice<f32>),
+    BF16(&'a CudaSlice<u16>),
+}
+
+/// [`Floats`], for a parameter the kernel writes.
+pub(crate) enum FloatsMut<'a> {
+    F32(&'a mut CudaSlice<f32>),
+    BF16(&'a mut CudaSlice<u16>),
+}
+
+// SAFETY: each variant pushes its slice exactly as cudarc pushes a slice of that type; the
+// kernel's parameter is a pointer either way.
+unsafe impl<'a, 'b: 'a> PushKernelArg<Floats<'b>> for LaunchArgs<'a> {
+    #[inline(always)]
+    fn arg(&mut self, arg: Floats<'b>) -> &mut Self {
+        match arg {
+            Floats::F32(s) => self.arg(s),
+            Floats::BF16(s) => self.arg(s),
+        }
+    }
+}
+
+// SAFETY: as for `Floats`, with cudarc's write tracking of a mutably borrowed slice.
+unsafe impl<'a, 'b: 'a> PushKernelArg<FloatsMut<'b>> for LaunchArgs<'a> {
+    #[inline(always)]
+    fn arg(&mut self, arg: FloatsMut<'b>) -> &mut Self {
+        match arg {
+            FloatsMut::F32(s) => self.arg(s),
+            FloatsMut::BF16(s) => self.arg(s),
         }
     }
 }

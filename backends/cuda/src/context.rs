@@ -93,7 +93,11 @@ impl CudaBackend {
                     .with_context(|| format!("allocating {len} u32 elements on the GPU"))?,
                 host: vec![0u32; len].into(),
             },
-            DType::BF16 => bail!("the CUDA backend has no bf16 buffers yet"),
+            DType::BF16 => Data::BF16(
+                self.stream
+                    .alloc_zeros::<u16>(cells)
+                    .with_context(|| format!("allocating {len} bf16 elements on the GPU"))?,
+            ),
         };
         Ok(CudaBuffer::new(data, len, &self.meter))
     }

@@ -5,10 +5,16 @@
 //! `outᵀ[n×m] = op(b)ᵀ · op(a)ᵀ`: the operands swap places, and each keeps its own
 //! transposition flag.
 
+use std::ffi::c_void;
+
 use anyhow::{bail, Result};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-use cudarc::cublas::GemmConfig;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+use cudarc::cublas::{CudaBlas, GemmConfig};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
 use pipit_engine::backend::Matmul;
+
+use crate::buffer::{CudaBuffer, Data};
 
 /// The cuBLAS call for `shape`, with `beta` as given: the first cuBLAS operand is pipit's `b`,
 /// the second pipit's `a`. All sizes must be non-zero.
@@ -44,6 +50,61 @@ pub(crate) fn config(shape: &Matmul, beta: f32) -> Result<GemmConfig<f32>> {
         beta,
         ldc: n,
     })
+}
+
+/// `cfg`'s product with bf16 operands (`first` and `second` in cuBLAS's order) into `out`, f32
+/// or bf16, accumulating in f32 (`CUBLAS_COMPUTE_32F`): mixed precision's matmul, and its
+/// weight gradients straight into f32.
+pub(crate) fn bf16(
+    blas: &CudaBlas,
+    stream: &CudaStream,
+    cfg: &GemmConfig<f32>,
+    first: &CudaBuffer,
+    second: &CudaBuffer,
+    out: &mut CudaBuffer,
+) -> Result<()> {
+    let (Data::BF16(x), Data::BF16(y)) = (&first.data, &second.data) else {
+        bail!("a bf16 product needs bf16 operands");
+    };
+    let (px, _x_used) = x.device_ptr(stream);
+    let (py, _y_used) = y.device_ptr(stream);
+    let (pc, c_type, _c_used) = match &mut out.data {
+        Data::F32(c) => {
+            let (p, used) = c.device_ptr_mut(stream);
+            (p, cudaDataType::CUDA_R_32F, used)
+        }
+        Data::BF16(c) => {
+            let (p, used) = c.device_ptr_mut(stream);
+            (p, cudaDataType::CUDA_R_16BF, used)
+        }
+        Data::U32 { .. } => bail!("a product's output must be f32 or bf16"),
+    };
+    // SAFETY: the pointers are live device buffers of the lengths `cfg` was built from (the
+    // caller checked them); alpha and beta are host f32 scalars, as COMPUTE_32F requires.
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cfg.transa,
+            cfg.transb,
+            cfg.m,
+            cfg.n,
+            cfg.k,
+            (&cfg.alpha) as *const f32 as *const c_void,
+            px as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            cfg.lda,
+            py as *const c_void,
+            cudaDataType::CUDA_R_16BF,
+            cfg.ldb,
+            (&cfg.beta) as *const f32 as *const c_void,
+            pc as *mut c_void,
+            c_type,
+            cfg.ldc,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
 #[cfg(test)]

@@ -111,27 +111,45 @@ macro_rules! kernels {
     };
 }
 
+// A kernel templated over the activation type has an f32 entry point `name` and a bf16 one
+// `name_bf16` (see `cuda/common.cu`).
 kernels!(
     fill_f32,
+    fill_bf16,
+    convert_f32_to_bf16,
+    convert_bf16_to_f32,
     add_f32,
+    add_f32_bf16,
     add_assign_f32,
     bias_rows,
+    bias_rows_bf16,
     column_partial_sums,
+    column_partial_sums_bf16,
     column_sums_finish,
     gelu_forward,
+    gelu_forward_bf16,
     gelu_backward,
+    gelu_backward_bf16,
     adamw,
     embedding_forward,
     embedding_backward_wpe,
     embedding_backward_wte,
     layernorm_forward,
+    layernorm_forward_bf16,
     layernorm_backward,
+    layernorm_backward_bf16,
     layernorm_param_partials,
+    layernorm_param_partials_bf16,
     cross_entropy_forward,
+    cross_entropy_forward_bf16,
     cross_entropy_backward,
+    cross_entropy_backward_bf16,
     attention_forward,
+    attention_forward_bf16,
     attention_backward_query,
+    attention_backward_query_bf16,
     attention_backward_key_value,
+    attention_backward_key_value_bf16,
 );
 
 /// The program loaded into each device's primary context, by device ordinal. Every backend on

@@ -5,7 +5,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::Gemm;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pipit_engine::backend::check::{self, elems};
-use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
+use pipit_engine::backend::{round_bf16, AdamW, Attention, Backend, DType, Matmul, MemoryStats};
 
 use crate::buffer::{CudaBuffer, Data};
 use crate::context::{chunk_rows, column_tiles, elementwise, per_row, u32_of, CudaBackend};
@@ -13,23 +13,37 @@ use crate::gemm;
 use crate::groups::token_groups;
 use crate::kernels::ROW_BLOCK;
 
-/// Largest head size the attention kernels keep in shared memory: within the 48 KiB a block
-/// may use without opting in, beside the kernels' own reduction scratch.
-const MAX_HEAD_SIZE: usize = 12_000;
+/// Most floats the attention kernels keep in shared memory per block (the head's query and
+/// the row's scores): within the 48 KiB a block may use without opting in, beside the
+/// kernels' own reduction scratch.
+const MAX_SHARED_FLOATS: usize = 12_000;
 
 /// Launch kernel `$kernel` of `$self` with shape `$cfg` and the arguments in order. Every
-/// argument is a reference that lives until the launch: a device slice or a local scalar.
+/// argument is a reference that lives until the launch: a device slice (or [`Floats`]) or a
+/// local scalar. `launch!(self, dtype => name | name_bf16, ...)` launches the instantiation
+/// for the activations' dtype.
 macro_rules! launch {
-    ($self:expr, $kernel:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let mut builder = $self.stream.launch_builder(&$self.kernels.$kernel);
+    (@go $self:expr, $func:expr, $name:expr, $cfg:expr, $($arg:expr),+) => {{
+        let mut builder = $self.stream.launch_builder($func);
         $(builder.arg($arg);)+
-        // SAFETY: the arguments match the kernel's parameters in cuda/ in type and order,
-        // and the sizes passed were checked against the buffers' lengths, so the kernel
-        // reads and writes only inside them.
+        // SAFETY: the arguments match the kernel's parameters in cuda/ in type and order
+        // (float or bf16 pointers as the dtype picked the instantiation), and the sizes
+        // passed were checked against the buffers' lengths, so the kernel reads and writes
+        // only inside them.
         unsafe { builder.launch($cfg) }
             .map(drop)
-            .with_context(|| concat!("launching CUDA kernel ", stringify!($kernel)))
+            .with_context(|| format!("launching CUDA kernel {}", $name))
     }};
+    ($self:expr, $dtype:expr => $f32:ident | $bf16:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let (func, name) = match $dtype {
+            DType::BF16 => (&$self.kernels.$bf16, stringify!($bf16)),
+            _ => (&$self.kernels.$f32, stringify!($f32)),
+        };
+        launch!(@go $self, func, name, $cfg, $($arg),+)
+    }};
+    ($self:expr, $kernel:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {
+        launch!(@go $self, &$self.kernels.$kernel, stringify!($kernel), $cfg, $($arg),+)
+    };
 }
 
 /// Errors unless `buf` holds `dtype`.
@@ -40,6 +54,13 @@ fn need_dtype(buf: &CudaBuffer, dtype: DType, what: &str) -> Result<()> {
 /// Errors unless `buf` holds `dtype` and exactly `elems` elements.
 fn need(buf: &CudaBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
     check::buffer(what, buf.len(), buf.dtype(), elems, dtype)
+}
+
+/// Errors unless `buf` holds exactly `elems` floats (f32 or bf16); returns their type.
+fn need_float(buf: &CudaBuffer, elems: usize, what: &str) -> Result<DType> {
+    check::float(what, buf.dtype())?;
+    need(buf, elems, buf.dtype(), what)?;
+    Ok(buf.dtype())
 }
 
 /// Rows of a table of `channels`-wide rows, or an error when it is not whole rows.
@@ -76,15 +97,19 @@ impl CudaBackend {
             );
         }
         let hs = s.channels / s.heads;
-        if hs > MAX_HEAD_SIZE {
-            bail!("attention: head size {hs} exceeds the kernels' limit of {MAX_HEAD_SIZE}");
+        if hs + s.seq > MAX_SHARED_FLOATS {
+            bail!(
+                "attention: head size {hs} plus sequence length {} exceeds the kernels' shared-memory limit of {MAX_SHARED_FLOATS} floats",
+                s.seq
+            );
         }
         u32_of(s.seq, "attention sequence length")?;
         u32_of(3 * s.channels, "attention channels")?;
         Ok((hs, elems(&[s.batch, s.heads, s.seq])?))
     }
 
-    /// `dst[col] += Σ_rows x[row, col]` for `x[rows, cols]`, in two deterministic stages.
+    /// `dst[col] += Σ_rows x[row, col]` for `x[rows, cols]` (f32 or bf16), in two
+    /// deterministic stages.
     fn column_sums(
         &self,
         dst: &mut CudaBuffer,
@@ -102,10 +127,10 @@ impl CudaBackend {
         );
         launch!(
             self,
-            column_partial_sums,
+            x.dtype() => column_partial_sums | column_partial_sums_bf16,
             column_tiles(cols, chunks)?,
             partial.f32_mut("column partial sums")?,
-            x.f32("column sum input")?,
+            x.floats("column sum input")?,
             &rows32,
             &cols32,
             &per32,
@@ -144,7 +169,7 @@ impl CudaBackend {
         if vocab == 0 {
             bail!("cross-entropy needs a vocabulary of at least one token");
         }
-        need(logits, elems(&[rows, vocab])?, DType::F32, "logits")?;
+        need_float(logits, elems(&[rows, vocab])?, "logits")?;
         need(targets, rows, DType::U32, "targets")?;
         check_ids(targets.u32("targets")?.1, vocab, "target")?;
         u32_of(rows, "cross-entropy rows")?;
@@ -158,6 +183,10 @@ impl Backend for CudaBackend {
 
     fn describe(&self) -> String {
         self.description().to_string()
+    }
+
+    fn supports(&self, _dtype: DType) -> bool {
+        true
     }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuffer> {
@@ -184,23 +213,47 @@ impl Backend for CudaBackend {
     }
 
     fn write(&self, buf: &mut CudaBuffer, data: &[f32]) -> Result<()> {
-        need(buf, data.len(), DType::F32, "write target")?;
+        need_float(buf, data.len(), "write target")?;
         if data.is_empty() {
             return Ok(());
         }
-        self.stream
-            .memcpy_htod(data, buf.f32_mut("write target")?)
-            .context("copying to the GPU")
+        match &mut buf.data {
+            Data::F32(d) => self.stream.memcpy_htod(data, d),
+            Data::BF16(d) => {
+                let bits: Vec<u16> = data
+                    .iter()
+                    .map(|&x| (round_bf16(x).to_bits() >> 16) as u16)
+                    .collect();
+                self.stream.memcpy_htod(&bits, d)
+            }
+            Data::U32 { .. } => unreachable!("need_float refused u32 above"),
+        }
+        .context("copying to the GPU")
     }
 
     fn download(&self, buf: &CudaBuffer) -> Result<Vec<f32>> {
-        need_dtype(buf, DType::F32, "downloaded buffer")?;
-        let mut host = vec![0f32; buf.len()];
-        if !host.is_empty() {
-            self.stream
-                .memcpy_dtoh(buf.f32("downloaded buffer")?, &mut host)
-                .context("copying from the GPU")?;
-        }
+        need_float(buf, buf.len(), "downloaded buffer")?;
+        let n = buf.len();
+        let host = match &buf.data {
+            _ if n == 0 => Vec::new(),
+            Data::F32(d) => {
+                let mut host = vec![0f32; n];
+                self.stream
+                    .memcpy_dtoh(d, &mut host)
+                    .context("copying from the GPU")?;
+                host
+            }
+            Data::BF16(d) => {
+                let mut bits = vec![0u16; n];
+                self.stream
+                    .memcpy_dtoh(d, &mut bits)
+                    .context("copying from the GPU")?;
+                bits.iter()
+                    .map(|&b| f32::from_bits(u32::from(b) << 16))
+                    .collect()
+            }
+            Data::U32 { .. } => unreachable!("need_float refused u32 above"),
+        };
         self.synchronize()?;
         Ok(host)
     }
@@ -214,30 +267,34 @@ impl Backend for CudaBackend {
     }
 
     fn fill(&self, buf: &mut CudaBuffer, value: f32) -> Result<()> {
-        need_dtype(buf, DType::F32, "filled buffer")?;
         let n = buf.len();
+        let dtype = need_float(buf, n, "filled buffer")?;
         if n == 0 {
             return Ok(());
         }
         if value.to_bits() == 0 {
-            return self
-                .stream
-                .memset_zeros(buf.f32_mut("filled buffer")?)
-                .context("zeroing a GPU buffer");
+            return match &mut buf.data {
+                Data::F32(d) => self.stream.memset_zeros(d),
+                Data::BF16(d) => self.stream.memset_zeros(d),
+                Data::U32 { .. } => unreachable!("need_float refused u32 above"),
+            }
+            .context("zeroing a GPU buffer");
         }
         let n64 = n as u64;
         launch!(
             self,
-            fill_f32,
+            dtype => fill_f32 | fill_bf16,
             elementwise(n),
-            buf.f32_mut("filled buffer")?,
+            buf.floats_mut("filled buffer")?,
             &value,
             &n64
         )
     }
 
     fn copy(&self, dst: &mut CudaBuffer, src: &CudaBuffer) -> Result<()> {
-        if dst.dtype() != src.dtype() || dst.len() != src.len() {
+        let converts =
+            dst.dtype() != src.dtype() && dst.dtype().is_float() && src.dtype().is_float();
+        if (dst.dtype() != src.dtype() && !converts) || dst.len() != src.len() {
             bail!(
                 "copy needs equal buffers: destination {} × {:?}, source {} × {:?}",
                 dst.len(),
@@ -249,8 +306,30 @@ impl Backend for CudaBackend {
         if src.is_empty() {
             return Ok(());
         }
+        let n64 = src.len() as u64;
         match (&mut dst.data, &src.data) {
             (Data::F32(d), Data::F32(s)) => self.stream.memcpy_dtod(s, d),
+            (Data::BF16(d), Data::BF16(s)) => self.stream.memcpy_dtod(s, d),
+            (Data::BF16(d), Data::F32(s)) => {
+                return launch!(
+                    self,
+                    convert_f32_to_bf16,
+                    elementwise(src.len()),
+                    d,
+                    s,
+                    &n64
+                )
+            }
+            (Data::F32(d), Data::BF16(s)) => {
+                return launch!(
+                    self,
+                    convert_bf16_to_f32,
+                    elementwise(src.len()),
+                    d,
+                    s,
+                    &n64
+                )
+            }
             (
                 Data::U32 {
                     device: d,
@@ -264,7 +343,7 @@ impl Backend for CudaBackend {
                 *dh = sh.clone();
                 self.stream.memcpy_dtod(s, d)
             }
-            _ => unreachable!("dtypes were checked equal above"),
+            _ => unreachable!("dtypes were checked above"),
         }
         .context("copying between GPU buffers")
     }
@@ -273,18 +352,18 @@ impl Backend for CudaBackend {
         let n = out.len();
         need(out, n, DType::F32, "add output")?;
         need(a, n, DType::F32, "add input a")?;
-        need(b, n, DType::F32, "add input b")?;
+        let b_type = need_float(b, n, "add input b")?;
         if n == 0 {
             return Ok(());
         }
         let n64 = n as u64;
         launch!(
             self,
-            add_f32,
+            b_type => add_f32 | add_f32_bf16,
             elementwise(n),
             out.f32_mut("add output")?,
             a.f32("add input a")?,
-            b.f32("add input b")?,
+            b.floats("add input b")?,
             &n64,
         )
     }
@@ -426,7 +505,7 @@ impl Backend for CudaBackend {
             bail!("layernorm needs at least one channel");
         }
         let n = elems(&[rows, channels])?;
-        need(out, n, DType::F32, "layernorm output")?;
+        let out_type = need_float(out, n, "layernorm output")?;
         need(mean, rows, DType::F32, "layernorm mean")?;
         need(rstd, rows, DType::F32, "layernorm rstd")?;
         need(inp, n, DType::F32, "layernorm input")?;
@@ -438,9 +517,9 @@ impl Backend for CudaBackend {
         let (r32, c32) = (u32_of(rows, "rows")?, u32_of(channels, "channels")?);
         launch!(
             self,
-            layernorm_forward,
+            out_type => layernorm_forward | layernorm_forward_bf16,
             per_row(rows, 0)?,
-            out.f32_mut("layernorm output")?,
+            out.floats_mut("layernorm output")?,
             mean.f32_mut("layernorm mean")?,
             rstd.f32_mut("layernorm rstd")?,
             inp.f32("layernorm input")?,
@@ -471,7 +550,7 @@ impl Backend for CudaBackend {
         need(dinp, n, DType::F32, "layernorm input gradient")?;
         need(dweight, channels, DType::F32, "layernorm weight gradient")?;
         need(dbias, channels, DType::F32, "layernorm bias gradient")?;
-        need(dout, n, DType::F32, "layernorm output gradient")?;
+        let dout_type = need_float(dout, n, "layernorm output gradient")?;
         need(inp, n, DType::F32, "layernorm input")?;
         need(weight, channels, DType::F32, "layernorm weight")?;
         need(mean, rows, DType::F32, "layernorm mean")?;
@@ -482,10 +561,10 @@ impl Backend for CudaBackend {
         let (r32, c32) = (u32_of(rows, "rows")?, u32_of(channels, "channels")?);
         launch!(
             self,
-            layernorm_backward,
+            dout_type => layernorm_backward | layernorm_backward_bf16,
             per_row(rows, 0)?,
             dinp.f32_mut("layernorm input gradient")?,
-            dout.f32("layernorm output gradient")?,
+            dout.floats("layernorm output gradient")?,
             inp.f32("layernorm input")?,
             weight.f32("layernorm weight")?,
             mean.f32("layernorm mean")?,
@@ -501,11 +580,11 @@ impl Backend for CudaBackend {
         let mut partial_b = self.zeroed(chunks * channels, DType::F32)?;
         launch!(
             self,
-            layernorm_param_partials,
+            dout_type => layernorm_param_partials | layernorm_param_partials_bf16,
             column_tiles(channels, chunks)?,
             partial_w.f32_mut("layernorm weight partial sums")?,
             partial_b.f32_mut("layernorm bias partial sums")?,
-            dout.f32("layernorm output gradient")?,
+            dout.floats("layernorm output gradient")?,
             inp.f32("layernorm input")?,
             mean.f32("layernorm mean")?,
             rstd.f32("layernorm rstd")?,
@@ -526,9 +605,12 @@ impl Backend for CudaBackend {
         shape: Matmul,
     ) -> Result<()> {
         let Matmul { m, n, k, .. } = shape;
-        need(out, elems(&[m, n])?, DType::F32, "matmul output")?;
-        need(a, elems(&[m, k])?, DType::F32, "matmul a")?;
-        need(b, elems(&[k, n])?, DType::F32, "matmul b")?;
+        let out_type = need_float(out, elems(&[m, n])?, "matmul output")?;
+        let in_type = need_float(a, elems(&[m, k])?, "matmul a")?;
+        need(b, elems(&[k, n])?, in_type, "matmul b")?;
+        if in_type == DType::F32 && out_type != DType::F32 {
+            bail!("matmul: f32 operands need an f32 output, got {out_type:?}");
+        }
         if let Some(bias) = bias {
             need(bias, n, DType::F32, "matmul bias")?;
         }
@@ -544,9 +626,9 @@ impl Backend for CudaBackend {
             );
             launch!(
                 self,
-                bias_rows,
+                out_type => bias_rows | bias_rows_bf16,
                 elementwise(m * n),
-                out.f32_mut("matmul output")?,
+                out.floats_mut("matmul output")?,
                 bias.f32("matmul bias")?,
                 &n32,
                 &acc32,
@@ -566,6 +648,10 @@ impl Backend for CudaBackend {
         self.ctx
             .bind_to_thread()
             .context("making the CUDA context current")?;
+        if in_type == DType::BF16 {
+            return gemm::bf16(&self.blas, &self.stream, &cfg, b, a, out)
+                .map_err(|e| anyhow!("cuBLAS bf16 GemmEx {shape:?}: {e:?}"));
+        }
         // SAFETY: the configuration describes buffers of exactly the checked lengths (m·k,
         // k·n, m·n), so cuBLAS stays inside them; pipit's b is cuBLAS's first operand.
         unsafe {
@@ -587,7 +673,7 @@ impl Backend for CudaBackend {
         cols: usize,
     ) -> Result<()> {
         need(dbias, cols, DType::F32, "bias gradient")?;
-        need(dout, elems(&[rows, cols])?, DType::F32, "output gradient")?;
+        need_float(dout, elems(&[rows, cols])?, "output gradient")?;
         if rows == 0 || cols == 0 {
             return Ok(());
         }
@@ -596,18 +682,18 @@ impl Backend for CudaBackend {
 
     fn gelu_forward(&self, out: &mut CudaBuffer, inp: &CudaBuffer) -> Result<()> {
         let n = out.len();
-        need(out, n, DType::F32, "gelu output")?;
-        need(inp, n, DType::F32, "gelu input")?;
+        let t = need_float(out, n, "gelu output")?;
+        need(inp, n, t, "gelu input")?;
         if n == 0 {
             return Ok(());
         }
         let n64 = n as u64;
         launch!(
             self,
-            gelu_forward,
+            t => gelu_forward | gelu_forward_bf16,
             elementwise(n),
-            out.f32_mut("gelu output")?,
-            inp.f32("gelu input")?,
+            out.floats_mut("gelu output")?,
+            inp.floats("gelu input")?,
             &n64,
         )
     }
@@ -619,20 +705,20 @@ impl Backend for CudaBackend {
         dout: &CudaBuffer,
     ) -> Result<()> {
         let n = dinp.len();
-        need(dinp, n, DType::F32, "gelu input gradient")?;
-        need(inp, n, DType::F32, "gelu input")?;
-        need(dout, n, DType::F32, "gelu output gradient")?;
+        let t = need_float(dinp, n, "gelu input gradient")?;
+        need(inp, n, t, "gelu input")?;
+        need(dout, n, t, "gelu output gradient")?;
         if n == 0 {
             return Ok(());
         }
         let n64 = n as u64;
         launch!(
             self,
-            gelu_backward,
+            t => gelu_backward | gelu_backward_bf16,
             elementwise(n),
-            dinp.f32_mut("gelu input gradient")?,
-            inp.f32("gelu input")?,
-            dout.f32("gelu output gradient")?,
+            dinp.floats_mut("gelu input gradient")?,
+            inp.floats("gelu input")?,
+            dout.floats("gelu output gradient")?,
             &n64,
         )
     }
@@ -651,19 +737,9 @@ impl Backend for CudaBackend {
             channels,
             heads,
         } = shape;
-        need(
-            out,
-            elems(&[batch, seq, channels])?,
-            DType::F32,
-            "attention output",
-        )?;
-        need(
-            att,
-            elems(&[rows, seq])?,
-            DType::F32,
-            "attention probabilities",
-        )?;
-        need(qkv, elems(&[batch, seq, 3, channels])?, DType::F32, "qkv")?;
+        let t = need_float(out, elems(&[batch, seq, channels])?, "attention output")?;
+        need(att, elems(&[rows, seq])?, t, "attention probabilities")?;
+        need(qkv, elems(&[batch, seq, 3, channels])?, t, "qkv")?;
         if rows == 0 {
             return Ok(());
         }
@@ -672,11 +748,11 @@ impl Backend for CudaBackend {
         let rows64 = rows as u64;
         launch!(
             self,
-            attention_forward,
-            per_row(rows, (hs * 4) as u32)?,
-            out.f32_mut("attention output")?,
-            att.f32_mut("attention probabilities")?,
-            qkv.f32("qkv")?,
+            t => attention_forward | attention_forward_bf16,
+            per_row(rows, ((hs + seq) * 4) as u32)?,
+            out.floats_mut("attention output")?,
+            att.floats_mut("attention probabilities")?,
+            qkv.floats("qkv")?,
             &seq32,
             &c32,
             &h32,
@@ -701,20 +777,15 @@ impl Backend for CudaBackend {
             heads,
         } = shape;
         let qkv_len = elems(&[batch, seq, 3, channels])?;
-        need(dqkv, qkv_len, DType::F32, "qkv gradient")?;
+        let t = need_float(dqkv, qkv_len, "qkv gradient")?;
         need(
             dout,
             elems(&[batch, seq, channels])?,
-            DType::F32,
+            t,
             "attention output gradient",
         )?;
-        need(qkv, qkv_len, DType::F32, "qkv")?;
-        need(
-            att,
-            elems(&[rows, seq])?,
-            DType::F32,
-            "attention probabilities",
-        )?;
+        need(qkv, qkv_len, t, "qkv")?;
+        need(att, elems(&[rows, seq])?, t, "attention probabilities")?;
         if rows == 0 {
             return Ok(());
         }
@@ -724,13 +795,13 @@ impl Backend for CudaBackend {
         let mut dpre = self.zeroed(att.len(), DType::F32)?;
         launch!(
             self,
-            attention_backward_query,
+            t => attention_backward_query | attention_backward_query_bf16,
             per_row(rows, (hs * 4) as u32)?,
-            dqkv.f32_mut("qkv gradient")?,
+            dqkv.floats_mut("qkv gradient")?,
             dpre.f32_mut("attention score gradient")?,
-            dout.f32("attention output gradient")?,
-            qkv.f32("qkv")?,
-            att.f32("attention probabilities")?,
+            dout.floats("attention output gradient")?,
+            qkv.floats("qkv")?,
+            att.floats("attention probabilities")?,
             &seq32,
             &c32,
             &h32,
@@ -745,13 +816,13 @@ impl Backend for CudaBackend {
         };
         launch!(
             self,
-            attention_backward_key_value,
+            t => attention_backward_key_value | attention_backward_key_value_bf16,
             cfg,
-            dqkv.f32_mut("qkv gradient")?,
+            dqkv.floats_mut("qkv gradient")?,
             dpre.f32("attention score gradient")?,
-            dout.f32("attention output gradient")?,
-            qkv.f32("qkv")?,
-            att.f32("attention probabilities")?,
+            dout.floats("attention output gradient")?,
+            qkv.floats("qkv")?,
+            att.floats("attention probabilities")?,
             &seq32,
             &c32,
             &h32,
@@ -775,10 +846,10 @@ impl Backend for CudaBackend {
         let (r32, v32) = (rows as u32, vocab as u32);
         launch!(
             self,
-            cross_entropy_forward,
+            logits.dtype() => cross_entropy_forward | cross_entropy_forward_bf16,
             per_row(rows, 0)?,
             losses.f32_mut("losses")?,
-            logits.f32("logits")?,
+            logits.floats("logits")?,
             targets.u32("targets")?.0,
             &r32,
             &v32,
@@ -795,17 +866,17 @@ impl Backend for CudaBackend {
         vocab: usize,
     ) -> Result<()> {
         self.check_cross_entropy(logits, targets, rows, vocab)?;
-        need(dlogits, rows * vocab, DType::F32, "logits gradient")?;
+        need(dlogits, rows * vocab, logits.dtype(), "logits gradient")?;
         if rows == 0 {
             return Ok(());
         }
         let (r32, v32) = (rows as u32, vocab as u32);
         launch!(
             self,
-            cross_entropy_backward,
+            logits.dtype() => cross_entropy_backward | cross_entropy_backward_bf16,
             per_row(rows, 0)?,
-            dlogits.f32_mut("logits gradient")?,
-            logits.f32("logits")?,
+            dlogits.floats_mut("logits gradient")?,
+            logits.floats("logits")?,
             targets.u32("targets")?.0,
             &scale,
             &r32,
