@@ -2,8 +2,9 @@
 # pipit on an NVIDIA GPU machine, in one run: the CUDA backend's conformance suite and the
 # pipeline-equivalence test on CUDA, the NCCL transport (a one-rank communicator sending to
 # itself; a communicator short of a rank giving up), launched CUDA ranks against one process
-# (the cuda test of tests/multiprocess.rs), short training runs on CUDA and on wgpu (NVIDIA's
-# Vulkan driver), a GPT-2 124M-sized step on CUDA, and the PyTorch baseline, with a table last.
+# (the cuda test of tests/multiprocess.rs), GPT-2 124M training steps (bf16 on one stage and
+# on four, f32 on CUDA and on wgpu through NVIDIA's Vulkan driver) beside the PyTorch
+# baseline, and the default model in f32 and bf16, with a table last.
 #
 # The GPU machine has no Rust toolchain, so the binaries are built on the development machine
 # (Debian 12, x86-64) first, from the repository root:
@@ -118,15 +119,18 @@ tests_summary() {
 }
 
 # One line about a training run from its --log-json ($LOGS/NAME.jsonl): median tokens/s after
-# the first step, the largest per-rank peak memory, the last loss.
+# the first step (and ms per 16 x 1024 tokens), the largest per-rank peak memory, the last loss,
+# and the last validation loss its output printed.
 train_summary() {
-    python3 - "$LOGS/$2.jsonl" <<'PY' 2>/dev/null || echo "no --log-json lines"
-import json, statistics, sys
+    python3 - "$LOGS/$2.jsonl" "$1" <<'PY' 2>/dev/null || echo "no --log-json lines"
+import json, re, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 later = rows[1:] or rows
 tps = statistics.median(r["tokens_per_sec"] for r in later)
 peak = max(max(r["peak_bytes"]) for r in rows) / 2**30
-print(f"{len(rows)} steps, {tps:,.0f} tokens/s (median after step 1), peak {peak:.2f} GiB/rank, last loss {rows[-1]['loss']:.4f}")
+val = re.findall(r"val loss ([0-9.]+)", open(sys.argv[2], errors="replace").read())
+ms = 16 * 1024 / tps * 1e3 if tps else 0
+print(f"{len(rows)} steps, {tps:,.0f} tokens/s (median after step 1; {ms:.1f} ms per 16x1024), peak {peak:.2f} GiB/rank, last loss {rows[-1]['loss']:.4f}" + (f", val {val[-1]}" if val else ""))
 PY
 }
 
@@ -167,32 +171,43 @@ step() {
     ROWS+=("$name|$status|$((SECONDS - t0))|$detail")
 }
 
+# In order of what matters most, so a run cut short by the budget loses the least.
 step conformance-cuda 120 tests_summary -- \
     .gpu/backend_conformance cuda --test-threads=1
 step pipeline-equivalence-cuda 150 tests_summary -- \
     .gpu/pipeline_equivalence every_schedule_trains_like_one_device_on_cuda
 step nccl-one-rank 60 nccl_summary -- \
     .gpu/nccl_transport one_rank ranks_and_ids --test-threads=1 --nocapture
-# Its own process: the communicator it gives up on stays blocked in NCCL until the process ends.
-step nccl-setup-gives-up 40 tests_summary -- \
-    .gpu/nccl_transport never_joins --test-threads=1
-step multiprocess-cuda 150 tests_summary -- \
-    env PIPIT_BIN="$PWD/.gpu/pipit" .gpu/multiprocess cuda --test-threads=1
-SMALL=(train --steps 30 --no-save --eval-every 0 --eval-tokens 4096)
-step train-cuda-default 60 train_summary -- \
-    .gpu/pipit "${SMALL[@]}" --backend cuda --log-json "$LOGS/train-cuda-default.jsonl"
-step train-wgpu-default 90 train_summary -- \
-    .gpu/pipit "${SMALL[@]}" --backend wgpu --log-json "$LOGS/train-wgpu-default.jsonl"
-# GPT-2 124M's shape (but a byte vocabulary), f32 on one stage, as a first speed figure.
-step train-cuda-gpt2-124m 120 train_summary -- .gpu/pipit train --backend cuda --n-layer 12 \
-    --n-head 12 --n-embd 768 --n-positions 1024 --seq-len 1024 --batch-size 16 --stages 1 \
-    --microbatches 1 --steps 4 --no-save --eval-every 0 --eval-tokens 1024 \
-    --log-json "$LOGS/train-cuda-gpt2-124m.jsonl"
+# GPT-2 124M's shape (12 layers, d=768, 12 heads, T=1024, vocabulary 50304; the tokens are
+# bytes, so the extra vocabulary rows are never targets), batch 16 x 1024, AdamW.
+GPT2=(train --n-layer 12 --n-head 12 --n-embd 768 --n-positions 1024 --vocab-size 50304
+    --seq-len 1024 --batch-size 16 --no-save --eval-every 0 --eval-tokens 1024)
+step cuda-124m-bf16-p1 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
+    --dtype bf16 --stages 1 --microbatches 1 --steps 8 --log-json "$LOGS/cuda-124m-bf16-p1.jsonl"
 if [ -f .gpu/torch_gpt2.py ]; then
     step torch-baseline 150 torch_summary -- python3 .gpu/torch_gpt2.py
 else
     ROWS+=("torch-baseline|skipped|0|no .gpu/torch_gpt2.py")
 fi
+step cuda-124m-bf16-p4 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
+    --dtype bf16 --stages 4 --schedule 1f1b --microbatches 8 --steps 8 \
+    --log-json "$LOGS/cuda-124m-bf16-p4.jsonl"
+step cuda-124m-f32-p1 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
+    --stages 1 --microbatches 1 --steps 4 --log-json "$LOGS/cuda-124m-f32-p1.jsonl"
+step wgpu-124m-f32-p1 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend wgpu \
+    --stages 1 --microbatches 2 --steps 3 --log-json "$LOGS/wgpu-124m-f32-p1.jsonl"
+step multiprocess-cuda 150 tests_summary -- \
+    env PIPIT_BIN="$PWD/.gpu/pipit" .gpu/multiprocess cuda --test-threads=1
+# Its own process: the communicator it gives up on stays blocked in NCCL until the process ends.
+step nccl-setup-gives-up 40 tests_summary -- \
+    .gpu/nccl_transport never_joins --test-threads=1
+# The default model (pipit train's defaults) in f32 and in bf16: validation losses to compare.
+step train-cuda-default-f32 120 train_summary -- \
+    .gpu/pipit train --no-save --backend cuda --log-json "$LOGS/train-cuda-default-f32.jsonl"
+step train-cuda-default-bf16 120 train_summary -- .gpu/pipit train --no-save --backend cuda \
+    --dtype bf16 --log-json "$LOGS/train-cuda-default-bf16.jsonl"
+step train-wgpu-default 90 train_summary -- .gpu/pipit train --steps 30 --no-save \
+    --eval-every 0 --eval-tokens 4096 --backend wgpu --log-json "$LOGS/train-wgpu-default.jsonl"
 
 echo
 echo "== gpu-check: $((SECONDS - START)) s in all; logs in $LOGS"

@@ -128,6 +128,12 @@ impl TrainConfig {
             ));
         }
         self.compute_dtype()?;
+        if self.model.vocab_size < 256 {
+            return Err(invalid_input!(
+                "--vocab-size must be at least 256 (the tokens are bytes), got {}",
+                self.model.vocab_size
+            ));
+        }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(invalid_input!(
                 "--lr must be a positive number, got {}",

@@ -55,6 +55,10 @@ pub struct TrainArgs {
     /// Longest sequence the model accepts (rows of the position embedding).
     #[arg(long)]
     n_positions: Option<usize>,
+    /// Vocabulary size, at least 256 (tokens are bytes; a larger vocabulary gives a model
+    /// GPT-2's shape, e.g. 50304, whose extra rows are never targets).
+    #[arg(long)]
+    vocab_size: Option<usize>,
 
     /// Pipeline schedule: naive, gpipe, 1f1b or interleaved.
     #[arg(long)]
@@ -184,6 +188,7 @@ impl TrainArgs {
         set!(model.n_head <- n_head);
         set!(model.n_embd <- n_embd);
         set!(model.n_positions <- n_positions);
+        set!(model.vocab_size <- vocab_size);
         set!(schedule <- schedule);
         set!(stages <- stages);
         set!(microbatches <- microbatches);
