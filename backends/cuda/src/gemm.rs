@@ -3,15 +3,16 @@
 //! cuBLAS reads a row-major `r × c` matrix as its column-major transpose (`c × r`, leading
 //! dimension `c`). So pipit's row-major `out[m×n] = op(a)·op(b)` is cuBLAS's column-major
 //! `outᵀ[n×m] = op(b)ᵀ · op(a)ᵀ`: the operands swap places, and each keeps its own
-//! transposition flag.
+//! transposition flag. Every product goes through `cublasGemmStridedBatchedEx` with f32
+//! accumulation, so f32 and bf16 operands, one matrix or a batch of heads, take one path.
 
 use std::ffi::c_void;
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
 use cudarc::cublas::{CudaBlas, GemmConfig};
-use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop};
 use pipit_engine::backend::Matmul;
 
 use crate::buffer::{CudaBuffer, Data};
@@ -52,37 +53,104 @@ pub(crate) fn config(shape: &Matmul, beta: f32) -> Result<GemmConfig<f32>> {
     })
 }
 
-/// `cfg`'s product with bf16 operands (`first` and `second` in cuBLAS's order) into `out`, f32
-/// or bf16, accumulating in f32 (`CUBLAS_COMPUTE_32F`): mixed precision's matmul, and its
-/// weight gradients straight into f32.
-pub(crate) fn bf16(
+/// Elements between consecutive matrices of a batch, for cuBLAS's first operand (pipit's
+/// `b`), its second (pipit's `a`) and the output: each operand's matrices lie one after
+/// another.
+#[derive(Debug, PartialEq)]
+pub(crate) struct BatchStrides {
+    pub(crate) first: i64,
+    pub(crate) second: i64,
+    pub(crate) out: i64,
+}
+
+/// [`BatchStrides`] of `shape`'s products.
+pub(crate) fn batch_strides(shape: &Matmul) -> BatchStrides {
+    BatchStrides {
+        first: (shape.k * shape.n) as i64,
+        second: (shape.m * shape.k) as i64,
+        out: (shape.m * shape.n) as i64,
+    }
+}
+
+/// A device operand of a product: its address, its cuBLAS element type, and the guard that
+/// records its use on the stream when dropped.
+struct Operand<'a> {
+    ptr: u64,
+    dtype: cudaDataType,
+    _used: SyncOnDrop<'a>,
+}
+
+impl<'a> Operand<'a> {
+    fn read(buf: &'a CudaBuffer, stream: &'a CudaStream) -> Result<Self> {
+        let (ptr, dtype, used) = match &buf.data {
+            Data::F32(s) => {
+                let (p, u) = s.device_ptr(stream);
+                (p, cudaDataType::CUDA_R_32F, u)
+            }
+            Data::BF16(s) => {
+                let (p, u) = s.device_ptr(stream);
+                (p, cudaDataType::CUDA_R_16BF, u)
+            }
+            Data::U32 { .. } => bail!("a product's operands must be f32 or bf16"),
+        };
+        Ok(Self {
+            ptr,
+            dtype,
+            _used: used,
+        })
+    }
+
+    fn write(buf: &'a mut CudaBuffer, stream: &'a CudaStream) -> Result<Self> {
+        let (ptr, dtype, used) = match &mut buf.data {
+            Data::F32(s) => {
+                let (p, u) = s.device_ptr_mut(stream);
+                (p, cudaDataType::CUDA_R_32F, u)
+            }
+            Data::BF16(s) => {
+                let (p, u) = s.device_ptr_mut(stream);
+                (p, cudaDataType::CUDA_R_16BF, u)
+            }
+            Data::U32 { .. } => bail!("a product's output must be f32 or bf16"),
+        };
+        Ok(Self {
+            ptr,
+            dtype,
+            _used: used,
+        })
+    }
+}
+
+/// `batch` row-major products `out_i = op(a_i)·op(b_i)` (+ `beta`·`out_i`), the matrices of
+/// each operand stored one after another, accumulating in f32 (`CUBLAS_COMPUTE_32F`, no TF32):
+/// `a` and `b` both f32 or both bf16, `out` f32 or bf16. With `batch` = 1 it is one matmul.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn product(
     blas: &CudaBlas,
     stream: &CudaStream,
-    cfg: &GemmConfig<f32>,
-    first: &CudaBuffer,
-    second: &CudaBuffer,
+    shape: &Matmul,
+    batch: usize,
+    beta: f32,
+    a: &CudaBuffer,
+    b: &CudaBuffer,
     out: &mut CudaBuffer,
 ) -> Result<()> {
-    let (Data::BF16(x), Data::BF16(y)) = (&first.data, &second.data) else {
-        bail!("a bf16 product needs bf16 operands");
-    };
-    let (px, _x_used) = x.device_ptr(stream);
-    let (py, _y_used) = y.device_ptr(stream);
-    let (pc, c_type, _c_used) = match &mut out.data {
-        Data::F32(c) => {
-            let (p, used) = c.device_ptr_mut(stream);
-            (p, cudaDataType::CUDA_R_32F, used)
-        }
-        Data::BF16(c) => {
-            let (p, used) = c.device_ptr_mut(stream);
-            (p, cudaDataType::CUDA_R_16BF, used)
-        }
-        Data::U32 { .. } => bail!("a product's output must be f32 or bf16"),
-    };
-    // SAFETY: the pointers are live device buffers of the lengths `cfg` was built from (the
-    // caller checked them); alpha and beta are host f32 scalars, as COMPUTE_32F requires.
+    let cfg = config(shape, beta)?;
+    let count = i32::try_from(batch)
+        .map_err(|_| anyhow!("a batch of {batch} products exceeds cuBLAS's 32-bit count"))?;
+    let strides = batch_strides(shape);
+    let (oa, ob, oc) = (
+        Operand::read(a, stream)?,
+        Operand::read(b, stream)?,
+        Operand::write(out, stream)?,
+    );
+    if oa.dtype != ob.dtype {
+        bail!("a product needs operands of one type");
+    }
+    // SAFETY: the caller checked that a, b and out hold `batch` matrices of the sizes in
+    // `shape`, so cuBLAS stays inside them; alpha and beta are host f32 scalars, as
+    // COMPUTE_32F requires. pipit's b is cuBLAS's first operand (see the module docs).
     unsafe {
-        cudarc::cublas::result::gemm_ex(
+        cudarc::cublas::result::gemm_strided_batched_ex(
             *blas.handle(),
             cfg.transa,
             cfg.transb,
@@ -90,21 +158,25 @@ pub(crate) fn bf16(
             cfg.n,
             cfg.k,
             (&cfg.alpha) as *const f32 as *const c_void,
-            px as *const c_void,
-            cudaDataType::CUDA_R_16BF,
+            ob.ptr as *const c_void,
+            ob.dtype,
             cfg.lda,
-            py as *const c_void,
-            cudaDataType::CUDA_R_16BF,
+            strides.first,
+            oa.ptr as *const c_void,
+            oa.dtype,
             cfg.ldb,
+            strides.second,
             (&cfg.beta) as *const f32 as *const c_void,
-            pc as *mut c_void,
-            c_type,
+            oc.ptr as *mut c_void,
+            oc.dtype,
             cfg.ldc,
+            strides.out,
+            count,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|e| anyhow::anyhow!("{e:?}"))
+    .map_err(|e| anyhow!("cuBLAS GemmStridedBatchedEx {shape:?} × {batch}: {e:?}"))
 }
 
 #[cfg(test)]
@@ -191,6 +263,41 @@ mod tests {
                     for (g, w) in got.iter().zip(&want) {
                         assert!((g - w).abs() < 1e-5, "{s:?}: {got:?} vs {want:?}");
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn batched_calls_compute_each_matrix_of_the_batch() {
+        let (m, n, k, batch) = (3, 4, 5, 3);
+        for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+            let s = Matmul {
+                trans_a,
+                trans_b,
+                ..Matmul::new(m, n, k)
+            };
+            let a: Vec<f32> = (0..batch * m * k).map(|i| (i as f32 * 0.3).sin()).collect();
+            let b: Vec<f32> = (0..batch * k * n).map(|i| (i as f32 * 0.7).cos()).collect();
+            let cfg = config(&s, 0.0).unwrap();
+            let st = batch_strides(&s);
+            let mut got = vec![0f32; batch * m * n];
+            for z in 0..batch {
+                // cuBLAS's strided batch: matrix z of each operand starts z strides in.
+                let first = &b[z * st.first as usize..];
+                let second = &a[z * st.second as usize..];
+                let out = &mut got[z * st.out as usize..(z + 1) * st.out as usize];
+                column_major_gemm(&cfg, first, second, out);
+            }
+            for z in 0..batch {
+                let mut want = vec![0f32; m * n];
+                row_major(&s, &a[z * m * k..], &b[z * k * n..], &mut want);
+                let out = &got[z * m * n..(z + 1) * m * n];
+                for (g, w) in out.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{s:?} matrix {z}: {out:?} vs {want:?}"
+                    );
                 }
             }
         }

@@ -144,12 +144,14 @@ kernels!(
     cross_entropy_forward_bf16,
     cross_entropy_backward,
     cross_entropy_backward_bf16,
-    attention_forward,
-    attention_forward_bf16,
-    attention_backward_query,
-    attention_backward_query_bf16,
-    attention_backward_key_value,
-    attention_backward_key_value_bf16,
+    heads_split,
+    heads_split_bf16,
+    heads_merge,
+    heads_merge_bf16,
+    causal_softmax,
+    causal_softmax_bf16,
+    causal_softmax_backward,
+    causal_softmax_backward_bf16,
 );
 
 /// The program loaded into each device's primary context, by device ordinal. Every backend on

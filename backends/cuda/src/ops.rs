@@ -2,7 +2,6 @@
 //! calls on the backend's stream.
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::cublas::Gemm;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pipit_engine::backend::check::{self, elems};
 use pipit_engine::backend::{round_bf16, AdamW, Attention, Backend, DType, Matmul, MemoryStats};
@@ -12,11 +11,6 @@ use crate::context::{chunk_rows, column_tiles, elementwise, per_row, u32_of, Cud
 use crate::gemm;
 use crate::groups::token_groups;
 use crate::kernels::ROW_BLOCK;
-
-/// Most floats the attention kernels keep in shared memory per block (the head's query and
-/// the row's scores): within the 48 KiB a block may use without opting in, beside the
-/// kernels' own reduction scratch.
-const MAX_SHARED_FLOATS: usize = 12_000;
 
 /// Launch kernel `$kernel` of `$self` with shape `$cfg` and the arguments in order. Every
 /// argument is a reference that lives until the launch: a device slice (or [`Floats`]) or a
@@ -96,16 +90,103 @@ impl CudaBackend {
                 s.heads
             );
         }
-        let hs = s.channels / s.heads;
-        if hs + s.seq > MAX_SHARED_FLOATS {
-            bail!(
-                "attention: head size {hs} plus sequence length {} exceeds the kernels' shared-memory limit of {MAX_SHARED_FLOATS} floats",
-                s.seq
-            );
-        }
         u32_of(s.seq, "attention sequence length")?;
         u32_of(3 * s.channels, "attention channels")?;
-        Ok((hs, elems(&[s.batch, s.heads, s.seq])?))
+        // cuBLAS's sizes are 32-bit too: a head's T × T scores.
+        i32::try_from(elems(&[s.seq, s.seq])?).map_err(|_| {
+            anyhow!(
+                "attention: {0} × {0} scores per head exceed cuBLAS's 32-bit sizes",
+                s.seq
+            )
+        })?;
+        Ok((s.channels / s.heads, elems(&[s.batch, s.heads, s.seq])?))
+    }
+
+    /// `shape` products over `batch` stacked matrices on this backend's stream.
+    fn product(
+        &self,
+        shape: &Matmul,
+        batch: usize,
+        beta: f32,
+        a: &CudaBuffer,
+        b: &CudaBuffer,
+        out: &mut CudaBuffer,
+    ) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .context("making the CUDA context current")?;
+        gemm::product(&self.blas, &self.stream, shape, batch, beta, a, b, out)
+    }
+
+    /// The heads of one part of `src` (`[batch, seq, stride]`, the part starting at column
+    /// `offset`) as a new head-major `[batch·heads, seq, head size]` buffer.
+    fn split_heads(
+        &self,
+        src: &CudaBuffer,
+        s: Attention,
+        stride: usize,
+        offset: usize,
+    ) -> Result<CudaBuffer> {
+        let hs = s.channels / s.heads;
+        let n = elems(&[s.batch, s.heads, s.seq, hs])?;
+        let mut dst = self.zeroed(n, src.dtype())?;
+        let (seq32, h32, hs32, stride32, offset32, n64) = (
+            s.seq as u32,
+            s.heads as u32,
+            hs as u32,
+            u32_of(stride, "attention stride")?,
+            offset as u32,
+            n as u64,
+        );
+        launch!(
+            self,
+            src.dtype() => heads_split | heads_split_bf16,
+            elementwise(n),
+            dst.floats_mut("attention heads")?,
+            src.floats("attention input")?,
+            &seq32,
+            &h32,
+            &hs32,
+            &stride32,
+            &offset32,
+            &n64,
+        )?;
+        Ok(dst)
+    }
+
+    /// The inverse of [`Self::split_heads`]: write head-major `src` into the part of `dst`
+    /// (`[batch, seq, stride]`) starting at column `offset`.
+    fn merge_heads(
+        &self,
+        dst: &mut CudaBuffer,
+        src: &CudaBuffer,
+        s: Attention,
+        stride: usize,
+        offset: usize,
+    ) -> Result<()> {
+        let hs = s.channels / s.heads;
+        let n = src.len();
+        let (seq32, h32, hs32, stride32, offset32, n64) = (
+            s.seq as u32,
+            s.heads as u32,
+            hs as u32,
+            u32_of(stride, "attention stride")?,
+            offset as u32,
+            n as u64,
+        );
+        launch!(
+            self,
+            src.dtype() => heads_merge | heads_merge_bf16,
+            elementwise(n),
+            dst.floats_mut("attention output")?,
+            src.floats("attention heads")?,
+            &seq32,
+            &h32,
+            &hs32,
+            &stride32,
+            &offset32,
+            &n64,
+        )
     }
 
     /// `dst[col] += Σ_rows x[row, col]` for `x[rows, cols]` (f32 or bf16), in two
@@ -644,25 +725,7 @@ impl Backend for CudaBackend {
                 self.fill(out, 0.0)
             };
         }
-        let cfg = gemm::config(&shape, if keep_out { 1.0 } else { 0.0 })?;
-        self.ctx
-            .bind_to_thread()
-            .context("making the CUDA context current")?;
-        if in_type == DType::BF16 {
-            return gemm::bf16(&self.blas, &self.stream, &cfg, b, a, out)
-                .map_err(|e| anyhow!("cuBLAS bf16 GemmEx {shape:?}: {e:?}"));
-        }
-        // SAFETY: the configuration describes buffers of exactly the checked lengths (m·k,
-        // k·n, m·n), so cuBLAS stays inside them; pipit's b is cuBLAS's first operand.
-        unsafe {
-            self.blas.gemm(
-                cfg,
-                b.f32("matmul b")?,
-                a.f32("matmul a")?,
-                out.f32_mut("matmul output")?,
-            )
-        }
-        .map_err(|e| anyhow!("cuBLAS sgemm {shape:?}: {e:?}"))
+        self.product(&shape, 1, if keep_out { 1.0 } else { 0.0 }, a, b, out)
     }
 
     fn bias_backward(
@@ -734,31 +797,44 @@ impl Backend for CudaBackend {
         let Attention {
             batch,
             seq,
-            channels,
+            channels: c,
             heads,
         } = shape;
-        let t = need_float(out, elems(&[batch, seq, channels])?, "attention output")?;
+        let t = need_float(out, elems(&[batch, seq, c])?, "attention output")?;
         need(att, elems(&[rows, seq])?, t, "attention probabilities")?;
-        need(qkv, elems(&[batch, seq, 3, channels])?, t, "qkv")?;
+        need(qkv, elems(&[batch, seq, 3, c])?, t, "qkv")?;
         if rows == 0 {
             return Ok(());
         }
-        let (seq32, c32, h32) = (seq as u32, channels as u32, heads as u32);
-        let scale = (1.0 / (hs as f64).sqrt()) as f32;
-        let rows64 = rows as u64;
+        let bh = batch * heads;
+        let q = self.split_heads(qkv, shape, 3 * c, 0)?;
+        let k = self.split_heads(qkv, shape, 3 * c, c)?;
+        let mut scores = self.zeroed(elems(&[rows, seq])?, DType::F32)?;
+        self.product(
+            &Matmul::new(seq, seq, hs).trans_b(),
+            bh,
+            0.0,
+            &q,
+            &k,
+            &mut scores,
+        )?;
+        drop((q, k));
+        let (seq32, scale, rows64) = (seq as u32, (1.0 / (hs as f64).sqrt()) as f32, rows as u64);
         launch!(
             self,
-            t => attention_forward | attention_forward_bf16,
-            per_row(rows, ((hs + seq) * 4) as u32)?,
-            out.floats_mut("attention output")?,
+            t => causal_softmax | causal_softmax_bf16,
+            per_row(rows, 0)?,
             att.floats_mut("attention probabilities")?,
-            qkv.floats("qkv")?,
+            scores.f32("attention scores")?,
             &seq32,
-            &c32,
-            &h32,
             &scale,
             &rows64,
-        )
+        )?;
+        drop(scores);
+        let v = self.split_heads(qkv, shape, 3 * c, 2 * c)?;
+        let mut y = self.zeroed(v.len(), t)?;
+        self.product(&Matmul::new(seq, hs, seq), bh, 0.0, att, &v, &mut y)?;
+        self.merge_heads(out, &y, shape, c, 0)
     }
 
     fn attention_backward(
@@ -773,14 +849,14 @@ impl Backend for CudaBackend {
         let Attention {
             batch,
             seq,
-            channels,
+            channels: c,
             heads,
         } = shape;
-        let qkv_len = elems(&[batch, seq, 3, channels])?;
+        let qkv_len = elems(&[batch, seq, 3, c])?;
         let t = need_float(dqkv, qkv_len, "qkv gradient")?;
         need(
             dout,
-            elems(&[batch, seq, channels])?,
+            elems(&[batch, seq, c])?,
             t,
             "attention output gradient",
         )?;
@@ -789,45 +865,62 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (seq32, c32, h32) = (seq as u32, channels as u32, heads as u32);
-        let scale = (1.0 / (hs as f64).sqrt()) as f32;
-        let rows64 = rows as u64;
-        let mut dpre = self.zeroed(att.len(), DType::F32)?;
+        let bh = batch * heads;
+        let dy = self.split_heads(dout, shape, c, 0)?;
+        let v = self.split_heads(qkv, shape, 3 * c, 2 * c)?;
+        // dV = Pᵀ·dY, dP = dY·Vᵀ.
+        let mut dv = self.zeroed(v.len(), t)?;
+        self.product(
+            &Matmul::new(seq, hs, seq).trans_a(),
+            bh,
+            0.0,
+            att,
+            &dy,
+            &mut dv,
+        )?;
+        self.merge_heads(dqkv, &dv, shape, 3 * c, 2 * c)?;
+        drop(dv);
+        let mut datt = self.zeroed(elems(&[rows, seq])?, DType::F32)?;
+        self.product(
+            &Matmul::new(seq, seq, hs).trans_b(),
+            bh,
+            0.0,
+            &dy,
+            &v,
+            &mut datt,
+        )?;
+        drop((dy, v));
+        let mut dscores = self.zeroed(elems(&[rows, seq])?, t)?;
+        let (seq32, scale, rows64) = (seq as u32, (1.0 / (hs as f64).sqrt()) as f32, rows as u64);
         launch!(
             self,
-            t => attention_backward_query | attention_backward_query_bf16,
-            per_row(rows, (hs * 4) as u32)?,
-            dqkv.floats_mut("qkv gradient")?,
-            dpre.f32_mut("attention score gradient")?,
-            dout.floats("attention output gradient")?,
-            qkv.floats("qkv")?,
+            t => causal_softmax_backward | causal_softmax_backward_bf16,
+            per_row(rows, 0)?,
+            dscores.floats_mut("attention score gradient")?,
             att.floats("attention probabilities")?,
+            datt.f32("attention probability gradient")?,
             &seq32,
-            &c32,
-            &h32,
             &scale,
             &rows64,
         )?;
-        // One thread per head dimension, in whole warps.
-        let threads = hs.next_multiple_of(32).min(ROW_BLOCK as usize) as u32;
-        let cfg = LaunchConfig {
-            block_dim: (threads, 1, 1),
-            ..per_row(rows, 0)?
-        };
-        launch!(
-            self,
-            t => attention_backward_key_value | attention_backward_key_value_bf16,
-            cfg,
-            dqkv.floats_mut("qkv gradient")?,
-            dpre.f32("attention score gradient")?,
-            dout.floats("attention output gradient")?,
-            qkv.floats("qkv")?,
-            att.floats("attention probabilities")?,
-            &seq32,
-            &c32,
-            &h32,
-            &rows64,
-        )
+        drop(datt);
+        // dQ = dS·K, dK = dSᵀ·Q.
+        let k = self.split_heads(qkv, shape, 3 * c, c)?;
+        let mut dq = self.zeroed(k.len(), t)?;
+        self.product(&Matmul::new(seq, hs, seq), bh, 0.0, &dscores, &k, &mut dq)?;
+        self.merge_heads(dqkv, &dq, shape, 3 * c, 0)?;
+        drop((k, dq));
+        let q = self.split_heads(qkv, shape, 3 * c, 0)?;
+        let mut dk = self.zeroed(q.len(), t)?;
+        self.product(
+            &Matmul::new(seq, hs, seq).trans_a(),
+            bh,
+            0.0,
+            &dscores,
+            &q,
+            &mut dk,
+        )?;
+        self.merge_heads(dqkv, &dk, shape, 3 * c, c)
     }
 
     fn cross_entropy_forward(
