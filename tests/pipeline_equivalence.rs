@@ -4,7 +4,7 @@
 //! parameters within 1e-4).
 
 use pipit::engine::data::{sample_batch, Batch};
-use pipit::engine::exec::{self, in_process_mesh, Rank, StepOptions, DEFAULT_RECV_TIMEOUT};
+use pipit::engine::exec::{self, in_process_mesh_over, Rank, StepOptions, DEFAULT_RECV_TIMEOUT};
 use pipit::engine::model::{
     init_parameters, AdamWConfig, GptConfig, HostTensors, Keep, StageInput, StageModel, StageOutput,
 };
@@ -101,11 +101,15 @@ fn pipelined<B: Backend>(
     };
     let plan = config.plan().unwrap();
     let ranges = config.stage_layers().unwrap();
-    let mut ranks: Vec<_> = in_process_mesh(p, DEFAULT_RECV_TIMEOUT)
+    // Tensors go between ranks as the trainer sends them: handed over as buffers where the
+    // backends share memory (reference, stages on one GPU), staged through the host otherwise.
+    let backends: Vec<_> = (0..p).map(|_| make()).collect();
+    let spaces: Vec<_> = backends.iter().map(|b| b.memory_space()).collect();
+    let mut ranks: Vec<_> = in_process_mesh_over(&spaces, DEFAULT_RECV_TIMEOUT)
         .into_iter()
+        .zip(backends)
         .enumerate()
-        .map(|(r, transport)| {
-            let backend = make();
+        .map(|(r, (transport, backend))| {
             let stages = plan
                 .stages_of(r)
                 .into_iter()
@@ -206,6 +210,12 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
 #[test]
 fn every_schedule_trains_like_one_device_on_reference() {
     check_all(&ReferenceBackend::new);
+}
+
+/// Ranks sharing one memory space, as stages on one GPU: tensors are handed over as buffers.
+#[test]
+fn every_schedule_trains_like_one_device_with_buffers_handed_over() {
+    check_all(&|| ReferenceBackend::sharing_memory("host"));
 }
 
 /// Skipped, with the reason on stderr, where CUDA is not usable (a failure instead with

@@ -255,6 +255,13 @@ pub trait Backend: Send + 'static {
     /// A one-line description of the device, e.g. `wgpu: llvmpipe (Vulkan, cpu)`.
     fn describe(&self) -> String;
 
+    /// The memory this backend's buffers live in, when other backend values reporting the same
+    /// space may use them directly (stages on one GPU, in one process): the in-process
+    /// transport then hands buffers over instead of staging them through host memory. `None`
+    /// (the default) always stages.
+    fn memory_space(&self) -> Option<String> {
+        None
+    }
     /// Whether buffers and ops of `dtype` are available (every backend has F32 and U32).
     fn supports(&self, dtype: DType) -> bool {
         dtype != DType::BF16

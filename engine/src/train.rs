@@ -13,7 +13,9 @@ use serde_json::json;
 use crate::backend::{Backend, DType};
 use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Batch, Corpus};
-use crate::exec::{self, in_process_mesh, InProcessTransport, Rank, StepOptions, StepReport, Want};
+use crate::exec::{
+    self, in_process_mesh_over, InProcessTransport, Rank, StepOptions, StepReport, Want,
+};
 use crate::invalid_input;
 use crate::model::{
     init_parameters, AdamWConfig, GptConfig, HostTensors, OptimizerState, StageModel,
@@ -128,12 +130,6 @@ impl TrainConfig {
             ));
         }
         self.compute_dtype()?;
-        if self.model.vocab_size < 256 {
-            return Err(invalid_input!(
-                "--vocab-size must be at least 256 (the tokens are bytes), got {}",
-                self.model.vocab_size
-            ));
-        }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             return Err(invalid_input!(
                 "--lr must be a positive number, got {}",
@@ -287,10 +283,13 @@ impl<B: Backend> Trainer<B> {
                 &c.params
             }
         };
-        let transports = in_process_mesh(schedule.num_ranks(), exec::DEFAULT_RECV_TIMEOUT);
+        let backends = (0..schedule.num_ranks())
+            .map(|r| make_backend(r).with_context(|| format!("creating rank {r}'s device")))
+            .collect::<Result<Vec<B>>>()?;
+        let spaces: Vec<_> = backends.iter().map(|b| b.memory_space()).collect();
+        let transports = in_process_mesh_over(&spaces, exec::DEFAULT_RECV_TIMEOUT);
         let mut ranks = Vec::with_capacity(schedule.num_ranks());
-        for (r, transport) in transports.into_iter().enumerate() {
-            let backend = make_backend(r).with_context(|| format!("creating rank {r}'s device"))?;
+        for ((r, transport), backend) in transports.into_iter().enumerate().zip(backends) {
             let mut stages = Vec::new();
             for stage in schedule.stages_of(r) {
                 let layers = layer_ranges[stage].clone();

@@ -270,6 +270,12 @@ impl Backend for CudaBackend {
         true
     }
 
+    fn memory_space(&self) -> Option<String> {
+        // Backends on one device share its primary context; cudarc orders their streams
+        // through the events every slice records.
+        Some(format!("cuda:{}", self.ctx.ordinal()))
+    }
+
     fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuffer> {
         self.zeroed(len, dtype)
     }

@@ -29,12 +29,24 @@ use buffer::{elems, expect_len};
 #[derive(Debug, Default)]
 pub struct ReferenceBackend {
     meter: Arc<MemoryMeter>,
+    space: Option<String>,
 }
 
 impl ReferenceBackend {
     /// A new backend with its memory counters at zero.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A backend whose buffers other backends made with the same `space` may take over, as
+    /// stages on one GPU do ([`Backend::memory_space`]): it lets the in-process hand-off of
+    /// buffers be tested on the host. Handed-over buffers stay counted by their maker's meter,
+    /// so per-rank peak memory differs from a staged run's.
+    pub fn sharing_memory(space: &str) -> Self {
+        Self {
+            space: Some(space.to_string()),
+            ..Self::default()
+        }
     }
 }
 
@@ -82,6 +94,10 @@ impl Backend for ReferenceBackend {
 
     fn supports(&self, _dtype: DType) -> bool {
         true
+    }
+
+    fn memory_space(&self) -> Option<String> {
+        self.space.clone()
     }
 
     fn fill(&self, buf: &mut RefBuffer, value: f32) -> Result<()> {

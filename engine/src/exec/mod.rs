@@ -6,4 +6,6 @@ mod transport;
 
 pub use infer::{forward, Want};
 pub use step::{train_step, train_step_rank, Rank, RankReport, StepOptions, StepReport};
-pub use transport::{check_len, in_process_mesh, InProcessTransport, DEFAULT_RECV_TIMEOUT};
+pub use transport::{
+    check_len, in_process_mesh, in_process_mesh_over, InProcessTransport, DEFAULT_RECV_TIMEOUT,
+};

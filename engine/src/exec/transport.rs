@@ -1,5 +1,8 @@
-//! In-process peer transfer: one channel per ordered pair of ranks, staged through host memory.
+//! In-process peer transfer: one channel per ordered pair of ranks. A tensor goes as a device
+//! buffer between ranks whose backends share a memory space (stages on one GPU), else staged
+//! through host memory.
 
+use std::any::Any;
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::time::Duration;
 
@@ -15,16 +18,39 @@ pub const DEFAULT_RECV_TIMEOUT: Duration = Duration::from_secs(60);
 /// the sending rank has gone (its end was dropped) and fails after a timeout otherwise.
 pub struct InProcessTransport {
     rank: usize,
-    to: Vec<Sender<Vec<f32>>>,
-    from: Vec<Receiver<Vec<f32>>>,
+    to: Vec<Sender<Message>>,
+    from: Vec<Receiver<Message>>,
+    /// Per destination: hand device buffers over instead of staging them.
+    hand_off: Vec<bool>,
     timeout: Duration,
 }
 
-/// A fully connected in-process mesh of `ranks` transports; element `r` belongs to rank `r`.
+/// One tensor in flight.
+enum Message {
+    /// Staged through host memory.
+    Host(Vec<f32>),
+    /// A device buffer (a `B::Buffer` of the sender's backend type) the receiver takes over.
+    Device(Box<dyn Any + Send>),
+}
+
+/// A fully connected in-process mesh of `ranks` transports, staging every tensor through host
+/// memory; element `r` belongs to rank `r`.
 pub fn in_process_mesh(ranks: usize, timeout: Duration) -> Vec<InProcessTransport> {
+    in_process_mesh_over(&vec![None; ranks], timeout)
+}
+
+/// A mesh for ranks whose backends report `spaces` ([`Backend::memory_space`]): tensors
+/// between two ranks of one space are handed over as device buffers (a device-to-device copy
+/// on the sender's stream; the receiver's work waits for it on the device), the others are
+/// staged through host memory. A handed-over buffer stays counted by the sender's memory meter.
+pub fn in_process_mesh_over(
+    spaces: &[Option<String>],
+    timeout: Duration,
+) -> Vec<InProcessTransport> {
+    let ranks = spaces.len();
     // senders[src][dst] and receivers[dst][src] are the two ends of the src -> dst channel.
-    let mut senders: Vec<Vec<Sender<Vec<f32>>>> = (0..ranks).map(|_| Vec::new()).collect();
-    let mut receivers: Vec<Vec<Option<Receiver<Vec<f32>>>>> = (0..ranks)
+    let mut senders: Vec<Vec<Sender<Message>>> = (0..ranks).map(|_| Vec::new()).collect();
+    let mut receivers: Vec<Vec<Option<Receiver<Message>>>> = (0..ranks)
         .map(|_| (0..ranks).map(|_| None).collect())
         .collect();
     for (src, row) in senders.iter_mut().enumerate() {
@@ -45,6 +71,10 @@ pub fn in_process_mesh(ranks: usize, timeout: Duration) -> Vec<InProcessTranspor
                 .into_iter()
                 .map(|r| r.expect("every pair has a channel"))
                 .collect(),
+            hand_off: spaces
+                .iter()
+                .map(|dst| dst.is_some() && *dst == spaces[rank])
+                .collect(),
             timeout,
         })
         .collect()
@@ -52,8 +82,14 @@ pub fn in_process_mesh(ranks: usize, timeout: Duration) -> Vec<InProcessTranspor
 
 impl<B: Backend> Transport<B> for InProcessTransport {
     fn send(&mut self, backend: &B, to: usize, buf: &B::Buffer) -> Result<()> {
-        let data = backend.download(buf)?;
-        self.to[to].send(data).map_err(|_| {
+        let message = if self.hand_off[to] {
+            let mut copy = backend.alloc(backend.len(buf), backend.dtype(buf))?;
+            backend.copy(&mut copy, buf)?;
+            Message::Device(Box::new(copy))
+        } else {
+            Message::Host(backend.download(buf)?)
+        };
+        self.to[to].send(message).map_err(|_| {
             anyhow!(
                 "rank {} cannot send to rank {to}: it has stopped",
                 self.rank
@@ -63,9 +99,19 @@ impl<B: Backend> Transport<B> for InProcessTransport {
 
     fn recv(&mut self, backend: &B, from: usize, len: usize) -> Result<B::Buffer> {
         match self.from[from].recv_timeout(self.timeout) {
-            Ok(data) => {
+            Ok(Message::Host(data)) => {
                 check_len(self.rank, from, len, data.len())?;
                 backend.upload(&data)
+            }
+            Ok(Message::Device(buf)) => {
+                let buf = buf.downcast::<B::Buffer>().map_err(|_| {
+                    anyhow!(
+                        "rank {} received a buffer of another backend from rank {from}",
+                        self.rank
+                    )
+                })?;
+                check_len(self.rank, from, len, backend.len(&buf))?;
+                Ok(*buf)
             }
             Err(RecvTimeoutError::Disconnected) => Err(anyhow!(
                 "rank {} waited for rank {from}, which has stopped",
