@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use pipit_engine::dist::env::DEFAULT_MASTER_PORT;
-use pipit_engine::dist::watchdog::LAUNCHER_PID_ENV;
+use pipit_engine::dist::launcher_watch::LAUNCHER_PID_ENV;
 use pipit_engine::invalid_input;
 
 /// How often the launcher looks at its children.

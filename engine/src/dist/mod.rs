@@ -13,7 +13,7 @@ pub mod links;
 pub mod rendezvous;
 pub mod tcp;
 mod trainer;
-pub mod watchdog;
+pub mod launcher_watch;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -27,7 +27,7 @@ pub use env::LaunchEnv;
 pub use links::{PeerProbe, RankLinks, TensorSetup, TensorTransport};
 pub use tcp::TcpTransport;
 pub use trainer::{RankTrainer, FAULT_ENV};
-pub use watchdog::watch_launcher;
+pub use launcher_watch::watch_launcher;
 
 /// How long a rank waits on a peer (and on the rendezvous) before giving up, by default.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(60);
