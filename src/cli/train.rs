@@ -55,8 +55,8 @@ pub struct TrainArgs {
     /// Longest sequence the model accepts (rows of the position embedding).
     #[arg(long)]
     n_positions: Option<usize>,
-    /// Vocabulary size, at least 256 (tokens are bytes; a larger vocabulary gives a model
-    /// GPT-2's shape, e.g. 50304, whose extra rows are never targets).
+    /// Vocabulary size (tokens are bytes, so 256 covers any text; a larger vocabulary gives a
+    /// model GPT-2's shape, e.g. 50304, whose extra rows are never targets).
     #[arg(long)]
     vocab_size: Option<usize>,
 
@@ -267,6 +267,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Under a launcher with more than one process, this process runs only its own rank.
     let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
     let corpus = corpus(args.data.as_deref())?;
+    let largest = corpus.train.iter().chain(&corpus.val).max().copied().unwrap_or(0);
+    if largest as usize >= config.model.vocab_size {
+        return Err(invalid_input!(
+            "--vocab-size must exceed every byte of the text (the tokens are bytes; the largest is {largest}), got {}",
+            config.model.vocab_size
+        ));
+    }
     let job = TrainJob {
         args: &args,
         config,
