@@ -13,17 +13,22 @@
 // Every kernel is a template over T, the activations' type: float, or bf16 under mixed
 // precision (entry points *_bf16).
 
-// dst[bh, t, i] = src[(b·T + t)·stride + offset + h·hs + i] for the n = B·NH·T·hs elements.
+// Where element idx of a head-major [B·NH, T, hs] tensor sits in a token-major [B, T, stride]
+// one, whose heads start at column `offset`: (b·T + t)·stride + offset + h·hs + i.
+__device__ __forceinline__ u64 token_major(
+    u64 idx, u32 seq, u32 heads, u32 hs, u32 stride, u32 offset) {
+    u64 i = idx % hs;
+    u64 t = (idx / hs) % seq;
+    u64 bh = idx / ((u64)hs * seq);
+    return ((bh / heads) * seq + t) * stride + offset + (bh % heads) * hs + i;
+}
+
+// dst[bh, t, i] = src at token_major(...), for the n = B·NH·T·hs elements of dst.
 template <typename T>
 __device__ void heads_split_impl(
     T* dst, const T* src, u32 seq, u32 heads, u32 hs, u32 stride, u32 offset, u64 n) {
     for (u64 idx = global_index(); idx < n; idx += grid_stride()) {
-        u64 i = idx % hs;
-        u64 t = (idx / hs) % seq;
-        u64 bh = idx / ((u64)hs * seq);
-        u64 h = bh % heads;
-        u64 b = bh / heads;
-        dst[idx] = src[(b * seq + t) * stride + offset + h * hs + i];
+        dst[idx] = src[token_major(idx, seq, heads, hs, stride, offset)];
     }
 }
 
@@ -32,12 +37,7 @@ template <typename T>
 __device__ void heads_merge_impl(
     T* dst, const T* src, u32 seq, u32 heads, u32 hs, u32 stride, u32 offset, u64 n) {
     for (u64 idx = global_index(); idx < n; idx += grid_stride()) {
-        u64 i = idx % hs;
-        u64 t = (idx / hs) % seq;
-        u64 bh = idx / ((u64)hs * seq);
-        u64 h = bh % heads;
-        u64 b = bh / heads;
-        dst[(b * seq + t) * stride + offset + h * hs + i] = src[idx];
+        dst[token_major(idx, seq, heads, hs, stride, offset)] = src[idx];
     }
 }
 

@@ -40,6 +40,14 @@ macro_rules! launch {
     };
 }
 
+/// Which way [`CudaBackend::move_heads`] moves heads: out of a token-major layout into a
+/// head-major copy, or back.
+#[derive(Clone, Copy)]
+enum HeadMove {
+    Split,
+    Merge,
+}
+
 /// Errors unless `buf` holds `dtype`.
 fn need_dtype(buf: &CudaBuffer, dtype: DType, what: &str) -> Result<()> {
     check::dtype(what, buf.dtype(), dtype)
@@ -127,30 +135,9 @@ impl CudaBackend {
         stride: usize,
         offset: usize,
     ) -> Result<CudaBuffer> {
-        let hs = s.channels / s.heads;
-        let n = elems(&[s.batch, s.heads, s.seq, hs])?;
+        let n = elems(&[s.batch, s.seq, s.channels])?;
         let mut dst = self.zeroed(n, src.dtype())?;
-        let (seq32, h32, hs32, stride32, offset32, n64) = (
-            s.seq as u32,
-            s.heads as u32,
-            hs as u32,
-            u32_of(stride, "attention stride")?,
-            offset as u32,
-            n as u64,
-        );
-        launch!(
-            self,
-            src.dtype() => heads_split | heads_split_bf16,
-            elementwise(n),
-            dst.floats_mut("attention heads")?,
-            src.floats("attention input")?,
-            &seq32,
-            &h32,
-            &hs32,
-            &stride32,
-            &offset32,
-            &n64,
-        )?;
+        self.move_heads(HeadMove::Split, &mut dst, src, s, stride, offset)?;
         Ok(dst)
     }
 
@@ -164,29 +151,63 @@ impl CudaBackend {
         stride: usize,
         offset: usize,
     ) -> Result<()> {
-        let hs = s.channels / s.heads;
-        let n = src.len();
+        self.move_heads(HeadMove::Merge, dst, src, s, stride, offset)
+    }
+
+    /// One `heads_split` or `heads_merge` launch over the `batch·seq·channels` elements of
+    /// the head-major side.
+    fn move_heads(
+        &self,
+        way: HeadMove,
+        dst: &mut CudaBuffer,
+        src: &CudaBuffer,
+        s: Attention,
+        stride: usize,
+        offset: usize,
+    ) -> Result<()> {
+        let n = elems(&[s.batch, s.seq, s.channels])?;
         let (seq32, h32, hs32, stride32, offset32, n64) = (
             s.seq as u32,
             s.heads as u32,
-            hs as u32,
+            (s.channels / s.heads) as u32,
             u32_of(stride, "attention stride")?,
-            offset as u32,
+            u32_of(offset, "attention offset")?,
             n as u64,
         );
-        launch!(
-            self,
-            src.dtype() => heads_merge | heads_merge_bf16,
-            elementwise(n),
-            dst.floats_mut("attention output")?,
+        let t = src.dtype();
+        let (dst, src) = (
+            dst.floats_mut("attention heads")?,
             src.floats("attention heads")?,
-            &seq32,
-            &h32,
-            &hs32,
-            &stride32,
-            &offset32,
-            &n64,
-        )
+        );
+        let sizes = (&seq32, &h32, &hs32, &stride32, &offset32, &n64);
+        match way {
+            HeadMove::Split => launch!(
+                self,
+                t => heads_split | heads_split_bf16,
+                elementwise(n),
+                dst,
+                src,
+                sizes.0,
+                sizes.1,
+                sizes.2,
+                sizes.3,
+                sizes.4,
+                sizes.5,
+            ),
+            HeadMove::Merge => launch!(
+                self,
+                t => heads_merge | heads_merge_bf16,
+                elementwise(n),
+                dst,
+                src,
+                sizes.0,
+                sizes.1,
+                sizes.2,
+                sizes.3,
+                sizes.4,
+                sizes.5,
+            ),
+        }
     }
 
     /// `dst[col] += Σ_rows x[row, col]` for `x[rows, cols]` (f32 or bf16), in two
