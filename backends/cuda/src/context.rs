@@ -102,6 +102,24 @@ impl CudaBackend {
         Ok(CudaBuffer::new(data, len, &self.meter))
     }
 
+    /// A buffer of `len` elements with undefined contents, for a temporary an op overwrites
+    /// whole before reading it (saves the memset of [`Self::zeroed`]: attention's scores
+    /// alone are 4·B·NH·T² bytes).
+    pub(crate) fn scratch(&self, len: usize, dtype: DType) -> Result<CudaBuffer> {
+        let cells = len.max(1);
+        let what = || format!("allocating {len} {dtype:?} elements on the GPU");
+        // SAFETY: every caller overwrites all `len` elements (a kernel or a beta = 0 product)
+        // before anything reads them.
+        let data = unsafe {
+            match dtype {
+                DType::F32 => Data::F32(self.stream.alloc::<f32>(cells).with_context(what)?),
+                DType::BF16 => Data::BF16(self.stream.alloc::<u16>(cells).with_context(what)?),
+                DType::U32 => return self.zeroed(len, dtype),
+            }
+        };
+        Ok(CudaBuffer::new(data, len, &self.meter))
+    }
+
     /// The first error the CUDA context recorded on its own (from a free or a stream wait in
     /// a destructor), as this call's error.
     pub(crate) fn check(&self) -> Result<()> {

@@ -136,7 +136,7 @@ impl CudaBackend {
         offset: usize,
     ) -> Result<CudaBuffer> {
         let n = elems(&[s.batch, s.seq, s.channels])?;
-        let mut dst = self.zeroed(n, src.dtype())?;
+        let mut dst = self.scratch(n, src.dtype())?;
         self.move_heads(HeadMove::Split, &mut dst, src, s, stride, offset)?;
         Ok(dst)
     }
@@ -221,7 +221,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let per = chunk_rows(rows);
         let chunks = rows.div_ceil(per);
-        let mut partial = self.zeroed(chunks * cols, DType::F32)?;
+        let mut partial = self.scratch(chunks * cols, DType::F32)?;
         let (rows32, cols32, per32) = (
             u32_of(rows, "rows")?,
             u32_of(cols, "columns")?,
@@ -302,7 +302,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaBuffer> {
-        let mut buf = self.zeroed(data.len(), DType::F32)?;
+        let mut buf = self.scratch(data.len(), DType::F32)?;
         self.write(&mut buf, data)?;
         Ok(buf)
     }
@@ -684,8 +684,8 @@ impl Backend for CudaBackend {
         let per = chunk_rows(rows);
         let chunks = rows.div_ceil(per);
         let per32 = u32_of(per, "rows")?;
-        let mut partial_w = self.zeroed(chunks * channels, DType::F32)?;
-        let mut partial_b = self.zeroed(chunks * channels, DType::F32)?;
+        let mut partial_w = self.scratch(chunks * channels, DType::F32)?;
+        let mut partial_b = self.scratch(chunks * channels, DType::F32)?;
         launch!(
             self,
             dout_type => layernorm_param_partials | layernorm_param_partials_bf16,
@@ -836,7 +836,7 @@ impl Backend for CudaBackend {
         let bh = batch * heads;
         let q = self.split_heads(qkv, shape, 3 * c, 0)?;
         let k = self.split_heads(qkv, shape, 3 * c, c)?;
-        let mut scores = self.zeroed(elems(&[rows, seq])?, DType::F32)?;
+        let mut scores = self.scratch(elems(&[rows, seq])?, DType::F32)?;
         self.product(
             &Matmul::new(seq, seq, hs).trans_b(),
             bh,
@@ -859,7 +859,7 @@ impl Backend for CudaBackend {
         )?;
         drop(scores);
         let v = self.split_heads(qkv, shape, 3 * c, 2 * c)?;
-        let mut y = self.zeroed(v.len(), t)?;
+        let mut y = self.scratch(v.len(), t)?;
         self.product(&Matmul::new(seq, hs, seq), bh, 0.0, att, &v, &mut y)?;
         self.merge_heads(out, &y, shape, c, 0)
     }
@@ -896,7 +896,7 @@ impl Backend for CudaBackend {
         let dy = self.split_heads(dout, shape, c, 0)?;
         let v = self.split_heads(qkv, shape, 3 * c, 2 * c)?;
         // dV = Pᵀ·dY, dP = dY·Vᵀ.
-        let mut dv = self.zeroed(v.len(), t)?;
+        let mut dv = self.scratch(v.len(), t)?;
         self.product(
             &Matmul::new(seq, hs, seq).trans_a(),
             bh,
@@ -907,7 +907,7 @@ impl Backend for CudaBackend {
         )?;
         self.merge_heads(dqkv, &dv, shape, 3 * c, 2 * c)?;
         drop(dv);
-        let mut datt = self.zeroed(elems(&[rows, seq])?, DType::F32)?;
+        let mut datt = self.scratch(elems(&[rows, seq])?, DType::F32)?;
         self.product(
             &Matmul::new(seq, seq, hs).trans_b(),
             bh,
@@ -917,7 +917,7 @@ impl Backend for CudaBackend {
             &mut datt,
         )?;
         drop((dy, v));
-        let mut dscores = self.zeroed(elems(&[rows, seq])?, t)?;
+        let mut dscores = self.scratch(elems(&[rows, seq])?, t)?;
         let (seq32, scale, rows64) = (seq as u32, (1.0 / (hs as f64).sqrt()) as f32, rows as u64);
         launch!(
             self,
@@ -933,12 +933,12 @@ impl Backend for CudaBackend {
         drop(datt);
         // dQ = dS·K, dK = dSᵀ·Q.
         let k = self.split_heads(qkv, shape, 3 * c, c)?;
-        let mut dq = self.zeroed(k.len(), t)?;
+        let mut dq = self.scratch(k.len(), t)?;
         self.product(&Matmul::new(seq, hs, seq), bh, 0.0, &dscores, &k, &mut dq)?;
         self.merge_heads(dqkv, &dq, shape, 3 * c, 0)?;
         drop((k, dq));
         let q = self.split_heads(qkv, shape, 3 * c, 0)?;
-        let mut dk = self.zeroed(q.len(), t)?;
+        let mut dk = self.scratch(q.len(), t)?;
         self.product(
             &Matmul::new(seq, hs, seq).trans_a(),
             bh,
