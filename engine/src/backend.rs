@@ -268,6 +268,12 @@ pub trait Backend: Send + 'static {
     }
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize, dtype: DType) -> Result<Self::Buffer>;
+    /// A buffer of `len` elements for the output of an op that overwrites all of it: its
+    /// contents before that are unspecified. A backend that can skip the zero-fill does (on a
+    /// GPU it is a full pass over memory); the default is [`Backend::alloc`].
+    fn alloc_output(&self, len: usize, dtype: DType) -> Result<Self::Buffer> {
+        self.alloc(len, dtype)
+    }
     /// A new f32 buffer holding `data`.
     fn upload(&self, data: &[f32]) -> Result<Self::Buffer>;
     /// A new u32 buffer holding `data` (token ids).

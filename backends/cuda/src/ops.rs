@@ -301,6 +301,10 @@ impl Backend for CudaBackend {
         self.zeroed(len, dtype)
     }
 
+    fn alloc_output(&self, len: usize, dtype: DType) -> Result<CudaBuffer> {
+        self.scratch(len, dtype)
+    }
+
     fn upload(&self, data: &[f32]) -> Result<CudaBuffer> {
         let mut buf = self.scratch(data.len(), DType::F32)?;
         self.write(&mut buf, data)?;

@@ -61,6 +61,16 @@ impl Backend for ReferenceBackend {
         RefBuffer::zeroed(&self.meter, len, dtype)
     }
 
+    /// NaN-filled (u32: zeros), so any use of an output before an op wrote it shows up as a
+    /// NaN loss or gradient instead of passing unnoticed on zeros.
+    fn alloc_output(&self, len: usize, dtype: DType) -> Result<RefBuffer> {
+        let mut buf = RefBuffer::zeroed(&self.meter, len, dtype)?;
+        if dtype.is_float() {
+            buf.f32_mut("output")?.fill(f32::NAN);
+        }
+        Ok(buf)
+    }
+
     fn upload(&self, data: &[f32]) -> Result<RefBuffer> {
         let mut buf = RefBuffer::zeroed(&self.meter, data.len(), DType::F32)?;
         buf.f32_mut("upload")?.copy_from_slice(data);

@@ -83,7 +83,7 @@ pub fn in_process_mesh_over(
 impl<B: Backend> Transport<B> for InProcessTransport {
     fn send(&mut self, backend: &B, to: usize, buf: &B::Buffer) -> Result<()> {
         let message = if self.hand_off[to] {
-            let mut copy = backend.alloc(backend.len(buf), backend.dtype(buf))?;
+            let mut copy = backend.alloc_output(backend.len(buf), backend.dtype(buf))?;
             backend.copy(&mut copy, buf)?;
             Message::Device(Box::new(copy))
         } else {

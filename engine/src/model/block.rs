@@ -45,14 +45,14 @@ impl<B: Backend> BlockActs<B> {
     }
 }
 
-/// A zeroed f32 buffer: the residual stream, its gradient, layernorm statistics.
+/// An f32 op output: the residual stream, its gradient, layernorm statistics.
 fn zeros<B: Backend>(b: &B, len: usize) -> Result<B::Buffer> {
-    b.alloc(len, DType::F32)
+    b.alloc_output(len, DType::F32)
 }
 
-/// A zeroed buffer of the compute dtype: activations inside the block and their gradients.
+/// An op output of the compute dtype: activations inside the block and their gradients.
 fn acts<B: Backend>(b: &B, len: usize, d: Dims) -> Result<B::Buffer> {
-    b.alloc(len, d.act)
+    b.alloc_output(len, d.act)
 }
 
 fn attention_shape(d: Dims) -> Attention {

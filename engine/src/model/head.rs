@@ -33,9 +33,9 @@ pub(super) fn forward<B: Backend>(
     d: Dims,
 ) -> Result<HeadActs<B>> {
     let (rows, c, v) = (d.rows(), d.channels, d.vocab);
-    let mut lnf = b.alloc(rows * c, d.act)?;
-    let mut mean = b.alloc(rows, DType::F32)?;
-    let mut rstd = b.alloc(rows, DType::F32)?;
+    let mut lnf = b.alloc_output(rows * c, d.act)?;
+    let mut mean = b.alloc_output(rows, DType::F32)?;
+    let mut rstd = b.alloc_output(rows, DType::F32)?;
     b.layernorm_forward(
         &mut lnf,
         &mut mean,
@@ -46,7 +46,7 @@ pub(super) fn forward<B: Backend>(
         rows,
         c,
     )?;
-    let mut logits = b.alloc(rows * v, d.act)?;
+    let mut logits = b.alloc_output(rows * v, d.act)?;
     // wte is [vocab, C]: the LM head multiplies by its transpose.
     b.matmul(
         &mut logits,
@@ -70,7 +70,7 @@ pub(super) fn losses<B: Backend>(
     targets: &B::Buffer,
     d: Dims,
 ) -> Result<B::Buffer> {
-    let mut losses = b.alloc(d.rows(), DType::F32)?;
+    let mut losses = b.alloc_output(d.rows(), DType::F32)?;
     b.cross_entropy_forward(&mut losses, &a.logits, targets, d.rows(), d.vocab)?;
     Ok(losses)
 }
@@ -87,7 +87,7 @@ pub(super) fn backward<B: Backend>(
     d: Dims,
 ) -> Result<B::Buffer> {
     let (rows, c, v) = (d.rows(), d.channels, d.vocab);
-    let mut dlogits = b.alloc(rows * v, d.act)?;
+    let mut dlogits = b.alloc_output(rows * v, d.act)?;
     b.cross_entropy_backward(&mut dlogits, &a.logits, targets, loss_scale, rows, v)?;
     drop(a.logits);
     b.matmul(
@@ -97,7 +97,7 @@ pub(super) fn backward<B: Backend>(
         None,
         Matmul::new(v, c, rows).trans_a().accumulate(),
     )?;
-    let mut dlnf = b.alloc(rows * c, d.act)?;
+    let mut dlnf = b.alloc_output(rows * c, d.act)?;
     b.matmul(
         &mut dlnf,
         &dlogits,
@@ -106,7 +106,7 @@ pub(super) fn backward<B: Backend>(
         Matmul::new(rows, c, v),
     )?;
     drop(dlogits);
-    let mut dx = b.alloc(rows * c, DType::F32)?;
+    let mut dx = b.alloc_output(rows * c, DType::F32)?;
     let (w, dw, db) = p.layernorm("ln_f.weight", "ln_f.bias")?;
     b.layernorm_backward(&mut dx, dw, db, &dlnf, x, w, &a.mean, &a.rstd, rows, c)?;
     Ok(dx)

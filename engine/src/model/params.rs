@@ -85,7 +85,7 @@ impl<B: Backend> Params<B> {
             let matmul_operand = self.shapes[i].len() == 2 && self.names[i] != "wpe";
             self.compute[i] = if dtype != DType::F32 && matmul_operand {
                 let len = b.len(&self.values[i]);
-                Some(b.alloc(len, dtype).with_context(|| {
+                Some(b.alloc_output(len, dtype).with_context(|| {
                     format!("allocating the {} copy of {}", dtype.name(), self.names[i])
                 })?)
             } else {

@@ -360,7 +360,7 @@ impl<B: Backend> StageModel<B> {
             let x = current.as_ref().unwrap_or(x0);
             let (next, acts) = match layer {
                 Layer::Embedding => {
-                    let mut out = b.alloc(d.rows() * d.channels, DType::F32)?;
+                    let mut out = b.alloc_output(d.rows() * d.channels, DType::F32)?;
                     let (wte, wpe) = (self.params.value("wte")?, self.params.value("wpe")?);
                     b.embedding_forward(&mut out, x, wte, wpe, d.batch, d.seq, d.channels)?;
                     (Some(out), Some(Acts::Embedding))
@@ -619,7 +619,7 @@ pub(super) fn converted<B: Backend>(
 
 /// A new buffer of `dtype` holding the same elements as `src`.
 fn copy_of<B: Backend>(b: &B, src: &B::Buffer, dtype: DType) -> Result<B::Buffer> {
-    let mut dst = b.alloc(b.len(src), dtype)?;
+    let mut dst = b.alloc_output(b.len(src), dtype)?;
     b.copy(&mut dst, src)?;
     Ok(dst)
 }
