@@ -2,9 +2,9 @@
 //! have met, [`NcclTransport`] moves f32 device buffers without host staging.
 //!
 //! Transfers run on a stream of their own, so compute on the backend's stream goes on while a
-//! transfer waits for its peer. A send first copies the tensor on the transfer stream, after
-//! the compute that produced it (an event), so the caller may drop or overwrite it at once; a
-//! receive makes the compute stream wait (an event, on the GPU) for its data. Each message is
+//! transfer waits for its peer. A send first copies the tensor on the compute stream, which the
+//! transfer stream then waits for (an event), so the caller may drop or overwrite it at once;
+//! a receive makes the compute stream wait (an event, on the GPU) for its data. Each message is
 //! a length header and the payload in one NCCL group, so a receiver that expected another
 //! length finds out instead of reading a truncated tensor.
 //!
@@ -285,18 +285,23 @@ impl Transport<CudaBackend> for NcclTransport {
         } else {
             None
         };
-        // Copy on the transfer stream once the compute stream has produced `buf`: the caller
-        // may drop or overwrite it at once, however long the peer takes.
-        stream
-            .join(&backend.stream)
-            .context("ordering a send after compute")?;
+        // Copy on the compute stream, in order with every other use of `buf`: the caller may
+        // drop or overwrite it at once, however long the peer takes. A copy on the transfer
+        // stream would not be: cudarc keeps one read event per buffer, so a later read on the
+        // compute stream replaces it, and an overwrite after that one would not wait for the
+        // copy.
         // SAFETY: the copy below writes every element before anything reads one.
-        let mut staged = unsafe { stream.alloc::<f32>(src.len()) }
+        let mut staged = unsafe { backend.stream.alloc::<f32>(src.len()) }
             .with_context(|| format!("allocating {len} f32 elements to send"))?;
-        stream
+        backend
+            .stream
             .memcpy_dtod(src, &mut staged)
             .context("copying a tensor to send")?;
         let staged = CudaBuffer::new(Data::F32(staged), len, &backend.meter);
+        // The transfer starts once the compute stream has staged the tensor.
+        stream
+            .join(&backend.stream)
+            .context("ordering a send after compute")?;
         let header = header_of(stream, len)?;
         {
             // The guards record, once the group is enqueued, that the transfer stream uses
