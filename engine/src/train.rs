@@ -139,6 +139,20 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// Names of the parameters rank `rank` holds under this run's plan (what it loads from a
+    /// checkpoint in a multi-process run).
+    pub fn rank_params(&self, rank: usize) -> Result<std::collections::BTreeSet<String>> {
+        let schedule = self.plan()?;
+        let ranges = self.stage_layers()?;
+        let layers = self.model.layers();
+        Ok(schedule
+            .stages_of(rank)
+            .into_iter()
+            .flat_map(|s| self.model.params_of(&layers[ranges[s].clone()]))
+            .map(|(name, _)| name)
+            .collect())
+    }
+
     /// The compute dtype named by `dtype`.
     pub fn compute_dtype(&self) -> Result<DType> {
         match self.dtype.as_str() {

@@ -14,7 +14,7 @@ use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
 
 use super::device::{with_backend, BackendChoice, BackendJob};
-use super::train::corpus;
+use super::train::{corpus, load_checkpoint};
 
 /// Output format of `pipit eval`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -67,21 +67,21 @@ pub fn run(args: EvalArgs) -> Result<()> {
             args.peer_timeout
         ));
     }
-    let ckpt = checkpoint::load(&args.checkpoint)?;
+    let header = checkpoint::load_header(&args.checkpoint)?;
     let text = match &args.data {
         Some(path) => std::fs::read(path)
             .map_err(|e| invalid_input!("cannot read --data {}: {e}", path.display()))?,
         None => corpus(None)?.val,
     };
-    let seq = args.seq_len.unwrap_or(ckpt.config.n_positions);
-    if seq == 0 || seq > ckpt.config.n_positions {
+    let seq = args.seq_len.unwrap_or(header.config.n_positions);
+    if seq == 0 || seq > header.config.n_positions {
         return Err(invalid_input!(
             "--seq-len must be between 1 and the model's n_positions = {}, got {seq}",
-            ckpt.config.n_positions
+            header.config.n_positions
         ));
     }
     let config = TrainConfig {
-        model: ckpt.config.clone(),
+        model: header.config.clone(),
         stages: args.stages,
         microbatches: 1,
         batch_size: args.batch_size,
@@ -91,6 +91,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     };
     // Under a launcher with more than one process, this process runs only its own rank.
     let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
+    let ckpt = load_checkpoint(&args.checkpoint, &config, launch.as_ref())?;
     let leader = launch.as_ref().is_none_or(|env| env.rank == 0);
     let (loss, tokens) = with_backend(
         args.backend,

@@ -16,6 +16,7 @@ use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
 
 use super::device::{with_backend, BackendChoice, BackendJob};
+use super::train::load_checkpoint;
 
 /// Sample text from a checkpoint, one byte at a time, through the same pipeline stages that
 /// trained it.
@@ -70,8 +71,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.peer_timeout
         ));
     }
-    let ckpt = checkpoint::load(&args.checkpoint)?;
-    let layers = ckpt.config.n_layer + 2;
+    let header = checkpoint::load_header(&args.checkpoint)?;
+    let layers = header.config.n_layer + 2;
     if args.stages == 0 || args.stages > layers {
         return Err(invalid_input!(
             "--stages must be between 1 and the model's {layers} layers, got {}",
@@ -79,16 +80,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ));
     }
     let config = TrainConfig {
-        model: ckpt.config.clone(),
+        model: header.config.clone(),
         stages: args.stages,
         microbatches: 1,
         batch_size: 1,
-        seq_len: ckpt.config.n_positions,
+        seq_len: header.config.n_positions,
         schedule: "gpipe".into(),
         ..TrainConfig::default()
     };
     // Under a launcher with more than one process, this process runs only its own rank.
     let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
+    let ckpt = load_checkpoint(&args.checkpoint, &config, launch.as_ref())?;
     with_backend(
         args.backend,
         GenerateJob {

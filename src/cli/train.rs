@@ -229,14 +229,32 @@ pub fn corpus(data: Option<&Path>) -> Result<Corpus> {
     }
 }
 
+/// The checkpoint in `dir` with the tensors this process needs: all of them, or under a
+/// launcher only those of its own rank in `config`'s plan (read alone from the files).
+pub fn load_checkpoint(
+    dir: &Path,
+    config: &TrainConfig,
+    launch: Option<&LaunchEnv>,
+) -> Result<Checkpoint> {
+    match launch {
+        Some(env) => {
+            let own = config.rank_params(env.rank)?;
+            checkpoint::load_some(dir, &|name| own.contains(name))
+        }
+        None => checkpoint::load(dir),
+    }
+}
+
 /// Run `pipit train`.
 pub fn run(args: TrainArgs) -> Result<()> {
     // A rank started by `pipit launch` stops by itself once the launcher is gone.
     pipit_engine::dist::watch_launcher()?;
-    let resume = args.resume.as_deref().map(checkpoint::load).transpose()?;
-    let init = args.init.as_deref().map(checkpoint::load).transpose()?;
-    let mut config = args.config(resume.as_ref())?;
-    if let Some(c) = resume.as_ref().or(init.as_ref()) {
+    // The settings first (from the checkpoints' headers); the tensors once it is known which
+    // of them this process needs.
+    let resume_header = args.resume.as_deref().map(checkpoint::load_header).transpose()?;
+    let init_header = args.init.as_deref().map(checkpoint::load_header).transpose()?;
+    let mut config = args.config(resume_header.as_ref())?;
+    if let Some(c) = resume_header.as_ref().or(init_header.as_ref()) {
         // The checkpoint fixes the model's sizes; flags may not contradict them.
         let sizes = |m: &GptConfig| (m.n_layer, m.n_head, m.n_embd, m.n_positions);
         let given = [args.n_layer, args.n_head, args.n_embd, args.n_positions];
@@ -274,6 +292,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
             config.model.vocab_size
         ));
     }
+    let load = |dir: Option<&Path>| {
+        dir.map(|d| load_checkpoint(d, &config, launch.as_ref()))
+            .transpose()
+    };
+    let resume = load(args.resume.as_deref())?;
+    let init = load(args.init.as_deref())?;
     let job = TrainJob {
         args: &args,
         config,

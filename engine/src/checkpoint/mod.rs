@@ -195,6 +195,21 @@ pub fn parse_hf_config(v: &Value) -> Result<GptConfig> {
 /// Read a checkpoint directory: pipit's own, or a Hugging Face GPT-2 one. Every tensor the
 /// model needs must be present with the shape the config implies.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
+    load_some(dir, &|_| true)
+}
+
+/// Read the config and training state of a checkpoint directory, without its tensors
+/// (`params` is empty, `optimizer` is `None`).
+pub fn load_header(dir: &Path) -> Result<Checkpoint> {
+    let mut c = load_some(dir, &|_| false)?;
+    c.optimizer = None;
+    Ok(c)
+}
+
+/// [`load`], keeping only the tensors (and their optimizer moments) whose pipit names `keep`
+/// accepts, and reading only their bytes: a pipeline rank's share of a checkpoint. Each kept
+/// tensor the model needs must be present with its shape.
+pub fn load_some(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint> {
     if !dir.is_dir() {
         return Err(invalid_input!(
             "checkpoint directory {} does not exist",
@@ -209,18 +224,21 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
     let config = parse_hf_config(&config_json)?;
 
     let model_path = dir.join("model.safetensors");
-    let bytes = fs::read(&model_path)
-        .map_err(|e| invalid_input!("cannot read {}: {e}", model_path.display()))?;
-    let (raw, _) =
-        safetensors::from_bytes(&bytes).with_context(|| model_path.display().to_string())?;
+    let wanted = |hf: &str| internal_name(hf).is_some_and(|n| keep(&n));
+    let raw = safetensors::read_some(&model_path, &wanted)?;
     let params = hf_names_to_internal(raw)?;
-    check_shapes(&config, &params).with_context(|| model_path.display().to_string())?;
+    check_shapes_of(&config, &params, keep).with_context(|| model_path.display().to_string())?;
 
     let opt_path = dir.join("optimizer.safetensors");
     let optimizer = if opt_path.exists() {
-        let bytes = fs::read(&opt_path)?;
-        let (moments, _) =
-            safetensors::from_bytes(&bytes).with_context(|| opt_path.display().to_string())?;
+        let base = |name: &str| {
+            let base = name
+                .strip_suffix(".exp_avg_sq")
+                .or_else(|| name.strip_suffix(".exp_avg"));
+            // Anything else is read, so that split_moments can name it as unexpected.
+            base.is_none_or(keep)
+        };
+        let moments = safetensors::read_some(&opt_path, &base)?;
         Some(split_moments(moments).with_context(|| opt_path.display().to_string())?)
     } else {
         None
@@ -269,20 +287,26 @@ fn hf_name(name: &str) -> String {
     }
 }
 
-/// Strip the `transformer.` prefix and drop what GPT-2 checkpoints carry besides weights:
-/// the causal-mask buffers (`attn.bias`, `attn.masked_bias`) and the tied `lm_head.weight`.
+/// The pipit name of a Hugging Face tensor name: the `transformer.` prefix stripped, `wte`
+/// and `wpe` without `.weight`; `None` for what GPT-2 checkpoints carry besides weights (the
+/// causal-mask buffers `attn.bias`, `attn.masked_bias` and the tied `lm_head.weight`).
+fn internal_name(hf: &str) -> Option<String> {
+    let name = hf.strip_prefix(PREFIX).unwrap_or(hf);
+    let name = match name {
+        "wte.weight" | "wpe.weight" => name.trim_end_matches(".weight"),
+        _ => name,
+    };
+    let skip = name == "lm_head.weight"
+        || name.ends_with(".attn.bias")
+        || name.ends_with(".attn.masked_bias");
+    (!skip).then(|| name.to_string())
+}
+
+/// Rename Hugging Face tensors to pipit's names, dropping the non-weights ([`internal_name`]).
 fn hf_names_to_internal(raw: HostTensors) -> Result<HostTensors> {
     let mut out = HostTensors::new();
     for (name, t) in raw.iter() {
-        let name = name.strip_prefix(PREFIX).unwrap_or(name);
-        let name = match name {
-            "wte.weight" | "wpe.weight" => name.trim_end_matches(".weight"),
-            _ => name,
-        };
-        let skip = name == "lm_head.weight"
-            || name.ends_with(".attn.bias")
-            || name.ends_with(".attn.masked_bias");
-        if !skip {
+        if let Some(name) = internal_name(name) {
             out.insert(name, t.shape.clone(), t.data.clone())?;
         }
     }
@@ -291,8 +315,18 @@ fn hf_names_to_internal(raw: HostTensors) -> Result<HostTensors> {
 
 /// Every parameter of `config` present with its expected shape; extra tensors are an error.
 pub fn check_shapes(config: &GptConfig, params: &HostTensors) -> Result<()> {
+    check_shapes_of(config, params, &|_| true)
+}
+
+/// [`check_shapes`] for the tensors `keep` accepts: each of those the model needs is present
+/// with its shape (and `params` holds nothing else).
+fn check_shapes_of(
+    config: &GptConfig,
+    params: &HostTensors,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<()> {
     let expected = config.all_params();
-    for (name, shape) in &expected {
+    for (name, shape) in expected.iter().filter(|(n, _)| keep(n)) {
         match params.get(name) {
             None => return Err(invalid_input!("checkpoint lacks tensor `{name}`")),
             Some(t) if &t.shape != shape => {
@@ -339,6 +373,54 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn a_rank_loads_only_its_share() {
+        let dir = scratch("share").join("ckpt");
+        let params = init_parameters(&tiny(), 5).unwrap();
+        let moments = |scale: f32| {
+            let mut t = HostTensors::new();
+            for (name, x) in params.iter() {
+                let data = x.data.iter().map(|v| v * scale).collect();
+                t.insert(name, x.shape.clone(), data).unwrap();
+            }
+            t
+        };
+        let ckpt = Checkpoint {
+            config: tiny(),
+            params: params.clone(),
+            optimizer: Some(OptimizerState {
+                m: moments(2.0),
+                v: moments(3.0),
+            }),
+            trainer_state: Some(json!({"step": 9})),
+        };
+        save(&dir, &ckpt).unwrap();
+        let own =
+            |name: &str| name.starts_with("h.1.") || name.starts_with("ln_f") || name == "wte";
+        let part = load_some(&dir, &own).unwrap();
+        let names: Vec<_> = part.params.names().map(str::to_string).collect();
+        assert!(
+            !names.is_empty() && names.iter().all(|n| own(n)),
+            "{names:?}"
+        );
+        assert_eq!(names.len(), params.names().filter(|n| own(n)).count());
+        for name in &names {
+            assert_eq!(part.params.get(name), params.get(name), "{name}");
+        }
+        let opt = part.optimizer.unwrap();
+        assert_eq!(opt.m.names().count(), names.len());
+        assert_eq!(
+            opt.v.get("wte").unwrap().data[0],
+            params.get("wte").unwrap().data[0] * 3.0
+        );
+        assert_eq!(part.trainer_state.unwrap()["step"], 9);
+
+        let header = load_header(&dir).unwrap();
+        assert_eq!(header.config, tiny());
+        assert_eq!(header.params.names().count(), 0);
+        assert!(header.optimizer.is_none());
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! spaces to a multiple of 8 bytes so the data that follows is aligned.
 
 use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Map, Value};
@@ -73,6 +76,55 @@ pub fn from_bytes(bytes: &[u8]) -> Result<(HostTensors, BTreeMap<String, String>
         tensors.insert(name, tensor.shape, tensor.data)?;
     }
     Ok((tensors, metadata))
+}
+
+/// The tensors of the safetensors file at `path` whose names `keep` accepts, reading only
+/// their bytes (the header, then a seek to each one): how a pipeline rank loads its share of
+/// a checkpoint without holding the rest in memory.
+pub fn read_some(path: &Path, keep: &dyn Fn(&str) -> bool) -> Result<HostTensors> {
+    let corrupt =
+        |why: &str| invalid_input!("{} is not a valid safetensors file: {why}", path.display());
+    let mut file =
+        File::open(path).map_err(|e| invalid_input!("cannot read {}: {e}", path.display()))?;
+    let size = file.metadata()?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| corrupt("shorter than its 8-byte header length"))?;
+    let head_len = u64::from_le_bytes(len);
+    if head_len > size - 8 {
+        return Err(corrupt(&format!(
+            "header length {head_len} exceeds the file"
+        )));
+    }
+    let mut head = vec![0u8; head_len as usize];
+    file.read_exact(&mut head)?;
+    let header: Map<String, Value> = serde_json::from_slice(&head)
+        .map_err(|e| corrupt(&format!("header is not a JSON object ({e})")))?;
+    let data_start = 8 + head_len;
+    let mut tensors = HostTensors::new();
+    for (name, entry) in header {
+        if name == "__metadata__" || !keep(&name) {
+            continue;
+        }
+        let offsets: [u64; 2] = serde_json::from_value(entry["data_offsets"].clone())
+            .map_err(|_| corrupt(&format!("tensor `{name}`: bad data_offsets")))?;
+        let [begin, end] = offsets;
+        if begin > end || data_start + end > size {
+            return Err(corrupt(&format!(
+                "tensor `{name}`: byte range {begin}..{end} exceeds the data"
+            )));
+        }
+        let mut raw = vec![0u8; (end - begin) as usize];
+        file.seek(SeekFrom::Start(data_start + begin))?;
+        file.read_exact(&mut raw)?;
+        // The tensor's bytes now start at 0 of `raw`.
+        let mut local = entry.clone();
+        local["data_offsets"] = json!([0, end - begin]);
+        let tensor =
+            parse_tensor(&local, &raw).map_err(|e| corrupt(&format!("tensor `{name}`: {e}")))?;
+        tensors.insert(name, tensor.shape, tensor.data)?;
+    }
+    Ok(tensors)
 }
 
 fn parse_tensor(entry: &Value, data: &[u8]) -> Result<HostTensor> {
