@@ -174,40 +174,26 @@ impl CudaBackend {
             u32_of(offset, "attention offset")?,
             n as u64,
         );
-        let t = src.dtype();
-        let (dst, src) = (
+        let (func, name) = match (way, src.dtype()) {
+            (HeadMove::Split, DType::BF16) => (&self.kernels.heads_split_bf16, "heads_split_bf16"),
+            (HeadMove::Split, _) => (&self.kernels.heads_split, "heads_split"),
+            (HeadMove::Merge, DType::BF16) => (&self.kernels.heads_merge_bf16, "heads_merge_bf16"),
+            (HeadMove::Merge, _) => (&self.kernels.heads_merge, "heads_merge"),
+        };
+        launch!(
+            @go self,
+            func,
+            name,
+            elementwise(n),
             dst.floats_mut("attention heads")?,
             src.floats("attention heads")?,
-        );
-        let sizes = (&seq32, &h32, &hs32, &stride32, &offset32, &n64);
-        match way {
-            HeadMove::Split => launch!(
-                self,
-                t => heads_split | heads_split_bf16,
-                elementwise(n),
-                dst,
-                src,
-                sizes.0,
-                sizes.1,
-                sizes.2,
-                sizes.3,
-                sizes.4,
-                sizes.5,
-            ),
-            HeadMove::Merge => launch!(
-                self,
-                t => heads_merge | heads_merge_bf16,
-                elementwise(n),
-                dst,
-                src,
-                sizes.0,
-                sizes.1,
-                sizes.2,
-                sizes.3,
-                sizes.4,
-                sizes.5,
-            ),
-        }
+            &seq32,
+            &h32,
+            &hs32,
+            &stride32,
+            &offset32,
+            &n64
+        )
     }
 
     /// `dst[col] += Σ_rows x[row, col]` for `x[rows, cols]` (f32 or bf16), in two
