@@ -128,8 +128,8 @@ void test_elementwise() {
     launch(elementwise(k), g1(256), 0, fill_f32, s.data(), val, k); check("fill", s, D(257, 0.25));
 }
 
-#include "bf16.inc"
-#include "attention.inc"
+#include "bf16_checks.inc"
+#include "attention_checks.inc"
 int main() {
     test_bf16();
     test_elementwise();
