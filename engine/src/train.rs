@@ -80,7 +80,7 @@ impl Default for TrainConfig {
             steps: 1200,
             batch_size: 16,
             seq_len: 64,
-            lr: 1e-2,
+            lr: 6e-3,
             warmup_steps: 60,
             min_lr: 1e-3,
             weight_decay: 0.1,
