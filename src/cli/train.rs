@@ -251,8 +251,16 @@ pub fn run(args: TrainArgs) -> Result<()> {
     pipit_engine::dist::watch_launcher()?;
     // The settings first (from the checkpoints' headers); the tensors once it is known which
     // of them this process needs.
-    let resume_header = args.resume.as_deref().map(checkpoint::load_header).transpose()?;
-    let init_header = args.init.as_deref().map(checkpoint::load_header).transpose()?;
+    let resume_header = args
+        .resume
+        .as_deref()
+        .map(checkpoint::load_header)
+        .transpose()?;
+    let init_header = args
+        .init
+        .as_deref()
+        .map(checkpoint::load_header)
+        .transpose()?;
     let mut config = args.config(resume_header.as_ref())?;
     if let Some(c) = resume_header.as_ref().or(init_header.as_ref()) {
         // The checkpoint fixes the model's sizes; flags may not contradict them.
@@ -285,7 +293,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     // Under a launcher with more than one process, this process runs only its own rank.
     let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
     let corpus = corpus(args.data.as_deref())?;
-    let largest = corpus.train.iter().chain(&corpus.val).max().copied().unwrap_or(0);
+    let largest = corpus
+        .train
+        .iter()
+        .chain(&corpus.val)
+        .max()
+        .copied()
+        .unwrap_or(0);
     if largest as usize >= config.model.vocab_size {
         return Err(invalid_input!(
             "--vocab-size must exceed every byte of the text (the tokens are bytes; the largest is {largest}), got {}",

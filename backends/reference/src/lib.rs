@@ -195,7 +195,8 @@ impl Backend for ReferenceBackend {
             weight.f32("ln weight")?,
             bias.f32("ln bias")?,
         );
-        let (mut out, mut mean, mut rstd) = (out.f32_mut("ln out")?,
+        let (mut out, mut mean, mut rstd) = (
+            out.f32_mut("ln out")?,
             mean.f32_mut("ln mean")?,
             rstd.f32_mut("ln rstd")?,
         );
@@ -232,7 +233,8 @@ impl Backend for ReferenceBackend {
             weight.f32("ln weight")?,
         );
         let (mean, rstd) = (mean.f32("ln mean")?, rstd.f32("ln rstd")?);
-        let (mut dinp, mut dweight, mut dbias) = (dinp.f32_mut("ln dinp")?,
+        let (mut dinp, mut dweight, mut dbias) = (
+            dinp.f32_mut("ln dinp")?,
             dweight.f32_mut("ln dweight")?,
             dbias.f32_mut("ln dbias")?,
         );
@@ -254,7 +256,15 @@ impl Backend for ReferenceBackend {
         expect_len("ln mean", mean.len(), rows)?;
         expect_len("ln rstd", rstd.len(), rows)?;
         layernorm::backward(
-            &mut dinp, &mut dweight, &mut dbias, dout, inp, weight, mean, rstd, channels,
+            &mut dinp,
+            &mut dweight,
+            &mut dbias,
+            dout,
+            inp,
+            weight,
+            mean,
+            rstd,
+            channels,
         );
         Ok(())
     }
@@ -397,7 +407,8 @@ impl Backend for ReferenceBackend {
             bail!("AdamW step numbers start at 1 (bias correction), got 0");
         }
         let grad = grad.f32("adamw grad")?;
-        let (mut param, mut m, mut v) = (param.f32_mut("adamw param")?,
+        let (mut param, mut m, mut v) = (
+            param.f32_mut("adamw param")?,
             m.f32_mut("adamw m")?,
             v.f32_mut("adamw v")?,
         );

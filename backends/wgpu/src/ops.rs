@@ -121,7 +121,9 @@ impl Backend for WgpuBackend {
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<WgpuBuffer> {
         if dtype == DType::BF16 {
-            bail!("the wgpu backend computes in f32 only; bf16 needs the CUDA or reference backend");
+            bail!(
+                "the wgpu backend computes in f32 only; bf16 needs the CUDA or reference backend"
+            );
         }
         self.create(len, dtype, None)
     }

@@ -9,11 +9,11 @@
 pub mod env;
 pub mod frame;
 mod infer;
+pub mod launcher_watch;
 pub mod links;
 pub mod rendezvous;
 pub mod tcp;
 mod trainer;
-pub mod launcher_watch;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
@@ -24,10 +24,10 @@ use serde_json::Value;
 use crate::invalid_input;
 
 pub use env::LaunchEnv;
+pub use launcher_watch::watch_launcher;
 pub use links::{PeerProbe, RankLinks, TensorSetup, TensorTransport};
 pub use tcp::TcpTransport;
 pub use trainer::{RankTrainer, FAULT_ENV};
-pub use launcher_watch::watch_launcher;
 
 /// How long a rank waits on a peer (and on the rendezvous) before giving up, by default.
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(60);

@@ -167,7 +167,10 @@ impl<B: Backend> StageModel<B> {
     /// master weights, gradients, optimizer state, layernorm statistics and residual stream.
     pub fn set_dtype(&mut self, b: &B, dtype: DType) -> Result<()> {
         if !dtype.is_float() {
-            invalid!("the compute dtype must be f32 or bf16, got {}", dtype.name());
+            invalid!(
+                "the compute dtype must be f32 or bf16, got {}",
+                dtype.name()
+            );
         }
         if !b.supports(dtype) {
             invalid!(
