@@ -142,6 +142,15 @@ impl TrainConfig {
     /// Names of the parameters rank `rank` holds under this run's plan (what it loads from a
     /// checkpoint in a multi-process run).
     pub fn rank_params(&self, rank: usize) -> Result<std::collections::BTreeSet<String>> {
+        Ok(self
+            .rank_param_shapes(rank)?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// Names and shapes of the parameters rank `rank` holds under this run's plan.
+    pub fn rank_param_shapes(&self, rank: usize) -> Result<Vec<(String, Vec<usize>)>> {
         let schedule = self.plan()?;
         let ranges = self.stage_layers()?;
         let layers = self.model.layers();
@@ -149,7 +158,6 @@ impl TrainConfig {
             .stages_of(rank)
             .into_iter()
             .flat_map(|s| self.model.params_of(&layers[ranges[s].clone()]))
-            .map(|(name, _)| name)
             .collect())
     }
 
@@ -286,16 +294,7 @@ impl<B: Backend> Trainer<B> {
                 fresh = init_parameters(&config.model, config.seed)?;
                 &fresh
             }
-            Init::Weights(c) | Init::Resume(c) => {
-                if c.config != config.model {
-                    return Err(invalid_input!(
-                        "the checkpoint's model ({:?}) differs from the one asked for ({:?})",
-                        c.config,
-                        config.model
-                    ));
-                }
-                &c.params
-            }
+            Init::Weights(c) | Init::Resume(c) => checkpoint_params(c, &config)?,
         };
         let backends = (0..schedule.num_ranks())
             .map(|r| make_backend(r).with_context(|| format!("creating rank {r}'s device")))
@@ -480,6 +479,21 @@ impl<B: Backend> TrainLoop for Trainer<B> {
     fn gather_checkpoint(&mut self) -> Result<Option<Checkpoint>> {
         self.checkpoint().map(Some)
     }
+}
+
+/// The weights of checkpoint `c`, after checking that they are of `config`'s model.
+pub(crate) fn checkpoint_params<'c>(
+    c: &'c Checkpoint,
+    config: &TrainConfig,
+) -> Result<&'c HostTensors> {
+    if c.config != config.model {
+        return Err(invalid_input!(
+            "the checkpoint's model ({:?}) differs from the one asked for ({:?})",
+            c.config,
+            config.model
+        ));
+    }
+    Ok(&c.params)
 }
 
 /// The layers `layers` of `config`'s model on `backend`, ready to train: weights from `host`,

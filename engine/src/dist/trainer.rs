@@ -17,7 +17,9 @@ use crate::invalid_input;
 use crate::model::{init_tensor, AdamWConfig, HostTensors, OptimizerState, StageModel};
 use crate::schedule::{Action, Schedule};
 use crate::sim::Timed;
-use crate::train::{resumed_step, training_stage, Init, StepLog, TrainConfig, TrainLoop};
+use crate::train::{
+    checkpoint_params, resumed_step, training_stage, Init, StepLog, TrainConfig, TrainLoop,
+};
 
 /// Environment variable for fault tests: `RANK:STEP` makes rank `RANK` abort (no goodbye, as a
 /// crash) after computing step `STEP` and before reporting it.
@@ -404,32 +406,20 @@ fn build_stages<B: Backend>(
     init: &Init<'_>,
 ) -> Result<Vec<(usize, StageModel<B>)>> {
     let ranges = config.stage_layers()?;
-    let layers = config.model.layers();
     let own = schedule.stages_of(rank);
     let fresh;
     let host: &HostTensors = match init {
         Init::Fresh => {
             // Only this rank's tensors: each starts the same whichever rank creates it.
             let mut t = HostTensors::new();
-            for &s in &own {
-                for (name, shape) in config.model.params_of(&layers[ranges[s].clone()]) {
-                    let data = init_tensor(&config.model, config.seed, &name, &shape);
-                    t.insert(name, shape, data)?;
-                }
+            for (name, shape) in config.rank_param_shapes(rank)? {
+                let data = init_tensor(&config.model, config.seed, &name, &shape);
+                t.insert(name, shape, data)?;
             }
             fresh = t;
             &fresh
         }
-        Init::Weights(c) | Init::Resume(c) => {
-            if c.config != config.model {
-                return Err(invalid_input!(
-                    "the checkpoint's model ({:?}) differs from the one asked for ({:?})",
-                    c.config,
-                    config.model
-                ));
-            }
-            &c.params
-        }
+        Init::Weights(c) | Init::Resume(c) => checkpoint_params(c, config)?,
     };
     let mut stages = Vec::with_capacity(own.len());
     for &s in &own {
