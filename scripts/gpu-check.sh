@@ -3,7 +3,8 @@
 # pipeline-equivalence test on CUDA, the NCCL transport (a one-rank communicator sending to
 # itself; a communicator short of a rank giving up), launched CUDA ranks against one process
 # (the cuda test of tests/multiprocess.rs), GPT-2 124M training steps (bf16 on one stage and
-# on four, f32 on CUDA and on wgpu through NVIDIA's Vulkan driver) beside the PyTorch
+# on four, bf16 with attention through cuBLAS, f32 on CUDA and on wgpu through NVIDIA's Vulkan
+# driver) beside the PyTorch
 # baseline, and the default model in f32 and bf16, with a table last.
 #
 # The GPU machine has no Rust toolchain, so the binaries are built on the development machine
@@ -192,6 +193,11 @@ fi
 step cuda-124m-bf16-p4 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
     --dtype bf16 --stages 4 --schedule 1f1b --microbatches 8 --steps 8 \
     --log-json "$LOGS/cuda-124m-bf16-p4.jsonl"
+# The same p=1 step with attention through cuBLAS (T×T matrices in memory) instead of the
+# tensor-core kernels: what those are worth, and a fallback figure should they fail.
+step cuda-124m-bf16-p1-materialized 60 train_summary -- env PIPIT_CUDA_ATTENTION=materialized \
+    .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 6 \
+    --log-json "$LOGS/cuda-124m-bf16-p1-materialized.jsonl"
 step cuda-124m-f32-p1 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
     --stages 1 --microbatches 1 --steps 4 --log-json "$LOGS/cuda-124m-f32-p1.jsonl"
 step wgpu-124m-f32-p1 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend wgpu \

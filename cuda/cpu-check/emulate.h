@@ -37,6 +37,33 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
     emu_warp_barriers[w]->arrive_and_wait();
     return other;
 }
+// mma.sync.m16n8k16 (bf16 operands, f32 accumulation) for cuda/flash_attention.cu: every lane
+// posts its fragments, then computes its four outputs from the whole warp's, using the PTX
+// ISA's fragment layout (g = lane / 4, t = lane % 4): A element (r, k) in lane (r % 8)·4 +
+// (k % 8) / 2, register r / 8 + 2·(k / 8); B element (k, n) in lane n·4 + (k % 8) / 2,
+// register k / 8; the low half of a register holds the even index; C (g, 2t + e) and
+// (g + 8, 2t + e) in registers e and 2 + e.
+#define PIPIT_HOST_EMULATION 1
+unsigned emu_mma_a[64][32][4], emu_mma_b[64][32][2];
+inline float emu_half(unsigned reg, unsigned k) {
+    return __uint_as_float(k % 2 ? reg & 0xffff0000u : reg << 16);
+}
+inline void mma_16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    unsigned tid = threadIdx.x + threadIdx.y * blockDim.x;
+    unsigned w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    for (int i = 0; i < 4; i++) emu_mma_a[w][lane][i] = a[i];
+    emu_mma_b[w][lane][0] = b0; emu_mma_b[w][lane][1] = b1;
+    emu_warp_barriers[w]->arrive_and_wait();
+    for (unsigned e = 0; e < 4; e++) {
+        unsigned r = g + 8 * (e / 2), n = 2 * t + e % 2;
+        float acc = d[e];
+        for (unsigned k = 0; k < 16; k++)
+            acc += emu_half(emu_mma_a[w][(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k) *
+                   emu_half(emu_mma_b[w][n * 4 + (k % 8) / 2][k / 8], k);
+        d[e] = acc;
+    }
+    emu_warp_barriers[w]->arrive_and_wait();
+}
 template <class F, class... A>
 void launch(dim3 grid, dim3 block, unsigned shared, F f, A... args) {
     gridDim = grid; blockDim = block;

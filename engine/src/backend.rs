@@ -392,10 +392,19 @@ pub trait Backend: Send + 'static {
         dout: &Self::Buffer,
     ) -> Result<()>;
 
+    /// A buffer for what [`Backend::attention_forward`] keeps for backward. By default the
+    /// `[batch, heads, seq, seq]` softmax probabilities in `dtype`; a backend that recomputes
+    /// them in backward keeps less (the CUDA backend's bf16 tensor-core attention keeps one
+    /// f32 log-sum-exp per query row). Its contents belong to the backend.
+    fn attention_state(&self, shape: Attention, dtype: DType) -> Result<Self::Buffer> {
+        let len = check::elems(&[shape.batch, shape.heads, shape.seq, shape.seq])?;
+        self.alloc_output(len, dtype)
+    }
     /// Causal multi-head self-attention. `qkv` is `[batch, seq, 3·channels]` (q, k, v side by
-    /// side, heads contiguous within each), `out` is `[batch, seq, channels]`, and `att`
-    /// `[batch, heads, seq, seq]` receives the softmax probabilities (zero above the
-    /// diagonal), kept for backward. bf16: all operands bf16 (forward and backward).
+    /// side, heads contiguous within each), `out` is `[batch, seq, channels]`, and `att`, from
+    /// [`Backend::attention_state`], receives what backward needs (by default the softmax
+    /// probabilities, zero above the diagonal). bf16: all operands bf16 (forward and
+    /// backward); `att` is whatever `attention_state` made.
     fn attention_forward(
         &self,
         out: &mut Self::Buffer,
@@ -403,12 +412,14 @@ pub trait Backend: Send + 'static {
         qkv: &Self::Buffer,
         shape: Attention,
     ) -> Result<()>;
-    /// Attention backward: overwrites `dqkv` from `dout`, `qkv` and the saved `att`.
+    /// Attention backward: overwrites `dqkv` from `dout` and the forward's `qkv`, `out` and
+    /// `att`.
     fn attention_backward(
         &self,
         dqkv: &mut Self::Buffer,
         dout: &Self::Buffer,
         qkv: &Self::Buffer,
+        out: &Self::Buffer,
         att: &Self::Buffer,
         shape: Attention,
     ) -> Result<()>;

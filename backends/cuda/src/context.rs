@@ -25,6 +25,8 @@ pub struct CudaBackend {
     pub(crate) blas: CudaBlas,
     pub(crate) kernels: Kernels,
     pub(crate) meter: Arc<MemoryMeter>,
+    /// Whether bf16 attention may take the tensor-core kernels (`PIPIT_CUDA_ATTENTION`).
+    pub(crate) flash_attention: bool,
     description: String,
 }
 
@@ -55,6 +57,7 @@ impl CudaBackend {
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| anyhow!("creating a cuBLAS handle: {e:?}"))?;
+        let flash_attention = crate::attention::flash_enabled()?;
         let kernels = Kernels::load(&ctx, &arch)?;
         let description = format!(
             "cuda: {name} ({arch}, {:.0} GiB, device {ordinal})",
@@ -67,6 +70,7 @@ impl CudaBackend {
             blas,
             kernels,
             meter: Arc::default(),
+            flash_attention,
             description,
         })
     }

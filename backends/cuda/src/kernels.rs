@@ -13,7 +13,7 @@ pub(crate) const ROW_BLOCK: u32 = 256;
 
 /// Each source file, in the order they are joined into one program: `common.cu` first, since
 /// the others use its helpers.
-const SOURCES: [(&str, &str); 9] = [
+const SOURCES: [(&str, &str); 10] = [
     ("common.cu", include_str!("../../../cuda/common.cu")),
     (
         "elementwise.cu",
@@ -29,6 +29,10 @@ const SOURCES: [(&str, &str); 9] = [
         include_str!("../../../cuda/crossentropy.cu"),
     ),
     ("attention.cu", include_str!("../../../cuda/attention.cu")),
+    (
+        "flash_attention.cu",
+        include_str!("../../../cuda/flash_attention.cu"),
+    ),
 ];
 
 /// The whole program: every file behind a `#line` marker, so NVRTC's messages name the file
@@ -85,6 +89,34 @@ fn describe_compile_error(e: &cudarc::nvrtc::CompileError) -> String {
         }
         other => format!("{other:?}"),
     }
+}
+
+/// Launch kernel `$kernel` of `$self` with shape `$cfg` and the arguments in order. Every
+/// argument is a reference that lives until the launch: a device slice (or [`Floats`]) or a
+/// local scalar. `launch!(self, dtype => name | name_bf16, ...)` launches the instantiation
+/// for the activations' dtype.
+macro_rules! launch {
+    (@go $self:expr, $func:expr, $name:expr, $cfg:expr, $($arg:expr),+) => {{
+        let mut builder = $self.stream.launch_builder($func);
+        $(builder.arg($arg);)+
+        // SAFETY: the arguments match the kernel's parameters in cuda/ in type and order
+        // (float or bf16 pointers as the dtype picked the instantiation), and the sizes
+        // passed were checked against the buffers' lengths, so the kernel reads and writes
+        // only inside them.
+        unsafe { builder.launch($cfg) }
+            .map(drop)
+            .with_context(|| format!("launching CUDA kernel {}", $name))
+    }};
+    ($self:expr, $dtype:expr => $f32:ident | $bf16:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {{
+        let (func, name) = match $dtype {
+            DType::BF16 => (&$self.kernels.$bf16, stringify!($bf16)),
+            _ => (&$self.kernels.$f32, stringify!($f32)),
+        };
+        launch!(@go $self, func, name, $cfg, $($arg),+)
+    }};
+    ($self:expr, $kernel:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {
+        launch!(@go $self, &$self.kernels.$kernel, stringify!($kernel), $cfg, $($arg),+)
+    };
 }
 
 /// Declares [`Kernels`] with one field per kernel, loaded by the field's name.
@@ -152,6 +184,19 @@ kernels!(
     causal_softmax_bf16,
     causal_softmax_backward,
     causal_softmax_backward_bf16,
+    flash_delta,
+    flash_forward_hs16,
+    flash_forward_hs32,
+    flash_forward_hs64,
+    flash_forward_hs128,
+    flash_backward_dq_hs16,
+    flash_backward_dq_hs32,
+    flash_backward_dq_hs64,
+    flash_backward_dq_hs128,
+    flash_backward_dkdv_hs16,
+    flash_backward_dkdv_hs32,
+    flash_backward_dkdv_hs64,
+    flash_backward_dkdv_hs128,
 );
 
 /// The program loaded into each device's primary context, by device ordinal. Every backend on

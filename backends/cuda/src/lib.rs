@@ -16,14 +16,17 @@
 //!
 //! Every reduction (layernorm and softmax rows, bias and layernorm parameter gradients, the
 //! embedding gradient) combines values in an order fixed by the sizes alone, without float
-//! atomics, so a run repeats bit for bit. f32 throughout for now; buffers carry their element
-//! type so that bf16 can join them.
+//! atomics, so a run repeats bit for bit. Activations are f32 or bf16 (mixed precision); bf16
+//! attention runs on tensor cores without materialising its T×T matrices ([`attention`]).
 
+// First, so that its `launch!` macro is in scope in the modules after it.
+#[macro_use]
+mod kernels;
+mod attention;
 mod buffer;
 mod context;
 mod gemm;
 mod groups;
-mod kernels;
 mod nccl;
 mod ops;
 mod probe;

@@ -1,7 +1,7 @@
 //! `Backend` for [`CudaBackend`]: size checks on the host, then kernel launches and cuBLAS
 //! calls on the backend's stream.
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use pipit_engine::backend::check::{self, elems};
 use pipit_engine::backend::{round_bf16, AdamW, Attention, Backend, DType, Matmul, MemoryStats};
@@ -12,54 +12,18 @@ use crate::gemm;
 use crate::groups::token_groups;
 use crate::kernels::ROW_BLOCK;
 
-/// Launch kernel `$kernel` of `$self` with shape `$cfg` and the arguments in order. Every
-/// argument is a reference that lives until the launch: a device slice (or [`Floats`]) or a
-/// local scalar. `launch!(self, dtype => name | name_bf16, ...)` launches the instantiation
-/// for the activations' dtype.
-macro_rules! launch {
-    (@go $self:expr, $func:expr, $name:expr, $cfg:expr, $($arg:expr),+) => {{
-        let mut builder = $self.stream.launch_builder($func);
-        $(builder.arg($arg);)+
-        // SAFETY: the arguments match the kernel's parameters in cuda/ in type and order
-        // (float or bf16 pointers as the dtype picked the instantiation), and the sizes
-        // passed were checked against the buffers' lengths, so the kernel reads and writes
-        // only inside them.
-        unsafe { builder.launch($cfg) }
-            .map(drop)
-            .with_context(|| format!("launching CUDA kernel {}", $name))
-    }};
-    ($self:expr, $dtype:expr => $f32:ident | $bf16:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {{
-        let (func, name) = match $dtype {
-            DType::BF16 => (&$self.kernels.$bf16, stringify!($bf16)),
-            _ => (&$self.kernels.$f32, stringify!($f32)),
-        };
-        launch!(@go $self, func, name, $cfg, $($arg),+)
-    }};
-    ($self:expr, $kernel:ident, $cfg:expr, $($arg:expr),+ $(,)?) => {
-        launch!(@go $self, &$self.kernels.$kernel, stringify!($kernel), $cfg, $($arg),+)
-    };
-}
-
-/// Which way [`CudaBackend::move_heads`] moves heads: out of a token-major layout into a
-/// head-major copy, or back.
-#[derive(Clone, Copy)]
-enum HeadMove {
-    Split,
-    Merge,
-}
-
 /// Errors unless `buf` holds `dtype`.
-fn need_dtype(buf: &CudaBuffer, dtype: DType, what: &str) -> Result<()> {
+pub(crate) fn need_dtype(buf: &CudaBuffer, dtype: DType, what: &str) -> Result<()> {
     check::dtype(what, buf.dtype(), dtype)
 }
 
 /// Errors unless `buf` holds `dtype` and exactly `elems` elements.
-fn need(buf: &CudaBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
+pub(crate) fn need(buf: &CudaBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
     check::buffer(what, buf.len(), buf.dtype(), elems, dtype)
 }
 
 /// Errors unless `buf` holds exactly `elems` floats (f32 or bf16); returns their type.
-fn need_float(buf: &CudaBuffer, elems: usize, what: &str) -> Result<DType> {
+pub(crate) fn need_float(buf: &CudaBuffer, elems: usize, what: &str) -> Result<DType> {
     check::float(what, buf.dtype())?;
     need(buf, elems, buf.dtype(), what)?;
     Ok(buf.dtype())
@@ -89,29 +53,8 @@ fn check_ids(ids: &[u32], limit: usize, what: &str) -> Result<()> {
 }
 
 impl CudaBackend {
-    /// Shapes of an attention call: (head size, query rows = batch·heads·seq).
-    fn attention_sizes(&self, s: Attention) -> Result<(usize, usize)> {
-        if s.heads == 0 || s.channels == 0 || s.channels % s.heads != 0 {
-            bail!(
-                "attention: {} channels cannot be split into {} heads of equal width",
-                s.channels,
-                s.heads
-            );
-        }
-        u32_of(s.seq, "attention sequence length")?;
-        u32_of(3 * s.channels, "attention channels")?;
-        // cuBLAS's sizes are 32-bit too: a head's T × T scores.
-        i32::try_from(elems(&[s.seq, s.seq])?).map_err(|_| {
-            anyhow!(
-                "attention: {0} × {0} scores per head exceed cuBLAS's 32-bit sizes",
-                s.seq
-            )
-        })?;
-        Ok((s.channels / s.heads, elems(&[s.batch, s.heads, s.seq])?))
-    }
-
     /// `shape` products over `batch` stacked matrices on this backend's stream.
-    fn product(
+    pub(crate) fn product(
         &self,
         shape: &Matmul,
         batch: usize,
@@ -124,76 +67,6 @@ impl CudaBackend {
             .bind_to_thread()
             .context("making the CUDA context current")?;
         gemm::product(&self.blas, &self.stream, shape, batch, beta, a, b, out)
-    }
-
-    /// The heads of one part of `src` (`[batch, seq, stride]`, the part starting at column
-    /// `offset`) as a new head-major `[batch·heads, seq, head size]` buffer.
-    fn split_heads(
-        &self,
-        src: &CudaBuffer,
-        s: Attention,
-        stride: usize,
-        offset: usize,
-    ) -> Result<CudaBuffer> {
-        let n = elems(&[s.batch, s.seq, s.channels])?;
-        let mut dst = self.scratch(n, src.dtype())?;
-        self.move_heads(HeadMove::Split, &mut dst, src, s, stride, offset)?;
-        Ok(dst)
-    }
-
-    /// The inverse of [`Self::split_heads`]: write head-major `src` into the part of `dst`
-    /// (`[batch, seq, stride]`) starting at column `offset`.
-    fn merge_heads(
-        &self,
-        dst: &mut CudaBuffer,
-        src: &CudaBuffer,
-        s: Attention,
-        stride: usize,
-        offset: usize,
-    ) -> Result<()> {
-        self.move_heads(HeadMove::Merge, dst, src, s, stride, offset)
-    }
-
-    /// One `heads_split` or `heads_merge` launch over the `batch·seq·channels` elements of
-    /// the head-major side.
-    fn move_heads(
-        &self,
-        way: HeadMove,
-        dst: &mut CudaBuffer,
-        src: &CudaBuffer,
-        s: Attention,
-        stride: usize,
-        offset: usize,
-    ) -> Result<()> {
-        let n = elems(&[s.batch, s.seq, s.channels])?;
-        let (seq32, h32, hs32, stride32, offset32, n64) = (
-            s.seq as u32,
-            s.heads as u32,
-            (s.channels / s.heads) as u32,
-            u32_of(stride, "attention stride")?,
-            u32_of(offset, "attention offset")?,
-            n as u64,
-        );
-        let (func, name) = match (way, src.dtype()) {
-            (HeadMove::Split, DType::BF16) => (&self.kernels.heads_split_bf16, "heads_split_bf16"),
-            (HeadMove::Split, _) => (&self.kernels.heads_split, "heads_split"),
-            (HeadMove::Merge, DType::BF16) => (&self.kernels.heads_merge_bf16, "heads_merge_bf16"),
-            (HeadMove::Merge, _) => (&self.kernels.heads_merge, "heads_merge"),
-        };
-        launch!(
-            @go self,
-            func,
-            name,
-            elementwise(n),
-            dst.floats_mut("attention heads")?,
-            src.floats("attention heads")?,
-            &seq32,
-            &h32,
-            &hs32,
-            &stride32,
-            &offset32,
-            &n64
-        )
     }
 
     /// `dst[col] += Σ_rows x[row, col]` for `x[rows, cols]` (f32 or bf16), in two
@@ -803,6 +676,14 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn attention_state(&self, shape: Attention, dtype: DType) -> Result<CudaBuffer> {
+        let (_, rows) = self.attention_sizes(shape)?;
+        match self.flash_head_size(dtype, shape) {
+            Some(_) => self.alloc_output(rows, DType::F32),
+            None => self.alloc_output(elems(&[rows, shape.seq])?, dtype),
+        }
+    }
+
     fn attention_forward(
         &self,
         out: &mut CudaBuffer,
@@ -810,48 +691,10 @@ impl Backend for CudaBackend {
         qkv: &CudaBuffer,
         shape: Attention,
     ) -> Result<()> {
-        let (hs, rows) = self.attention_sizes(shape)?;
-        let Attention {
-            batch,
-            seq,
-            channels: c,
-            heads,
-        } = shape;
-        let t = need_float(out, elems(&[batch, seq, c])?, "attention output")?;
-        need(att, elems(&[rows, seq])?, t, "attention probabilities")?;
-        need(qkv, elems(&[batch, seq, 3, c])?, t, "qkv")?;
-        if rows == 0 {
-            return Ok(());
+        match self.flash_head_size(out.dtype(), shape) {
+            Some(hs) => self.flash_forward(out, att, qkv, shape, hs),
+            None => self.materialized_forward(out, att, qkv, shape),
         }
-        let bh = batch * heads;
-        let q = self.split_heads(qkv, shape, 3 * c, 0)?;
-        let k = self.split_heads(qkv, shape, 3 * c, c)?;
-        let mut scores = self.scratch(elems(&[rows, seq])?, DType::F32)?;
-        self.product(
-            &Matmul::new(seq, seq, hs).trans_b(),
-            bh,
-            0.0,
-            &q,
-            &k,
-            &mut scores,
-        )?;
-        drop((q, k));
-        let (seq32, scale, rows64) = (seq as u32, (1.0 / (hs as f64).sqrt()) as f32, rows as u64);
-        launch!(
-            self,
-            t => causal_softmax | causal_softmax_bf16,
-            per_row(rows, 0)?,
-            att.floats_mut("attention probabilities")?,
-            scores.f32("attention scores")?,
-            &seq32,
-            &scale,
-            &rows64,
-        )?;
-        drop(scores);
-        let v = self.split_heads(qkv, shape, 3 * c, 2 * c)?;
-        let mut y = self.scratch(v.len(), t)?;
-        self.product(&Matmul::new(seq, hs, seq), bh, 0.0, att, &v, &mut y)?;
-        self.merge_heads(out, &y, shape, c, 0)
     }
 
     fn attention_backward(
@@ -859,85 +702,14 @@ impl Backend for CudaBackend {
         dqkv: &mut CudaBuffer,
         dout: &CudaBuffer,
         qkv: &CudaBuffer,
+        out: &CudaBuffer,
         att: &CudaBuffer,
         shape: Attention,
     ) -> Result<()> {
-        let (hs, rows) = self.attention_sizes(shape)?;
-        let Attention {
-            batch,
-            seq,
-            channels: c,
-            heads,
-        } = shape;
-        let qkv_len = elems(&[batch, seq, 3, c])?;
-        let t = need_float(dqkv, qkv_len, "qkv gradient")?;
-        need(
-            dout,
-            elems(&[batch, seq, c])?,
-            t,
-            "attention output gradient",
-        )?;
-        need(qkv, qkv_len, t, "qkv")?;
-        need(att, elems(&[rows, seq])?, t, "attention probabilities")?;
-        if rows == 0 {
-            return Ok(());
+        match self.flash_head_size(dqkv.dtype(), shape) {
+            Some(hs) => self.flash_backward(dqkv, dout, qkv, out, att, shape, hs),
+            None => self.materialized_backward(dqkv, dout, qkv, att, shape),
         }
-        let bh = batch * heads;
-        let dy = self.split_heads(dout, shape, c, 0)?;
-        let v = self.split_heads(qkv, shape, 3 * c, 2 * c)?;
-        // dV = Pᵀ·dY, dP = dY·Vᵀ.
-        let mut dv = self.scratch(v.len(), t)?;
-        self.product(
-            &Matmul::new(seq, hs, seq).trans_a(),
-            bh,
-            0.0,
-            att,
-            &dy,
-            &mut dv,
-        )?;
-        self.merge_heads(dqkv, &dv, shape, 3 * c, 2 * c)?;
-        drop(dv);
-        let mut datt = self.scratch(elems(&[rows, seq])?, DType::F32)?;
-        self.product(
-            &Matmul::new(seq, seq, hs).trans_b(),
-            bh,
-            0.0,
-            &dy,
-            &v,
-            &mut datt,
-        )?;
-        drop((dy, v));
-        let mut dscores = self.scratch(elems(&[rows, seq])?, t)?;
-        let (seq32, scale, rows64) = (seq as u32, (1.0 / (hs as f64).sqrt()) as f32, rows as u64);
-        launch!(
-            self,
-            t => causal_softmax_backward | causal_softmax_backward_bf16,
-            per_row(rows, 0)?,
-            dscores.floats_mut("attention score gradient")?,
-            att.floats("attention probabilities")?,
-            datt.f32("attention probability gradient")?,
-            &seq32,
-            &scale,
-            &rows64,
-        )?;
-        drop(datt);
-        // dQ = dS·K, dK = dSᵀ·Q.
-        let k = self.split_heads(qkv, shape, 3 * c, c)?;
-        let mut dq = self.scratch(k.len(), t)?;
-        self.product(&Matmul::new(seq, hs, seq), bh, 0.0, &dscores, &k, &mut dq)?;
-        self.merge_heads(dqkv, &dq, shape, 3 * c, 0)?;
-        drop((k, dq));
-        let q = self.split_heads(qkv, shape, 3 * c, 0)?;
-        let mut dk = self.scratch(q.len(), t)?;
-        self.product(
-            &Matmul::new(seq, hs, seq).trans_a(),
-            bh,
-            0.0,
-            &dscores,
-            &q,
-            &mut dk,
-        )?;
-        self.merge_heads(dqkv, &dk, shape, 3 * c, c)
     }
 
     fn cross_entropy_forward(

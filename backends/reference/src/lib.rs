@@ -344,6 +344,7 @@ impl Backend for ReferenceBackend {
         dqkv: &mut RefBuffer,
         dout: &RefBuffer,
         qkv: &RefBuffer,
+        _out: &RefBuffer,
         att: &RefBuffer,
         shape: Attention,
     ) -> Result<()> {

@@ -665,6 +665,7 @@ impl Backend for WgpuBackend {
         dqkv: &mut WgpuBuffer,
         dout: &WgpuBuffer,
         qkv: &WgpuBuffer,
+        _out: &WgpuBuffer,
         att: &WgpuBuffer,
         shape: Attention,
     ) -> Result<()> {

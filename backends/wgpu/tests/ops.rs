@@ -392,7 +392,8 @@ fn attention_forward_backward() {
             assert_close(&tag, &b.download(&att).unwrap(), &want_att, 1e-5);
             assert_close(&tag, &b.download(&out).unwrap(), &want_out, 1e-5);
             let mut dqkv = poisoned(&b, bn * t * 3 * c);
-            b.attention_backward(&mut dqkv, &dd, &dq, &att, s).unwrap();
+            b.attention_backward(&mut dqkv, &dd, &dq, &out, &att, s)
+                .unwrap();
             assert_close(&tag, &b.download(&dqkv).unwrap(), &want_dqkv, 1e-5);
         }
     }
@@ -729,7 +730,7 @@ fn long_loops_are_split() {
         let dq = b.upload(&qkv).unwrap();
         b.attention_forward(&mut o, &mut att, &dq, s).unwrap();
         let mut dqkv = poisoned(&b, 600 * 3 * 64);
-        b.attention_backward(&mut dqkv, &b.upload(&g).unwrap(), &dq, &att, s)
+        b.attention_backward(&mut dqkv, &b.upload(&g).unwrap(), &dq, &o, &att, s)
             .unwrap();
         let (want_out, _, want_dqkv) = host_attention(s, &qkv, &g);
         assert_close(

@@ -97,7 +97,7 @@ pub(super) fn forward<B: Backend>(
     )?;
     let (mut atty, mut att) = (
         acts(b, rows * c, d)?,
-        acts(b, d.batch * d.heads * d.seq * d.seq, d)?,
+        b.attention_state(attention_shape(d), d.act)?,
     );
     b.attention_forward(&mut atty, &mut att, &qkv, attention_shape(d))?;
     let mut attproj = acts(b, rows * c, d)?;
@@ -257,7 +257,14 @@ pub(super) fn backward<B: Backend>(
         Matmul::new(rows, c, c).trans_b(),
     )?;
     let mut dqkv = acts(b, rows * 3 * c, d)?;
-    b.attention_backward(&mut dqkv, &datty, &a.qkv, &a.att, attention_shape(d))?;
+    b.attention_backward(
+        &mut dqkv,
+        &datty,
+        &a.qkv,
+        &a.atty,
+        &a.att,
+        attention_shape(d),
+    )?;
     drop(datty);
     drop(dres1_act);
     b.matmul(
