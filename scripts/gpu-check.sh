@@ -3,7 +3,7 @@
 # pipeline-equivalence test on CUDA, the NCCL transport (a one-rank communicator sending to
 # itself; a communicator short of a rank giving up), launched CUDA ranks against one process
 # (the cuda test of tests/multiprocess.rs), GPT-2 124M training steps (bf16 on one stage and
-# on four, bf16 with attention through cuBLAS, f32 on CUDA and on wgpu through NVIDIA's Vulkan
+# on four, bf16 with attention through cuBLAS, a profile of GPU time by op, f32 on CUDA and on wgpu through NVIDIA's Vulkan
 # driver) beside the PyTorch
 # baseline, and the default model in f32 and bf16, with a table last.
 #
@@ -142,6 +142,11 @@ nccl_summary() {
     echo "$(tests_summary "$1")${figure:+; $figure)}"
 }
 
+# The largest entries of the GPU-time-per-op table a PIPIT_CUDA_PROFILE=1 run prints.
+profile_summary() {
+    awk '/^cuda profile/ {on = 1; next} on && NR > 0 && $1 != "op" && $1 != "total" && n < 6 {printf "%s%s %s", (n ? ", " : "by op: "), $1, $4; n++} END {if (!n) print "no profile table"; else print ""}' "$1"
+}
+
 torch_summary() {
     grep -E '^torch ' "$1" | sed -E 's/^torch [^ ]+ ([a-z0-9-]+) GPT-2 124M B=16 T=1024: /\1 /; s/, peak mem/ peak/' | paste -sd';' - | sed 's/;/; /g'
 }
@@ -198,6 +203,9 @@ step cuda-124m-bf16-p4 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cud
 step cuda-124m-bf16-p1-materialized 60 train_summary -- env PIPIT_CUDA_ATTENTION=materialized \
     .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 6 \
     --log-json "$LOGS/cuda-124m-bf16-p1-materialized.jsonl"
+# Where a p=1 step's GPU time goes, op by op (CUDA events around every op).
+step cuda-124m-bf16-p1-profile 60 profile_summary -- env PIPIT_CUDA_PROFILE=1 \
+    .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 4
 step cuda-124m-f32-p1 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
     --stages 1 --microbatches 1 --steps 4 --log-json "$LOGS/cuda-124m-f32-p1.jsonl"
 step wgpu-124m-f32-p1 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend wgpu \

@@ -11,6 +11,7 @@ use pipit_engine::backend::{DType, MemoryMeter};
 use crate::buffer::{CudaBuffer, Data};
 use crate::kernels::{Kernels, ROW_BLOCK};
 use crate::probe::{guarded, probe};
+use crate::profile::{Profile, Span};
 
 /// Most blocks an elementwise kernel is launched with; its grid-stride loop covers the rest.
 const MAX_ELEMENTWISE_BLOCKS: u64 = 1 << 20;
@@ -27,6 +28,8 @@ pub struct CudaBackend {
     pub(crate) meter: Arc<MemoryMeter>,
     /// Whether bf16 attention may take the tensor-core kernels (`PIPIT_CUDA_ATTENTION`).
     pub(crate) flash_attention: bool,
+    /// GPU time per op, when `PIPIT_CUDA_PROFILE=1` asks for it.
+    profile: Option<Profile>,
     description: String,
 }
 
@@ -64,6 +67,7 @@ impl CudaBackend {
             total as f64 / (1u64 << 30) as f64
         );
         log::info!("{description}");
+        let profile = Profile::from_env(&description)?;
         Ok(Self {
             ctx,
             stream,
@@ -71,8 +75,22 @@ impl CudaBackend {
             kernels,
             meter: Arc::default(),
             flash_attention,
+            profile,
             description,
         })
+    }
+
+    /// Sum the profiled ops the stream has finished (after a synchronize), when profiling.
+    pub(crate) fn collect_profile(&self) -> Result<()> {
+        match &self.profile {
+            Some(profile) => profile.collect(&self.ctx),
+            None => Ok(()),
+        }
+    }
+
+    /// Times the op being enqueued until the returned span drops, when profiling.
+    pub(crate) fn span(&self, op: &'static str) -> Option<Span<'_>> {
+        self.profile.as_ref().map(|p| p.span(&self.stream, op))
     }
 
     /// `cuda: <GPU name> (<architecture>, <memory>, device <ordinal>)`.
@@ -130,6 +148,19 @@ impl CudaBackend {
         self.ctx
             .check_err()
             .context("an earlier CUDA operation failed")
+    }
+}
+
+impl Drop for CudaBackend {
+    /// Prints the profile's table, when profiling.
+    fn drop(&mut self) {
+        if let Some(profile) = &self.profile {
+            let synchronized = self.stream.synchronize().map_err(anyhow::Error::from);
+            match synchronized.and_then(|()| profile.collect(&self.ctx)) {
+                Ok(()) => eprintln!("{}", profile.table()),
+                Err(e) => eprintln!("cuda profile ({}): unreadable: {e:#}", self.description),
+            }
+        }
     }
 }
 

@@ -30,6 +30,7 @@ mod groups;
 mod nccl;
 mod ops;
 mod probe;
+mod profile;
 mod watchdog;
 
 pub use buffer::CudaBuffer;

@@ -165,12 +165,14 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaBuffer> {
+        let _span = self.span("upload");
         let mut buf = self.scratch(data.len(), DType::F32)?;
         self.write(&mut buf, data)?;
         Ok(buf)
     }
 
     fn upload_u32(&self, data: &[u32]) -> Result<CudaBuffer> {
+        let _span = self.span("upload_u32");
         let mut buf = self.zeroed(data.len(), DType::U32)?;
         if let Data::U32 { device, host } = &mut buf.data {
             if !data.is_empty() {
@@ -184,6 +186,7 @@ impl Backend for CudaBackend {
     }
 
     fn write(&self, buf: &mut CudaBuffer, data: &[f32]) -> Result<()> {
+        let _span = self.span("write");
         need_float(buf, data.len(), "write target")?;
         if data.is_empty() {
             return Ok(());
@@ -238,6 +241,7 @@ impl Backend for CudaBackend {
     }
 
     fn fill(&self, buf: &mut CudaBuffer, value: f32) -> Result<()> {
+        let _span = self.span("fill");
         let n = buf.len();
         let dtype = need_float(buf, n, "filled buffer")?;
         if n == 0 {
@@ -263,6 +267,7 @@ impl Backend for CudaBackend {
     }
 
     fn copy(&self, dst: &mut CudaBuffer, src: &CudaBuffer) -> Result<()> {
+        let _span = self.span("copy");
         let converts =
             dst.dtype() != src.dtype() && dst.dtype().is_float() && src.dtype().is_float();
         if (dst.dtype() != src.dtype() && !converts) || dst.len() != src.len() {
@@ -320,6 +325,7 @@ impl Backend for CudaBackend {
     }
 
     fn add(&self, out: &mut CudaBuffer, a: &CudaBuffer, b: &CudaBuffer) -> Result<()> {
+        let _span = self.span("add");
         let n = out.len();
         need(out, n, DType::F32, "add output")?;
         need(a, n, DType::F32, "add input a")?;
@@ -340,6 +346,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, acc: &mut CudaBuffer, x: &CudaBuffer) -> Result<()> {
+        let _span = self.span("add_assign");
         let n = acc.len();
         need(acc, n, DType::F32, "accumulator")?;
         need(x, n, DType::F32, "added buffer")?;
@@ -367,6 +374,7 @@ impl Backend for CudaBackend {
         seq: usize,
         channels: usize,
     ) -> Result<()> {
+        let _span = self.span("embedding_forward");
         let vocab = table_rows(wte, channels, "wte")?;
         let positions = table_rows(wpe, channels, "wpe")?;
         let n = elems(&[batch, seq, channels])?;
@@ -411,6 +419,7 @@ impl Backend for CudaBackend {
         seq: usize,
         channels: usize,
     ) -> Result<()> {
+        let _span = self.span("embedding_backward");
         let vocab = table_rows(dwte, channels, "dwte")?;
         let positions = table_rows(dwpe, channels, "dwpe")?;
         let n = elems(&[batch, seq, channels])?;
@@ -472,6 +481,7 @@ impl Backend for CudaBackend {
         rows: usize,
         channels: usize,
     ) -> Result<()> {
+        let _span = self.span("layernorm_forward");
         if channels == 0 {
             bail!("layernorm needs at least one channel");
         }
@@ -514,6 +524,7 @@ impl Backend for CudaBackend {
         rows: usize,
         channels: usize,
     ) -> Result<()> {
+        let _span = self.span("layernorm_backward");
         if channels == 0 {
             bail!("layernorm needs at least one channel");
         }
@@ -575,6 +586,7 @@ impl Backend for CudaBackend {
         bias: Option<&CudaBuffer>,
         shape: Matmul,
     ) -> Result<()> {
+        let _span = self.span("matmul");
         let Matmul { m, n, k, .. } = shape;
         let out_type = need_float(out, elems(&[m, n])?, "matmul output")?;
         let in_type = need_float(a, elems(&[m, k])?, "matmul a")?;
@@ -625,6 +637,7 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
+        let _span = self.span("bias_backward");
         need(dbias, cols, DType::F32, "bias gradient")?;
         need_float(dout, elems(&[rows, cols])?, "output gradient")?;
         if rows == 0 || cols == 0 {
@@ -634,6 +647,7 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_forward(&self, out: &mut CudaBuffer, inp: &CudaBuffer) -> Result<()> {
+        let _span = self.span("gelu_forward");
         let n = out.len();
         let t = need_float(out, n, "gelu output")?;
         need(inp, n, t, "gelu input")?;
@@ -657,6 +671,7 @@ impl Backend for CudaBackend {
         inp: &CudaBuffer,
         dout: &CudaBuffer,
     ) -> Result<()> {
+        let _span = self.span("gelu_backward");
         let n = dinp.len();
         let t = need_float(dinp, n, "gelu input gradient")?;
         need(inp, n, t, "gelu input")?;
@@ -691,6 +706,7 @@ impl Backend for CudaBackend {
         qkv: &CudaBuffer,
         shape: Attention,
     ) -> Result<()> {
+        let _span = self.span("attention_forward");
         match self.flash_head_size(out.dtype(), shape) {
             Some(hs) => self.flash_forward(out, att, qkv, shape, hs),
             None => self.materialized_forward(out, att, qkv, shape),
@@ -706,6 +722,7 @@ impl Backend for CudaBackend {
         att: &CudaBuffer,
         shape: Attention,
     ) -> Result<()> {
+        let _span = self.span("attention_backward");
         match self.flash_head_size(dqkv.dtype(), shape) {
             Some(hs) => self.flash_backward(dqkv, dout, qkv, out, att, shape, hs),
             None => self.materialized_backward(dqkv, dout, qkv, att, shape),
@@ -720,6 +737,7 @@ impl Backend for CudaBackend {
         rows: usize,
         vocab: usize,
     ) -> Result<()> {
+        let _span = self.span("cross_entropy_forward");
         self.check_cross_entropy(logits, targets, rows, vocab)?;
         need(losses, rows, DType::F32, "losses")?;
         if rows == 0 {
@@ -747,6 +765,7 @@ impl Backend for CudaBackend {
         rows: usize,
         vocab: usize,
     ) -> Result<()> {
+        let _span = self.span("cross_entropy_backward");
         self.check_cross_entropy(logits, targets, rows, vocab)?;
         need(dlogits, rows * vocab, logits.dtype(), "logits gradient")?;
         if rows == 0 {
@@ -774,6 +793,7 @@ impl Backend for CudaBackend {
         v: &mut CudaBuffer,
         hp: AdamW,
     ) -> Result<()> {
+        let _span = self.span("adamw");
         if hp.step == 0 {
             bail!("AdamW step numbers start at 1 (bias correction), got 0");
         }
@@ -809,7 +829,8 @@ impl Backend for CudaBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().context("waiting for the GPU")?;
-        self.check()
+        self.check()?;
+        self.collect_profile()
     }
 
     fn memory(&self) -> MemoryStats {
