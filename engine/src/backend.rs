@@ -251,6 +251,9 @@ impl MemoryMeter {
 pub trait Backend: Send + 'static {
     /// A device buffer. Dropping it frees its memory.
     type Buffer: Send + 'static;
+    /// A point in this backend's stream of work ([`Backend::mark`]), for timing what runs
+    /// between two points without waiting for it.
+    type Mark;
 
     /// A one-line description of the device, e.g. `wgpu: llvmpipe (Vulkan, cpu)`.
     fn describe(&self) -> String;
@@ -456,8 +459,14 @@ pub trait Backend: Send + 'static {
         hp: AdamW,
     ) -> Result<()>;
 
-    /// Block until all enqueued work has finished (for timing and before host reads).
+    /// Block until all enqueued work has finished (before host reads).
     fn synchronize(&self) -> Result<()>;
+    /// The point after all work enqueued so far. A GPU backend records it on its stream and
+    /// returns at once; a backend whose ops run as they are called takes the clock.
+    fn mark(&self) -> Result<Self::Mark>;
+    /// Milliseconds the device took from `start` to `end` (marks of this backend, `end`
+    /// made after `start`). Call it after [`Backend::synchronize`]: before, it may wait.
+    fn elapsed_ms(&self, start: &Self::Mark, end: &Self::Mark) -> Result<f64>;
     /// Device memory held now and at peak.
     fn memory(&self) -> MemoryStats;
     /// Start a new peak-memory window at the current usage.

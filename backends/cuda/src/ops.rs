@@ -2,7 +2,7 @@
 //! calls on the backend's stream.
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 use pipit_engine::backend::check::{self, elems};
 use pipit_engine::backend::{round_bf16, AdamW, Attention, Backend, DType, Matmul, MemoryStats};
 
@@ -11,6 +11,7 @@ use crate::context::{chunk_rows, column_tiles, elementwise, per_row, u32_of, Cud
 use crate::gemm;
 use crate::groups::token_groups;
 use crate::kernels::ROW_BLOCK;
+use crate::profile::timing_event;
 
 /// Errors unless `buf` holds `dtype`.
 pub(crate) fn need_dtype(buf: &CudaBuffer, dtype: DType, what: &str) -> Result<()> {
@@ -141,6 +142,7 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     type Buffer = CudaBuffer;
+    type Mark = CudaEvent;
 
     fn describe(&self) -> String {
         self.description().to_string()
@@ -831,6 +833,17 @@ impl Backend for CudaBackend {
         self.stream.synchronize().context("waiting for the GPU")?;
         self.check()?;
         self.collect_profile()
+    }
+
+    fn mark(&self) -> Result<CudaEvent> {
+        timing_event(&self.stream).context("recording a timing event on the CUDA stream")
+    }
+
+    fn elapsed_ms(&self, start: &CudaEvent, end: &CudaEvent) -> Result<f64> {
+        let ms = start
+            .elapsed_ms(end)
+            .context("reading the time between two CUDA events")?;
+        Ok(ms as f64)
     }
 
     fn memory(&self) -> MemoryStats {

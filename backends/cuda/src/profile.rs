@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
-use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream, DriverError};
 
 /// Events of ops not yet summed, and the sums so far.
 pub(crate) struct Profile {
@@ -29,11 +29,9 @@ pub(crate) struct Span<'a> {
     start: Option<CudaEvent>,
 }
 
-/// An event that can time (cudarc's default event cannot).
-fn timing_event(stream: &CudaStream) -> Option<CudaEvent> {
-    stream
-        .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
-        .ok()
+/// An event recorded on `stream` now, made so that it can time (cudarc's default cannot).
+pub(crate) fn timing_event(stream: &CudaStream) -> Result<CudaEvent, DriverError> {
+    stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
 }
 
 impl Profile {
@@ -56,7 +54,7 @@ impl Profile {
             profile: self,
             stream,
             name,
-            start: timing_event(stream),
+            start: timing_event(stream).ok(),
         }
     }
 
@@ -99,7 +97,7 @@ impl Profile {
 
 impl Drop for Span<'_> {
     fn drop(&mut self) {
-        if let (Some(start), Some(end)) = (self.start.take(), timing_event(self.stream)) {
+        if let (Some(start), Ok(end)) = (self.start.take(), timing_event(self.stream)) {
             lock(&self.profile.pending).push((self.name, start, end));
         }
     }

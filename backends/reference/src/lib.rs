@@ -18,6 +18,7 @@ mod layernorm;
 mod matmul;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryMeter, MemoryStats};
@@ -52,6 +53,7 @@ impl ReferenceBackend {
 
 impl Backend for ReferenceBackend {
     type Buffer = RefBuffer;
+    type Mark = Instant;
 
     fn describe(&self) -> String {
         "reference: host f32 (f64 accumulation; bf16 emulated)".to_string()
@@ -427,6 +429,14 @@ impl Backend for ReferenceBackend {
     fn synchronize(&self) -> Result<()> {
         // Host code runs each op to completion before returning.
         Ok(())
+    }
+
+    fn mark(&self) -> Result<Instant> {
+        Ok(Instant::now())
+    }
+
+    fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f64> {
+        Ok(end.saturating_duration_since(*start).as_secs_f64() * 1e3)
     }
 
     fn memory(&self) -> MemoryStats {

@@ -1,5 +1,7 @@
 //! `Backend` for [`WgpuBackend`]: size checks, cutting into binding windows, and dispatches.
 
+use std::time::Instant;
+
 use anyhow::{bail, Result};
 use pipit_engine::backend::check;
 use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
@@ -114,6 +116,7 @@ impl WgpuBackend {
 
 impl Backend for WgpuBackend {
     type Buffer = WgpuBuffer;
+    type Mark = Instant;
 
     fn describe(&self) -> String {
         self.description()
@@ -815,6 +818,17 @@ impl Backend for WgpuBackend {
 
     fn synchronize(&self) -> Result<()> {
         self.wait()
+    }
+
+    /// The clock once the queue is idle: submissions carry no timestamps that every adapter
+    /// supports, so a mark waits for the work before it.
+    fn mark(&self) -> Result<Instant> {
+        self.wait()?;
+        Ok(Instant::now())
+    }
+
+    fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f64> {
+        Ok(end.saturating_duration_since(*start).as_secs_f64() * 1e3)
     }
 
     fn memory(&self) -> MemoryStats {

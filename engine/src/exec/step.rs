@@ -259,8 +259,15 @@ fn run_rank<B: Backend, T: Transport<B>>(
     let hidden_len = |mb: &Batch| mb.batch * mb.seq * channels;
     backend.reset_peak_memory();
 
+    // Actions are timed with backend marks, read once the step's work has finished: a GPU
+    // rank then never waits for its stream inside the step. `offset` puts the rank's first
+    // mark on the clock the ranks share.
+    let offset = t0.elapsed().as_secs_f64() * 1e3;
+    let first = backend.mark()?;
+    let mut marks: Vec<(Action, B::Mark, B::Mark)> = Vec::new();
+    let mut losses: Vec<B::Buffer> = Vec::new();
     for (position, &action) in schedule.ranks[me].iter().enumerate() {
-        let begin = t0.elapsed().as_secs_f64() * 1e3;
+        let begin = backend.mark()?;
         let key = (action.stage(), action.microbatch());
         let mb = &micro[action.microbatch()];
         let result: Result<()> = (|| {
@@ -294,10 +301,7 @@ fn run_rank<B: Backend, T: Transport<B>>(
                         StageOutput::Hidden(h) => {
                             mail.activations.insert(key, h);
                         }
-                        StageOutput::Loss { losses } => {
-                            let values = backend.download(&losses)?;
-                            loss_sum += values.iter().map(|&x| x as f64).sum::<f64>();
-                        }
+                        StageOutput::Loss { losses: l } => losses.push(l),
                         StageOutput::Logits(_) => {
                             return Err(anyhow!("the last stage returned logits during training"))
                         }
@@ -352,21 +356,10 @@ fn run_rank<B: Backend, T: Transport<B>>(
                     ))
                 }
             }
-            if action.is_compute() {
-                backend.synchronize()?;
-            }
             Ok(())
         })();
         result.with_context(|| format!("at position {position} ({action:?})"))?;
-        let end = t0.elapsed().as_secs_f64() * 1e3;
-        if action.is_compute() {
-            report.busy += end - begin;
-        }
-        report.timeline.push(Timed {
-            action,
-            start: begin,
-            end,
-        });
+        marks.push((action, begin, backend.mark()?));
     }
     if !saved.is_empty() || !mail.activations.is_empty() || !mail.gradients.is_empty() {
         return Err(anyhow!(
@@ -382,6 +375,21 @@ fn run_rank<B: Backend, T: Transport<B>>(
     }
     backend.synchronize()?;
     report.peak_bytes = backend.memory().peak;
+    for l in &losses {
+        loss_sum += backend.download(l)?.iter().map(|&x| x as f64).sum::<f64>();
+    }
+    for (action, begin, end) in &marks {
+        let start = offset + backend.elapsed_ms(&first, begin)?;
+        let end = offset + backend.elapsed_ms(&first, end)?;
+        if action.is_compute() {
+            report.busy += end - start;
+        }
+        report.timeline.push(Timed {
+            action: *action,
+            start,
+            end,
+        });
+    }
     Ok((report, loss_sum))
 }
 
