@@ -3,7 +3,7 @@
 # pipeline-equivalence test on CUDA, the NCCL transport (a one-rank communicator sending to
 # itself; a communicator short of a rank giving up), launched CUDA ranks against one process
 # (the cuda test of tests/multiprocess.rs), GPT-2 124M training steps (bf16 on one stage and
-# on four, bf16 with attention through cuBLAS, a profile of GPU time by op, f32 on CUDA and on wgpu through NVIDIA's Vulkan
+# on four, bf16 on one stage with eight micro-batches, bf16 with attention through cuBLAS, a profile of GPU time by op, f32 on CUDA and on wgpu through NVIDIA's Vulkan
 # driver) beside the PyTorch
 # baseline, and the default model in f32 and bf16, with a table last.
 #
@@ -198,16 +198,6 @@ fi
 step cuda-124m-bf16-p4 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
     --dtype bf16 --stages 4 --schedule 1f1b --microbatches 8 --steps 8 \
     --log-json "$LOGS/cuda-124m-bf16-p4.jsonl"
-# The same p=1 step with attention through cuBLAS (T×T matrices in memory) instead of the
-# tensor-core kernels: what those are worth, and a fallback figure should they fail.
-step cuda-124m-bf16-p1-materialized 60 train_summary -- env PIPIT_CUDA_ATTENTION=materialized \
-    .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 6 \
-    --log-json "$LOGS/cuda-124m-bf16-p1-materialized.jsonl"
-# Where a p=1 step's GPU time goes, op by op (CUDA events around every op).
-step cuda-124m-bf16-p1-profile 60 profile_summary -- env PIPIT_CUDA_PROFILE=1 \
-    .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 4
-step cuda-124m-f32-p1 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
-    --stages 1 --microbatches 1 --steps 4 --log-json "$LOGS/cuda-124m-f32-p1.jsonl"
 step wgpu-124m-f32-p1 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend wgpu \
     --stages 1 --microbatches 2 --steps 3 --log-json "$LOGS/wgpu-124m-f32-p1.jsonl"
 step multiprocess-cuda 150 tests_summary -- \
@@ -223,11 +213,27 @@ step train-cuda-default-bf16 120 train_summary -- .gpu/pipit train --no-save --b
 step train-wgpu-default 90 train_summary -- .gpu/pipit train --steps 30 --no-save \
     --eval-every 0 --eval-tokens 4096 --backend wgpu --log-json "$LOGS/train-wgpu-default.jsonl"
 
+# Diagnostics, after every must-show: what the speed figures are made of.
+# The same p=1 step with attention through cuBLAS (T×T matrices in memory) instead of the
+# tensor-core kernels: what those are worth, and a fallback figure should they fail.
+step cuda-124m-bf16-p1-materialized 60 train_summary -- env PIPIT_CUDA_ATTENTION=materialized \
+    .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 6 \
+    --log-json "$LOGS/cuda-124m-bf16-p1-materialized.jsonl"
+# One stage with the p=4 run's 8 micro-batches: separates what micro-batching costs from
+# what pipelining costs.
+step cuda-124m-bf16-p1-m8 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
+    --dtype bf16 --stages 1 --microbatches 8 --steps 6 --log-json "$LOGS/cuda-124m-bf16-p1-m8.jsonl"
+# Where a p=1 step's GPU time goes, op by op (CUDA events around every op).
+step cuda-124m-bf16-p1-profile 60 profile_summary -- env PIPIT_CUDA_PROFILE=1 \
+    .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 4
+step cuda-124m-f32-p1 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
+    --stages 1 --microbatches 1 --steps 4 --log-json "$LOGS/cuda-124m-f32-p1.jsonl"
+
 echo
 echo "== gpu-check: $((SECONDS - START)) s in all; logs in $LOGS"
-printf '%-28s %-10s %6s  %s\n' step status seconds detail
+printf '%-32s %-10s %6s  %s\n' step status seconds detail
 for row in "${ROWS[@]}"; do
     IFS='|' read -r name status secs detail <<<"$row"
-    printf '%-28s %-10s %6s  %s\n' "$name" "$status" "$secs" "$detail"
+    printf '%-32s %-10s %6s  %s\n' "$name" "$status" "$secs" "$detail"
 done
 exit $FAILED
