@@ -30,7 +30,13 @@ fn noise(name: &str, i: usize) -> f32 {
 }
 
 /// Validation losses of `config` every `every` steps, the initial weights nudged when asked.
-fn run(config: TrainConfig, nudge: bool, every: u64, corpus: &Corpus) -> Result<Vec<f64>> {
+fn run(
+    name: &str,
+    config: TrainConfig,
+    nudge: bool,
+    every: u64,
+    corpus: &Corpus,
+) -> Result<Vec<f64>> {
     let mut trainer = Trainer::new(config, |_| Ok(ReferenceBackend::new()), Init::Fresh)?;
     if nudge {
         for rank in &mut trainer.ranks {
@@ -52,7 +58,9 @@ fn run(config: TrainConfig, nudge: bool, every: u64, corpus: &Corpus) -> Result<
     while trainer.step < trainer.config.steps {
         trainer.train_step(corpus)?;
         if trainer.step % every == 0 || trainer.step == trainer.config.steps {
-            losses.push(trainer.evaluate(&corpus.val, seq, tokens)?.0);
+            let loss = trainer.evaluate(&corpus.val, seq, tokens)?.0;
+            eprintln!("{name}: step {}, validation loss {loss:.4}", trainer.step);
+            losses.push(loss);
         }
     }
     Ok(losses)
@@ -67,12 +75,40 @@ fn main() -> Result<()> {
         None => TrainConfig::default(),
     };
     config.validate()?;
-    let every = if config.eval_every == 0 { 200 } else { config.eval_every };
-    let corpus = Arc::new(Corpus::split(include_bytes!("../data/shakespeare.txt"), 0.1)?);
+    let every = if config.eval_every == 0 {
+        200
+    } else {
+        config.eval_every
+    };
+    let corpus = Arc::new(Corpus::split(
+        include_bytes!("../data/shakespeare.txt"),
+        0.1,
+    )?);
     let variants = [
-        ("f32", TrainConfig { dtype: "f32".into(), ..config.clone() }, false),
-        ("f32, nudged", TrainConfig { dtype: "f32".into(), ..config.clone() }, true),
-        ("bf16", TrainConfig { dtype: "bf16".into(), ..config.clone() }, false),
+        (
+            "f32",
+            TrainConfig {
+                dtype: "f32".into(),
+                ..config.clone()
+            },
+            false,
+        ),
+        (
+            "f32, nudged",
+            TrainConfig {
+                dtype: "f32".into(),
+                ..config.clone()
+            },
+            true,
+        ),
+        (
+            "bf16",
+            TrainConfig {
+                dtype: "bf16".into(),
+                ..config.clone()
+            },
+            false,
+        ),
     ];
     println!(
         "lr {} (min {}), {} steps, seed {}, p={} m={}: three runs side by side",
@@ -81,9 +117,9 @@ fn main() -> Result<()> {
     let results: Vec<Vec<f64>> = std::thread::scope(|s| {
         let handles: Vec<_> = variants
             .iter()
-            .map(|(_, c, nudge)| {
+            .map(|(name, c, nudge)| {
                 let corpus = corpus.clone();
-                s.spawn(move || run(c.clone(), *nudge, every, &corpus))
+                s.spawn(move || run(name, c.clone(), *nudge, every, &corpus))
             })
             .collect();
         handles
@@ -91,7 +127,10 @@ fn main() -> Result<()> {
             .map(|h| h.join().expect("a run panicked"))
             .collect::<Result<_>>()
     })?;
-    println!("{:>6} {:>10} {:>12} {:>10}", "step", "f32", "f32, nudged", "bf16");
+    println!(
+        "{:>6} {:>10} {:>12} {:>10}",
+        "step", "f32", "f32, nudged", "bf16"
+    );
     for (i, f32_loss) in results[0].iter().enumerate() {
         let step = ((i as u64 + 1) * every).min(config.steps);
         println!(
