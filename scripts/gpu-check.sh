@@ -106,6 +106,7 @@ BUDGET="${GPU_CHECK_BUDGET:-540}"
 START=$SECONDS
 ROWS=()
 FAILED=0
+LAST_STATUS=
 
 echo "== machine"
 timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi not available"
@@ -175,11 +176,22 @@ step() {
     esac
     detail=$("$summary" "$log" "$name")
     ROWS+=("$name|$status|$((SECONDS - t0))|$detail")
+    LAST_STATUS=$status
 }
 
 # In order of what matters most, so a run cut short by the budget loses the least.
 step conformance-cuda 120 tests_summary -- \
     .gpu/backend_conformance cuda --test-threads=1
+# Should the suite fail, try it with bf16 attention through cuBLAS instead of the tensor-core
+# kernels (the newest code); if that passes, the rest of the run uses it too.
+if [ "$LAST_STATUS" != ok ]; then
+    step conformance-cuda-materialized 120 tests_summary -- \
+        env PIPIT_CUDA_ATTENTION=materialized .gpu/backend_conformance cuda --test-threads=1
+    if [ "$LAST_STATUS" = ok ]; then
+        export PIPIT_CUDA_ATTENTION=materialized
+        ROWS+=("note|-|0|the rest of this run has PIPIT_CUDA_ATTENTION=materialized")
+    fi
+fi
 step pipeline-equivalence-cuda 150 tests_summary -- \
     .gpu/pipeline_equivalence every_schedule_trains_like_one_device_on_cuda
 step nccl-one-rank 60 nccl_summary -- \
