@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaStream, LaunchConfig};
+use cudarc::driver::{result, sys, CudaContext, CudaStream, LaunchConfig};
 use pipit_engine::backend::{DType, MemoryMeter};
 
 use crate::buffer::{CudaBuffer, Data};
@@ -58,6 +58,9 @@ impl CudaBackend {
         let name = ctx.name().context("reading the device name")?;
         let total = ctx.total_mem().context("reading the device memory size")?;
         let stream = ctx.new_stream().context("creating a CUDA stream")?;
+        if let Err(e) = keep_pool_memory(&ctx) {
+            log::warn!("device {ordinal}'s memory pool returns freed memory at every wait: {e:#}");
+        }
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| anyhow!("creating a cuBLAS handle: {e:?}"))?;
         let flash_attention = crate::attention::flash_enabled()?;
@@ -149,6 +152,31 @@ impl CudaBackend {
             .check_err()
             .context("an earlier CUDA operation failed")
     }
+}
+
+/// Make the device's default memory pool (which the stream-ordered allocations come from) keep
+/// freed memory for reuse instead of returning it to the driver whenever a stream waits, its
+/// default: each step then reuses the last step's memory without asking the driver again.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
+    ctx.bind_to_thread()
+        .context("making the CUDA context current")?;
+    let mut threshold = u64::MAX;
+    // SAFETY: the device handle comes from a live context, and the release threshold is a
+    // u64 attribute, which `threshold` is.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())
+            .context("reading the device's default memory pool")?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .context("setting the memory pool's release threshold")?;
+    }
+    Ok(())
 }
 
 impl Drop for CudaBackend {
