@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Check pipit's CUDA kernels (cuda/*.cu) on the CPU, without a GPU: the same program the CUDA
-# backend compiles with NVRTC (the files joined in kernels.rs's order, each behind a #line
-# marker) is compiled as C++ against a host emulation of the CUDA features it uses
-# (cuda/cpu-check/emulate.h), and every kernel runs against float64 oracles — f32 kernels,
+# backend compiles with NVRTC (scripts/cuda-program.sh) is compiled as C++ against a host
+# emulation of the CUDA features it uses (cuda/cpu-check/emulate.h), including mma.sync, and
+# every kernel runs against float64 oracles — f32 kernels,
 # bf16 kernels, and attention composed as ops.rs composes it. Needs g++ with C++20. Slow
 # (minutes; one thread per emulated CUDA thread), so it is not part of `cargo test`.
 #
@@ -15,11 +15,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 {
     echo '#include "emulate.h"'
-    for f in $(grep -oE '"[a-z_]+\.cu",' backends/cuda/src/kernels.rs | tr -d '",'); do
-        printf '#line 1 "%s"\n' "$f"
-        cat "cuda/$f"
-        echo
-    done
+    scripts/cuda-program.sh
 } >"$work/program.inc"
 g++ -std=c++20 -O1 -pthread -Icuda/cpu-check -include "$work/program.inc" \
     -o "$work/kernels" cuda/cpu-check/kernels.cpp

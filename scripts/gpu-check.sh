@@ -12,7 +12,8 @@
 #
 #     scripts/gpu-check.sh prepare
 #
-# which runs `cargo build --release` and `cargo test --release --no-run`, copies the pipit
+# which compiles the CUDA kernels for sm_90 with NVRTC and ptxas (scripts/cuda-compile-check.sh),
+# runs `cargo build --release` and `cargo test --release --no-run`, copies the pipit
 # binary and the backend_conformance, pipeline_equivalence, multiprocess and (pipit-cuda's)
 # nccl_transport test binaries (stripped of debug information, to keep them small) into
 # .gpu/, copies the PyTorch baseline script named by TORCH_BASELINE=path (a GPT-2 124M
@@ -44,6 +45,8 @@ prepare() {
     set -e
     exclude
     mkdir -p .gpu .gl
+    # The kernels must compile for the GPU before device time is spent finding out they don't.
+    scripts/cuda-compile-check.sh 90 | head -3
     cargo build --release -p pipit --bin pipit
     cp target/release/pipit .gpu/pipit
     # Test executables carry a hash in their names: take the paths from cargo's messages.
