@@ -45,7 +45,7 @@ __device__ __forceinline__ void mma_16816(float* d, const u32* a, u32 b0, u32 b1
 #endif
 
 // Words per row of a shared tile: HS/2 pairs and 4 words of padding, which puts the rows a
-// fragment load touches at once in different banks.
+// fragment load touches at once in different banks and keeps rows 16-byte aligned.
 template <int HS>
 struct FlashTile {
     static constexpr int W = HS / 2 + 4;
@@ -69,14 +69,25 @@ __device__ __forceinline__ void load_rows(
     }
 }
 
-// Rows r0..r0+63 of one head into a shared tile, by the whole block; rows past seq are zeros.
+// Four u32 (eight bf16) moved as one 16-byte access.
+struct alignas(16) u32x4 {
+    u32 x, y, z, w;
+};
+
+// Rows r0..r0+63 of one head into a shared tile, by the whole block, 16 bytes per access (a
+// head's row starts on a 16-byte boundary: HS, C and so every offset are multiples of 8
+// elements); rows past seq are zeros.
 template <int HS>
 __device__ __forceinline__ void load_tile(
     u32* tile, const bf16* base, u64 stride, u32 r0, u32 seq) {
-    constexpr int W = FlashTile<HS>::W, PAIRS = HS / 2;
-    for (u32 i = threadIdx.x; i < FLASH_TILE * PAIRS; i += FLASH_THREADS) {
-        u32 r = i / PAIRS, c = i % PAIRS;
-        tile[r * W + c] = r0 + r < seq ? ((const u32*)(base + (u64)(r0 + r) * stride))[c] : 0u;
+    constexpr int W = FlashTile<HS>::W, QUADS = HS / 8;
+    for (u32 i = threadIdx.x; i < FLASH_TILE * QUADS; i += FLASH_THREADS) {
+        u32 r = i / QUADS, c = i % QUADS;
+        u32x4 v = {0u, 0u, 0u, 0u};
+        if (r0 + r < seq) {
+            v = ((const u32x4*)(base + (u64)(r0 + r) * stride))[c];
+        }
+        *(u32x4*)(tile + r * W + 4 * c) = v;
     }
 }
 
@@ -168,8 +179,8 @@ __device__ __forceinline__ void store_rows(
 template <int HS>
 __device__ void flash_forward_impl(
     bf16* out, float* lse, const bf16* qkv, u32 seq, u32 heads, float scale) {
-    __shared__ u32 ks[FLASH_TILE * FlashTile<HS>::W];
-    __shared__ u32 vs[FLASH_TILE * FlashTile<HS>::W];
+    alignas(16) __shared__ u32 ks[FLASH_TILE * FlashTile<HS>::W];
+    alignas(16) __shared__ u32 vs[FLASH_TILE * FlashTile<HS>::W];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const u32 qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
     const u32 b = bh / heads, h = bh % heads, c = heads * HS;
@@ -271,8 +282,8 @@ template <int HS>
 __device__ void flash_backward_dq_impl(
     bf16* dqkv, const bf16* qkv, const bf16* dout, const float* lse, const float* delta, u32 seq,
     u32 heads, float scale) {
-    __shared__ u32 ks[FLASH_TILE * FlashTile<HS>::W];
-    __shared__ u32 vs[FLASH_TILE * FlashTile<HS>::W];
+    alignas(16) __shared__ u32 ks[FLASH_TILE * FlashTile<HS>::W];
+    alignas(16) __shared__ u32 vs[FLASH_TILE * FlashTile<HS>::W];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     const u32 qt = gridDim.x - 1 - blockIdx.x, bh = blockIdx.y;
     const u32 b = bh / heads, h = bh % heads, c = heads * HS;
@@ -326,8 +337,8 @@ template <int HS>
 __device__ void flash_backward_dkdv_impl(
     bf16* dqkv, const bf16* qkv, const bf16* dout, const float* lse, const float* delta, u32 seq,
     u32 heads, float scale) {
-    __shared__ u32 qs[FLASH_TILE * FlashTile<HS>::W];
-    __shared__ u32 dys[FLASH_TILE * FlashTile<HS>::W];
+    alignas(16) __shared__ u32 qs[FLASH_TILE * FlashTile<HS>::W];
+    alignas(16) __shared__ u32 dys[FLASH_TILE * FlashTile<HS>::W];
     __shared__ float lse_s[FLASH_TILE];
     __shared__ float delta_s[FLASH_TILE];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
