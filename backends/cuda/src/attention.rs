@@ -68,12 +68,9 @@ impl CudaBackend {
     /// The head size when the tensor-core kernels take this call: bf16 activations, a head
     /// size they were built for, and a grid they fit in.
     pub(crate) fn flash_head_size(&self, dtype: DType, s: Attention) -> Option<usize> {
-        let hs = s.channels.checked_div(s.heads)?;
-        let fits = s.channels % s.heads == 0
-            && matches!(hs, 16 | 32 | 64 | 128)
-            && s.batch * s.heads <= u16::MAX as usize
-            && u32::try_from(s.seq).is_ok();
-        (self.flash_attention && dtype == DType::BF16 && fits).then_some(hs)
+        self.flash_attention
+            .then(|| flash_head_size(dtype, s))
+            .flatten()
     }
 
     /// Tensor-core forward: `out` from `qkv`, and each query row's log-sum-exp into `lse`.
@@ -429,6 +426,17 @@ impl CudaBackend {
     }
 }
 
+/// The head size of a call the tensor-core kernels can take: bf16, a head size they were built
+/// for, and a grid that fits (B·NH blocks in the grid's second dimension).
+fn flash_head_size(dtype: DType, s: Attention) -> Option<usize> {
+    let hs = s.channels.checked_div(s.heads)?;
+    let fits = s.channels % s.heads == 0
+        && matches!(hs, 16 | 32 | 64 | 128)
+        && s.batch * s.heads <= u16::MAX as usize
+        && u32::try_from(s.seq).is_ok();
+    (dtype == DType::BF16 && fits).then_some(hs)
+}
+
 /// Grid and scalar arguments of the tensor-core kernels: a block per 64 rows of one head, the
 /// sequence length, the head count and the score scale 1/√hs.
 fn flash_launch(s: Attention, hs: usize) -> Result<(LaunchConfig, u32, u32, f32)> {
@@ -440,4 +448,48 @@ fn flash_launch(s: Attention, hs: usize) -> Result<(LaunchConfig, u32, u32, f32)
     };
     let scale = (1.0 / (hs as f64).sqrt()) as f32;
     Ok((cfg, s.seq as u32, s.heads as u32, scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(batch: usize, seq: usize, channels: usize, heads: usize) -> Attention {
+        Attention {
+            batch,
+            seq,
+            channels,
+            heads,
+        }
+    }
+
+    #[test]
+    fn tensor_cores_take_bf16_with_the_head_sizes_they_were_built_for() {
+        // GPT-2 124M (head size 64) and the default model (16).
+        assert_eq!(
+            flash_head_size(DType::BF16, shape(16, 1024, 768, 12)),
+            Some(64)
+        );
+        assert_eq!(flash_head_size(DType::BF16, shape(2, 64, 64, 4)), Some(16));
+        assert_eq!(flash_head_size(DType::BF16, shape(1, 5, 256, 2)), Some(128));
+        // f32, other head sizes, uneven splits and too many heads for the grid go to cuBLAS.
+        assert_eq!(flash_head_size(DType::F32, shape(16, 1024, 768, 12)), None);
+        assert_eq!(flash_head_size(DType::BF16, shape(2, 5, 12, 3)), None);
+        assert_eq!(flash_head_size(DType::BF16, shape(1, 8, 48, 1)), None);
+        assert_eq!(flash_head_size(DType::BF16, shape(1, 8, 64, 3)), None);
+        assert_eq!(flash_head_size(DType::BF16, shape(1, 8, 64, 0)), None);
+        assert_eq!(flash_head_size(DType::BF16, shape(65_536, 8, 64, 1)), None);
+    }
+
+    #[test]
+    fn launches_cover_every_row_with_a_block_per_64_rows_and_head() {
+        for seq in [1usize, 63, 64, 65, 1024] {
+            let (cfg, seq32, heads32, scale) = flash_launch(shape(3, seq, 128, 2), 64).unwrap();
+            assert_eq!(cfg.grid_dim, (seq.div_ceil(64) as u32, 6, 1));
+            assert_eq!(cfg.block_dim, (FLASH_THREADS, 1, 1));
+            assert!(cfg.grid_dim.0 as usize * FLASH_TILE >= seq);
+            assert_eq!((seq32, heads32), (seq as u32, 2));
+            assert_eq!(scale, 0.125);
+        }
+    }
 }

@@ -107,3 +107,40 @@ impl Drop for Span<'_> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_lists_ops_by_time_with_their_shares_and_the_total() {
+        let profile = Profile {
+            label: "test".into(),
+            pending: Mutex::default(),
+            totals: Mutex::new(BTreeMap::from([
+                ("adamw", (2, 1.0)),
+                ("matmul", (10, 6.0)),
+                ("layernorm_forward", (4, 3.0)),
+            ])),
+        };
+        let table = profile.table();
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines[0], "cuda profile (test): stream time by op");
+        let ops: Vec<&str> = lines[2..5]
+            .iter()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(ops, ["matmul", "layernorm_forward", "adamw"]);
+        assert!(lines[2].ends_with("60.0%"), "{}", lines[2]);
+        assert!(
+            lines[4].contains(" 2 ") && lines[4].ends_with("10.0%"),
+            "{}",
+            lines[4]
+        );
+        assert!(
+            lines[5].starts_with("total") && lines[5].ends_with("10.00"),
+            "{}",
+            lines[5]
+        );
+    }
+}
