@@ -410,3 +410,28 @@ fn init_starts_from_a_checkpoints_weights_with_a_fresh_optimizer() {
         first[0]["loss"]
     );
 }
+
+#[test]
+fn train_help_shows_each_settings_default_from_the_config_defaults() {
+    let out = pipit(&["train", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let defaults = pipit_engine::train::TrainConfig::default();
+    for (flag, value) in [
+        ("--lr", defaults.lr.to_string()),
+        ("--min-lr", defaults.min_lr.to_string()),
+        ("--steps", defaults.steps.to_string()),
+        ("--schedule", defaults.schedule.clone()),
+        ("--n-embd", defaults.model.n_embd.to_string()),
+    ] {
+        let at = help
+            .find(&format!("      {flag} "))
+            .unwrap_or_else(|| panic!("{flag} in the help"));
+        let entry = &help[at..];
+        let entry = &entry[..entry[1..].find("\n      --").map_or(entry.len(), |e| e + 1)];
+        assert!(
+            entry.contains(&format!("[default: {value}]")),
+            "{flag}: {entry}"
+        );
+    }
+}

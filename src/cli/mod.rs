@@ -11,7 +11,7 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// pipit: pipeline-parallel training and inference.
 ///
@@ -44,7 +44,10 @@ enum Command {
 /// Parse arguments, run the subcommand, and turn an error into one line and an exit status:
 /// 2 for input the user got wrong, 1 for anything else.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command()
+        .mut_subcommand("train", train::with_defaults_in_help)
+        .get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result: anyhow::Result<()> = match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),

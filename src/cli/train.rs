@@ -23,6 +23,35 @@ use super::trace;
 /// Where `pipit train` saves and `pipit generate`/`pipit eval` look by default.
 pub const DEFAULT_CHECKPOINT: &str = "runs/latest";
 
+/// `pipit train`'s flags with the default of each setting in their help, taken from
+/// `TrainConfig::default()` so the help cannot drift from what a run uses. (The flags themselves
+/// have no clap default: an absent flag leaves the `--config` file's value alone.)
+pub fn with_defaults_in_help(cmd: clap::Command) -> clap::Command {
+    let Ok(serde_json::Value::Object(defaults)) = serde_json::to_value(TrainConfig::default())
+    else {
+        return cmd;
+    };
+    defaults.into_iter().fold(cmd, |cmd, (field, value)| {
+        let shown = match value {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        let has_flag = cmd.get_arguments().any(|a| a.get_id() == field.as_str());
+        if !has_flag {
+            return cmd;
+        }
+        cmd.mut_arg(field, |arg| {
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let long = arg.get_long_help().map(|h| h.to_string());
+            let arg = arg.help(format!("{help} [default: {shown}]"));
+            match long {
+                Some(long) => arg.long_help(format!("{long}\n\n[default: {shown}]")),
+                None => arg,
+            }
+        })
+    })
+}
+
 /// The corpus a fresh clone trains on: twelve Shakespeare plays (public domain), 1.5 MB.
 pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../../data/shakespeare.txt");
 
