@@ -203,15 +203,16 @@ step nccl-one-rank 60 nccl_summary -- \
 # bytes, so the extra vocabulary rows are never targets), batch 16 x 1024, AdamW.
 GPT2=(train --n-layer 12 --n-head 12 --n-embd 768 --n-positions 1024 --vocab-size 50304
     --seq-len 1024 --batch-size 16 --no-save --eval-every 0 --eval-tokens 1024)
-step cuda-124m-bf16-p1 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
-    --dtype bf16 --stages 1 --microbatches 1 --steps 8 --log-json "$LOGS/cuda-124m-bf16-p1.jsonl"
+GPT2_CUDA_BF16=("${GPT2[@]}" --backend cuda --dtype bf16)
+step cuda-124m-bf16-p1 90 train_summary -- .gpu/pipit "${GPT2_CUDA_BF16[@]}" \
+    --stages 1 --microbatches 1 --steps 8 --log-json "$LOGS/cuda-124m-bf16-p1.jsonl"
 if [ -f .gpu/torch_gpt2.py ]; then
     step torch-baseline 150 torch_summary -- python3 .gpu/torch_gpt2.py
 else
     ROWS+=("torch-baseline|skipped|0|no .gpu/torch_gpt2.py")
 fi
-step cuda-124m-bf16-p4 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
-    --dtype bf16 --stages 4 --schedule 1f1b --microbatches 8 --steps 8 \
+step cuda-124m-bf16-p4 90 train_summary -- .gpu/pipit "${GPT2_CUDA_BF16[@]}" \
+    --stages 4 --schedule 1f1b --microbatches 8 --steps 8 \
     --log-json "$LOGS/cuda-124m-bf16-p4.jsonl"
 step wgpu-124m-f32-p1 90 train_summary -- .gpu/pipit "${GPT2[@]}" --backend wgpu \
     --stages 1 --microbatches 2 --steps 3 --log-json "$LOGS/wgpu-124m-f32-p1.jsonl"
@@ -232,15 +233,15 @@ step train-wgpu-default 90 train_summary -- .gpu/pipit train --steps 30 --no-sav
 # The same p=1 step with attention through cuBLAS (T×T matrices in memory) instead of the
 # tensor-core kernels: what those are worth, and a fallback figure should they fail.
 step cuda-124m-bf16-p1-materialized 60 train_summary -- env PIPIT_CUDA_ATTENTION=materialized \
-    .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 6 \
+    .gpu/pipit "${GPT2_CUDA_BF16[@]}" --stages 1 --microbatches 1 --steps 6 \
     --log-json "$LOGS/cuda-124m-bf16-p1-materialized.jsonl"
 # One stage with the p=4 run's 8 micro-batches: separates what micro-batching costs from
 # what pipelining costs.
-step cuda-124m-bf16-p1-m8 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
-    --dtype bf16 --stages 1 --microbatches 8 --steps 6 --log-json "$LOGS/cuda-124m-bf16-p1-m8.jsonl"
+step cuda-124m-bf16-p1-m8 60 train_summary -- .gpu/pipit "${GPT2_CUDA_BF16[@]}" \
+    --stages 1 --microbatches 8 --steps 6 --log-json "$LOGS/cuda-124m-bf16-p1-m8.jsonl"
 # Where a p=1 step's GPU time goes, op by op (CUDA events around every op).
 step cuda-124m-bf16-p1-profile 60 profile_summary -- env PIPIT_CUDA_PROFILE=1 \
-    .gpu/pipit "${GPT2[@]}" --backend cuda --dtype bf16 --stages 1 --microbatches 1 --steps 4
+    .gpu/pipit "${GPT2_CUDA_BF16[@]}" --stages 1 --microbatches 1 --steps 4
 step cuda-124m-f32-p1 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
     --stages 1 --microbatches 1 --steps 4 --log-json "$LOGS/cuda-124m-f32-p1.jsonl"
 

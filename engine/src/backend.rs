@@ -162,6 +162,12 @@ pub struct MemoryStats {
     pub peak: u64,
 }
 
+/// Milliseconds from `start` to `end` on the host clock: [`Backend::elapsed_ms`] for the
+/// backends whose marks are host times (0 when `end` is not after `start`).
+pub fn host_elapsed_ms(start: &std::time::Instant, end: &std::time::Instant) -> f64 {
+    end.saturating_duration_since(*start).as_secs_f64() * 1e3
+}
+
 /// Size checks every backend runs before touching a buffer, so a wrong call is the same
 /// error on every device.
 pub mod check {

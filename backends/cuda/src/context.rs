@@ -184,7 +184,7 @@ impl Drop for CudaBackend {
     fn drop(&mut self) {
         if let Some(profile) = &self.profile {
             let synchronized = self.stream.synchronize().map_err(anyhow::Error::from);
-            match synchronized.and_then(|()| profile.collect(&self.ctx)) {
+            match synchronized.and_then(|()| self.collect_profile()) {
                 Ok(()) => eprintln!("{}", profile.table()),
                 Err(e) => eprintln!("cuda profile ({}): unreadable: {e:#}", self.description),
             }

@@ -167,7 +167,7 @@ impl Backend for CudaBackend {
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaBuffer> {
-        let _span = self.span("upload");
+        // Timed as the write it is made of.
         let mut buf = self.scratch(data.len(), DType::F32)?;
         self.write(&mut buf, data)?;
         Ok(buf)

@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryMeter, MemoryStats};
+use pipit_engine::backend::{
+    host_elapsed_ms, AdamW, Attention, Backend, DType, Matmul, MemoryMeter, MemoryStats,
+};
 
 pub use buffer::RefBuffer;
 use buffer::{elems, expect_len};
@@ -436,7 +438,7 @@ impl Backend for ReferenceBackend {
     }
 
     fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f64> {
-        Ok(end.saturating_duration_since(*start).as_secs_f64() * 1e3)
+        Ok(host_elapsed_ms(start, end))
     }
 
     fn memory(&self) -> MemoryStats {

@@ -4,7 +4,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use pipit_engine::backend::check;
-use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
+use pipit_engine::backend::{
+    host_elapsed_ms, AdamW, Attention, Backend, DType, Matmul, MemoryStats,
+};
 use wgpu::util::DeviceExt;
 
 use crate::buffer::WgpuBuffer;
@@ -828,7 +830,7 @@ impl Backend for WgpuBackend {
     }
 
     fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f64> {
-        Ok(end.saturating_duration_since(*start).as_secs_f64() * 1e3)
+        Ok(host_elapsed_ms(start, end))
     }
 
     fn memory(&self) -> MemoryStats {
