@@ -11,13 +11,13 @@
 //! out); the backend reads it once, when it opens.
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use pipit_engine::backend::check::elems;
 use pipit_engine::backend::{Attention, DType, Matmul};
 
 use crate::buffer::CudaBuffer;
 use crate::context::{elementwise, per_row, u32_of, CudaBackend};
-use crate::kernels::ROW_BLOCK;
+use crate::kernels::{Kernels, ROW_BLOCK};
 use crate::ops::{need, need_float};
 
 /// Rows of queries (or keys) per block of the tensor-core kernels (`FLASH_TILE`).
@@ -101,12 +101,7 @@ impl CudaBackend {
             return Ok(());
         }
         let (cfg, seq32, heads32, scale) = flash_launch(shape, hs)?;
-        let (func, name) = match hs {
-            16 => (&self.kernels.flash_forward_hs16, "flash_forward_hs16"),
-            32 => (&self.kernels.flash_forward_hs32, "flash_forward_hs32"),
-            64 => (&self.kernels.flash_forward_hs64, "flash_forward_hs64"),
-            _ => (&self.kernels.flash_forward_hs128, "flash_forward_hs128"),
-        };
+        let [(func, name), ..] = flash_kernels(&self.kernels, hs);
         launch!(
             @go self,
             func,
@@ -164,39 +159,9 @@ impl CudaBackend {
             &hs32,
             &rows64
         )?;
-        let kernels = &self.kernels;
-        let passes = match hs {
-            16 => [
-                (&kernels.flash_backward_dq_hs16, "flash_backward_dq_hs16"),
-                (
-                    &kernels.flash_backward_dkdv_hs16,
-                    "flash_backward_dkdv_hs16",
-                ),
-            ],
-            32 => [
-                (&kernels.flash_backward_dq_hs32, "flash_backward_dq_hs32"),
-                (
-                    &kernels.flash_backward_dkdv_hs32,
-                    "flash_backward_dkdv_hs32",
-                ),
-            ],
-            64 => [
-                (&kernels.flash_backward_dq_hs64, "flash_backward_dq_hs64"),
-                (
-                    &kernels.flash_backward_dkdv_hs64,
-                    "flash_backward_dkdv_hs64",
-                ),
-            ],
-            _ => [
-                (&kernels.flash_backward_dq_hs128, "flash_backward_dq_hs128"),
-                (
-                    &kernels.flash_backward_dkdv_hs128,
-                    "flash_backward_dkdv_hs128",
-                ),
-            ],
-        };
+        let [_, dq, dkdv] = flash_kernels(&self.kernels, hs);
         // dQ, then dK and dV: each pass writes its own columns of dqkv.
-        for (func, name) in passes {
+        for (func, name) in [dq, dkdv] {
             launch!(
                 @go self,
                 func,
@@ -435,6 +400,33 @@ fn flash_head_size(dtype: DType, s: Attention) -> Option<usize> {
         && s.batch * s.heads <= u16::MAX as usize
         && u32::try_from(s.seq).is_ok();
     (dtype == DType::BF16 && fits).then_some(hs)
+}
+
+/// The tensor-core entry points for head size `hs` (16, 32, 64, else 128), with their names:
+/// forward, the dQ pass and the dK/dV pass.
+fn flash_kernels(k: &Kernels, hs: usize) -> [(&CudaFunction, &'static str); 3] {
+    match hs {
+        16 => [
+            (&k.flash_forward_hs16, "flash_forward_hs16"),
+            (&k.flash_backward_dq_hs16, "flash_backward_dq_hs16"),
+            (&k.flash_backward_dkdv_hs16, "flash_backward_dkdv_hs16"),
+        ],
+        32 => [
+            (&k.flash_forward_hs32, "flash_forward_hs32"),
+            (&k.flash_backward_dq_hs32, "flash_backward_dq_hs32"),
+            (&k.flash_backward_dkdv_hs32, "flash_backward_dkdv_hs32"),
+        ],
+        64 => [
+            (&k.flash_forward_hs64, "flash_forward_hs64"),
+            (&k.flash_backward_dq_hs64, "flash_backward_dq_hs64"),
+            (&k.flash_backward_dkdv_hs64, "flash_backward_dkdv_hs64"),
+        ],
+        _ => [
+            (&k.flash_forward_hs128, "flash_forward_hs128"),
+            (&k.flash_backward_dq_hs128, "flash_backward_dq_hs128"),
+            (&k.flash_backward_dkdv_hs128, "flash_backward_dkdv_hs128"),
+        ],
+    }
 }
 
 /// Grid and scalar arguments of the tensor-core kernels: a block per 64 rows of one head, the
