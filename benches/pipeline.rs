@@ -1,11 +1,12 @@
 //! Pipeline figures measured on this machine, printed as Markdown tables for BENCHMARKS.md:
 //!
-//! 1. memory follows the schedule: per-rank peak saved-activation bytes under GPipe and 1F1B
-//!    (p = 4, m = 8), with and without activation checkpointing, beside the simulator's figures
+//! 1. memory follows the schedule: per-rank peak saved-activation bytes under GPipe, 1F1B and
+//!    zero bubble (p = 4, m = 8), with and without activation checkpointing, beside the simulator's figures
 //!    (the simulator is given each stage's measured bytes per micro-batch; the count of
 //!    micro-batches held at once is its own prediction);
-//! 2. measured vs simulated: one 1F1B step's measured per-stage forward/backward times fed to
-//!    the simulator, and each rank's busy fraction compared with the measured one.
+//! 2. measured vs simulated: one 1F1B (and one zero-bubble) step's measured per-stage
+//!    forward/backward times fed to the simulator, and each rank's busy fraction compared with
+//!    the measured one.
 //!
 //! Run: `cargo bench --bench pipeline` (`-- wgpu` to run on wgpu instead of the reference backend).
 
@@ -40,18 +41,18 @@ fn config(schedule: &str, stages: usize) -> TrainConfig {
     }
 }
 
-/// Train `steps` steps and return the last step's report and the trainer's schedule.
+/// Train `steps` steps and return every step's report and the trainer.
 fn run<B: Backend>(
     make: &dyn Fn() -> Result<B>,
     schedule: &str,
     stages: usize,
     checkpoint_activations: bool,
     steps: u32,
-) -> Result<(StepReport, Trainer<B>)> {
+) -> Result<(Vec<StepReport>, Trainer<B>)> {
     let corpus = Corpus::split(include_bytes!("../data/shakespeare.txt"), 0.1)?;
     let c = config(schedule, stages);
     let mut trainer = Trainer::new(c.clone(), |_| make(), Init::Fresh)?;
-    let mut last = None;
+    let mut reports = Vec::new();
     for step in 1..=steps {
         let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step as u64)?;
         let opts = StepOptions {
@@ -60,22 +61,23 @@ fn run<B: Backend>(
             step,
             adamw: AdamWConfig::default(),
         };
-        last = Some(exec::train_step(
+        reports.push(exec::train_step(
             &trainer.schedule,
             &mut trainer.ranks,
             &batch,
             &opts,
         )?);
     }
-    Ok((last.expect("at least one step"), trainer))
+    Ok((reports, trainer))
 }
 
 fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     println!("| schedule | checkpointing | rank | micro-batches held at peak: measured | simulated | peak saved-activation bytes: measured | simulated | device peak bytes |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for schedule in ["gpipe", "1f1b"] {
+    for schedule in ["gpipe", "1f1b", "zb-h1"] {
         for ckpt in [false, true] {
-            let (report, trainer) = run(make, schedule, 4, ckpt, 1)?;
+            let (reports, trainer) = run(make, schedule, 4, ckpt, 1)?;
+            let report = &reports[0];
             let per_mb: Vec<f64> = report
                 .ranks
                 .iter()
@@ -102,15 +104,22 @@ fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     Ok(())
 }
 
-/// Mean measured duration of each stage's forwards and backwards, and of a send (the
-/// transfer latency), in milliseconds.
-fn measured_costs(report: &StepReport, stages: usize) -> Costs {
-    let mut sums: HashMap<(bool, usize), (f64, usize)> = HashMap::new();
+/// Mean measured duration over `reports` of each stage's forwards and backwards (a split
+/// backward's input and weight halves summed), and of a send (the transfer latency), in ms.
+fn measured_costs(reports: &[StepReport], stages: usize) -> Costs {
+    // Keyed by (kind, stage): 0 forward, 1 backward, 2 input half, 3 weight half.
+    let mut sums: HashMap<(u8, usize), (f64, usize)> = HashMap::new();
     let (mut send_time, mut sends) = (0.0, 0usize);
-    for t in report.ranks.iter().flat_map(|r| &r.timeline) {
+    for t in reports
+        .iter()
+        .flat_map(|s| &s.ranks)
+        .flat_map(|r| &r.timeline)
+    {
         let key = match t.action {
-            Action::Forward { stage, .. } => (true, stage),
-            Action::Backward { stage, .. } => (false, stage),
+            Action::Forward { stage, .. } => (0, stage),
+            Action::Backward { stage, .. } => (1, stage),
+            Action::BackwardInput { stage, .. } => (2, stage),
+            Action::BackwardWeight { stage, .. } => (3, stage),
             Action::SendActivation { .. } | Action::SendGradient { .. } => {
                 send_time += t.end - t.start;
                 sends += 1;
@@ -122,19 +131,33 @@ fn measured_costs(report: &StepReport, stages: usize) -> Costs {
         e.0 += t.end - t.start;
         e.1 += 1;
     }
-    let mean = |fwd: bool, s: usize| sums.get(&(fwd, s)).map_or(0.0, |(t, n)| t / *n as f64);
+    let mean = |kind: u8, s: usize| sums.get(&(kind, s)).map_or(0.0, |(t, n)| t / *n as f64);
+    let split = |s: usize| (mean(2, s), mean(3, s));
     Costs {
-        fwd: (0..stages).map(|s| mean(true, s)).collect(),
-        bwd: (0..stages).map(|s| mean(false, s)).collect(),
+        fwd: (0..stages).map(|s| mean(0, s)).collect(),
+        bwd: (0..stages)
+            .map(|s| mean(1, s) + split(s).0 + split(s).1)
+            .collect(),
+        weight_share: (0..stages)
+            .map(|s| match split(s) {
+                (i, w) if i > 0.0 && w > 0.0 => w / (i + w),
+                _ => 0.5,
+            })
+            .collect(),
         latency: send_time / sends.max(1) as f64,
         ..Costs::uniform(stages)
     }
 }
 
-fn busy_table<B: Backend>(make: &dyn Fn() -> Result<B>, stages: usize) -> Result<()> {
-    let (report, trainer) = run(make, "1f1b", stages, false, 3)?;
-    println!("1F1B, p = {stages}, m = 8, third step:");
-    let costs = measured_costs(&report, trainer.schedule.num_stages());
+fn busy_table<B: Backend>(
+    make: &dyn Fn() -> Result<B>,
+    schedule: &str,
+    stages: usize,
+) -> Result<()> {
+    let (reports, trainer) = run(make, schedule, stages, false, 3)?;
+    let report = &reports[2];
+    println!("{schedule}, p = {stages}, m = 8, third step:");
+    let costs = measured_costs(&reports[2..], trainer.schedule.num_stages());
     let sim: Simulation = simulate(&trainer.schedule, &costs)?;
     println!(
         "measured makespan {:.1} ms, simulated {:.1} ms; transfer {:.3} ms; per-stage fwd ms {:?}, bwd ms {:?}",
@@ -159,6 +182,26 @@ fn busy_table<B: Backend>(make: &dyn Fn() -> Result<B>, stages: usize) -> Result
     Ok(())
 }
 
+/// Median step makespan of each schedule over steps 3 to 12, p = 2 (one rank per core here),
+/// beside the simulator's makespan for the same plan under the measured mean costs.
+fn makespan_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
+    println!("| schedule | p | median measured makespan (steps 3-12) | simulated |");
+    println!("| --- | --- | --- | --- |");
+    for schedule in ["gpipe", "1f1b", "zb-h1"] {
+        let (reports, trainer) = run(make, schedule, 2, false, 12)?;
+        let mut times: Vec<f64> = reports[2..].iter().map(|r| r.makespan).collect();
+        times.sort_by(f64::total_cmp);
+        let median = (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0;
+        let costs = measured_costs(&reports[2..], 2);
+        let sim = simulate(&trainer.schedule, &costs)?;
+        println!(
+            "| {schedule} | 2 | {median:.1} ms | {:.1} ms |",
+            sim.makespan
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let wgpu = std::env::args().any(|a| a == "wgpu");
     println!("model: 6 layers, width 64, 4 heads, vocab 256; batch 16 x 64 tokens; m = 8\n");
@@ -166,18 +209,26 @@ fn main() -> Result<()> {
         let make = || WgpuBackend::new();
         println!("backend: {}\n", make()?.describe());
         memory_table(&make)?;
+        println!();
+        makespan_table(&make)?;
         for p in [2, 4] {
-            println!();
-            busy_table(&make, p)?;
+            for schedule in ["1f1b", "zb-h1"] {
+                println!();
+                busy_table(&make, schedule, p)?;
+            }
         }
         Ok(())
     } else {
         let make = || Ok(ReferenceBackend::new());
         println!("backend: reference\n");
         memory_table(&make)?;
+        println!();
+        makespan_table(&make)?;
         for p in [2, 4] {
-            println!();
-            busy_table(&make, p)?;
+            for schedule in ["1f1b", "zb-h1"] {
+                println!();
+                busy_table(&make, schedule, p)?;
+            }
         }
         Ok(())
     }

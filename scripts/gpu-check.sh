@@ -3,9 +3,10 @@
 # pipeline-equivalence test on CUDA, the NCCL transport (a one-rank communicator sending to
 # itself; a communicator short of a rank giving up), launched CUDA ranks against one process
 # (the cuda test of tests/multiprocess.rs), GPT-2 124M training steps (bf16 on one stage and
-# on four, bf16 on one stage with eight micro-batches, bf16 with attention through cuBLAS, a profile of GPU time by op, f32 on CUDA and on wgpu through NVIDIA's Vulkan
-# driver) beside the PyTorch
-# baseline, and the default model in f32 and bf16, with a table last.
+# on four, bf16 on one stage with eight micro-batches, bf16 with attention through cuBLAS, a
+# profile of GPU time by op, f32 on CUDA and on wgpu through NVIDIA's Vulkan driver, zero
+# bubble on four stages) beside the PyTorch baseline, and the default model in f32 and bf16,
+# with a table last.
 #
 # The GPU machine has no Rust toolchain, so the binaries are built on the development machine
 # (Debian 12, x86-64) first, from the repository root:
@@ -244,6 +245,10 @@ step cuda-124m-bf16-p1-profile 60 profile_summary -- env PIPIT_CUDA_PROFILE=1 \
     .gpu/pipit "${GPT2_CUDA_BF16[@]}" --stages 1 --microbatches 1 --steps 4
 step cuda-124m-f32-p1 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda \
     --stages 1 --microbatches 1 --steps 4 --log-json "$LOGS/cuda-124m-f32-p1.jsonl"
+# Zero bubble against the 1F1B p=4 row: the same stages with the weight gradients delayed.
+step cuda-124m-bf16-p4-zb 60 train_summary -- .gpu/pipit "${GPT2_CUDA_BF16[@]}" \
+    --stages 4 --schedule zb-h1 --microbatches 8 --steps 6 \
+    --log-json "$LOGS/cuda-124m-bf16-p4-zb.jsonl"
 
 echo
 echo "== gpu-check: $((SECONDS - START)) s in all; logs in $LOGS"

@@ -112,6 +112,30 @@ fn text_timeline_and_advice() {
 }
 
 #[test]
+fn zero_bubble_plans_split_backwards() {
+    let args = ["plan", "--schedule", "zb-h1", "-p", "4", "-m", "8"];
+    let text = String::from_utf8(pipit(&args).stdout).unwrap();
+    assert!(
+        text.starts_with("T 0: [S0F0] [    ] [    ] [    ]\n"),
+        "{text}"
+    );
+    assert!(text.contains("[S3I0]") && text.contains("[S0W7]"), "{text}");
+    assert!(text.contains("efficiency 88.9 %"), "{text}");
+    // A lighter weight half leaves less to fill the drain with: I 1.5 ms and W 0.5 ms of the
+    // 2 ms backward take 30 ms (27 at equal halves, 33 under 1F1B).
+    let value = json(&[&args[..], &["--weight-share", "0.25", "--format", "json"]].concat());
+    assert_eq!(value["makespan"].as_f64().unwrap(), 30.0);
+    fails_with(
+        &[&args[..], &["--weight-share", "1"]].concat(),
+        "between 0 and 1, exclusive (got 1)",
+    );
+    fails_with(
+        &[&args[..], &["--chunks", "2"]].concat(),
+        "zb-h1 runs one stage per rank: chunks must be 1 (got 2)",
+    );
+}
+
+#[test]
 fn chrome_and_svg_outputs() {
     let value = json(&[
         "plan",

@@ -3,7 +3,9 @@
 //! With `p` ranks, `m` micro-batches and uniform stage costs, fill-drain and 1F1B schedules
 //! keep every rank busy for `m` of `m + p - 1` slots: efficiency `m / (m + p - 1)`. Megatron's
 //! interleaved schedule with `v` chunks shrinks the bubble to `(p - 1) / (v m)` of the ideal
-//! time: efficiency `v m / (v m + p - 1)`.
+//! time: efficiency `v m / (v m + p - 1)`. Zero bubble (ZB-H1) splits each backward in two and
+//! fills the drain with weight gradients: with `F = I = W` and `m >= p` its bubble is a third
+//! of 1F1B's, the same figure as interleaving with `v = 3`.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -22,6 +24,15 @@ pub fn efficiency(p: usize, m: usize) -> f64 {
 pub fn interleaved_efficiency(p: usize, m: usize, v: usize) -> f64 {
     let work = (v * m) as f64;
     work / (work + p.saturating_sub(1) as f64)
+}
+
+/// The chunk count whose interleaved closed form gives `kind`'s bubble: `chunks` for the
+/// 1F1B family, 3 for zero bubble (its bubble is a third of 1F1B's).
+pub fn bubble_divisor(kind: Option<ScheduleKind>, chunks: usize) -> usize {
+    match kind {
+        Some(ScheduleKind::ZeroBubble) => 3,
+        _ => chunks,
+    }
 }
 
 /// The fewest micro-batches that reach `target` efficiency (closed form) with `p` ranks and
@@ -57,6 +68,8 @@ pub enum Advice {
     RaiseMicrobatches,
     /// Interleaving chunks divides the bubble by the chunk count.
     Interleave,
+    /// Splitting backward (zero bubble) cuts 1F1B's bubble to a third.
+    ZeroBubble,
     /// 1F1B holds at most `p` micro-batches' activations instead of `m`.
     Use1F1B,
     /// Recomputing activations in backward trades compute for memory.
@@ -104,9 +117,10 @@ impl Plan {
         let ranks = schedule.num_ranks();
         let chunks = schedule.num_stages().div_ceil(ranks);
         let m = schedule.microbatches;
-        let microbatches_for_target = microbatches_for(ranks, chunks, target_efficiency)?;
+        let divisor = bubble_divisor(schedule.name.parse().ok(), chunks);
+        let microbatches_for_target = microbatches_for(ranks, divisor, target_efficiency)?;
         let mut plan = Plan {
-            closed_form_efficiency: interleaved_efficiency(ranks, m, chunks),
+            closed_form_efficiency: interleaved_efficiency(ranks, m, divisor),
             schedule,
             ranks,
             chunks,
@@ -147,11 +161,25 @@ pub fn recommend(plan: &Plan) -> Vec<Recommendation> {
                     pct(sim.efficiency),
                     pct(plan.target_efficiency),
                     plan.microbatches_for_target,
-                    pct(interleaved_efficiency(p, plan.microbatches_for_target, v))
+                    pct(interleaved_efficiency(
+                        p,
+                        plan.microbatches_for_target,
+                        bubble_divisor(kind, v)
+                    ))
                 ),
             });
         }
-        if v == 1 && kind != Some(ScheduleKind::Naive) {
+        if v == 1 && matches!(kind, Some(ScheduleKind::GPipe | ScheduleKind::OneFOneB)) {
+            out.push(Recommendation {
+                advice: Advice::ZeroBubble,
+                message: format!(
+                    "zb-h1 splits each backward and fills the drain with weight gradients: closed form efficiency {:.1} % with the same {m} micro-batches, at most {} held per rank",
+                    pct(interleaved_efficiency(p, m, 3)),
+                    p.min(m)
+                ),
+            });
+        }
+        if v == 1 && !matches!(kind, Some(ScheduleKind::Naive | ScheduleKind::ZeroBubble)) {
             out.push(Recommendation {
                 advice: Advice::Interleave,
                 message: format!(
@@ -251,13 +279,27 @@ mod tests {
             kinds,
             [
                 Advice::RaiseMicrobatches,
+                Advice::ZeroBubble,
                 Advice::Interleave,
                 Advice::Use1F1B,
                 Advice::CheckpointActivations
             ]
         );
         assert!(gpipe.recommendations[0].message.contains("from 8 to 27"));
-        assert!(gpipe.recommendations[2].message.contains("holds 8"));
+        assert!(gpipe.recommendations[1]
+            .message
+            .contains("efficiency 88.9 %"));
+        assert!(gpipe.recommendations[3].message.contains("holds 8"));
+
+        // Zero bubble's own advice counts its smaller bubble: 9 micro-batches reach 90 %.
+        let zb = plan(ScheduleKind::ZeroBubble, 4, 8, 1, None);
+        assert!((zb.simulation.efficiency - 24.0 / 27.0).abs() < 1e-12);
+        let kinds: Vec<Advice> = zb.recommendations.iter().map(|r| r.advice).collect();
+        assert_eq!(
+            kinds,
+            [Advice::RaiseMicrobatches, Advice::CheckpointActivations]
+        );
+        assert!(zb.recommendations[0].message.contains("from 8 to 9"));
 
         let good = plan(ScheduleKind::OneFOneB, 2, 32, 1, None);
         assert!(good

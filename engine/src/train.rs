@@ -29,7 +29,7 @@ pub struct TrainConfig {
     /// Model sizes (Hugging Face GPT-2 names).
     #[serde(flatten)]
     pub model: GptConfig,
-    /// Schedule generator: naive, gpipe, 1f1b or interleaved.
+    /// Schedule generator: naive, gpipe, 1f1b, interleaved or zb-h1.
     pub schedule: String,
     /// Pipeline ranks `p`.
     pub stages: usize,

@@ -1,7 +1,7 @@
 //! Planner properties over many (p, m, v): every generated schedule lowers and validates, the
 //! simulator reproduces the closed forms, and corrupted schedules are rejected precisely.
 
-use pipit_engine::analysis::efficiency;
+use pipit_engine::analysis::{efficiency, interleaved_efficiency};
 use pipit_engine::schedule::{generate, lower, validate, Action, Schedule, ScheduleKind};
 use pipit_engine::sim::{simulate, Costs};
 use proptest::prelude::*;
@@ -19,7 +19,9 @@ proptest! {
     fn every_schedule_lowers_and_validates((p, m, v) in sizes()) {
         for kind in ScheduleKind::ALL {
             let Ok(schedule) = generate(kind, p, m, v) else {
-                prop_assert!(kind == ScheduleKind::OneFOneB && v > 1);
+                prop_assert!(
+                    matches!(kind, ScheduleKind::OneFOneB | ScheduleKind::ZeroBubble) && v > 1
+                );
                 continue;
             };
             validate(&schedule).unwrap();
@@ -44,6 +46,23 @@ proptest! {
                 let expected = if kind == ScheduleKind::GPipe { m } else { (p - s).min(m) };
                 prop_assert_eq!(rank.peak_activations, expected);
             }
+        }
+    }
+
+    /// Zero bubble (ZB-H1): never slower than 1F1B; with `m >= p` one step takes exactly
+    /// `3m + p - 1` (a third of 1F1B's bubble); every rank holds at most `min(p, m)`
+    /// micro-batches from forward to weight gradient.
+    #[test]
+    fn zero_bubble_cuts_the_bubble_to_a_third((p, m, _v) in sizes()) {
+        let lowered = lower(&generate(ScheduleKind::ZeroBubble, p, m, 1).unwrap()).unwrap();
+        let sim = simulate(&lowered, &Costs::uniform(p)).unwrap();
+        prop_assert!(sim.makespan <= 3.0 * (m + p - 1) as f64);
+        if m >= p {
+            prop_assert_eq!(sim.makespan, (3 * m + p - 1) as f64);
+            prop_assert!((sim.efficiency - interleaved_efficiency(p, m, 3)).abs() < 1e-12);
+        }
+        for rank in &sim.ranks {
+            prop_assert!(rank.peak_activations <= p.min(m));
         }
     }
 

@@ -22,6 +22,10 @@ pub enum ScheduleArg {
     OneFOneB,
     /// Megatron's virtual pipeline: --chunks stages per rank, bubble (p-1)/(v m).
     Interleaved,
+    /// Zero bubble (ZB-H1): backward split into input and weight gradients, the weight halves
+    /// fill the drain; bubble (p-1)/(3m), memory as 1F1B's first rank.
+    #[value(name = "zb-h1")]
+    ZeroBubble,
 }
 
 impl From<ScheduleArg> for ScheduleKind {
@@ -31,6 +35,7 @@ impl From<ScheduleArg> for ScheduleKind {
             ScheduleArg::Gpipe => ScheduleKind::GPipe,
             ScheduleArg::OneFOneB => ScheduleKind::OneFOneB,
             ScheduleArg::Interleaved => ScheduleKind::Interleaved,
+            ScheduleArg::ZeroBubble => ScheduleKind::ZeroBubble,
         }
     }
 }
@@ -91,6 +96,10 @@ pub struct PlanArgs {
     /// Backward time of one micro-batch on one stage, in ms: one value or one per stage.
     #[arg(long, value_name = "MS", default_value = "2")]
     pub bwd: String,
+    /// The share of backward a split backward (zb-h1) spends on weight gradients, the rest
+    /// going to input gradients: one value or one per stage, between 0 and 1.
+    #[arg(long, value_name = "SHARE", default_value = "0.5")]
+    pub weight_share: String,
     /// Fixed cost of one transfer between ranks, in ms.
     #[arg(long, value_name = "MS", default_value_t = 0.0)]
     pub comm: f64,
@@ -160,6 +169,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
     let costs = Costs {
         fwd: per_stage("fwd", &args.fwd, stages)?,
         bwd: per_stage("bwd", &args.bwd, stages)?,
+        weight_share: per_stage("weight-share", &args.weight_share, stages)?,
         latency: args.comm,
         bandwidth,
         activation_bytes: per_stage("activation-bytes", &args.activation_bytes, stages)?,

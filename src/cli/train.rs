@@ -89,7 +89,7 @@ pub struct TrainArgs {
     #[arg(long)]
     vocab_size: Option<usize>,
 
-    /// Pipeline schedule: naive, gpipe, 1f1b or interleaved.
+    /// Pipeline schedule: naive, gpipe, 1f1b, interleaved or zb-h1.
     #[arg(long)]
     schedule: Option<String>,
     /// Pipeline ranks p (one device each).

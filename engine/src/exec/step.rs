@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context, Result};
 
 use crate::backend::{Backend, Transport};
 use crate::data::Batch;
-use crate::model::{AdamWConfig, Keep, Saved, StageInput, StageModel, StageOutput};
+use crate::model::{AdamWConfig, Keep, Saved, StageInput, StageModel, StageOutput, WeightGrads};
 use crate::schedule::{Action, Schedule};
 use crate::sim::Timed;
 
@@ -60,9 +60,10 @@ pub struct RankReport {
     /// Peak bytes of device memory during the step (parameters, gradients, optimizer state
     /// and activations).
     pub peak_bytes: u64,
-    /// Peak bytes of saved activations (what backward needs) held at once.
+    /// Peak bytes held for backward at once: saved activations, and the operands of weight
+    /// gradients a split backward left for later.
     pub peak_activation_bytes: u64,
-    /// Peak number of micro-batches whose activations were held at once.
+    /// Peak number of micro-batches held at once, from forward until their weight gradients.
     pub peak_inflight: usize,
 }
 
@@ -241,6 +242,8 @@ fn run_rank<B: Backend, T: Transport<B>>(
     };
     let mut mail: Mailbox<B::Buffer> = Mailbox::new();
     let mut saved: HashMap<(usize, usize), Saved<B>> = HashMap::new();
+    // Weight-gradient work an input-gradient action left for its weight action.
+    let mut weights: HashMap<(usize, usize), WeightGrads<B>> = HashMap::new();
     let mut report = RankReport::default();
     let mut activation_bytes = 0u64;
     let mut loss_sum = 0.0f64;
@@ -294,7 +297,7 @@ fn run_rank<B: Backend, T: Transport<B>>(
                         model.forward(backend, input, targets.as_ref(), mb.batch, mb.seq, keep)?;
                     activation_bytes += kept.bytes();
                     saved.insert(key, kept);
-                    report.peak_inflight = report.peak_inflight.max(saved.len());
+                    report.peak_inflight = report.peak_inflight.max(saved.len() + weights.len());
                     report.peak_activation_bytes =
                         report.peak_activation_bytes.max(activation_bytes);
                     match output {
@@ -307,7 +310,8 @@ fn run_rank<B: Backend, T: Transport<B>>(
                         }
                     }
                 }
-                Action::Backward { stage, microbatch } => {
+                Action::Backward { stage, microbatch }
+                | Action::BackwardInput { stage, microbatch } => {
                     let kept = saved.remove(&key).ok_or_else(|| {
                         anyhow!(
                             "backward of stage {stage} micro-batch {microbatch} before its forward"
@@ -324,11 +328,29 @@ fn run_rank<B: Backend, T: Transport<B>>(
                         )?)
                     };
                     let model = stage_mut(stages, stage)?;
-                    if let Some(dinp) = model.backward(backend, kept, dout, loss_scale)? {
-                        if stage > 0 {
-                            mail.gradients.insert(key, dinp);
-                        }
+                    let dinput = if matches!(action, Action::Backward { .. }) {
+                        model.backward(backend, kept, dout, loss_scale)?
+                    } else {
+                        let (dinput, later) =
+                            model.backward_input(backend, kept, dout, loss_scale)?;
+                        activation_bytes += later.bytes();
+                        report.peak_activation_bytes =
+                            report.peak_activation_bytes.max(activation_bytes);
+                        weights.insert(key, later);
+                        dinput
+                    };
+                    if let (Some(dinput), true) = (dinput, stage > 0) {
+                        mail.gradients.insert(key, dinput);
                     }
+                }
+                Action::BackwardWeight { stage, microbatch } => {
+                    let later = weights.remove(&key).ok_or_else(|| {
+                        anyhow!(
+                            "weight gradient of stage {stage} micro-batch {microbatch} before its input gradient"
+                        )
+                    })?;
+                    activation_bytes -= later.bytes();
+                    stage_mut(stages, stage)?.backward_weight(backend, later)?;
                 }
                 Action::SendActivation { stage, .. } => {
                     let buf = take(&mut mail.activations, key, "activation")?;
@@ -350,18 +372,17 @@ fn run_rank<B: Backend, T: Transport<B>>(
                     let buf = transport.recv(backend, from, hidden_len(mb))?;
                     mail.gradients.insert(key, buf);
                 }
-                Action::BackwardInput { .. } | Action::BackwardWeight { .. } => {
-                    return Err(anyhow!(
-                        "split backward is not supported by the executor yet"
-                    ))
-                }
             }
             Ok(())
         })();
         result.with_context(|| format!("at position {position} ({action:?})"))?;
         marks.push((action, begin, backend.mark()?));
     }
-    if !saved.is_empty() || !mail.activations.is_empty() || !mail.gradients.is_empty() {
+    if !saved.is_empty()
+        || !weights.is_empty()
+        || !mail.activations.is_empty()
+        || !mail.gradients.is_empty()
+    {
         return Err(anyhow!(
             "the schedule ended with tensors left over on rank {me}"
         ));

@@ -4,6 +4,7 @@ use anyhow::Result;
 
 use super::params::Params;
 use super::stage::{converted, Dims};
+use super::weight_grads::{WeightGrads, WeightJob};
 use crate::backend::{Attention, Backend, DType, Matmul};
 
 /// What a block's backward needs from its forward (its input is kept by the stage).
@@ -162,8 +163,11 @@ pub(super) fn forward<B: Backend>(
     Ok((out, acts))
 }
 
-/// Backward through block `i`: accumulates its parameter gradients and returns the gradient
-/// of its input `x`. `acts` and `dout` are freed as soon as they are no longer needed.
+/// Backward through block `i`: returns the gradient of its input `x`, accumulates its
+/// layernorm and bias gradients, and hands its four weight-gradient products to `wg` (run at
+/// once for a full backward, kept for a split one). `acts` and `dout` are freed as soon as
+/// neither the input gradient nor a kept product needs them.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn backward<B: Backend>(
     b: &B,
     p: &mut Params<B>,
@@ -172,22 +176,36 @@ pub(super) fn backward<B: Backend>(
     x: &B::Buffer,
     dout: B::Buffer,
     d: Dims,
+    wg: &mut WeightGrads<B>,
 ) -> Result<B::Buffer> {
     let (rows, c) = (d.rows(), d.channels);
     let n = |s: &str| format!("h.{i}.{s}");
-    let acc_weight = |m, n_, k| Matmul::new(m, n_, k).trans_a().accumulate();
+    // grad(weight) += inputᵀ · dy, for a weight stored [fan_in, fan_out].
+    let weight = |name: &str, input, dy, fan_in, fan_out| WeightJob {
+        weight: n(name),
+        input,
+        dy,
+        shape: Matmul::new(fan_in, fan_out, rows).trans_a().accumulate(),
+    };
+    let BlockActs {
+        ln1,
+        ln1_mean,
+        ln1_rstd,
+        qkv,
+        att,
+        atty,
+        res1,
+        ln2,
+        ln2_mean,
+        ln2_rstd,
+        fch,
+        fch_gelu,
+    } = a;
 
     // MLP: out = res1 + fch_gelu·W_proj + b_proj, fch = ln2·W_fc + b_fc.
     // The matmuls read the f32 residual gradient in the compute dtype, as their other operand.
     let dout_act = converted(b, &dout, d.act)?;
     let dout_mm = dout_act.as_ref().unwrap_or(&dout);
-    b.matmul(
-        p.grad_mut(&n("mlp.c_proj.weight"))?,
-        &a.fch_gelu,
-        dout_mm,
-        None,
-        acc_weight(4 * c, c, rows),
-    )?;
     b.bias_backward(p.grad_mut(&n("mlp.c_proj.bias"))?, &dout, rows, c)?;
     let mut dfch_gelu = acts(b, rows * 4 * c, d)?;
     b.matmul(
@@ -198,15 +216,9 @@ pub(super) fn backward<B: Backend>(
         Matmul::new(rows, 4 * c, c).trans_b(),
     )?;
     let mut dfch = acts(b, rows * 4 * c, d)?;
-    b.gelu_backward(&mut dfch, &a.fch, &dfch_gelu)?;
+    b.gelu_backward(&mut dfch, &fch, &dfch_gelu)?;
     drop(dfch_gelu);
-    b.matmul(
-        p.grad_mut(&n("mlp.c_fc.weight"))?,
-        &a.ln2,
-        &dfch,
-        None,
-        acc_weight(c, 4 * c, rows),
-    )?;
+    drop(fch);
     b.bias_backward(p.grad_mut(&n("mlp.c_fc.bias"))?, &dfch, rows, 4 * c)?;
     let mut dln2 = acts(b, rows * c, d)?;
     b.matmul(
@@ -216,37 +228,25 @@ pub(super) fn backward<B: Backend>(
         None,
         Matmul::new(rows, c, 4 * c).trans_b(),
     )?;
-    drop(dfch);
+    wg.push(b, p, weight("mlp.c_fc.weight", ln2, dfch, c, 4 * c))?;
     let mut dres1 = zeros(b, rows * c)?;
     let (w, dw, db) = p.layernorm(&n("ln_2.weight"), &n("ln_2.bias"))?;
     b.layernorm_backward(
-        &mut dres1,
-        dw,
-        db,
-        &dln2,
-        &a.res1,
-        w,
-        &a.ln2_mean,
-        &a.ln2_rstd,
-        rows,
-        c,
+        &mut dres1, dw, db, &dln2, &res1, w, &ln2_mean, &ln2_rstd, rows, c,
     )?;
-    drop(dln2);
+    drop((dln2, res1, ln2_mean, ln2_rstd));
     // The residual path carries dout straight through to res1.
     b.add_assign(&mut dres1, &dout)?;
-    drop(dout_act);
-    drop(dout);
+    let dout_mm = dout_act.unwrap_or(dout);
+    wg.push(
+        b,
+        p,
+        weight("mlp.c_proj.weight", fch_gelu, dout_mm, 4 * c, c),
+    )?;
     let dres1_act = converted(b, &dres1, d.act)?;
     let dres1_mm = dres1_act.as_ref().unwrap_or(&dres1);
 
     // Attention: res1 = x + atty·W_proj + b_proj, qkv = ln1·W_attn + b_attn.
-    b.matmul(
-        p.grad_mut(&n("attn.c_proj.weight"))?,
-        &a.atty,
-        dres1_mm,
-        None,
-        acc_weight(c, c, rows),
-    )?;
     b.bias_backward(p.grad_mut(&n("attn.c_proj.bias"))?, &dres1, rows, c)?;
     let mut datty = acts(b, rows * c, d)?;
     b.matmul(
@@ -257,23 +257,8 @@ pub(super) fn backward<B: Backend>(
         Matmul::new(rows, c, c).trans_b(),
     )?;
     let mut dqkv = acts(b, rows * 3 * c, d)?;
-    b.attention_backward(
-        &mut dqkv,
-        &datty,
-        &a.qkv,
-        &a.atty,
-        &a.att,
-        attention_shape(d),
-    )?;
-    drop(datty);
-    drop(dres1_act);
-    b.matmul(
-        p.grad_mut(&n("attn.c_attn.weight"))?,
-        &a.ln1,
-        &dqkv,
-        None,
-        acc_weight(c, 3 * c, rows),
-    )?;
+    b.attention_backward(&mut dqkv, &datty, &qkv, &atty, &att, attention_shape(d))?;
+    drop((datty, qkv, att));
     b.bias_backward(p.grad_mut(&n("attn.c_attn.bias"))?, &dqkv, rows, 3 * c)?;
     let mut dln1 = acts(b, rows * c, d)?;
     b.matmul(
@@ -283,21 +268,12 @@ pub(super) fn backward<B: Backend>(
         None,
         Matmul::new(rows, c, 3 * c).trans_b(),
     )?;
-    drop(dqkv);
+    wg.push(b, p, weight("attn.c_attn.weight", ln1, dqkv, c, 3 * c))?;
     let mut dx = zeros(b, rows * c)?;
     let (w, dw, db) = p.layernorm(&n("ln_1.weight"), &n("ln_1.bias"))?;
-    b.layernorm_backward(
-        &mut dx,
-        dw,
-        db,
-        &dln1,
-        x,
-        w,
-        &a.ln1_mean,
-        &a.ln1_rstd,
-        rows,
-        c,
-    )?;
+    b.layernorm_backward(&mut dx, dw, db, &dln1, x, w, &ln1_mean, &ln1_rstd, rows, c)?;
     b.add_assign(&mut dx, &dres1)?;
+    let dres1_mm = dres1_act.unwrap_or(dres1);
+    wg.push(b, p, weight("attn.c_proj.weight", atty, dres1_mm, c, c))?;
     Ok(dx)
 }

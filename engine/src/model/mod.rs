@@ -9,7 +9,9 @@ mod head;
 mod host;
 mod params;
 mod stage;
+mod weight_grads;
 
 pub use config::{AdamWConfig, GptConfig, Layer};
 pub use host::{init_parameters, init_tensor, HostTensor, HostTensors};
 pub use stage::{Keep, OptimizerState, Saved, StageInput, StageModel, StageOutput};
+pub use weight_grads::WeightGrads;

@@ -11,6 +11,7 @@ use super::config::{AdamWConfig, GptConfig, Layer};
 use super::head::{self, HeadActs};
 use super::host::HostTensors;
 use super::params::Params;
+use super::weight_grads::WeightGrads;
 use crate::backend::{AdamW, Backend, DType};
 use crate::invalid;
 
@@ -420,6 +421,39 @@ impl<B: Backend> StageModel<B> {
         dout: Option<B::Buffer>,
         loss_scale: f32,
     ) -> Result<Option<B::Buffer>> {
+        self.backward_into(b, saved, dout, loss_scale, &mut WeightGrads::now())
+    }
+
+    /// The input-gradient half of a split backward (`I`): as [`StageModel::backward`], except
+    /// that the blocks' weight-gradient products are returned, with the operands they read,
+    /// for [`StageModel::backward_weight`]. The embedding's and the head's gradients are taken
+    /// here: the head's would have to keep the logits' gradient, far larger than its product.
+    pub fn backward_input(
+        &mut self,
+        b: &B,
+        saved: Saved<B>,
+        dout: Option<B::Buffer>,
+        loss_scale: f32,
+    ) -> Result<(Option<B::Buffer>, WeightGrads<B>)> {
+        let mut later = WeightGrads::later();
+        let dinput = self.backward_into(b, saved, dout, loss_scale, &mut later)?;
+        Ok((dinput, later))
+    }
+
+    /// The weight-gradient half of a split backward (`W`): accumulate what
+    /// [`StageModel::backward_input`] left.
+    pub fn backward_weight(&mut self, b: &B, work: WeightGrads<B>) -> Result<()> {
+        work.run(b, &mut self.params)
+    }
+
+    fn backward_into(
+        &mut self,
+        b: &B,
+        saved: Saved<B>,
+        dout: Option<B::Buffer>,
+        loss_scale: f32,
+        wg: &mut WeightGrads<B>,
+    ) -> Result<Option<B::Buffer>> {
         let Saved {
             dims: d,
             input,
@@ -472,7 +506,7 @@ impl<B: Backend> StageModel<B> {
                 Acts::Block(i, a) => {
                     let g = grad.take().ok_or_else(missing)?;
                     Some(
-                        block::backward(b, &mut self.params, i, a, x, g, d)
+                        block::backward(b, &mut self.params, i, a, x, g, d, wg)
                             .with_context(|| format!("backward of block {i}"))?,
                     )
                 }

@@ -24,15 +24,19 @@ pub enum ScheduleKind {
     OneFOneB,
     /// Megatron's virtual pipeline: `v` chunks per rank, 1F1B over the chunks.
     Interleaved,
+    /// Zero bubble (ZB-H1): 1F1B with each backward split into its input-gradient and
+    /// weight-gradient halves, the weight halves delayed into the bubbles.
+    ZeroBubble,
 }
 
 impl ScheduleKind {
     /// Every kind, in the order the CLI lists them.
-    pub const ALL: [ScheduleKind; 4] = [
+    pub const ALL: [ScheduleKind; 5] = [
         ScheduleKind::Naive,
         ScheduleKind::GPipe,
         ScheduleKind::OneFOneB,
         ScheduleKind::Interleaved,
+        ScheduleKind::ZeroBubble,
     ];
 
     /// The name used on the command line and in schedule files.
@@ -42,6 +46,7 @@ impl ScheduleKind {
             ScheduleKind::GPipe => "gpipe",
             ScheduleKind::OneFOneB => "1f1b",
             ScheduleKind::Interleaved => "interleaved",
+            ScheduleKind::ZeroBubble => "zb-h1",
         }
     }
 }
@@ -59,7 +64,9 @@ impl FromStr for ScheduleKind {
         match ScheduleKind::ALL.into_iter().find(|k| k.name() == name) {
             Some(kind) => Ok(kind),
             None => {
-                invalid!("unknown schedule `{name}` (expected naive, gpipe, 1f1b or interleaved)")
+                invalid!(
+                    "unknown schedule `{name}` (expected naive, gpipe, 1f1b, interleaved or zb-h1)"
+                )
             }
         }
     }
@@ -72,6 +79,7 @@ pub fn generate(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Result<Sche
         ScheduleKind::GPipe => gpipe(p, m, v),
         ScheduleKind::OneFOneB => one_f_one_b(p, m, v),
         ScheduleKind::Interleaved => interleaved(p, m, v),
+        ScheduleKind::ZeroBubble => zero_bubble(p, m, v),
     }
 }
 
@@ -206,6 +214,46 @@ pub fn interleaved(p: usize, m: usize, v: usize) -> Result<Schedule> {
     Ok(schedule)
 }
 
+/// Zero bubble, ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): every
+/// backward is split into `I` (the input gradient, which the previous rank waits for) and `W`
+/// (the weight gradient, which nobody waits for). Rank `r` walks `x = 0, 1, ..., m + p - 2` and
+/// at each `x` runs `F(x)`, then `I(x - (p - 1 - r))`, then `W(x - (p - 1))`, skipping indices
+/// outside `0..m`. The input gradients thus follow 1F1B's rhythm while each weight gradient
+/// waits `p - 1` slots, so the tail that 1F1B leaves idle is filled with weight work.
+///
+/// Every rank holds at most `min(p, m)` micro-batches from forward to weight gradient, the peak
+/// of 1F1B's first rank. With `F = I = W` and `m >= p` one step takes `3m + p - 1` units
+/// against 1F1B's `3 (m + p - 1)`: the bubble shrinks to a third. One stage per rank:
+/// requires `v = 1`; any `p, m >= 1`.
+pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
+    check_sizes(p, m, v)?;
+    if v != 1 {
+        invalid!("zb-h1 runs one stage per rank: chunks must be 1 (got {v})");
+    }
+    let mut schedule = new_schedule(ScheduleKind::ZeroBubble, p, m, 1);
+    let index = |x: usize, lag: usize| x.checked_sub(lag).filter(|&i| i < m);
+    for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
+        for x in 0..m + p - 1 {
+            if x < m {
+                actions.push(fwd(rank, x));
+            }
+            if let Some(mb) = index(x, p - 1 - rank) {
+                actions.push(Action::BackwardInput {
+                    stage: rank,
+                    microbatch: mb,
+                });
+            }
+            if let Some(mb) = index(x, p - 1) {
+                actions.push(Action::BackwardWeight {
+                    stage: rank,
+                    microbatch: mb,
+                });
+            }
+        }
+    }
+    Ok(schedule)
+}
+
 /// Append `warmup` forwards, then forward/backward pairs, then the remaining backwards.
 fn one_forward_one_backward(
     actions: &mut Vec<Action>,
@@ -257,6 +305,23 @@ mod tests {
             text(&s.ranks[0]),
             "S0F0 S0F1 S2F0 S2F1 S0F2 S2B0 S0F3 S2B1 S2F2 S0B0 S2F3 S0B1 S2B2 S2B3 S0B2 S0B3"
         );
+    }
+
+    #[test]
+    fn zero_bubble_delays_weight_gradients_by_p_minus_one() {
+        let s = zero_bubble(4, 8, 1).unwrap();
+        assert_eq!(
+            text(&s.ranks[0]),
+            "S0F0 S0F1 S0F2 S0F3 S0I0 S0W0 S0F4 S0I1 S0W1 S0F5 S0I2 S0W2 S0F6 S0I3 S0W3 \
+             S0F7 S0I4 S0W4 S0I5 S0W5 S0I6 S0W6 S0I7 S0W7"
+        );
+        assert_eq!(
+            text(&s.ranks[3]),
+            "S3F0 S3I0 S3F1 S3I1 S3F2 S3I2 S3F3 S3I3 S3W0 S3F4 S3I4 S3W1 S3F5 S3I5 S3W2 \
+             S3F6 S3I6 S3W3 S3F7 S3I7 S3W4 S3W5 S3W6 S3W7"
+        );
+        let err = zero_bubble(4, 8, 2).unwrap_err();
+        assert!(err.to_string().contains("chunks must be 1 (got 2)"));
     }
 
     #[test]

@@ -26,9 +26,11 @@ use crate::schedule::{Action, Schedule};
 pub struct Costs {
     /// Forward time of one micro-batch, per stage (default 1).
     pub fwd: Vec<f64>,
-    /// Backward time of one micro-batch, per stage (default 2); a split backward spends half
-    /// of it on the input gradient and half on the weight gradient.
+    /// Backward time of one micro-batch, per stage (default 2).
     pub bwd: Vec<f64>,
+    /// The share of `bwd` a split backward spends on the weight gradient (`W`), per stage; the
+    /// input gradient (`I`) takes the rest. Default 0.5.
+    pub weight_share: Vec<f64>,
     /// Fixed time of one transfer (default 0).
     pub latency: f64,
     /// Transfer bandwidth in bytes per millisecond (default infinite: transfers cost only
@@ -44,6 +46,7 @@ impl Costs {
         Costs {
             fwd: vec![1.0; stages],
             bwd: vec![2.0; stages],
+            weight_share: vec![0.5; stages],
             latency: 0.0,
             bandwidth: f64::INFINITY,
             activation_bytes: vec![0.0; stages],
@@ -55,6 +58,7 @@ impl Costs {
         for (name, list) in [
             ("fwd", &self.fwd),
             ("bwd", &self.bwd),
+            ("weight-share", &self.weight_share),
             ("activation-bytes", &self.activation_bytes),
         ] {
             if list.len() != stages {
@@ -72,6 +76,14 @@ impl Costs {
             {
                 invalid!("{name}: the cost of stage {stage} must be a positive number of milliseconds (got {v})");
             }
+        }
+        if let Some((stage, v)) = self
+            .weight_share
+            .iter()
+            .enumerate()
+            .find(|(_, v)| !(**v > 0.0 && **v < 1.0))
+        {
+            invalid!("weight-share: stage {stage}'s weight-gradient share of backward must be between 0 and 1, exclusive (got {v})");
         }
         if let Some((stage, v)) = self
             .activation_bytes
@@ -101,7 +113,8 @@ impl Costs {
         match action {
             Action::Forward { .. } => self.fwd[s],
             Action::Backward { .. } => self.bwd[s],
-            Action::BackwardInput { .. } | Action::BackwardWeight { .. } => self.bwd[s] / 2.0,
+            Action::BackwardInput { .. } => self.bwd[s] * (1.0 - self.weight_share[s]),
+            Action::BackwardWeight { .. } => self.bwd[s] * self.weight_share[s],
             _ => self.transfer(s),
         }
     }
