@@ -1,6 +1,7 @@
 //! Measured activation memory follows the schedule: per rank, the executor's peak of saved
 //! activations under GPipe and under 1F1B (p = 4, m = 8) stand in the ratio the simulator
-//! predicts, and activation checkpointing lowers them.
+//! predicts, zero bubble holds as many micro-batches as the simulator says, and activation
+//! checkpointing lowers them.
 
 use pipit::engine::data::sample_batch;
 use pipit::engine::exec::{self, StepOptions};
@@ -9,9 +10,18 @@ use pipit::engine::sim::{simulate, Costs};
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::reference::ReferenceBackend;
 
-/// One step of `schedule`; returns each rank's measured peak activation bytes and the
-/// simulator's prediction for the same plan, fed the measured bytes of one micro-batch.
-fn measure(schedule: &str, checkpoint_activations: bool) -> (Vec<u64>, Vec<f64>) {
+/// Per rank: measured peak activation bytes, the simulator's prediction for the same plan
+/// (fed the measured bytes of one micro-batch), and the measured and simulated peak counts of
+/// micro-batches held.
+struct Measured {
+    bytes: Vec<u64>,
+    predicted: Vec<f64>,
+    held: Vec<usize>,
+    held_predicted: Vec<usize>,
+}
+
+/// One step of `schedule`, measured beside its simulation.
+fn measure(schedule: &str, checkpoint_activations: bool) -> Measured {
     let config = TrainConfig {
         model: GptConfig {
             vocab_size: 64,
@@ -54,14 +64,20 @@ fn measure(schedule: &str, checkpoint_activations: bool) -> (Vec<u64>, Vec<f64>)
         ..Costs::uniform(4)
     };
     let sim = simulate(&trainer.schedule, &costs).unwrap();
-    let predicted = sim.ranks.iter().map(|r| r.peak_activation_bytes).collect();
-    (measured, predicted)
+    Measured {
+        bytes: measured,
+        predicted: sim.ranks.iter().map(|r| r.peak_activation_bytes).collect(),
+        held: report.ranks.iter().map(|r| r.peak_inflight).collect(),
+        held_predicted: sim.ranks.iter().map(|r| r.peak_activations).collect(),
+    }
 }
 
 #[test]
 fn gpipe_and_1f1b_memory_stand_in_the_simulated_ratio() {
-    let (gpipe, gpipe_sim) = measure("gpipe", false);
-    let (ofob, ofob_sim) = measure("1f1b", false);
+    let gpipe_run = measure("gpipe", false);
+    let ofob_run = measure("1f1b", false);
+    let (gpipe, gpipe_sim) = (gpipe_run.bytes, gpipe_run.predicted);
+    let (ofob, ofob_sim) = (ofob_run.bytes, ofob_run.predicted);
     for rank in 0..4 {
         let measured = gpipe[rank] as f64 / ofob[rank] as f64;
         let predicted = gpipe_sim[rank] / ofob_sim[rank];
@@ -81,11 +97,27 @@ fn gpipe_and_1f1b_memory_stand_in_the_simulated_ratio() {
     }
 }
 
+/// Zero bubble keeps a micro-batch from its forward until its weight gradient: every rank
+/// holds min(p, m) = 4 at its peak, as simulated, where 1F1B's ranks hold 4, 3, 2, 1. Rank 0
+/// reaches its peak before any backward, so it holds exactly 1F1B's bytes there.
+#[test]
+fn zero_bubble_holds_what_the_simulator_says() {
+    let zb = measure("zb-h1", false);
+    let ofob = measure("1f1b", false);
+    assert_eq!(zb.held, vec![4, 4, 4, 4]);
+    assert_eq!(zb.held_predicted, zb.held);
+    assert_eq!(ofob.held, vec![4, 3, 2, 1]);
+    assert_eq!(zb.bytes[0], ofob.bytes[0]);
+    for rank in 1..4 {
+        assert!(zb.bytes[rank] > ofob.bytes[rank], "rank {rank}");
+    }
+}
+
 #[test]
 fn activation_checkpointing_lowers_peak_activation_memory() {
     for schedule in ["gpipe", "1f1b"] {
-        let (full, _) = measure(schedule, false);
-        let (kept, _) = measure(schedule, true);
+        let full = measure(schedule, false).bytes;
+        let kept = measure(schedule, true).bytes;
         for rank in 0..4 {
             assert!(
                 kept[rank] * 2 < full[rank],

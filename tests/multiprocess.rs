@@ -144,7 +144,12 @@ fn start_ranks(
 #[test]
 fn launched_runs_give_the_single_process_losses_and_checkpoint() {
     let dir = scratch("launch");
-    for (schedule, p, v) in [("gpipe", 4, 1), ("1f1b", 4, 1), ("interleaved", 2, 2)] {
+    for (schedule, p, v) in [
+        ("gpipe", 4, 1),
+        ("1f1b", 4, 1),
+        ("interleaved", 2, 2),
+        ("zb-h1", 4, 1),
+    ] {
         let (single_log, multi_log) = (
             dir.join(format!("{schedule}-1.jsonl")),
             dir.join(format!("{schedule}-n.jsonl")),
