@@ -49,26 +49,29 @@ fn run<B: Backend>(
     checkpoint_activations: bool,
     steps: u32,
 ) -> Result<(Vec<StepReport>, Trainer<B>)> {
-    let corpus = Corpus::split(include_bytes!("../data/shakespeare.txt"), 0.1)?;
-    let c = config(schedule, stages);
-    let mut trainer = Trainer::new(c.clone(), |_| make(), Init::Fresh)?;
-    let mut reports = Vec::new();
-    for step in 1..=steps {
-        let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step as u64)?;
-        let opts = StepOptions {
-            checkpoint_activations,
-            lr: 1e-3,
-            step,
-            adamw: AdamWConfig::default(),
-        };
-        reports.push(exec::train_step(
-            &trainer.schedule,
-            &mut trainer.ranks,
-            &batch,
-            &opts,
-        )?);
-    }
+    let mut trainer = Trainer::new(config(schedule, stages), |_| make(), Init::Fresh)?;
+    let reports = (1..=steps)
+        .map(|step| train(&mut trainer, step, checkpoint_activations))
+        .collect::<Result<_>>()?;
     Ok((reports, trainer))
+}
+
+/// Step `step` (1-based) of `trainer` on its batch of the embedded corpus.
+fn train<B: Backend>(
+    trainer: &mut Trainer<B>,
+    step: u32,
+    checkpoint_activations: bool,
+) -> Result<StepReport> {
+    let corpus = Corpus::split(include_bytes!("../data/shakespeare.txt"), 0.1)?;
+    let c = &trainer.config;
+    let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step as u64)?;
+    let opts = StepOptions {
+        checkpoint_activations,
+        lr: 1e-3,
+        step,
+        adamw: AdamWConfig::default(),
+    };
+    exec::train_step(&trainer.schedule, &mut trainer.ranks, &batch, &opts)
 }
 
 fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
@@ -182,21 +185,51 @@ fn busy_table<B: Backend>(
     Ok(())
 }
 
-/// Median step makespan of each schedule over steps 3 to 12, p = 2 (one rank per core here),
-/// beside the simulator's makespan for the same plan under the measured mean costs.
+/// Median step makespan of each schedule over steps 3 to 12, p = 2 (one rank per core here);
+/// the schedules take turns step by step, so a change in the machine's load falls on all of
+/// them. Beside it, the simulator's makespan for the same plan under that run's mean measured
+/// costs, and under costs common to all three (the 1F1B run's, with the zero-bubble run's
+/// weight share), which leaves only the schedule to differ.
 fn makespan_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
-    println!("| schedule | p | median measured makespan (steps 3-12) | simulated |");
-    println!("| --- | --- | --- | --- |");
-    for schedule in ["gpipe", "1f1b", "zb-h1"] {
-        let (reports, trainer) = run(make, schedule, 2, false, 12)?;
-        let mut times: Vec<f64> = reports[2..].iter().map(|r| r.makespan).collect();
+    let schedules = ["gpipe", "1f1b", "zb-h1"];
+    let mut trainers = schedules
+        .iter()
+        .map(|s| Trainer::new(config(s, 2), |_| make(), Init::Fresh))
+        .collect::<Result<Vec<_>>>()?;
+    let mut reports: Vec<Vec<StepReport>> = vec![Vec::new(); schedules.len()];
+    for step in 1..=12 {
+        for (trainer, out) in trainers.iter_mut().zip(&mut reports) {
+            let report = train(trainer, step, false)?;
+            if step > 2 {
+                out.push(report);
+            }
+        }
+    }
+    let costs: Vec<Costs> = reports.iter().map(|r| measured_costs(r, 2)).collect();
+    let mut common = costs[1].clone();
+    common.weight_share = costs[2].weight_share.clone();
+    let round = |v: &[f64]| {
+        v.iter()
+            .map(|x| (x * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    };
+    println!(
+        "common costs: fwd ms {:?}, bwd ms {:?}, weight share {:?}",
+        round(&common.fwd),
+        round(&common.bwd),
+        round(&common.weight_share)
+    );
+    println!("| schedule | p | median measured makespan (steps 3-12) | simulated, own costs | simulated, common costs |");
+    println!("| --- | --- | --- | --- | --- |");
+    for (i, schedule) in schedules.iter().enumerate() {
+        let mut times: Vec<f64> = reports[i].iter().map(|r| r.makespan).collect();
         times.sort_by(f64::total_cmp);
         let median = (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0;
-        let costs = measured_costs(&reports[2..], 2);
-        let sim = simulate(&trainer.schedule, &costs)?;
+        let plan = &trainers[i].schedule;
         println!(
-            "| {schedule} | 2 | {median:.1} ms | {:.1} ms |",
-            sim.makespan
+            "| {schedule} | 2 | {median:.1} ms | {:.1} ms | {:.1} ms |",
+            simulate(plan, &costs[i])?.makespan,
+            simulate(plan, &common)?.makespan
         );
     }
     Ok(())

@@ -18,9 +18,10 @@ use crate::exec::{
 };
 use crate::invalid_input;
 use crate::model::{
-    init_parameters, AdamWConfig, GptConfig, HostTensors, OptimizerState, StageModel,
+    init_parameters, AdamWConfig, GptConfig, HostTensors, Layer, OptimizerState, StageModel,
 };
-use crate::schedule::{generate, lower, validate, Schedule, ScheduleKind};
+use crate::schedule::{generate, lower_for, validate, Schedule, ScheduleKind};
+use crate::sim::Costs;
 
 /// Everything that defines a training run. Field names are the CLI's flag names with `_`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -183,13 +184,48 @@ impl TrainConfig {
         min_lr + (lr - min_lr) * cosine
     }
 
-    /// The lowered, validated schedule this configuration runs.
+    /// The lowered, validated schedule this configuration runs, its transfers placed for the
+    /// estimated [`TrainConfig::stage_costs`].
     pub fn plan(&self) -> Result<Schedule> {
         let kind: ScheduleKind = self.schedule.parse()?;
         let compute = generate(kind, self.stages, self.microbatches, self.chunks)?;
-        let lowered = lower(&compute)?;
+        let lowered = lower_for(&compute, &self.stage_costs()?)?;
         validate(&lowered)?;
         Ok(lowered)
+    }
+
+    /// Estimated compute cost of each stage, in forward FLOPs per token ([`layer_costs`]):
+    /// backward twice the forward, and as a split backward's weight share the blocks'
+    /// weight-gradient products (as many FLOPs as their forward matmuls). Lowering for these
+    /// rather than for equal halves matters under zero bubble: a receive placed where equal
+    /// halves would have the data arrive can stall a rank that had a forward to run.
+    pub fn stage_costs(&self) -> Result<Costs> {
+        let layers = self.model.layers();
+        let per_layer = layer_costs(&self.model, self.seq_len);
+        let c = self.model.n_embd as f64;
+        let weight_flops = 2.0 * 12.0 * c * c;
+        let ranges = self.stage_layers()?;
+        let fwd: Vec<f64> = ranges
+            .iter()
+            .map(|r| per_layer[r.clone()].iter().sum())
+            .collect();
+        let weight_share = ranges
+            .iter()
+            .zip(&fwd)
+            .map(|(r, f)| {
+                let blocks = layers[r.clone()]
+                    .iter()
+                    .filter(|l| matches!(l, Layer::Block(_)))
+                    .count();
+                (blocks as f64 * weight_flops / (2.0 * f)).clamp(0.01, 0.99)
+            })
+            .collect();
+        Ok(Costs {
+            bwd: fwd.iter().map(|f| 2.0 * f).collect(),
+            fwd,
+            weight_share,
+            ..Costs::uniform(ranges.len())
+        })
     }
 
     /// The layers of each stage, in stage order.
@@ -552,6 +588,29 @@ mod tests {
         assert!((c.lr_at(55) - 0.55).abs() < 1e-5);
         assert!((c.lr_at(100) - 0.1).abs() < 1e-6);
         assert!(c.lr_at(30) > c.lr_at(60));
+    }
+
+    /// The default model (4 blocks, width 64, T = 64) on 4 stages: embedding + block 0 |
+    /// blocks 1-2 | block 3 | head. A block's weight products are 12·C² of its 12·C² + 2·T·C
+    /// forward multiply-adds, half of that share of a backward twice as long.
+    #[test]
+    fn stage_costs_follow_the_layers() {
+        let c = TrainConfig {
+            schedule: "zb-h1".into(),
+            ..Default::default()
+        };
+        let costs = c.stage_costs().unwrap();
+        let per_layer = layer_costs(&c.model, c.seq_len);
+        assert_eq!(costs.fwd[2], per_layer[4]);
+        assert_eq!(costs.fwd[1], per_layer[2] + per_layer[3]);
+        assert_eq!(costs.bwd[2], 2.0 * costs.fwd[2]);
+        let (w, t) = (64.0 * 64.0 * 12.0, 2.0 * 64.0 * 64.0);
+        assert!((costs.weight_share[2] - 0.5 * w / (w + t)).abs() < 1e-12);
+        assert_eq!(costs.weight_share[1], costs.weight_share[2]);
+        // The head's backward is all input gradient: the least a share may be.
+        assert_eq!(costs.weight_share[3], 0.01);
+        assert!(costs.weight_share.iter().all(|&s| s > 0.0 && s < 0.5));
+        c.plan().unwrap();
     }
 
     #[test]
