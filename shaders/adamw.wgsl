@@ -1,4 +1,5 @@
-// AdamW update, PyTorch style: bias-corrected moments and decoupled weight decay.
+// AdamW update, PyTorch style: bias-corrected moments and decoupled weight decay, from the
+// gradient times grad_scale (1, or less when gradients are clipped to a global norm).
 //
 //   m = β1·m + (1−β1)·g        v = β2·v + (1−β2)·g²
 //   p -= lr·( (m/bc1) / (sqrt(v/bc2) + eps) + wd·p ),   bc1 = 1−β1^t, bc2 = 1−β2^t
@@ -18,6 +19,7 @@ struct Params {
     weight_decay: f32,
     bias_correction1: f32,
     bias_correction2: f32,
+    grad_scale: f32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -38,7 +40,7 @@ fn adamw(
     if i >= p.n {
         return;
     }
-    let g = grad[p.base_grad + i];
+    let g = grad[p.base_grad + i] * p.grad_scale;
     let m_new = p.beta1 * m[p.base_m + i] + (1.0 - p.beta1) * g;
     let v_new = p.beta2 * v[p.base_v + i] + (1.0 - p.beta2) * g * g;
     m[p.base_m + i] = m_new;

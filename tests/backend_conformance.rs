@@ -416,10 +416,15 @@ pub fn check_cross_entropy<B: Backend>(b: &B) {
     }
 }
 
-/// AdamW against PyTorch's formulation, at the first step and later ones, with and without decay.
+/// AdamW against PyTorch's formulation, at the first step and later ones, with and without
+/// decay, and from a scaled gradient (clipping).
 pub fn check_adamw<B: Backend>(b: &B) {
     let mut rng = Rng::new(9);
-    for (len, step, wd) in [(1, 1, 0.0), (1000, 5, 0.1), (4099, 1000, 0.1)] {
+    for (len, step, wd, scale) in [
+        (1, 1, 0.0, 1.0f32),
+        (1000, 5, 0.1, 0.3),
+        (4099, 1000, 0.1, 1.0),
+    ] {
         let (p, g, m) = (
             rand(&mut rng, len, 1.0),
             rand(&mut rng, len, 1.0),
@@ -433,12 +438,15 @@ pub fn check_adamw<B: Backend>(b: &B) {
             eps: 1e-8,
             weight_decay: wd,
             step,
+            grad_scale: scale,
         };
         let (mut pb, mut mb, mut vb) = (up(b, &p), up(b, &m), up(b, &v));
         b.adamw(&mut pb, &up(b, &g), &mut mb, &mut vb, hp).unwrap();
+        // The kernels scale in f32, as this does.
+        let scaled: Vec<f32> = g.iter().map(|x| x * scale).collect();
         let (wp, wm, wv) = oracle::adamw(
             &p,
-            &g,
+            &scaled,
             &m,
             &v,
             3e-3,
@@ -447,11 +455,31 @@ pub fn check_adamw<B: Backend>(b: &B) {
             wd as f64,
             step as i32,
         );
-        let what = format!("adamw len {len} step {step}");
+        let what = format!("adamw len {len} step {step} scale {scale}");
         check(b, &format!("{what} param"), &pb, &wp);
         check(b, &format!("{what} m"), &mb, &wm);
         check(b, &format!("{what} v"), &vb, &wv);
     }
+}
+
+/// Sums of squares (clipping's norm) into their slots, the other slots untouched, the same
+/// bits when repeated; a slot past the end is an error.
+pub fn check_sum_squares<B: Backend>(b: &B) {
+    let mut rng = Rng::new(11);
+    for len in [1, 1000, 70_001] {
+        let x = rand(&mut rng, len, 2.0);
+        let mut out = up(b, &[7.0, 7.0, 7.0]);
+        b.sum_squares(&mut out, 1, &up(b, &x)).unwrap();
+        let got = b.download(&out).unwrap();
+        let want: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+        assert_eq!((got[0], got[2]), (7.0, 7.0), "len {len}: other slots");
+        let rel = (f64::from(got[1]) - want).abs() / want;
+        assert!(rel < 1e-5, "len {len}: {} vs {want}", got[1]);
+        b.sum_squares(&mut out, 2, &up(b, &x)).unwrap();
+        assert_eq!(b.download(&out).unwrap()[2], got[1], "len {len}: repeated");
+    }
+    let mut out = up(b, &[0.0]);
+    assert!(b.sum_squares(&mut out, 1, &up(b, &[1.0])).is_err());
 }
 
 /// Sizes that do not match the buffers are errors, never panics.
@@ -1096,6 +1124,12 @@ macro_rules! conformance {
             fn adamw() {
                 if let Some(b) = backend() {
                     check_adamw(&b);
+                }
+            }
+            #[test]
+            fn sum_squares() {
+                if let Some(b) = backend() {
+                    check_sum_squares(&b);
                 }
             }
             #[test]

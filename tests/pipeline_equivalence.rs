@@ -37,18 +37,24 @@ fn batches() -> Vec<Batch> {
         .collect()
 }
 
-fn adamw() -> AdamWConfig {
+/// AdamW with decay, clipping the global gradient norm to `grad_clip` (0: no clipping).
+fn adamw(grad_clip: f32) -> AdamWConfig {
     AdamWConfig {
         weight_decay: 0.1,
+        grad_clip,
         ..AdamWConfig::default()
     }
 }
 
-/// Plain training on one device: the whole model as one stage, each batch as one micro-batch.
-fn single_device<B: Backend>(backend: &B, host: &HostTensors) -> (Vec<f32>, HostTensors) {
+/// Losses, final parameters and (when clipping) gradient norms of a training run.
+type Run = (Vec<f32>, HostTensors, Vec<Option<f64>>);
+
+/// Plain training on one device: the whole model as one stage, each batch as one micro-batch;
+/// with `clip` > 0 the gradient norm is taken on the host and the update scaled down to it.
+fn single_device<B: Backend>(backend: &B, host: &HostTensors, clip: f32) -> Run {
     let cfg = model();
     let mut stage = StageModel::new(backend, &cfg, 0..cfg.n_layer + 2, host).unwrap();
-    let mut losses = Vec::new();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for (i, b) in batches().iter().enumerate() {
         let tokens = backend.upload_u32(&b.inputs).unwrap();
         let targets = backend.upload_u32(&b.targets).unwrap();
@@ -72,12 +78,25 @@ fn single_device<B: Backend>(backend: &B, host: &HostTensors) -> (Vec<f32>, Host
             .backward(backend, saved, None, scale)
             .unwrap()
             .is_none());
+        let mut grad_scale = 1.0;
+        if clip > 0.0 {
+            let grads = stage.download_grads(backend).unwrap();
+            let squares: f64 = grads
+                .iter()
+                .flat_map(|(_, t)| &t.data)
+                .map(|&g| f64::from(g) * f64::from(g))
+                .sum();
+            norms.push(Some(squares.sqrt()));
+            grad_scale = exec::clip_scale(squares.sqrt(), clip);
+        } else {
+            norms.push(None);
+        }
         stage
-            .optimizer_step(backend, LR, i as u32 + 1, &adamw())
+            .optimizer_step_scaled(backend, LR, i as u32 + 1, &adamw(clip), grad_scale)
             .unwrap();
         stage.zero_grads(backend).unwrap();
     }
-    (losses, stage.download_params(backend).unwrap())
+    (losses, stage.download_params(backend).unwrap(), norms)
 }
 
 /// The same training through the executor with a schedule, `p` ranks and `v` chunks.
@@ -88,7 +107,8 @@ fn pipelined<B: Backend>(
     p: usize,
     v: usize,
     checkpoint_activations: bool,
-) -> (Vec<f32>, HostTensors) {
+    clip: f32,
+) -> Run {
     let config = TrainConfig {
         model: model(),
         schedule: schedule.into(),
@@ -128,15 +148,17 @@ fn pipelined<B: Backend>(
             }
         })
         .collect();
-    let mut losses = Vec::new();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for (i, b) in batches().iter().enumerate() {
         let opts = StepOptions {
             checkpoint_activations,
             lr: LR,
             step: i as u32 + 1,
-            adamw: adamw(),
+            adamw: adamw(clip),
         };
-        losses.push(exec::train_step(&plan, &mut ranks, b, &opts).unwrap().loss);
+        let report = exec::train_step(&plan, &mut ranks, b, &opts).unwrap();
+        losses.push(report.loss);
+        norms.push(report.grad_norm);
     }
     let mut params = HostTensors::new();
     for rank in &ranks {
@@ -154,12 +176,12 @@ fn pipelined<B: Backend>(
             params.extend(got);
         }
     }
-    (losses, params)
+    (losses, params, norms)
 }
 
 fn check_all<B: Backend>(make: &dyn Fn() -> B) {
     let host = init_parameters(&model(), 42).unwrap();
-    let (want_losses, want_params) = single_device(&make(), &host);
+    let (want_losses, want_params, _) = single_device(&make(), &host, 0.0);
     assert!(
         want_losses[2] < want_losses[0],
         "training lowers the loss: {want_losses:?}"
@@ -186,7 +208,7 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
         for p in [1, 2, 4] {
             for ckpt in [false, true] {
                 let label = format!("{schedule} p={p} v={v} checkpoint={ckpt}");
-                let (losses, params) = pipelined(make, &host, schedule, p, v, ckpt);
+                let (losses, params, _) = pipelined(make, &host, schedule, p, v, ckpt, 0.0);
                 for (step, (got, want)) in losses.iter().zip(&want_losses).enumerate() {
                     let rel = ((got - want) / want).abs();
                     assert!(
@@ -220,13 +242,62 @@ fn zero_bubble_is_1f1b_to_the_bit() {
     let host = init_parameters(&model(), 42).unwrap();
     for ckpt in [false, true] {
         let make = ReferenceBackend::new;
-        let (zb_losses, zb_params) = pipelined(&make, &host, "zb-h1", 4, 1, ckpt);
-        let (losses, params) = pipelined(&make, &host, "1f1b", 4, 1, ckpt);
+        let (zb_losses, zb_params, _) = pipelined(&make, &host, "zb-h1", 4, 1, ckpt, 0.0);
+        let (losses, params, _) = pipelined(&make, &host, "1f1b", 4, 1, ckpt, 0.0);
         assert_eq!(zb_losses, losses, "checkpoint={ckpt}");
         for (name, want) in params.iter() {
             assert_eq!(zb_params.get(name).unwrap().data, want.data, "{name}");
         }
     }
+}
+
+/// Clipping to a global norm: every schedule finds the norm one device finds on the host (the
+/// tied embedding's two copies counted once) and takes the same clipped steps; a threshold
+/// above the norm changes nothing, to the bit.
+#[test]
+fn clipping_uses_the_global_norm_on_every_schedule() {
+    let host = init_parameters(&model(), 42).unwrap();
+    let make = ReferenceBackend::new;
+    let (want_losses, want_params, want_norms) = single_device(&make(), &host, 0.05);
+    let norms: Vec<f64> = want_norms.iter().map(|n| n.unwrap()).collect();
+    assert!(
+        norms.iter().all(|&n| n > 0.2),
+        "the threshold clips every step: {norms:?}"
+    );
+    let (unclipped, _, _) = single_device(&make(), &host, 0.0);
+    assert!(unclipped[2] != want_losses[2], "clipping changes the run");
+    for (schedule, p, v) in [("1f1b", 4, 1), ("interleaved", 2, 2), ("zb-h1", 4, 1)] {
+        let label = format!("{schedule} p={p} v={v}");
+        let (losses, params, got_norms) = pipelined(&make, &host, schedule, p, v, false, 0.05);
+        for (got, want) in got_norms.iter().zip(&norms) {
+            let got = got.expect("the report carries the norm");
+            assert!(
+                (got / want - 1.0).abs() < 1e-5,
+                "{label}: norm {got} vs {want}"
+            );
+        }
+        for (got, want) in losses.iter().zip(&want_losses) {
+            assert!(
+                ((got - want) / want).abs() <= 1e-5,
+                "{label}: loss {got} vs {want}"
+            );
+        }
+        for (name, want) in want_params.iter() {
+            let got = params.get(name).unwrap();
+            let worst = got
+                .data
+                .iter()
+                .zip(&want.data)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1e-4, "{label}: {name} differs by {worst}");
+        }
+    }
+    let (loose, loose_params, _) = pipelined(&make, &host, "1f1b", 4, 1, false, 1e9);
+    let (plain, plain_params, plain_norms) = pipelined(&make, &host, "1f1b", 4, 1, false, 0.0);
+    assert_eq!(loose, plain);
+    assert_eq!(loose_params, plain_params);
+    assert!(plain_norms.iter().all(Option::is_none));
 }
 
 #[test]

@@ -115,9 +115,10 @@ void test_elementwise() {
     V p = rnd(4099, 1), g = rnd(4099, 1), m = rnd(4099, 0.1), v = rnd(4099, 0.1); for (auto& e : v) e *= e;
     V p0 = p, m0 = m, v0 = v; unsigned step = 5; float lr = 3e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd_ = 0.1f;
     float bc1 = 1 - std::pow((double)b1, step), bc2 = 1 - std::pow((double)b2, step); unsigned long long nn = 4099;
-    launch(elementwise(nn), g1(256), 0, adamw, p.data(), (const float*)g.data(), m.data(), v.data(), lr, b1, b2, eps, wd_, bc1, bc2, nn);
+    float gs = 0.625f;
+    launch(elementwise(nn), g1(256), 0, adamw, p.data(), (const float*)g.data(), m.data(), v.data(), lr, b1, b2, eps, wd_, bc1, bc2, gs, nn);
     D wp(nn), wm(nn), wv(nn);
-    for (size_t i = 0; i < nn; i++) { double mn = (double)b1 * m0[i] + (1 - (double)b1) * g[i], vn = (double)b2 * v0[i] + (1 - (double)b2) * g[i] * (double)g[i];
+    for (size_t i = 0; i < nn; i++) { double gi = (double)g[i] * gs, mn = (double)b1 * m0[i] + (1 - (double)b1) * gi, vn = (double)b2 * v0[i] + (1 - (double)b2) * gi * gi;
         double c1 = 1 - std::pow((double)b1, step), c2 = 1 - std::pow((double)b2, step);
         wp[i] = p0[i] - (double)lr * ((mn / c1) / (std::sqrt(vn / c2) + eps) + wd_ * (double)p0[i]); wm[i] = mn; wv[i] = vn; }
     check("adamw param", p, wp); check("adamw m", m, wm); check("adamw v", v, wv);
@@ -126,6 +127,16 @@ void test_elementwise() {
     D ws(257); for (int i = 0; i < 257; i++) ws[i] = (double)a[i] + b[i]; check("add", s, ws);
     launch(elementwise(k), g1(256), 0, add_assign_f32, a.data(), (const float*)b.data(), k); check("add_assign", a, ws);
     launch(elementwise(k), g1(256), 0, fill_f32, s.data(), val, k); check("fill", s, D(257, 0.25));
+    // Sums of squares into slot 1 of 3: one block, several, and more elements than threads.
+    for (unsigned long long len : {1ull, 300ull, 70001ull}) {
+        V x = rnd(len, 3), out(3, 7.0f);
+        unsigned blocks = (unsigned)std::min<unsigned long long>((len + 255) / 256, 16);
+        V partial(blocks, NAN);
+        launch(g1(blocks), g1(256), 0, sum_squares_partial, partial.data(), (const float*)x.data(), len);
+        launch(elementwise(1), g1(256), 0, sum_squares_finish, out.data(), (const float*)partial.data(), blocks, 1ull);
+        double want = 0; for (float xi : x) want += (double)xi * xi;
+        check("sum_squares", out, D{7.0, want, 7.0});
+    }
 }
 
 #include "bf16_checks.inc"

@@ -151,6 +151,9 @@ pub struct AdamW {
     pub weight_decay: f32,
     /// 1-based step number, for bias correction.
     pub step: u32,
+    /// Factor applied to the gradient before the update: 1, or less when gradients are
+    /// clipped to a global norm.
+    pub grad_scale: f32,
 }
 
 /// Bytes of device memory a backend holds now, and the most it has held since the last reset.
@@ -310,6 +313,23 @@ pub trait Backend: Send + 'static {
     fn add(&self, out: &mut Self::Buffer, a: &Self::Buffer, b: &Self::Buffer) -> Result<()>;
     /// `acc += x`, elementwise (gradient accumulation, residual gradients).
     fn add_assign(&self, acc: &mut Self::Buffer, x: &Self::Buffer) -> Result<()>;
+    /// `out[slot] = Σ x²` over an f32 buffer `x`, summed in a fixed order (the same bits every
+    /// time); the other elements of the f32 buffer `out` are left alone. Gradient clipping
+    /// fills one slot per gradient and downloads `out` once. This default goes through the
+    /// host; a GPU backend reduces on the device.
+    fn sum_squares(&self, out: &mut Self::Buffer, slot: usize, x: &Self::Buffer) -> Result<()> {
+        let mut host = self.download(out)?;
+        let len = host.len();
+        let cell = host.get_mut(slot).ok_or_else(|| {
+            anyhow::anyhow!("sum of squares into slot {slot} of a buffer of {len}")
+        })?;
+        *cell = self
+            .download(x)?
+            .iter()
+            .map(|&v| f64::from(v) * f64::from(v))
+            .sum::<f64>() as f32;
+        self.write(out, &host)
+    }
 
     /// Token + position embedding: `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`.
     /// `tokens` is u32 `[batch·seq]`, `wte` is `[vocab, channels]`, `wpe` is `[n_positions, channels]`.

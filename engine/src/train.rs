@@ -54,6 +54,8 @@ pub struct TrainConfig {
     pub min_lr: f64,
     /// AdamW decoupled weight decay (matrices and embeddings only).
     pub weight_decay: f64,
+    /// Clip the global gradient norm to this value before each update (0: no clipping).
+    pub grad_clip: f64,
     /// Seed of the initial weights and of the batch order.
     pub seed: u64,
     /// Evaluate the validation loss every this many steps (0: only at the end).
@@ -85,6 +87,7 @@ impl Default for TrainConfig {
             warmup_steps: 60,
             min_lr: 3e-4,
             weight_decay: 0.1,
+            grad_clip: 0.0,
             seed: 1337,
             eval_every: 200,
             eval_tokens: 8192,
@@ -137,6 +140,12 @@ impl TrainConfig {
                 self.lr
             ));
         }
+        if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
+            return Err(invalid_input!(
+                "--grad-clip must be a norm of 0 (no clipping) or more, got {}",
+                self.grad_clip
+            ));
+        }
         Ok(())
     }
 
@@ -182,6 +191,20 @@ impl TrainConfig {
         let progress = ((step - self.warmup_steps) as f32 / span).min(1.0);
         let cosine = 0.5 * (1.0 + (std::f32::consts::PI * progress).cos());
         min_lr + (lr - min_lr) * cosine
+    }
+
+    /// The optimizer settings of step `step` (1-based).
+    pub fn step_options(&self, step: u64) -> StepOptions {
+        StepOptions {
+            checkpoint_activations: self.checkpoint_activations,
+            lr: self.lr_at(step),
+            step: step as u32,
+            adamw: AdamWConfig {
+                weight_decay: self.weight_decay as f32,
+                grad_clip: self.grad_clip as f32,
+                ..AdamWConfig::default()
+            },
+        }
     }
 
     /// The lowered, validated schedule this configuration runs, its transfers placed for the
@@ -399,15 +422,7 @@ impl<B: Backend> Trainer<B> {
         let c = &self.config;
         let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step)?;
         let lr = c.lr_at(step);
-        let opts = StepOptions {
-            checkpoint_activations: c.checkpoint_activations,
-            lr,
-            step: step as u32,
-            adamw: AdamWConfig {
-                weight_decay: c.weight_decay as f32,
-                ..AdamWConfig::default()
-            },
-        };
+        let opts = c.step_options(step);
         let report = exec::train_step(&self.schedule, &mut self.ranks, &batch, &opts)?;
         let log = StepLog::new(step, lr, &batch, report)?;
         self.step = step;

@@ -123,6 +123,10 @@ pub struct TrainArgs {
     /// Final learning rate of the cosine decay.
     #[arg(long)]
     min_lr: Option<f64>,
+    /// Clip the gradient's global norm (over every stage) to this before each update, as
+    /// PyTorch's clip_grad_norm_; 0 turns clipping off. The norm is logged per step.
+    #[arg(long, value_name = "NORM")]
+    grad_clip: Option<f64>,
     /// Seed of the initial weights and of the batch order.
     #[arg(long)]
     seed: Option<u64>,
@@ -229,6 +233,7 @@ impl TrainArgs {
         set!(lr <- lr);
         set!(warmup_steps <- warmup_steps);
         set!(min_lr <- min_lr);
+        set!(grad_clip <- grad_clip);
         set!(seed <- seed);
         set!(eval_every <- eval_every);
         set!(eval_tokens <- eval_tokens);
@@ -501,8 +506,13 @@ impl TrainJob<'_> {
                 None
             };
             bar.set_position(step);
+            let norm = entry
+                .report
+                .grad_norm
+                .map(|n| format!(" | norm {n:.3}"))
+                .unwrap_or_default();
             bar.set_message(format!(
-                "loss {:.4} | {:.0} tok/s | bubble {:.1}%",
+                "loss {:.4}{norm} | {:.0} tok/s | bubble {:.1}%",
                 entry.loss,
                 entry.tokens_per_sec,
                 100.0 * entry.bubble_fraction
@@ -518,6 +528,9 @@ impl TrainJob<'_> {
                 });
                 if let Some(v) = val {
                     line["val_loss"] = json!(v);
+                }
+                if let Some(norm) = entry.report.grad_norm {
+                    line["grad_norm"] = json!(norm);
                 }
                 writeln!(f, "{line}").context("writing --log-json")?;
             }

@@ -163,6 +163,8 @@ kernels!(
     gelu_backward,
     gelu_backward_bf16,
     adamw,
+    sum_squares_partial,
+    sum_squares_finish,
     embedding_forward,
     embedding_backward_wpe,
     embedding_backward_wte,

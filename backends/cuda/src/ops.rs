@@ -13,6 +13,10 @@ use crate::groups::token_groups;
 use crate::kernels::ROW_BLOCK;
 use crate::profile::timing_event;
 
+/// The most blocks stage 1 of a sum of squares uses: enough to fill an H200 several times
+/// over, few enough for one thread to add their partial sums in stage 2.
+const SUM_SQUARES_BLOCKS: usize = 1024;
+
 /// Errors unless `buf` holds `dtype`.
 pub(crate) fn need_dtype(buf: &CudaBuffer, dtype: DType, what: &str) -> Result<()> {
     check::dtype(what, buf.dtype(), dtype)
@@ -825,7 +829,46 @@ impl Backend for CudaBackend {
             &hp.weight_decay,
             &bc1,
             &bc2,
+            &hp.grad_scale,
             &n64,
+        )
+    }
+
+    fn sum_squares(&self, out: &mut CudaBuffer, slot: usize, x: &CudaBuffer) -> Result<()> {
+        let _span = self.span("sum_squares");
+        if slot >= out.len() {
+            bail!(
+                "sum of squares into slot {slot} of a buffer of {}",
+                out.len()
+            );
+        }
+        need(out, out.len(), DType::F32, "sums of squares")?;
+        let n = x.len();
+        need(x, n, DType::F32, "sum of squares input")?;
+        let blocks = n.div_ceil(ROW_BLOCK as usize).clamp(1, SUM_SQUARES_BLOCKS);
+        let mut partial = self.scratch(blocks, DType::F32)?;
+        let (n64, slot64, blocks32) = (n as u64, slot as u64, blocks as u32);
+        let grid = LaunchConfig {
+            grid_dim: (blocks32, 1, 1),
+            block_dim: (ROW_BLOCK, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(
+            self,
+            sum_squares_partial,
+            grid,
+            partial.f32_mut("partial sums of squares")?,
+            x.f32("sum of squares input")?,
+            &n64,
+        )?;
+        launch!(
+            self,
+            sum_squares_finish,
+            elementwise(1),
+            out.f32_mut("sums of squares")?,
+            partial.f32("partial sums of squares")?,
+            &blocks32,
+            &slot64,
         )
     }
 

@@ -807,6 +807,7 @@ impl Backend for WgpuBackend {
                 hp.weight_decay.to_bits(),
                 (bc1 as f32).to_bits(),
                 (bc2 as f32).to_bits(),
+                hp.grad_scale.to_bits(),
             ];
             self.dispatch(
                 Kernel::AdamW,

@@ -527,6 +527,7 @@ fn adamw_matches_pytorch_formula() {
             eps: 1e-8,
             weight_decay: 0.1,
             step: 3,
+            grad_scale: 1.0,
         };
         let (mut dp, dg, mut dm, mut dv) = (
             b.upload(&p0).unwrap(),

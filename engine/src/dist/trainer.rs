@@ -12,9 +12,9 @@ use super::{connect_sharing, LaunchEnv};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Corpus};
-use crate::exec::{train_step_rank, Rank, RankReport, StepOptions, StepReport, Want};
+use crate::exec::{train_step_rank, Rank, RankReport, StepReport, Want};
 use crate::invalid_input;
-use crate::model::{init_tensor, AdamWConfig, HostTensors, OptimizerState, StageModel};
+use crate::model::{init_tensor, HostTensors, OptimizerState, StageModel};
 use crate::schedule::{Action, Schedule};
 use crate::sim::Timed;
 use crate::train::{
@@ -192,15 +192,7 @@ impl<B: Backend> RankTrainer<B> {
         let c = &self.config;
         let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step)?;
         let lr = c.lr_at(step);
-        let opts = StepOptions {
-            checkpoint_activations: c.checkpoint_activations,
-            lr,
-            step: step as u32,
-            adamw: AdamWConfig {
-                weight_decay: c.weight_decay as f32,
-                ..AdamWConfig::default()
-            },
-        };
+        let opts = c.step_options(step);
         let (report, loss_sum) = train_step_rank(&self.schedule, &mut self.rank, &batch, &opts)
             .with_context(|| format!("rank {me}, step {step}"))?;
         // A transfer that failed after its buffer was handed over surfaces in this step.
@@ -449,6 +441,8 @@ fn parse_figures(v: &Value) -> Result<(RankReport, f64)> {
         peak_bytes: u("peak_bytes")?,
         peak_activation_bytes: u("peak_activation_bytes")?,
         peak_inflight: u("peak_inflight")? as usize,
+        // Every rank computes the same norm; the leader's own report carries it.
+        grad_norm: None,
     };
     Ok((report, f64::from_bits(u("loss_sum")?)))
 }

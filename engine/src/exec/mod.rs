@@ -5,7 +5,9 @@ mod step;
 mod transport;
 
 pub use infer::{forward, Want};
-pub use step::{train_step, train_step_rank, Rank, RankReport, StepOptions, StepReport};
+pub use step::{
+    clip_scale, train_step, train_step_rank, Rank, RankReport, StepOptions, StepReport,
+};
 pub use transport::{
     check_len, in_process_mesh, in_process_mesh_over, InProcessTransport, DEFAULT_RECV_TIMEOUT,
 };

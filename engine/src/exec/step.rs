@@ -65,6 +65,9 @@ pub struct RankReport {
     pub peak_activation_bytes: u64,
     /// Peak number of micro-batches held at once, from forward until their weight gradients.
     pub peak_inflight: usize,
+    /// The global gradient norm before clipping (every rank computes the same), when
+    /// gradients are clipped.
+    pub grad_norm: Option<f64>,
 }
 
 /// What a training step measured.
@@ -78,6 +81,8 @@ pub struct StepReport {
     pub makespan: f64,
     /// Per-rank measurements, indexed by rank.
     pub ranks: Vec<RankReport>,
+    /// The global gradient norm before clipping, when gradients are clipped.
+    pub grad_norm: Option<f64>,
 }
 
 impl StepReport {
@@ -88,11 +93,13 @@ impl StepReport {
             .iter()
             .filter_map(|r| r.timeline.last().map(|a| a.end))
             .fold(0.0, f64::max);
+        let grad_norm = ranks.iter().find_map(|r| r.grad_norm);
         Self {
             loss,
             elapsed,
             makespan,
             ranks,
+            grad_norm,
         }
     }
 
@@ -390,8 +397,17 @@ fn run_rank<B: Backend, T: Transport<B>>(
 
     reconcile_tied_embedding(schedule, me, backend, transport, stages)
         .context("summing the tied embedding's gradients")?;
+    let clip = opts.adamw.grad_clip;
+    let grad_scale = if clip > 0.0 {
+        let norm = global_grad_norm(schedule, me, backend, transport, stages)
+            .context("the global gradient norm")?;
+        report.grad_norm = Some(norm);
+        clip_scale(norm, clip)
+    } else {
+        1.0
+    };
     for (_, model) in stages.iter_mut() {
-        model.optimizer_step(backend, opts.lr, opts.step, &opts.adamw)?;
+        model.optimizer_step_scaled(backend, opts.lr, opts.step, &opts.adamw, grad_scale)?;
         model.zero_grads(backend)?;
     }
     backend.synchronize()?;
@@ -417,6 +433,52 @@ fn run_rank<B: Backend, T: Transport<B>>(
 /// Sum the tied embedding's two gradient contributions (token embedding on the first stage,
 /// LM head on the last) so both copies take the same optimizer step, as Megatron's embedding
 /// group does. Nothing to do when one stage holds both.
+/// The factor that brings a gradient of global norm `norm` down to `clip` (PyTorch's
+/// `clip_grad_norm_`: `clip / (norm + 1e-6)` when the norm exceeds `clip`, else 1).
+pub fn clip_scale(norm: f64, clip: f32) -> f32 {
+    if norm > f64::from(clip) {
+        (f64::from(clip) / (norm + 1e-6)) as f32
+    } else {
+        1.0
+    }
+}
+
+/// The norm of every stage's gradient together, the same on every rank: rank 0 adds the ranks'
+/// sums of squares in rank order and hands the total back, each sum rounded to f32 as it travels
+/// (rank 0's too), so every rank scales by the same factor.
+fn global_grad_norm<B: Backend, T: Transport<B>>(
+    schedule: &Schedule,
+    me: usize,
+    backend: &B,
+    transport: &mut T,
+    stages: &[(usize, StageModel<B>)],
+) -> Result<f64> {
+    let mut local = 0.0f64;
+    for (_, model) in stages {
+        local += model.grad_sum_squares(backend)?;
+    }
+    let local = local as f32;
+    let world = schedule.num_ranks();
+    let total = if world == 1 {
+        local
+    } else if me == 0 {
+        let mut total = f64::from(local);
+        for r in 1..world {
+            total += f64::from(backend.download(&transport.recv(backend, r, 1)?)?[0]);
+        }
+        let total = total as f32;
+        let buf = backend.upload(&[total])?;
+        for r in 1..world {
+            transport.send(backend, r, &buf)?;
+        }
+        total
+    } else {
+        transport.send(backend, 0, &backend.upload(&[local])?)?;
+        backend.download(&transport.recv(backend, 0, 1)?)?[0]
+    };
+    Ok(f64::from(total).sqrt())
+}
+
 fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
     schedule: &Schedule,
     me: usize,

@@ -169,6 +169,8 @@ pub struct AdamWConfig {
     pub eps: f32,
     /// Decoupled weight decay for 2-D tensors; biases and layernorm parameters get none.
     pub weight_decay: f32,
+    /// Clip the global gradient norm (over every stage) to this value; 0 turns clipping off.
+    pub grad_clip: f32,
 }
 
 impl Default for AdamWConfig {
@@ -178,6 +180,7 @@ impl Default for AdamWConfig {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
+            grad_clip: 0.0,
         }
     }
 }

@@ -521,6 +521,30 @@ impl<B: Backend> StageModel<B> {
         Ok(grad)
     }
 
+    /// `Σ g²` over this stage's gradients (per-tensor f32 sums, added in f64 in parameter
+    /// order), for clipping to a global norm. A stage with the head but not the embedding
+    /// leaves out its copy of the tied `wte`: once the copies are reconciled both hold the same
+    /// gradient, counted on the embedding's stage.
+    pub fn grad_sum_squares(&self, b: &B) -> Result<f64> {
+        let p = &self.params;
+        let holds_embedding = self.kinds.contains(&Layer::Embedding);
+        let counted: Vec<&B::Buffer> = p
+            .names
+            .iter()
+            .zip(&p.grads)
+            .filter(|(name, _)| holds_embedding || name.as_str() != "wte")
+            .map(|(_, g)| g)
+            .collect();
+        if counted.is_empty() {
+            return Ok(0.0);
+        }
+        let mut sums = b.alloc(counted.len(), DType::F32)?;
+        for (slot, g) in counted.into_iter().enumerate() {
+            b.sum_squares(&mut sums, slot, g)?;
+        }
+        Ok(b.download(&sums)?.into_iter().map(f64::from).sum())
+    }
+
     /// Zero every gradient (after the optimizer step, before the next step's micro-batches).
     pub fn zero_grads(&mut self, b: &B) -> Result<()> {
         for g in &mut self.params.grads {
@@ -532,6 +556,18 @@ impl<B: Backend> StageModel<B> {
     /// One AdamW step (1-based `step`) on every parameter from its accumulated gradient;
     /// weight decay applies only to 2-D tensors (matrices and embeddings).
     pub fn optimizer_step(&mut self, b: &B, lr: f32, step: u32, cfg: &AdamWConfig) -> Result<()> {
+        self.optimizer_step_scaled(b, lr, step, cfg, 1.0)
+    }
+
+    /// [`StageModel::optimizer_step`] from every gradient times `grad_scale` (clipping).
+    pub fn optimizer_step_scaled(
+        &mut self,
+        b: &B,
+        lr: f32,
+        step: u32,
+        cfg: &AdamWConfig,
+        grad_scale: f32,
+    ) -> Result<()> {
         if step == 0 {
             invalid!("optimizer steps are numbered from 1, got 0");
         }
@@ -548,6 +584,7 @@ impl<B: Backend> StageModel<B> {
                     0.0
                 },
                 step,
+                grad_scale,
             };
             b.adamw(&mut p.values[i], &p.grads[i], &mut p.m[i], &mut p.v[i], hp)
                 .with_context(|| format!("AdamW on {}", p.names[i]))?;
