@@ -80,7 +80,7 @@ fn same_losses(single: &Path, multi: &Path, ranks: usize) {
     for (x, y) in a.iter().zip(&b) {
         let keys = |v: &Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(x), keys(y), "the same keys");
-        for key in ["step", "loss", "lr", "val_loss", "peak_bytes"] {
+        for key in ["step", "loss", "lr", "val_loss", "peak_bytes", "grad_norm"] {
             assert_eq!(x[key], y[key], "step {}: {key}", x["step"]);
         }
         assert_eq!(y["peak_bytes"].as_array().unwrap().len(), ranks);
@@ -144,11 +144,12 @@ fn start_ranks(
 #[test]
 fn launched_runs_give_the_single_process_losses_and_checkpoint() {
     let dir = scratch("launch");
-    for (schedule, p, v) in [
-        ("gpipe", 4, 1),
-        ("1f1b", 4, 1),
-        ("interleaved", 2, 2),
-        ("zb-h1", 4, 1),
+    // The clipped run's ranks agree on one gradient norm across processes.
+    for (schedule, p, v, clip) in [
+        ("gpipe", 4, 1, "0"),
+        ("1f1b", 4, 1, "0.05"),
+        ("interleaved", 2, 2, "0"),
+        ("zb-h1", 4, 1, "0"),
     ] {
         let (single_log, multi_log) = (
             dir.join(format!("{schedule}-1.jsonl")),
@@ -166,6 +167,8 @@ fn launched_runs_give_the_single_process_losses_and_checkpoint() {
                 &[
                     "--steps",
                     "3",
+                    "--grad-clip",
+                    clip,
                     "--log-json",
                     log.to_str().unwrap(),
                     "--save",

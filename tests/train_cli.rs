@@ -259,6 +259,11 @@ fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
     );
     refused(&train(&["--schedule", "zigzag"]), "zigzag");
     refused(
+        &train(&["--grad-clip=-1"]),
+        "--grad-clip must be a norm of 0",
+    );
+    refused(&train(&["--grad-clip", "nan"]), "got NaN");
+    refused(
         &pipit(&[
             "train", "--resume", c, "--n-embd", "32", "--n-head", "2", "--save", c,
         ]),
