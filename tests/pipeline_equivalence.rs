@@ -179,6 +179,33 @@ fn pipelined<B: Backend>(
     (losses, params, norms)
 }
 
+/// The tolerances of pipit's correctness: each step's loss within 1e-5 relative, every
+/// parameter within 1e-4.
+fn same_training(label: &str, got: (&[f32], &HostTensors), want: (&[f32], &HostTensors)) {
+    for (step, (got, want)) in got.0.iter().zip(want.0).enumerate() {
+        let rel = ((got - want) / want).abs();
+        assert!(
+            rel <= 1e-5,
+            "{label} step {}: loss {got} vs {want}",
+            step + 1
+        );
+    }
+    assert_eq!(got.1.len(), want.1.len(), "{label}: parameter count");
+    for (name, want) in want.1.iter() {
+        let got = got
+            .1
+            .get(name)
+            .unwrap_or_else(|| panic!("{label}: {name} missing"));
+        let worst = got
+            .data
+            .iter()
+            .zip(&want.data)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-4, "{label}: {name} differs by {worst}");
+    }
+}
+
 fn check_all<B: Backend>(make: &dyn Fn() -> B) {
     let host = init_parameters(&model(), 42).unwrap();
     let (want_losses, want_params, _) = single_device(&make(), &host, 0.0);
@@ -209,27 +236,7 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
             for ckpt in [false, true] {
                 let label = format!("{schedule} p={p} v={v} checkpoint={ckpt}");
                 let (losses, params, _) = pipelined(make, &host, schedule, p, v, ckpt, 0.0);
-                for (step, (got, want)) in losses.iter().zip(&want_losses).enumerate() {
-                    let rel = ((got - want) / want).abs();
-                    assert!(
-                        rel <= 1e-5,
-                        "{label} step {}: loss {got} vs {want}",
-                        step + 1
-                    );
-                }
-                assert_eq!(params.len(), want_params.len(), "{label}: parameter count");
-                for (name, want) in want_params.iter() {
-                    let got = params
-                        .get(name)
-                        .unwrap_or_else(|| panic!("{label}: {name} missing"));
-                    let worst = got
-                        .data
-                        .iter()
-                        .zip(&want.data)
-                        .map(|(a, b)| (a - b).abs())
-                        .fold(0.0f32, f32::max);
-                    assert!(worst <= 1e-4, "{label}: {name} differs by {worst}");
-                }
+                same_training(&label, (&losses, &params), (&want_losses, &want_params));
             }
         }
     }
@@ -276,22 +283,7 @@ fn clipping_uses_the_global_norm_on_every_schedule() {
                 "{label}: norm {got} vs {want}"
             );
         }
-        for (got, want) in losses.iter().zip(&want_losses) {
-            assert!(
-                ((got - want) / want).abs() <= 1e-5,
-                "{label}: loss {got} vs {want}"
-            );
-        }
-        for (name, want) in want_params.iter() {
-            let got = params.get(name).unwrap();
-            let worst = got
-                .data
-                .iter()
-                .zip(&want.data)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            assert!(worst <= 1e-4, "{label}: {name} differs by {worst}");
-        }
+        same_training(&label, (&losses, &params), (&want_losses, &want_params));
     }
     let (loose, loose_params, _) = pipelined(&make, &host, "1f1b", 4, 1, false, 1e9);
     let (plain, plain_params, plain_norms) = pipelined(&make, &host, "1f1b", 4, 1, false, 0.0);
