@@ -440,3 +440,70 @@ fn train_help_shows_each_settings_default_from_the_config_defaults() {
         );
     }
 }
+
+/// Ctrl-C ends a run after the step in progress with its checkpoint saved and status 130; the
+/// run then resumes from that step to the same losses as one never interrupted.
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_the_checkpoint_and_the_run_resumes() {
+    let dir = scratch("interrupt");
+    let (ckpt, log, rest, full) = (
+        dir.join("ckpt"),
+        dir.join("cut.jsonl"),
+        dir.join("rest.jsonl"),
+        dir.join("full.jsonl"),
+    );
+    let mut args: Vec<&str> = vec!["train"];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(&["--stages", "2", "--eval-every", "0", "--steps", "100000"]);
+    args.extend_from_slice(&["--save", ckpt.to_str().unwrap()]);
+    args.extend_from_slice(&["--log-json", log.to_str().unwrap()]);
+    let mut child = common::pipit_command()
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !log.exists() || log_lines(&log).len() < 3 {
+        assert!(t0.elapsed().as_secs() < 60, "three steps within a minute");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: signals the child this test started.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {err}");
+    let cut = log_lines(&log);
+    let last = cut.len();
+    let line = err.lines().last().unwrap();
+    let want = format!(
+        "stopped by Ctrl-C after step {last} of 100000; saved {}",
+        ckpt.display()
+    );
+    assert!(line.starts_with(&want), "{line}");
+
+    let steps = (last + 2).to_string();
+    let c = ckpt.to_str().unwrap();
+    ok(&pipit(&[
+        "train",
+        "--resume",
+        c,
+        "--steps",
+        &steps,
+        "--no-save",
+        "--log-json",
+        rest.to_str().unwrap(),
+    ]));
+    ok(&train(&[
+        "--steps",
+        &steps,
+        "--log-json",
+        full.to_str().unwrap(),
+    ]));
+    let (rest, full) = (log_lines(&rest), log_lines(&full));
+    assert_eq!(rest.len(), 2);
+    for (a, b) in cut.iter().chain(&rest).zip(&full) {
+        assert_eq!(a["step"], b["step"]);
+        assert_eq!(a["loss"], b["loss"], "step {}", a["step"]);
+    }
+}

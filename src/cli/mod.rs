@@ -3,6 +3,7 @@
 mod device;
 mod eval;
 mod generate;
+mod interrupt;
 mod launch;
 mod partition;
 mod plan;
@@ -58,6 +59,10 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(err) if err.is::<interrupt::Interrupted>() => {
+            eprintln!("{err}");
+            ExitCode::from(130)
+        }
         Err(err) => {
             eprintln!("error: {err:#}");
             if pipit_engine::is_invalid_input(&err) {

@@ -18,7 +18,7 @@ use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
 
 use super::device::{with_backend, BackendChoice, BackendJob};
-use super::trace;
+use super::{interrupt, trace};
 
 /// Where `pipit train` saves and `pipit generate`/`pipit eval` look by default.
 pub const DEFAULT_CHECKPOINT: &str = "runs/latest";
@@ -418,6 +418,9 @@ impl TrainJob<'_> {
             }
             None => Box::new(Trainer::new(config, make, start)?),
         };
+        if launch.is_none() {
+            interrupt::catch();
+        }
         let result = Self::drive(args, trainer.as_mut(), &corpus);
         if let Err(e) = &result {
             // The other ranks of a multi-process run stop at once, naming this one and why.
@@ -482,7 +485,7 @@ impl TrainJob<'_> {
         bar.set_position(trainer.step());
         let mut last: Option<StepLog> = None;
         let mut val_loss = None;
-        while trainer.step() < c.steps {
+        while trainer.step() < c.steps && !interrupt::requested() {
             let entry = trainer.train_step(corpus)?;
             let step = entry.step;
             let evaluate = step == c.steps || (c.eval_every > 0 && step % c.eval_every == 0);
@@ -577,6 +580,21 @@ impl TrainJob<'_> {
                 entry.tokens_per_sec,
                 100.0 * entry.bubble_fraction
             );
+        }
+        if trainer.step() < c.steps {
+            let step = trainer.step();
+            let kept = match save_to {
+                Some(dir) => format!(
+                    "saved {dir} (continue with: pipit train --resume {dir})",
+                    dir = dir.display()
+                ),
+                None => "nothing saved (--no-save)".into(),
+            };
+            return Err(interrupt::Interrupted(format!(
+                "stopped by Ctrl-C after step {step} of {}; {kept}",
+                c.steps
+            ))
+            .into());
         }
         Ok(())
     }
