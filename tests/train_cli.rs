@@ -458,7 +458,7 @@ fn ctrl_c_saves_the_checkpoint_and_the_run_resumes() {
     args.extend_from_slice(&["--stages", "2", "--eval-every", "0", "--steps", "100000"]);
     args.extend_from_slice(&["--save", ckpt.to_str().unwrap()]);
     args.extend_from_slice(&["--log-json", log.to_str().unwrap()]);
-    let mut child = common::pipit_command()
+    let child = common::pipit_command()
         .args(&args)
         .stderr(std::process::Stdio::piped())
         .spawn()
