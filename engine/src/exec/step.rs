@@ -430,9 +430,6 @@ fn run_rank<B: Backend, T: Transport<B>>(
     Ok((report, loss_sum))
 }
 
-/// Sum the tied embedding's two gradient contributions (token embedding on the first stage,
-/// LM head on the last) so both copies take the same optimizer step, as Megatron's embedding
-/// group does. Nothing to do when one stage holds both.
 /// The factor that brings a gradient of global norm `norm` down to `clip` (PyTorch's
 /// `clip_grad_norm_`: `clip / (norm + 1e-6)` when the norm exceeds `clip`, else 1).
 pub fn clip_scale(norm: f64, clip: f32) -> f32 {
@@ -479,6 +476,9 @@ fn global_grad_norm<B: Backend, T: Transport<B>>(
     Ok(f64::from(total).sqrt())
 }
 
+/// Sum the tied embedding's two gradient contributions (token embedding on the first stage,
+/// LM head on the last) so both copies take the same optimizer step, as Megatron's embedding
+/// group does. Nothing to do when one stage holds both.
 fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
     schedule: &Schedule,
     me: usize,
