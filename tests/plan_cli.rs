@@ -136,6 +136,53 @@ fn zero_bubble_plans_split_backwards() {
 }
 
 #[test]
+fn compare_plans_every_schedule_under_the_same_costs() {
+    let out = pipit(&["plan", "--compare", "-p", "4", "-m", "8"]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let row = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no {name} row: {text}"))
+            .split_whitespace()
+            .skip(1)
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    assert_eq!(row("gpipe"), "33.00 72.7 % 8 8 8 8");
+    assert_eq!(row("1f1b"), "33.00 72.7 % 4 3 2 1");
+    assert_eq!(row("zb-h1"), "27.00 88.9 % 4 4 4 4");
+    let value = json(&[
+        "plan",
+        "--compare",
+        "-p",
+        "4",
+        "-m",
+        "8",
+        "-v",
+        "2",
+        "--format",
+        "json",
+    ]);
+    let rows = value.as_array().unwrap();
+    assert_eq!(rows.len(), 5);
+    let zb = rows.iter().find(|r| r["schedule"] == "zb-h1").unwrap();
+    assert!(zb["error"].as_str().unwrap().contains("chunks must be 1"));
+    let interleaved = rows
+        .iter()
+        .find(|r| r["schedule"] == "interleaved")
+        .unwrap();
+    assert_eq!(interleaved["makespan"].as_f64().unwrap(), 57.0);
+    fails_with(
+        &["plan", "--compare", "-p", "4", "-m", "8", "--format", "svg"],
+        "--compare prints text or json",
+    );
+    fails_with(
+        &["plan", "--compare", "-p", "0", "-m", "8"],
+        "stages must be at least 1 (got 0)",
+    );
+}
+
+#[test]
 fn chrome_and_svg_outputs() {
     let value = json(&[
         "plan",

@@ -64,8 +64,13 @@ pub enum FormatArg {
 #[derive(Args, Debug)]
 pub struct PlanArgs {
     /// Schedule to generate.
-    #[arg(long, value_enum, required_unless_present = "schedule_file")]
+    #[arg(long, value_enum, required_unless_present_any = ["schedule_file", "compare"])]
     pub schedule: Option<ScheduleArg>,
+    /// Plan every schedule for these --stages, --microbatches and --chunks under the same
+    /// costs and print one line each: makespan, efficiency and what each rank holds at its
+    /// peak (text or json).
+    #[arg(long, conflicts_with_all = ["schedule", "schedule_file"])]
+    pub compare: bool,
     /// Load a hand-written schedule (text form, as `--format schedule` writes) instead of
     /// generating one; it may omit the transfers, which are then inserted.
     #[arg(long, value_name = "PATH", conflicts_with_all = ["schedule", "stages", "microbatches", "chunks"])]
@@ -144,6 +149,9 @@ pub fn per_stage(flag: &str, text: &str, stages: usize) -> Result<Vec<f64>> {
 
 /// Build the lowered schedule, simulate it and write the chosen report.
 pub fn run(args: PlanArgs) -> Result<()> {
+    if args.compare {
+        return compare(&args);
+    }
     let schedule = match &args.schedule_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -160,7 +168,19 @@ pub fn run(args: PlanArgs) -> Result<()> {
             generate(kind, p, m, args.chunks.unwrap_or(1))?
         }
     };
-    let stages = schedule.num_stages();
+    let plan = plan_for(schedule, &args)?;
+    let format = match args.format {
+        FormatArg::Text => Format::Text,
+        FormatArg::Json => Format::Json,
+        FormatArg::Chrome => Format::Chrome,
+        FormatArg::Svg => Format::Svg,
+        FormatArg::Schedule => Format::Schedule,
+    };
+    write(&args, render(&plan, format)?)
+}
+
+/// The costs the flags give, for a pipeline of `stages` stages.
+fn costs(args: &PlanArgs, stages: usize) -> Result<Costs> {
     let bandwidth = match args.bandwidth {
         None => f64::INFINITY,
         Some(gbps) if gbps.is_finite() && gbps > 0.0 => gbps * 1e6,
@@ -175,21 +195,95 @@ pub fn run(args: PlanArgs) -> Result<()> {
         activation_bytes: per_stage("activation-bytes", &args.activation_bytes, stages)?,
     };
     costs.check(stages)?;
+    Ok(costs)
+}
+
+/// Validate `schedule`, insert its transfers for the flags' costs unless it has them, and
+/// simulate it.
+fn plan_for(schedule: Schedule, args: &PlanArgs) -> Result<Plan> {
+    let costs = costs(args, schedule.num_stages())?;
     validate(&schedule)?;
     let lowered = if schedule.ranks.iter().flatten().all(|a| a.is_compute()) {
         lower_for(&schedule, &costs)?
     } else {
         schedule
     };
-    let plan = Plan::new(lowered, costs, args.target_efficiency)?;
-    let format = match args.format {
-        FormatArg::Text => Format::Text,
-        FormatArg::Json => Format::Json,
-        FormatArg::Chrome => Format::Chrome,
-        FormatArg::Svg => Format::Svg,
-        FormatArg::Schedule => Format::Schedule,
+    Plan::new(lowered, costs, args.target_efficiency)
+}
+
+/// `--compare`: every schedule that accepts these sizes, planned under the same costs.
+fn compare(args: &PlanArgs) -> Result<()> {
+    let (p, m, v) = (
+        args.stages.unwrap_or(0),
+        args.microbatches.unwrap_or(0),
+        args.chunks.unwrap_or(1),
+    );
+    let mut rows = Vec::new();
+    for kind in ScheduleKind::ALL {
+        let plan = match generate(kind, p, m, v) {
+            Ok(schedule) => plan_for(schedule, args)?,
+            // Sizes no schedule accepts are the user's mistake; a schedule that wants other
+            // chunks is simply left out.
+            Err(e) if kind == ScheduleKind::Naive => return Err(e),
+            Err(e) => {
+                rows.push((kind, Err(e.to_string())));
+                continue;
+            }
+        };
+        rows.push((kind, Ok(plan)));
+    }
+    let out = match args.format {
+        FormatArg::Text => {
+            let mut out = format!(
+                "p = {p}, m = {m}, v = {v}; ms per micro-batch: forward {}, backward {}\n",
+                args.fwd, args.bwd
+            );
+            out.push_str("schedule      makespan ms  efficiency  peak held per rank\n");
+            for (kind, plan) in &rows {
+                match plan {
+                    Ok(plan) => {
+                        let sim = &plan.simulation;
+                        let held: Vec<String> = sim
+                            .ranks
+                            .iter()
+                            .map(|r| r.peak_activations.to_string())
+                            .collect();
+                        out.push_str(&format!(
+                            "{:<12} {:>12.2} {:>10.1} %  {}\n",
+                            kind.name(),
+                            sim.makespan,
+                            100.0 * sim.efficiency,
+                            held.join(" ")
+                        ));
+                    }
+                    Err(why) => out.push_str(&format!("{:<12} -  ({why})\n", kind.name())),
+                }
+            }
+            out
+        }
+        FormatArg::Json => {
+            let list: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(kind, plan)| match plan {
+                    Ok(plan) => serde_json::json!({
+                        "schedule": kind.name(),
+                        "makespan": plan.simulation.makespan,
+                        "efficiency": plan.simulation.efficiency,
+                        "peak_activations": plan.simulation.ranks.iter().map(|r| r.peak_activations).collect::<Vec<_>>(),
+                        "peak_activation_bytes": plan.simulation.ranks.iter().map(|r| r.peak_activation_bytes).collect::<Vec<_>>(),
+                    }),
+                    Err(why) => serde_json::json!({ "schedule": kind.name(), "error": why }),
+                })
+                .collect();
+            serde_json::to_string_pretty(&list)?
+        }
+        _ => invalid!("--compare prints text or json (got another --format)"),
     };
-    let mut out = render(&plan, format)?;
+    write(args, out)
+}
+
+/// Print `out`, or write it to --output.
+fn write(args: &PlanArgs, mut out: String) -> Result<()> {
     if !out.ends_with('\n') {
         out.push('\n');
     }
