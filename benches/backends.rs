@@ -3,7 +3,8 @@
 //!
 //! `XDG_RUNTIME_DIR=/tmp cargo bench --bench backends` (add `WGPU_ADAPTER_NAME=llvmpipe` to
 //! pick lavapipe). Each figure is the mean over repetitions after one warm-up run, timed
-//! around a device synchronisation. Pass `--quick` for fewer and smaller cases.
+//! around a device synchronisation. Pass `--quick` for fewer and smaller cases, `reference`
+//! for the reference backend alone.
 
 use std::time::Instant;
 
@@ -137,7 +138,9 @@ fn run<B: Backend>(b: &B, quick: bool) -> Result<()> {
 
 fn main() -> Result<()> {
     let quick = std::env::args().any(|a| a == "--quick");
-    run(&WgpuBackend::new()?, quick)?;
+    if !std::env::args().any(|a| a == "reference") {
+        run(&WgpuBackend::new()?, quick)?;
+    }
     run(&ReferenceBackend::new(), quick)?;
     Ok(())
 }
