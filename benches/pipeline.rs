@@ -235,34 +235,28 @@ fn makespan_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     Ok(())
 }
 
+/// Every table, on the backend `make` opens.
+fn tables<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
+    memory_table(make)?;
+    println!();
+    makespan_table(make)?;
+    for p in [2, 4] {
+        for schedule in ["1f1b", "zb-h1"] {
+            println!();
+            busy_table(make, schedule, p)?;
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
-    let wgpu = std::env::args().any(|a| a == "wgpu");
     println!("model: 6 layers, width 64, 4 heads, vocab 256; batch 16 x 64 tokens; m = 8\n");
-    if wgpu {
+    if std::env::args().any(|a| a == "wgpu") {
         let make = || WgpuBackend::new();
         println!("backend: {}\n", make()?.describe());
-        memory_table(&make)?;
-        println!();
-        makespan_table(&make)?;
-        for p in [2, 4] {
-            for schedule in ["1f1b", "zb-h1"] {
-                println!();
-                busy_table(&make, schedule, p)?;
-            }
-        }
-        Ok(())
+        tables(&make)
     } else {
-        let make = || Ok(ReferenceBackend::new());
         println!("backend: reference\n");
-        memory_table(&make)?;
-        println!();
-        makespan_table(&make)?;
-        for p in [2, 4] {
-            for schedule in ["1f1b", "zb-h1"] {
-                println!();
-                busy_table(&make, schedule, p)?;
-            }
-        }
-        Ok(())
+        tables(&|| Ok(ReferenceBackend::new()))
     }
 }
