@@ -10,13 +10,10 @@
 //!
 //! Run: `cargo bench --bench pipeline` (`-- wgpu` to run on wgpu instead of the reference backend).
 
-use std::collections::HashMap;
-
 use anyhow::Result;
 use pipit::engine::data::{sample_batch, Corpus};
 use pipit::engine::exec::{self, StepOptions, StepReport};
 use pipit::engine::model::{AdamWConfig, GptConfig};
-use pipit::engine::schedule::Action;
 use pipit::engine::sim::{simulate, Costs, Simulation};
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::engine::Backend;
@@ -107,49 +104,13 @@ fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     Ok(())
 }
 
-/// Mean measured duration over `reports` of each stage's forwards and backwards (a split
-/// backward's input and weight halves summed), and of a send (the transfer latency), in ms.
-fn measured_costs(reports: &[StepReport], stages: usize) -> Costs {
-    // Keyed by (kind, stage): 0 forward, 1 backward, 2 input half, 3 weight half.
-    let mut sums: HashMap<(u8, usize), (f64, usize)> = HashMap::new();
-    let (mut send_time, mut sends) = (0.0, 0usize);
-    for t in reports
+/// The costs `reports` measured ([`Costs::measured`] over every rank's timeline).
+fn measured_costs(reports: &[StepReport], stages: usize) -> Result<Costs> {
+    let actions = reports
         .iter()
         .flat_map(|s| &s.ranks)
-        .flat_map(|r| &r.timeline)
-    {
-        let key = match t.action {
-            Action::Forward { stage, .. } => (0, stage),
-            Action::Backward { stage, .. } => (1, stage),
-            Action::BackwardInput { stage, .. } => (2, stage),
-            Action::BackwardWeight { stage, .. } => (3, stage),
-            Action::SendActivation { .. } | Action::SendGradient { .. } => {
-                send_time += t.end - t.start;
-                sends += 1;
-                continue;
-            }
-            _ => continue,
-        };
-        let e = sums.entry(key).or_default();
-        e.0 += t.end - t.start;
-        e.1 += 1;
-    }
-    let mean = |kind: u8, s: usize| sums.get(&(kind, s)).map_or(0.0, |(t, n)| t / *n as f64);
-    let split = |s: usize| (mean(2, s), mean(3, s));
-    Costs {
-        fwd: (0..stages).map(|s| mean(0, s)).collect(),
-        bwd: (0..stages)
-            .map(|s| mean(1, s) + split(s).0 + split(s).1)
-            .collect(),
-        weight_share: (0..stages)
-            .map(|s| match split(s) {
-                (i, w) if i > 0.0 && w > 0.0 => w / (i + w),
-                _ => 0.5,
-            })
-            .collect(),
-        latency: send_time / sends.max(1) as f64,
-        ..Costs::uniform(stages)
-    }
+        .flat_map(|r| &r.timeline);
+    Costs::measured(actions, stages, 0.5)
 }
 
 fn busy_table<B: Backend>(
@@ -160,7 +121,7 @@ fn busy_table<B: Backend>(
     let (reports, trainer) = run(make, schedule, stages, false, 3)?;
     let report = &reports[2];
     println!("{schedule}, p = {stages}, m = 8, third step:");
-    let costs = measured_costs(&reports[2..], trainer.schedule.num_stages());
+    let costs = measured_costs(&reports[2..], trainer.schedule.num_stages())?;
     let sim: Simulation = simulate(&trainer.schedule, &costs)?;
     println!(
         "measured makespan {:.1} ms, simulated {:.1} ms; transfer {:.3} ms; per-stage fwd ms {:?}, bwd ms {:?}",
@@ -205,7 +166,10 @@ fn makespan_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
             }
         }
     }
-    let costs: Vec<Costs> = reports.iter().map(|r| measured_costs(r, 2)).collect();
+    let costs = reports
+        .iter()
+        .map(|r| measured_costs(r, 2))
+        .collect::<Result<Vec<Costs>>>()?;
     let mut common = costs[1].clone();
     common.weight_share = costs[2].weight_share.clone();
     let round = |v: &[f64]| {

@@ -171,6 +171,55 @@ fn same_seed_same_losses_and_trace_opens_as_chrome_json() {
         4,
         "one arrow per transfer"
     );
+
+    // The planner takes the measured step's costs: each stage's mean forward, as the trace has
+    // it; the run did not split its backwards, so the weight share stays the flag's.
+    let t = dir.join("trace.json");
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", "-m", "2", "--costs-from", t.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        pipit(&args)
+    };
+    let out = plan(&[
+        "-p",
+        "2",
+        "--schedule",
+        "zb-h1",
+        "--weight-share",
+        "0.3",
+        "--format",
+        "json",
+    ]);
+    ok(&out);
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for stage in 0..2 {
+        let mean = |cat: &str| {
+            let durs: Vec<f64> = slices
+                .iter()
+                .filter(|e| {
+                    e["cat"] == cat
+                        && e["name"]
+                            .as_str()
+                            .unwrap()
+                            .starts_with(&format!("S{stage}"))
+                })
+                .map(|e| e["dur"].as_f64().unwrap() / 1000.0)
+                .collect();
+            durs.iter().sum::<f64>() / durs.len() as f64
+        };
+        let fwd = value["costs"]["fwd"][stage].as_f64().unwrap();
+        assert!((fwd - mean("forward")).abs() < 1e-6, "stage {stage}: {fwd}");
+        let bwd = value["costs"]["bwd"][stage].as_f64().unwrap();
+        assert!(
+            (bwd - mean("backward")).abs() < 1e-6,
+            "stage {stage}: {bwd}"
+        );
+        assert_eq!(value["costs"]["weight_share"][stage], 0.3);
+    }
+    ok(&plan(&["-p", "2", "--compare"]));
+    let out = plan(&["--schedule", "1f1b", "-p", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the measured run has stage 1"));
 }
 
 #[test]

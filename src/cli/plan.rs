@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use pipit_engine::analysis::Plan;
-use pipit_engine::render::{render, Format};
-use pipit_engine::schedule::{generate, lower_for, validate, Schedule, ScheduleKind};
+use pipit_engine::render::{chrome, render, Format};
+use pipit_engine::schedule::{generate, lower_for, validate, Action, Schedule, ScheduleKind};
 use pipit_engine::sim::Costs;
 use pipit_engine::{invalid, invalid_input};
 
@@ -105,6 +105,12 @@ pub struct PlanArgs {
     /// going to input gradients: one value or one per stage, between 0 and 1.
     #[arg(long, value_name = "SHARE", default_value = "0.5")]
     pub weight_share: String,
+    /// Take the stage costs from a measured step: a `pipit train --trace` file (each stage's
+    /// mean forward and backward, the weight share where the run split its backwards, the
+    /// mean send as the transfer cost), in place of --fwd, --bwd and --comm. Ask what another
+    /// schedule would make of the run you measured: add --compare.
+    #[arg(long, value_name = "TRACE")]
+    pub costs_from: Option<PathBuf>,
     /// Fixed cost of one transfer between ranks, in ms.
     #[arg(long, value_name = "MS", default_value_t = 0.0)]
     pub comm: f64,
@@ -186,13 +192,40 @@ fn costs(args: &PlanArgs, stages: usize) -> Result<Costs> {
         Some(gbps) if gbps.is_finite() && gbps > 0.0 => gbps * 1e6,
         Some(gbps) => invalid!("--bandwidth must be a positive number of GB/s (got {gbps})"),
     };
+    let weight_share = per_stage("weight-share", &args.weight_share, stages)?;
+    let measured = match &args.costs_from {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid_input!("cannot read --costs-from {}: {e}", path.display()))?;
+            let timeline = chrome::read_timeline(&text)
+                .with_context(|| format!("--costs-from {}", path.display()))?;
+            let mut costs = Costs::measured(timeline.iter().flatten(), stages, weight_share[0])
+                .with_context(|| format!("--costs-from {}", path.display()))?;
+            // A run without split backwards says nothing of the share: keep the flag's.
+            let split = timeline
+                .iter()
+                .flatten()
+                .any(|t| matches!(t.action, Action::BackwardInput { .. }));
+            if !split {
+                costs.weight_share = weight_share.clone();
+            }
+            Some(costs)
+        }
+        None => None,
+    };
     let costs = Costs {
-        fwd: per_stage("fwd", &args.fwd, stages)?,
-        bwd: per_stage("bwd", &args.bwd, stages)?,
-        weight_share: per_stage("weight-share", &args.weight_share, stages)?,
-        latency: args.comm,
         bandwidth,
         activation_bytes: per_stage("activation-bytes", &args.activation_bytes, stages)?,
+        ..match measured {
+            Some(costs) => costs,
+            None => Costs {
+                fwd: per_stage("fwd", &args.fwd, stages)?,
+                bwd: per_stage("bwd", &args.bwd, stages)?,
+                weight_share,
+                latency: args.comm,
+                ..Costs::uniform(stages)
+            },
+        }
     };
     costs.check(stages)?;
     Ok(costs)
@@ -234,10 +267,14 @@ fn compare(args: &PlanArgs) -> Result<()> {
     }
     let out = match args.format {
         FormatArg::Text => {
-            let mut out = format!(
-                "p = {p}, m = {m}, v = {v}; ms per micro-batch: forward {}, backward {}\n",
-                args.fwd, args.bwd
-            );
+            let costs = match &args.costs_from {
+                Some(path) => format!("stage costs measured in {}", path.display()),
+                None => format!(
+                    "ms per micro-batch: forward {}, backward {}",
+                    args.fwd, args.bwd
+                ),
+            };
+            let mut out = format!("p = {p}, m = {m}, v = {v}; {costs}\n");
             out.push_str("schedule      makespan ms  efficiency  peak held per rank\n");
             for (kind, plan) in &rows {
                 match plan {

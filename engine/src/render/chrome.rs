@@ -55,6 +55,46 @@ pub fn category(action: Action) -> &'static str {
     }
 }
 
+/// The timeline a Chrome trace of pipit's (a measured `--trace`, or `pipit plan --format
+/// chrome`) holds: each rank's actions in time order, in milliseconds.
+pub fn read_timeline(text: &str) -> anyhow::Result<Vec<Vec<Timed>>> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| crate::invalid_input!("not a Chrome trace (JSON): {e}"))?;
+    let events = value["traceEvents"]
+        .as_array()
+        .ok_or_else(|| crate::invalid_input!("not a Chrome trace: no traceEvents list"))?;
+    let mut ranks: Vec<Vec<Timed>> = Vec::new();
+    for e in events.iter().filter(|e| e["ph"] == "X") {
+        let (Some(rank), Some(name), Some(ts), Some(dur)) = (
+            e["tid"].as_u64(),
+            e["name"].as_str(),
+            e["ts"].as_f64(),
+            e["dur"].as_f64(),
+        ) else {
+            return Err(crate::invalid_input!(
+                "a trace event lacks tid, name, ts or dur: {e}"
+            ));
+        };
+        let action: Action = name.parse()?;
+        let rank = rank as usize;
+        if ranks.len() <= rank {
+            ranks.resize_with(rank + 1, Vec::new);
+        }
+        ranks[rank].push(Timed {
+            action,
+            start: ts / 1000.0,
+            end: (ts + dur) / 1000.0,
+        });
+    }
+    if ranks.is_empty() {
+        return Err(crate::invalid_input!("the trace holds no actions"));
+    }
+    for actions in &mut ranks {
+        actions.sort_by(|a, b| a.start.total_cmp(&b.start));
+    }
+    Ok(ranks)
+}
+
 /// Write `events` and `flows` as a Chrome trace event file.
 pub fn write(events: &[TraceEvent], flows: &[Flow]) -> String {
     let mut out: Vec<Value> = Vec::with_capacity(events.len() + 2 * flows.len() + 8);
@@ -147,6 +187,33 @@ mod tests {
     use super::*;
     use crate::schedule::{lower, one_f_one_b};
     use crate::sim::{simulate, Costs};
+
+    /// A simulated step written as a trace and read back gives its costs again: the planner
+    /// can take what a run measured.
+    #[test]
+    fn a_trace_read_back_gives_the_costs_it_was_made_with() {
+        let schedule = lower(&crate::schedule::zero_bubble(3, 6, 1).unwrap()).unwrap();
+        let costs = Costs {
+            fwd: vec![1.0, 1.5, 0.75],
+            bwd: vec![2.0, 3.0, 2.5],
+            weight_share: vec![0.25, 0.5, 0.4],
+            ..Costs::uniform(3)
+        };
+        let sim = simulate(&schedule, &costs).unwrap();
+        let (events, flows) = from_simulation(&sim);
+        let timeline = read_timeline(&write(&events, &flows)).unwrap();
+        assert_eq!(timeline.len(), 3);
+        let got = Costs::measured(timeline.iter().flatten(), 3, 0.5).unwrap();
+        let close = |a: &[f64], b: &[f64]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-9);
+        assert!(close(&got.fwd, &costs.fwd), "{:?}", got.fwd);
+        assert!(close(&got.bwd, &costs.bwd), "{:?}", got.bwd);
+        assert!(close(&got.weight_share, &costs.weight_share));
+        // (The simulator posts a send in no time, so the latency is not read back here.)
+        // A pipeline of another size is refused, naming the stage.
+        let err = Costs::measured(timeline.iter().flatten(), 2, 0.5).unwrap_err();
+        assert!(err.to_string().contains("stage 2"), "{err}");
+        assert!(read_timeline("{}").is_err());
+    }
 
     #[test]
     fn trace_has_slices_and_arrows() {

@@ -27,6 +27,7 @@ pub fn write(plan: &Plan) -> Result<String> {
         "costs": {
             "fwd": plan.costs.fwd,
             "bwd": plan.costs.bwd,
+            "weight_share": plan.costs.weight_share,
             "latency": plan.costs.latency,
             "bandwidth": if plan.costs.bandwidth.is_finite() { json!(plan.costs.bandwidth) } else { json!(null) },
             "activation_bytes": plan.costs.activation_bytes,

@@ -107,6 +107,63 @@ impl Costs {
         Ok(())
     }
 
+    /// Costs measured in a run: each stage's mean forward and backward time over the compute
+    /// actions of `timeline` (a split backward's halves summed, their ratio as the stage's
+    /// weight share, which is otherwise `weight_share`), and the mean send time as every
+    /// transfer's latency. Every stage of `0..stages` must appear, and nothing beyond.
+    pub fn measured<'a>(
+        timeline: impl IntoIterator<Item = &'a Timed>,
+        stages: usize,
+        weight_share: f64,
+    ) -> Result<Costs> {
+        // (total ms, count) per stage: forward, backward, input half, weight half.
+        let mut sums = vec![[(0.0f64, 0usize); 4]; stages];
+        let (mut send_ms, mut sends) = (0.0, 0usize);
+        for t in timeline {
+            let kind = match t.action {
+                Action::Forward { .. } => 0,
+                Action::Backward { .. } => 1,
+                Action::BackwardInput { .. } => 2,
+                Action::BackwardWeight { .. } => 3,
+                Action::SendActivation { .. } | Action::SendGradient { .. } => {
+                    send_ms += t.end - t.start;
+                    sends += 1;
+                    continue;
+                }
+                _ => continue,
+            };
+            let stage = t.action.stage();
+            let Some(row) = sums.get_mut(stage) else {
+                invalid!(
+                    "the measured run has stage {stage}, but this pipeline has {stages} stages"
+                );
+            };
+            row[kind].0 += t.end - t.start;
+            row[kind].1 += 1;
+        }
+        let mean = |(ms, n): (f64, usize)| if n == 0 { 0.0 } else { ms / n as f64 };
+        let mut costs = Costs::uniform(stages);
+        for (s, row) in sums.iter().enumerate() {
+            if row[0].1 == 0 || (row[1].1 == 0 && row[2].1 == 0) {
+                invalid!("the measured run has no forward and backward of stage {s} (this pipeline has {stages} stages)");
+            }
+            let (input, weight) = (mean(row[2]), mean(row[3]));
+            costs.fwd[s] = mean(row[0]);
+            costs.bwd[s] = if row[1].1 > 0 {
+                mean(row[1])
+            } else {
+                input + weight
+            };
+            costs.weight_share[s] = if input > 0.0 && weight > 0.0 {
+                weight / (input + weight)
+            } else {
+                weight_share
+            };
+        }
+        costs.latency = mean((send_ms, sends));
+        Ok(costs)
+    }
+
     /// The time one action takes.
     pub fn duration(&self, action: Action) -> f64 {
         let s = action.stage();
