@@ -3,9 +3,9 @@
 //! With `p` ranks, `m` micro-batches and uniform stage costs, fill-drain and 1F1B schedules
 //! keep every rank busy for `m` of `m + p - 1` slots: efficiency `m / (m + p - 1)`. Megatron's
 //! interleaved schedule with `v` chunks shrinks the bubble to `(p - 1) / (v m)` of the ideal
-//! time: efficiency `v m / (v m + p - 1)`. Zero bubble (ZB-H1) splits each backward in two and
-//! fills the drain with weight gradients: with `F = I = W` and `m >= p` its bubble is a third
-//! of 1F1B's, the same figure as interleaving with `v = 3`.
+//! time: efficiency `v m / (v m + p - 1)`. Zero bubble splits each backward in two and fills
+//! the drain with weight gradients: with `F = I = W` and `p` dividing `m` its bubble is a third
+//! of the same order's, the figure interleaving would give with `3 v` chunks.
 
 use anyhow::Result;
 use serde::Serialize;
@@ -27,10 +27,10 @@ pub fn interleaved_efficiency(p: usize, m: usize, v: usize) -> f64 {
 }
 
 /// The chunk count whose interleaved closed form gives `kind`'s bubble: `chunks` for the
-/// 1F1B family, 3 for zero bubble (its bubble is a third of 1F1B's).
+/// 1F1B family, three times as many for zero bubble (a third of the same order's bubble).
 pub fn bubble_divisor(kind: Option<ScheduleKind>, chunks: usize) -> usize {
     match kind {
-        Some(ScheduleKind::ZeroBubble) => 3,
+        Some(ScheduleKind::ZeroBubble) => 3 * chunks,
         _ => chunks,
     }
 }

@@ -36,7 +36,7 @@ pub struct TrainConfig {
     pub stages: usize,
     /// Micro-batches per step `m`.
     pub microbatches: usize,
-    /// Stages per rank `v` (interleaved only).
+    /// Stages per rank `v` (interleaved and zb-h1).
     pub chunks: usize,
     /// Partitioner: uniform or balanced.
     pub partition: String,

@@ -23,7 +23,8 @@ pub enum ScheduleArg {
     /// Megatron's virtual pipeline: --chunks stages per rank, bubble (p-1)/(v m).
     Interleaved,
     /// Zero bubble (ZB-H1): backward split into input and weight gradients, the weight halves
-    /// fill the drain; bubble (p-1)/(3m), memory as 1F1B's first rank.
+    /// fill the drain; bubble (p-1)/(3 v m), memory as the first rank of 1F1B (or, with
+    /// --chunks, of interleaved).
     #[value(name = "zb-h1")]
     ZeroBubble,
 }

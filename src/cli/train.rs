@@ -98,7 +98,7 @@ pub struct TrainArgs {
     /// Micro-batches per step m (must divide --batch-size).
     #[arg(long)]
     microbatches: Option<usize>,
-    /// Stages per rank v (interleaved schedule).
+    /// Stages per rank v (interleaved and zb-h1 schedules).
     #[arg(long)]
     chunks: Option<usize>,
     /// How layers are cut into stages: uniform or balanced (by estimated FLOPs).
@@ -241,7 +241,8 @@ impl TrainArgs {
         if self.checkpoint_activations {
             c.checkpoint_activations = true;
         }
-        if self.schedule.is_some() && self.chunks.is_none() && c.schedule != "interleaved" {
+        let chunked = matches!(c.schedule.as_str(), "interleaved" | "zb-h1");
+        if self.schedule.is_some() && self.chunks.is_none() && !chunked {
             c.chunks = 1;
         }
         if self.n_positions.is_some() && self.seq_len.is_none() {

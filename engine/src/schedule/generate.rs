@@ -24,8 +24,9 @@ pub enum ScheduleKind {
     OneFOneB,
     /// Megatron's virtual pipeline: `v` chunks per rank, 1F1B over the chunks.
     Interleaved,
-    /// Zero bubble (ZB-H1): 1F1B with each backward split into its input-gradient and
-    /// weight-gradient halves, the weight halves delayed into the bubbles.
+    /// Zero bubble (ZB-H1, and interleaved with `v > 1`): 1F1B's order with each backward
+    /// split into its input-gradient and weight-gradient halves, the weight halves delayed
+    /// into the bubbles.
     ZeroBubble,
 }
 
@@ -161,9 +162,8 @@ pub fn one_f_one_b(p: usize, m: usize, v: usize) -> Result<Schedule> {
     }
     let mut schedule = new_schedule(ScheduleKind::OneFOneB, p, m, 1);
     for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
-        let forwards: Vec<Action> = (0..m).map(|mb| fwd(rank, mb)).collect();
-        let backwards: Vec<Action> = (0..m).map(|mb| bwd(rank, mb)).collect();
-        one_forward_one_backward(actions, &forwards, &backwards, (p - rank - 1).min(m));
+        let order = RankOrder::new(p, m, 1, rank);
+        one_forward_one_backward(actions, &order.forwards, &order.backwards, order.warmup);
     }
     Ok(schedule)
 }
@@ -184,74 +184,98 @@ pub fn one_f_one_b(p: usize, m: usize, v: usize) -> Result<Schedule> {
 pub fn interleaved(p: usize, m: usize, v: usize) -> Result<Schedule> {
     check_sizes(p, m, v)?;
     let mut schedule = new_schedule(ScheduleKind::Interleaved, p, m, v);
-    if v == 1 {
-        let mut plain = one_f_one_b(p, m, 1)?;
-        plain.name = schedule.name;
-        return Ok(plain);
-    }
-    // Megatron's order needs whole groups of p micro-batches: plan for m rounded up to a
-    // multiple of p, then drop the padding. Removing every action of a micro-batch keeps the
-    // order free of cycles (its data dependencies never leave that micro-batch).
-    let padded = m.div_ceil(p) * p;
-    // (micro-batch, chunk) in the order every rank runs its forwards.
-    let mut order = Vec::with_capacity(padded * v);
-    for group_start in (0..padded).step_by(p) {
-        for c in 0..v {
-            order.extend((group_start..group_start + p).map(|mb| (mb, c)));
-        }
-    }
     for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
-        let forwards: Vec<Action> = order.iter().map(|&(mb, c)| fwd(c * p + rank, mb)).collect();
-        // Backwards visit the chunks of each group in reverse: chunk v-1 first.
-        let backwards: Vec<Action> = order
-            .iter()
-            .map(|&(mb, c)| bwd((v - 1 - c) * p + rank, mb))
-            .collect();
-        let warmup = (2 * (p - rank - 1) + (v - 1) * p).min(padded * v);
-        one_forward_one_backward(actions, &forwards, &backwards, warmup);
+        let order = RankOrder::new(p, m, v, rank);
+        one_forward_one_backward(actions, &order.forwards, &order.backwards, order.warmup);
         actions.retain(|a| a.microbatch() < m);
     }
     Ok(schedule)
 }
 
-/// Zero bubble, ZB-H1 (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): every
-/// backward is split into `I` (the input gradient, which the previous rank waits for) and `W`
-/// (the weight gradient, which nobody waits for). Rank `r` walks `x = 0, 1, ..., m + p - 2` and
-/// at each `x` runs `F(x)`, then `I(x - (p - 1 - r))`, then `W(x - (p - 1))`, skipping indices
-/// outside `0..m`. The input gradients thus follow 1F1B's rhythm while each weight gradient
-/// waits `p - 1` slots, so the tail that 1F1B leaves idle is filled with weight work.
+/// Zero bubble (Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024): every backward is
+/// split into `I` (the input gradient, which the previous stage waits for) and `W` (the
+/// weight gradient, which nobody waits for). Each rank keeps the order of [`one_f_one_b`]
+/// (`v = 1`, the paper's ZB-H1) or of [`interleaved`] (`v > 1`) with `I` in place of each
+/// backward, and runs the weight half of its `i`-th backward right after its `(i + r)`-th
+/// input half on rank `r` (the remaining ones at the end). For `v = 1` rank `r` thus walks
+/// `x = 0, 1, ..., m + p - 2` running `F(x)`, `I(x - (p - 1 - r))`, `W(x - (p - 1))`. The
+/// input gradients keep 1F1B's rhythm, and the weight halves fill the drain 1F1B leaves idle.
 ///
-/// Every rank holds at most `min(p, m)` micro-batches from forward to weight gradient, the peak
-/// of 1F1B's first rank. With `F = I = W` and `m >= p` one step takes `3m + p - 1` units
-/// against 1F1B's `3 (m + p - 1)`: the bubble shrinks to a third. One stage per rank:
-/// requires `v = 1`; any `p, m >= 1`.
+/// No rank holds more micro-batches (from forward to weight half) than the same order's first
+/// rank did: `min(p, m)` for `v = 1`. With `F = I = W` and `p` dividing `m` a step takes
+/// `3 m v + p - 1` units, the least any schedule can (the last rank starts `p - 1` units
+/// late), against 1F1B's `3 (m + p - 1)` and interleaving's `3 m v + 3 (p - 1)`: a third of
+/// their bubble. Any `p, m, v >= 1`; checked by the planner's property tests.
 pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
     check_sizes(p, m, v)?;
-    if v != 1 {
-        invalid!("zb-h1 runs one stage per rank: chunks must be 1 (got {v})");
-    }
-    let mut schedule = new_schedule(ScheduleKind::ZeroBubble, p, m, 1);
-    let index = |x: usize, lag: usize| x.checked_sub(lag).filter(|&i| i < m);
+    let mut schedule = new_schedule(ScheduleKind::ZeroBubble, p, m, v);
     for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
-        for x in 0..m + p - 1 {
-            if x < m {
-                actions.push(fwd(rank, x));
+        let order = RankOrder::new(p, m, v, rank);
+        let halves = |half: fn(usize, usize) -> Action| -> Vec<Action> {
+            let to = |a: &Action| half(a.stage(), a.microbatch());
+            order.backwards.iter().map(to).collect()
+        };
+        let inputs = halves(|stage, microbatch| Action::BackwardInput { stage, microbatch });
+        let weights = halves(|stage, microbatch| Action::BackwardWeight { stage, microbatch });
+        let (n, warmup) = (order.forwards.len(), order.warmup);
+        actions.extend_from_slice(&order.forwards[..warmup]);
+        let mut next_weight = 0;
+        for (i, input) in inputs.iter().enumerate() {
+            if let Some(forward) = order.forwards.get(warmup + i) {
+                actions.push(*forward);
             }
-            if let Some(mb) = index(x, p - 1 - rank) {
-                actions.push(Action::BackwardInput {
-                    stage: rank,
-                    microbatch: mb,
-                });
-            }
-            if let Some(mb) = index(x, p - 1) {
-                actions.push(Action::BackwardWeight {
-                    stage: rank,
-                    microbatch: mb,
-                });
+            actions.push(*input);
+            // The weight halves lag the input halves by `rank`.
+            if let Some(upto) = i.checked_sub(rank) {
+                actions.extend_from_slice(&weights[next_weight..=upto]);
+                next_weight = upto + 1;
             }
         }
+        actions.extend_from_slice(&weights[next_weight..n]);
+        actions.retain(|a| a.microbatch() < m);
     }
     Ok(schedule)
+}
+
+/// One rank's compute order in the 1F1B family: its forwards and its backwards, each in the
+/// order the rank runs them, and how many forwards run before the first backward.
+struct RankOrder {
+    forwards: Vec<Action>,
+    backwards: Vec<Action>,
+    warmup: usize,
+}
+
+impl RankOrder {
+    /// 1F1B's order for `v = 1`; Megatron's interleaved order otherwise, over `m` rounded up
+    /// to a multiple of `p` (the caller drops the padding: removing every action of a
+    /// micro-batch keeps the order free of cycles, since its data dependencies never leave
+    /// that micro-batch).
+    fn new(p: usize, m: usize, v: usize, rank: usize) -> RankOrder {
+        if v == 1 {
+            return RankOrder {
+                forwards: (0..m).map(|mb| fwd(rank, mb)).collect(),
+                backwards: (0..m).map(|mb| bwd(rank, mb)).collect(),
+                warmup: (p - rank - 1).min(m),
+            };
+        }
+        let padded = m.div_ceil(p) * p;
+        // (micro-batch, chunk) in the order every rank runs its forwards.
+        let mut order = Vec::with_capacity(padded * v);
+        for group_start in (0..padded).step_by(p) {
+            for c in 0..v {
+                order.extend((group_start..group_start + p).map(|mb| (mb, c)));
+            }
+        }
+        RankOrder {
+            forwards: order.iter().map(|&(mb, c)| fwd(c * p + rank, mb)).collect(),
+            // Backwards visit the chunks of each group in reverse: chunk v-1 first.
+            backwards: order
+                .iter()
+                .map(|&(mb, c)| bwd((v - 1 - c) * p + rank, mb))
+                .collect(),
+            warmup: (2 * (p - rank - 1) + (v - 1) * p).min(padded * v),
+        }
+    }
 }
 
 /// Append `warmup` forwards, then forward/backward pairs, then the remaining backwards.
@@ -308,7 +332,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_bubble_delays_weight_gradients_by_p_minus_one() {
+    fn zero_bubble_splits_backwards_and_delays_the_weight_halves() {
         let s = zero_bubble(4, 8, 1).unwrap();
         assert_eq!(
             text(&s.ranks[0]),
@@ -320,8 +344,14 @@ mod tests {
             "S3F0 S3I0 S3F1 S3I1 S3F2 S3I2 S3F3 S3I3 S3W0 S3F4 S3I4 S3W1 S3F5 S3I5 S3W2 \
              S3F6 S3I6 S3W3 S3F7 S3I7 S3W4 S3W5 S3W6 S3W7"
         );
-        let err = zero_bubble(4, 8, 2).unwrap_err();
-        assert!(err.to_string().contains("chunks must be 1 (got 2)"));
+        // With chunks, interleaving's order: rank 1 of 2 warms up with 2 (p - r - 1) + p = 2
+        // forwards, then its weight halves lag its input halves by one.
+        let s = zero_bubble(2, 2, 2).unwrap();
+        assert_eq!(s.placement, vec![0, 1, 0, 1]);
+        assert_eq!(
+            text(&s.ranks[1]),
+            "S1F0 S1F1 S3F0 S3I0 S3F1 S3I1 S3W0 S1I0 S3W1 S1I1 S1W0 S1W1"
+        );
     }
 
     #[test]
