@@ -17,6 +17,8 @@ fn main() -> Result<()> {
         (ScheduleKind::GPipe, 1),
         (ScheduleKind::OneFOneB, 1),
         (ScheduleKind::Interleaved, 2),
+        (ScheduleKind::ZeroBubble, 1),
+        (ScheduleKind::ZeroBubble, 2),
     ] {
         let lowered = lower(&generate(kind, p, m, v)?)?;
         validate(&lowered)?;
@@ -28,7 +30,8 @@ fn main() -> Result<()> {
             .map(|r| r.peak_activations)
             .collect();
         println!(
-            "{kind:>12} v={v}: efficiency {:5.1}%, peak in-flight micro-batches per rank {peaks:?}",
+            "{:>12} v={v}: efficiency {:5.1}%, peak in-flight micro-batches per rank {peaks:?}",
+            kind.name(),
             100.0 * plan.simulation.efficiency
         );
     }
