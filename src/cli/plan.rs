@@ -175,7 +175,8 @@ pub fn run(args: PlanArgs) -> Result<()> {
             generate(kind, p, m, args.chunks.unwrap_or(1))?
         }
     };
-    let plan = plan_for(schedule, &args)?;
+    let costs = costs(&args, schedule.num_stages())?;
+    let plan = plan_for(schedule, costs, &args)?;
     let format = match args.format {
         FormatArg::Text => Format::Text,
         FormatArg::Json => Format::Json,
@@ -232,10 +233,8 @@ fn costs(args: &PlanArgs, stages: usize) -> Result<Costs> {
     Ok(costs)
 }
 
-/// Validate `schedule`, insert its transfers for the flags' costs unless it has them, and
-/// simulate it.
-fn plan_for(schedule: Schedule, args: &PlanArgs) -> Result<Plan> {
-    let costs = costs(args, schedule.num_stages())?;
+/// Validate `schedule`, insert its transfers for `costs` unless it has them, and simulate it.
+fn plan_for(schedule: Schedule, costs: Costs, args: &PlanArgs) -> Result<Plan> {
     validate(&schedule)?;
     let lowered = if schedule.ranks.iter().flatten().all(|a| a.is_compute()) {
         lower_for(&schedule, &costs)?
@@ -252,19 +251,17 @@ fn compare(args: &PlanArgs) -> Result<()> {
         args.microbatches.unwrap_or(0),
         args.chunks.unwrap_or(1),
     );
+    // Sizes the naive schedule refuses are the user's mistake; a schedule that wants other
+    // chunks is listed with its reason.
+    let stages = generate(ScheduleKind::Naive, p, m, v)?.num_stages();
+    let costs = costs(args, stages)?;
     let mut rows = Vec::new();
     for kind in ScheduleKind::ALL {
         let plan = match generate(kind, p, m, v) {
-            Ok(schedule) => plan_for(schedule, args)?,
-            // Sizes no schedule accepts are the user's mistake; a schedule that wants other
-            // chunks is simply left out.
-            Err(e) if kind == ScheduleKind::Naive => return Err(e),
-            Err(e) => {
-                rows.push((kind, Err(e.to_string())));
-                continue;
-            }
+            Ok(schedule) => Ok(plan_for(schedule, costs.clone(), args)?),
+            Err(e) => Err(e.to_string()),
         };
-        rows.push((kind, Ok(plan)));
+        rows.push((kind, plan));
     }
     let out = match args.format {
         FormatArg::Text => {
