@@ -1,4 +1,5 @@
-// Elementwise kernels: fill, out = a + b, acc += x.
+// Elementwise kernels: fill, out = a + b, acc += x; and chunk sums (gradient clipping's
+// sum of squares, reduced in passes).
 //
 // One invocation per element. The grid may be two-dimensional (at most 65535 workgroups per
 // dimension), so the flat workgroup index is rebuilt from `workgroup_id` and `num_workgroups`.
@@ -61,4 +62,29 @@ fn add_assign(
         return;
     }
     out[p.base_out + i] += a[p.base_a + i];
+}
+
+// out[i] = Σ a[j]² over chunk i (elements i·CHUNK up to the window's n), or Σ a[j] when
+// p.value is 0 (a later pass adding up partial sums); each chunk summed in order, so the
+// same input gives the same bits.
+const CHUNK: u32 = 64u;
+
+@compute @workgroup_size(256)
+fn chunk_sums(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let i = element(wid, nwg, lid);
+    let start = i * CHUNK;
+    if start >= p.n {
+        return;
+    }
+    let end = min(start + CHUNK, p.n);
+    var s = 0.0;
+    for (var j = start; j < end; j++) {
+        let x = a[p.base_a + j];
+        s += select(x, x * x, p.value != 0.0);
+    }
+    out[p.base_out + i] = s;
 }

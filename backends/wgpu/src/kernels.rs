@@ -52,6 +52,7 @@ pub(crate) enum Kernel {
     Fill,
     Add,
     AddAssign,
+    ChunkSums,
     GeluForward,
     GeluBackward,
     Matmul { trans_a: bool, trans_b: bool },
@@ -74,7 +75,9 @@ pub(crate) enum Kernel {
 impl Kernel {
     fn shader(self) -> Shader {
         match self {
-            Kernel::Fill | Kernel::Add | Kernel::AddAssign => Shader::Elementwise,
+            Kernel::Fill | Kernel::Add | Kernel::AddAssign | Kernel::ChunkSums => {
+                Shader::Elementwise
+            }
             Kernel::GeluForward | Kernel::GeluBackward => Shader::Gelu,
             Kernel::Matmul { .. } | Kernel::BiasBackward => Shader::Matmul,
             Kernel::LayernormForward
@@ -98,6 +101,7 @@ impl Kernel {
             Kernel::Fill => "fill",
             Kernel::Add => "add",
             Kernel::AddAssign => "add_assign",
+            Kernel::ChunkSums => "chunk_sums",
             Kernel::GeluForward => "gelu_forward",
             Kernel::GeluBackward => "gelu_backward",
             Kernel::Matmul { .. } => "matmul",

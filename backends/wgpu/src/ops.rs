@@ -16,6 +16,8 @@ use crate::split::{largest_fitting, matmul_pieces, row_chunks, MAX_LOOP_ITERATIO
 
 /// Invocations per workgroup of the one-element-per-invocation kernels.
 const ELEMENTWISE_WG: usize = 256;
+/// Elements one invocation of `chunk_sums` adds up (`CHUNK` in shaders/elementwise.wgsl).
+const CHUNK_SUMS: usize = 64;
 /// Output tile edge of the matmul kernel.
 const MATMUL_TILE: usize = 64;
 /// Columns per workgroup of the column-sum kernels (bias and layernorm parameter gradients).
@@ -212,6 +214,47 @@ impl Backend for WgpuBackend {
     fn add_assign(&self, acc: &mut WgpuBuffer, x: &WgpuBuffer) -> Result<()> {
         same_len(acc.len, &[(acc, "accumulator"), (x, "added buffer")])?;
         self.map_kernel(Kernel::AddAssign, acc, &[x], &[])
+    }
+
+    fn sum_squares(&self, out: &mut WgpuBuffer, slot: usize, x: &WgpuBuffer) -> Result<()> {
+        need(out, out.len, DType::F32, "sums of squares")?;
+        need(x, x.len, DType::F32, "sum of squares input")?;
+        if slot >= out.len {
+            bail!("sum of squares into slot {slot} of a buffer of {}", out.len);
+        }
+        if x.len == 0 {
+            let target = self.view(out, slot..slot + 1);
+            let params = [1, target.base, 0, 0, 0f32.to_bits()];
+            return self.dispatch(Kernel::Fill, &params, &[(1, &target)], (1, 1));
+        }
+        // Chunks of CHUNK_SUMS elements, squared and summed, then the partial sums summed the
+        // same way until one chunk is left, which lands in out[slot].
+        let mut partial: Option<WgpuBuffer> = None;
+        let (mut n, mut square) = (x.len, true);
+        loop {
+            let src = partial.as_ref().unwrap_or(x);
+            let chunks = n.div_ceil(CHUNK_SUMS);
+            let next = (chunks > 1)
+                .then(|| self.alloc_output(chunks, DType::F32))
+                .transpose()?;
+            let windows = row_chunks(chunks, &[CHUNK_SUMS, 1], self.max_binding_elems, usize::MAX)?;
+            for r in windows {
+                let elems = r.start * CHUNK_SUMS..(r.end * CHUNK_SUMS).min(n);
+                let va = self.view(src, elems.clone());
+                let vo = match &next {
+                    Some(buf) => self.view(buf, r.clone()),
+                    None => self.view(out, slot..slot + 1),
+                };
+                let mode = if square { 1f32 } else { 0f32 };
+                let params = [u(elems.len())?, vo.base, va.base, 0, mode.to_bits()];
+                let grid = self.grid(r.len().div_ceil(ELEMENTWISE_WG))?;
+                self.dispatch(Kernel::ChunkSums, &params, &[(1, &vo), (2, &va)], grid)?;
+            }
+            match next {
+                Some(buf) => (partial, n, square) = (Some(buf), chunks, false),
+                None => return Ok(()),
+            }
+        }
     }
 
     fn embedding_forward(
