@@ -421,8 +421,8 @@ impl<B: Backend> Trainer<B> {
         let step = self.step + 1;
         let c = &self.config;
         let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step)?;
-        let lr = c.lr_at(step);
         let opts = c.step_options(step);
+        let lr = opts.lr;
         let report = exec::train_step(&self.schedule, &mut self.ranks, &batch, &opts)?;
         let log = StepLog::new(step, lr, &batch, report)?;
         self.step = step;

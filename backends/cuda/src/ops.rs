@@ -842,9 +842,9 @@ impl Backend for CudaBackend {
                 out.len()
             );
         }
-        need(out, out.len(), DType::F32, "sums of squares")?;
+        need_dtype(out, DType::F32, "sums of squares")?;
         let n = x.len();
-        need(x, n, DType::F32, "sum of squares input")?;
+        need_dtype(x, DType::F32, "sum of squares input")?;
         let blocks = n.div_ceil(ROW_BLOCK as usize).clamp(1, SUM_SQUARES_BLOCKS);
         let mut partial = self.scratch(blocks, DType::F32)?;
         let (n64, slot64, blocks32) = (n as u64, slot as u64, blocks as u32);

@@ -217,8 +217,8 @@ impl Backend for WgpuBackend {
     }
 
     fn sum_squares(&self, out: &mut WgpuBuffer, slot: usize, x: &WgpuBuffer) -> Result<()> {
-        need(out, out.len, DType::F32, "sums of squares")?;
-        need(x, x.len, DType::F32, "sum of squares input")?;
+        need_dtype(out, DType::F32, "sums of squares")?;
+        need_dtype(x, DType::F32, "sum of squares input")?;
         if slot >= out.len {
             bail!("sum of squares into slot {slot} of a buffer of {}", out.len);
         }

@@ -191,8 +191,8 @@ impl<B: Backend> RankTrainer<B> {
         let me = self.me();
         let c = &self.config;
         let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step)?;
-        let lr = c.lr_at(step);
         let opts = c.step_options(step);
+        let lr = opts.lr;
         let (report, loss_sum) = train_step_rank(&self.schedule, &mut self.rank, &batch, &opts)
             .with_context(|| format!("rank {me}, step {step}"))?;
         // A transfer that failed after its buffer was handed over surfaces in this step.
