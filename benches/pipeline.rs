@@ -1,10 +1,12 @@
 //! Pipeline figures measured on this machine, printed as Markdown tables for BENCHMARKS.md:
 //!
 //! 1. memory follows the schedule: per-rank peak saved-activation bytes under GPipe, 1F1B and
-//!    zero bubble (p = 4, m = 8), with and without activation checkpointing, beside the simulator's figures
-//!    (the simulator is given each stage's measured bytes per micro-batch; the count of
-//!    micro-batches held at once is its own prediction);
-//! 2. measured vs simulated: one 1F1B (and one zero-bubble) step's measured per-stage
+//!    zero bubble (ZB-H1 and ZB-V; p = 4, m = 8), with and without activation checkpointing,
+//!    beside the simulator's figures (the simulator is given each stage's measured bytes per
+//!    micro-batch; the count of micro-batches held at once is its own prediction);
+//! 2. step makespans at p = 2, the schedules taking turns: GPipe, 1F1B and ZB-H1, then the
+//!    two-chunk schedules (interleaved, ZB-H1 looped, ZB-V), each beside the simulator's;
+//! 3. measured vs simulated: one 1F1B (and one zero-bubble) step's measured per-stage
 //!    forward/backward times fed to the simulator, and each rank's busy fraction compared with
 //!    the measured one.
 //!
@@ -20,7 +22,13 @@ use pipit::engine::Backend;
 use pipit::reference::ReferenceBackend;
 use pipit::wgpu::WgpuBackend;
 
+/// `schedule` on `stages` ranks, with its own default chunks per rank (two for zb-v).
 fn config(schedule: &str, stages: usize) -> TrainConfig {
+    let kind: pipit::engine::schedule::ScheduleKind = schedule.parse().expect("a schedule");
+    config_chunks(schedule, stages, kind.default_chunks())
+}
+
+fn config_chunks(schedule: &str, stages: usize, chunks: usize) -> TrainConfig {
     TrainConfig {
         model: GptConfig {
             vocab_size: 256,
@@ -31,6 +39,7 @@ fn config(schedule: &str, stages: usize) -> TrainConfig {
         },
         schedule: schedule.into(),
         stages,
+        chunks,
         microbatches: 8,
         batch_size: 16,
         seq_len: 64,
@@ -74,18 +83,21 @@ fn train<B: Backend>(
 fn memory_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     println!("| schedule | checkpointing | rank | micro-batches held at peak: measured | simulated | peak saved-activation bytes: measured | simulated | device peak bytes |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for schedule in ["gpipe", "1f1b", "zb-h1"] {
+    for schedule in ["gpipe", "1f1b", "zb-h1", "zb-v"] {
         for ckpt in [false, true] {
             let (reports, trainer) = run(make, schedule, 4, ckpt, 1)?;
             let report = &reports[0];
-            let per_mb: Vec<f64> = report
-                .ranks
+            // Each stage's bytes per micro-batch: its rank's mean (exact for one stage per rank).
+            let plan = &trainer.schedule;
+            let per_mb: Vec<f64> = plan
+                .placement
                 .iter()
+                .map(|&r| &report.ranks[r])
                 .map(|r| r.peak_activation_bytes as f64 / r.peak_inflight.max(1) as f64)
                 .collect();
             let costs = Costs {
                 activation_bytes: per_mb,
-                ..Costs::uniform(4)
+                ..Costs::uniform(plan.num_stages())
             };
             let sim = simulate(&trainer.schedule, &costs)?;
             for (r, rank) in report.ranks.iter().enumerate() {
@@ -146,16 +158,18 @@ fn busy_table<B: Backend>(
     Ok(())
 }
 
-/// Median step makespan of each schedule over steps 3 to 12, p = 2 (one rank per core here);
-/// the schedules take turns step by step, so a change in the machine's load falls on all of
-/// them. Beside it, the simulator's makespan for the same plan under that run's mean measured
-/// costs, and under costs common to all three (the 1F1B run's, with the zero-bubble run's
-/// weight share), which leaves only the schedule to differ.
-fn makespan_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
-    let schedules = ["gpipe", "1f1b", "zb-h1"];
+/// Median step makespan of each `(schedule, chunks)` over steps 3 to 12, p = 2 (one rank per
+/// core here); the schedules take turns step by step, so a change in the machine's load falls
+/// on all of them. Beside it, the simulator's makespan for the same plan under that run's mean
+/// measured costs, and under costs common to all (the first run's, with the first split
+/// backward's weight share), which leaves only the schedule to differ.
+fn makespan_table<B: Backend>(
+    make: &dyn Fn() -> Result<B>,
+    schedules: &[(&str, usize)],
+) -> Result<()> {
     let mut trainers = schedules
         .iter()
-        .map(|s| Trainer::new(config(s, 2), |_| make(), Init::Fresh))
+        .map(|&(s, v)| Trainer::new(config_chunks(s, 2, v), |_| make(), Init::Fresh))
         .collect::<Result<Vec<_>>>()?;
     let mut reports: Vec<Vec<StepReport>> = vec![Vec::new(); schedules.len()];
     for step in 1..=12 {
@@ -168,10 +182,13 @@ fn makespan_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     }
     let costs = reports
         .iter()
-        .map(|r| measured_costs(r, 2))
+        .zip(&trainers)
+        .map(|(r, t)| measured_costs(r, t.schedule.num_stages()))
         .collect::<Result<Vec<Costs>>>()?;
-    let mut common = costs[1].clone();
-    common.weight_share = costs[2].weight_share.clone();
+    let mut common = costs[0].clone();
+    if let Some(split) = schedules.iter().position(|(s, _)| s.starts_with("zb")) {
+        common.weight_share = costs[split].weight_share.clone();
+    }
     let round = |v: &[f64]| {
         v.iter()
             .map(|x| (x * 100.0).round() / 100.0)
@@ -183,15 +200,15 @@ fn makespan_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
         round(&common.bwd),
         round(&common.weight_share)
     );
-    println!("| schedule | p | median measured makespan (steps 3-12) | simulated, own costs | simulated, common costs |");
-    println!("| --- | --- | --- | --- | --- |");
-    for (i, schedule) in schedules.iter().enumerate() {
+    println!("| schedule | p | v | median measured makespan (steps 3-12) | simulated, own costs | simulated, common costs |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for (i, (schedule, v)) in schedules.iter().enumerate() {
         let mut times: Vec<f64> = reports[i].iter().map(|r| r.makespan).collect();
         times.sort_by(f64::total_cmp);
         let median = (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0;
         let plan = &trainers[i].schedule;
         println!(
-            "| {schedule} | 2 | {median:.1} ms | {:.1} ms | {:.1} ms |",
+            "| {schedule} | 2 | {v} | {median:.1} ms | {:.1} ms | {:.1} ms |",
             simulate(plan, &costs[i])?.makespan,
             simulate(plan, &common)?.makespan
         );
@@ -203,7 +220,9 @@ fn makespan_table<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
 fn tables<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     memory_table(make)?;
     println!();
-    makespan_table(make)?;
+    makespan_table(make, &[("gpipe", 1), ("1f1b", 1), ("zb-h1", 1)])?;
+    println!();
+    makespan_table(make, &[("interleaved", 2), ("zb-h1", 2), ("zb-v", 2)])?;
     for p in [2, 4] {
         for schedule in ["1f1b", "zb-h1"] {
             println!();

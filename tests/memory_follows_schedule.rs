@@ -1,7 +1,7 @@
 //! Measured activation memory follows the schedule: per rank, the executor's peak of saved
 //! activations under GPipe and under 1F1B (p = 4, m = 8) stand in the ratio the simulator
-//! predicts, zero bubble holds as many micro-batches as the simulator says, and activation
-//! checkpointing lowers them.
+//! predicts, zero bubble (ZB-H1 and the V) holds as many micro-batches as the simulator says,
+//! and activation checkpointing lowers them.
 
 use pipit::engine::data::sample_batch;
 use pipit::engine::exec::{self, StepOptions};
@@ -20,8 +20,13 @@ struct Measured {
     held_predicted: Vec<usize>,
 }
 
-/// One step of `schedule`, measured beside its simulation.
+/// One step of `schedule` (with its own default chunks per rank), measured beside its
+/// simulation.
 fn measure(schedule: &str, checkpoint_activations: bool) -> Measured {
+    let chunks = schedule
+        .parse::<pipit::engine::schedule::ScheduleKind>()
+        .unwrap()
+        .default_chunks();
     let config = TrainConfig {
         model: GptConfig {
             vocab_size: 64,
@@ -32,6 +37,7 @@ fn measure(schedule: &str, checkpoint_activations: bool) -> Measured {
         },
         schedule: schedule.into(),
         stages: 4,
+        chunks,
         microbatches: 8,
         batch_size: 16,
         seq_len: 16,
@@ -54,14 +60,17 @@ fn measure(schedule: &str, checkpoint_activations: bool) -> Measured {
         .map(|r| r.peak_activation_bytes)
         .collect();
     // What one micro-batch keeps on each rank, as the executor measured it.
-    let per_microbatch: Vec<f64> = report
-        .ranks
+    let per_microbatch: Vec<f64> = trainer
+        .schedule
+        .placement
         .iter()
-        .map(|r| r.peak_activation_bytes as f64 / r.peak_inflight as f64)
+        .map(|&r| {
+            report.ranks[r].peak_activation_bytes as f64 / report.ranks[r].peak_inflight as f64
+        })
         .collect();
     let costs = Costs {
         activation_bytes: per_microbatch,
-        ..Costs::uniform(4)
+        ..Costs::uniform(4 * chunks)
     };
     let sim = simulate(&trainer.schedule, &costs).unwrap();
     Measured {
@@ -111,6 +120,15 @@ fn zero_bubble_holds_what_the_simulator_says() {
     for rank in 1..4 {
         assert!(zb.bytes[rank] > ofob.bytes[rank], "rank {rank}");
     }
+}
+
+/// The V holds each micro-batch's chunk from forward to weight gradient too: every rank holds
+/// at most 2p = 8 chunks (p micro-batches of its whole share of layers), as simulated.
+#[test]
+fn zero_bubble_v_holds_what_the_simulator_says() {
+    let v = measure("zb-v", false);
+    assert_eq!(v.held, vec![8, 8, 8, 8]);
+    assert_eq!(v.held_predicted, v.held);
 }
 
 #[test]

@@ -150,6 +150,7 @@ fn launched_runs_give_the_single_process_losses_and_checkpoint() {
         ("1f1b", 4, 1, "0.05"),
         ("interleaved", 2, 2, "0"),
         ("zb-h1", 4, 1, "0"),
+        ("zb-v", 2, 2, "0.05"),
     ] {
         let (single_log, multi_log) = (
             dir.join(format!("{schedule}-1.jsonl")),

@@ -231,6 +231,7 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
         ("interleaved", 2),
         ("zb-h1", 1),
         ("zb-h1", 2),
+        ("zb-v", 2),
     ];
     for (schedule, v) in cases {
         for p in [1, 2, 4] {
@@ -245,16 +246,22 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
 
 /// Splitting backward moves work in time, not arithmetic: zero bubble's deferred weight
 /// gradients accumulate in the same order as the backwards of the order it splits (1F1B, or
-/// interleaved with chunks), so the two agree to the bit.
+/// interleaved with chunks), so the two agree to the bit. So does the V, which moves stages
+/// between ranks as well: each stage still sums its micro-batches in order.
 #[test]
 fn zero_bubble_is_1f1b_to_the_bit() {
     let host = init_parameters(&model(), 42).unwrap();
-    for (base, p, v) in [("1f1b", 4, 1), ("interleaved", 2, 2)] {
+    for (zb, base, p, v) in [
+        ("zb-h1", "1f1b", 4, 1),
+        ("zb-h1", "interleaved", 2, 2),
+        ("zb-v", "interleaved", 2, 2),
+        ("zb-v", "interleaved", 4, 2),
+    ] {
         for ckpt in [false, true] {
             let make = ReferenceBackend::new;
-            let (zb_losses, zb_params, _) = pipelined(&make, &host, "zb-h1", p, v, ckpt, 0.0);
+            let (zb_losses, zb_params, _) = pipelined(&make, &host, zb, p, v, ckpt, 0.0);
             let (losses, params, _) = pipelined(&make, &host, base, p, v, ckpt, 0.0);
-            assert_eq!(zb_losses, losses, "{base} checkpoint={ckpt}");
+            assert_eq!(zb_losses, losses, "{zb} against {base} checkpoint={ckpt}");
             for (name, want) in params.iter() {
                 assert_eq!(zb_params.get(name).unwrap().data, want.data, "{name}");
             }
@@ -282,6 +289,7 @@ fn clipping_uses_the_global_norm_on_every_schedule() {
         ("interleaved", 2, 2),
         ("zb-h1", 4, 1),
         ("zb-h1", 2, 2),
+        ("zb-v", 2, 2),
     ] {
         let label = format!("{schedule} p={p} v={v}");
         let (losses, params, got_norms) = pipelined(&make, &host, schedule, p, v, false, 0.05);

@@ -135,6 +135,23 @@ fn zero_bubble_plans_split_backwards() {
     assert_eq!(value["makespan"].as_f64().unwrap(), 51.0);
 }
 
+/// The V: two chunks per rank without asking, rank r running stages r and 2p-1-r; 6m + p - 1
+/// units, the least possible, holding 2p half-size chunks (1F1B's first rank's bytes).
+#[test]
+fn zero_bubble_v_plans_a_v() {
+    let args = ["plan", "--schedule", "zb-v", "-p", "4", "-m", "8"];
+    let value = json(&[&args[..], &["--format", "json"]].concat());
+    assert_eq!(value["makespan"].as_f64().unwrap(), 51.0);
+    assert_eq!(value["chunks"].as_u64().unwrap(), 2);
+    let text =
+        String::from_utf8(pipit(&[&args[..], &["--format", "schedule"]].concat()).stdout).unwrap();
+    assert!(text.contains("placement: 0 1 2 3 3 2 1 0\n"), "{text}");
+    fails_with(
+        &[&args[..], &["--chunks", "3"]].concat(),
+        "zb-v runs two stages per rank, in a V: chunks must be 2 (got 3)",
+    );
+}
+
 #[test]
 fn compare_plans_every_schedule_under_the_same_costs() {
     let out = pipit(&["plan", "--compare", "-p", "4", "-m", "8"]);
@@ -164,7 +181,7 @@ fn compare_plans_every_schedule_under_the_same_costs() {
         "json",
     ]);
     let rows = value.as_array().unwrap();
-    assert_eq!(rows.len(), 5);
+    assert_eq!(rows.len(), 6);
     let ofob = rows.iter().find(|r| r["schedule"] == "1f1b").unwrap();
     assert!(ofob["error"].as_str().unwrap().contains("chunks must be 1"));
     let zb = rows.iter().find(|r| r["schedule"] == "zb-h1").unwrap();
@@ -174,6 +191,11 @@ fn compare_plans_every_schedule_under_the_same_costs() {
         .find(|r| r["schedule"] == "interleaved")
         .unwrap();
     assert_eq!(interleaved["makespan"].as_f64().unwrap(), 57.0);
+    // The V matches zb-h1's time on the same chunks, holding 8 where the looped order holds 11.
+    let v = rows.iter().find(|r| r["schedule"] == "zb-v").unwrap();
+    assert_eq!(v["makespan"].as_f64().unwrap(), 51.0);
+    assert_eq!(v["peak_activations"], serde_json::json!([8, 8, 8, 8]));
+    assert_eq!(zb["peak_activations"], serde_json::json!([11, 10, 9, 8]));
     fails_with(
         &["plan", "--compare", "-p", "4", "-m", "8", "--format", "svg"],
         "--compare prints text or json",

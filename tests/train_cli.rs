@@ -423,6 +423,25 @@ fn a_toml_config_holds_the_same_fields_as_the_flags() {
     ]);
     assert_eq!(String::from_utf8(again.stdout).unwrap(), text);
 
+    // zb-v runs two stages per rank: named without --chunks, it takes 2; other counts are
+    // refused with the constraint.
+    let shown = pipit(&[
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--schedule",
+        "zb-v",
+        "--show-config",
+    ]);
+    ok(&shown);
+    assert!(String::from_utf8(shown.stdout)
+        .unwrap()
+        .contains("chunks = 2\n"));
+    refused(
+        &train(&["--schedule", "zb-v", "--chunks", "3"]),
+        "chunks must be 2 (got 3)",
+    );
+
     std::fs::write(&config, "n_layrs = 3\n").unwrap();
     refused(
         &pipit(&["train", "--no-save", "--config", config.to_str().unwrap()]),

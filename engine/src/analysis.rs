@@ -27,10 +27,11 @@ pub fn interleaved_efficiency(p: usize, m: usize, v: usize) -> f64 {
 }
 
 /// The chunk count whose interleaved closed form gives `kind`'s bubble: `chunks` for the
-/// 1F1B family, three times as many for zero bubble (a third of the same order's bubble).
+/// 1F1B family, three times as many for zero bubble (a third of the same order's bubble; for
+/// zb-v, whose two chunks give `6m + p - 1` units against `6m` of work).
 pub fn bubble_divisor(kind: Option<ScheduleKind>, chunks: usize) -> usize {
     match kind {
-        Some(ScheduleKind::ZeroBubble) => 3 * chunks,
+        Some(ScheduleKind::ZeroBubble | ScheduleKind::ZeroBubbleV) => 3 * chunks,
         _ => chunks,
     }
 }
@@ -179,6 +180,15 @@ pub fn recommend(plan: &Plan) -> Vec<Recommendation> {
                 ),
             });
         }
+        if v == 1 && kind == Some(ScheduleKind::ZeroBubble) {
+            out.push(Recommendation {
+                advice: Advice::ZeroBubble,
+                message: format!(
+                    "zb-v runs two half-size stages per rank in a V and halves the bubble again: closed form efficiency {:.1} % with the same {m} micro-batches, at 1F1B's memory",
+                    pct(interleaved_efficiency(p, m, 6)),
+                ),
+            });
+        }
         if v == 1 && !matches!(kind, Some(ScheduleKind::Naive | ScheduleKind::ZeroBubble)) {
             out.push(Recommendation {
                 advice: Advice::Interleave,
@@ -192,13 +202,24 @@ pub fn recommend(plan: &Plan) -> Vec<Recommendation> {
         }
     }
     if let Some(worst) = sim.ranks.iter().max_by_key(|r| r.peak_activations) {
-        let bound = p.min(m);
+        // Chunks are 1/v of a rank's layers: compare in whole stages' worth.
+        let bound = v * p.min(m);
         if worst.peak_activations > bound && kind != Some(ScheduleKind::Naive) {
+            let held = if v == 1 {
+                format!("{} micro-batches' activations", worst.peak_activations)
+            } else {
+                format!(
+                    "{} chunk activations ({:.1} micro-batches' worth)",
+                    worst.peak_activations,
+                    worst.peak_activations as f64 / v as f64
+                )
+            };
             out.push(Recommendation {
                 advice: Advice::Use1F1B,
                 message: format!(
-                    "rank {} holds {} micro-batches' activations at its peak; a 1F1B schedule holds at most {bound}",
-                    worst.rank, worst.peak_activations
+                    "rank {} holds {held} at its peak; a 1F1B schedule holds at most {}",
+                    worst.rank,
+                    p.min(m)
                 ),
             });
         }
@@ -297,9 +318,31 @@ mod tests {
         let kinds: Vec<Advice> = zb.recommendations.iter().map(|r| r.advice).collect();
         assert_eq!(
             kinds,
-            [Advice::RaiseMicrobatches, Advice::CheckpointActivations]
+            [
+                Advice::RaiseMicrobatches,
+                Advice::ZeroBubble,
+                Advice::CheckpointActivations
+            ]
         );
         assert!(zb.recommendations[0].message.contains("from 8 to 9"));
+        assert!(zb.recommendations[1].message.contains("efficiency 94.1 %"));
+
+        // The V reaches 48 / 51 and holds 2p half-size chunks, 1F1B's bytes: no memory advice.
+        // Interleaving holds 11 chunks on rank 0, more than 1F1B's 4 micro-batches' worth.
+        let v = plan(ScheduleKind::ZeroBubbleV, 4, 8, 2, None);
+        assert!((v.simulation.efficiency - 48.0 / 51.0).abs() < 1e-12);
+        assert!((v.closed_form_efficiency - 48.0 / 51.0).abs() < 1e-12);
+        let kinds: Vec<Advice> = v.recommendations.iter().map(|r| r.advice).collect();
+        assert_eq!(kinds, [Advice::CheckpointActivations]);
+        let looped = plan(ScheduleKind::Interleaved, 4, 8, 2, None);
+        let memory = looped
+            .recommendations
+            .iter()
+            .find(|r| r.advice == Advice::Use1F1B)
+            .expect("interleaving holds more than 1F1B");
+        assert!(memory
+            .message
+            .contains("rank 0 holds 11 chunk activations (5.5 micro-batches' worth)"));
 
         let good = plan(ScheduleKind::OneFOneB, 2, 32, 1, None);
         assert!(good

@@ -30,13 +30,13 @@ pub struct TrainConfig {
     /// Model sizes (Hugging Face GPT-2 names).
     #[serde(flatten)]
     pub model: GptConfig,
-    /// Schedule generator: naive, gpipe, 1f1b, interleaved or zb-h1.
+    /// Schedule generator: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v.
     pub schedule: String,
     /// Pipeline ranks `p`.
     pub stages: usize,
     /// Micro-batches per step `m`.
     pub microbatches: usize,
-    /// Stages per rank `v` (interleaved and zb-h1).
+    /// Stages per rank `v` (interleaved and zb-h1; zb-v runs 2).
     pub chunks: usize,
     /// Partitioner: uniform or balanced.
     pub partition: String,
@@ -125,11 +125,14 @@ impl TrainConfig {
                 self.batch_size
             ));
         }
+        // The schedule's own constraints (its name, the chunks it runs) come first.
+        let kind: ScheduleKind = self.schedule.parse()?;
+        generate(kind, self.stages, self.microbatches, self.chunks)?;
         let layers = self.model.layers().len();
         let stages = self.stages * self.chunks;
         if stages > layers {
             return Err(invalid_input!(
-                "stages × chunks = {stages} exceeds the model's {layers} layers (embedding, {} blocks, head)",
+                "stages × chunks = {stages} exceeds the model's {layers} layers (embedding, {} blocks, head): use fewer --stages or --chunks, or more --n-layer",
                 self.model.n_layer
             ));
         }

@@ -19,7 +19,10 @@ proptest! {
     fn every_schedule_lowers_and_validates((p, m, v) in sizes()) {
         for kind in ScheduleKind::ALL {
             let Ok(schedule) = generate(kind, p, m, v) else {
-                prop_assert!(kind == ScheduleKind::OneFOneB && v > 1);
+                prop_assert!(
+                    (kind == ScheduleKind::OneFOneB && v > 1)
+                        || (kind == ScheduleKind::ZeroBubbleV && v != 2)
+                );
                 continue;
             };
             validate(&schedule).unwrap();
@@ -69,6 +72,34 @@ proptest! {
         if v == 1 {
             prop_assert!(sim.ranks.iter().all(|r| r.peak_activations <= p.min(m)));
         }
+    }
+
+    /// Zero bubble on a V, in units of one chunk's F, I or W: `6m` of work per rank, and the
+    /// last rank cannot start before `p - 1`; the greedy order reaches that bound for every
+    /// `m >= 2p`. It never takes longer than zb-h1 over the same layers in `p` whole stages,
+    /// nor than zb-h1's looped placement of the same chunks; no rank holds more than
+    /// `2 min(p, m)` chunk activations, the bytes of 1F1B's first rank; stages `r` and `2p - 1 - r` share
+    /// rank `r`.
+    #[test]
+    fn zero_bubble_v_reaches_the_bound((p, m, _v) in sizes()) {
+        let schedule = generate(ScheduleKind::ZeroBubbleV, p, m, 2).unwrap();
+        for r in 0..p {
+            prop_assert_eq!(schedule.stages_of(r), vec![r, 2 * p - 1 - r]);
+        }
+        let sim = simulate(&lower(&schedule).unwrap(), &Costs::uniform(2 * p)).unwrap();
+        let bound = (6 * m + p - 1) as f64;
+        prop_assert!(sim.makespan >= bound);
+        if m >= 2 * p {
+            prop_assert_eq!(sim.makespan, bound);
+        }
+        let whole = generate(ScheduleKind::ZeroBubble, p, m, 1).unwrap();
+        let doubled = Costs { fwd: vec![2.0; p], bwd: vec![4.0; p], ..Costs::uniform(p) };
+        let whole = simulate(&lower(&whole).unwrap(), &doubled).unwrap();
+        prop_assert!(sim.makespan <= whole.makespan + 1e-9);
+        let looped = generate(ScheduleKind::ZeroBubble, p, m, 2).unwrap();
+        let looped = simulate(&lower(&looped).unwrap(), &Costs::uniform(2 * p)).unwrap();
+        prop_assert!(sim.makespan <= looped.makespan + 1e-9);
+        prop_assert!(sim.ranks.iter().all(|r| r.peak_activations <= 2 * p.min(m)));
     }
 
     /// Interleaved: with ideal time 3 v m per rank, the bubble is exactly (p - 1) / (v m) of

@@ -27,6 +27,10 @@ pub enum ScheduleArg {
     /// --chunks, of interleaved).
     #[value(name = "zb-h1")]
     ZeroBubble,
+    /// Zero bubble on a V (ZB-V): two stages per rank, rank r running stages r and 2p-1-r,
+    /// backward split; half of zb-h1's bubble at 1F1B's memory. --chunks is 2.
+    #[value(name = "zb-v")]
+    ZeroBubbleV,
 }
 
 impl From<ScheduleArg> for ScheduleKind {
@@ -37,6 +41,7 @@ impl From<ScheduleArg> for ScheduleKind {
             ScheduleArg::OneFOneB => ScheduleKind::OneFOneB,
             ScheduleArg::Interleaved => ScheduleKind::Interleaved,
             ScheduleArg::ZeroBubble => ScheduleKind::ZeroBubble,
+            ScheduleArg::ZeroBubbleV => ScheduleKind::ZeroBubbleV,
         }
     }
 }
@@ -92,7 +97,8 @@ pub struct PlanArgs {
         required_unless_present = "schedule_file"
     )]
     pub microbatches: Option<usize>,
-    /// Chunks v: stages per rank (interleaved; naive and gpipe accept them too). [default: 1]
+    /// Chunks v: stages per rank (interleaved, zb-h1; naive and gpipe accept them too).
+    /// [default: 1; 2 for zb-v, which runs only 2]
     #[arg(long, short = 'v', value_name = "V")]
     pub chunks: Option<usize>,
     /// Forward time of one micro-batch on one stage, in ms: one value for every stage, or a
@@ -102,7 +108,7 @@ pub struct PlanArgs {
     /// Backward time of one micro-batch on one stage, in ms: one value or one per stage.
     #[arg(long, value_name = "MS", default_value = "2")]
     pub bwd: String,
-    /// The share of backward a split backward (zb-h1) spends on weight gradients, the rest
+    /// The share of backward a split backward (zb-h1, zb-v) spends on weight gradients, the rest
     /// going to input gradients: one value or one per stage, between 0 and 1.
     #[arg(long, value_name = "SHARE", default_value = "0.5")]
     pub weight_share: String,
@@ -172,7 +178,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
                 .unwrap_or(ScheduleKind::OneFOneB);
             let p = args.stages.unwrap_or(0);
             let m = args.microbatches.unwrap_or(0);
-            generate(kind, p, m, args.chunks.unwrap_or(1))?
+            generate(kind, p, m, args.chunks.unwrap_or(kind.default_chunks()))?
         }
     };
     let costs = costs(&args, schedule.num_stages())?;

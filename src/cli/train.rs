@@ -13,6 +13,7 @@ use pipit_engine::checkpoint::{self, Checkpoint};
 use pipit_engine::data::Corpus;
 use pipit_engine::dist::{LaunchEnv, RankTrainer, TensorSetup};
 use pipit_engine::model::GptConfig;
+use pipit_engine::schedule::ScheduleKind;
 use pipit_engine::train::{Init, StepLog, TrainConfig, TrainLoop, Trainer};
 use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
@@ -89,7 +90,8 @@ pub struct TrainArgs {
     #[arg(long)]
     vocab_size: Option<usize>,
 
-    /// Pipeline schedule: naive, gpipe, 1f1b, interleaved or zb-h1.
+    /// Pipeline schedule: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v (two stages per
+    /// rank in a V: rank r runs stages r and 2p-1-r).
     #[arg(long)]
     schedule: Option<String>,
     /// Pipeline ranks p (one device each).
@@ -98,7 +100,8 @@ pub struct TrainArgs {
     /// Micro-batches per step m (must divide --batch-size).
     #[arg(long)]
     microbatches: Option<usize>,
-    /// Stages per rank v (interleaved and zb-h1 schedules).
+    /// Stages per rank v (interleaved and zb-h1 schedules; zb-v runs 2). [default: 1; 2 for
+    /// zb-v]
     #[arg(long)]
     chunks: Option<usize>,
     /// How layers are cut into stages: uniform or balanced (by estimated FLOPs).
@@ -241,9 +244,14 @@ impl TrainArgs {
         if self.checkpoint_activations {
             c.checkpoint_activations = true;
         }
+        // A schedule named without --chunks takes its own default, unless it is one that runs
+        // any number (then a config file's chunks stand).
         let chunked = matches!(c.schedule.as_str(), "interleaved" | "zb-h1");
         if self.schedule.is_some() && self.chunks.is_none() && !chunked {
-            c.chunks = 1;
+            c.chunks = c
+                .schedule
+                .parse::<ScheduleKind>()
+                .map_or(1, |k| k.default_chunks());
         }
         if self.n_positions.is_some() && self.seq_len.is_none() {
             c.seq_len = c.seq_len.min(c.model.n_positions);

@@ -1,9 +1,9 @@
 //! Schedule generators: small pure functions from `(p, m, v)` to per-rank compute actions.
 //!
 //! `p` is the number of pipeline ranks (`--stages`), `m` the micro-batches per step and `v`
-//! the chunks (stages) per rank. Every generator places stage `k` on rank `k mod p`, which is
-//! stage `r` on rank `r` when `v = 1`. Generators emit compute actions only; [`super::lower`]
-//! adds the transfers.
+//! the chunks (stages) per rank. Every generator but one places stage `k` on rank `k mod p`,
+//! which is stage `r` on rank `r` when `v = 1`; [`zero_bubble_v`] places its two chunks per
+//! rank in a V. Generators emit compute actions only; [`super::lower`] adds the transfers.
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,16 +28,20 @@ pub enum ScheduleKind {
     /// split into its input-gradient and weight-gradient halves, the weight halves delayed
     /// into the bubbles.
     ZeroBubble,
+    /// Zero bubble on a V (ZB-V): two chunks per rank, rank `r` running stages `r` and
+    /// `2p - 1 - r`, with split backwards; half of ZB-H1's bubble at 1F1B's memory.
+    ZeroBubbleV,
 }
 
 impl ScheduleKind {
     /// Every kind, in the order the CLI lists them.
-    pub const ALL: [ScheduleKind; 5] = [
+    pub const ALL: [ScheduleKind; 6] = [
         ScheduleKind::Naive,
         ScheduleKind::GPipe,
         ScheduleKind::OneFOneB,
         ScheduleKind::Interleaved,
         ScheduleKind::ZeroBubble,
+        ScheduleKind::ZeroBubbleV,
     ];
 
     /// The name used on the command line and in schedule files.
@@ -48,6 +52,16 @@ impl ScheduleKind {
             ScheduleKind::OneFOneB => "1f1b",
             ScheduleKind::Interleaved => "interleaved",
             ScheduleKind::ZeroBubble => "zb-h1",
+            ScheduleKind::ZeroBubbleV => "zb-v",
+        }
+    }
+
+    /// The chunks per rank this kind runs when none are asked for: two for the V, one for
+    /// the rest.
+    pub fn default_chunks(self) -> usize {
+        match self {
+            ScheduleKind::ZeroBubbleV => 2,
+            _ => 1,
         }
     }
 }
@@ -66,7 +80,7 @@ impl FromStr for ScheduleKind {
             Some(kind) => Ok(kind),
             None => {
                 invalid!(
-                    "unknown schedule `{name}` (expected naive, gpipe, 1f1b, interleaved or zb-h1)"
+                    "unknown schedule `{name}` (expected naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v)"
                 )
             }
         }
@@ -81,6 +95,7 @@ pub fn generate(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Result<Sche
         ScheduleKind::OneFOneB => one_f_one_b(p, m, v),
         ScheduleKind::Interleaved => interleaved(p, m, v),
         ScheduleKind::ZeroBubble => zero_bubble(p, m, v),
+        ScheduleKind::ZeroBubbleV => zero_bubble_v(p, m, v),
     }
 }
 
@@ -237,6 +252,112 @@ pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
     Ok(schedule)
 }
 
+/// Zero bubble on a V (ZB-V; Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024):
+/// two chunks per rank placed in a V, rank `r` running stage `r` on the way down and stage
+/// `2p - 1 - r` on the way back, every backward split into `I` and `W` as in
+/// [`zero_bubble`]. Rank 0 then holds both the first and the last stage, and the turn
+/// (stages `p - 1` and `p`) stays on rank `p - 1`.
+///
+/// The order comes from a greedy list schedule under unit costs (`F = I = W`): at each time
+/// step every idle rank runs the first of these that is ready, the earliest micro-batch of
+/// each stage first:
+/// 1. a forward, the way-back chunk's first, unless the rank already holds `2p` chunk
+///    activations (from forward to weight gradient): chunks are half a rank's layers, so that
+///    is `p` whole stages' worth, what 1F1B's first rank holds;
+/// 2. an input gradient (`I`), the way-down chunk's first;
+/// 3. a weight gradient (`W`), the oldest first: nobody waits for it, so it fills the gaps.
+///
+/// The last rank cannot start before `p - 1`, and every rank has `6m` units of work, so no
+/// step takes less than `6m + p - 1` units; this order takes exactly that for every
+/// `m >= 2p` (checked for `p <= 16`, `m <= 64` by the planner tests): half of ZB-H1's
+/// `p - 1` whole-stage bubble, at 1F1B's memory. Requires `v = 2`; any `p, m >= 1`.
+pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
+    check_sizes(p, m, v)?;
+    if v != 2 {
+        invalid!("zb-v runs two stages per rank, in a V: chunks must be 2 (got {v})");
+    }
+    let placement: Vec<usize> = (0..2 * p).map(|s| s.min(2 * p - 1 - s)).collect();
+    // The cap never stalls the greedy order in the planner's tests; should it, a larger one is
+    // tried (with no cap every ready forward runs, so the schedule completes).
+    let ranks = (2 * p..)
+        .find_map(|cap| greedy_v(p, m, cap))
+        .expect("an uncapped greedy schedule always completes");
+    Ok(Schedule {
+        name: ScheduleKind::ZeroBubbleV.name().to_string(),
+        microbatches: m,
+        placement,
+        ranks,
+    })
+}
+
+/// The greedy unit-cost list schedule of [`zero_bubble_v`] with at most `cap` chunk
+/// activations per rank; `None` if it stalls.
+fn greedy_v(p: usize, m: usize, cap: usize) -> Option<Vec<Vec<Action>>> {
+    let stages = 2 * p;
+    // Per stage: finish times of forwards and input gradients, and how many of each kind ran.
+    let mut forward_done = vec![vec![usize::MAX; m]; stages];
+    let mut input_done = vec![vec![usize::MAX; m]; stages];
+    let (mut forwards, mut inputs, mut weights) =
+        (vec![0; stages], vec![0; stages], vec![0; stages]);
+    let mut held = vec![0usize; p];
+    let mut ranks = vec![Vec::with_capacity(6 * m); p];
+    let chunks = |rank: usize| [rank, stages - 1 - rank];
+    let total = 3 * stages * m;
+    let (mut ran, mut t) = (0, 0);
+    while ran < total {
+        let mut progressed = false;
+        for (rank, actions) in ranks.iter_mut().enumerate() {
+            let [down, back] = chunks(rank);
+            let input_ready = |s: usize| {
+                let x = inputs[s];
+                x < m && forward_done[s][x] <= t && (s + 1 == stages || input_done[s + 1][x] <= t)
+            };
+            let forward_ready =
+                |s: usize| forwards[s] < m && (s == 0 || forward_done[s - 1][forwards[s]] <= t);
+            let weight_ready = |s: usize| weights[s] < inputs[s] && input_done[s][weights[s]] <= t;
+            let action = if let Some(s) = [back, down]
+                .into_iter()
+                .find(|&s| held[rank] < cap && forward_ready(s))
+            {
+                forward_done[s][forwards[s]] = t + 1;
+                forwards[s] += 1;
+                held[rank] += 1;
+                fwd(s, forwards[s] - 1)
+            } else if let Some(s) = [down, back].into_iter().find(|&s| input_ready(s)) {
+                input_done[s][inputs[s]] = t + 1;
+                inputs[s] += 1;
+                Action::BackwardInput {
+                    stage: s,
+                    microbatch: inputs[s] - 1,
+                }
+            } else if let Some(s) = [down, back]
+                .into_iter()
+                .filter(|&s| weight_ready(s))
+                .min_by_key(|&s| weights[s])
+            {
+                weights[s] += 1;
+                held[rank] -= 1;
+                Action::BackwardWeight {
+                    stage: s,
+                    microbatch: weights[s] - 1,
+                }
+            } else {
+                continue;
+            };
+            actions.push(action);
+            ran += 1;
+            progressed = true;
+        }
+        // Everything started before `t` has ended by `t`: a step in which no rank could run
+        // anything leaves the next one the same.
+        if !progressed {
+            return None;
+        }
+        t += 1;
+    }
+    Some(ranks)
+}
+
 /// One rank's compute order in the 1F1B family: its forwards and its backwards, each in the
 /// order the rank runs them, and how many forwards run before the first backward.
 struct RankOrder {
@@ -352,6 +473,41 @@ mod tests {
             text(&s.ranks[1]),
             "S1F0 S1F1 S3F0 S3I0 S3F1 S3I1 S3W0 S1I0 S3W1 S1I1 S1W0 S1W1"
         );
+    }
+
+    #[test]
+    fn zero_bubble_v_folds_the_stages_into_a_v() {
+        let s = zero_bubble_v(2, 4, 2).unwrap();
+        assert_eq!(s.placement, vec![0, 1, 1, 0]);
+        assert_eq!(
+            text(&s.ranks[0]),
+            "S0F0 S0F1 S0F2 S3F0 S3I0 S3W0 S3F1 S0I0 S3I1 S0W0 S0F3 S0I1 S0W1 S3F2 S3I2 S3W1 \
+             S3W2 S0I2 S0W2 S3F3 S3I3 S3W3 S0I3 S0W3"
+        );
+        let err = zero_bubble_v(2, 4, 1).unwrap_err().to_string();
+        assert!(err.contains("chunks must be 2 (got 1)"), "{err}");
+    }
+
+    /// Every `p <= 16, m <= 64`: the order completes under the `2p` cap (none is raised), and
+    /// for `m >= 2p` it takes the least possible `6m + p - 1` units.
+    #[test]
+    fn zero_bubble_v_reaches_the_bound_everywhere() {
+        for p in 1..=16 {
+            for m in 1..=64 {
+                let ranks = greedy_v(p, m, 2 * p).expect("completes under the 2p cap");
+                if m < 2 * p {
+                    continue;
+                }
+                let schedule = Schedule {
+                    name: "zb-v".into(),
+                    microbatches: m,
+                    placement: (0..2 * p).map(|s| s.min(2 * p - 1 - s)).collect(),
+                    ranks,
+                };
+                let sim = crate::sim::simulate(&schedule, &crate::sim::Costs::uniform(2 * p));
+                assert_eq!(sim.unwrap().makespan, (6 * m + p - 1) as f64, "p={p} m={m}");
+            }
+        }
     }
 
     #[test]

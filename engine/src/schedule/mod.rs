@@ -12,6 +12,8 @@ mod text;
 pub(crate) mod validate;
 
 pub use action::{Action, Schedule};
-pub use generate::{generate, gpipe, interleaved, naive, one_f_one_b, zero_bubble, ScheduleKind};
+pub use generate::{
+    generate, gpipe, interleaved, naive, one_f_one_b, zero_bubble, zero_bubble_v, ScheduleKind,
+};
 pub use lower::{lower, lower_for};
 pub use validate::validate;
