@@ -5,7 +5,8 @@
 //!    beside the simulator's figures (the simulator is given each stage's measured bytes per
 //!    micro-batch; the count of micro-batches held at once is its own prediction);
 //! 2. step makespans at p = 2, the schedules taking turns: GPipe, 1F1B and ZB-H1, then the
-//!    two-chunk schedules (interleaved, ZB-H1 looped, ZB-V), each beside the simulator's;
+//!    two-chunk schedules (interleaved, ZB-H1 looped, ZB-V) under uniform and balanced cuts,
+//!    each beside the simulator's;
 //! 3. measured vs simulated: one 1F1B (and one zero-bubble) step's measured per-stage
 //!    forward/backward times fed to the simulator, and each rank's busy fraction compared with
 //!    the measured one.
@@ -25,10 +26,10 @@ use pipit::wgpu::WgpuBackend;
 /// `schedule` on `stages` ranks, with its own default chunks per rank (two for zb-v).
 fn config(schedule: &str, stages: usize) -> TrainConfig {
     let kind: pipit::engine::schedule::ScheduleKind = schedule.parse().expect("a schedule");
-    config_chunks(schedule, stages, kind.default_chunks())
+    config_chunks(schedule, stages, kind.default_chunks(), "uniform")
 }
 
-fn config_chunks(schedule: &str, stages: usize, chunks: usize) -> TrainConfig {
+fn config_chunks(schedule: &str, stages: usize, chunks: usize, partition: &str) -> TrainConfig {
     TrainConfig {
         model: GptConfig {
             vocab_size: 256,
@@ -40,6 +41,7 @@ fn config_chunks(schedule: &str, stages: usize, chunks: usize) -> TrainConfig {
         schedule: schedule.into(),
         stages,
         chunks,
+        partition: partition.into(),
         microbatches: 8,
         batch_size: 16,
         seq_len: 64,
@@ -158,18 +160,18 @@ fn busy_table<B: Backend>(
     Ok(())
 }
 
-/// Median step makespan of each `(schedule, chunks)` over steps 3 to 12, p = 2 (one rank per
+/// Median step makespan of each `(schedule, chunks, partition)` over steps 3 to 12, p = 2 (one rank per
 /// core here); the schedules take turns step by step, so a change in the machine's load falls
 /// on all of them. Beside it, the simulator's makespan for the same plan under that run's mean
 /// measured costs, and under costs common to all (the first run's, with the first split
 /// backward's weight share), which leaves only the schedule to differ.
 fn makespan_table<B: Backend>(
     make: &dyn Fn() -> Result<B>,
-    schedules: &[(&str, usize)],
+    schedules: &[(&str, usize, &str)],
 ) -> Result<()> {
     let mut trainers = schedules
         .iter()
-        .map(|&(s, v)| Trainer::new(config_chunks(s, 2, v), |_| make(), Init::Fresh))
+        .map(|&(s, v, cut)| Trainer::new(config_chunks(s, 2, v, cut), |_| make(), Init::Fresh))
         .collect::<Result<Vec<_>>>()?;
     let mut reports: Vec<Vec<StepReport>> = vec![Vec::new(); schedules.len()];
     for step in 1..=12 {
@@ -186,7 +188,7 @@ fn makespan_table<B: Backend>(
         .map(|(r, t)| measured_costs(r, t.schedule.num_stages()))
         .collect::<Result<Vec<Costs>>>()?;
     let mut common = costs[0].clone();
-    if let Some(split) = schedules.iter().position(|(s, _)| s.starts_with("zb")) {
+    if let Some(split) = schedules.iter().position(|(s, _, _)| s.starts_with("zb")) {
         common.weight_share = costs[split].weight_share.clone();
     }
     let round = |v: &[f64]| {
@@ -200,15 +202,15 @@ fn makespan_table<B: Backend>(
         round(&common.bwd),
         round(&common.weight_share)
     );
-    println!("| schedule | p | v | median measured makespan (steps 3-12) | simulated, own costs | simulated, common costs |");
-    println!("| --- | --- | --- | --- | --- | --- |");
-    for (i, (schedule, v)) in schedules.iter().enumerate() {
+    println!("| schedule | p | v | partition | median measured makespan (steps 3-12) | simulated, own costs | simulated, common costs |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (i, (schedule, v, cut)) in schedules.iter().enumerate() {
         let mut times: Vec<f64> = reports[i].iter().map(|r| r.makespan).collect();
         times.sort_by(f64::total_cmp);
         let median = (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0;
         let plan = &trainers[i].schedule;
         println!(
-            "| {schedule} | 2 | {v} | {median:.1} ms | {:.1} ms | {:.1} ms |",
+            "| {schedule} | 2 | {v} | {cut} | {median:.1} ms | {:.1} ms | {:.1} ms |",
             simulate(plan, &costs[i])?.makespan,
             simulate(plan, &common)?.makespan
         );
@@ -220,9 +222,22 @@ fn makespan_table<B: Backend>(
 fn tables<B: Backend>(make: &dyn Fn() -> Result<B>) -> Result<()> {
     memory_table(make)?;
     println!();
-    makespan_table(make, &[("gpipe", 1), ("1f1b", 1), ("zb-h1", 1)])?;
-    println!();
-    makespan_table(make, &[("interleaved", 2), ("zb-h1", 2), ("zb-v", 2)])?;
+    makespan_table(
+        make,
+        &[
+            ("gpipe", 1, "uniform"),
+            ("1f1b", 1, "uniform"),
+            ("zb-h1", 1, "uniform"),
+        ],
+    )?;
+    // Two chunks per rank; the V pairs the model's ends on rank 0, so the cut matters more.
+    for cut in ["uniform", "balanced"] {
+        println!();
+        makespan_table(
+            make,
+            &[("interleaved", 2, cut), ("zb-h1", 2, cut), ("zb-v", 2, cut)],
+        )?;
+    }
     for p in [2, 4] {
         for schedule in ["1f1b", "zb-h1"] {
             println!();

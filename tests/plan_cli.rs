@@ -136,7 +136,7 @@ fn zero_bubble_plans_split_backwards() {
 }
 
 /// The V: two chunks per rank without asking, rank r running stages r and 2p-1-r; 6m + p - 1
-/// units, the least possible, holding 2p half-size chunks (1F1B's first rank's bytes).
+/// units, the least possible, holding 2p half-size chunks per rank.
 #[test]
 fn zero_bubble_v_plans_a_v() {
     let args = ["plan", "--schedule", "zb-v", "-p", "4", "-m", "8"];

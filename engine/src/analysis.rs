@@ -184,8 +184,10 @@ pub fn recommend(plan: &Plan) -> Vec<Recommendation> {
             out.push(Recommendation {
                 advice: Advice::ZeroBubble,
                 message: format!(
-                    "zb-v runs two half-size stages per rank in a V and halves the bubble again: closed form efficiency {:.1} % with the same {m} micro-batches, at 1F1B's memory",
+                    "zb-v runs two half-size stages per rank in a V and halves the bubble again: closed form efficiency {:.1} % with the same {m} micro-batches, each rank holding at most {} micro-batches of its layers (1F1B's first rank holds {})",
                     pct(interleaved_efficiency(p, m, 6)),
+                    p.min(m),
+                    p.min(m)
                 ),
             });
         }
@@ -327,7 +329,8 @@ mod tests {
         assert!(zb.recommendations[0].message.contains("from 8 to 9"));
         assert!(zb.recommendations[1].message.contains("efficiency 94.1 %"));
 
-        // The V reaches 48 / 51 and holds 2p half-size chunks, 1F1B's bytes: no memory advice.
+        // The V reaches 48 / 51 and holds 2p half-size chunks, p micro-batches of a rank's layers
+        // as on 1F1B's first rank: no memory advice.
         // Interleaving holds 11 chunks on rank 0, more than 1F1B's 4 micro-batches' worth.
         let v = plan(ScheduleKind::ZeroBubbleV, 4, 8, 2, None);
         assert!((v.simulation.efficiency - 48.0 / 51.0).abs() < 1e-12);

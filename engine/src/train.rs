@@ -38,7 +38,8 @@ pub struct TrainConfig {
     pub microbatches: usize,
     /// Stages per rank `v` (interleaved and zb-h1; zb-v runs 2).
     pub chunks: usize,
-    /// Partitioner: uniform or balanced.
+    /// Partitioner: uniform or balanced (for zb-v, balanced evens out each rank's two stages
+    /// together).
     pub partition: String,
     /// Optimizer steps to train for.
     pub steps: u64,
@@ -260,6 +261,10 @@ impl TrainConfig {
         let stages = self.stages * self.chunks;
         match self.partition.as_str() {
             "uniform" => crate::partition::uniform(layers, stages),
+            // The V's ranks each run two stages from opposite ends: balance the ranks.
+            "balanced" if self.schedule == ScheduleKind::ZeroBubbleV.name() => {
+                crate::partition::balanced_v(&layer_costs(&self.model, self.seq_len), self.stages)
+            }
             "balanced" => {
                 crate::partition::balanced(&layer_costs(&self.model, self.seq_len), stages)
             }
@@ -628,6 +633,37 @@ mod tests {
         // The head's backward is all input gradient: the least a share may be.
         assert_eq!(costs.weight_share[3], 0.01);
         assert!(costs.weight_share.iter().all(|&s| s > 0.0 && s < 0.5));
+        c.plan().unwrap();
+    }
+
+    /// Balanced under the V evens out each rank's two stages together: on the default model
+    /// the uniform cut leaves rank 1 three blocks against rank 0's one beside the two ends.
+    #[test]
+    fn a_balanced_v_evens_out_the_ranks() {
+        let c = TrainConfig {
+            schedule: "zb-v".into(),
+            stages: 2,
+            chunks: 2,
+            partition: "balanced".into(),
+            ..Default::default()
+        };
+        let per_layer = layer_costs(&c.model, c.seq_len);
+        let rank_costs = |c: &TrainConfig| {
+            let stages = c.stage_layers().unwrap();
+            let cost = |s: usize| per_layer[stages[s].clone()].iter().sum::<f64>();
+            [cost(0) + cost(3), cost(1) + cost(2)]
+        };
+        let balanced = rank_costs(&c);
+        let uniform = rank_costs(&TrainConfig {
+            partition: "uniform".into(),
+            ..c.clone()
+        });
+        let busiest = |r: [f64; 2]| r[0].max(r[1]);
+        assert!(busiest(balanced) < busiest(uniform));
+        assert_eq!(
+            c.stage_layers().unwrap(),
+            crate::partition::balanced_v(&per_layer, 2).unwrap()
+        );
         c.plan().unwrap();
     }
 

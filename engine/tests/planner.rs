@@ -78,7 +78,7 @@ proptest! {
     /// last rank cannot start before `p - 1`; the greedy order reaches that bound for every
     /// `m >= 2p`. It never takes longer than zb-h1 over the same layers in `p` whole stages,
     /// nor than zb-h1's looped placement of the same chunks; no rank holds more than
-    /// `2 min(p, m)` chunk activations, the bytes of 1F1B's first rank; stages `r` and `2p - 1 - r` share
+    /// `2 min(p, m)` chunk activations (1F1B's first rank holds `min(p, m)` whole ones); stages `r` and `2p - 1 - r` share
     /// rank `r`.
     #[test]
     fn zero_bubble_v_reaches_the_bound((p, m, _v) in sizes()) {

@@ -28,7 +28,7 @@ pub enum ScheduleArg {
     #[value(name = "zb-h1")]
     ZeroBubble,
     /// Zero bubble on a V (ZB-V): two stages per rank, rank r running stages r and 2p-1-r,
-    /// backward split; half of zb-h1's bubble at 1F1B's memory. --chunks is 2.
+    /// backward split; half of zb-h1's bubble, at most 2p chunks held per rank. --chunks is 2.
     #[value(name = "zb-v")]
     ZeroBubbleV,
 }

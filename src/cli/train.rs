@@ -104,7 +104,8 @@ pub struct TrainArgs {
     /// zb-v]
     #[arg(long)]
     chunks: Option<usize>,
-    /// How layers are cut into stages: uniform or balanced (by estimated FLOPs).
+    /// How layers are cut into stages: uniform or balanced (by estimated FLOPs; under zb-v
+    /// it balances each rank's two stages together, as the V pairs the model's ends).
     #[arg(long)]
     partition: Option<String>,
 

@@ -169,6 +169,68 @@ pub fn memory_capped(
     Ok(ranges)
 }
 
+/// Cut layers with per-layer `cost` into `2p` stages for the V placement of zero bubble's
+/// ZB-V (rank `r` runs stages `r` and `2p - 1 - r`), minimising the busiest rank's total: the
+/// two stages of a rank together, not each stage, set its pace. Stage-balanced cuts put the
+/// model's two ends on rank 0 whatever they cost; this one gives rank 0 fewer blocks when the
+/// embedding and head are heavy, and more when they are light.
+///
+/// Exact: dynamic programming over ranks from the outside in, the state being how many layers
+/// the ranks so far took from the front and from the back; `O(p · layers⁴)`, which is nothing
+/// for GPT-2's depths.
+pub fn balanced_v(cost: &[f64], p: usize) -> Result<Vec<Range<usize>>> {
+    let n = cost.len();
+    check_counts(n, 2 * p)?;
+    check_values("cost", cost)?;
+    let mut prefix = vec![0.0; n + 1];
+    for i in 0..n {
+        prefix[i + 1] = prefix[i] + cost[i];
+    }
+    let sum = |a: usize, b: usize| prefix[b] - prefix[a];
+    // best[i][j]: least busiest-rank total when the ranks so far took layers [0, i) and [j, n);
+    // from[r][i][j]: the state rank r - 1 left, for the way back.
+    let mut best = vec![vec![f64::INFINITY; n + 1]; n + 1];
+    best[0][n] = 0.0;
+    let mut from = vec![vec![vec![(0usize, 0usize); n + 1]; n + 1]; p + 1];
+    for r in 0..p {
+        let mut next = vec![vec![f64::INFINITY; n + 1]; n + 1];
+        // Ranks after this one need two layers each, and this one two of its own.
+        let left = 2 * (p - r - 1);
+        for (i, row) in best.iter().enumerate() {
+            for (j, &so_far) in row.iter().enumerate().skip(i) {
+                if so_far.is_infinite() || j - i < left + 2 {
+                    continue;
+                }
+                for a in i + 1..j - left {
+                    // The last rank's two stages meet in the middle.
+                    let backs = if r + 1 == p { a..a + 1 } else { a + left..j };
+                    for b in backs {
+                        let busiest = so_far.max(sum(i, a) + sum(b, j));
+                        if busiest < next[a][b] {
+                            next[a][b] = busiest;
+                            from[r + 1][a][b] = (i, j);
+                        }
+                    }
+                }
+            }
+        }
+        best = next;
+    }
+    let middle = (0..=n)
+        .filter(|&i| best[i][i].is_finite())
+        .min_by(|&x, &y| best[x][x].total_cmp(&best[y][y]))
+        .expect("2p <= layers leaves a cut");
+    let mut ranges = vec![0..0; 2 * p];
+    let (mut a, mut b) = (middle, middle);
+    for r in (0..p).rev() {
+        let (i, j) = from[r + 1][a][b];
+        ranges[r] = i..a;
+        ranges[2 * p - 1 - r] = b..j;
+        (a, b) = (i, j);
+    }
+    Ok(ranges)
+}
+
 /// The least per-stage memory any cut into `stages` stages can achieve.
 fn min_max_memory(memory: &[f64], stages: usize) -> Result<f64> {
     let ranges = memory_capped(memory, &[], stages, f64::INFINITY)?;
@@ -221,6 +283,64 @@ mod tests {
         assert_eq!(ranks[0], vec![0..4, 8..12]);
         assert_eq!(ranks[1], vec![4..8, 12..16]);
         assert!(chunks(&stages, 3).is_err());
+    }
+
+    /// Against every cut into 2p stages: the least busiest-rank total, found by brute force.
+    #[test]
+    fn balanced_v_is_exact() {
+        fn cuts(n: usize, k: usize) -> Vec<Vec<usize>> {
+            // Interior boundaries 0 < c1 < ... < c(k-1) < n.
+            if k == 1 {
+                return vec![vec![]];
+            }
+            let mut out = Vec::new();
+            for first in 1..n {
+                for rest in cuts(n - first, k - 1) {
+                    let mut c = vec![first];
+                    c.extend(rest.iter().map(|x| x + first));
+                    out.push(c);
+                }
+            }
+            out
+        }
+        let costs: [&[f64]; 3] = [
+            &[0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0],
+            &[3.0, 1.0, 2.0, 7.0, 1.0, 1.0, 4.0, 2.0, 2.0],
+            &[1.0; 6],
+        ];
+        for cost in costs {
+            for p in 1..=cost.len() / 2 {
+                let ranges = balanced_v(cost, p).unwrap();
+                assert_eq!(ranges.len(), 2 * p);
+                assert!(ranges.iter().all(|r| !r.is_empty()));
+                assert_eq!((ranges[0].start, ranges[2 * p - 1].end), (0, cost.len()));
+                let busiest = |ranges: &[Range<usize>]| {
+                    (0..p)
+                        .map(|r| {
+                            let sum = |x: &Range<usize>| cost[x.clone()].iter().sum::<f64>();
+                            sum(&ranges[r]) + sum(&ranges[2 * p - 1 - r])
+                        })
+                        .fold(0.0, f64::max)
+                };
+                let brute = cuts(cost.len(), 2 * p)
+                    .into_iter()
+                    .map(|c| {
+                        let mut bounds = vec![0];
+                        bounds.extend(c);
+                        bounds.push(cost.len());
+                        let ranges: Vec<Range<usize>> =
+                            bounds.windows(2).map(|w| w[0]..w[1]).collect();
+                        busiest(&ranges)
+                    })
+                    .fold(f64::INFINITY, f64::min);
+                assert!((busiest(&ranges) - brute).abs() < 1e-9, "p={p} {cost:?}");
+            }
+        }
+        // A head worth five blocks: rank 0 keeps no block beside the two ends (5.1), rank 1
+        // takes all six (6.0); uniform layer counts would give rank 0 two blocks (7.1).
+        let heavy = [0.1, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 5.0];
+        assert_eq!(balanced_v(&heavy, 2).unwrap(), vec![0..1, 1..2, 2..7, 7..8]);
+        assert!(balanced_v(&heavy, 5).is_err());
     }
 
     #[test]

@@ -29,7 +29,8 @@ pub enum ScheduleKind {
     /// into the bubbles.
     ZeroBubble,
     /// Zero bubble on a V (ZB-V): two chunks per rank, rank `r` running stages `r` and
-    /// `2p - 1 - r`, with split backwards; half of ZB-H1's bubble at 1F1B's memory.
+    /// `2p - 1 - r`, with split backwards; half of ZB-H1's bubble, holding what 1F1B's first
+    /// rank holds when every rank's layers cost alike.
     ZeroBubbleV,
 }
 
@@ -263,14 +264,14 @@ pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
 /// each stage first:
 /// 1. a forward, the way-back chunk's first, unless the rank already holds `2p` chunk
 ///    activations (from forward to weight gradient): chunks are half a rank's layers, so that
-///    is `p` whole stages' worth, what 1F1B's first rank holds;
+///    is `p` micro-batches of the rank's layers, what 1F1B's first rank holds of its own;
 /// 2. an input gradient (`I`), the way-down chunk's first;
 /// 3. a weight gradient (`W`), the oldest first: nobody waits for it, so it fills the gaps.
 ///
 /// The last rank cannot start before `p - 1`, and every rank has `6m` units of work, so no
 /// step takes less than `6m + p - 1` units; this order takes exactly that for every
 /// `m >= 2p` (checked for `p <= 16`, `m <= 64` by the planner tests): half of ZB-H1's
-/// `p - 1` whole-stage bubble, at 1F1B's memory. Requires `v = 2`; any `p, m >= 1`.
+/// `p - 1` whole-stage bubble. Requires `v = 2`; any `p, m >= 1`.
 pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
     check_sizes(p, m, v)?;
     if v != 2 {
