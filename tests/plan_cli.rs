@@ -475,6 +475,35 @@ fn partition_text_and_json() {
         serde_json::json!([[4, 8], [12, 16]])
     );
 
+    // The V pairs the model's ends on rank 0; balanced evens out each rank's pair: a head worth
+    // five blocks goes with no block beside it (5.1 against 6.0; uniform gives rank 0 7.1).
+    let v = [
+        "partition",
+        "-p",
+        "2",
+        "--placement",
+        "v",
+        "--blocks",
+        "6",
+        "--head-cost",
+        "5",
+        "--embedding-cost",
+        "0.1",
+    ];
+    let value = json(&[&v[..], &["--format", "json"]].concat());
+    assert_eq!(
+        value["ranks"][0]["chunks"],
+        serde_json::json!([[0, 1], [7, 8]])
+    );
+    assert_eq!(value["ranks"][1]["cost"].as_f64().unwrap(), 6.0);
+    let text =
+        String::from_utf8(pipit(&[&v[..], &["--method", "uniform"]].concat()).stdout).unwrap();
+    assert!(text.contains("busiest rank 7.10, mean 5.55"), "{text}");
+    fails_with(
+        &[&v[..], &["--chunks", "3"]].concat(),
+        "--placement v runs two stages per rank: chunks must be 2 (got 3)",
+    );
+
     let value = json(&[
         "partition",
         "--stages",

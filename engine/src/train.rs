@@ -20,7 +20,7 @@ use crate::invalid_input;
 use crate::model::{
     init_parameters, AdamWConfig, GptConfig, HostTensors, Layer, OptimizerState, StageModel,
 };
-use crate::schedule::{generate, lower_for, validate, Schedule, ScheduleKind};
+use crate::schedule::{generate, generate_for, lower_for, validate, Schedule, ScheduleKind};
 use crate::sim::Costs;
 
 /// Everything that defines a training run. Field names are the CLI's flag names with `_`.
@@ -211,12 +211,14 @@ impl TrainConfig {
         }
     }
 
-    /// The lowered, validated schedule this configuration runs, its transfers placed for the
-    /// estimated [`TrainConfig::stage_costs`].
+    /// The lowered, validated schedule this configuration runs, its order (where it depends on
+    /// costs, as zb-v's) and its transfers placed for the estimated
+    /// [`TrainConfig::stage_costs`].
     pub fn plan(&self) -> Result<Schedule> {
         let kind: ScheduleKind = self.schedule.parse()?;
-        let compute = generate(kind, self.stages, self.microbatches, self.chunks)?;
-        let lowered = lower_for(&compute, &self.stage_costs()?)?;
+        let costs = self.stage_costs()?;
+        let compute = generate_for(kind, self.stages, self.microbatches, self.chunks, &costs)?;
+        let lowered = lower_for(&compute, &costs)?;
         validate(&lowered)?;
         Ok(lowered)
     }

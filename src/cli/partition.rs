@@ -1,10 +1,8 @@
 //! `pipit partition`: cut a model's layers into pipeline stages.
-
-use std::ops::Range;
-
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use pipit_engine::partition::{self, layer_costs, Method, Partition};
+use pipit_engine::schedule::v_placement;
 use pipit_engine::{invalid, invalid_input};
 use serde_json::json;
 
@@ -19,10 +17,21 @@ pub enum MethodArg {
     MemoryCapped,
 }
 
+/// Stage placements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PlacementArg {
+    /// Stage k on rank k mod P.
+    Looped,
+    /// Rank r runs stages r and 2P-1-r (zero bubble's V).
+    V,
+}
+
 /// Cut a model's layers into pipeline stages, balancing cost (and memory).
 ///
 /// Layers are the embedding (layer 0), the transformer blocks, and the head + loss (the last
-/// layer), each with its own cost. With --chunks V, stage k runs on rank k mod P.
+/// layer), each with its own cost. With --chunks V, stage k runs on rank k mod P; with
+/// --placement v (zb-v's), stages r and 2P-1-r run on rank r, and balanced evens out each
+/// rank's two stages together.
 ///
 /// Example: pipit partition --stages 4 --blocks 12 --head-cost 3 --method balanced
 #[derive(Args, Debug)]
@@ -30,9 +39,10 @@ pub struct PartitionArgs {
     /// Pipeline ranks P.
     #[arg(long, short = 'p', value_name = "P")]
     pub stages: usize,
-    /// Chunks V: stages per rank (the model is cut into P x V stages).
-    #[arg(long, short = 'v', value_name = "V", default_value_t = 1)]
-    pub chunks: usize,
+    /// Chunks V: stages per rank (the model is cut into P x V stages). [default: 1; 2 with
+    /// --placement v]
+    #[arg(long, short = 'v', value_name = "V")]
+    pub chunks: Option<usize>,
     /// Transformer blocks; the layers are embedding + blocks + head. Ignored with --costs.
     #[arg(long, value_name = "N", default_value_t = 12)]
     pub blocks: usize,
@@ -56,6 +66,10 @@ pub struct PartitionArgs {
     /// How to cut.
     #[arg(long, value_enum, default_value_t = MethodArg::Balanced)]
     pub method: MethodArg,
+    /// Which rank runs which stage: looped (stage k on rank k mod P, as interleaving) or v
+    /// (zb-v: rank r runs stages r and 2P-1-r; needs --chunks 2, its default there).
+    #[arg(long, value_enum, default_value_t = PlacementArg::Looped)]
+    pub placement: PlacementArg,
     /// Memory budget per stage in bytes (memory-capped only).
     #[arg(long, value_name = "BYTES")]
     pub budget: Option<f64>,
@@ -76,12 +90,16 @@ fn list(flag: &str, text: &str) -> Result<Vec<f64>> {
 
 /// Compute the partition and print it.
 pub fn run(args: PartitionArgs) -> Result<()> {
-    if args.stages == 0 || args.chunks == 0 {
+    let v_shape = args.placement == PlacementArg::V;
+    let chunks = args.chunks.unwrap_or(if v_shape { 2 } else { 1 });
+    if args.stages == 0 || chunks == 0 {
         invalid!(
-            "stages and chunks must be at least 1 (got {} and {})",
-            args.stages,
-            args.chunks
+            "stages and chunks must be at least 1 (got {} and {chunks})",
+            args.stages
         );
+    }
+    if v_shape && chunks != 2 {
+        invalid!("--placement v runs two stages per rank: chunks must be 2 (got {chunks})");
     }
     let cost = match &args.costs {
         Some(text) => list("costs", text)?,
@@ -104,10 +122,16 @@ pub fn run(args: PartitionArgs) -> Result<()> {
             ),
         },
     };
-    let stages = args.stages * args.chunks;
+    let stages = args.stages * chunks;
     let (method, ranges) = match args.method {
         MethodArg::Uniform => (Method::Uniform, partition::uniform(n, stages)?),
+        MethodArg::Balanced if v_shape => {
+            (Method::Balanced, partition::balanced_v(&cost, args.stages)?)
+        }
         MethodArg::Balanced => (Method::Balanced, partition::balanced(&cost, stages)?),
+        MethodArg::MemoryCapped if v_shape => {
+            invalid!("--method memory-capped caps each stage, not each rank's pair: with --placement v use balanced or uniform")
+        }
         MethodArg::MemoryCapped => {
             let Some(budget) = args.budget else {
                 invalid!("--method memory-capped needs --budget BYTES");
@@ -119,28 +143,43 @@ pub fn run(args: PartitionArgs) -> Result<()> {
         }
     };
     let result = Partition::new(method, ranges, &cost, &memory);
-    let chunks = partition::chunks(&result.stages, args.stages)?;
-    let out = if args.format == "json" {
-        json_report(&result, &chunks, args.stages)?
+    let placement = if v_shape {
+        v_placement(args.stages)
     } else {
-        text_report(&result, args.stages)
+        partition::looped_placement(stages, args.stages)?
+    };
+    let out = if args.format == "json" {
+        json_report(&result, &placement)?
+    } else {
+        text_report(&result, &placement)
     };
     print!("{out}");
     Ok(())
 }
 
-fn text_report(p: &Partition, ranks: usize) -> String {
+/// Each rank's total cost: the sum over the stages it runs.
+fn rank_costs(p: &Partition, placement: &[usize]) -> Vec<f64> {
+    let mut out = vec![0.0; placement.iter().max().map_or(0, |r| r + 1)];
+    for (cost, &rank) in p.stage_cost.iter().zip(placement) {
+        out[rank] += cost;
+    }
+    out
+}
+
+fn text_report(p: &Partition, placement: &[usize]) -> String {
     let layers = p.stages.last().map_or(0, |r| r.end);
+    let per_rank = rank_costs(p, placement);
     let mut out = format!(
-        "partition {:?}: {layers} layers into {} stages on {ranks} ranks\nstage  rank  layers        cost      memory\n",
+        "partition {:?}: {layers} layers into {} stages on {} ranks\nstage  rank  layers        cost      memory\n",
         p.method,
-        p.stages.len()
+        p.stages.len(),
+        per_rank.len()
     )
     .to_lowercase();
     for (s, r) in p.stages.iter().enumerate() {
         out.push_str(&format!(
             "{s:>5} {:>5}  {:<10} {:>7.2} {:>11.0}\n",
-            s % ranks,
+            placement[s],
             format!("{}..{}", r.start, r.end),
             p.stage_cost[s],
             p.stage_memory[s]
@@ -152,16 +191,26 @@ fn text_report(p: &Partition, ranks: usize) -> String {
         p.max_cost(),
         if mean > 0.0 { p.max_cost() / mean } else { 1.0 }
     ));
+    if per_rank.len() < p.stages.len() {
+        let busiest = per_rank.iter().copied().fold(0.0, f64::max);
+        let mean = per_rank.iter().sum::<f64>() / per_rank.len() as f64;
+        out.push_str(&format!(
+            "busiest rank {busiest:.2}, mean {mean:.2}, imbalance {:.2}\n",
+            if mean > 0.0 { busiest / mean } else { 1.0 }
+        ));
+    }
     out
 }
 
-fn json_report(p: &Partition, chunks: &[Vec<Range<usize>>], ranks: usize) -> Result<String> {
+fn json_report(p: &Partition, placement: &[usize]) -> Result<String> {
+    let chunks = partition::chunks(&p.stages, placement)?;
+    let per_rank = rank_costs(p, placement);
     let stages: Vec<_> = p
         .stages
         .iter()
         .enumerate()
         .map(|(s, r)| {
-            json!({"stage": s, "rank": s % ranks, "layers": [r.start, r.end],
+            json!({"stage": s, "rank": placement[s], "layers": [r.start, r.end],
                    "cost": p.stage_cost[s], "memory": p.stage_memory[s]})
         })
         .collect();
@@ -169,7 +218,8 @@ fn json_report(p: &Partition, chunks: &[Vec<Range<usize>>], ranks: usize) -> Res
         .iter()
         .enumerate()
         .map(|(rank, c)| {
-            json!({"rank": rank, "chunks": c.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>()})
+            json!({"rank": rank, "chunks": c.iter().map(|r| [r.start, r.end]).collect::<Vec<_>>(),
+                   "cost": per_rank[rank]})
         })
         .collect();
     let value = json!({

@@ -6,7 +6,9 @@ use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use pipit_engine::analysis::Plan;
 use pipit_engine::render::{chrome, render, Format};
-use pipit_engine::schedule::{generate, lower_for, validate, Action, Schedule, ScheduleKind};
+use pipit_engine::schedule::{
+    generate, generate_for, lower_for, validate, Action, Schedule, ScheduleKind,
+};
 use pipit_engine::sim::Costs;
 use pipit_engine::{invalid, invalid_input};
 
@@ -165,11 +167,14 @@ pub fn run(args: PlanArgs) -> Result<()> {
     if args.compare {
         return compare(&args);
     }
-    let schedule = match &args.schedule_file {
+    let (schedule, costs) = match &args.schedule_file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("reading schedule file {}", path.display()))?;
-            Schedule::parse(&text).with_context(|| format!("schedule file {}", path.display()))?
+            let schedule = Schedule::parse(&text)
+                .with_context(|| format!("schedule file {}", path.display()))?;
+            let costs = costs(&args, schedule.num_stages())?;
+            (schedule, costs)
         }
         None => {
             let kind = args
@@ -178,10 +183,13 @@ pub fn run(args: PlanArgs) -> Result<()> {
                 .unwrap_or(ScheduleKind::OneFOneB);
             let p = args.stages.unwrap_or(0);
             let m = args.microbatches.unwrap_or(0);
-            generate(kind, p, m, args.chunks.unwrap_or(kind.default_chunks()))?
+            let v = args.chunks.unwrap_or(kind.default_chunks());
+            // The sizes first (their errors name them), then the order for these costs.
+            let stages = generate(kind, p, m, v)?.num_stages();
+            let costs = costs(&args, stages)?;
+            (generate_for(kind, p, m, v, &costs)?, costs)
         }
     };
-    let costs = costs(&args, schedule.num_stages())?;
     let plan = plan_for(schedule, costs, &args)?;
     let format = match args.format {
         FormatArg::Text => Format::Text,
@@ -263,7 +271,7 @@ fn compare(args: &PlanArgs) -> Result<()> {
     let costs = costs(args, stages)?;
     let mut rows = Vec::new();
     for kind in ScheduleKind::ALL {
-        let plan = match generate(kind, p, m, v) {
+        let plan = match generate_for(kind, p, m, v, &costs) {
             Ok(schedule) => Ok(plan_for(schedule, costs.clone(), args)?),
             Err(e) => Err(e.to_string()),
         };

@@ -3,7 +3,8 @@
 //! A *layer* is anything the partitioner may place: the embedding (layer 0), each transformer
 //! block, the head + loss (the last layer). Each gets its own cost, so a heavy head or a light
 //! embedding is balanced like any block. A partition is one contiguous, non-empty range of
-//! layers per stage; with interleaving, stage `k` runs on rank `k mod p` ([`chunks`]).
+//! layers per stage; with interleaving, stage `k` runs on rank `k mod p`, and under zero
+//! bubble's V, stages `r` and `2p - 1 - r` share rank `r` ([`chunks`], [`balanced_v`]).
 
 use std::ops::Range;
 
@@ -240,18 +241,31 @@ fn min_max_memory(memory: &[f64], stages: usize) -> Result<f64> {
         .fold(0.0, f64::max))
 }
 
-/// The layers of each rank's chunks when `stages.len() = p · v` stages are interleaved over
-/// `p` ranks (stage `k` on rank `k mod p`): `result[rank][chunk]`.
-pub fn chunks(stages: &[Range<usize>], p: usize) -> Result<Vec<Vec<Range<usize>>>> {
-    if p == 0 || stages.len() % p != 0 {
+/// The layers of each rank's chunks, in stage order, when stage `k` runs on rank
+/// `placement[k]`: `result[rank][chunk]`. Interleaving places stage `k` on rank `k mod p`,
+/// zero bubble's V on [`crate::schedule::v_placement`].
+pub fn chunks(stages: &[Range<usize>], placement: &[usize]) -> Result<Vec<Vec<Range<usize>>>> {
+    if stages.len() != placement.len() {
         invalid!(
-            "{} stages cannot be spread evenly over {p} ranks: stages must be a multiple of ranks",
-            stages.len()
+            "{} stages but a placement for {}: give every stage a rank",
+            stages.len(),
+            placement.len()
         );
     }
-    Ok((0..p)
-        .map(|rank| stages.iter().skip(rank).step_by(p).cloned().collect())
-        .collect())
+    let ranks = placement.iter().max().map_or(0, |r| r + 1);
+    let mut out = vec![Vec::new(); ranks];
+    for (range, &rank) in stages.iter().zip(placement) {
+        out[rank].push(range.clone());
+    }
+    Ok(out)
+}
+
+/// Stage `k` on rank `k mod p`, for `stages` stages: interleaving's placement.
+pub fn looped_placement(stages: usize, p: usize) -> Result<Vec<usize>> {
+    if p == 0 || stages % p != 0 {
+        invalid!("{stages} stages cannot be spread evenly over {p} ranks: stages must be a multiple of ranks");
+    }
+    Ok((0..stages).map(|k| k % p).collect())
 }
 
 /// Per-layer costs of a model: embedding, `blocks` identical blocks, then head + loss.
@@ -279,10 +293,15 @@ mod tests {
     #[test]
     fn interleaved_chunks_match_the_seed() {
         let stages = uniform(16, 4).unwrap();
-        let ranks = chunks(&stages, 2).unwrap();
+        let ranks = chunks(&stages, &looped_placement(4, 2).unwrap()).unwrap();
         assert_eq!(ranks[0], vec![0..4, 8..12]);
         assert_eq!(ranks[1], vec![4..8, 12..16]);
-        assert!(chunks(&stages, 3).is_err());
+        assert!(looped_placement(4, 3).is_err());
+        // The V: rank 0 holds both ends.
+        let ranks = chunks(&stages, &crate::schedule::v_placement(2)).unwrap();
+        assert_eq!(ranks[0], vec![0..4, 12..16]);
+        assert_eq!(ranks[1], vec![4..8, 8..12]);
+        assert!(chunks(&stages, &[0, 1]).is_err());
     }
 
     /// Against every cut into 2p stages: the least busiest-rank total, found by brute force.

@@ -12,6 +12,7 @@ use anyhow::Result;
 
 use super::{Action, Schedule};
 use crate::invalid;
+use crate::sim::{simulate, Costs};
 
 /// The schedules pipit can generate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -97,6 +98,21 @@ pub fn generate(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Result<Sche
         ScheduleKind::Interleaved => interleaved(p, m, v),
         ScheduleKind::ZeroBubble => zero_bubble(p, m, v),
         ScheduleKind::ZeroBubbleV => zero_bubble_v(p, m, v),
+    }
+}
+
+/// [`generate`] for the stage costs the schedule will run under: zb-v's order is built by
+/// simulating them ([`zero_bubble_v_for`]); the other orders do not depend on costs.
+pub fn generate_for(
+    kind: ScheduleKind,
+    p: usize,
+    m: usize,
+    v: usize,
+    costs: &Costs,
+) -> Result<Schedule> {
+    match kind {
+        ScheduleKind::ZeroBubbleV => zero_bubble_v_for(p, m, v, costs),
+        _ => generate(kind, p, m, v),
     }
 }
 
@@ -255,21 +271,21 @@ pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
 
 /// Zero bubble on a V (ZB-V; Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024):
 /// two chunks per rank placed in a V, rank `r` running stage `r` on the way down and stage
-/// `2p - 1 - r` on the way back, every backward split into `I` and `W` as in
-/// [`zero_bubble`]. Rank 0 then holds both the first and the last stage, and the turn
+/// `2p - 1 - r` on the way back ([`v_placement`]), every backward split into `I` and `W` as
+/// in [`zero_bubble`]. Rank 0 then holds both the first and the last stage, and the turn
 /// (stages `p - 1` and `p`) stays on rank `p - 1`.
 ///
-/// The order comes from a greedy list schedule under unit costs (`F = I = W`): at each time
-/// step every idle rank runs the first of these that is ready, the earliest micro-batch of
-/// each stage first:
+/// The order comes from a greedy list schedule: whenever a rank is idle it runs the first of
+/// these that is ready, the earliest micro-batch of each stage first:
 /// 1. a forward, the way-back chunk's first, unless the rank already holds `2p` chunk
 ///    activations (from forward to weight gradient): chunks are half a rank's layers, so that
 ///    is `p` micro-batches of the rank's layers, what 1F1B's first rank holds of its own;
 /// 2. an input gradient (`I`), the way-down chunk's first;
 /// 3. a weight gradient (`W`), the oldest first: nobody waits for it, so it fills the gaps.
 ///
-/// The last rank cannot start before `p - 1`, and every rank has `6m` units of work, so no
-/// step takes less than `6m + p - 1` units; this order takes exactly that for every
+/// Here the actions take unit time (`F = I = W`); [`zero_bubble_v_for`] times them with given
+/// costs. The last rank cannot start before `p - 1`, and every rank has `6m` units of work,
+/// so no step takes less than `6m + p - 1` units; this order takes exactly that for every
 /// `m >= 2p` (checked for `p <= 16`, `m <= 64` by the planner tests): half of ZB-H1's
 /// `p - 1` whole-stage bubble. Requires `v = 2`; any `p, m >= 1`.
 pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
@@ -277,38 +293,94 @@ pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
     if v != 2 {
         invalid!("zb-v runs two stages per rank, in a V: chunks must be 2 (got {v})");
     }
-    let placement: Vec<usize> = (0..2 * p).map(|s| s.min(2 * p - 1 - s)).collect();
-    // The cap never stalls the greedy order in the planner's tests; should it, a larger one is
-    // tried (with no cap every ready forward runs, so the schedule completes).
+    // The cap never stalls the unit-time order in the planner's tests; should it, a larger one
+    // is tried (with no cap every ready forward runs, so the schedule completes).
     let ranks = (2 * p..)
-        .find_map(|cap| greedy_v(p, m, cap))
+        .find_map(|cap| greedy_v(p, m, cap, Greedy::default(), &|_| 1.0))
         .expect("an uncapped greedy schedule always completes");
-    Ok(Schedule {
-        name: ScheduleKind::ZeroBubbleV.name().to_string(),
-        microbatches: m,
-        placement,
-        ranks,
-    })
+    Ok(v_schedule(p, m, ranks))
 }
 
-/// The greedy unit-cost list schedule of [`zero_bubble_v`] with at most `cap` chunk
-/// activations per rank; `None` if it stalls.
-fn greedy_v(p: usize, m: usize, cap: usize) -> Option<Vec<Vec<Action>>> {
+/// [`zero_bubble_v`] for stages of unequal cost: the greedy order is also built under `costs`
+/// (forward, and backward split by the weight share), in each [`Greedy`] variant, and the
+/// order that simulates fastest under them is kept, the unit-time one included. Orders that
+/// would stall under the `2p` cap are not candidates, so no rank holds more than the unit-time
+/// order allows. Under uniform costs the unit-time order is returned.
+pub fn zero_bubble_v_for(p: usize, m: usize, v: usize, costs: &Costs) -> Result<Schedule> {
+    let unit = zero_bubble_v(p, m, v)?;
+    costs.check(2 * p)?;
+    let makespan = |s: &Schedule| simulate(s, costs).map(|sim| sim.makespan);
+    let mut best = (makespan(&unit)?, unit);
+    for inputs_first in [false, true] {
+        for reserve in [false, true] {
+            let order = Greedy {
+                inputs_first,
+                reserve,
+            };
+            let Some(ranks) = greedy_v(p, m, 2 * p, order, &|a| costs.duration(a)) else {
+                continue;
+            };
+            let timed = v_schedule(p, m, ranks);
+            let time = makespan(&timed)?;
+            if time < best.0 {
+                best = (time, timed);
+            }
+        }
+    }
+    Ok(best.1)
+}
+
+/// The V placement of `2p` stages on `p` ranks: rank `r` runs stages `r` and `2p - 1 - r`.
+pub fn v_placement(p: usize) -> Vec<usize> {
+    (0..2 * p).map(|s| s.min(2 * p - 1 - s)).collect()
+}
+
+fn v_schedule(p: usize, m: usize, ranks: Vec<Vec<Action>>) -> Schedule {
+    Schedule {
+        name: ScheduleKind::ZeroBubbleV.name().to_string(),
+        microbatches: m,
+        placement: v_placement(p),
+        ranks,
+    }
+}
+
+/// Variants of [`zero_bubble_v`]'s greedy choice, tried under uneven costs.
+#[derive(Clone, Copy, Default)]
+struct Greedy {
+    /// A ready input gradient before a ready forward (the unit-time order runs the forward).
+    inputs_first: bool,
+    /// Keep one place under the cap for the way-back chunk's forwards: when the way-down
+    /// chunk's forwards are cheap they would otherwise fill the cap and stall the rank.
+    reserve: bool,
+}
+
+/// The greedy list schedule of [`zero_bubble_v`] with at most `cap` chunk activations per
+/// rank, each action taking `duration`, choosing as `order` says; `None` if it stalls.
+fn greedy_v(
+    p: usize,
+    m: usize,
+    cap: usize,
+    order: Greedy,
+    duration: &dyn Fn(Action) -> f64,
+) -> Option<Vec<Vec<Action>>> {
     let stages = 2 * p;
-    // Per stage: finish times of forwards and input gradients, and how many of each kind ran.
-    let mut forward_done = vec![vec![usize::MAX; m]; stages];
-    let mut input_done = vec![vec![usize::MAX; m]; stages];
+    // Per stage: end times of forwards and input gradients, and how many of each kind began.
+    let mut forward_done = vec![vec![f64::INFINITY; m]; stages];
+    let mut input_done = vec![vec![f64::INFINITY; m]; stages];
     let (mut forwards, mut inputs, mut weights) =
         (vec![0; stages], vec![0; stages], vec![0; stages]);
     let mut held = vec![0usize; p];
+    let mut free_at = vec![0.0f64; p];
     let mut ranks = vec![Vec::with_capacity(6 * m); p];
-    let chunks = |rank: usize| [rank, stages - 1 - rank];
     let total = 3 * stages * m;
-    let (mut ran, mut t) = (0, 0);
+    let (mut ran, mut t) = (0, 0.0f64);
     while ran < total {
         let mut progressed = false;
         for (rank, actions) in ranks.iter_mut().enumerate() {
-            let [down, back] = chunks(rank);
+            if free_at[rank] > t {
+                continue;
+            }
+            let (down, back) = (rank, stages - 1 - rank);
             let input_ready = |s: usize| {
                 let x = inputs[s];
                 x < m && forward_done[s][x] <= t && (s + 1 == stages || input_done[s + 1][x] <= t)
@@ -316,16 +388,28 @@ fn greedy_v(p: usize, m: usize, cap: usize) -> Option<Vec<Vec<Action>>> {
             let forward_ready =
                 |s: usize| forwards[s] < m && (s == 0 || forward_done[s - 1][forwards[s]] <= t);
             let weight_ready = |s: usize| weights[s] < inputs[s] && input_done[s][weights[s]] <= t;
-            let action = if let Some(s) = [back, down]
+            // Optionally the way-down chunk leaves one place for the way back, whose forwards
+            // the rank's own backwards wait for.
+            let room = |s: usize| held[rank] + usize::from(order.reserve && s == down) < cap;
+            let forward = [back, down]
                 .into_iter()
-                .find(|&s| held[rank] < cap && forward_ready(s))
-            {
-                forward_done[s][forwards[s]] = t + 1;
+                .find(|&s| room(s) && forward_ready(s));
+            let input = [down, back].into_iter().find(|&s| input_ready(s));
+            let first = match (forward, input) {
+                (Some(f), Some(i)) => Some(if order.inputs_first {
+                    (i, false)
+                } else {
+                    (f, true)
+                }),
+                (Some(f), None) => Some((f, true)),
+                (None, Some(i)) => Some((i, false)),
+                (None, None) => None,
+            };
+            let action = if let Some((s, true)) = first {
                 forwards[s] += 1;
                 held[rank] += 1;
                 fwd(s, forwards[s] - 1)
-            } else if let Some(s) = [down, back].into_iter().find(|&s| input_ready(s)) {
-                input_done[s][inputs[s]] = t + 1;
+            } else if let Some((s, false)) = first {
                 inputs[s] += 1;
                 Action::BackwardInput {
                     stage: s,
@@ -345,16 +429,25 @@ fn greedy_v(p: usize, m: usize, cap: usize) -> Option<Vec<Vec<Action>>> {
             } else {
                 continue;
             };
+            let end = t + duration(action);
+            match action {
+                Action::Forward { stage, microbatch } => forward_done[stage][microbatch] = end,
+                Action::BackwardInput { stage, microbatch } => input_done[stage][microbatch] = end,
+                _ => {}
+            }
+            free_at[rank] = end;
             actions.push(action);
             ran += 1;
             progressed = true;
         }
-        // Everything started before `t` has ended by `t`: a step in which no rank could run
-        // anything leaves the next one the same.
         if !progressed {
-            return None;
+            // Nothing could start at `t`: wait for the next action to end, if any is running.
+            t = free_at
+                .iter()
+                .copied()
+                .filter(|&f| f > t)
+                .reduce(f64::min)?;
         }
-        t += 1;
     }
     Some(ranks)
 }
@@ -495,20 +588,47 @@ mod tests {
     fn zero_bubble_v_reaches_the_bound_everywhere() {
         for p in 1..=16 {
             for m in 1..=64 {
-                let ranks = greedy_v(p, m, 2 * p).expect("completes under the 2p cap");
+                let ranks = greedy_v(p, m, 2 * p, Greedy::default(), &|_| 1.0)
+                    .expect("completes under the 2p cap");
                 if m < 2 * p {
                     continue;
                 }
                 let schedule = Schedule {
                     name: "zb-v".into(),
                     microbatches: m,
-                    placement: (0..2 * p).map(|s| s.min(2 * p - 1 - s)).collect(),
+                    placement: v_placement(p),
                     ranks,
                 };
                 let sim = crate::sim::simulate(&schedule, &crate::sim::Costs::uniform(2 * p));
                 assert_eq!(sim.unwrap().makespan, (6 * m + p - 1) as f64, "p={p} m={m}");
             }
         }
+    }
+
+    /// Costs one run measured under a balanced V (an embedding-only stage 0, the head with
+    /// three blocks on stage 3): the unit-time order stalls rank 0 behind its cheap forwards;
+    /// the order built for the costs does better, within the same cap.
+    #[test]
+    fn zero_bubble_v_for_uneven_stages_beats_the_unit_order() {
+        let costs = Costs {
+            fwd: vec![0.02, 4.12, 8.17, 14.76],
+            bwd: vec![0.05, 6.55, 12.96, 21.84],
+            weight_share: vec![0.33, 0.33, 0.33, 0.26],
+            ..Costs::uniform(4)
+        };
+        let time = |s: &Schedule| simulate(s, &costs).unwrap();
+        let unit = time(&zero_bubble_v(2, 8, 2).unwrap());
+        let timed = time(&zero_bubble_v_for(2, 8, 2, &costs).unwrap());
+        assert!(
+            timed.makespan < 0.8 * unit.makespan,
+            "{} against {}",
+            timed.makespan,
+            unit.makespan
+        );
+        assert!(timed.ranks.iter().all(|r| r.peak_activations <= 4));
+        // Under uniform costs the unit-time order is the one returned.
+        let uniform = zero_bubble_v_for(3, 9, 2, &Costs::uniform(6)).unwrap();
+        assert_eq!(uniform, zero_bubble_v(3, 9, 2).unwrap());
     }
 
     #[test]
