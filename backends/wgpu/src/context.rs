@@ -12,6 +12,7 @@ use wgpu::util::DeviceExt;
 use crate::buffer::WgpuBuffer;
 use crate::device::{self, KernelProfile, Options};
 use crate::kernels::{Kernel, Kernels};
+use crate::timing::{self, Timestamps};
 
 /// Ops recorded into one command encoder before it is submitted. Submitting in batches keeps
 /// the per-submit cost low while letting the device start on earlier work before the host
@@ -45,6 +46,8 @@ pub struct WgpuBackend {
     /// Workgroups per grid dimension.
     pub(crate) max_groups: u32,
     max_buffer_bytes: u64,
+    /// Timestamp queries for marks, where the adapter writes them inside command encoders.
+    pub(crate) timestamps: Option<Mutex<Timestamps>>,
 }
 
 #[derive(Default)]
@@ -95,9 +98,16 @@ impl WgpuBackend {
     pub fn on_adapter(adapter: &wgpu::Adapter, options: &Options) -> Result<Self> {
         let info = adapter.get_info();
         let limits = adapter.limits();
+        let timed = adapter.features().contains(timing::features())
+            && std::env::var_os("PIPIT_WGPU_HOST_TIMING").is_none();
         let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("pipit"),
             required_limits: limits.clone(),
+            required_features: if timed {
+                timing::features()
+            } else {
+                wgpu::Features::empty()
+            },
             ..Default::default()
         }))
         .with_context(|| format!("opening a device on {}", device::describe(&info)))?;
@@ -138,7 +148,6 @@ impl WgpuBackend {
         log::info!("{} ({profile:?} kernels)", device::describe(&info));
         Ok(Self {
             device,
-            queue,
             info,
             kernels: Kernels::default(),
             lanes: profile.lanes_per_row(),
@@ -150,6 +159,8 @@ impl WgpuBackend {
             align,
             max_groups: limits.max_compute_workgroups_per_dimension,
             max_buffer_bytes: limits.max_buffer_size,
+            timestamps: timed.then(|| Timestamps::new(&queue)),
+            queue,
         })
     }
 
@@ -361,13 +372,20 @@ impl WgpuBackend {
             return Ok(out);
         }
         let size = (buf.len * buf.dtype.size()) as u64;
+        let data = self.read_bytes(&buf.buffer, size)?;
+        bytemuck::cast_slice_mut::<f32, u8>(&mut out).copy_from_slice(&data);
+        Ok(out)
+    }
+
+    /// The first `size` bytes of `buffer` (a `COPY_SRC` buffer) after all recorded work.
+    pub(crate) fn read_bytes(&self, buffer: &wgpu::Buffer, size: u64) -> Result<Vec<u8>> {
         let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("download"),
             size,
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        self.record(|enc| enc.copy_buffer_to_buffer(&buf.buffer, 0, &staging, 0, size))?;
+        self.record(|enc| enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, size))?;
         // The copy must be submitted before the staging buffer is marked for mapping.
         self.flush();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -379,13 +397,11 @@ impl WgpuBackend {
         rx.recv()
             .context("the device dropped a buffer mapping")?
             .context("mapping a download buffer")?;
-        {
-            let data = staging
-                .get_mapped_range(..)
-                .map_err(|e| anyhow!("reading a mapped buffer: {e:?}"))?;
-            bytemuck::cast_slice_mut::<f32, u8>(&mut out).copy_from_slice(&data);
-        }
+        let data = staging
+            .get_mapped_range(..)
+            .map_err(|e| anyhow!("reading a mapped buffer: {e:?}"))?
+            .to_vec();
         staging.unmap();
-        Ok(out)
+        Ok(data)
     }
 }

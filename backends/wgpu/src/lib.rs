@@ -12,6 +12,9 @@
 //! Row kernels are tuned per [`KernelProfile`]: workgroup reductions on GPUs, one invocation
 //! per row without barriers on CPU adapters (lavapipe), where barriers are costly. Work is
 //! also cut so no invocation runs more than 65535 loop iterations, where llvmpipe stops loops.
+//!
+//! Marks for timing are device timestamps where the adapter supports them ([`WgpuMark`]), so
+//! timing a step does not wait for the device between actions.
 
 mod buffer;
 mod context;
@@ -19,7 +22,9 @@ pub mod device;
 mod kernels;
 mod ops;
 mod split;
+mod timing;
 
 pub use buffer::WgpuBuffer;
 pub use context::WgpuBackend;
 pub use device::{KernelProfile, Options};
+pub use timing::WgpuMark;

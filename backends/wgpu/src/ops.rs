@@ -1,18 +1,15 @@
 //! `Backend` for [`WgpuBackend`]: size checks, cutting into binding windows, and dispatches.
 
-use std::time::Instant;
-
 use anyhow::{bail, Result};
 use pipit_engine::backend::check;
-use pipit_engine::backend::{
-    host_elapsed_ms, AdamW, Attention, Backend, DType, Matmul, MemoryStats,
-};
+use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
 use wgpu::util::DeviceExt;
 
 use crate::buffer::WgpuBuffer;
 use crate::context::{View, WgpuBackend};
 use crate::kernels::Kernel;
 use crate::split::{largest_fitting, matmul_pieces, row_chunks, MAX_LOOP_ITERATIONS};
+use crate::timing::WgpuMark;
 
 /// Invocations per workgroup of the one-element-per-invocation kernels.
 const ELEMENTWISE_WG: usize = 256;
@@ -120,7 +117,7 @@ impl WgpuBackend {
 
 impl Backend for WgpuBackend {
     type Buffer = WgpuBuffer;
-    type Mark = Instant;
+    type Mark = WgpuMark;
 
     fn describe(&self) -> String {
         self.description()
@@ -866,15 +863,15 @@ impl Backend for WgpuBackend {
         self.wait()
     }
 
-    /// The clock once the queue is idle: submissions carry no timestamps that every adapter
-    /// supports, so a mark waits for the work before it.
-    fn mark(&self) -> Result<Instant> {
-        self.wait()?;
-        Ok(Instant::now())
+    /// A device timestamp written after the work recorded so far, without waiting; where the
+    /// adapter cannot write timestamps inside command encoders (or `PIPIT_WGPU_HOST_TIMING`
+    /// is set), the host clock once the queue is idle.
+    fn mark(&self) -> Result<WgpuMark> {
+        self.timing_mark()
     }
 
-    fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f64> {
-        Ok(host_elapsed_ms(start, end))
+    fn elapsed_ms(&self, start: &WgpuMark, end: &WgpuMark) -> Result<f64> {
+        self.timing_elapsed_ms(start, end)
     }
 
     fn memory(&self) -> MemoryStats {

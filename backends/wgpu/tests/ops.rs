@@ -4,7 +4,7 @@
 //! Run with a software device: `XDG_RUNTIME_DIR=/tmp WGPU_ADAPTER_NAME=llvmpipe cargo test -p pipit-wgpu`.
 
 use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul};
-use pipit_wgpu::{KernelProfile, Options, WgpuBackend};
+use pipit_wgpu::{KernelProfile, Options, WgpuBackend, WgpuMark};
 
 /// Deterministic values in [-1, 1).
 struct Rng(u64);
@@ -92,6 +92,48 @@ fn describe_names_the_adapter() {
     let d = b.describe();
     assert!(d.starts_with("wgpu: "), "{d}");
     assert!(d.contains(&b.adapter_info().name), "{d}");
+}
+
+/// Marks are device timestamps where the adapter writes them inside encoders (lavapipe does):
+/// the times between marks add up along a chain, more work takes longer, and a mark whose
+/// generation was read and closed is refused rather than compared with newer ones.
+#[test]
+fn marks_time_the_work_between_them() {
+    let b = WgpuBackend::new().unwrap();
+    let n = 192;
+    let x = b.upload(&Rng(3).vec(n * n)).unwrap();
+    let mut y = b.upload(&vec![0.0; n * n]).unwrap();
+    // Warm up: the first dispatch of a kernel also compiles it on some drivers.
+    b.matmul(&mut y, &x, &x, None, Matmul::new(n, n, n))
+        .unwrap();
+    b.synchronize().unwrap();
+    let start = b.mark().unwrap();
+    b.matmul(&mut y, &x, &x, None, Matmul::new(n, n, n))
+        .unwrap();
+    let one = b.mark().unwrap();
+    for _ in 0..4 {
+        b.matmul(&mut y, &x, &x, None, Matmul::new(n, n, n))
+            .unwrap();
+    }
+    let five = b.mark().unwrap();
+    if b.adapter_info().name.contains("llvmpipe") {
+        assert!(matches!(start, WgpuMark::Device { .. }), "{start:?}");
+    }
+    b.synchronize().unwrap();
+    let first = b.elapsed_ms(&start, &one).unwrap();
+    let rest = b.elapsed_ms(&one, &five).unwrap();
+    let all = b.elapsed_ms(&start, &five).unwrap();
+    assert!(first > 0.0 && rest > first, "{first} ms then {rest} ms");
+    assert!(
+        (first + rest - all).abs() <= 1e-9 * all,
+        "{first} + {rest} != {all}"
+    );
+    if let WgpuMark::Device { .. } = start {
+        let later = b.mark().unwrap();
+        assert!(b.elapsed_ms(&start, &one).is_err());
+        b.synchronize().unwrap();
+        assert_eq!(b.elapsed_ms(&later, &later).unwrap(), 0.0);
+    }
 }
 
 #[test]
