@@ -249,6 +249,15 @@ step cuda-124m-f32-p1 60 train_summary -- .gpu/pipit "${GPT2[@]}" --backend cuda
 step cuda-124m-bf16-p4-zb 60 train_summary -- .gpu/pipit "${GPT2_CUDA_BF16[@]}" \
     --stages 4 --schedule zb-h1 --microbatches 8 --steps 6 \
     --log-json "$LOGS/cuda-124m-bf16-p4-zb.jsonl"
+# Zero bubble on a V: two stages per rank, cut so each rank's pair costs alike.
+step cuda-124m-bf16-p4-zbv 60 train_summary -- .gpu/pipit "${GPT2_CUDA_BF16[@]}" \
+    --stages 4 --schedule zb-v --partition balanced --microbatches 8 --steps 6 \
+    --log-json "$LOGS/cuda-124m-bf16-p4-zbv.jsonl"
+# wgpu timed by the host clock, waiting at every action, against wgpu-124m-f32-p1's device
+# timestamps: what timing used to cost.
+step wgpu-124m-f32-p1-host-timing 60 train_summary -- env PIPIT_WGPU_HOST_TIMING=1 \
+    .gpu/pipit "${GPT2[@]}" --backend wgpu --stages 1 --microbatches 2 --steps 3 \
+    --log-json "$LOGS/wgpu-124m-f32-p1-host-timing.jsonl"
 
 echo
 echo "== gpu-check: $((SECONDS - START)) s in all; logs in $LOGS"
