@@ -168,6 +168,9 @@ fn compare_plans_every_schedule_under_the_same_costs() {
     assert_eq!(row("gpipe"), "33.00 72.7 % 8 8 8 8");
     assert_eq!(row("1f1b"), "33.00 72.7 % 4 3 2 1");
     assert_eq!(row("zb-h1"), "27.00 88.9 % 4 4 4 4");
+    // Without --chunks the V runs its two, each half a stage: 6m + p - 1 half-units.
+    assert_eq!(row("zb-v"), "25.50 94.1 % 4 4 4 4");
+    assert!(text.contains("zb-v runs 2 chunks per rank here"), "{text}");
     let value = json(&[
         "plan",
         "--compare",

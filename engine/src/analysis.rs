@@ -71,6 +71,8 @@ pub enum Advice {
     Interleave,
     /// Splitting backward (zero bubble) cuts 1F1B's bubble to a third.
     ZeroBubble,
+    /// Zero bubble on a V halves ZB-H1's bubble again.
+    ZeroBubbleV,
     /// 1F1B holds at most `p` micro-batches' activations instead of `m`.
     Use1F1B,
     /// Recomputing activations in backward trades compute for memory.
@@ -103,7 +105,8 @@ pub struct Plan {
     pub simulation: Simulation,
     /// Efficiency the user aims for (default 0.9).
     pub target_efficiency: f64,
-    /// Closed-form efficiency for this `p, m, v` (uniform costs, free transfers).
+    /// Closed-form efficiency for this `p, m, v` (uniform costs, free transfers; for zb-v it
+    /// holds from `m = 2p` on).
     pub closed_form_efficiency: f64,
     /// Fewest micro-batches reaching the target, closed form.
     pub microbatches_for_target: usize,
@@ -118,8 +121,13 @@ impl Plan {
         let ranks = schedule.num_ranks();
         let chunks = schedule.num_stages().div_ceil(ranks);
         let m = schedule.microbatches;
-        let divisor = bubble_divisor(schedule.name.parse().ok(), chunks);
-        let microbatches_for_target = microbatches_for(ranks, divisor, target_efficiency)?;
+        let kind = schedule.name.parse().ok();
+        let divisor = bubble_divisor(kind, chunks);
+        let mut microbatches_for_target = microbatches_for(ranks, divisor, target_efficiency)?;
+        if kind == Some(ScheduleKind::ZeroBubbleV) {
+            // The V's closed form holds from m = 2p on; fewer cannot fill its round trip.
+            microbatches_for_target = microbatches_for_target.max(2 * ranks);
+        }
         let mut plan = Plan {
             closed_form_efficiency: interleaved_efficiency(ranks, m, divisor),
             schedule,
@@ -182,12 +190,12 @@ pub fn recommend(plan: &Plan) -> Vec<Recommendation> {
         }
         if v == 1 && kind == Some(ScheduleKind::ZeroBubble) {
             out.push(Recommendation {
-                advice: Advice::ZeroBubble,
+                advice: Advice::ZeroBubbleV,
                 message: format!(
-                    "zb-v runs two half-size stages per rank in a V and halves the bubble again: closed form efficiency {:.1} % with the same {m} micro-batches, each rank holding at most {} micro-batches of its layers (1F1B's first rank holds {})",
-                    pct(interleaved_efficiency(p, m, 6)),
-                    p.min(m),
-                    p.min(m)
+                    "zb-v runs two half-size stages per rank in a V and halves the bubble again: closed form efficiency {:.1} % with {} micro-batches, each rank holding at most {} half-size chunks",
+                    pct(interleaved_efficiency(p, m.max(2 * p), 6)),
+                    m.max(2 * p),
+                    2 * p.min(m)
                 ),
             });
         }
@@ -322,7 +330,7 @@ mod tests {
             kinds,
             [
                 Advice::RaiseMicrobatches,
-                Advice::ZeroBubble,
+                Advice::ZeroBubbleV,
                 Advice::CheckpointActivations
             ]
         );
@@ -337,6 +345,10 @@ mod tests {
         assert!((v.closed_form_efficiency - 48.0 / 51.0).abs() < 1e-12);
         let kinds: Vec<Advice> = v.recommendations.iter().map(|r| r.advice).collect();
         assert_eq!(kinds, [Advice::CheckpointActivations]);
+        // Below m = 2p the V cannot fill its round trip: the advice asks for 2p at least.
+        let short = plan(ScheduleKind::ZeroBubbleV, 4, 2, 2, None);
+        assert_eq!(short.microbatches_for_target, 8);
+        assert!(short.recommendations[0].message.contains("from 2 to 8"));
         let looped = plan(ScheduleKind::Interleaved, 4, 8, 2, None);
         let memory = looped
             .recommendations

@@ -264,7 +264,7 @@ impl TrainConfig {
         match self.partition.as_str() {
             "uniform" => crate::partition::uniform(layers, stages),
             // The V's ranks each run two stages from opposite ends: balance the ranks.
-            "balanced" if self.schedule == ScheduleKind::ZeroBubbleV.name() => {
+            "balanced" if matches!(self.schedule.parse(), Ok(ScheduleKind::ZeroBubbleV)) => {
                 crate::partition::balanced_v(&layer_costs(&self.model, self.seq_len), self.stages)
             }
             "balanced" => {

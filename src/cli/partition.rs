@@ -2,7 +2,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use pipit_engine::partition::{self, layer_costs, Method, Partition};
-use pipit_engine::schedule::v_placement;
+use pipit_engine::schedule::{looped_placement, v_placement};
 use pipit_engine::{invalid, invalid_input};
 use serde_json::json;
 
@@ -146,7 +146,7 @@ pub fn run(args: PartitionArgs) -> Result<()> {
     let placement = if v_shape {
         v_placement(args.stages)
     } else {
-        partition::looped_placement(stages, args.stages)?
+        looped_placement(stages, args.stages)
     };
     let out = if args.format == "json" {
         json_report(&result, &placement)?

@@ -269,13 +269,20 @@ fn compare(args: &PlanArgs) -> Result<()> {
     // chunks is listed with its reason.
     let stages = generate(ScheduleKind::Naive, p, m, v)?.num_stages();
     let costs = costs(args, stages)?;
+    // Without --chunks, a schedule that runs its own count (zb-v's two) is planned on the same
+    // layers cut that much finer, each chunk costing its share of the stage.
     let mut rows = Vec::new();
     for kind in ScheduleKind::ALL {
-        let plan = match generate_for(kind, p, m, v, &costs) {
-            Ok(schedule) => Ok(plan_for(schedule, costs.clone(), args)?),
+        let k = match args.chunks {
+            Some(_) => 1,
+            None => kind.default_chunks(),
+        };
+        let fine = costs.split(k);
+        let plan = match generate_for(kind, p, m, v * k, &fine) {
+            Ok(schedule) => Ok(plan_for(schedule, fine, args)?),
             Err(e) => Err(e.to_string()),
         };
-        rows.push((kind, plan));
+        rows.push((kind, k, plan));
     }
     let out = match args.format {
         FormatArg::Text => {
@@ -288,14 +295,14 @@ fn compare(args: &PlanArgs) -> Result<()> {
             };
             let mut out = format!("p = {p}, m = {m}, v = {v}; {costs}\n");
             out.push_str("schedule      makespan ms  efficiency  peak held per rank\n");
-            for (kind, plan) in &rows {
+            for (kind, k, plan) in &rows {
                 match plan {
                     Ok(plan) => {
                         let sim = &plan.simulation;
                         let held: Vec<String> = sim
                             .ranks
                             .iter()
-                            .map(|r| r.peak_activations.to_string())
+                            .map(|r| stages_worth(r.peak_activations, *k))
                             .collect();
                         out.push_str(&format!(
                             "{:<12} {:>12.2} {:>10.1} %  {}\n",
@@ -308,14 +315,21 @@ fn compare(args: &PlanArgs) -> Result<()> {
                     Err(why) => out.push_str(&format!("{:<12} -  ({why})\n", kind.name())),
                 }
             }
+            for (kind, k, _) in rows.iter().filter(|(_, k, _)| *k > 1) {
+                out.push_str(&format!(
+                    "{} runs {k} chunks per rank here, each 1/{k} of a stage's cost; its held counts are whole stages' worth\n",
+                    kind.name()
+                ));
+            }
             out
         }
         FormatArg::Json => {
             let list: Vec<serde_json::Value> = rows
                 .iter()
-                .map(|(kind, plan)| match plan {
+                .map(|(kind, k, plan)| match plan {
                     Ok(plan) => serde_json::json!({
                         "schedule": kind.name(),
+                        "chunks": v * k,
                         "makespan": plan.simulation.makespan,
                         "efficiency": plan.simulation.efficiency,
                         "peak_activations": plan.simulation.ranks.iter().map(|r| r.peak_activations).collect::<Vec<_>>(),
@@ -329,6 +343,15 @@ fn compare(args: &PlanArgs) -> Result<()> {
         _ => invalid!("--compare prints text or json (got another --format)"),
     };
     write(args, out)
+}
+
+/// `count` chunks of `1/k` of a stage, in stages' worth: `8` chunks of a half are `4`.
+fn stages_worth(count: usize, k: usize) -> String {
+    if count % k == 0 {
+        (count / k).to_string()
+    } else {
+        format!("{:.1}", count as f64 / k as f64)
+    }
 }
 
 /// Print `out`, or write it to --output.

@@ -247,12 +247,14 @@ impl TrainArgs {
         }
         // A schedule named without --chunks takes its own default, unless it is one that runs
         // any number (then a config file's chunks stand).
-        let chunked = matches!(c.schedule.as_str(), "interleaved" | "zb-h1");
-        if self.schedule.is_some() && self.chunks.is_none() && !chunked {
-            c.chunks = c
-                .schedule
-                .parse::<ScheduleKind>()
-                .map_or(1, |k| k.default_chunks());
+        if let (Some(_), None, Ok(kind)) = (
+            &self.schedule,
+            self.chunks,
+            c.schedule.parse::<ScheduleKind>(),
+        ) {
+            if !kind.varies_chunks() {
+                c.chunks = kind.default_chunks();
+            }
         }
         if self.n_positions.is_some() && self.seq_len.is_none() {
             c.seq_len = c.seq_len.min(c.model.n_positions);

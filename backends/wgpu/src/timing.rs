@@ -57,8 +57,9 @@ impl Timestamps {
 }
 
 impl WgpuBackend {
-    /// A mark after all work recorded so far: a timestamp written into the command stream, or
-    /// (without timestamp support) the host clock once the queue is idle.
+    /// A mark after all work recorded so far: a timestamp written into the command stream and
+    /// submitted with it, or (without timestamp support) the host clock once the queue is
+    /// idle.
     pub(crate) fn timing_mark(&self) -> Result<WgpuMark> {
         let Some(timestamps) = &self.timestamps else {
             self.wait()?;
@@ -81,6 +82,10 @@ impl WgpuBackend {
             ts.sets.push(query_set);
         }
         self.record(|enc| enc.write_timestamp(&ts.sets[set], slot))?;
+        // Submit what came before, without waiting: an action that blocks on the host next (a
+        // receive) must not leave the device idle with work recorded, nor have the wait
+        // counted inside the action before it.
+        self.flush();
         ts.next += 1;
         Ok(WgpuMark::Device {
             generation: ts.generation,
@@ -103,7 +108,10 @@ impl WgpuBackend {
                     index: b,
                 },
             ) if ga == gb => (*a, *b, *ga),
-            _ => bail!("two marks of different timing generations cannot be compared"),
+            (WgpuMark::Device { .. }, WgpuMark::Device { .. }) => {
+                bail!("two marks of different timing generations cannot be compared")
+            }
+            _ => bail!("a host-clock mark cannot be compared with a device timestamp"),
         };
         let Some(timestamps) = &self.timestamps else {
             bail!("a device timing mark on a backend without timestamps");

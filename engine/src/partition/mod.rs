@@ -242,8 +242,9 @@ fn min_max_memory(memory: &[f64], stages: usize) -> Result<f64> {
 }
 
 /// The layers of each rank's chunks, in stage order, when stage `k` runs on rank
-/// `placement[k]`: `result[rank][chunk]`. Interleaving places stage `k` on rank `k mod p`,
-/// zero bubble's V on [`crate::schedule::v_placement`].
+/// `placement[k]`: `result[rank][chunk]`. Interleaving places stage `k` on rank `k mod p`
+/// ([`crate::schedule::looped_placement`]), zero bubble's V as
+/// [`crate::schedule::v_placement`] says.
 pub fn chunks(stages: &[Range<usize>], placement: &[usize]) -> Result<Vec<Vec<Range<usize>>>> {
     if stages.len() != placement.len() {
         invalid!(
@@ -258,14 +259,6 @@ pub fn chunks(stages: &[Range<usize>], placement: &[usize]) -> Result<Vec<Vec<Ra
         out[rank].push(range.clone());
     }
     Ok(out)
-}
-
-/// Stage `k` on rank `k mod p`, for `stages` stages: interleaving's placement.
-pub fn looped_placement(stages: usize, p: usize) -> Result<Vec<usize>> {
-    if p == 0 || stages % p != 0 {
-        invalid!("{stages} stages cannot be spread evenly over {p} ranks: stages must be a multiple of ranks");
-    }
-    Ok((0..stages).map(|k| k % p).collect())
 }
 
 /// Per-layer costs of a model: embedding, `blocks` identical blocks, then head + loss.
@@ -293,10 +286,9 @@ mod tests {
     #[test]
     fn interleaved_chunks_match_the_seed() {
         let stages = uniform(16, 4).unwrap();
-        let ranks = chunks(&stages, &looped_placement(4, 2).unwrap()).unwrap();
+        let ranks = chunks(&stages, &crate::schedule::looped_placement(4, 2)).unwrap();
         assert_eq!(ranks[0], vec![0..4, 8..12]);
         assert_eq!(ranks[1], vec![4..8, 12..16]);
-        assert!(looped_placement(4, 3).is_err());
         // The V: rank 0 holds both ends.
         let ranks = chunks(&stages, &crate::schedule::v_placement(2)).unwrap();
         assert_eq!(ranks[0], vec![0..4, 12..16]);

@@ -66,6 +66,12 @@ impl ScheduleKind {
             _ => 1,
         }
     }
+
+    /// Whether the chunk count is this kind's to vary (interleaved and zb-h1 run any; 1f1b
+    /// and zb-v run one count only, and naive and gpipe gain nothing from more).
+    pub fn varies_chunks(self) -> bool {
+        matches!(self, ScheduleKind::Interleaved | ScheduleKind::ZeroBubble)
+    }
 }
 
 impl fmt::Display for ScheduleKind {
@@ -137,7 +143,7 @@ fn new_schedule(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Schedule {
     Schedule {
         name: kind.name().to_string(),
         microbatches: m,
-        placement: (0..p * v).map(|stage| stage % p).collect(),
+        placement: looped_placement(p * v, p),
         ranks: vec![Vec::with_capacity(2 * m * v); p],
     }
 }
@@ -281,13 +287,14 @@ pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
 ///    activations (from forward to weight gradient): chunks are half a rank's layers, so that
 ///    is `p` micro-batches of the rank's layers, what 1F1B's first rank holds of its own;
 /// 2. an input gradient (`I`), the way-down chunk's first;
-/// 3. a weight gradient (`W`), the oldest first: nobody waits for it, so it fills the gaps.
+/// 3. a weight gradient (`W`), of the chunk with fewer done (the way-down chunk's on a tie):
+///    nobody waits for it, so it fills the gaps.
 ///
 /// Here the actions take unit time (`F = I = W`); [`zero_bubble_v_for`] times them with given
 /// costs. The last rank cannot start before `p - 1`, and every rank has `6m` units of work,
 /// so no step takes less than `6m + p - 1` units; this order takes exactly that for every
-/// `m >= 2p` (checked for `p <= 16`, `m <= 64` by the planner tests): half of ZB-H1's
-/// `p - 1` whole-stage bubble. Requires `v = 2`; any `p, m >= 1`.
+/// `m >= 2p` (a unit test checks every `p <= 16`, `m <= 64`): half of ZB-H1's `p - 1`
+/// whole-stage bubble. Requires `v = 2`; any `p, m >= 1`.
 pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
     check_sizes(p, m, v)?;
     if v != 2 {
@@ -305,7 +312,9 @@ pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
 /// (forward, and backward split by the weight share), in each [`Greedy`] variant, and the
 /// order that simulates fastest under them is kept, the unit-time one included. Orders that
 /// would stall under the `2p` cap are not candidates, so no rank holds more than the unit-time
-/// order allows. Under uniform costs the unit-time order is returned.
+/// order allows. The greedy orders are built without transfer times; the simulation that
+/// picks among them includes `costs`' latency and bandwidth. Under uniform costs the unit-time
+/// order is returned.
 pub fn zero_bubble_v_for(p: usize, m: usize, v: usize, costs: &Costs) -> Result<Schedule> {
     let unit = zero_bubble_v(p, m, v)?;
     costs.check(2 * p)?;
@@ -328,6 +337,12 @@ pub fn zero_bubble_v_for(p: usize, m: usize, v: usize, costs: &Costs) -> Result<
         }
     }
     Ok(best.1)
+}
+
+/// Stage `k` on rank `k mod p`: every generator's placement but zb-v's (`stages` a multiple of
+/// `p`, which the generators guarantee).
+pub fn looped_placement(stages: usize, p: usize) -> Vec<usize> {
+    (0..stages).map(|k| k % p).collect()
 }
 
 /// The V placement of `2p` stages on `p` ranks: rank `r` runs stages `r` and `2p - 1 - r`.

@@ -201,7 +201,7 @@ impl Schedule {
             Some(list) => list,
             None => {
                 let stages = max_stage.map_or(ranks.len(), |s| (s + 1).max(ranks.len()));
-                (0..stages).map(|s| s % ranks.len()).collect()
+                super::looped_placement(stages, ranks.len())
             }
         };
         Ok(Schedule {

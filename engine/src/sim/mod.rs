@@ -164,6 +164,25 @@ impl Costs {
         Ok(costs)
     }
 
+    /// These costs for the same layers cut `k` times finer: each stage becomes `k`
+    /// consecutive chunks sharing its forward and backward time equally, each with the
+    /// stage's weight share and activation size (a chunk's output is as wide as the stage's).
+    pub fn split(&self, k: usize) -> Costs {
+        let fine = |list: &[f64], scale: f64| -> Vec<f64> {
+            list.iter()
+                .flat_map(|&x| std::iter::repeat_n(x * scale, k))
+                .collect()
+        };
+        let share = 1.0 / k as f64;
+        Costs {
+            fwd: fine(&self.fwd, share),
+            bwd: fine(&self.bwd, share),
+            weight_share: fine(&self.weight_share, 1.0),
+            activation_bytes: fine(&self.activation_bytes, 1.0),
+            ..self.clone()
+        }
+    }
+
     /// The time one action takes.
     pub fn duration(&self, action: Action) -> f64 {
         let s = action.stage();
