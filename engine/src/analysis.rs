@@ -105,9 +105,9 @@ pub struct Plan {
     pub simulation: Simulation,
     /// Efficiency the user aims for (default 0.9).
     pub target_efficiency: f64,
-    /// Closed-form efficiency for this `p, m, v` (uniform costs, free transfers; for zb-v it
-    /// holds from `m = 2p` on).
-    pub closed_form_efficiency: f64,
+    /// Closed-form efficiency for this `p, m, v` (uniform costs, free transfers); `None` where
+    /// no closed form holds (zb-v below `m = 2p`).
+    pub closed_form_efficiency: Option<f64>,
     /// Fewest micro-batches reaching the target, closed form.
     pub microbatches_for_target: usize,
     /// Advice, most important first.
@@ -129,7 +129,8 @@ impl Plan {
             microbatches_for_target = microbatches_for_target.max(2 * ranks);
         }
         let mut plan = Plan {
-            closed_form_efficiency: interleaved_efficiency(ranks, m, divisor),
+            closed_form_efficiency: (kind != Some(ScheduleKind::ZeroBubbleV) || m >= 2 * ranks)
+                .then(|| interleaved_efficiency(ranks, m, divisor)),
             schedule,
             ranks,
             chunks,
@@ -342,12 +343,13 @@ mod tests {
         // Interleaving holds 11 chunks on rank 0, more than 1F1B's 4 micro-batches' worth.
         let v = plan(ScheduleKind::ZeroBubbleV, 4, 8, 2, None);
         assert!((v.simulation.efficiency - 48.0 / 51.0).abs() < 1e-12);
-        assert!((v.closed_form_efficiency - 48.0 / 51.0).abs() < 1e-12);
+        assert!((v.closed_form_efficiency.unwrap() - 48.0 / 51.0).abs() < 1e-12);
         let kinds: Vec<Advice> = v.recommendations.iter().map(|r| r.advice).collect();
         assert_eq!(kinds, [Advice::CheckpointActivations]);
         // Below m = 2p the V cannot fill its round trip: the advice asks for 2p at least.
         let short = plan(ScheduleKind::ZeroBubbleV, 4, 2, 2, None);
         assert_eq!(short.microbatches_for_target, 8);
+        assert_eq!(short.closed_form_efficiency, None);
         assert!(short.recommendations[0].message.contains("from 2 to 8"));
         let looped = plan(ScheduleKind::Interleaved, 4, 8, 2, None);
         let memory = looped

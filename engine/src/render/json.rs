@@ -7,8 +7,8 @@ use crate::analysis::Plan;
 
 /// Keys: `schedule`, `stages` (ranks `p`), `microbatches`, `chunks`, `makespan` (ms),
 /// `efficiency`, `bubble_fraction`, `ranks` (`rank`, `busy`, `idle`, `recv_wait`,
-/// `peak_activations`, `peak_activation_bytes`), `closed_form_efficiency`,
-/// `target_efficiency`, `microbatches_for_target`, `recommendations` and `costs`.
+/// `peak_activations`, `peak_activation_bytes`), `closed_form_efficiency` (null where none
+/// holds), `target_efficiency`, `microbatches_for_target`, `recommendations` and `costs`.
 pub fn write(plan: &Plan) -> Result<String> {
     let sim = &plan.simulation;
     let value = json!({

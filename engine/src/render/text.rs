@@ -93,10 +93,13 @@ pub fn figures(plan: &Plan) -> String {
         pct(sim.efficiency),
         pct(sim.bubble_fraction)
     );
+    let closed = match plan.closed_form_efficiency {
+        Some(e) => format!("efficiency {:.1} %", pct(e)),
+        None => format!("none below m = 2p = {} for this schedule", 2 * plan.ranks),
+    };
     let _ = writeln!(
         out,
-        "closed form (uniform costs, free transfers): efficiency {:.1} %; {} micro-batches reach the {:.1} % target",
-        pct(plan.closed_form_efficiency),
+        "closed form (uniform costs, free transfers): {closed}; {} micro-batches reach the {:.1} % target",
         plan.microbatches_for_target,
         pct(plan.target_efficiency)
     );
