@@ -4,7 +4,8 @@
 //! into `heads` contiguous slices of `hs = C / heads` channels (Hugging Face's `c_attn`
 //! output, viewed as heads). Scores are scaled by `1/√hs`; token `t` attends to `0..=t`.
 
-use crate::dot::dot;
+use crate::dot::dot_lanes;
+use crate::simd::wide;
 use anyhow::{bail, Result};
 use pipit_engine::backend::Attention;
 
@@ -72,36 +73,38 @@ pub(crate) fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], s: Attentio
     let l = Layout::new(s);
     let scale = 1.0 / (l.hs as f64).sqrt();
     let mut scores = vec![0f64; l.seq];
-    for b in 0..s.batch {
-        for h in 0..l.heads {
-            for t in 0..l.seq {
-                let q = &qkv[l.qkv(b, t, 0, h)..][..l.hs];
-                for (t2, score) in scores[..=t].iter_mut().enumerate() {
-                    *score = dot(q, &qkv[l.qkv(b, t2, 1, h)..][..l.hs]) * scale;
-                }
-                let max = scores[..=t]
-                    .iter()
-                    .cloned()
-                    .fold(f64::NEG_INFINITY, f64::max);
-                let sum: f64 = scores[..=t].iter().map(|&x| (x - max).exp()).sum();
-                let row = &mut att[l.att(b, h, t)..][..l.seq];
-                for (t2, p) in row.iter_mut().enumerate() {
-                    *p = if t2 <= t {
-                        ((scores[t2] - max).exp() / sum) as f32
-                    } else {
-                        0.0
-                    };
-                }
-                let o = &mut out[l.out(b, t, h)..][..l.hs];
-                for (i, o) in o.iter_mut().enumerate() {
-                    let acc: f64 = (0..=t)
-                        .map(|t2| row[t2] as f64 * qkv[l.qkv(b, t2, 2, h) + i] as f64)
-                        .sum();
-                    *o = acc as f32;
+    wide(|| {
+        for b in 0..s.batch {
+            for h in 0..l.heads {
+                for t in 0..l.seq {
+                    let q = &qkv[l.qkv(b, t, 0, h)..][..l.hs];
+                    for (t2, score) in scores[..=t].iter_mut().enumerate() {
+                        *score = dot_lanes(q, &qkv[l.qkv(b, t2, 1, h)..][..l.hs]) * scale;
+                    }
+                    let max = scores[..=t]
+                        .iter()
+                        .cloned()
+                        .fold(f64::NEG_INFINITY, f64::max);
+                    let sum: f64 = scores[..=t].iter().map(|&x| (x - max).exp()).sum();
+                    let row = &mut att[l.att(b, h, t)..][..l.seq];
+                    for (t2, p) in row.iter_mut().enumerate() {
+                        *p = if t2 <= t {
+                            ((scores[t2] - max).exp() / sum) as f32
+                        } else {
+                            0.0
+                        };
+                    }
+                    let o = &mut out[l.out(b, t, h)..][..l.hs];
+                    for (i, o) in o.iter_mut().enumerate() {
+                        let acc: f64 = (0..=t)
+                            .map(|t2| row[t2] as f64 * qkv[l.qkv(b, t2, 2, h) + i] as f64)
+                            .sum();
+                        *o = acc as f32;
+                    }
                 }
             }
         }
-    }
+    })
 }
 
 /// Overwrite `dqkv` with the gradient of `out` through values, softmax and scores.
@@ -111,33 +114,35 @@ pub(crate) fn backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32],
     // Keys and values collect a contribution from every later query: sum in f64.
     let mut acc = vec![0f64; dqkv.len()];
     let mut datt = vec![0f64; l.seq];
-    for b in 0..s.batch {
-        for h in 0..l.heads {
-            for t in 0..l.seq {
-                let row = &att[l.att(b, h, t)..][..l.seq];
-                let dy = &dout[l.out(b, t, h)..][..l.hs];
-                // Through the weighted sum of values.
-                for t2 in 0..=t {
-                    let v = l.qkv(b, t2, 2, h);
-                    datt[t2] = dot(dy, &qkv[v..][..l.hs]);
-                    for (i, &g) in dy.iter().enumerate() {
-                        acc[v + i] += row[t2] as f64 * g as f64;
+    wide(|| {
+        for b in 0..s.batch {
+            for h in 0..l.heads {
+                for t in 0..l.seq {
+                    let row = &att[l.att(b, h, t)..][..l.seq];
+                    let dy = &dout[l.out(b, t, h)..][..l.hs];
+                    // Through the weighted sum of values.
+                    for t2 in 0..=t {
+                        let v = l.qkv(b, t2, 2, h);
+                        datt[t2] = dot_lanes(dy, &qkv[v..][..l.hs]);
+                        for (i, &g) in dy.iter().enumerate() {
+                            acc[v + i] += row[t2] as f64 * g as f64;
+                        }
                     }
-                }
-                // Through the softmax: dscore = p · (datt − Σ p·datt).
-                let pd: f64 = (0..=t).map(|t2| row[t2] as f64 * datt[t2]).sum();
-                let q = l.qkv(b, t, 0, h);
-                for t2 in 0..=t {
-                    let dscore = row[t2] as f64 * (datt[t2] - pd) * scale;
-                    let k = l.qkv(b, t2, 1, h);
-                    for i in 0..l.hs {
-                        acc[q + i] += dscore * qkv[k + i] as f64;
-                        acc[k + i] += dscore * qkv[q + i] as f64;
+                    // Through the softmax: dscore = p · (datt − Σ p·datt).
+                    let pd: f64 = (0..=t).map(|t2| row[t2] as f64 * datt[t2]).sum();
+                    let q = l.qkv(b, t, 0, h);
+                    for t2 in 0..=t {
+                        let dscore = row[t2] as f64 * (datt[t2] - pd) * scale;
+                        let k = l.qkv(b, t2, 1, h);
+                        for i in 0..l.hs {
+                            acc[q + i] += dscore * qkv[k + i] as f64;
+                            acc[k + i] += dscore * qkv[q + i] as f64;
+                        }
                     }
                 }
             }
         }
-    }
+    });
     for (d, a) in dqkv.iter_mut().zip(acc) {
         *d = a as f32;
     }

@@ -5,25 +5,17 @@
 /// an f64 accumulation of exact f32 products, only in a fixed, different order.
 const LANES: usize = 8;
 
-/// `Σ x[i]·y[i]` over the shorter of the two slices, accumulated in f64.
+/// `Σ x[i]·y[i]` over the shorter of the two slices, accumulated in f64, on the CPU's widest
+/// useful vectors. Hot loops call [`dot_lanes`] inside [`crate::simd::wide`] instead.
+#[cfg(test)]
 pub(crate) fn dot(x: &[f32], y: &[f32]) -> f64 {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, the only requirement of `dot_avx2`.
-        return unsafe { dot_avx2(x, y) };
-    }
-    dot_lanes(x, y)
+    crate::simd::wide(|| dot_lanes(x, y))
 }
 
-/// The same code compiled for 256-bit vectors: same operations, same order, same result.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f64 {
-    dot_lanes(x, y)
-}
-
+/// The dot product, to inline into a loop that [`crate::simd::wide`] runs: the same
+/// operations in the same order whatever the vector width, so the same result.
 #[inline(always)]
-fn dot_lanes(x: &[f32], y: &[f32]) -> f64 {
+pub(crate) fn dot_lanes(x: &[f32], y: &[f32]) -> f64 {
     let n = x.len().min(y.len());
     let (x, y) = (&x[..n], &y[..n]);
     let mut lanes = [0f64; LANES];

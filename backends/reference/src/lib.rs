@@ -16,6 +16,7 @@ mod embedding;
 mod gelu;
 mod layernorm;
 mod matmul;
+mod simd;
 
 use std::sync::Arc;
 use std::time::Instant;

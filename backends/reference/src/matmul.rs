@@ -2,7 +2,8 @@
 
 use pipit_engine::backend::Matmul;
 
-use crate::dot::dot;
+use crate::dot::dot_lanes;
+use crate::simd::wide;
 
 /// Copy `op(x)` into row-major `[rows, cols]`, whatever layout `x` is stored in, so each dot
 /// product below reads two contiguous rows.
@@ -25,22 +26,24 @@ pub(crate) fn forward(out: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]
     // Rows of op(a) ([m, k]) and columns of op(b) (rows of op(b)ᵀ, [n, k]).
     let a_rows = rows_of(a, m, k, s.trans_a);
     let b_cols = rows_of(b, n, k, !s.trans_b);
-    for i in 0..m {
-        let a_row = &a_rows[i * k..][..k];
-        for j in 0..n {
-            let b_col = &b_cols[j * k..][..k];
-            let mut sum = dot(a_row, b_col);
-            if let Some(bias) = bias {
-                sum += bias[j] as f64;
+    wide(|| {
+        for i in 0..m {
+            let a_row = &a_rows[i * k..][..k];
+            for j in 0..n {
+                let b_col = &b_cols[j * k..][..k];
+                let mut sum = dot_lanes(a_row, b_col);
+                if let Some(bias) = bias {
+                    sum += bias[j] as f64;
+                }
+                let o = &mut out[i * n + j];
+                *o = if s.accumulate {
+                    (*o as f64 + sum) as f32
+                } else {
+                    sum as f32
+                };
             }
-            let o = &mut out[i * n + j];
-            *o = if s.accumulate {
-                (*o as f64 + sum) as f32
-            } else {
-                sum as f32
-            };
         }
-    }
+    })
 }
 
 /// `dbias[j] += Σ_rows dout[row, j]`, summed in f64.
