@@ -35,9 +35,84 @@ pub(crate) fn dot_lanes(x: &[f32], y: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// Four [`dot_lanes`] of `x`, one with each of `ys`, to the bit: every lane takes the same
+/// products and sums in the same order (multiply, then add: no fused multiply-add), and the
+/// lanes and the tail are summed by the same expressions. Computing four at once gives the
+/// CPU eight independent chains of additions where one dot product has two, and loads and
+/// widens `x` once.
+///
+/// # Safety
+/// The CPU must support AVX2 (check with `is_x86_feature_detected!("avx2")`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn dot4_avx2(x: &[f32], ys: [&[f32]; 4]) -> [f64; 4] {
+    use std::arch::x86_64::{
+        __m256d, _mm256_add_pd, _mm256_castps256_ps128, _mm256_cvtps_pd, _mm256_extractf128_ps,
+        _mm256_loadu_ps, _mm256_mul_pd, _mm256_setzero_pd, _mm256_storeu_pd,
+    };
+    const _: () = assert!(LANES == 8, "two vectors of four f64 lanes");
+    let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
+    let full = n - n % LANES;
+    let mut low: [__m256d; 4] = [_mm256_setzero_pd(); 4];
+    let mut high: [__m256d; 4] = [_mm256_setzero_pd(); 4];
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 <= full <= the length of x and of every y.
+        let (xl, xh) = unsafe {
+            let v = _mm256_loadu_ps(x.as_ptr().add(i));
+            (
+                _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+            )
+        };
+        for q in 0..4 {
+            // SAFETY: as above.
+            let v = unsafe { _mm256_loadu_ps(ys[q].as_ptr().add(i)) };
+            let yl = _mm256_cvtps_pd(_mm256_castps256_ps128(v));
+            let yh = _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v));
+            low[q] = _mm256_add_pd(low[q], _mm256_mul_pd(xl, yl));
+            high[q] = _mm256_add_pd(high[q], _mm256_mul_pd(xh, yh));
+        }
+        i += LANES;
+    }
+    let mut out = [0f64; 4];
+    for q in 0..4 {
+        let mut lanes = [0f64; LANES];
+        // SAFETY: `lanes` holds eight f64, four per store.
+        unsafe {
+            _mm256_storeu_pd(lanes.as_mut_ptr(), low[q]);
+            _mm256_storeu_pd(lanes.as_mut_ptr().add(4), high[q]);
+        }
+        let tail: f64 = x[full..n]
+            .iter()
+            .zip(&ys[q][full..n])
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum();
+        out[q] = lanes.iter().sum::<f64>() + tail;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::dot;
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn four_at_once_are_four_single_dots_to_the_bit() {
+        if !std::is_x86_feature_detected!("avx2") {
+            return;
+        }
+        for n in 0..70 {
+            let v = |f: f32| (0..n).map(|i| (i as f32 * f).sin()).collect::<Vec<f32>>();
+            let (x, ys) = (v(0.37), [v(0.11), v(0.5), v(0.71), v(1.3)]);
+            // SAFETY: AVX2 was checked above.
+            let four = unsafe { super::dot4_avx2(&x, [&ys[0], &ys[1], &ys[2], &ys[3]]) };
+            for q in 0..4 {
+                assert_eq!(four[q].to_bits(), dot(&x, &ys[q]).to_bits(), "n = {n}");
+            }
+        }
+    }
 
     #[test]
     fn matches_a_plain_sum_at_every_length() {

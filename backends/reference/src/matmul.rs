@@ -2,6 +2,8 @@
 
 use pipit_engine::backend::Matmul;
 
+#[cfg(target_arch = "x86_64")]
+use crate::dot::dot4_avx2;
 use crate::dot::dot_lanes;
 use crate::simd::wide;
 
@@ -26,21 +28,41 @@ pub(crate) fn forward(out: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]
     // Rows of op(a) ([m, k]) and columns of op(b) (rows of op(b)ᵀ, [n, k]).
     let a_rows = rows_of(a, m, k, s.trans_a);
     let b_cols = rows_of(b, n, k, !s.trans_b);
+    let finish = |o: &mut f32, j: usize, mut sum: f64| {
+        if let Some(bias) = bias {
+            sum += bias[j] as f64;
+        }
+        *o = if s.accumulate {
+            (*o as f64 + sum) as f32
+        } else {
+            sum as f32
+        };
+    };
+    let col = |j: usize| &b_cols[j * k..][..k];
+    // Four columns at a time where the CPU has AVX2 (the same sums, to the bit), the rest one
+    // by one.
+    #[cfg(target_arch = "x86_64")]
+    let quads = if std::is_x86_feature_detected!("avx2") {
+        n - n % 4
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let quads = 0;
     wide(|| {
-        for i in 0..m {
+        for (i, row) in out.chunks_exact_mut(n).take(m).enumerate() {
             let a_row = &a_rows[i * k..][..k];
-            for j in 0..n {
-                let b_col = &b_cols[j * k..][..k];
-                let mut sum = dot_lanes(a_row, b_col);
-                if let Some(bias) = bias {
-                    sum += bias[j] as f64;
+            #[cfg(target_arch = "x86_64")]
+            for j in (0..quads).step_by(4) {
+                // SAFETY: `quads` is nonzero only where the CPU has AVX2.
+                let sums =
+                    unsafe { dot4_avx2(a_row, [col(j), col(j + 1), col(j + 2), col(j + 3)]) };
+                for (q, sum) in sums.into_iter().enumerate() {
+                    finish(&mut row[j + q], j + q, sum);
                 }
-                let o = &mut out[i * n + j];
-                *o = if s.accumulate {
-                    (*o as f64 + sum) as f32
-                } else {
-                    sum as f32
-                };
+            }
+            for (j, o) in row.iter_mut().enumerate().skip(quads) {
+                finish(o, j, dot_lanes(a_row, col(j)));
             }
         }
     })
