@@ -19,6 +19,7 @@ fn main() -> Result<()> {
         (ScheduleKind::Interleaved, 2),
         (ScheduleKind::ZeroBubble, 1),
         (ScheduleKind::ZeroBubble, 2),
+        (ScheduleKind::ZeroBubbleV, 2),
     ] {
         let lowered = lower(&generate(kind, p, m, v)?)?;
         validate(&lowered)?;
@@ -30,7 +31,7 @@ fn main() -> Result<()> {
             .map(|r| r.peak_activations)
             .collect();
         println!(
-            "{:>12} v={v}: efficiency {:5.1}%, peak in-flight micro-batches per rank {peaks:?}",
+            "{:>12} v={v}: efficiency {:5.1}%, peak in-flight micro-batch chunks per rank {peaks:?}",
             kind.name(),
             100.0 * plan.simulation.efficiency
         );
