@@ -4,7 +4,9 @@
 //! into `heads` contiguous slices of `hs = C / heads` channels (Hugging Face's `c_attn`
 //! output, viewed as heads). Scores are scaled by `1/√hs`; token `t` attends to `0..=t`.
 
-use crate::dot::dot_lanes;
+#[cfg(target_arch = "x86_64")]
+use crate::dot::dot4_avx2;
+use crate::dot::{dot_lanes, four_at_once};
 use crate::simd::wide;
 use anyhow::{bail, Result};
 use pipit_engine::backend::Attention;
@@ -73,33 +75,54 @@ pub(crate) fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], s: Attentio
     let l = Layout::new(s);
     let scale = 1.0 / (l.hs as f64).sqrt();
     let mut scores = vec![0f64; l.seq];
+    let mut acc = vec![0f64; l.hs];
     wide(|| {
         for b in 0..s.batch {
             for h in 0..l.heads {
                 for t in 0..l.seq {
                     let q = &qkv[l.qkv(b, t, 0, h)..][..l.hs];
-                    for (t2, score) in scores[..=t].iter_mut().enumerate() {
-                        *score = dot_lanes(q, &qkv[l.qkv(b, t2, 1, h)..][..l.hs]) * scale;
+                    let key = |t2: usize| &qkv[l.qkv(b, t2, 1, h)..][..l.hs];
+                    let scores = &mut scores[..=t];
+                    let quads = four_at_once(scores.len());
+                    #[cfg(target_arch = "x86_64")]
+                    for t2 in (0..quads).step_by(4) {
+                        // SAFETY: `four_at_once` is nonzero only where the CPU has AVX2.
+                        let dots = unsafe {
+                            dot4_avx2(q, [key(t2), key(t2 + 1), key(t2 + 2), key(t2 + 3)])
+                        };
+                        for (score, d) in scores[t2..t2 + 4].iter_mut().zip(dots) {
+                            *score = d * scale;
+                        }
                     }
-                    let max = scores[..=t]
-                        .iter()
-                        .cloned()
-                        .fold(f64::NEG_INFINITY, f64::max);
-                    let sum: f64 = scores[..=t].iter().map(|&x| (x - max).exp()).sum();
+                    for (t2, score) in scores.iter_mut().enumerate().skip(quads) {
+                        *score = dot_lanes(q, key(t2)) * scale;
+                    }
+                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    // Each exponential once, kept in place of its score.
+                    for x in scores.iter_mut() {
+                        *x = (*x - max).exp();
+                    }
+                    let sum: f64 = scores.iter().sum();
                     let row = &mut att[l.att(b, h, t)..][..l.seq];
                     for (t2, p) in row.iter_mut().enumerate() {
                         *p = if t2 <= t {
-                            ((scores[t2] - max).exp() / sum) as f32
+                            (scores[t2] / sum) as f32
                         } else {
                             0.0
                         };
                     }
+                    // Σ over t2 of p·v for every channel at once, each channel's terms added
+                    // in t2 order from -0.0, as `Iterator::sum` adds them.
+                    acc.fill(-0.0);
+                    for (t2, &p) in row[..=t].iter().enumerate() {
+                        let v = &qkv[l.qkv(b, t2, 2, h)..][..l.hs];
+                        for (a, &x) in acc.iter_mut().zip(v) {
+                            *a += p as f64 * x as f64;
+                        }
+                    }
                     let o = &mut out[l.out(b, t, h)..][..l.hs];
-                    for (i, o) in o.iter_mut().enumerate() {
-                        let acc: f64 = (0..=t)
-                            .map(|t2| row[t2] as f64 * qkv[l.qkv(b, t2, 2, h) + i] as f64)
-                            .sum();
-                        *o = acc as f32;
+                    for (o, &a) in o.iter_mut().zip(&acc) {
+                        *o = a as f32;
                     }
                 }
             }
@@ -121,11 +144,23 @@ pub(crate) fn backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32],
                     let row = &att[l.att(b, h, t)..][..l.seq];
                     let dy = &dout[l.out(b, t, h)..][..l.hs];
                     // Through the weighted sum of values.
-                    for t2 in 0..=t {
+                    let value = |t2: usize| &qkv[l.qkv(b, t2, 2, h)..][..l.hs];
+                    let quads = four_at_once(t + 1);
+                    #[cfg(target_arch = "x86_64")]
+                    for t2 in (0..quads).step_by(4) {
+                        // SAFETY: `four_at_once` is nonzero only where the CPU has AVX2.
+                        let dots = unsafe {
+                            dot4_avx2(dy, [value(t2), value(t2 + 1), value(t2 + 2), value(t2 + 3)])
+                        };
+                        datt[t2..t2 + 4].copy_from_slice(&dots);
+                    }
+                    for (t2, d) in datt[..=t].iter_mut().enumerate().skip(quads) {
+                        *d = dot_lanes(dy, value(t2));
+                    }
+                    for (t2, &p) in row[..=t].iter().enumerate() {
                         let v = l.qkv(b, t2, 2, h);
-                        datt[t2] = dot_lanes(dy, &qkv[v..][..l.hs]);
                         for (i, &g) in dy.iter().enumerate() {
-                            acc[v + i] += row[t2] as f64 * g as f64;
+                            acc[v + i] += p as f64 * g as f64;
                         }
                     }
                     // Through the softmax: dscore = p · (datt − Σ p·datt).

@@ -35,6 +35,18 @@ pub(crate) fn dot_lanes(x: &[f32], y: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
+/// How many of `n` dot products to take four at a time with [`dot4_avx2`]: `n` rounded down
+/// to a multiple of four where the CPU has AVX2, else none.
+#[inline(always)]
+pub(crate) fn four_at_once(n: usize) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        return n - n % 4;
+    }
+    let _ = n;
+    0
+}
+
 /// Four [`dot_lanes`] of `x`, one with each of `ys`, to the bit: every lane takes the same
 /// products and sums in the same order (multiply, then add: no fused multiply-add), and the
 /// lanes and the tail are summed by the same expressions. Computing four at once gives the

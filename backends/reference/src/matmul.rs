@@ -4,7 +4,7 @@ use pipit_engine::backend::Matmul;
 
 #[cfg(target_arch = "x86_64")]
 use crate::dot::dot4_avx2;
-use crate::dot::dot_lanes;
+use crate::dot::{dot_lanes, four_at_once};
 use crate::simd::wide;
 
 /// Copy `op(x)` into row-major `[rows, cols]`, whatever layout `x` is stored in, so each dot
@@ -41,14 +41,7 @@ pub(crate) fn forward(out: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]
     let col = |j: usize| &b_cols[j * k..][..k];
     // Four columns at a time where the CPU has AVX2 (the same sums, to the bit), the rest one
     // by one.
-    #[cfg(target_arch = "x86_64")]
-    let quads = if std::is_x86_feature_detected!("avx2") {
-        n - n % 4
-    } else {
-        0
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let quads = 0;
+    let quads = four_at_once(n);
     wide(|| {
         for (i, row) in out.chunks_exact_mut(n).take(m).enumerate() {
             let a_row = &a_rows[i * k..][..k];
