@@ -112,7 +112,7 @@ pub(crate) fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], s: Attentio
                         };
                     }
                     // Σ over t2 of p·v for every channel at once, each channel's terms added
-                    // in t2 order from -0.0, as `Iterator::sum` adds them.
+                    // in t2 order from -0.0, as `Iterator::sum` adds them (Rust 1.82 on).
                     acc.fill(-0.0);
                     for (t2, &p) in row[..=t].iter().enumerate() {
                         let v = &qkv[l.qkv(b, t2, 2, h)..][..l.hs];

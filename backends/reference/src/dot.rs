@@ -35,8 +35,8 @@ pub(crate) fn dot_lanes(x: &[f32], y: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-/// How many of `n` dot products to take four at a time with [`dot4_avx2`]: `n` rounded down
-/// to a multiple of four where the CPU has AVX2, else none.
+/// How many of `n` dot products to take four at a time with `dot4_avx2`: `n` rounded down to
+/// a multiple of four where the CPU has AVX2, else none.
 #[inline(always)]
 pub(crate) fn four_at_once(n: usize) -> usize {
     #[cfg(target_arch = "x86_64")]
@@ -53,8 +53,12 @@ pub(crate) fn four_at_once(n: usize) -> usize {
 /// CPU eight independent chains of additions where one dot product has two, and loads and
 /// widens `x` once.
 ///
+/// All five slices must have one length (a debug assertion checks it): the products are cut
+/// to the shortest, where four separate calls would each cut to their own pair.
+///
 /// # Safety
-/// The CPU must support AVX2 (check with `is_x86_feature_detected!("avx2")`).
+/// The CPU must support AVX2 (check with `is_x86_feature_detected!("avx2")`, as
+/// [`four_at_once`] does).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 pub(crate) unsafe fn dot4_avx2(x: &[f32], ys: [&[f32]; 4]) -> [f64; 4] {
@@ -63,6 +67,11 @@ pub(crate) unsafe fn dot4_avx2(x: &[f32], ys: [&[f32]; 4]) -> [f64; 4] {
         _mm256_loadu_ps, _mm256_mul_pd, _mm256_setzero_pd, _mm256_storeu_pd,
     };
     const _: () = assert!(LANES == 8, "two vectors of four f64 lanes");
+    debug_assert!(std::is_x86_feature_detected!("avx2"));
+    debug_assert!(
+        ys.iter().all(|y| y.len() == x.len()),
+        "dot4 of unequal lengths"
+    );
     let n = ys.iter().fold(x.len(), |n, y| n.min(y.len()));
     let full = n - n % LANES;
     let mut low: [__m256d; 4] = [_mm256_setzero_pd(); 4];

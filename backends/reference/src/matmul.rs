@@ -38,6 +38,9 @@ pub(crate) fn forward(out: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]
             sum as f32
         };
     };
+    if n == 0 {
+        return;
+    }
     let col = |j: usize| &b_cols[j * k..][..k];
     // Four columns at a time where the CPU has AVX2 (the same sums, to the bit), the rest one
     // by one.
