@@ -441,6 +441,24 @@ fn a_toml_config_holds_the_same_fields_as_the_flags() {
         &train(&["--schedule", "zb-v", "--chunks", "3"]),
         "chunks must be 2 (got 3)",
     );
+    // A config file naming zb-v without chunks gets its two as well; one that says 3 is refused.
+    let v_config = dir.join("v.toml");
+    std::fs::write(&v_config, "schedule = \"zb-v\"\nstages = 2\n").unwrap();
+    let shown = pipit(&[
+        "train",
+        "--config",
+        v_config.to_str().unwrap(),
+        "--show-config",
+    ]);
+    ok(&shown);
+    assert!(String::from_utf8(shown.stdout)
+        .unwrap()
+        .contains("chunks = 2\n"));
+    std::fs::write(&v_config, "schedule = \"zb-v\"\nstages = 2\nchunks = 3\n").unwrap();
+    refused(
+        &pipit(&["train", "--no-save", "--config", v_config.to_str().unwrap()]),
+        "chunks must be 2 (got 3)",
+    );
 
     std::fs::write(&config, "n_layrs = 3\n").unwrap();
     refused(

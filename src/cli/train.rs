@@ -204,13 +204,19 @@ impl TrainArgs {
         let saved = resumed
             .and_then(|c| c.trainer_state.as_ref())
             .and_then(|s| serde_json::from_value::<TrainConfig>(s["config"].clone()).ok());
+        // Whether a file (the config, or the resumed run's settings) sets the chunks.
+        let mut chunks_in_file = saved.is_some() && self.config.is_none();
         let mut c = match &self.config {
             Some(path) => {
                 let text = fs::read_to_string(path)
                     .map_err(|e| invalid_input!("cannot read --config {}: {e}", path.display()))?;
-                toml::from_str(&text).map_err(|e| {
+                let bad = |e: toml::de::Error| {
                     invalid_input!("--config {}: {}", path.display(), one_line(&e.to_string()))
-                })?
+                };
+                chunks_in_file = toml::from_str::<toml::Table>(&text)
+                    .map_err(bad)?
+                    .contains_key("chunks");
+                toml::from_str(&text).map_err(bad)?
             }
             None => saved.unwrap_or_default(),
         };
@@ -245,14 +251,11 @@ impl TrainArgs {
         if self.checkpoint_activations {
             c.checkpoint_activations = true;
         }
-        // A schedule named without --chunks takes its own default, unless it is one that runs
-        // any number (then a config file's chunks stand).
-        if let (Some(_), None, Ok(kind)) = (
-            &self.schedule,
-            self.chunks,
-            c.schedule.parse::<ScheduleKind>(),
-        ) {
-            if !kind.varies_chunks() {
+        // A schedule that runs one chunk count (1f1b, zb-v, ...) takes it unless --chunks says
+        // otherwise: when named by --schedule, or when no file gave the chunks either.
+        if let Ok(kind) = c.schedule.parse::<ScheduleKind>() {
+            let named = self.schedule.is_some() || !chunks_in_file;
+            if !kind.varies_chunks() && self.chunks.is_none() && named {
                 c.chunks = kind.default_chunks();
             }
         }
