@@ -17,6 +17,7 @@ mod gelu;
 mod layernorm;
 mod matmul;
 mod simd;
+mod threads;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +35,8 @@ use buffer::{elems, expect_len};
 pub struct ReferenceBackend {
     meter: Arc<MemoryMeter>,
     space: Option<String>,
+    /// This backend's place in the count that shares the cores ([`threads`]).
+    _cores: threads::CoreShare,
 }
 
 impl ReferenceBackend {

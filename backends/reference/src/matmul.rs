@@ -6,6 +6,7 @@ use pipit_engine::backend::Matmul;
 use crate::dot::dot4_avx2;
 use crate::dot::{dot_lanes, four_at_once};
 use crate::simd::wide;
+use crate::threads::for_row_blocks;
 
 /// Copy `op(x)` into row-major `[rows, cols]`, whatever layout `x` is stored in, so each dot
 /// product below reads two contiguous rows.
@@ -45,23 +46,27 @@ pub(crate) fn forward(out: &mut [f32], a: &[f32], b: &[f32], bias: Option<&[f32]
     // Four columns at a time where the CPU has AVX2 (the same sums, to the bit), the rest one
     // by one.
     let quads = four_at_once(n);
-    wide(|| {
-        for (i, row) in out.chunks_exact_mut(n).take(m).enumerate() {
-            let a_row = &a_rows[i * k..][..k];
-            #[cfg(target_arch = "x86_64")]
-            for j in (0..quads).step_by(4) {
-                // SAFETY: `quads` is nonzero only where the CPU has AVX2.
-                let sums =
-                    unsafe { dot4_avx2(a_row, [col(j), col(j + 1), col(j + 2), col(j + 3)]) };
-                for (q, sum) in sums.into_iter().enumerate() {
-                    finish(&mut row[j + q], j + q, sum);
+    // Blocks of rows on the threads this backend may use; each row is computed the same way
+    // whichever block it falls in.
+    for_row_blocks(&mut out[..m * n], n, n * k, |first, block| {
+        wide(|| {
+            for (r, row) in block.chunks_exact_mut(n).enumerate() {
+                let a_row = &a_rows[(first + r) * k..][..k];
+                #[cfg(target_arch = "x86_64")]
+                for j in (0..quads).step_by(4) {
+                    // SAFETY: `quads` is nonzero only where the CPU has AVX2.
+                    let sums =
+                        unsafe { dot4_avx2(a_row, [col(j), col(j + 1), col(j + 2), col(j + 3)]) };
+                    for (q, sum) in sums.into_iter().enumerate() {
+                        finish(&mut row[j + q], j + q, sum);
+                    }
+                }
+                for (j, o) in row.iter_mut().enumerate().skip(quads) {
+                    finish(o, j, dot_lanes(a_row, col(j)));
                 }
             }
-            for (j, o) in row.iter_mut().enumerate().skip(quads) {
-                finish(o, j, dot_lanes(a_row, col(j)));
-            }
-        }
-    })
+        })
+    });
 }
 
 /// `dbias[j] += Σ_rows dout[row, j]`, summed in f64.
