@@ -8,6 +8,7 @@
 use crate::dot::dot4_avx2;
 use crate::dot::{dot_lanes, four_at_once};
 use crate::simd::wide;
+use crate::threads::{for_row_block_pairs, for_row_blocks};
 use anyhow::{bail, Result};
 use pipit_engine::backend::Attention;
 
@@ -70,115 +71,161 @@ impl Layout {
 }
 
 /// Softmax of the scaled causal scores into `att` (zeros above the diagonal), then the
-/// probability-weighted sum of values into `out`.
+/// probability-weighted sum of values into `out`. Batches go to threads in blocks; each is
+/// computed the same way whichever block it is in.
 pub(crate) fn forward(out: &mut [f32], att: &mut [f32], qkv: &[f32], s: Attention) {
     let l = Layout::new(s);
-    let scale = 1.0 / (l.hs as f64).sqrt();
-    let mut scores = vec![0f64; l.seq];
-    let mut acc = vec![0f64; l.hs];
-    wide(|| {
-        for b in 0..s.batch {
-            for h in 0..l.heads {
-                for t in 0..l.seq {
-                    let q = &qkv[l.qkv(b, t, 0, h)..][..l.hs];
-                    let key = |t2: usize| &qkv[l.qkv(b, t2, 1, h)..][..l.hs];
-                    let scores = &mut scores[..=t];
-                    let quads = four_at_once(scores.len());
-                    #[cfg(target_arch = "x86_64")]
-                    for t2 in (0..quads).step_by(4) {
-                        // SAFETY: `four_at_once` is nonzero only where the CPU has AVX2.
-                        let dots = unsafe {
-                            dot4_avx2(q, [key(t2), key(t2 + 1), key(t2 + 2), key(t2 + 3)])
-                        };
-                        for (score, d) in scores[t2..t2 + 4].iter_mut().zip(dots) {
-                            *score = d * scale;
-                        }
-                    }
-                    for (t2, score) in scores.iter_mut().enumerate().skip(quads) {
-                        *score = dot_lanes(q, key(t2)) * scale;
-                    }
-                    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                    // Each exponential once, kept in place of its score.
-                    for x in scores.iter_mut() {
-                        *x = (*x - max).exp();
-                    }
-                    let sum: f64 = scores.iter().sum();
-                    let row = &mut att[l.att(b, h, t)..][..l.seq];
-                    for (t2, p) in row.iter_mut().enumerate() {
-                        *p = if t2 <= t {
-                            (scores[t2] / sum) as f32
-                        } else {
-                            0.0
-                        };
-                    }
-                    // Σ over t2 of p·v for every channel at once, each channel's terms added
-                    // in t2 order from -0.0, as `Iterator::sum` adds them (Rust 1.82 on).
-                    acc.fill(-0.0);
-                    for (t2, &p) in row[..=t].iter().enumerate() {
-                        let v = &qkv[l.qkv(b, t2, 2, h)..][..l.hs];
-                        for (a, &x) in acc.iter_mut().zip(v) {
-                            *a += p as f64 * x as f64;
-                        }
-                    }
-                    let o = &mut out[l.out(b, t, h)..][..l.hs];
-                    for (o, &a) in o.iter_mut().zip(&acc) {
-                        *o = a as f32;
-                    }
-                }
+    let (out_per, att_per) = (l.seq * l.c, l.heads * l.seq * l.seq);
+    if s.batch == 0 || out_per == 0 {
+        return;
+    }
+    let work = att_per * l.hs * 2;
+    for_row_block_pairs(out, out_per, att, att_per, work, |first, out, att| {
+        let batches = out
+            .chunks_exact_mut(out_per)
+            .zip(att.chunks_exact_mut(att_per));
+        let mut scores = vec![0f64; l.seq];
+        let mut acc = vec![0f64; l.hs];
+        wide(|| {
+            for (i, (out, att)) in batches.enumerate() {
+                forward_batch(&l, first + i, out, att, qkv, &mut scores, &mut acc);
             }
-        }
-    })
+        })
+    });
 }
 
-/// Overwrite `dqkv` with the gradient of `out` through values, softmax and scores.
+/// [`forward`] for batch `b`, whose output and probabilities are `out` and `att`.
+#[inline(always)]
+fn forward_batch(
+    l: &Layout,
+    b: usize,
+    out: &mut [f32],
+    att: &mut [f32],
+    qkv: &[f32],
+    scores: &mut [f64],
+    acc: &mut [f64],
+) {
+    let scale = 1.0 / (l.hs as f64).sqrt();
+    for h in 0..l.heads {
+        for t in 0..l.seq {
+            let q = &qkv[l.qkv(b, t, 0, h)..][..l.hs];
+            let key = |t2: usize| &qkv[l.qkv(b, t2, 1, h)..][..l.hs];
+            let scores = &mut scores[..=t];
+            let quads = four_at_once(scores.len());
+            #[cfg(target_arch = "x86_64")]
+            for t2 in (0..quads).step_by(4) {
+                // SAFETY: `four_at_once` is nonzero only where the CPU has AVX2.
+                let dots =
+                    unsafe { dot4_avx2(q, [key(t2), key(t2 + 1), key(t2 + 2), key(t2 + 3)]) };
+                for (score, d) in scores[t2..t2 + 4].iter_mut().zip(dots) {
+                    *score = d * scale;
+                }
+            }
+            for (t2, score) in scores.iter_mut().enumerate().skip(quads) {
+                *score = dot_lanes(q, key(t2)) * scale;
+            }
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            // Each exponential once, kept in place of its score.
+            for x in scores.iter_mut() {
+                *x = (*x - max).exp();
+            }
+            let sum: f64 = scores.iter().sum();
+            let row = &mut att[l.att(0, h, t)..][..l.seq];
+            for (t2, p) in row.iter_mut().enumerate() {
+                *p = if t2 <= t {
+                    (scores[t2] / sum) as f32
+                } else {
+                    0.0
+                };
+            }
+            // Σ over t2 of p·v for every channel at once, each channel's terms added in t2
+            // order from -0.0, as `Iterator::sum` adds them (Rust 1.82 on).
+            acc.fill(-0.0);
+            for (t2, &p) in row[..=t].iter().enumerate() {
+                let v = &qkv[l.qkv(b, t2, 2, h)..][..l.hs];
+                for (a, &x) in acc.iter_mut().zip(v) {
+                    *a += p as f64 * x as f64;
+                }
+            }
+            let o = &mut out[l.out(0, t, h)..][..l.hs];
+            for (o, &a) in o.iter_mut().zip(acc.iter()) {
+                *o = a as f32;
+            }
+        }
+    }
+}
+
+/// Overwrite `dqkv` with the gradient of `out` through values, softmax and scores. Batches go
+/// to threads in blocks, as in [`forward`].
 pub(crate) fn backward(dqkv: &mut [f32], dout: &[f32], qkv: &[f32], att: &[f32], s: Attention) {
     let l = Layout::new(s);
+    let per = l.seq * 3 * l.c;
+    let work = l.heads * l.seq * l.seq * l.hs * 4;
+    for_row_blocks(dqkv, per, work, |first, block| {
+        // Keys and values collect a contribution from every later query: sum in f64.
+        let mut acc = vec![0f64; block.len()];
+        let mut datt = vec![0f64; l.seq];
+        wide(|| {
+            for i in 0..block.len() / per.max(1) {
+                backward_batch(&l, first + i, i, &mut acc, &mut datt, dout, qkv, att);
+            }
+        });
+        for (d, a) in block.iter_mut().zip(acc) {
+            *d = a as f32;
+        }
+    });
+}
+
+/// [`backward`] for batch `b`, summed into `acc` (the block's f64 gradient, in which the
+/// batch is the `local`-th).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn backward_batch(
+    l: &Layout,
+    b: usize,
+    local: usize,
+    acc: &mut [f64],
+    datt: &mut [f64],
+    dout: &[f32],
+    qkv: &[f32],
+    att: &[f32],
+) {
     let scale = 1.0 / (l.hs as f64).sqrt();
-    // Keys and values collect a contribution from every later query: sum in f64.
-    let mut acc = vec![0f64; dqkv.len()];
-    let mut datt = vec![0f64; l.seq];
-    wide(|| {
-        for b in 0..s.batch {
-            for h in 0..l.heads {
-                for t in 0..l.seq {
-                    let row = &att[l.att(b, h, t)..][..l.seq];
-                    let dy = &dout[l.out(b, t, h)..][..l.hs];
-                    // Through the weighted sum of values.
-                    let value = |t2: usize| &qkv[l.qkv(b, t2, 2, h)..][..l.hs];
-                    let quads = four_at_once(t + 1);
-                    #[cfg(target_arch = "x86_64")]
-                    for t2 in (0..quads).step_by(4) {
-                        // SAFETY: `four_at_once` is nonzero only where the CPU has AVX2.
-                        let dots = unsafe {
-                            dot4_avx2(dy, [value(t2), value(t2 + 1), value(t2 + 2), value(t2 + 3)])
-                        };
-                        datt[t2..t2 + 4].copy_from_slice(&dots);
-                    }
-                    for (t2, d) in datt[..=t].iter_mut().enumerate().skip(quads) {
-                        *d = dot_lanes(dy, value(t2));
-                    }
-                    for (t2, &p) in row[..=t].iter().enumerate() {
-                        let v = l.qkv(b, t2, 2, h);
-                        for (i, &g) in dy.iter().enumerate() {
-                            acc[v + i] += p as f64 * g as f64;
-                        }
-                    }
-                    // Through the softmax: dscore = p · (datt − Σ p·datt).
-                    let pd: f64 = (0..=t).map(|t2| row[t2] as f64 * datt[t2]).sum();
-                    let q = l.qkv(b, t, 0, h);
-                    for t2 in 0..=t {
-                        let dscore = row[t2] as f64 * (datt[t2] - pd) * scale;
-                        let k = l.qkv(b, t2, 1, h);
-                        for i in 0..l.hs {
-                            acc[q + i] += dscore * qkv[k + i] as f64;
-                            acc[k + i] += dscore * qkv[q + i] as f64;
-                        }
-                    }
+    for h in 0..l.heads {
+        for t in 0..l.seq {
+            let row = &att[l.att(b, h, t)..][..l.seq];
+            let dy = &dout[l.out(b, t, h)..][..l.hs];
+            // Through the weighted sum of values.
+            let value = |t2: usize| &qkv[l.qkv(b, t2, 2, h)..][..l.hs];
+            let quads = four_at_once(t + 1);
+            #[cfg(target_arch = "x86_64")]
+            for t2 in (0..quads).step_by(4) {
+                // SAFETY: `four_at_once` is nonzero only where the CPU has AVX2.
+                let dots = unsafe {
+                    dot4_avx2(dy, [value(t2), value(t2 + 1), value(t2 + 2), value(t2 + 3)])
+                };
+                datt[t2..t2 + 4].copy_from_slice(&dots);
+            }
+            for (t2, d) in datt[..=t].iter_mut().enumerate().skip(quads) {
+                *d = dot_lanes(dy, value(t2));
+            }
+            for (t2, &p) in row[..=t].iter().enumerate() {
+                let v = l.qkv(local, t2, 2, h);
+                for (i, &g) in dy.iter().enumerate() {
+                    acc[v + i] += p as f64 * g as f64;
+                }
+            }
+            // Through the softmax: dscore = p · (datt − Σ p·datt).
+            let pd: f64 = (0..=t).map(|t2| row[t2] as f64 * datt[t2]).sum();
+            let (q, q_acc) = (l.qkv(b, t, 0, h), l.qkv(local, t, 0, h));
+            for t2 in 0..=t {
+                let dscore = row[t2] as f64 * (datt[t2] - pd) * scale;
+                let (k, k_acc) = (l.qkv(b, t2, 1, h), l.qkv(local, t2, 1, h));
+                for i in 0..l.hs {
+                    acc[q_acc + i] += dscore * qkv[k + i] as f64;
+                    acc[k_acc + i] += dscore * qkv[q + i] as f64;
                 }
             }
         }
-    });
-    for (d, a) in dqkv.iter_mut().zip(acc) {
-        *d = a as f32;
     }
 }

@@ -62,6 +62,35 @@ where
     split_rows(out, row_len, share().min(worth), f);
 }
 
+/// [`for_row_blocks`] over two outputs cut in step: row `r` of `a` (`a_row` values) goes with
+/// row `r` of `b` (`b_row` values), as a batch's attention output goes with its probabilities.
+pub(crate) fn for_row_block_pairs<F>(
+    a: &mut [f32],
+    a_row: usize,
+    b: &mut [f32],
+    b_row: usize,
+    work_per_row: usize,
+    f: F,
+) where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync,
+{
+    let rows = a.len().checked_div(a_row).unwrap_or(0);
+    let worth = (rows.saturating_mul(work_per_row) / WORK_PER_THREAD).max(1);
+    let threads = share().min(worth).min(rows);
+    if threads <= 1 || b_row == 0 {
+        f(0, a, b);
+        return;
+    }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        let blocks = a.chunks_mut(per * a_row).zip(b.chunks_mut(per * b_row));
+        for (i, (a, b)) in blocks.enumerate() {
+            let f = &f;
+            scope.spawn(move || f(i * per, a, b));
+        }
+    });
+}
+
 /// Run `f` over the rows of `out` cut into at most `threads` contiguous blocks, each on its own
 /// thread (the calling one when there is a single block).
 fn split_rows<F>(out: &mut [f32], row_len: usize, threads: usize, f: F)
