@@ -1,6 +1,6 @@
 //! Sharing the host's cores: each reference backend alive (one per pipeline rank) takes an
-//! equal share for its matrix products, so one rank alone uses every core and four ranks on
-//! two cores use one thread each, as before.
+//! equal share for its matrix products and attention, so one rank alone uses every core and
+//! four ranks on two cores use one thread each, as before.
 //!
 //! The share is the host's cores, divided by the processes on this host (`LOCAL_WORLD_SIZE`,
 //! as `pipit launch` and torchrun set it) and by the backends alive in this process;
