@@ -67,8 +67,9 @@ impl ScheduleKind {
         }
     }
 
-    /// Whether the chunk count is this kind's to vary (interleaved and zb-h1 run any; 1f1b
-    /// and zb-v run one count only, and naive and gpipe gain nothing from more).
+    /// Whether a configured chunk count carries over to this kind when it is named without
+    /// one: yes for the chunked schedules (interleaved, zb-h1); 1f1b and zb-v run one count
+    /// only, and naive and gpipe take one chunk unless asked for more.
     pub fn varies_chunks(self) -> bool {
         matches!(self, ScheduleKind::Interleaved | ScheduleKind::ZeroBubble)
     }
