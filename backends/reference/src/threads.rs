@@ -57,9 +57,9 @@ pub(crate) fn for_row_blocks<F>(out: &mut [f32], row_len: usize, work_per_row: u
 where
     F: Fn(usize, &mut [f32]) + Sync,
 {
-    let rows = out.len().checked_div(row_len).unwrap_or(0);
-    let worth = (rows.saturating_mul(work_per_row) / WORK_PER_THREAD).max(1);
-    split_rows(out, row_len, share().min(worth), f);
+    for_row_block_pairs(out, row_len, &mut [], 0, work_per_row, |first, block, _| {
+        f(first, block)
+    });
 }
 
 /// [`for_row_blocks`] over two outputs cut in step: row `r` of `a` (`a_row` values) goes with
@@ -76,51 +76,43 @@ pub(crate) fn for_row_block_pairs<F>(
 {
     let rows = a.len().checked_div(a_row).unwrap_or(0);
     let worth = (rows.saturating_mul(work_per_row) / WORK_PER_THREAD).max(1);
-    let threads = share().min(worth).min(rows);
-    if threads <= 1 || b_row == 0 {
+    split(a, a_row, b, b_row, share().min(worth), f);
+}
+
+/// Run `f` over the rows of `a` and `b` cut in step into at most `threads` contiguous blocks,
+/// each on its own thread (the calling one when there is a single block). With `b_row = 0`,
+/// `f` gets empty `b` blocks.
+fn split<F>(a: &mut [f32], a_row: usize, b: &mut [f32], b_row: usize, threads: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync,
+{
+    let rows = a.len().checked_div(a_row).unwrap_or(0);
+    let threads = threads.min(rows).max(1);
+    if threads == 1 {
         f(0, a, b);
         return;
     }
     let per = rows.div_ceil(threads);
+    let b_blocks = b
+        .chunks_mut((per * b_row).max(1))
+        .chain(std::iter::repeat_with(|| &mut [][..]));
     std::thread::scope(|scope| {
-        let blocks = a.chunks_mut(per * a_row).zip(b.chunks_mut(per * b_row));
-        for (i, (a, b)) in blocks.enumerate() {
+        for (i, (a, b)) in a.chunks_mut(per * a_row).zip(b_blocks).enumerate() {
             let f = &f;
             scope.spawn(move || f(i * per, a, b));
         }
     });
 }
 
-/// Run `f` over the rows of `out` cut into at most `threads` contiguous blocks, each on its own
-/// thread (the calling one when there is a single block).
-fn split_rows<F>(out: &mut [f32], row_len: usize, threads: usize, f: F)
-where
-    F: Fn(usize, &mut [f32]) + Sync,
-{
-    let rows = out.len().checked_div(row_len).unwrap_or(0);
-    let threads = threads.min(rows).max(1);
-    if threads == 1 {
-        f(0, out);
-        return;
-    }
-    let per = rows.div_ceil(threads);
-    std::thread::scope(|scope| {
-        for (i, block) in out.chunks_mut(per * row_len).enumerate() {
-            let f = &f;
-            scope.spawn(move || f(i * per, block));
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
-    use super::split_rows;
+    use super::split;
 
     /// Every row is written once, by the same code, whatever the number of blocks.
     #[test]
     fn any_cut_gives_the_same_rows() {
         let (rows, row_len) = (13, 5);
-        let fill = |first: usize, block: &mut [f32]| {
+        let fill = |first: usize, block: &mut [f32], _: &mut [f32]| {
             for (r, row) in block.chunks_exact_mut(row_len).enumerate() {
                 for (c, x) in row.iter_mut().enumerate() {
                     *x = ((first + r) * 31 + c) as f32 / 7.0;
@@ -128,12 +120,21 @@ mod tests {
             }
         };
         let mut want = vec![f32::NAN; rows * row_len];
-        split_rows(&mut want, row_len, 1, fill);
+        split(&mut want, row_len, &mut [], 0, 1, fill);
         for threads in [2, 3, 4, 13, 64] {
             let mut got = vec![f32::NAN; rows * row_len];
-            split_rows(&mut got, row_len, threads, fill);
+            split(&mut got, row_len, &mut [], 0, threads, fill);
             assert_eq!(got, want, "{threads} threads");
         }
-        split_rows(&mut [], row_len, 4, |_, block| assert!(block.is_empty()));
+        split(&mut [], row_len, &mut [], 0, 4, |_, block, _| {
+            assert!(block.is_empty())
+        });
+        // Two outputs cut in step: each block of `b` holds its rows' values.
+        let (mut a, mut b) = (vec![0f32; rows * row_len], vec![0f32; rows * 2]);
+        split(&mut a, row_len, &mut b, 2, 3, |first, a, b| {
+            assert_eq!(a.len() / row_len, b.len() / 2);
+            b.fill(first as f32);
+        });
+        assert_eq!(b[2 * 12], 10.0);
     }
 }

@@ -411,21 +411,12 @@ fn greedy_v(
                 .into_iter()
                 .find(|&s| room(s) && forward_ready(s));
             let input = [down, back].into_iter().find(|&s| input_ready(s));
-            let first = match (forward, input) {
-                (Some(f), Some(i)) => Some(if order.inputs_first {
-                    (i, false)
-                } else {
-                    (f, true)
-                }),
-                (Some(f), None) => Some((f, true)),
-                (None, Some(i)) => Some((i, false)),
-                (None, None) => None,
-            };
-            let action = if let Some((s, true)) = first {
+            let input_first = input.is_some() && (forward.is_none() || order.inputs_first);
+            let action = if let (Some(s), false) = (forward, input_first) {
                 forwards[s] += 1;
                 held[rank] += 1;
                 fwd(s, forwards[s] - 1)
-            } else if let Some((s, false)) = first {
+            } else if let (Some(s), true) = (input, input_first) {
                 inputs[s] += 1;
                 Action::BackwardInput {
                     stage: s,
