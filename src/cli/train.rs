@@ -550,7 +550,9 @@ impl TrainJob<'_> {
                 if let Some(norm) = entry.report.grad_norm {
                     line["grad_norm"] = json!(norm);
                 }
-                writeln!(f, "{line}").context("writing --log-json")?;
+                // One write per line, so a reader following the file never sees half of one.
+                f.write_all(format!("{line}\n").as_bytes())
+                    .context("writing --log-json")?;
             }
             if save_to.is_some()
                 && args.save_every > 0

@@ -67,6 +67,11 @@ pub fn pipit_command() -> Command {
     cmd
 }
 
+/// How many whole lines a file being written holds so far (none while it does not exist).
+pub fn finished_lines(path: &Path) -> usize {
+    std::fs::read(path).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count())
+}
+
 /// A fresh, empty folder for one test of one test file.
 pub fn scratch(file: &str, name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("pipit-{file}-{}-{name}", std::process::id()));
