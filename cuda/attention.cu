@@ -124,3 +124,69 @@ extern "C" __global__ void causal_softmax_backward_bf16(
     bf16* dscores, const bf16* att, const float* datt, u32 seq, float scale, u64 rows) {
     causal_softmax_backward_impl(dscores, att, datt, seq, scale, rows);
 }
+
+// Decoding: `new_tokens` tokens per sequence follow `past` tokens whose keys and values sit in a
+// cache [B, capacity, 2, C] (each position's key, then its value). f32 only.
+
+// Copy the new tokens' k and v from qkv [B, new, 3C] into the cache at positions
+// past..past + new; one thread per element of n = B·new·2C.
+extern "C" __global__ void kv_cache_write(
+    float* cache, const float* qkv, u32 new_tokens, u32 past, u32 capacity, u32 channels, u64 n) {
+    u64 width = 2 * (u64)channels;
+    for (u64 i = global_index(); i < n; i += grid_stride()) {
+        u64 row = i / width;
+        u64 e = i % width;
+        u64 b = row / new_tokens;
+        u64 t = row % new_tokens;
+        cache[(b * capacity + past + t) * width + e] = qkv[row * 3 * channels + channels + e];
+    }
+}
+
+// One block per row r = (b·NH + h)·new + t, the new token at position past + t: its scaled
+// scores against cache positions 0..=past + t go to scores [rows, capacity], become the softmax
+// numerators in place, and out[b, t, h·hs + i] = Σ_j e_j·v_j[i] / Σ_j e_j.
+extern "C" __global__ void attention_decode(
+    float* out, float* scores, const float* qkv, const float* cache, u32 new_tokens, u32 past,
+    u32 capacity, u32 channels, u32 heads, float scale, u64 rows) {
+    __shared__ float scratch[PIPIT_WARPS];
+    u64 row = blockIdx.x;
+    if (row >= rows) {
+        return;
+    }
+    u32 hs = channels / heads;
+    u32 t = (u32)(row % new_tokens);
+    u64 bh = row / new_tokens;
+    u64 b = bh / heads;
+    u32 h = (u32)(bh % heads);
+    u32 last = past + t;
+    u64 stride = 2 * (u64)channels;
+    const float* q = qkv + (b * new_tokens + t) * 3 * channels + h * hs;
+    const float* kv = cache + b * capacity * stride + h * hs;
+    float* s = scores + row * capacity;
+    float m = pipit_neg_inf();
+    for (u32 j = threadIdx.x; j <= last; j += PIPIT_BLOCK) {
+        const float* k = kv + j * stride;
+        float d = 0.0f;
+        for (u32 i = 0; i < hs; i++) {
+            d += q[i] * k[i];
+        }
+        s[j] = scale * d;
+        m = fmaxf(m, s[j]);
+    }
+    m = block_max(m, scratch);
+    float sum = 0.0f;
+    for (u32 j = threadIdx.x; j <= last; j += PIPIT_BLOCK) {
+        float e = expf(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    // block_sum synchronizes the block, so every numerator written above is visible below.
+    float inv = 1.0f / block_sum(sum, scratch);
+    for (u32 i = threadIdx.x; i < hs; i += PIPIT_BLOCK) {
+        float acc = 0.0f;
+        for (u32 j = 0; j <= last; j++) {
+            acc += s[j] * kv[j * stride + channels + i];
+        }
+        out[(b * new_tokens + t) * channels + h * hs + i] = acc * inv;
+    }
+}

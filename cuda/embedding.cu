@@ -1,6 +1,7 @@
 // Token + position embedding, forward and backward.
 //
-// embedding_forward: one thread per output element, out[b,t,c] = wte[tok,c] + wpe[t,c]. The
+// embedding_forward: one thread per output element, out[b,t,c] = wte[tok,c] + wpe[start + t,c]
+// (start > 0 when decoding after cached tokens). The
 // host checks token ids before launching; an id outside the table still never reads past it
 // (the element becomes NaN instead).
 //
@@ -19,11 +20,11 @@
 // `n` = batch · seq · channels.
 extern "C" __global__ void embedding_forward(
     float* out, const u32* tokens, const float* wte, const float* wpe,
-    u32 seq, u32 channels, u32 vocab, u64 n) {
+    u32 seq, u32 start, u32 channels, u32 vocab, u64 n) {
     for (u64 i = global_index(); i < n; i += grid_stride()) {
         u64 row = i / channels;
         u32 c = (u32)(i % channels);
-        u32 t = (u32)(row % seq);
+        u32 t = start + (u32)(row % seq);
         u32 tok = tokens[row];
         out[i] = tok < vocab ? wte[(u64)tok * channels + c] + wpe[(u64)t * channels + c]
                              : pipit_nan();

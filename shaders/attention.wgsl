@@ -22,6 +22,12 @@
 //   dv[j] = Σ_t att[t,j]·dout[t]
 // attention_backward_d writes D to a scratch buffer, attention_backward_dq walks query rows,
 // attention_backward_dkv walks key columns; both overwrite their part of dqkv.
+//
+// Decoding: p.seq new tokens per sequence follow p.past tokens whose keys and values sit in a
+// cache [B, capacity, 2, C] (each position's key, then its value). kv_cache_write copies the
+// new tokens' k and v from qkv into it (bound as out); attention_decode then runs the forward's
+// steps for each new row t against cache positions 0..=past + t (the cache bound as att_in),
+// its scores in scratch [units, seq, capacity].
 
 struct Params {
     units: u32,
@@ -37,6 +43,10 @@ struct Params {
     base_dout: u32,
     base_scratch: u32,
     scale: f32,
+    // Decoding only: tokens already cached, positions per sequence, and the cache's window.
+    past: u32,
+    capacity: u32,
+    base_cache: u32,
 }
 
 override LANES: u32 = 64u;
@@ -65,6 +75,8 @@ struct Row {
     t: u32,
     qkv0: u32,
     tok0: u32,
+    // Decoding: this head's first element of the sequence's cache.
+    cache0: u32,
 }
 
 fn locate(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Row {
@@ -82,6 +94,7 @@ fn locate(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> Row {
     let h = unit % p.heads;
     r.qkv0 = p.base_qkv + b * p.seq * 3u * p.channels + h * p.head_size;
     r.tok0 = b * p.seq * p.channels + h * p.head_size;
+    r.cache0 = p.base_cache + b * p.capacity * 2u * p.channels + h * p.head_size;
     return r;
 }
 
@@ -310,6 +323,92 @@ fn attention_backward_dkv(
         if r.valid {
             for (var i = r.lane; i < n; i += LANES) {
                 out[o + 2u * p.channels + dc + i] = lane_total(lid, r.lane, i, &acc_v);
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(64)
+fn kv_cache_write(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    // p.units counts sequences here: one invocation per element of the new keys and values.
+    let idx = (wid.y * nwg.x + wid.x) * WG + lid;
+    let width = 2u * p.channels;
+    if idx >= p.units * p.seq * width {
+        return;
+    }
+    let row = idx / width;
+    let e = idx % width;
+    let b = row / p.seq;
+    let t = row % p.seq;
+    out[p.base_out + (b * p.capacity + p.past + t) * width + e] =
+        qkv[p.base_qkv + row * 3u * p.channels + p.channels + e];
+}
+
+fn cached_k(r: Row, j: u32, d: u32) -> f32 {
+    return att_in[r.cache0 + j * 2u * p.channels + d];
+}
+
+fn cached_v(r: Row, j: u32, d: u32) -> f32 {
+    return att_in[r.cache0 + j * 2u * p.channels + p.channels + d];
+}
+
+// Index of the score of new row t against cache position j.
+fn score_index(r: Row, t: u32, j: u32) -> u32 {
+    return p.base_scratch + (r.lu * p.seq + t) * p.capacity + j;
+}
+
+@compute @workgroup_size(64)
+fn attention_decode(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let r = locate(wid, nwg, lid);
+    let t = r.t;
+    let last = p.past + t;
+
+    var mx = -3.4e38;
+    for (var j = r.lane; j <= last; j += LANES) {
+        var dot = 0.0;
+        for (var d = 0u; d < p.head_size; d++) {
+            dot += q_at(r, t, d) * cached_k(r, j, d);
+        }
+        let s = p.scale * dot;
+        if r.valid {
+            scratch[score_index(r, t, j)] = s;
+        }
+        mx = max(mx, s);
+    }
+    mx = row_reduce(mx, lid, r.lane, true);
+
+    var sum = 0.0;
+    for (var j = r.lane; j <= last; j += LANES) {
+        // Each lane reads back only the scores it wrote itself.
+        let e = exp(scratch[score_index(r, t, j)] - mx);
+        if r.valid {
+            scratch[score_index(r, t, j)] = e;
+        }
+        sum += e;
+    }
+    let inv = 1.0 / row_reduce(sum, lid, r.lane, false);
+
+    for (var dc = 0u; dc < p.head_size; dc += CHUNK) {
+        let n = min(CHUNK, p.head_size - dc);
+        var acc: array<f32, CHUNK>;
+        for (var j = r.lane; j <= last; j += LANES) {
+            let a = scratch[score_index(r, t, j)] * inv;
+            for (var i = 0u; i < n; i++) {
+                acc[i] += a * cached_v(r, j, dc + i);
+            }
+        }
+        publish(lid, &acc);
+        if r.valid {
+            for (var i = r.lane; i < n; i += LANES) {
+                out[p.base_out + r.tok0 + t * p.channels + dc + i] = lane_total(lid, r.lane, i, &acc);
             }
         }
     }

@@ -19,7 +19,9 @@
 
 mod oracle;
 
-use pipit_engine::backend::{round_bf16, AdamW, Attention, Backend, DType, Matmul};
+use pipit_engine::backend::{
+    round_bf16, AdamW, Attention, Backend, CachedAttention, DType, Matmul,
+};
 use pipit_engine::model::{
     init_parameters, GptConfig, HostTensors, Keep, StageInput, StageModel, StageOutput,
 };
@@ -377,6 +379,98 @@ pub fn check_attention<B: Backend>(b: &B) {
             &dqkv,
             &oracle::attention_backward(&f64s(&dout), &f64s(&qkv), s),
         );
+    }
+}
+
+/// Decoding ops: the embedding of positions after a cache, and attention of new tokens against
+/// the cached keys and values of earlier ones, which must give the whole sequence's rows. The
+/// sequence goes in as a prefix and the rest, or one token at a time; the cache is poisoned,
+/// so reading a position never written fails.
+pub fn check_decode<B: Backend>(b: &B) {
+    let mut rng = Rng::new(8);
+    for (batch, seq, c, vocab, start) in [(2, 1, 13, 131, 8), (1, 4, 20, 7, 11), (3, 5, 64, 5, 0)] {
+        let what = format!("embedding b{batch} t{seq} c{c} from position {start}");
+        let tokens = rand_tokens(&mut rng, batch * seq, vocab);
+        let positions = start + seq + 2;
+        let (wte, wpe) = (
+            rand(&mut rng, vocab * c, 1.0),
+            rand(&mut rng, positions * c, 1.0),
+        );
+        let mut out = poisoned(b, batch * seq * c);
+        let (tok, wte_b, wpe_b) = (b.upload_u32(&tokens).unwrap(), up(b, &wte), up(b, &wpe));
+        b.embedding_forward_at(&mut out, &tok, &wte_b, &wpe_b, batch, seq, start, c)
+            .unwrap();
+        let want = oracle::embedding(&tokens, &wte, &wpe[start * c..], seq, c);
+        check(b, &what, &out, &want);
+        // Positions past the table's end.
+        let beyond = positions - seq + 1;
+        assert!(b
+            .embedding_forward_at(&mut out, &tok, &wte_b, &wpe_b, batch, seq, beyond, c)
+            .is_err());
+    }
+
+    for (batch, seq, channels, heads, cuts) in [
+        (1, 1, 8, 2, vec![1]),
+        (2, 9, 12, 3, vec![8, 1]),
+        (1, 300, 16, 2, vec![290, 10]),
+        (2, 40, 64, 1, vec![13, 27]),
+        (1, 6, 48, 4, vec![1; 6]),
+    ] {
+        let whole = Attention {
+            batch,
+            seq,
+            channels,
+            heads,
+        };
+        let qkv = rand(&mut rng, batch * seq * 3 * channels, 1.0);
+        let (want, _) = oracle::attention(&f64s(&qkv), whole);
+        let capacity = seq + 3;
+        let mut cache = poisoned(b, batch * capacity * 2 * channels);
+        let mut past = 0;
+        for new in cuts {
+            let shape = CachedAttention {
+                batch,
+                new,
+                past,
+                capacity,
+                channels,
+                heads,
+            };
+            let what = format!("cached attention {shape:?}");
+            // The new tokens of every sequence, and the whole sequences' rows for them.
+            let rows = |x: &[f32], width: usize| -> Vec<f32> {
+                (0..batch)
+                    .flat_map(|s| {
+                        x[(s * seq + past) * width..(s * seq + past + new) * width].to_vec()
+                    })
+                    .collect()
+            };
+            let part = rows(&qkv, 3 * channels);
+            let want_part: Vec<f64> = (0..batch)
+                .flat_map(|s| {
+                    want[(s * seq + past) * channels..(s * seq + past + new) * channels].to_vec()
+                })
+                .collect();
+            let mut out = poisoned(b, batch * new * channels);
+            b.attention_decode(&mut out, &mut cache, &up(b, &part), shape)
+                .unwrap();
+            check(b, &what, &out, &want_part);
+            past += new;
+        }
+        let full = CachedAttention {
+            batch,
+            new: 4,
+            past: seq,
+            capacity,
+            channels,
+            heads,
+        };
+        let mut out = poisoned(b, batch * 4 * channels);
+        let qkv4 = up(b, &rand(&mut rng, batch * 4 * 3 * channels, 1.0));
+        let err = b
+            .attention_decode(&mut out, &mut cache, &qkv4, full)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("exceed"), "{err:#}");
     }
 }
 
@@ -1112,6 +1206,12 @@ macro_rules! conformance {
             fn attention() {
                 if let Some(b) = backend() {
                     check_attention(&b);
+                }
+            }
+            #[test]
+            fn decode() {
+                if let Some(b) = backend() {
+                    check_decode(&b);
                 }
             }
             #[test]

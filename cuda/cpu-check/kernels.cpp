@@ -84,13 +84,14 @@ void test_ce(unsigned rows, unsigned V_) {
     char what[64]; snprintf(what, 64, "cross_entropy %ux%u", rows, V_); check(what, loss, wl); check((std::string(what) + " dlogits").c_str(), d, wd);
 }
 
-void test_embedding(unsigned B, unsigned T, unsigned C, unsigned vocab, unsigned P) {
+void test_embedding(unsigned B, unsigned T, unsigned C, unsigned vocab, unsigned P, unsigned start = 0) {
     std::vector<unsigned> tok(B * T); for (auto& t : tok) t = rng() % vocab;
     V wte = rnd(vocab * C, 1), wpe = rnd(P * C, 1), out(B * T * C, NAN), dout = rnd(B * T * C, 1), dwte = rnd(vocab * C, 1), dwpe = rnd(P * C, 1);
     V dwte0 = dwte, dwpe0 = dwpe; unsigned long long n = (unsigned long long)B * T * C;
-    launch(elementwise(n), g1(256), 0, embedding_forward, out.data(), (const unsigned*)tok.data(), (const float*)wte.data(), (const float*)wpe.data(), T, C, vocab, n);
-    D wo(n); for (size_t r = 0; r < B * T; r++) for (unsigned c = 0; c < C; c++) wo[r * C + c] = (double)wte[tok[r] * C + c] + wpe[(r % T) * C + c];
-    char what[64]; snprintf(what, 64, "embedding b%u t%u c%u v%u", B, T, C, vocab); check(what, out, wo);
+    launch(elementwise(n), g1(256), 0, embedding_forward, out.data(), (const unsigned*)tok.data(), (const float*)wte.data(), (const float*)wpe.data(), T, start, C, vocab, n);
+    D wo(n); for (size_t r = 0; r < B * T; r++) for (unsigned c = 0; c < C; c++) wo[r * C + c] = (double)wte[tok[r] * C + c] + wpe[(start + r % T) * C + c];
+    char what[64]; snprintf(what, 64, "embedding b%u t%u c%u v%u from %u", B, T, C, vocab, start); check(what, out, wo);
+    if (start > 0) return;
     launch(elementwise(T * C), g1(256), 0, embedding_backward_wpe, dwpe.data(), (const float*)dout.data(), B, T, C);
     // groups as the host builds them
     std::vector<unsigned> order(B * T); for (unsigned i = 0; i < B * T; i++) order[i] = i;
@@ -151,7 +152,8 @@ int main() {
     for (auto [B, T, C, NH] : std::vector<std::tuple<unsigned, unsigned, unsigned, unsigned>>{{2, 5, 12, 3}, {1, 300, 16, 2}, {3, 33, 64, 1}}) attention<bf16>(B, T, C, NH, 1e-2, "bf16");
     for (auto [B, T, C, NH] : std::vector<std::tuple<unsigned, unsigned, unsigned, unsigned>>{{2, 5, 32, 2}, {1, 130, 64, 2}, {2, 70, 128, 2}, {1, 67, 128, 1}, {1, 64, 64, 4}}) flash(B, T, C, NH);
     test_ce(1, 1); test_ce(1, 2); test_ce(3, 131); test_ce(2, 1031); test_ce(3, 50257);
-    test_embedding(1, 1, 1, 1, 1); test_embedding(2, 7, 13, 131, 9); test_embedding(3, 300, 20, 257, 300); test_embedding(4, 65, 64, 5, 70); test_embedding(1, 3, 600, 4, 3);
+    test_embedding(1, 1, 1, 1, 1); test_embedding(2, 7, 13, 131, 9); test_embedding(3, 300, 20, 257, 300); test_embedding(4, 65, 64, 5, 70); test_embedding(1, 3, 600, 4, 3); test_embedding(2, 1, 13, 131, 9, 8); test_embedding(1, 4, 20, 7, 30, 11);
+    for (auto [B, T, C, NH, past] : std::vector<std::tuple<unsigned, unsigned, unsigned, unsigned, unsigned>>{{1, 1, 8, 2, 0}, {2, 9, 12, 3, 8}, {1, 300, 16, 2, 290}, {2, 40, 64, 1, 13}, {1, 20, 48, 4, 0}}) decode(B, T, C, NH, past);
     printf("%d failures\n", failures);
     return failures != 0;
 }

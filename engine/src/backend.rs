@@ -16,7 +16,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 /// Element type of a device buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,6 +134,63 @@ pub struct Attention {
     pub channels: usize,
     /// Number of heads (`n_head`).
     pub heads: usize,
+}
+
+/// Sizes of attention for new tokens against the keys and values of the tokens before them,
+/// kept in a cache (decoding, one token at a time after the prompt).
+///
+/// The cache is f32 `[batch, capacity, 2, channels]`: each position's key, then its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachedAttention {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// New tokens per sequence in this call, at positions `past..past + new`.
+    pub new: usize,
+    /// Tokens per sequence already in the cache.
+    pub past: usize,
+    /// Positions the cache holds per sequence; `past + new` may not exceed it.
+    pub capacity: usize,
+    /// Model width (`n_embd`); each head has `channels / heads` dimensions.
+    pub channels: usize,
+    /// Number of heads (`n_head`).
+    pub heads: usize,
+}
+
+impl CachedAttention {
+    /// The shape of the attention over the new tokens alone.
+    pub fn of_new(&self) -> Attention {
+        Attention {
+            batch: self.batch,
+            seq: self.new,
+            channels: self.channels,
+            heads: self.heads,
+        }
+    }
+
+    /// Elements of the cache: `batch · capacity · 2 · channels`.
+    pub fn cache_len(&self) -> Result<usize> {
+        check::elems(&[self.batch, self.capacity, 2, self.channels])
+    }
+
+    /// Check the shape: heads divide the channels, and the new tokens fit in the cache.
+    pub fn check(&self) -> Result<()> {
+        if self.heads == 0 || self.channels % self.heads != 0 {
+            bail!(
+                "cached attention: {} channels cannot be split into {} heads of equal width",
+                self.channels,
+                self.heads
+            );
+        }
+        if self.past + self.new > self.capacity {
+            bail!(
+                "cached attention: {} cached and {} new tokens exceed the cache's {} positions",
+                self.past,
+                self.new,
+                self.capacity
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Hyper-parameters of one AdamW update (decoupled weight decay, bias-corrected moments).
@@ -343,6 +400,22 @@ pub trait Backend: Send + 'static {
         batch: usize,
         seq: usize,
         channels: usize,
+    ) -> Result<()> {
+        self.embedding_forward_at(out, tokens, wte, wpe, batch, seq, 0, channels)
+    }
+    /// [`Backend::embedding_forward`] for tokens at positions `start..start + seq` of their
+    /// sequences: `out[b,t,:] = wte[tokens[b,t],:] + wpe[start + t,:]` (decoding after a cache).
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_forward_at(
+        &self,
+        out: &mut Self::Buffer,
+        tokens: &Self::Buffer,
+        wte: &Self::Buffer,
+        wpe: &Self::Buffer,
+        batch: usize,
+        seq: usize,
+        start: usize,
+        channels: usize,
     ) -> Result<()>;
     /// Embedding backward: `dwte[tokens[b,t],:] += dout[b,t,:]`, `dwpe[t,:] += dout[b,t,:]`.
     #[allow(clippy::too_many_arguments)]
@@ -451,6 +524,20 @@ pub trait Backend: Send + 'static {
         out: &Self::Buffer,
         att: &Self::Buffer,
         shape: Attention,
+    ) -> Result<()>;
+
+    /// Causal attention of `shape.new` tokens per sequence that follow `shape.past` tokens
+    /// whose keys and values are in `cache`: first the new tokens' keys and values (from
+    /// `qkv`, `[batch, new, 3·channels]`) are written into the cache at positions
+    /// `past..past + new`, then `out` (`[batch, new, channels]`) receives, for the new token at
+    /// position `past + t`, attention over positions `0..=past + t`, exactly as
+    /// [`Backend::attention_forward`] over the whole sequence computes that row. f32 only.
+    fn attention_decode(
+        &self,
+        out: &mut Self::Buffer,
+        cache: &mut Self::Buffer,
+        qkv: &Self::Buffer,
+        shape: CachedAttention,
     ) -> Result<()>;
 
     /// Softmax cross-entropy per row: `losses[r] = logsumexp(logits[r,:]) − logits[r, targets[r]]`

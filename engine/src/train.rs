@@ -14,7 +14,8 @@ use crate::backend::{Backend, DType};
 use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Batch, Corpus};
 use crate::exec::{
-    self, in_process_mesh_over, InProcessTransport, Rank, StepOptions, StepReport, Want,
+    self, in_process_mesh_over, Decoder, InProcessTransport, Pass, Rank, StepOptions, StepReport,
+    Want,
 };
 use crate::invalid_input;
 use crate::model::{
@@ -345,6 +346,8 @@ pub struct Trainer<B: Backend> {
     pub ranks: Vec<Rank<B, InProcessTransport>>,
     /// Steps completed so far.
     pub step: u64,
+    /// Key/value caches for [`Trainer::next_token_logits`], made at its first call.
+    decoder: Option<Decoder<B>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -394,6 +397,7 @@ impl<B: Backend> Trainer<B> {
             schedule,
             ranks,
             step,
+            decoder: None,
         })
     }
 
@@ -444,23 +448,39 @@ impl<B: Backend> Trainer<B> {
     pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
-            let losses = exec::forward(
-                &mut self.ranks,
-                &b.inputs,
-                Want::Losses(&b.targets),
-                b.batch,
+            let pass = Pass::Whole {
+                want: Want::Losses(&b.targets),
+                batch: b.batch,
                 seq,
-            )?;
+            };
+            let losses = exec::forward(&mut self.ranks, &b.inputs, pass)?;
             sum += losses.iter().map(|&x| x as f64).sum::<f64>();
             count += losses.len();
         }
         Ok((sum / count as f64, count))
     }
 
-    /// Logits of the last position of `tokens` (one sequence), for sampling.
+    /// Logits of the last position of `tokens` (one sequence, at most `n_positions` long), for
+    /// sampling. The stages keep the keys and values of the last call's tokens: when those
+    /// begin `tokens`, only the tokens after them run.
     pub fn next_token_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let logits = exec::forward(&mut self.ranks, tokens, Want::Logits, 1, tokens.len())?;
         let vocab = self.config.model.vocab_size;
+        if self.config.compute_dtype()? != DType::F32 {
+            // Caches are f32: mixed precision runs the whole context every time.
+            let pass = Pass::Whole {
+                want: Want::Logits,
+                batch: 1,
+                seq: tokens.len(),
+            };
+            let logits = exec::forward(&mut self.ranks, tokens, pass)?;
+            return Ok(logits[logits.len() - vocab..].to_vec());
+        }
+        if self.decoder.is_none() {
+            self.decoder = Some(Decoder::new(&self.ranks, self.config.model.n_positions)?);
+        }
+        let decoder = self.decoder.as_mut().expect("made above");
+        let ranks = &mut self.ranks;
+        let logits = decoder.extend(tokens, |new, pass| exec::forward(ranks, new, pass))?;
         Ok(logits[logits.len() - vocab..].to_vec())
     }
 

@@ -186,6 +186,8 @@ kernels!(
     causal_softmax_bf16,
     causal_softmax_backward,
     causal_softmax_backward_bf16,
+    kv_cache_write,
+    attention_decode,
     flash_delta,
     flash_forward_hs16,
     flash_forward_hs32,

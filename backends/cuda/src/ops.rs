@@ -4,7 +4,9 @@
 use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 use pipit_engine::backend::check::{self, elems};
-use pipit_engine::backend::{round_bf16, AdamW, Attention, Backend, DType, Matmul, MemoryStats};
+use pipit_engine::backend::{
+    round_bf16, AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats,
+};
 
 use crate::buffer::{CudaBuffer, Data};
 use crate::context::{chunk_rows, column_tiles, elementwise, per_row, u32_of, CudaBackend};
@@ -370,7 +372,7 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn embedding_forward(
+    fn embedding_forward_at(
         &self,
         out: &mut CudaBuffer,
         tokens: &CudaBuffer,
@@ -378,6 +380,7 @@ impl Backend for CudaBackend {
         wpe: &CudaBuffer,
         batch: usize,
         seq: usize,
+        start: usize,
         channels: usize,
     ) -> Result<()> {
         let _span = self.span("embedding_forward");
@@ -386,16 +389,20 @@ impl Backend for CudaBackend {
         let n = elems(&[batch, seq, channels])?;
         need(out, n, DType::F32, "embedding output")?;
         need(tokens, elems(&[batch, seq])?, DType::U32, "tokens")?;
-        if seq > positions {
-            bail!("sequence length {seq} exceeds the {positions} positions of wpe");
+        if start + seq > positions {
+            bail!(
+                "positions {start}..{} exceed the {positions} positions of wpe",
+                start + seq
+            );
         }
         let (dev_tokens, host_tokens) = tokens.u32("tokens")?;
         check_ids(host_tokens, vocab, "token")?;
         if n == 0 {
             return Ok(());
         }
-        let (seq32, c32, v32, n64) = (
+        let (seq32, start32, c32, v32, n64) = (
             u32_of(seq, "sequence length")?,
+            u32_of(start, "first position")?,
             u32_of(channels, "channels")?,
             u32_of(vocab, "vocabulary size")?,
             n as u64,
@@ -409,6 +416,7 @@ impl Backend for CudaBackend {
             wte.f32("wte")?,
             wpe.f32("wpe")?,
             &seq32,
+            &start32,
             &c32,
             &v32,
             &n64,
@@ -733,6 +741,64 @@ impl Backend for CudaBackend {
             Some(hs) => self.flash_backward(dqkv, dout, qkv, out, att, shape, hs),
             None => self.materialized_backward(dqkv, dout, qkv, att, shape),
         }
+    }
+
+    fn attention_decode(
+        &self,
+        out: &mut CudaBuffer,
+        cache: &mut CudaBuffer,
+        qkv: &CudaBuffer,
+        shape: CachedAttention,
+    ) -> Result<()> {
+        let _span = self.span("attention_decode");
+        shape.check()?;
+        let (b, new, c) = (shape.batch, shape.new, shape.channels);
+        need(out, elems(&[b, new, c])?, DType::F32, "attention output")?;
+        need(qkv, elems(&[b, new, 3, c])?, DType::F32, "qkv")?;
+        need(cache, shape.cache_len()?, DType::F32, "key/value cache")?;
+        let rows = elems(&[b, shape.heads, new])?;
+        if rows == 0 {
+            return Ok(());
+        }
+        let written = elems(&[b, new, 2, c])?;
+        let (written64, rows64) = (written as u64, rows as u64);
+        let (new32, past32, cap32, c32, heads32) = (
+            u32_of(new, "new tokens")?,
+            u32_of(shape.past, "cached tokens")?,
+            u32_of(shape.capacity, "cache positions")?,
+            u32_of(c, "channels")?,
+            u32_of(shape.heads, "heads")?,
+        );
+        launch!(
+            self,
+            kv_cache_write,
+            elementwise(written),
+            cache.f32_mut("key/value cache")?,
+            qkv.f32("qkv")?,
+            &new32,
+            &past32,
+            &cap32,
+            &c32,
+            &written64,
+        )?;
+        let mut scores = self.scratch(elems(&[rows, shape.capacity])?, DType::F32)?;
+        let scale = (1.0 / ((c / shape.heads) as f64).sqrt()) as f32;
+        launch!(
+            self,
+            attention_decode,
+            per_row(rows, 0)?,
+            out.f32_mut("attention output")?,
+            scores.f32_mut("attention scores")?,
+            qkv.f32("qkv")?,
+            cache.f32("key/value cache")?,
+            &new32,
+            &past32,
+            &cap32,
+            &c32,
+            &heads32,
+            &scale,
+            &rows64,
+        )
     }
 
     fn cross_entropy_forward(

@@ -10,7 +10,7 @@ use crate::dot::{dot_lanes, four_at_once};
 use crate::simd::wide;
 use crate::threads::{for_row_block_pairs, for_row_blocks};
 use anyhow::{bail, Result};
-use pipit_engine::backend::Attention;
+use pipit_engine::backend::{Attention, CachedAttention};
 
 use crate::buffer::elems;
 
@@ -108,51 +108,107 @@ fn forward_batch(
     let scale = 1.0 / (l.hs as f64).sqrt();
     for h in 0..l.heads {
         for t in 0..l.seq {
-            let q = &qkv[l.qkv(b, t, 0, h)..][..l.hs];
-            let key = |t2: usize| &qkv[l.qkv(b, t2, 1, h)..][..l.hs];
-            let scores = &mut scores[..=t];
-            let quads = four_at_once(scores.len());
-            #[cfg(target_arch = "x86_64")]
-            for t2 in (0..quads).step_by(4) {
-                // SAFETY: `four_at_once` is nonzero only where the CPU has AVX2.
-                let dots =
-                    unsafe { dot4_avx2(q, [key(t2), key(t2 + 1), key(t2 + 2), key(t2 + 3)]) };
-                for (score, d) in scores[t2..t2 + 4].iter_mut().zip(dots) {
-                    *score = d * scale;
-                }
-            }
-            for (t2, score) in scores.iter_mut().enumerate().skip(quads) {
-                *score = dot_lanes(q, key(t2)) * scale;
-            }
-            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            // Each exponential once, kept in place of its score.
-            for x in scores.iter_mut() {
-                *x = (*x - max).exp();
-            }
-            let sum: f64 = scores.iter().sum();
-            let row = &mut att[l.att(0, h, t)..][..l.seq];
-            for (t2, p) in row.iter_mut().enumerate() {
-                *p = if t2 <= t {
-                    (scores[t2] / sum) as f32
-                } else {
-                    0.0
-                };
-            }
-            // Σ over t2 of p·v for every channel at once, each channel's terms added in t2
-            // order from -0.0, as `Iterator::sum` adds them (Rust 1.82 on).
-            acc.fill(-0.0);
-            for (t2, &p) in row[..=t].iter().enumerate() {
-                let v = &qkv[l.qkv(b, t2, 2, h)..][..l.hs];
-                for (a, &x) in acc.iter_mut().zip(v) {
-                    *a += p as f64 * x as f64;
-                }
-            }
-            let o = &mut out[l.out(0, t, h)..][..l.hs];
-            for (o, &a) in o.iter_mut().zip(acc.iter()) {
-                *o = a as f32;
-            }
+            let (probs, zeros) = att[l.att(0, h, t)..][..l.seq].split_at_mut(t + 1);
+            zeros.fill(0.0);
+            attend(
+                &qkv[l.qkv(b, t, 0, h)..][..l.hs],
+                |t2| &qkv[l.qkv(b, t2, 1, h)..][..l.hs],
+                |t2| &qkv[l.qkv(b, t2, 2, h)..][..l.hs],
+                scale,
+                &mut scores[..=t],
+                acc,
+                probs,
+                &mut out[l.out(0, t, h)..][..l.hs],
+            );
         }
     }
+}
+
+/// One query row: the softmax of `q`'s scaled dot products with the keys `0..probs.len()`
+/// into `probs`, then their probability-weighted sum of values into `out`. `scores` (as long
+/// as `probs`) and `acc` (one per channel of a head) are scratch.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend<'a>(
+    q: &[f32],
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    scale: f64,
+    scores: &mut [f64],
+    acc: &mut [f64],
+    probs: &mut [f32],
+    out: &mut [f32],
+) {
+    let quads = four_at_once(scores.len());
+    #[cfg(target_arch = "x86_64")]
+    for t2 in (0..quads).step_by(4) {
+        // SAFETY: `four_at_once` is nonzero only where the CPU has AVX2.
+        let dots = unsafe { dot4_avx2(q, [key(t2), key(t2 + 1), key(t2 + 2), key(t2 + 3)]) };
+        for (score, d) in scores[t2..t2 + 4].iter_mut().zip(dots) {
+            *score = d * scale;
+        }
+    }
+    for (t2, score) in scores.iter_mut().enumerate().skip(quads) {
+        *score = dot_lanes(q, key(t2)) * scale;
+    }
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    // Each exponential once, kept in place of its score.
+    for x in scores.iter_mut() {
+        *x = (*x - max).exp();
+    }
+    let sum: f64 = scores.iter().sum();
+    for (p, &e) in probs.iter_mut().zip(scores.iter()) {
+        *p = (e / sum) as f32;
+    }
+    // Σ over t2 of p·v for every channel at once, each channel's terms added in t2 order from
+    // -0.0, as `Iterator::sum` adds them (Rust 1.82 on).
+    acc.fill(-0.0);
+    for (t2, &p) in probs.iter().enumerate() {
+        for (a, &x) in acc.iter_mut().zip(value(t2)) {
+            *a += p as f64 * x as f64;
+        }
+    }
+    for (o, &a) in out.iter_mut().zip(acc.iter()) {
+        *o = a as f32;
+    }
+}
+
+/// Write the new tokens' keys and values into `cache`, then attend from each new token over
+/// every cached position up to its own, row by row as [`forward`] computes it.
+pub(crate) fn decode(out: &mut [f32], cache: &mut [f32], qkv: &[f32], s: CachedAttention) {
+    let l = Layout::new(s.of_new());
+    let c = s.channels;
+    let slot = |b: usize, t: usize| (b * s.capacity + t) * 2 * c;
+    for b in 0..s.batch {
+        for t in 0..s.new {
+            let from = l.qkv(b, t, 1, 0);
+            cache[slot(b, s.past + t)..][..2 * c].copy_from_slice(&qkv[from..][..2 * c]);
+        }
+    }
+    let cache = &*cache;
+    let scale = 1.0 / (l.hs as f64).sqrt();
+    let mut scores = vec![0f64; s.past + s.new];
+    let mut probs = vec![0f32; s.past + s.new];
+    let mut acc = vec![0f64; l.hs];
+    wide(|| {
+        for b in 0..s.batch {
+            for h in 0..l.heads {
+                for t in 0..s.new {
+                    let n = s.past + t + 1;
+                    attend(
+                        &qkv[l.qkv(b, t, 0, h)..][..l.hs],
+                        |t2| &cache[slot(b, t2) + h * l.hs..][..l.hs],
+                        |t2| &cache[slot(b, t2) + c + h * l.hs..][..l.hs],
+                        scale,
+                        &mut scores[..n],
+                        &mut acc,
+                        &mut probs[..n],
+                        &mut out[l.out(b, t, h)..][..l.hs],
+                    );
+                }
+            }
+        }
+    })
 }
 
 /// Overwrite `dqkv` with the gradient of `out` through values, softmax and scores. Batches go

@@ -10,17 +10,21 @@ use crate::buffer::{elems, expect_len};
 #[derive(Clone, Copy)]
 pub(crate) struct Dims {
     seq: usize,
+    /// Position of the first token of every sequence.
+    start: usize,
     channels: usize,
 }
 
 impl Dims {
-    /// Check the tables and the token ids against `batch`, `seq` and `channels`.
+    /// Check the tables and the token ids against `batch`, `seq` tokens from position `start`,
+    /// and `channels`.
     pub(crate) fn check(
         tokens: &[u32],
         wte_len: usize,
         wpe_len: usize,
         batch: usize,
         seq: usize,
+        start: usize,
         channels: usize,
     ) -> Result<Self> {
         if channels == 0 {
@@ -31,21 +35,28 @@ impl Dims {
             bail!("embedding tables ({wte_len} and {wpe_len} elements) are not whole rows of {channels} channels");
         }
         let (vocab, positions) = (wte_len / channels, wpe_len / channels);
-        if seq > positions {
-            bail!("sequence length {seq} exceeds the {positions} positions of wpe");
+        if start + seq > positions {
+            bail!(
+                "positions {start}..{} exceed the {positions} positions of wpe",
+                start + seq
+            );
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
             bail!("token id {bad} is outside the vocabulary of {vocab}");
         }
-        Ok(Self { seq, channels })
+        Ok(Self {
+            seq,
+            start,
+            channels,
+        })
     }
 }
 
-/// `out[b,t,:] = wte[tokens[b,t],:] + wpe[t,:]`.
+/// `out[b,t,:] = wte[tokens[b,t],:] + wpe[start + t,:]`.
 pub(crate) fn forward(out: &mut [f32], tokens: &[u32], wte: &[f32], wpe: &[f32], d: Dims) {
     let c = d.channels;
     for (row, (o, &tok)) in out.chunks_exact_mut(c).zip(tokens).enumerate() {
-        let t = row % d.seq;
+        let t = d.start + row % d.seq;
         let w = &wte[tok as usize * c..][..c];
         let p = &wpe[t * c..][..c];
         for ((o, &w), &p) in o.iter_mut().zip(w).zip(p) {

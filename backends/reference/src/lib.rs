@@ -24,7 +24,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Result};
 use pipit_engine::backend::{
-    host_elapsed_ms, AdamW, Attention, Backend, DType, Matmul, MemoryMeter, MemoryStats,
+    host_elapsed_ms, AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryMeter,
+    MemoryStats,
 };
 
 pub use buffer::RefBuffer;
@@ -144,7 +145,7 @@ impl Backend for ReferenceBackend {
         Ok(())
     }
 
-    fn embedding_forward(
+    fn embedding_forward_at(
         &self,
         out: &mut RefBuffer,
         tokens: &RefBuffer,
@@ -152,11 +153,13 @@ impl Backend for ReferenceBackend {
         wpe: &RefBuffer,
         batch: usize,
         seq: usize,
+        start: usize,
         channels: usize,
     ) -> Result<()> {
         let (tokens, wte, wpe) = (tokens.u32("tokens")?, wte.f32("wte")?, wpe.f32("wpe")?);
         let mut out = out.f32_mut("embedding out")?;
-        let dims = embedding::Dims::check(tokens, wte.len(), wpe.len(), batch, seq, channels)?;
+        let dims =
+            embedding::Dims::check(tokens, wte.len(), wpe.len(), batch, seq, start, channels)?;
         expect_len("embedding out", out.len(), elems(&[batch, seq, channels])?)?;
         embedding::forward(&mut out, tokens, wte, wpe, dims);
         Ok(())
@@ -174,7 +177,7 @@ impl Backend for ReferenceBackend {
     ) -> Result<()> {
         let (dout, tokens) = (dout.f32("embedding dout")?, tokens.u32("tokens")?);
         let (mut dwte, mut dwpe) = (dwte.f32_mut("dwte")?, dwpe.f32_mut("dwpe")?);
-        let dims = embedding::Dims::check(tokens, dwte.len(), dwpe.len(), batch, seq, channels)?;
+        let dims = embedding::Dims::check(tokens, dwte.len(), dwpe.len(), batch, seq, 0, channels)?;
         expect_len(
             "embedding dout",
             dout.len(),
@@ -368,6 +371,27 @@ impl Backend for ReferenceBackend {
         expect_len("attention dout", dout.len(), sizes.out_len)?;
         expect_len("attention att", att.len(), sizes.att_len)?;
         attention::backward(&mut dqkv, dout, qkv, att, shape);
+        Ok(())
+    }
+
+    fn attention_decode(
+        &self,
+        out: &mut RefBuffer,
+        cache: &mut RefBuffer,
+        qkv: &RefBuffer,
+        shape: CachedAttention,
+    ) -> Result<()> {
+        shape.check()?;
+        let qkv = qkv.f32("attention qkv")?;
+        let (mut out, mut cache) = (
+            out.f32_mut("attention out")?,
+            cache.f32_mut("attention cache")?,
+        );
+        let sizes = attention::Sizes::check(shape.of_new())?;
+        expect_len("attention qkv", qkv.len(), sizes.qkv_len)?;
+        expect_len("attention out", out.len(), sizes.out_len)?;
+        expect_len("attention cache", cache.len(), shape.cache_len()?)?;
+        attention::decode(&mut out, &mut cache, qkv, shape);
         Ok(())
     }
 

@@ -64,6 +64,8 @@ pub(crate) enum Kernel {
     AttentionBackwardD,
     AttentionBackwardDq,
     AttentionBackwardDkv,
+    KvCacheWrite,
+    AttentionDecode,
     EmbeddingForward,
     EmbeddingBackwardWte,
     EmbeddingBackwardWpe,
@@ -86,7 +88,9 @@ impl Kernel {
             Kernel::AttentionForward
             | Kernel::AttentionBackwardD
             | Kernel::AttentionBackwardDq
-            | Kernel::AttentionBackwardDkv => Shader::Attention,
+            | Kernel::AttentionBackwardDkv
+            | Kernel::KvCacheWrite
+            | Kernel::AttentionDecode => Shader::Attention,
             Kernel::EmbeddingForward
             | Kernel::EmbeddingBackwardWte
             | Kernel::EmbeddingBackwardWpe => Shader::Embedding,
@@ -113,6 +117,8 @@ impl Kernel {
             Kernel::AttentionBackwardD => "attention_backward_d",
             Kernel::AttentionBackwardDq => "attention_backward_dq",
             Kernel::AttentionBackwardDkv => "attention_backward_dkv",
+            Kernel::KvCacheWrite => "kv_cache_write",
+            Kernel::AttentionDecode => "attention_decode",
             Kernel::EmbeddingForward => "embedding_forward",
             Kernel::EmbeddingBackwardWte => "embedding_backward_wte",
             Kernel::EmbeddingBackwardWpe => "embedding_backward_wpe",
@@ -134,6 +140,7 @@ impl Kernel {
                 | Kernel::AttentionBackwardD
                 | Kernel::AttentionBackwardDq
                 | Kernel::AttentionBackwardDkv
+                | Kernel::AttentionDecode
         )
     }
 

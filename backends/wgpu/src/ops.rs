@@ -2,7 +2,9 @@
 
 use anyhow::{bail, Result};
 use pipit_engine::backend::check;
-use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul, MemoryStats};
+use pipit_engine::backend::{
+    AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats,
+};
 use wgpu::util::DeviceExt;
 
 use crate::buffer::WgpuBuffer;
@@ -254,7 +256,7 @@ impl Backend for WgpuBackend {
         }
     }
 
-    fn embedding_forward(
+    fn embedding_forward_at(
         &self,
         out: &mut WgpuBuffer,
         tokens: &WgpuBuffer,
@@ -262,13 +264,14 @@ impl Backend for WgpuBackend {
         wpe: &WgpuBuffer,
         batch: usize,
         seq: usize,
+        start: usize,
         channels: usize,
     ) -> Result<()> {
         let (bt, btc, tc) = (batch * seq, batch * seq * channels, seq * channels);
         need(out, btc, DType::F32, "embedding output")?;
         need(tokens, bt, DType::U32, "tokens")?;
         need_table(wte, channels, 0, "wte")?;
-        need_table(wpe, channels, seq, "wpe")?;
+        need_table(wpe, channels, start + seq, "wpe")?;
         if btc == 0 {
             return Ok(());
         }
@@ -279,7 +282,8 @@ impl Backend for WgpuBackend {
             let positions = bc.len() * seq;
             let vo = self.view(out, bc.start * tc..bc.end * tc);
             let vt = self.view(tokens, bc.start * seq..bc.end * seq);
-            let vp = self.view(wpe, 0..tc);
+            // Positions start.. of the table, seen by the kernel as positions 0..
+            let vp = self.view(wpe, start * channels..start * channels + tc);
             for (i, vc) in vocab_chunks.iter().enumerate() {
                 let vw = self.view(wte, vc.start * channels..vc.end * channels);
                 let params = [
@@ -765,6 +769,76 @@ impl Backend for WgpuBackend {
         Ok(())
     }
 
+    fn attention_decode(
+        &self,
+        out: &mut WgpuBuffer,
+        cache: &mut WgpuBuffer,
+        qkv: &WgpuBuffer,
+        shape: CachedAttention,
+    ) -> Result<()> {
+        shape.check()?;
+        let (b, new, c) = (shape.batch, shape.new, shape.channels);
+        need(out, b * new * c, DType::F32, "attention output")?;
+        need(qkv, b * new * 3 * c, DType::F32, "qkv")?;
+        need(cache, shape.cache_len()?, DType::F32, "key/value cache")?;
+        let units = b * shape.heads;
+        let scores = units * new * shape.capacity;
+        let max = self.max_binding_elems;
+        if cache.len > max || qkv.len > max || scores > max {
+            bail!(
+                "cached attention over {b} sequences of {} positions exceeds one storage \
+                 binding of {max} elements; decode fewer sequences at once",
+                shape.capacity
+            );
+        }
+        if units == 0 || new == 0 {
+            return Ok(());
+        }
+        let head_size = c / shape.heads;
+        let params = |units: usize, bases: [u32; 4]| -> Result<[u32; 16]> {
+            let scale = 1.0 / (head_size as f32).sqrt();
+            Ok([
+                u(units)?,
+                u(new)?,
+                u(c)?,
+                u(shape.heads)?,
+                u(head_size)?,
+                0,
+                0,
+                bases[0],
+                0,
+                bases[1],
+                0,
+                bases[2],
+                scale.to_bits(),
+                u(shape.past)?,
+                u(shape.capacity)?,
+                bases[3],
+            ])
+        };
+        let vq = self.view(qkv, 0..qkv.len);
+        let vc = self.view(cache, 0..cache.len);
+        let write = params(b, [vc.base, vq.base, 0, 0])?;
+        let grid = self.grid((b * new * 2 * c).div_ceil(64))?;
+        self.dispatch(Kernel::KvCacheWrite, &write, &[(1, &vc), (3, &vq)], grid)?;
+        let scratch = self.create(scores, DType::F32, None)?;
+        let vs = self.view(&scratch, 0..scores);
+        let vo = self.view(out, 0..out.len);
+        let attend = params(units, [vo.base, vq.base, vs.base, vc.base])?;
+        let positions = shape.past + new;
+        let lanes = self.lanes_for("cached attention", |l| {
+            attention_loop_iterations(positions, head_size, l)
+        })?;
+        self.dispatch_rows(
+            Kernel::AttentionDecode,
+            lanes,
+            &attend,
+            &[(1, &vo), (3, &vq), (5, &vs), (6, &vc)],
+            self.row_grid(units * new, lanes)?,
+        )?;
+        Ok(())
+    }
+
     fn cross_entropy_forward(
         &self,
         losses: &mut WgpuBuffer,
@@ -945,6 +1019,15 @@ fn embedding_vocab_chunks(
     Ok(chunks)
 }
 
+/// A bound on the loop iterations of one attention invocation over rows of `positions` keys
+/// with `lanes` per row: the walk over the row's positions, each with dot products and
+/// accumulator updates over head dimensions (64 at a time), plus the fixed loops that combine
+/// lanes.
+fn attention_loop_iterations(positions: usize, head_size: usize, lanes: usize) -> usize {
+    let hs = head_size;
+    positions.div_ceil(lanes) * (hs + 2 * hs.min(64) + 8) * hs.div_ceil(64) + 256
+}
+
 /// How an attention call is cut into windows of (sequence, head) units.
 struct AttentionPlan {
     b: usize,
@@ -989,12 +1072,9 @@ impl AttentionPlan {
         })
     }
 
-    /// A bound on the loop iterations of one invocation with `lanes` per row: the walk over
-    /// a row's positions, each with dot products and accumulator updates over head
-    /// dimensions (64 at a time), plus the fixed loops that combine lanes.
+    /// [`attention_loop_iterations`] for this call's rows.
     fn loop_iterations(&self, lanes: usize) -> usize {
-        let hs = self.head_size;
-        self.t.div_ceil(lanes) * (hs + 2 * hs.min(64) + 8) * hs.div_ceil(64) + 256
+        attention_loop_iterations(self.t, self.head_size, lanes)
     }
 
     fn windows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {

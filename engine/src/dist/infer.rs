@@ -6,21 +6,19 @@ use serde_json::{json, Value};
 
 use super::trainer::{first_difference, LEADER};
 use super::{RankLinks, RankTrainer};
-use crate::backend::Backend;
-use crate::exec::{Rank, Want};
+use crate::backend::{Backend, DType};
+use crate::exec::{Decoder, Pass, Rank, Want};
 use crate::invalid_input;
-use crate::model::{Keep, StageInput, StageOutput};
+use crate::model::{StageInput, StageOutput};
 
-/// This rank's part of a forward pass of `tokens` (`[batch·seq]`) through the stages placed by
-/// `placement`: what the last stage produces (per-token losses or logits, as `want` says) on
-/// the rank that holds it, `None` on the others. Every rank of the run calls it together.
+/// This rank's part of a forward pass of `tokens` through the stages placed by `placement`:
+/// what the last stage produces (as [`crate::exec::forward`] says) on the rank that holds
+/// it, `None` on the others. Every rank of the run calls it together.
 pub(super) fn forward<B: Backend>(
     placement: &[usize],
     rank: &mut Rank<B, RankLinks<B>>,
     tokens: &[u32],
-    want: &Want<'_>,
-    batch: usize,
-    seq: usize,
+    mut pass: Pass<'_, B>,
 ) -> Result<Option<Vec<f32>>> {
     let last = placement.len() - 1;
     let Rank {
@@ -52,18 +50,12 @@ pub(super) fn forward<B: Backend>(
                 .with_context(what)?;
             StageInput::Hidden(backend.upload(&h)?)
         };
-        let targets = match want {
-            Want::Losses(t) if stage == last => Some(backend.upload_u32(t)?),
-            _ => None,
-        };
-        let model = &mut stages
-            .iter_mut()
+        let model = &stages
+            .iter()
             .find(|(s, _)| *s == stage)
             .ok_or_else(|| anyhow!("rank {me} does not hold stage {stage}"))?
             .1;
-        let (out, _) =
-            model.forward(backend, input, targets.as_ref(), batch, seq, Keep::Nothing)?;
-        match out {
+        match pass.run(backend, model, stage, stage == last, input, tokens.len())? {
             StageOutput::Hidden(h) if placement[stage + 1] == me => local = Some(h),
             StageOutput::Hidden(h) => {
                 let values = backend.download(&h)?;
@@ -92,14 +84,23 @@ impl<B: Backend> RankTrainer<B> {
         let vocab = self.config.model.vocab_size;
         let placement = &self.schedule.placement;
         let holder = placement[placement.len() - 1];
-        let logits = forward(
-            placement,
-            &mut self.rank,
-            context,
-            &Want::Logits,
-            1,
-            context.len(),
-        )?;
+        let logits = if self.config.compute_dtype()? == DType::F32 {
+            if self.decoder.is_none() {
+                let capacity = self.config.model.n_positions;
+                self.decoder = Some(Decoder::new(std::slice::from_ref(&self.rank), capacity)?);
+            }
+            let decoder = self.decoder.as_mut().expect("made above");
+            let rank = &mut self.rank;
+            decoder.extend(context, |new, pass| forward(placement, rank, new, pass))?
+        } else {
+            // Caches are f32: mixed precision runs the whole context every time.
+            let pass = Pass::Whole {
+                want: Want::Logits,
+                batch: 1,
+                seq: context.len(),
+            };
+            forward(placement, &mut self.rank, context, pass)?
+        };
         let row = logits.map(|l| l[l.len() - vocab..].to_vec());
         let transport = &mut self.rank.transport;
         if me != LEADER {

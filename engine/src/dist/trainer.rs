@@ -12,7 +12,7 @@ use super::{connect_sharing, LaunchEnv};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Corpus};
-use crate::exec::{train_step_rank, Rank, RankReport, StepReport, Want};
+use crate::exec::{train_step_rank, Decoder, Pass, Rank, RankReport, StepReport, Want};
 use crate::invalid_input;
 use crate::model::{init_tensor, HostTensors, OptimizerState, StageModel};
 use crate::schedule::{Action, Schedule};
@@ -42,6 +42,8 @@ pub struct RankTrainer<B: Backend> {
     description: String,
     /// Step after which this rank aborts ([`FAULT_ENV`]).
     abort_after: Option<u64>,
+    /// Key/value caches of this rank's stages for [`RankTrainer::next_token`].
+    pub(super) decoder: Option<Decoder<B>>,
 }
 
 impl<B: Backend> RankTrainer<B> {
@@ -168,6 +170,7 @@ impl<B: Backend> RankTrainer<B> {
             step,
             description: line,
             abort_after,
+            decoder: None,
         })
     }
 
@@ -261,10 +264,12 @@ impl<B: Backend> RankTrainer<B> {
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
             let placement = &self.schedule.placement;
-            let want = Want::Losses(&b.targets);
-            if let Some(losses) =
-                forward(placement, &mut self.rank, &b.inputs, &want, b.batch, b.seq)?
-            {
+            let pass = Pass::Whole {
+                want: Want::Losses(&b.targets),
+                batch: b.batch,
+                seq: b.seq,
+            };
+            if let Some(losses) = forward(placement, &mut self.rank, &b.inputs, pass)? {
                 sum += losses.iter().map(|&x| x as f64).sum::<f64>();
                 count += losses.len();
             }

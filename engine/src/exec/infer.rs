@@ -2,11 +2,17 @@
 //!
 //! Stages run one after another on the calling thread; an activation crossing to another
 //! rank's device is staged through host memory, as the in-process transport does.
+//!
+//! A pass runs whole sequences ([`Pass::Whole`]), or the tokens that follow those whose keys
+//! and values each stage keeps in a cache ([`Pass::Cached`]): text generation feeds one token
+//! at a time that way, through a [`Decoder`], instead of running the whole context again.
 
-use anyhow::{anyhow, Result};
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, bail, Result};
 
 use crate::backend::{Backend, Transport};
-use crate::model::{Keep, StageInput, StageOutput};
+use crate::model::{Keep, KvCache, StageInput, StageModel, StageOutput};
 
 use super::step::Rank;
 
@@ -18,14 +24,67 @@ pub enum Want<'a> {
     Logits,
 }
 
-/// Run `tokens` (`[batch·seq]`) forward through every stage in order and return the per-token
-/// losses or the logits, as `want` says.
+/// How a forward-only pass runs each stage.
+pub enum Pass<'a, B: Backend> {
+    /// `batch` whole sequences of `seq` tokens; the last stage produces what `want` says.
+    Whole {
+        /// Losses or logits.
+        want: Want<'a>,
+        /// Sequences.
+        batch: usize,
+        /// Tokens per sequence.
+        seq: usize,
+    },
+    /// One sequence's tokens after those in the caches (by stage index), which take them in;
+    /// the last stage produces the new tokens' logits.
+    Cached(&'a mut BTreeMap<usize, KvCache<B>>),
+}
+
+impl<B: Backend> Pass<'_, B> {
+    /// Run `model`, stage `stage` (the pipeline's last when `last`), on `input`, where
+    /// `tokens` tokens go through the pass.
+    pub(crate) fn run(
+        &mut self,
+        backend: &B,
+        model: &StageModel<B>,
+        stage: usize,
+        last: bool,
+        input: StageInput<'_, B>,
+        tokens: usize,
+    ) -> Result<StageOutput<B>> {
+        match self {
+            Pass::Whole { want, batch, seq } => {
+                let targets = match want {
+                    Want::Losses(t) if last => Some(backend.upload_u32(t)?),
+                    _ => None,
+                };
+                let (out, _) = model.forward(
+                    backend,
+                    input,
+                    targets.as_ref(),
+                    *batch,
+                    *seq,
+                    Keep::Nothing,
+                )?;
+                Ok(out)
+            }
+            Pass::Cached(caches) => {
+                let cache = caches
+                    .get_mut(&stage)
+                    .ok_or_else(|| anyhow!("stage {stage} has no key/value cache"))?;
+                model.decode(backend, input, cache, tokens)
+            }
+        }
+    }
+}
+
+/// Run `tokens` forward through every stage in order and return what the last stage produces:
+/// per-token losses or logits for [`Pass::Whole`], the new tokens' logits for
+/// [`Pass::Cached`].
 pub fn forward<B: Backend, T: Transport<B>>(
     ranks: &mut [Rank<B, T>],
     tokens: &[u32],
-    want: Want<'_>,
-    batch: usize,
-    seq: usize,
+    mut pass: Pass<'_, B>,
 ) -> Result<Vec<f32>> {
     let mut order: Vec<(usize, usize)> = ranks
         .iter()
@@ -38,9 +97,9 @@ pub fn forward<B: Backend, T: Transport<B>>(
     for (i, &(stage, r)) in order.iter().enumerate() {
         let rank = &mut ranks[r];
         let backend = &rank.backend;
-        let model = &mut rank
+        let model = &rank
             .stages
-            .iter_mut()
+            .iter()
             .find(|(s, _)| *s == stage)
             .ok_or_else(|| anyhow!("stage {stage} missing"))?
             .1;
@@ -52,17 +111,65 @@ pub fn forward<B: Backend, T: Transport<B>>(
             }
             Some(h) => StageInput::Hidden(backend.upload(&h)?),
         };
-        let targets = match (&want, i == last) {
-            (Want::Losses(t), true) => Some(backend.upload_u32(t)?),
-            _ => None,
-        };
-        let (output, _) =
-            model.forward(backend, input, targets.as_ref(), batch, seq, Keep::Nothing)?;
-        match output {
+        match pass.run(backend, model, stage, i == last, input, tokens.len())? {
             StageOutput::Hidden(h) => hidden = Some(backend.download(&h)?),
             StageOutput::Loss { losses } => return backend.download(&losses),
             StageOutput::Logits(logits) => return backend.download(&logits),
         }
     }
     Err(anyhow!("the pipeline has no head stage"))
+}
+
+/// Key/value caches for the stages of some ranks and the one sequence whose tokens they
+/// hold, so each next token of a growing context runs alone through the pipeline.
+pub struct Decoder<B: Backend> {
+    caches: BTreeMap<usize, KvCache<B>>,
+    /// The tokens the caches hold (empty after a failed pass).
+    held: Vec<u32>,
+    capacity: usize,
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Empty caches of `capacity` positions (at most the model's `n_positions`) for every
+    /// stage of `ranks`.
+    pub fn new<T: Transport<B>>(ranks: &[Rank<B, T>], capacity: usize) -> Result<Self> {
+        let mut caches = BTreeMap::new();
+        for rank in ranks {
+            for (stage, model) in &rank.stages {
+                caches.insert(*stage, model.kv_cache(&rank.backend, 1, capacity)?);
+            }
+        }
+        Ok(Self {
+            caches,
+            held: Vec::new(),
+            capacity,
+        })
+    }
+
+    /// Run `pass` on what `context` adds to the held tokens: its tokens after them, when they
+    /// begin it, else (the caches cleared first) all of it. `pass` gets those tokens and the
+    /// [`Pass::Cached`] to run them with.
+    pub fn extend<R>(
+        &mut self,
+        context: &[u32],
+        pass: impl FnOnce(&[u32], Pass<'_, B>) -> Result<R>,
+    ) -> Result<R> {
+        if context.is_empty() || context.len() > self.capacity {
+            bail!(
+                "a context of {} tokens does not fit a cache of 1..={} positions",
+                context.len(),
+                self.capacity
+            );
+        }
+        let held = std::mem::take(&mut self.held);
+        let start = if context.len() > held.len() && context.starts_with(&held) {
+            held.len()
+        } else {
+            self.caches.values_mut().for_each(KvCache::clear);
+            0
+        };
+        let result = pass(&context[start..], Pass::Cached(&mut self.caches))?;
+        self.held = context.to_vec();
+        Ok(result)
+    }
 }

@@ -4,7 +4,7 @@ mod infer;
 mod step;
 mod transport;
 
-pub use infer::{forward, Want};
+pub use infer::{forward, Decoder, Pass, Want};
 pub use step::{
     clip_scale, train_step, train_step_rank, Rank, RankReport, StepOptions, StepReport,
 };

@@ -1,11 +1,11 @@
 //! One transformer block (pre-norm, as GPT-2): `x + attn(ln_1(x))`, then `+ mlp(ln_2(·))`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use super::params::Params;
 use super::stage::{converted, Dims};
 use super::weight_grads::{WeightGrads, WeightJob};
-use crate::backend::{Attention, Backend, DType, Matmul};
+use crate::backend::{Attention, Backend, CachedAttention, DType, Matmul};
 
 /// What a block's backward needs from its forward (its input is kept by the stage).
 pub(super) struct BlockActs<B: Backend> {
@@ -13,7 +13,8 @@ pub(super) struct BlockActs<B: Backend> {
     ln1_mean: B::Buffer,
     ln1_rstd: B::Buffer,
     qkv: B::Buffer,
-    att: B::Buffer,
+    /// What attention keeps for backward; `None` after attention against a cache.
+    att: Option<B::Buffer>,
     atty: B::Buffer,
     res1: B::Buffer,
     ln2: B::Buffer,
@@ -26,12 +27,12 @@ pub(super) struct BlockActs<B: Backend> {
 impl<B: Backend> BlockActs<B> {
     /// Bytes held, for memory accounting.
     pub(super) fn bytes(&self, b: &B) -> u64 {
-        [
+        let att = self.att.as_ref().map_or(0, |a| b.bytes(a));
+        att + [
             &self.ln1,
             &self.ln1_mean,
             &self.ln1_rstd,
             &self.qkv,
-            &self.att,
             &self.atty,
             &self.res1,
             &self.ln2,
@@ -42,7 +43,7 @@ impl<B: Backend> BlockActs<B> {
         ]
         .iter()
         .map(|buf| b.bytes(buf))
-        .sum()
+        .sum::<u64>()
     }
 }
 
@@ -65,6 +66,14 @@ fn attention_shape(d: Dims) -> Attention {
     }
 }
 
+/// What a block's attention sees besides the tokens it is given.
+pub(super) enum Past<'a, B: Backend> {
+    /// Nothing: the tokens are whole sequences.
+    Nothing,
+    /// The keys and values of the tokens before them, in this block's cache (decoding).
+    Cached(&'a mut B::Buffer, CachedAttention),
+}
+
 /// Block `i` on `x[rows, C]`: the output and the activations backward needs.
 pub(super) fn forward<B: Backend>(
     b: &B,
@@ -72,6 +81,7 @@ pub(super) fn forward<B: Backend>(
     i: usize,
     x: &B::Buffer,
     d: Dims,
+    past: Past<'_, B>,
 ) -> Result<(B::Buffer, BlockActs<B>)> {
     let (rows, c) = (d.rows(), d.channels);
     let w = |s: &str| p.value(&format!("h.{i}.{s}"));
@@ -96,11 +106,18 @@ pub(super) fn forward<B: Backend>(
         Some(w("attn.c_attn.bias")?),
         Matmul::new(rows, 3 * c, c),
     )?;
-    let (mut atty, mut att) = (
-        acts(b, rows * c, d)?,
-        b.attention_state(attention_shape(d), d.act)?,
-    );
-    b.attention_forward(&mut atty, &mut att, &qkv, attention_shape(d))?;
+    let mut atty = acts(b, rows * c, d)?;
+    let att = match past {
+        Past::Nothing => {
+            let mut att = b.attention_state(attention_shape(d), d.act)?;
+            b.attention_forward(&mut atty, &mut att, &qkv, attention_shape(d))?;
+            Some(att)
+        }
+        Past::Cached(cache, shape) => {
+            b.attention_decode(&mut atty, cache, &qkv, shape)?;
+            None
+        }
+    };
     let mut attproj = acts(b, rows * c, d)?;
     b.matmul(
         &mut attproj,
@@ -257,6 +274,7 @@ pub(super) fn backward<B: Backend>(
         Matmul::new(rows, c, c).trans_b(),
     )?;
     let mut dqkv = acts(b, rows * 3 * c, d)?;
+    let att = att.context("a block run against a cache has no backward")?;
     b.attention_backward(&mut dqkv, &datty, &qkv, &atty, &att, attention_shape(d))?;
     drop((datty, qkv, att));
     b.bias_backward(p.grad_mut(&n("attn.c_attn.bias"))?, &dqkv, rows, 3 * c)?;

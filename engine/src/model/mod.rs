@@ -13,5 +13,5 @@ mod weight_grads;
 
 pub use config::{AdamWConfig, GptConfig, Layer};
 pub use host::{init_parameters, init_tensor, HostTensor, HostTensors};
-pub use stage::{Keep, OptimizerState, Saved, StageInput, StageModel, StageOutput};
+pub use stage::{Keep, KvCache, OptimizerState, Saved, StageInput, StageModel, StageOutput};
 pub use weight_grads::WeightGrads;

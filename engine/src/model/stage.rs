@@ -6,13 +6,13 @@ use std::ops::Range;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::block::{self, BlockActs};
+use super::block::{self, BlockActs, Past};
 use super::config::{AdamWConfig, GptConfig, Layer};
 use super::head::{self, HeadActs};
 use super::host::HostTensors;
 use super::params::Params;
 use super::weight_grads::WeightGrads;
-use crate::backend::{AdamW, Backend, DType};
+use crate::backend::{AdamW, Backend, CachedAttention, DType};
 use crate::invalid;
 
 /// The input of a stage's forward.
@@ -98,6 +98,38 @@ impl<B: Backend> Saved<B> {
     /// Bytes of device memory held by the kept buffers.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+/// The keys and values of every token a stage has decoded so far, one buffer per block
+/// (`[batch, capacity, 2, n_embd]`), so the next token runs without the ones before it.
+pub struct KvCache<B: Backend> {
+    blocks: Vec<B::Buffer>,
+    batch: usize,
+    capacity: usize,
+    /// Tokens per sequence held.
+    past: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Tokens per sequence the cache holds.
+    pub fn len(&self) -> usize {
+        self.past
+    }
+
+    /// Whether it holds no token yet.
+    pub fn is_empty(&self) -> bool {
+        self.past == 0
+    }
+
+    /// Positions it can hold per sequence.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Forget every token (the buffers stay, to be overwritten).
+    pub fn clear(&mut self) {
+        self.past = 0;
     }
 }
 
@@ -312,7 +344,7 @@ impl<B: Backend> StageModel<B> {
             bail!("the head stage needs targets to keep activations for backward");
         }
         let x0 = owned.as_ref().or(borrowed).context("stage input")?;
-        let (output, trace) = self.run(b, x0, targets, d, keep == Keep::All)?;
+        let (output, trace) = self.run(b, x0, targets, d, keep == Keep::All, None)?;
         let saved_targets = match (keep, targets) {
             (Keep::Nothing, _) | (_, None) => None,
             (_, Some(t)) => Some(copy_of(b, t, DType::U32)?),
@@ -345,7 +377,67 @@ impl<B: Backend> StageModel<B> {
         Ok((output, saved))
     }
 
-    /// Run every layer on `x0`; with `keep_acts`, return what backward needs as well.
+    /// A cache of keys and values for [`StageModel::decode`]: `batch` sequences of up to
+    /// `capacity` tokens (at most the model's `n_positions`), empty.
+    pub fn kv_cache(&self, b: &B, batch: usize, capacity: usize) -> Result<KvCache<B>> {
+        let d = self.dims(batch, capacity)?;
+        let blocks = self
+            .kinds
+            .iter()
+            .filter(|k| matches!(k, Layer::Block(_)))
+            .map(|_| b.alloc(d.rows() * 2 * d.channels, DType::F32))
+            .collect::<Result<_>>()?;
+        Ok(KvCache {
+            blocks,
+            batch,
+            capacity,
+            past: 0,
+        })
+    }
+
+    /// Run the stage forward on `new` tokens per sequence that follow the ones `cache` holds,
+    /// and add theirs to it: the output for those tokens is the one [`StageModel::forward`]
+    /// gives them in the whole sequences, at the cost of the new tokens alone. f32 only.
+    pub fn decode(
+        &self,
+        b: &B,
+        input: StageInput<'_, B>,
+        cache: &mut KvCache<B>,
+        new: usize,
+    ) -> Result<StageOutput<B>> {
+        if self.dtype != DType::F32 {
+            bail!(
+                "decoding with a key/value cache runs in f32, not {:?}",
+                self.dtype
+            );
+        }
+        if cache.past + new > cache.capacity {
+            bail!(
+                "{} cached and {new} new tokens exceed the cache's {} positions",
+                cache.past,
+                cache.capacity
+            );
+        }
+        let d = self.dims(cache.batch, new)?;
+        let takes_tokens = self.kinds[0] == Layer::Embedding;
+        let x0 = match &input {
+            StageInput::Tokens(t) if takes_tokens => *t,
+            StageInput::Hidden(h) if !takes_tokens => h,
+            _ => bail!(
+                "stage {:?} starts with {}; it was given the other kind of input",
+                self.layers,
+                self.kinds[0]
+            ),
+        };
+        let width = if takes_tokens { 1 } else { d.channels };
+        check_len(b, x0, d.rows() * width, "decoder input")?;
+        let (output, _) = self.run(b, x0, None, d, false, Some(&mut *cache))?;
+        cache.past += new;
+        Ok(output)
+    }
+
+    /// Run every layer on `x0`; with `keep_acts`, return what backward needs as well. With a
+    /// `cache`, `x0` holds the tokens after the cached ones, whose keys and values it adds.
     fn run(
         &self,
         b: &B,
@@ -353,7 +445,11 @@ impl<B: Backend> StageModel<B> {
         targets: Option<&B::Buffer>,
         d: Dims,
         keep_acts: bool,
+        cache: Option<&mut KvCache<B>>,
     ) -> Result<(StageOutput<B>, Option<Trace<B>>)> {
+        let past = cache.as_ref().map_or(0, |c| c.past);
+        let capacity = cache.as_ref().map_or(0, |c| c.capacity);
+        let mut cached_blocks = cache.map(|c| c.blocks.iter_mut());
         let mut trace = Trace {
             hiddens: Vec::new(),
             acts: Vec::new(),
@@ -366,11 +462,27 @@ impl<B: Backend> StageModel<B> {
                 Layer::Embedding => {
                     let mut out = b.alloc_output(d.rows() * d.channels, DType::F32)?;
                     let (wte, wpe) = (self.params.value("wte")?, self.params.value("wpe")?);
-                    b.embedding_forward(&mut out, x, wte, wpe, d.batch, d.seq, d.channels)?;
+                    b.embedding_forward_at(
+                        &mut out, x, wte, wpe, d.batch, d.seq, past, d.channels,
+                    )?;
                     (Some(out), Some(Acts::Embedding))
                 }
                 Layer::Block(i) => {
-                    let (out, acts) = block::forward(b, &self.params, i, x, d)
+                    let past_ctx = match &mut cached_blocks {
+                        Some(blocks) => Past::Cached(
+                            blocks.next().context("a block without its cache")?,
+                            CachedAttention {
+                                batch: d.batch,
+                                new: d.seq,
+                                past,
+                                capacity,
+                                channels: d.channels,
+                                heads: d.heads,
+                            },
+                        ),
+                        None => Past::Nothing,
+                    };
+                    let (out, acts) = block::forward(b, &self.params, i, x, d, past_ctx)
                         .with_context(|| format!("forward of block {i}"))?;
                     (Some(out), Some(Acts::Block(i, acts)))
                 }
@@ -470,7 +582,7 @@ impl<B: Backend> StageModel<B> {
         let trace = match trace {
             Some(t) => t,
             None => self
-                .run(b, &input, targets.as_ref(), d, true)
+                .run(b, &input, targets.as_ref(), d, true, None)
                 .context("recomputing the forward for backward")?
                 .1
                 .context("the recomputed forward kept its activations")?,
