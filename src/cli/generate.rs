@@ -20,6 +20,11 @@ use super::train::load_checkpoint;
 
 /// Sample text from a checkpoint, one byte at a time, through the same pipeline stages that
 /// trained it.
+///
+/// Each stage keeps the keys and values of the tokens it has seen, so every new token runs
+/// through the pipeline alone (f32; under bf16 the whole context runs each time). The context
+/// is at most the model's n_positions tokens: when it fills up, it restarts from its last
+/// half, which runs again once.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).
@@ -28,7 +33,8 @@ pub struct GenerateArgs {
     /// Text the sample continues.
     #[arg(long, default_value = "ROMEO:\n")]
     prompt: String,
-    /// Tokens (bytes) to generate.
+    /// Tokens (bytes) to generate (beyond the model's n_positions, the context restarts from
+    /// its last half each time it fills up).
     #[arg(long, default_value_t = 400)]
     max_tokens: usize,
     /// Softmax temperature; 0 picks the most likely token every time (greedy).
@@ -149,7 +155,7 @@ impl BackendJob for GenerateJob<'_> {
 }
 
 /// Generate `args.max_tokens` tokens after the prompt, each from `next(context, pick)`: the
-/// pipeline's logits for `context` (the last `window` tokens) handed to `pick`, which samples.
+/// pipeline's logits for `context` (at most `window` tokens) handed to `pick`, which samples.
 /// Only the `leader` writes the prompt and the tokens to stdout.
 fn write_sample(
     args: &GenerateArgs,
@@ -163,8 +169,15 @@ fn write_sample(
     if let Some(out) = out.as_mut() {
         out.write_all(args.prompt.as_bytes())?;
     }
+    // The context starts here: the whole prompt if it fits the window, else its last `window`
+    // tokens. Once the context outgrows the window it restarts from its last half, whose keys
+    // and values are computed again; the tokens after that reuse them.
+    let mut start = tokens.len().saturating_sub(window);
     for _ in 0..args.max_tokens {
-        let context = &tokens[tokens.len().saturating_sub(window)..];
+        if tokens.len() - start > window {
+            start = tokens.len() - (window / 2).max(1);
+        }
+        let context = &tokens[start..];
         let token = next(context, &mut |logits| {
             sample(logits, args.temperature, args.top_k, &mut rng)
         })?;
