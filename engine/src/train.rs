@@ -462,25 +462,15 @@ impl<B: Backend> Trainer<B> {
 
     /// Logits of the last position of `tokens` (one sequence, at most `n_positions` long), for
     /// sampling. The stages keep the keys and values of the last call's tokens: when those
-    /// begin `tokens`, only the tokens after them run.
+    /// begin `tokens`, only the tokens after them run (in f32; see [`Decoder`]).
     pub fn next_token_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        let vocab = self.config.model.vocab_size;
-        if self.config.compute_dtype()? != DType::F32 {
-            // Caches are f32: mixed precision runs the whole context every time.
-            let pass = Pass::Whole {
-                want: Want::Logits,
-                batch: 1,
-                seq: tokens.len(),
-            };
-            let logits = exec::forward(&mut self.ranks, tokens, pass)?;
-            return Ok(logits[logits.len() - vocab..].to_vec());
-        }
         if self.decoder.is_none() {
             self.decoder = Some(Decoder::new(&self.ranks, self.config.model.n_positions)?);
         }
         let decoder = self.decoder.as_mut().expect("made above");
         let ranks = &mut self.ranks;
         let logits = decoder.extend(tokens, |new, pass| exec::forward(ranks, new, pass))?;
+        let vocab = self.config.model.vocab_size;
         Ok(logits[logits.len() - vocab..].to_vec())
     }
 

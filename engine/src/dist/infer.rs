@@ -6,8 +6,8 @@ use serde_json::{json, Value};
 
 use super::trainer::{first_difference, LEADER};
 use super::{RankLinks, RankTrainer};
-use crate::backend::{Backend, DType};
-use crate::exec::{Decoder, Pass, Rank, Want};
+use crate::backend::Backend;
+use crate::exec::{Decoder, Pass, Rank};
 use crate::invalid_input;
 use crate::model::{StageInput, StageOutput};
 
@@ -84,23 +84,13 @@ impl<B: Backend> RankTrainer<B> {
         let vocab = self.config.model.vocab_size;
         let placement = &self.schedule.placement;
         let holder = placement[placement.len() - 1];
-        let logits = if self.config.compute_dtype()? == DType::F32 {
-            if self.decoder.is_none() {
-                let capacity = self.config.model.n_positions;
-                self.decoder = Some(Decoder::new(std::slice::from_ref(&self.rank), capacity)?);
-            }
-            let decoder = self.decoder.as_mut().expect("made above");
-            let rank = &mut self.rank;
-            decoder.extend(context, |new, pass| forward(placement, rank, new, pass))?
-        } else {
-            // Caches are f32: mixed precision runs the whole context every time.
-            let pass = Pass::Whole {
-                want: Want::Logits,
-                batch: 1,
-                seq: context.len(),
-            };
-            forward(placement, &mut self.rank, context, pass)?
-        };
+        if self.decoder.is_none() {
+            let capacity = self.config.model.n_positions;
+            self.decoder = Some(Decoder::new(std::slice::from_ref(&self.rank), capacity)?);
+        }
+        let decoder = self.decoder.as_mut().expect("made above");
+        let rank = &mut self.rank;
+        let logits = decoder.extend(context, |new, pass| forward(placement, rank, new, pass))?;
         let row = logits.map(|l| l[l.len() - vocab..].to_vec());
         let transport = &mut self.rank.transport;
         if me != LEADER {

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{anyhow, bail, Result};
 
-use crate::backend::{Backend, Transport};
+use crate::backend::{Backend, DType, Transport};
 use crate::model::{Keep, KvCache, StageInput, StageModel, StageOutput};
 
 use super::step::Rank;
@@ -122,8 +122,12 @@ pub fn forward<B: Backend, T: Transport<B>>(
 
 /// Key/value caches for the stages of some ranks and the one sequence whose tokens they
 /// hold, so each next token of a growing context runs alone through the pipeline.
+///
+/// The caches are f32: when a stage computes in another dtype (bf16 mixed precision), the
+/// decoder holds none and every context runs whole.
 pub struct Decoder<B: Backend> {
-    caches: BTreeMap<usize, KvCache<B>>,
+    /// By stage index; `None` when the contexts run whole.
+    caches: Option<BTreeMap<usize, KvCache<B>>>,
     /// The tokens the caches hold (empty after a failed pass).
     held: Vec<u32>,
     capacity: usize,
@@ -133,12 +137,16 @@ impl<B: Backend> Decoder<B> {
     /// Empty caches of `capacity` positions (at most the model's `n_positions`) for every
     /// stage of `ranks`.
     pub fn new<T: Transport<B>>(ranks: &[Rank<B, T>], capacity: usize) -> Result<Self> {
-        let mut caches = BTreeMap::new();
-        for rank in ranks {
-            for (stage, model) in &rank.stages {
+        let stages = || ranks.iter().flat_map(|r| r.stages.iter().map(move |s| (r, s)));
+        let caches = if stages().all(|(_, (_, model))| model.dtype() == DType::F32) {
+            let mut caches = BTreeMap::new();
+            for (rank, (stage, model)) in stages() {
                 caches.insert(*stage, model.kv_cache(&rank.backend, 1, capacity)?);
             }
-        }
+            Some(caches)
+        } else {
+            None
+        };
         Ok(Self {
             caches,
             held: Vec::new(),
@@ -148,7 +156,8 @@ impl<B: Backend> Decoder<B> {
 
     /// Run `pass` on what `context` adds to the held tokens: its tokens after them, when they
     /// begin it, else (the caches cleared first) all of it. `pass` gets those tokens and the
-    /// [`Pass::Cached`] to run them with.
+    /// [`Pass`] to run them with: [`Pass::Cached`], or [`Pass::Whole`] for logits without
+    /// caches.
     pub fn extend<R>(
         &mut self,
         context: &[u32],
@@ -161,14 +170,22 @@ impl<B: Backend> Decoder<B> {
                 self.capacity
             );
         }
+        let Some(caches) = self.caches.as_mut() else {
+            let whole = Pass::Whole {
+                want: Want::Logits,
+                batch: 1,
+                seq: context.len(),
+            };
+            return pass(context, whole);
+        };
         let held = std::mem::take(&mut self.held);
         let start = if context.len() > held.len() && context.starts_with(&held) {
             held.len()
         } else {
-            self.caches.values_mut().for_each(KvCache::clear);
+            caches.values_mut().for_each(KvCache::clear);
             0
         };
-        let result = pass(&context[start..], Pass::Cached(&mut self.caches))?;
+        let result = pass(&context[start..], Pass::Cached(caches))?;
         self.held = context.to_vec();
         Ok(result)
     }
