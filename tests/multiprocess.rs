@@ -789,6 +789,14 @@ fn launched_generate_and_eval_print_what_one_process_prints() {
         "prompt, tokens, newline"
     );
     assert_eq!(launched(&generate), single.stdout, "the same sample");
+    // Several samples flow through the two processes' pipeline side by side.
+    let samples = with(
+        "generate",
+        &["--max-tokens", "40", "--seed", "7", "--samples", "3"],
+    );
+    let single = run(&mut pipit(&samples, &[]));
+    ok(&single);
+    assert_eq!(launched(&samples), single.stdout, "the same samples");
 
     let eval = with(
         "eval",

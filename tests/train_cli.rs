@@ -254,6 +254,43 @@ fn generate_and_eval_read_the_checkpoint() {
         "prompt, 20 bytes, newline"
     );
 
+    // Samples side by side, each with its own caches: sample i is what one sample with seed
+    // 1337 + i gives (30 tokens after a 5-byte prompt pass the 16-position window).
+    let sampled = |extra: &[&str]| {
+        let mut a = vec![
+            "generate",
+            "--backend",
+            "reference",
+            "--checkpoint",
+            ckpt.to_str().unwrap(),
+            "--prompt",
+            "KING:",
+            "--max-tokens",
+            "30",
+            "--stages",
+            "2",
+        ];
+        a.extend_from_slice(extra);
+        let out = pipit(&a);
+        ok(&out);
+        out.stdout
+    };
+    let three = sampled(&["--samples", "3"]);
+    let alone: Vec<Vec<u8>> = ["1337", "1338", "1339"]
+        .iter()
+        .map(|seed| sampled(&["--seed", seed]))
+        .collect();
+    let want: Vec<u8> = alone
+        .iter()
+        .enumerate()
+        .flat_map(|(i, text)| {
+            let header = format!("--- sample {} of 3 (seed {}) ---\n", i + 1, 1337 + i);
+            [header.into_bytes(), text.clone()].concat()
+        })
+        .collect();
+    assert_eq!(three, want);
+    assert!(alone[0] != alone[1] || alone[1] != alone[2], "seeds differ");
+
     let text = dir.join("text.txt");
     std::fs::write(&text, "a".repeat(16 * 5 + 3)).unwrap();
     let out = pipit(&[
@@ -349,6 +386,10 @@ fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
     refused(
         &pipit(&["train", "--resume", corrupt.to_str().unwrap(), "--save", c]),
         "safetensors",
+    );
+    refused(
+        &pipit(&["generate", "--checkpoint", c, "--samples", "0"]),
+        "--samples must be at least 1, got 0",
     );
 
     assert_eq!(

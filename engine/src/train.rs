@@ -346,8 +346,9 @@ pub struct Trainer<B: Backend> {
     pub ranks: Vec<Rank<B, InProcessTransport>>,
     /// Steps completed so far.
     pub step: u64,
-    /// Key/value caches for [`Trainer::next_token_logits`], made at its first call.
-    decoder: Option<Decoder<B>>,
+    /// Key/value caches for [`Trainer::next_token_logits`], one per sequence, made on first
+    /// use.
+    decoders: Vec<Decoder<B>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -397,7 +398,7 @@ impl<B: Backend> Trainer<B> {
             schedule,
             ranks,
             step,
-            decoder: None,
+            decoders: Vec::new(),
         })
     }
 
@@ -464,10 +465,14 @@ impl<B: Backend> Trainer<B> {
     /// sampling. The stages keep the keys and values of the last call's tokens: when those
     /// begin `tokens`, only the tokens after them run (in f32; see [`Decoder`]).
     pub fn next_token_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        if self.decoder.is_none() {
-            self.decoder = Some(Decoder::new(&self.ranks, self.config.model.n_positions)?);
-        }
-        let decoder = self.decoder.as_mut().expect("made above");
+        self.next_token_logits_of(0, tokens)
+    }
+
+    /// [`Trainer::next_token_logits`] for sequence `sample` of several generated side by
+    /// side, each with its own caches.
+    pub fn next_token_logits_of(&mut self, sample: usize, tokens: &[u32]) -> Result<Vec<f32>> {
+        let capacity = self.config.model.n_positions;
+        let decoder = Decoder::nth(&mut self.decoders, sample, &self.ranks, capacity)?;
         let ranks = &mut self.ranks;
         let logits = decoder.extend(tokens, |new, pass| exec::forward(ranks, new, pass))?;
         let vocab = self.config.model.vocab_size;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
 use pipit_engine::checkpoint;
 use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
 use pipit_engine::rng::Rng;
@@ -43,9 +44,14 @@ pub struct GenerateArgs {
     /// Sample only among the K most likely tokens (0: all).
     #[arg(long, value_name = "K", default_value_t = 40)]
     top_k: usize,
-    /// Seed of the sampler.
+    /// Seed of the sampler (sample i draws from seed + i).
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Samples to generate side by side, each with its own caches; across processes they
+    /// fill the pipeline (rank r + 1 runs one sample's token while rank r runs the next's).
+    /// One streams as it goes; several are printed at the end, each under a header line.
+    #[arg(long, default_value_t = 1)]
+    samples: usize,
     /// Pipeline ranks to cut the model into.
     #[arg(long, default_value_t = 4)]
     stages: usize,
@@ -70,6 +76,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if args.prompt.is_empty() {
         return Err(invalid_input!("--prompt must hold at least one byte"));
+    }
+    if args.samples == 0 {
+        return Err(invalid_input!("--samples must be at least 1, got 0"));
     }
     if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
         return Err(invalid_input!(
@@ -128,8 +137,12 @@ impl BackendJob for GenerateJob<'_> {
         let window = config.model.n_positions;
         let Some(env) = launch else {
             let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
-            return write_sample(args, window, true, |context, pick| {
-                Ok(pick(&trainer.next_token_logits(context)?))
+            return write_samples(args, window, true, |contexts, pick| {
+                let mut tokens = Vec::with_capacity(contexts.len());
+                for (i, context) in contexts.iter().enumerate() {
+                    tokens.push(pick(i, &trainer.next_token_logits_of(i, context)?));
+                }
+                Ok(tokens)
             });
         };
         let backend = make(env.local_rank)?;
@@ -142,53 +155,109 @@ impl BackendJob for GenerateJob<'_> {
             "temperature": args.temperature,
             "top_k": args.top_k,
             "seed": args.seed,
+            "samples": args.samples,
         });
         let result = rank
             .same_settings("generation settings", &settings)
             .and_then(|()| {
-                write_sample(args, window, env.rank == 0, |context, pick| {
-                    rank.next_token(context, pick)
+                write_samples(args, window, env.rank == 0, |contexts, pick| {
+                    rank.next_tokens(contexts, pick)
                 })
             });
         rank.conclude(result)
     }
 }
 
-/// Generate `args.max_tokens` tokens after the prompt, each from `next(context, pick)`: the
-/// pipeline's logits for `context` (at most `window` tokens) handed to `pick`, which samples.
-/// Only the `leader` writes the prompt and the tokens to stdout.
-fn write_sample(
+/// One sample being generated: its tokens and where its context starts.
+struct Sample {
+    tokens: Vec<u32>,
+    start: usize,
+}
+
+impl Sample {
+    /// The prompt, whole if it fits the window, else its last `window` tokens.
+    fn new(prompt: &[u32], window: usize) -> Self {
+        Self {
+            tokens: prompt.to_vec(),
+            start: prompt.len().saturating_sub(window),
+        }
+    }
+
+    /// The context of the next token: the tokens since `start`. Once they outgrow the
+    /// `window`, the context restarts from its last half, whose keys and values are computed
+    /// again; the tokens after that reuse them.
+    fn context(&mut self, window: usize) -> &[u32] {
+        if self.tokens.len() - self.start > window {
+            self.start = self.tokens.len() - (window / 2).max(1);
+        }
+        &self.tokens[self.start..]
+    }
+}
+
+/// Generate `args.max_tokens` tokens after the prompt for each of `args.samples` samples, a
+/// token of every sample at a time, from `next(contexts, pick)`: the pipeline's logits for
+/// each context (at most `window` tokens) handed to `pick(i, logits)`, which samples for
+/// sample `i`. Only the `leader` writes: one sample as it goes, several at the end (with a
+/// progress bar meanwhile).
+fn write_samples(
     args: &GenerateArgs,
     window: usize,
     leader: bool,
-    mut next: impl FnMut(&[u32], &mut dyn FnMut(&[f32]) -> usize) -> Result<usize>,
+    mut next: impl FnMut(&[&[u32]], &mut dyn FnMut(usize, &[f32]) -> usize) -> Result<Vec<usize>>,
 ) -> Result<()> {
-    let mut tokens: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
-    let mut rng = Rng::new(args.seed);
-    let mut out = leader.then(|| std::io::stdout().lock());
-    if let Some(out) = out.as_mut() {
+    let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+    let mut samples: Vec<Sample> = (0..args.samples)
+        .map(|_| Sample::new(&prompt, window))
+        .collect();
+    let mut rngs: Vec<Rng> = (0..args.samples as u64)
+        .map(|i| Rng::new(args.seed.wrapping_add(i)))
+        .collect();
+    let streaming = leader && args.samples == 1;
+    let mut out = std::io::stdout().lock();
+    if streaming {
         out.write_all(args.prompt.as_bytes())?;
     }
-    // The context starts here: the whole prompt if it fits the window, else its last `window`
-    // tokens. Once the context outgrows the window it restarts from its last half, whose keys
-    // and values are computed again; the tokens after that reuse them.
-    let mut start = tokens.len().saturating_sub(window);
+    let bar = if leader && !streaming {
+        ProgressBar::new(args.max_tokens as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] token {pos}/{len} of {msg}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(format!("{} samples", args.samples));
     for _ in 0..args.max_tokens {
-        if tokens.len() - start > window {
-            start = tokens.len() - (window / 2).max(1);
-        }
-        let context = &tokens[start..];
-        let token = next(context, &mut |logits| {
-            sample(logits, args.temperature, args.top_k, &mut rng)
+        let contexts: Vec<&[u32]> = samples.iter_mut().map(|s| &*s.context(window)).collect();
+        let tokens = next(&contexts, &mut |i, logits| {
+            sample(logits, args.temperature, args.top_k, &mut rngs[i])
         })?;
-        tokens.push(token as u32);
-        if let Some(out) = out.as_mut() {
-            out.write_all(&[token as u8])?;
+        for (s, token) in samples.iter_mut().zip(&tokens) {
+            s.tokens.push(*token as u32);
+        }
+        if streaming {
+            out.write_all(&[tokens[0] as u8])?;
             out.flush()?;
         }
+        bar.inc(1);
     }
-    if let Some(out) = out.as_mut() {
+    bar.finish_and_clear();
+    if streaming {
         writeln!(out)?;
+    } else if leader {
+        for (i, s) in samples.iter().enumerate() {
+            let seed = args.seed.wrapping_add(i as u64);
+            writeln!(
+                out,
+                "--- sample {} of {} (seed {seed}) ---",
+                i + 1,
+                args.samples
+            )?;
+            let bytes: Vec<u8> = s.tokens.iter().map(|&t| t as u8).collect();
+            out.write_all(&bytes)?;
+            writeln!(out)?;
+        }
     }
     Ok(())
 }

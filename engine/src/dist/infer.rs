@@ -71,53 +71,65 @@ pub(super) fn forward<B: Backend>(
 }
 
 impl<B: Backend> RankTrainer<B> {
-    /// The next token after `context` (one sequence, the same on every rank): the last stage's
-    /// rank sends the last position's logits to rank 0, where `pick` chooses the token (`pick`
-    /// runs on rank 0 only), and rank 0 sends the choice to every rank. Collective.
-    pub fn next_token(
+    /// The next token after each of `contexts` (sequences generated side by side, the same on
+    /// every rank), pipelined: each rank runs its stages on every sequence in turn and hands
+    /// each on at once, so rank `r + 1` works on one sequence while rank `r` works on the
+    /// next. The last stage's rank sends each last position's logits to rank 0, where
+    /// `pick(i, logits)` chooses sequence `i`'s token (`pick` runs on rank 0 only), and rank 0
+    /// sends the choices to every rank. Collective.
+    pub fn next_tokens(
         &mut self,
-        context: &[u32],
-        pick: impl FnOnce(&[f32]) -> usize,
-    ) -> Result<usize> {
+        contexts: &[&[u32]],
+        mut pick: impl FnMut(usize, &[f32]) -> usize,
+    ) -> Result<Vec<usize>> {
         let me = self.rank.rank;
         let world = self.schedule.num_ranks();
         let vocab = self.config.model.vocab_size;
         let placement = &self.schedule.placement;
         let holder = placement[placement.len() - 1];
-        if self.decoder.is_none() {
-            let capacity = self.config.model.n_positions;
-            self.decoder = Some(Decoder::new(std::slice::from_ref(&self.rank), capacity)?);
+        let capacity = self.config.model.n_positions;
+        let mut rows = Vec::with_capacity(contexts.len());
+        for (i, context) in contexts.iter().enumerate() {
+            let ranks = std::slice::from_ref(&self.rank);
+            let decoder = Decoder::nth(&mut self.decoders, i, ranks, capacity)?;
+            let rank = &mut self.rank;
+            let logits =
+                decoder.extend(context, |new, pass| forward(placement, rank, new, pass))?;
+            let row = logits.map(|l| l[l.len() - vocab..].to_vec());
+            match row {
+                Some(row) if me != LEADER => self.rank.transport.send_f32(LEADER, &row)?,
+                row => rows.push(row),
+            }
         }
-        let decoder = self.decoder.as_mut().expect("made above");
-        let rank = &mut self.rank;
-        let logits = decoder.extend(context, |new, pass| forward(placement, rank, new, pass))?;
-        let row = logits.map(|l| l[l.len() - vocab..].to_vec());
         let transport = &mut self.rank.transport;
         if me != LEADER {
-            if let Some(row) = row {
-                transport.send_f32(LEADER, &row)?;
+            let v = transport.recv_json(LEADER, "the next tokens")?;
+            let tokens: Option<Vec<usize>> = v["tokens"]
+                .as_array()
+                .and_then(|t| t.iter().map(|x| x.as_u64().map(|x| x as usize)).collect());
+            return match tokens {
+                Some(t) if t.len() == contexts.len() => Ok(t),
+                _ => Err(anyhow!("rank 0 sent no {} tokens: {v}", contexts.len())),
+            };
+        }
+        let mut tokens = Vec::with_capacity(contexts.len());
+        for (i, row) in rows.into_iter().enumerate() {
+            let row = match row {
+                Some(row) => row,
+                None => transport.recv_f32(holder, "the next token's logits")?,
+            };
+            if row.len() != vocab {
+                return Err(anyhow!(
+                    "rank {holder} sent {} logits for a vocabulary of {vocab}",
+                    row.len()
+                ));
             }
-            let v = transport.recv_json(LEADER, "the next token")?;
-            return v["token"]
-                .as_u64()
-                .map(|t| t as usize)
-                .ok_or_else(|| anyhow!("rank 0 sent no token: {v}"));
+            tokens.push(pick(i, &row));
         }
-        let row = match row {
-            Some(row) => row,
-            None => transport.recv_f32(holder, "the next token's logits")?,
-        };
-        if row.len() != vocab {
-            return Err(anyhow!(
-                "rank {holder} sent {} logits for a vocabulary of {vocab}",
-                row.len()
-            ));
-        }
-        let token = pick(&row);
         for r in 1..world {
-            transport.send_json(r, &json!({ "token": token }))?;
+            transport.send_json(r, &json!({ "tokens": tokens }))?;
         }
-        Ok(token)
+        Ok(tokens)
     }
 
     /// Check that every rank was given the same `settings` as rank 0 (`what` names them in the

@@ -42,8 +42,9 @@ pub struct RankTrainer<B: Backend> {
     description: String,
     /// Step after which this rank aborts ([`FAULT_ENV`]).
     abort_after: Option<u64>,
-    /// Key/value caches of this rank's stages for [`RankTrainer::next_token`].
-    pub(super) decoder: Option<Decoder<B>>,
+    /// Key/value caches of this rank's stages for [`RankTrainer::next_tokens`], one per
+    /// sequence, made on first use.
+    pub(super) decoders: Vec<Decoder<B>>,
 }
 
 impl<B: Backend> RankTrainer<B> {
@@ -170,7 +171,7 @@ impl<B: Backend> RankTrainer<B> {
             step,
             description: line,
             abort_after,
-            decoder: None,
+            decoders: Vec::new(),
         })
     }
 

@@ -134,10 +134,28 @@ pub struct Decoder<B: Backend> {
 }
 
 impl<B: Backend> Decoder<B> {
+    /// Decoder `i` of `decoders` (one per sequence generated side by side), made with the
+    /// missing ones before it on first use, for the stages of `ranks`.
+    pub fn nth<'a, T: Transport<B>>(
+        decoders: &'a mut Vec<Decoder<B>>,
+        i: usize,
+        ranks: &[Rank<B, T>],
+        capacity: usize,
+    ) -> Result<&'a mut Decoder<B>> {
+        while decoders.len() <= i {
+            decoders.push(Decoder::new(ranks, capacity)?);
+        }
+        Ok(&mut decoders[i])
+    }
+
     /// Empty caches of `capacity` positions (at most the model's `n_positions`) for every
     /// stage of `ranks`.
     pub fn new<T: Transport<B>>(ranks: &[Rank<B, T>], capacity: usize) -> Result<Self> {
-        let stages = || ranks.iter().flat_map(|r| r.stages.iter().map(move |s| (r, s)));
+        let stages = || {
+            ranks
+                .iter()
+                .flat_map(|r| r.stages.iter().map(move |s| (r, s)))
+        };
         let caches = if stages().all(|(_, (_, model))| model.dtype() == DType::F32) {
             let mut caches = BTreeMap::new();
             for (rank, (stage, model)) in stages() {
