@@ -229,7 +229,7 @@ fn write_samples(
     );
     bar.set_message(format!("{} samples", args.samples));
     for _ in 0..args.max_tokens {
-        let contexts: Vec<&[u32]> = samples.iter_mut().map(|s| &*s.context(window)).collect();
+        let contexts: Vec<&[u32]> = samples.iter_mut().map(|s| s.context(window)).collect();
         let tokens = next(&contexts, &mut |i, logits| {
             sample(logits, args.temperature, args.top_k, &mut rngs[i])
         })?;
