@@ -290,6 +290,20 @@ fn generate_and_eval_read_the_checkpoint() {
         .collect();
     assert_eq!(three, want);
     assert!(alone[0] != alone[1] || alone[1] != alone[2], "seeds differ");
+    let report: Value =
+        serde_json::from_slice(&sampled(&["--samples", "2", "--format", "json"])).unwrap();
+    assert_eq!(report["tokens"], 60);
+    assert!(report["tokens_per_sec"].as_f64().unwrap() > 0.0);
+    for (i, s) in report["samples"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(s["seed"], 1337 + i);
+        let bytes: Vec<u8> = s["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(bytes, alone[i]["KING:".len()..alone[i].len() - 1]);
+    }
 
     let text = dir.join("text.txt");
     std::fs::write(&text, "a".repeat(16 * 5 + 3)).unwrap();

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Args, ValueEnum};
+use clap::Args;
 use pipit_engine::checkpoint;
 use pipit_engine::dist::frame::Fnv64;
 use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
@@ -15,15 +15,7 @@ use serde_json::json;
 
 use super::device::{with_backend, BackendChoice, BackendJob};
 use super::train::{corpus, load_checkpoint};
-
-/// Output format of `pipit eval`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum EvalFormat {
-    /// One human-readable line.
-    Text,
-    /// `{"loss": ..., "tokens": ...}`.
-    Json,
-}
+use super::OutputFormat;
 
 /// Mean cross-entropy (nats per byte) of a checkpoint over consecutive non-overlapping windows
 /// of a text: inputs are bytes [k·T, (k+1)·T), targets the same shifted by one, for every k with
@@ -48,9 +40,9 @@ pub struct EvalArgs {
     /// Device for every rank.
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendChoice,
-    /// Output format.
+    /// Output format: one line of text, or `{"loss": ..., "tokens": ...}`.
     #[arg(long, value_enum, default_value = "text")]
-    format: EvalFormat,
+    format: OutputFormat,
     /// Multi-process runs: seconds a rank may stay silent before every other rank stops with
     /// an error naming it; also how long the rendezvous waits for missing ranks.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
@@ -107,8 +99,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return Ok(());
     }
     match args.format {
-        EvalFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens })),
-        EvalFormat::Text => println!("loss {loss:.4} nats/byte over {tokens} tokens"),
+        OutputFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens })),
+        OutputFormat::Text => println!("loss {loss:.4} nats/byte over {tokens} tokens"),
     }
     Ok(())
 }

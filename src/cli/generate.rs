@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Args;
@@ -18,6 +18,7 @@ use serde_json::json;
 
 use super::device::{with_backend, BackendChoice, BackendJob};
 use super::train::load_checkpoint;
+use super::OutputFormat;
 
 /// Sample text from a checkpoint, one byte at a time, through the same pipeline stages that
 /// trained it.
@@ -52,6 +53,12 @@ pub struct GenerateArgs {
     /// One streams as it goes; several are printed at the end, each under a header line.
     #[arg(long, default_value_t = 1)]
     samples: usize,
+    /// Output format: the text (and a line on stderr with the rate), or one JSON object
+    /// `{"prompt", "samples": [{"seed", "text", "bytes"}], "tokens", "seconds",
+    /// "tokens_per_sec"}` where `bytes` are the generated ones and `text` is the prompt and
+    /// them, invalid UTF-8 replaced.
+    #[arg(long, value_enum, default_value = "text")]
+    format: OutputFormat,
     /// Pipeline ranks to cut the model into.
     #[arg(long, default_value_t = 4)]
     stages: usize,
@@ -212,7 +219,7 @@ fn write_samples(
     let mut rngs: Vec<Rng> = (0..args.samples as u64)
         .map(|i| Rng::new(args.seed.wrapping_add(i)))
         .collect();
-    let streaming = leader && args.samples == 1;
+    let streaming = leader && args.samples == 1 && args.format == OutputFormat::Text;
     let mut out = std::io::stdout().lock();
     if streaming {
         out.write_all(args.prompt.as_bytes())?;
@@ -228,6 +235,7 @@ fn write_samples(
             .progress_chars("=> "),
     );
     bar.set_message(format!("{} samples", args.samples));
+    let started = Instant::now();
     for _ in 0..args.max_tokens {
         let contexts: Vec<&[u32]> = samples.iter_mut().map(|s| s.context(window)).collect();
         let tokens = next(&contexts, &mut |i, logits| {
@@ -243,20 +251,54 @@ fn write_samples(
         bar.inc(1);
     }
     bar.finish_and_clear();
-    if streaming {
-        writeln!(out)?;
-    } else if leader {
-        for (i, s) in samples.iter().enumerate() {
-            let seed = args.seed.wrapping_add(i as u64);
-            writeln!(
-                out,
-                "--- sample {} of {} (seed {seed}) ---",
-                i + 1,
-                args.samples
-            )?;
-            let bytes: Vec<u8> = s.tokens.iter().map(|&t| t as u8).collect();
-            out.write_all(&bytes)?;
-            writeln!(out)?;
+    if !leader {
+        return Ok(());
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let generated = args.max_tokens * args.samples;
+    let rate = generated as f64 / seconds.max(1e-9);
+    let seed = |i: usize| args.seed.wrapping_add(i as u64);
+    let bytes = |s: &Sample| -> Vec<u8> { s.tokens.iter().map(|&t| t as u8).collect() };
+    match args.format {
+        OutputFormat::Json => {
+            let samples: Vec<_> = samples
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    let all = bytes(s);
+                    json!({
+                        "seed": seed(i),
+                        "text": String::from_utf8_lossy(&all),
+                        "bytes": all[prompt.len()..],
+                    })
+                })
+                .collect();
+            let report = json!({
+                "prompt": args.prompt,
+                "samples": samples,
+                "tokens": generated,
+                "seconds": seconds,
+                "tokens_per_sec": rate,
+            });
+            writeln!(out, "{report}")?;
+        }
+        OutputFormat::Text => {
+            if streaming {
+                writeln!(out)?;
+            } else {
+                for (i, s) in samples.iter().enumerate() {
+                    writeln!(
+                        out,
+                        "--- sample {} of {} (seed {}) ---",
+                        i + 1,
+                        args.samples,
+                        seed(i)
+                    )?;
+                    out.write_all(&bytes(s))?;
+                    writeln!(out)?;
+                }
+            }
+            eprintln!("generated {generated} tokens in {seconds:.2} s ({rate:.1} tokens/s)");
         }
     }
     Ok(())

@@ -12,7 +12,7 @@ mod train;
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// pipit: pipeline-parallel training and inference.
 ///
@@ -72,4 +72,13 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// How a command that prints a result prints it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Text for people.
+    Text,
+    /// One JSON object, for programs.
+    Json,
 }
