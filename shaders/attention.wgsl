@@ -368,6 +368,10 @@ fn attention_decode(
     @builtin(local_invocation_index) lid: u32,
 ) {
     let r = locate(wid, nwg, lid);
+    if LANES == 1u && !r.valid {
+        // Without lanes to reduce over there is no barrier to join: shadows may leave.
+        return;
+    }
     let t = r.t;
     let last = p.past + t;
 

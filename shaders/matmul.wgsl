@@ -15,6 +15,11 @@
 // which lets the host cut a product that exceeds one storage binding into windows. The
 // transposes are pipeline constants, so each of the four layouts compiles without branches.
 //
+// matmul_rows: the same product for a few rows (decoding multiplies one token's row at a
+// time), one invocation per output element walking the contracted dimension: the tiles would
+// compute 64 rows to keep one. Each element is the same chain of fused multiply-adds in the
+// same order as in the tiled kernel, so both give the same bits.
+//
 // bias_backward: dbias[j] += Σ_rows dout[row, j], one invocation per column.
 
 struct Params {
@@ -218,6 +223,47 @@ fn store4(row: u32, col: u32, v: vec4<f32>) {
     store1(row, col + 1u, v.y);
     store1(row, col + 2u, v.z);
     store1(row, col + 3u, v.w);
+}
+
+@compute @workgroup_size(64)
+fn matmul_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let idx = (wid.y * nwg.x + wid.x) * 64u + lid;
+    if idx >= p.m * p.n {
+        return;
+    }
+    let row = idx / p.n;
+    let col = idx % p.n;
+    // Inside the product, so the loads need no bounds checks: step along the contracted
+    // dimension by each operand's stride.
+    var ia: u32;
+    var sa: u32;
+    if TRANS_A {
+        ia = p.base_a + row;
+        sa = p.lda;
+    } else {
+        ia = p.base_a + row * p.lda;
+        sa = 1u;
+    }
+    var ib: u32;
+    var sb: u32;
+    if TRANS_B {
+        ib = p.base_b + col * p.ldb;
+        sb = 1u;
+    } else {
+        ib = p.base_b + col;
+        sb = p.ldb;
+    }
+    var acc = 0.0;
+    for (var kk = 0u; kk < p.k; kk++) {
+        acc = fma(a[ia], b[ib], acc);
+        ia += sa;
+        ib += sb;
+    }
+    store1(row, col, acc);
 }
 
 // Column sums: `out` is dbias (base_out), `a` is dout [m rows × n columns] (base_a, lda).

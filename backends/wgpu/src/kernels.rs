@@ -56,6 +56,7 @@ pub(crate) enum Kernel {
     GeluForward,
     GeluBackward,
     Matmul { trans_a: bool, trans_b: bool },
+    MatmulRows { trans_a: bool, trans_b: bool },
     BiasBackward,
     LayernormForward,
     LayernormBackward,
@@ -81,7 +82,9 @@ impl Kernel {
                 Shader::Elementwise
             }
             Kernel::GeluForward | Kernel::GeluBackward => Shader::Gelu,
-            Kernel::Matmul { .. } | Kernel::BiasBackward => Shader::Matmul,
+            Kernel::Matmul { .. } | Kernel::MatmulRows { .. } | Kernel::BiasBackward => {
+                Shader::Matmul
+            }
             Kernel::LayernormForward
             | Kernel::LayernormBackward
             | Kernel::LayernormParamBackward => Shader::Layernorm,
@@ -109,6 +112,7 @@ impl Kernel {
             Kernel::GeluForward => "gelu_forward",
             Kernel::GeluBackward => "gelu_backward",
             Kernel::Matmul { .. } => "matmul",
+            Kernel::MatmulRows { .. } => "matmul_rows",
             Kernel::BiasBackward => "bias_backward",
             Kernel::LayernormForward => "layernorm_forward",
             Kernel::LayernormBackward => "layernorm_backward",
@@ -146,7 +150,7 @@ impl Kernel {
 
     fn constants(self, lanes: u32) -> Vec<(&'static str, f64)> {
         match self {
-            Kernel::Matmul { trans_a, trans_b } => vec![
+            Kernel::Matmul { trans_a, trans_b } | Kernel::MatmulRows { trans_a, trans_b } => vec![
                 ("TRANS_A", f64::from(u8::from(trans_a))),
                 ("TRANS_B", f64::from(u8::from(trans_b))),
             ],

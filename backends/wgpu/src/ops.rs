@@ -19,6 +19,9 @@ const ELEMENTWISE_WG: usize = 256;
 const CHUNK_SUMS: usize = 64;
 /// Output tile edge of the matmul kernel.
 const MATMUL_TILE: usize = 64;
+/// Products of at most this many rows run one invocation per output element
+/// (`matmul_rows`) rather than in 64×64 tiles.
+const FEW_ROWS: usize = 4;
 /// Columns per workgroup of the column-sum kernels (bias and layernorm parameter gradients).
 const COLUMN_WG: usize = 64;
 /// Invocations per workgroup of the embedding table gradient (one per channel).
@@ -543,9 +546,12 @@ impl Backend for WgpuBackend {
         if let Some(bias) = bias {
             need(bias, n, DType::F32, "matmul bias")?;
         }
-        let kernel = Kernel::Matmul {
-            trans_a: shape.trans_a,
-            trans_b: shape.trans_b,
+        let (trans_a, trans_b) = (shape.trans_a, shape.trans_b);
+        let few_rows = m <= FEW_ROWS;
+        let kernel = if few_rows {
+            Kernel::MatmulRows { trans_a, trans_b }
+        } else {
+            Kernel::Matmul { trans_a, trans_b }
         };
         let lda = if shape.trans_a { m } else { k };
         let ldb = if shape.trans_b { k } else { n };
@@ -557,9 +563,16 @@ impl Backend for WgpuBackend {
                 r0 * ld + c0..(r0 + rows - 1) * ld + c0 + cols
             }
         };
-        let max_dim = self.max_groups as usize * MATMUL_TILE;
-        // The kernel loops once per 16 contracted indices.
-        let max_k = 16 * MAX_LOOP_ITERATIONS;
+        // The tiled kernel loops once per 16 contracted indices, `matmul_rows` once per index;
+        // its output elements are spread over a two-dimensional grid.
+        let (max_dim, max_k) = if few_rows {
+            (usize::MAX, MAX_LOOP_ITERATIONS)
+        } else {
+            (
+                self.max_groups as usize * MATMUL_TILE,
+                16 * MAX_LOOP_ITERATIONS,
+            )
+        };
         for piece in matmul_pieces(&shape, self.max_binding_elems, max_dim, max_k) {
             let (m0, mc) = (piece.m.start, piece.m.len());
             let (n0, nc) = (piece.n.start, piece.n.len());
@@ -596,7 +609,11 @@ impl Backend for WgpuBackend {
                 u32::from(shape.accumulate || !first),
                 u32::from(with_bias.is_some()),
             ];
-            let grid = (u(nc.div_ceil(MATMUL_TILE))?, u(mc.div_ceil(MATMUL_TILE))?);
+            let grid = if few_rows {
+                self.grid((mc * nc).div_ceil(64))?
+            } else {
+                (u(nc.div_ceil(MATMUL_TILE))?, u(mc.div_ceil(MATMUL_TILE))?)
+            };
             self.dispatch(
                 kernel,
                 &params,

@@ -146,6 +146,7 @@ fn matmul_all_layouts() {
             (20, 130, 70),
             (100, 90, 50),
             (3, 5, 0),
+            (4, 300, 70),
         ] {
             for flags in 0..16u32 {
                 let mut s = Matmul::new(m, n, k);
@@ -178,6 +179,42 @@ fn matmul_all_layouts() {
                 );
             }
         }
+    }
+}
+
+/// Products of a few rows (decoding's) run their own kernel, one invocation per element, and
+/// give the bits the tiles give those rows inside a larger product.
+#[test]
+fn few_rows_give_the_bits_of_the_tiles() {
+    let mut rng = Rng(11);
+    let b = WgpuBackend::new().expect("a wgpu adapter");
+    let (m, n, k, rows) = (68, 90, 200, 3);
+    for flags in 0..4u32 {
+        let (trans_a, trans_b) = (flags & 1 != 0, flags & 2 != 0);
+        let a = rng.vec(m * k);
+        let bm = b.upload(&rng.vec(k * n)).unwrap();
+        // The first `rows` rows of op(a), stored the same way.
+        let few: Vec<f32> = if trans_a {
+            (0..k)
+                .flat_map(|kk| a[kk * m..kk * m + rows].to_vec())
+                .collect()
+        } else {
+            a[..rows * k].to_vec()
+        };
+        let run = |a: &[f32], m: usize| {
+            let mut s = Matmul::new(m, n, k);
+            (s.trans_a, s.trans_b) = (trans_a, trans_b);
+            let mut out = poisoned(&b, m * n);
+            b.matmul(&mut out, &b.upload(a).unwrap(), &bm, None, s)
+                .unwrap();
+            b.download(&out).unwrap()
+        };
+        let (all, some) = (run(&a, m), run(&few, rows));
+        assert_eq!(
+            &all[..rows * n],
+            &some[..],
+            "trans_a={trans_a} trans_b={trans_b}"
+        );
     }
 }
 
