@@ -156,6 +156,13 @@ torch_summary() {
     grep -E '^torch ' "$1" | sed -E 's/^torch [^ ]+ ([a-z0-9-]+) GPT-2 124M B=16 T=1024: /\1 /; s/, peak mem/ peak/' | paste -sd';' - | sed 's/;/; /g'
 }
 
+# The samples and rate of a `pipit generate --format json` run (its last line).
+generate_summary() {
+    tail -n 1 "$1" | python3 -c 'import json, sys
+r = json.load(sys.stdin)
+print("%d samples, %d tokens in %.2f s (%.0f tokens/s)" % (len(r["samples"]), r["tokens"], r["seconds"], r["tokens_per_sec"]))' 2>/dev/null || echo "no JSON report"
+}
+
 # step NAME TIMEOUT SUMMARY -- COMMAND...: run COMMAND with a timeout (cut to what is left of
 # the budget), log its output to $LOGS/NAME.log, and add a table row summarised by SUMMARY (a
 # function given the log and NAME).
@@ -258,6 +265,11 @@ step cuda-124m-bf16-p4-zbv 60 train_summary -- .gpu/pipit "${GPT2_CUDA_BF16[@]}"
 step wgpu-124m-f32-p1-host-timing 60 train_summary -- env PIPIT_WGPU_HOST_TIMING=1 \
     .gpu/pipit "${GPT2[@]}" --backend wgpu --stages 1 --microbatches 2 --steps 3 \
     --log-json "$LOGS/wgpu-124m-f32-p1-host-timing.jsonl"
+# Generation with key/value caches on the GPU (attention_decode and the decoding embedding):
+# four samples of 200 tokens from the default model after 20 steps.
+step generate-cuda 60 generate_summary -- bash -c ".gpu/pipit train --backend cuda --steps 20 \
+    --eval-every 0 --save '$LOGS/generate-ckpt' && .gpu/pipit generate --backend cuda \
+    --checkpoint '$LOGS/generate-ckpt' --samples 4 --max-tokens 200 --format json"
 
 echo
 echo "== gpu-check: $((SECONDS - START)) s in all; logs in $LOGS"
