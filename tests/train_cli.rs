@@ -296,7 +296,7 @@ fn generate_and_eval_read_the_checkpoint() {
     assert!(report["tokens_per_sec"].as_f64().unwrap() > 0.0);
     for (i, s) in report["samples"].as_array().unwrap().iter().enumerate() {
         assert_eq!(s["seed"], 1337 + i);
-        let bytes: Vec<u8> = s["bytes"]
+        let bytes: Vec<u8> = s["ids"]
             .as_array()
             .unwrap()
             .iter()
@@ -322,6 +322,104 @@ fn generate_and_eval_read_the_checkpoint() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tokens"], 5 * 16, "windows k with (k+1)·T + 1 ≤ len");
     assert!(v["loss"].as_f64().unwrap() > 0.0);
+}
+
+/// A checkpoint that carries a GPT-2 style vocab.json and merges.txt speaks BPE tokens: the
+/// prompt and the text to score are encoded with its merges, generated ids decode through its
+/// vocabulary, and eval counts tokens, not bytes. Here a toy vocabulary: the 256 bytes and
+/// "th", "the", " the".
+#[test]
+fn generate_and_eval_speak_a_checkpoints_bpe_vocabulary() {
+    use pipit_engine::tokenizer::{byte_chars, Bpe};
+    let dir = scratch("bpe");
+    let ckpt = dir.join("ckpt");
+    let c = ckpt.to_str().unwrap();
+    ok(&train(&[
+        "--steps",
+        "1",
+        "--vocab-size",
+        "259",
+        "--save",
+        c,
+    ]));
+    let table = byte_chars();
+    let mut vocab: serde_json::Map<String, Value> = (0..256)
+        .map(|b| (table[b].to_string(), Value::from(b)))
+        .collect();
+    for (i, s) in ["th", "the", "\u{120}the"].iter().enumerate() {
+        vocab.insert(s.to_string(), Value::from(256 + i));
+    }
+    let (vocab, merges) = (
+        serde_json::to_string(&vocab).unwrap(),
+        "#version: 0.2\nt h\nth e\n\u{120} the\n",
+    );
+    std::fs::write(ckpt.join("vocab.json"), &vocab).unwrap();
+    std::fs::write(ckpt.join("merges.txt"), merges).unwrap();
+    let bpe = Bpe::new(&vocab, merges).unwrap();
+
+    let out = pipit(&[
+        "generate",
+        "--backend",
+        "reference",
+        "--checkpoint",
+        c,
+        "--prompt",
+        "the the",
+        "--format",
+        "json",
+        "--max-tokens",
+        "12",
+    ]);
+    ok(&out);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sample = &report["samples"][0];
+    let ids: Vec<u32> = sample["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids.len(), 12);
+    let mut text = b"the the".to_vec();
+    for &id in &ids {
+        text.extend(bpe.decode(id).unwrap());
+    }
+    assert_eq!(sample["text"], String::from_utf8_lossy(&text).as_ref());
+
+    // 16 * 5 + 3 "the " is 332 bytes but 166 tokens: "the", then " the" 82 times, then " ".
+    let data = dir.join("the.txt");
+    std::fs::write(&data, "the ".repeat(83)).unwrap();
+    let tokens = bpe.encode(&"the ".repeat(83)).unwrap().len();
+    assert_eq!(tokens, 84);
+    let out = pipit(&[
+        "eval",
+        "--backend",
+        "reference",
+        "--checkpoint",
+        c,
+        "--data",
+        data.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    ok(&out);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["per"], "token");
+    assert_eq!(v["tokens"], (tokens - 1) / 16 * 16, "windows of BPE tokens");
+
+    // A vocabulary the model is too small for is refused, and so is a broken one.
+    let mut bigger: Value = serde_json::from_str(&vocab).unwrap();
+    bigger["xyz"] = Value::from(259);
+    std::fs::write(ckpt.join("vocab.json"), bigger.to_string()).unwrap();
+    refused(
+        &pipit(&["generate", "--backend", "reference", "--checkpoint", c]),
+        "maps text to 260 tokens but the model has a vocabulary of 259",
+    );
+    std::fs::write(ckpt.join("vocab.json"), "[1, 2]").unwrap();
+    refused(
+        &pipit(&["eval", "--backend", "reference", "--checkpoint", c]),
+        "vocab.json is not a map of tokens to ids",
+    );
 }
 
 #[test]

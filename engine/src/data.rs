@@ -48,13 +48,14 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// The window of `data` starting at each offset, as inputs and shifted targets.
-    pub fn from_offsets(data: &[u8], offsets: &[usize], seq: usize) -> Self {
+    /// The window of `data` (bytes, or token ids) starting at each offset, as inputs and
+    /// shifted targets.
+    pub fn from_offsets<T: Copy + Into<u32>>(data: &[T], offsets: &[usize], seq: usize) -> Self {
         let mut inputs = Vec::with_capacity(offsets.len() * seq);
         let mut targets = Vec::with_capacity(offsets.len() * seq);
         for &o in offsets {
-            inputs.extend(data[o..o + seq].iter().map(|&b| b as u32));
-            targets.extend(data[o + 1..o + seq + 1].iter().map(|&b| b as u32));
+            inputs.extend(data[o..o + seq].iter().map(|&t| t.into()));
+            targets.extend(data[o + 1..o + seq + 1].iter().map(|&t| t.into()));
         }
         Self {
             batch: offsets.len(),
@@ -94,14 +95,19 @@ pub fn sample_batch(data: &[u8], batch: usize, seq: usize, seed: u64, step: u64)
 
 /// The evaluation windows of `data` (see [`window_offsets`]), at most `max_tokens` tokens of
 /// them (0: all), grouped `rows` windows to a batch; an error when not even one window fits.
-pub fn eval_batches(data: &[u8], seq: usize, max_tokens: usize, rows: usize) -> Result<Vec<Batch>> {
+pub fn eval_batches<T: Copy + Into<u32>>(
+    data: &[T],
+    seq: usize,
+    max_tokens: usize,
+    rows: usize,
+) -> Result<Vec<Batch>> {
     let mut offsets = window_offsets(data.len(), seq);
     if max_tokens > 0 {
         offsets.truncate(max_tokens.div_ceil(seq));
     }
     if offsets.is_empty() {
         return Err(invalid_input!(
-            "the evaluation text ({} bytes) is shorter than one window of {seq} tokens + 1",
+            "the evaluation text ({} tokens) is shorter than one window of {seq} tokens + 1",
             data.len()
         ));
     }

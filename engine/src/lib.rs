@@ -17,6 +17,7 @@ pub mod render;
 pub mod rng;
 pub mod schedule;
 pub mod sim;
+pub mod tokenizer;
 pub mod train;
 
 pub use backend::{Backend, Transport};

@@ -446,7 +446,12 @@ impl<B: Backend> Trainer<B> {
 
     /// Mean cross-entropy (nats per token) over consecutive windows of `seq` tokens of `data`,
     /// at most `max_tokens` of them (0: all); returns the loss and the tokens scored.
-    pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
+    pub fn evaluate<T: Copy + Into<u32>>(
+        &mut self,
+        data: &[T],
+        seq: usize,
+        max_tokens: usize,
+    ) -> Result<(f64, usize)> {
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
             let pass = Pass::Whole {

@@ -16,10 +16,13 @@ use serde_json::json;
 use super::device::{with_backend, BackendChoice, BackendJob};
 use super::train::{corpus, load_checkpoint};
 use super::OutputFormat;
+use pipit_engine::tokenizer::Tokenizer;
 
-/// Mean cross-entropy (nats per byte) of a checkpoint over consecutive non-overlapping windows
-/// of a text: inputs are bytes [k·T, (k+1)·T), targets the same shifted by one, for every k with
-/// (k+1)·T + 1 ≤ the text's length.
+/// Mean cross-entropy of a checkpoint over consecutive non-overlapping windows of a text:
+/// inputs are tokens [k·T, (k+1)·T), targets the same shifted by one, for every k with
+/// (k+1)·T + 1 ≤ the text's length in tokens. Tokens are bytes (nats per byte), or GPT-2's
+/// BPE tokens for a checkpoint with a vocab.json and merges.txt (nats per token; the text
+/// must then be UTF-8).
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).
@@ -40,7 +43,8 @@ pub struct EvalArgs {
     /// Device for every rank.
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendChoice,
-    /// Output format: one line of text, or `{"loss": ..., "tokens": ...}`.
+    /// Output format: one line of text, or `{"loss": ..., "tokens": ..., "per": "byte" or
+    /// "token"}`.
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
     /// Multi-process runs: seconds a rank may stay silent before every other rank stops with
@@ -85,12 +89,27 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
     let ckpt = load_checkpoint(&args.checkpoint, &config, launch.as_ref())?;
     let leader = launch.as_ref().is_none_or(|env| env.rank == 0);
+    let tokenizer = Tokenizer::for_checkpoint(&args.checkpoint, header.config.vocab_size)?;
+    let ids = match &tokenizer {
+        Tokenizer::Bytes => text.iter().map(|&b| u32::from(b)).collect(),
+        Tokenizer::Bpe(bpe) => {
+            let text = std::str::from_utf8(&text).map_err(|e| {
+                invalid_input!("the text to score must be UTF-8 for a BPE vocabulary: {e}")
+            })?;
+            bpe.encode(text)?
+        }
+    };
+    let per = match tokenizer {
+        Tokenizer::Bytes => "byte",
+        Tokenizer::Bpe(_) => "token",
+    };
     let (loss, tokens) = with_backend(
         args.backend,
         EvalJob {
             config,
             ckpt: &ckpt,
             text: &text,
+            ids: &ids,
             launch,
             peer_timeout: Duration::from_secs_f64(args.peer_timeout),
         },
@@ -99,8 +118,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return Ok(());
     }
     match args.format {
-        OutputFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens })),
-        OutputFormat::Text => println!("loss {loss:.4} nats/byte over {tokens} tokens"),
+        OutputFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens, "per": per })),
+        OutputFormat::Text => println!("loss {loss:.4} nats/{per} over {tokens} tokens"),
     }
     Ok(())
 }
@@ -108,7 +127,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
 struct EvalJob<'a> {
     config: TrainConfig,
     ckpt: &'a checkpoint::Checkpoint,
+    /// The text as read, which every rank checks it shares.
     text: &'a [u8],
+    /// Its tokens.
+    ids: &'a [u32],
     launch: Option<LaunchEnv>,
     peer_timeout: Duration,
 }
@@ -120,7 +142,7 @@ impl BackendJob for EvalJob<'_> {
         let seq = self.config.seq_len;
         let Some(env) = self.launch else {
             let mut trainer = Trainer::new(self.config, make, Init::Weights(self.ckpt))?;
-            return trainer.evaluate(self.text, seq, 0);
+            return trainer.evaluate(self.ids, seq, 0);
         };
         let backend = make(env.local_rank)?;
         let init = Init::Weights(self.ckpt);
@@ -129,7 +151,7 @@ impl BackendJob for EvalJob<'_> {
         let text = json!({ "bytes": self.text.len(), "checksum": Fnv64::of(self.text) });
         let result = rank
             .same_settings("text to score", &text)
-            .and_then(|()| rank.evaluate(self.text, seq, 0));
+            .and_then(|()| rank.evaluate(self.ids, seq, 0));
         rank.conclude(result)
     }
 }

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pipit_engine::checkpoint;
 use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
 use pipit_engine::rng::Rng;
+use pipit_engine::tokenizer::Tokenizer;
 use pipit_engine::train::{Init, TrainConfig, Trainer};
 use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
@@ -20,8 +21,9 @@ use super::device::{with_backend, BackendChoice, BackendJob};
 use super::train::load_checkpoint;
 use super::OutputFormat;
 
-/// Sample text from a checkpoint, one byte at a time, through the same pipeline stages that
-/// trained it.
+/// Sample text from a checkpoint, one token at a time, through the same pipeline stages that
+/// trained it. Tokens are bytes, or GPT-2's BPE tokens for a checkpoint with a vocab.json and
+/// merges.txt (a Hugging Face GPT-2 directory).
 ///
 /// Each stage keeps the keys and values of the tokens it has seen, so every new token runs
 /// through the pipeline alone (f32; under bf16 the whole context runs each time). The context
@@ -35,7 +37,7 @@ pub struct GenerateArgs {
     /// Text the sample continues.
     #[arg(long, default_value = "ROMEO:\n")]
     prompt: String,
-    /// Tokens (bytes) to generate (beyond the model's n_positions, the context restarts from
+    /// Tokens to generate (beyond the model's n_positions, the context restarts from
     /// its last half each time it fills up).
     #[arg(long, default_value_t = 400)]
     max_tokens: usize,
@@ -54,8 +56,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     samples: usize,
     /// Output format: the text (and a line on stderr with the rate), or one JSON object
-    /// `{"prompt", "samples": [{"seed", "text", "bytes"}], "tokens", "seconds",
-    /// "tokens_per_sec"}` where `bytes` are the generated ones and `text` is the prompt and
+    /// `{"prompt", "samples": [{"seed", "text", "ids"}], "tokens", "seconds",
+    /// "tokens_per_sec"}` where `ids` are the generated tokens and `text` is the prompt and
     /// them, invalid UTF-8 replaced.
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
@@ -94,6 +96,17 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         ));
     }
     let header = checkpoint::load_header(&args.checkpoint)?;
+    let vocab = header.config.vocab_size;
+    let tokenizer = Tokenizer::for_checkpoint(&args.checkpoint, vocab)?;
+    if let Some(bad) = tokenizer
+        .encode(&args.prompt)?
+        .iter()
+        .find(|&&t| t as usize >= vocab)
+    {
+        return Err(invalid_input!(
+            "--prompt holds token {bad}, outside the model's vocabulary of {vocab}"
+        ));
+    }
     let layers = header.config.n_layer + 2;
     if args.stages == 0 || args.stages > layers {
         return Err(invalid_input!(
@@ -117,6 +130,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         args.backend,
         GenerateJob {
             args: &args,
+            tokenizer: &tokenizer,
             config,
             ckpt: &ckpt,
             launch,
@@ -126,6 +140,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 struct GenerateJob<'a> {
     args: &'a GenerateArgs,
+    tokenizer: &'a Tokenizer,
     config: TrainConfig,
     ckpt: &'a checkpoint::Checkpoint,
     launch: Option<LaunchEnv>,
@@ -137,6 +152,7 @@ impl BackendJob for GenerateJob<'_> {
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<()> {
         let GenerateJob {
             args,
+            tokenizer,
             config,
             ckpt,
             launch,
@@ -144,7 +160,7 @@ impl BackendJob for GenerateJob<'_> {
         let window = config.model.n_positions;
         let Some(env) = launch else {
             let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
-            return write_samples(args, window, true, |contexts, pick| {
+            return write_samples(args, tokenizer, window, true, |contexts, pick| {
                 let mut tokens = Vec::with_capacity(contexts.len());
                 for (i, context) in contexts.iter().enumerate() {
                     tokens.push(pick(i, &trainer.next_token_logits_of(i, context)?));
@@ -167,7 +183,7 @@ impl BackendJob for GenerateJob<'_> {
         let result = rank
             .same_settings("generation settings", &settings)
             .and_then(|()| {
-                write_samples(args, window, env.rank == 0, |contexts, pick| {
+                write_samples(args, tokenizer, window, env.rank == 0, |contexts, pick| {
                     rank.next_tokens(contexts, pick)
                 })
             });
@@ -208,11 +224,14 @@ impl Sample {
 /// progress bar meanwhile).
 fn write_samples(
     args: &GenerateArgs,
+    tokenizer: &Tokenizer,
     window: usize,
     leader: bool,
     mut next: impl FnMut(&[&[u32]], &mut dyn FnMut(usize, &[f32]) -> usize) -> Result<Vec<usize>>,
 ) -> Result<()> {
-    let prompt: Vec<u32> = args.prompt.bytes().map(u32::from).collect();
+    let prompt = tokenizer.encode(&args.prompt)?;
+    // Only tokens with text are drawn (a padded vocabulary's extra rows are never targets).
+    let drawn = tokenizer.len();
     let mut samples: Vec<Sample> = (0..args.samples)
         .map(|_| Sample::new(&prompt, window))
         .collect();
@@ -239,13 +258,14 @@ fn write_samples(
     for _ in 0..args.max_tokens {
         let contexts: Vec<&[u32]> = samples.iter_mut().map(|s| s.context(window)).collect();
         let tokens = next(&contexts, &mut |i, logits| {
+            let logits = &logits[..drawn.min(logits.len())];
             sample(logits, args.temperature, args.top_k, &mut rngs[i])
         })?;
         for (s, token) in samples.iter_mut().zip(&tokens) {
             s.tokens.push(*token as u32);
         }
         if streaming {
-            out.write_all(&[tokens[0] as u8])?;
+            out.write_all(&tokenizer.decode(tokens[0] as u32)?)?;
             out.flush()?;
         }
         bar.inc(1);
@@ -258,21 +278,27 @@ fn write_samples(
     let generated = args.max_tokens * args.samples;
     let rate = generated as f64 / seconds.max(1e-9);
     let seed = |i: usize| args.seed.wrapping_add(i as u64);
-    let bytes = |s: &Sample| -> Vec<u8> { s.tokens.iter().map(|&t| t as u8).collect() };
+    // The prompt as given, then the generated tokens' bytes.
+    let bytes = |s: &Sample| -> Result<Vec<u8>> {
+        let mut all = args.prompt.as_bytes().to_vec();
+        for &t in &s.tokens[prompt.len()..] {
+            all.extend(tokenizer.decode(t)?);
+        }
+        Ok(all)
+    };
     match args.format {
         OutputFormat::Json => {
             let samples: Vec<_> = samples
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
-                    let all = bytes(s);
-                    json!({
+                    Ok(json!({
                         "seed": seed(i),
-                        "text": String::from_utf8_lossy(&all),
-                        "bytes": all[prompt.len()..],
-                    })
+                        "text": String::from_utf8_lossy(&bytes(s)?),
+                        "ids": s.tokens[prompt.len()..],
+                    }))
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             let report = json!({
                 "prompt": args.prompt,
                 "samples": samples,
@@ -294,7 +320,7 @@ fn write_samples(
                         args.samples,
                         seed(i)
                     )?;
-                    out.write_all(&bytes(s))?;
+                    out.write_all(&bytes(s)?)?;
                     writeln!(out)?;
                 }
             }

@@ -261,7 +261,12 @@ impl<B: Backend> RankTrainer<B> {
     /// Mean cross-entropy over windows of `data` (as [`crate::train::Trainer::evaluate`]):
     /// activations flow through the ranks' stages in order; the rank holding the last stage
     /// sends every rank the result.
-    pub fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
+    pub fn evaluate<T: Copy + Into<u32>>(
+        &mut self,
+        data: &[T],
+        seq: usize,
+        max_tokens: usize,
+    ) -> Result<(f64, usize)> {
         let (mut sum, mut count) = (0.0f64, 0usize);
         for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
             let placement = &self.schedule.placement;

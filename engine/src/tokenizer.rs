@@ -1,0 +1,369 @@
+//! Text to token ids and back: bytes for pipit's own byte-level models, or GPT-2's byte-level
+//! BPE for checkpoints that carry its `vocab.json` and `merges.txt` (Hugging Face GPT-2
+//! directories do).
+//!
+//! GPT-2's BPE (Radford et al., 2019, as released with the model):
+//! 1. The text is cut into pre-tokens by the pattern
+//!    `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`,
+//!    tried in that order at each position ([`pre_tokens`] follows it by hand; letters are
+//!    Rust's alphabetic characters, which also count combining marks).
+//! 2. Each pre-token's UTF-8 bytes become printable characters, one per byte (the table of
+//!    [`byte_chars`]), and are merged pairwise, always the adjacent pair that comes first in
+//!    `merges.txt`, until no listed pair is left.
+//! 3. Each resulting symbol is looked up in `vocab.json`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, Context, Result};
+
+use crate::invalid_input;
+
+/// How text becomes tokens for one model.
+pub enum Tokenizer {
+    /// One token per byte (a vocabulary of 256).
+    Bytes,
+    /// GPT-2's byte-level BPE.
+    Bpe(Bpe),
+}
+
+impl Tokenizer {
+    /// The tokenizer of the checkpoint in `dir` whose model has `vocab_size` tokens: its
+    /// `vocab.json` and `merges.txt` when both are there (a Hugging Face GPT-2 directory),
+    /// else bytes (pipit's models; a vocabulary beyond 256 only pads the model's shape).
+    pub fn for_checkpoint(dir: &Path, vocab_size: usize) -> Result<Self> {
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        if !(vocab.exists() && merges.exists()) {
+            return Ok(Tokenizer::Bytes);
+        }
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let bpe = Bpe::new(&read(&vocab)?, &read(&merges)?)
+            .map_err(|e| invalid_input!("{}: {e:#}", dir.display()))?;
+        if bpe.len() > vocab_size {
+            return Err(invalid_input!(
+                "{} maps text to {} tokens but the model has a vocabulary of {vocab_size}",
+                vocab.display(),
+                bpe.len()
+            ));
+        }
+        Ok(Tokenizer::Bpe(bpe))
+    }
+
+    /// Token ids below this one have text ([`Tokenizer::decode`]); a sampler draws only
+    /// among them.
+    pub fn len(&self) -> usize {
+        match self {
+            Tokenizer::Bytes => 256,
+            Tokenizer::Bpe(bpe) => bpe.len(),
+        }
+    }
+
+    /// Whether no token has text.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The token ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Bytes => Ok(text.bytes().map(u32::from).collect()),
+            Tokenizer::Bpe(bpe) => bpe.encode(text),
+        }
+    }
+
+    /// The bytes of token `id` (a token may hold part of a UTF-8 character).
+    pub fn decode(&self, id: u32) -> Result<Vec<u8>> {
+        match self {
+            Tokenizer::Bytes => u8::try_from(id)
+                .map(|b| vec![b])
+                .map_err(|_| anyhow!("token {id} is not a byte")),
+            Tokenizer::Bpe(bpe) => bpe.decode(id),
+        }
+    }
+}
+
+/// GPT-2's byte-level BPE: the vocabulary and the ranked merges.
+pub struct Bpe {
+    /// Symbol (in [`byte_chars`] form) → token id.
+    ids: HashMap<String, u32>,
+    /// Token id → its bytes.
+    bytes: HashMap<u32, Vec<u8>>,
+    /// Pair of symbols → rank (its line in `merges.txt`, first = 0).
+    ranks: HashMap<(String, String), usize>,
+}
+
+impl Bpe {
+    /// From the contents of `vocab.json` (`{"symbol": id, ...}`) and `merges.txt` (one pair
+    /// `a b` per line after an optional `#version` line).
+    pub fn new(vocab_json: &str, merges_txt: &str) -> Result<Self> {
+        let vocab: HashMap<String, u32> =
+            serde_json::from_str(vocab_json).context("vocab.json is not a map of tokens to ids")?;
+        let unbyte: HashMap<char, u8> = byte_chars()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        let mut bytes = HashMap::with_capacity(vocab.len());
+        for (symbol, &id) in &vocab {
+            // Symbols that are not byte sequences (added tokens such as <|endoftext|>) decode
+            // to their text.
+            let raw: Option<Vec<u8>> = symbol.chars().map(|c| unbyte.get(&c).copied()).collect();
+            bytes.insert(id, raw.unwrap_or_else(|| symbol.as_bytes().to_vec()));
+        }
+        let mut ranks = HashMap::new();
+        for (n, line) in merges_txt
+            .lines()
+            .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+            .enumerate()
+        {
+            let (a, b) = line
+                .split_once(' ')
+                .ok_or_else(|| anyhow!("merges.txt line {:?} is not a pair", line))?;
+            ranks.entry((a.to_string(), b.to_string())).or_insert(n);
+        }
+        Ok(Self {
+            ids: vocab,
+            bytes,
+            ranks,
+        })
+    }
+
+    /// One past the largest token id in the vocabulary.
+    pub fn len(&self) -> usize {
+        self.ids.values().max().map_or(0, |&m| m as usize + 1)
+    }
+
+    /// Whether the vocabulary is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The token ids of `text`.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let table = byte_chars();
+        let mut out = Vec::new();
+        for piece in pre_tokens(text) {
+            let word: Vec<String> = piece
+                .bytes()
+                .map(|b| table[b as usize].to_string())
+                .collect();
+            for symbol in self.merge(word) {
+                let id = self.ids.get(&symbol).ok_or_else(|| {
+                    anyhow!("the vocabulary lacks {symbol:?}, a piece of {piece:?}")
+                })?;
+                out.push(*id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The bytes of token `id`.
+    pub fn decode(&self, id: u32) -> Result<Vec<u8>> {
+        self.bytes
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| anyhow!("token {id} is not in the vocabulary"))
+    }
+
+    /// Merge adjacent symbols of `word`, the pair of lowest rank first, until none is listed.
+    fn merge(&self, mut word: Vec<String>) -> Vec<String> {
+        while word.len() > 1 {
+            let best = word
+                .windows(2)
+                .enumerate()
+                .filter_map(|(i, w)| {
+                    self.ranks
+                        .get(&(w[0].clone(), w[1].clone()))
+                        .map(|&r| (r, i))
+                })
+                .min();
+            let Some((_, i)) = best else {
+                break;
+            };
+            let (a, b) = (word[i].clone(), word[i + 1].clone());
+            // Every occurrence of the pair, left to right.
+            let mut merged = Vec::with_capacity(word.len());
+            let mut j = 0;
+            while j < word.len() {
+                if j + 1 < word.len() && word[j] == a && word[j + 1] == b {
+                    merged.push(format!("{a}{b}"));
+                    j += 2;
+                } else {
+                    merged.push(std::mem::take(&mut word[j]));
+                    j += 1;
+                }
+            }
+            word = merged;
+        }
+        word
+    }
+}
+
+/// GPT-2's printable stand-in for each byte: printable Latin-1 bytes stand for themselves,
+/// the other 68 take the characters from U+0100 on, in byte order.
+pub fn byte_chars() -> [char; 256] {
+    let keeps = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || b >= 174;
+    let mut table = ['\0'; 256];
+    let mut next = 256u32;
+    for (b, slot) in table.iter_mut().enumerate() {
+        let b = b as u32;
+        let c = if keeps(b) {
+            b
+        } else {
+            next += 1;
+            next - 1
+        };
+        *slot = char::from_u32(c).expect("below U+0200");
+    }
+    table
+}
+
+/// What a character counts as in GPT-2's pattern.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Letter,
+    Number,
+    Space,
+    Other,
+}
+
+fn class(c: char) -> Class {
+    // Numbers first: letter-like numerals (Ⅻ) are alphabetic to Rust but \p{N} to the pattern.
+    if c.is_whitespace() {
+        Class::Space
+    } else if c.is_numeric() {
+        Class::Number
+    } else if c.is_alphabetic() {
+        Class::Letter
+    } else {
+        Class::Other
+    }
+}
+
+/// `text` cut by GPT-2's pre-tokenizer pattern (see the module docs).
+pub fn pre_tokens(text: &str) -> Vec<&str> {
+    const CONTRACTIONS: [&str; 7] = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d"];
+    let chars: Vec<(usize, char)> = text.char_indices().collect();
+    let at = |i: usize| chars.get(i).map_or(text.len(), |&(o, _)| o);
+    // The end of a run of characters of class `k` starting at `i`.
+    let run = |mut i: usize, k: Class| {
+        while i < chars.len() && class(chars[i].1) == k {
+            i += 1;
+        }
+        i
+    };
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let rest = &text[at(i)..];
+        let end = if let Some(c) = CONTRACTIONS.iter().find(|c| rest.starts_with(*c)) {
+            i + c.chars().count()
+        } else {
+            let c = chars[i].1;
+            // ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`: an optional space, then a run.
+            let (start, k) = match (c, chars.get(i + 1).map(|&(_, n)| class(n))) {
+                (' ', Some(k)) if k != Class::Space => (i + 1, k),
+                _ => (i, class(c)),
+            };
+            if k != Class::Space {
+                run(start, k)
+            } else {
+                // `\s+(?!\S)`, else `\s+`: a run of whitespace gives its last character to
+                // what follows unless it is the last of the text or alone.
+                let stop = run(i, Class::Space);
+                if stop < chars.len() && stop - i > 1 {
+                    stop - 1
+                } else {
+                    stop
+                }
+            }
+        };
+        out.push(&text[at(i)..at(end)]);
+        i = end;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_table_is_a_bijection_onto_printable_characters() {
+        let t = byte_chars();
+        let distinct: std::collections::HashSet<char> = t.iter().copied().collect();
+        assert_eq!(distinct.len(), 256);
+        assert!(t.iter().all(|c| !c.is_whitespace() && !c.is_control()));
+        assert_eq!(
+            (t[b'A' as usize], t[b' ' as usize], t[b'\n' as usize]),
+            ('A', 'Ġ', 'Ċ')
+        );
+    }
+
+    #[test]
+    fn pre_tokens_follow_the_pattern() {
+        let cut = |s| pre_tokens(s);
+        assert_eq!(cut("Hello world"), ["Hello", " world"]);
+        assert_eq!(cut("don't  stop"), ["don", "'t", " ", " stop"]);
+        assert_eq!(
+            cut("ROMEO:\nBut, soft!"),
+            ["ROMEO", ":", "\n", "But", ",", " soft", "!"]
+        );
+        assert_eq!(cut("a\n\n  b"), ["a", "\n\n ", " b"]);
+        assert_eq!(cut("x \ny"), ["x", " ", "\n", "y"]);
+        assert_eq!(
+            cut("in 1599, 12ab "),
+            ["in", " 1599", ",", " 12", "ab", " "]
+        );
+        assert_eq!(cut(" 'tis we'll"), [" '", "tis", " we", "'ll"]);
+        assert_eq!(cut("héllo wörld"), ["héllo", " wörld"]);
+        assert_eq!(cut(""), Vec::<&str>::new());
+        let text = "The quick\tbrown  fox's 3 jumps!!\n\n";
+        assert_eq!(cut(text).concat(), text, "the pieces are the text");
+    }
+
+    /// A small vocabulary whose merges build "the" and " the" from bytes.
+    fn tiny() -> Bpe {
+        let t = byte_chars();
+        let mut vocab: HashMap<String, u32> = (0..256u32)
+            .map(|b| (t[b as usize].to_string(), b))
+            .collect();
+        for (i, s) in ["th", "the", "Ġthe", "<|endoftext|>"].iter().enumerate() {
+            vocab.insert(s.to_string(), 256 + i as u32);
+        }
+        let merges = "#version: 0.2\nt h\nth e\nĠ the\n";
+        Bpe::new(&serde_json::to_string(&vocab).unwrap(), merges).unwrap()
+    }
+
+    #[test]
+    fn merges_apply_in_rank_order_and_decode_inverts_encode() {
+        let bpe = tiny();
+        assert_eq!(bpe.encode("the").unwrap(), [257]);
+        assert_eq!(bpe.encode("the the").unwrap(), [257, 258]);
+        assert_eq!(
+            bpe.encode("tithe").unwrap(),
+            [b't' as u32, b'i' as u32, 257]
+        );
+        let text = "Wherefore art thou, the — Romeo?\n";
+        let bytes: Vec<u8> = bpe
+            .encode(text)
+            .unwrap()
+            .iter()
+            .flat_map(|&id| bpe.decode(id).unwrap())
+            .collect();
+        assert_eq!(bytes, text.as_bytes());
+        assert_eq!(bpe.decode(259).unwrap(), b"<|endoftext|>");
+    }
+
+    #[test]
+    fn a_checkpoint_without_tokenizer_files_speaks_bytes() {
+        let dir = std::env::temp_dir().join(format!("pipit-tokenizer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = Tokenizer::for_checkpoint(&dir, 50304).unwrap();
+        assert!(matches!(t, Tokenizer::Bytes));
+        assert_eq!(t.len(), 256);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
