@@ -227,23 +227,14 @@ fn generate_and_eval_read_the_checkpoint() {
     let dir = scratch("generate");
     let ckpt = dir.join("ckpt");
     ok(&train(&["--steps", "2", "--save", ckpt.to_str().unwrap()]));
-    let gen = |t: &str| {
-        pipit(&[
-            "generate",
-            "--backend",
-            "reference",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-            "--prompt",
-            "KING:",
-            "--max-tokens",
-            "20",
-            "--temperature",
-            t,
-            "--stages",
-            "3",
-        ])
+    // `pipit generate` from the checkpoint after the prompt "KING:", with `extra` flags.
+    let generate = |extra: &[&str]| {
+        let mut a = vec!["generate", "--backend", "reference", "--prompt", "KING:"];
+        a.extend_from_slice(&["--checkpoint", ckpt.to_str().unwrap()]);
+        a.extend_from_slice(extra);
+        pipit(&a)
     };
+    let gen = |t: &str| generate(&["--max-tokens", "20", "--temperature", t, "--stages", "3"]);
     let (g1, g2) = (gen("0"), gen("0"));
     ok(&g1);
     assert_eq!(g1.stdout, g2.stdout, "greedy decoding is deterministic");
@@ -257,21 +248,7 @@ fn generate_and_eval_read_the_checkpoint() {
     // Samples side by side, each with its own caches: sample i is what one sample with seed
     // 1337 + i gives (30 tokens after a 5-byte prompt pass the 16-position window).
     let sampled = |extra: &[&str]| {
-        let mut a = vec![
-            "generate",
-            "--backend",
-            "reference",
-            "--checkpoint",
-            ckpt.to_str().unwrap(),
-            "--prompt",
-            "KING:",
-            "--max-tokens",
-            "30",
-            "--stages",
-            "2",
-        ];
-        a.extend_from_slice(extra);
-        let out = pipit(&a);
+        let out = generate(&[&["--max-tokens", "30", "--stages", "2"], extra].concat());
         ok(&out);
         out.stdout
     };
