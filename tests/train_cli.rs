@@ -480,6 +480,10 @@ fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
         &pipit(&["generate", "--checkpoint", c, "--samples", "0"]),
         "--samples must be at least 1, got 0",
     );
+    refused(
+        &pipit(&["generate", "--checkpoint", c, "--top-p", "0"]),
+        "--top-p must be in (0, 1], got 0",
+    );
 
     assert_eq!(
         std::fs::read(ckpt.join("model.safetensors")).unwrap(),

@@ -47,6 +47,10 @@ pub struct GenerateArgs {
     /// Sample only among the K most likely tokens (0: all).
     #[arg(long, value_name = "K", default_value_t = 40)]
     top_k: usize,
+    /// Nucleus sampling: of those, only the most likely whose probabilities first add up to
+    /// at least P (1: all of them).
+    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    top_p: f64,
     /// Seed of the sampler (sample i draws from seed + i).
     #[arg(long, default_value_t = 1337)]
     seed: u64,
@@ -81,6 +85,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         return Err(invalid_input!(
             "--temperature must be 0 or more, got {}",
             args.temperature
+        ));
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        return Err(invalid_input!(
+            "--top-p must be in (0, 1], got {}",
+            args.top_p
         ));
     }
     if args.prompt.is_empty() {
@@ -177,6 +187,7 @@ impl BackendJob for GenerateJob<'_> {
             "max_tokens": args.max_tokens,
             "temperature": args.temperature,
             "top_k": args.top_k,
+            "top_p": args.top_p,
             "seed": args.seed,
             "samples": args.samples,
         });
@@ -259,7 +270,7 @@ fn write_samples(
         let contexts: Vec<&[u32]> = samples.iter_mut().map(|s| s.context(window)).collect();
         let tokens = next(&contexts, &mut |i, logits| {
             let logits = &logits[..drawn.min(logits.len())];
-            sample(logits, args.temperature, args.top_k, &mut rngs[i])
+            sample(logits, args, &mut rngs[i])
         })?;
         for (s, token) in samples.iter_mut().zip(&tokens) {
             s.tokens.push(*token as u32);
@@ -330,22 +341,36 @@ fn write_samples(
     Ok(())
 }
 
-/// Pick a token from `logits`: the arg-max when `temperature` is 0, otherwise a draw from the
-/// softmax of `logits / temperature` restricted to the `top_k` largest (0: all).
-fn sample(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> usize {
+/// Pick a token from `logits` as `args` say: the arg-max when the temperature is 0, otherwise
+/// a draw from the softmax of `logits / temperature` restricted to the `top_k` largest (0:
+/// all), and of those to the fewest most likely whose probabilities add up to `top_p`.
+fn sample(logits: &[f32], args: &GenerateArgs, rng: &mut Rng) -> usize {
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if temperature == 0.0 {
+    if args.temperature == 0.0 {
         return order[0];
     }
-    if top_k > 0 {
-        order.truncate(top_k);
+    if args.top_k > 0 {
+        order.truncate(args.top_k);
     }
     let top = logits[order[0]] as f64;
-    let weights: Vec<f64> = order
+    let mut weights: Vec<f64> = order
         .iter()
-        .map(|&i| ((logits[i] as f64 - top) / temperature as f64).exp())
+        .map(|&i| ((logits[i] as f64 - top) / args.temperature as f64).exp())
         .collect();
+    if args.top_p < 1.0 {
+        let total: f64 = weights.iter().sum();
+        let mut sum = 0.0;
+        let keep = weights
+            .iter()
+            .position(|w| {
+                sum += w;
+                sum >= args.top_p * total
+            })
+            .map_or(weights.len(), |i| i + 1);
+        weights.truncate(keep);
+        order.truncate(keep);
+    }
     let mut draw = rng.uniform() * weights.iter().sum::<f64>();
     for (&i, w) in order.iter().zip(&weights) {
         draw -= w;
@@ -360,14 +385,44 @@ fn sample(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> usiz
 mod tests {
     use super::*;
 
+    /// The settings of `pipit generate` with these sampling flags.
+    fn settings(flags: &[&str]) -> GenerateArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: GenerateArgs,
+        }
+        Cli::parse_from([&["generate"], flags].concat()).args
+    }
+
     #[test]
     fn greedy_takes_the_largest_and_top_k_excludes_the_rest() {
         let logits = [0.1, 3.0, 2.9, -1.0];
         let mut rng = Rng::new(1);
-        assert_eq!(sample(&logits, 0.0, 0, &mut rng), 1);
+        assert_eq!(
+            sample(&logits, &settings(&["--temperature", "0"]), &mut rng),
+            1
+        );
+        let top2 = settings(&["--temperature", "1", "--top-k", "2"]);
         for _ in 0..200 {
-            let t = sample(&logits, 1.0, 2, &mut rng);
+            let t = sample(&logits, &top2, &mut rng);
             assert!(t == 1 || t == 2);
         }
+    }
+
+    #[test]
+    fn top_p_keeps_the_fewest_likely_tokens_that_reach_it() {
+        // Probabilities 0.5, 0.3, 0.2 at temperature 1.
+        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
+        let mut rng = Rng::new(2);
+        let drawn = |p: &str, rng: &mut Rng| -> std::collections::BTreeSet<usize> {
+            let args = settings(&["--temperature", "1", "--top-k", "0", "--top-p", p]);
+            (0..400).map(|_| sample(&logits, &args, rng)).collect()
+        };
+        assert_eq!(drawn("0.45", &mut rng), [0].into());
+        assert_eq!(drawn("0.7", &mut rng), [0, 1].into());
+        assert_eq!(drawn("0.81", &mut rng), [0, 1, 2].into());
+        assert_eq!(drawn("1", &mut rng), [0, 1, 2].into());
     }
 }
