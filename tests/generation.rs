@@ -5,6 +5,7 @@
 //! context does not extend the last one (the caches start over).
 
 use pipit_engine::backend::Backend;
+use pipit_engine::data::Corpus;
 use pipit_engine::exec::{self, Pass, Want};
 use pipit_engine::model::GptConfig;
 use pipit_engine::rng::Rng;
@@ -100,6 +101,27 @@ fn reference_cached_decoding_gives_the_bits_of_whole_passes() {
     for stages in [1, 3] {
         cached_logits_match_whole_passes(ReferenceBackend::new, stages, "f32", 0.0);
     }
+}
+
+/// A training step changes the weights: the keys and values cached before it are dropped, so
+/// the next answer is the new model's.
+#[test]
+fn a_training_step_drops_the_caches() {
+    let mut trainer = Trainer::new(
+        config(2, "f32"),
+        |_| Ok(ReferenceBackend::new()),
+        Init::Fresh,
+    )
+    .unwrap();
+    let context: Vec<u32> = (0..10).map(|i| i * 5 % 61).collect();
+    let before = trainer.next_token_logits(&context[..9]).unwrap();
+    assert_eq!(before, whole(&mut trainer, &context[..9]));
+    let text: Vec<u8> = (0..2000u32).map(|i| (i * 7 % 61) as u8).collect();
+    let corpus = Corpus::split(&text, 0.1).unwrap();
+    trainer.train_step(&corpus).unwrap();
+    let after = trainer.next_token_logits(&context).unwrap();
+    assert_eq!(after, whole(&mut trainer, &context));
+    assert_ne!(before, after[..].to_vec(), "the step changed the model");
 }
 
 #[test]

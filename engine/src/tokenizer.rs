@@ -5,8 +5,8 @@
 //! GPT-2's BPE (Radford et al., 2019, as released with the model):
 //! 1. The text is cut into pre-tokens by the pattern
 //!    `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`,
-//!    tried in that order at each position ([`pre_tokens`] follows it by hand; letters are
-//!    Rust's alphabetic characters, which also count combining marks).
+//!    tried in that order at each position ([`pre_tokens`]; the `regex` crate has no
+//!    lookahead, so `\s+(?!\S)` is done by hand).
 //! 2. Each pre-token's UTF-8 bytes become printable characters, one per byte (the table of
 //!    [`byte_chars`]), and are merged pairwise, always the adjacent pair that comes first in
 //!    `merges.txt`, until no listed pair is left.
@@ -14,8 +14,10 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use anyhow::{anyhow, Context, Result};
+use regex::Regex;
 
 use crate::invalid_input;
 
@@ -33,8 +35,32 @@ impl Tokenizer {
     /// else bytes (pipit's models; a vocabulary beyond 256 only pads the model's shape).
     pub fn for_checkpoint(dir: &Path, vocab_size: usize) -> Result<Self> {
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        if !(vocab.exists() && merges.exists()) {
-            return Ok(Tokenizer::Bytes);
+        match (vocab.exists(), merges.exists()) {
+            (true, true) => {}
+            (false, false) if dir.join("tokenizer.json").exists() => {
+                return Err(invalid_input!(
+                    "{} has a tokenizer.json but not the vocab.json and merges.txt pipit reads \
+                     GPT-2's tokenizer from",
+                    dir.display()
+                ))
+            }
+            (false, false) => return Ok(Tokenizer::Bytes),
+            (has_vocab, _) => {
+                return Err(invalid_input!(
+                    "{} has a {} without its {}: GPT-2's tokenizer needs both",
+                    dir.display(),
+                    if has_vocab {
+                        "vocab.json"
+                    } else {
+                        "merges.txt"
+                    },
+                    if has_vocab {
+                        "merges.txt"
+                    } else {
+                        "vocab.json"
+                    }
+                ))
+            }
         }
         let read = |p: &Path| {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -63,6 +89,26 @@ impl Tokenizer {
     /// Whether no token has text.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The token ids of `text` given as bytes: any bytes for [`Tokenizer::Bytes`], UTF-8 for
+    /// BPE (else an invalid-input error).
+    pub fn encode_bytes(&self, text: &[u8]) -> Result<Vec<u32>> {
+        match self {
+            Tokenizer::Bytes => Ok(text.iter().map(|&b| u32::from(b)).collect()),
+            Tokenizer::Bpe(bpe) => bpe
+                .encode(std::str::from_utf8(text).map_err(|e| {
+                    invalid_input!("text for GPT-2's tokenizer must be UTF-8: {e}")
+                })?),
+        }
+    }
+
+    /// What one token is, for the units of a loss: "byte" or "token".
+    pub fn unit(&self) -> &'static str {
+        match self {
+            Tokenizer::Bytes => "byte",
+            Tokenizer::Bpe(_) => "token",
+        }
     }
 
     /// The token ids of `text`.
@@ -111,6 +157,14 @@ impl Bpe {
             // to their text.
             let raw: Option<Vec<u8>> = symbol.chars().map(|c| unbyte.get(&c).copied()).collect();
             bytes.insert(id, raw.unwrap_or_else(|| symbol.as_bytes().to_vec()));
+        }
+        if let Some(b) = byte_chars()
+            .iter()
+            .position(|c| !vocab.contains_key(&c.to_string()))
+        {
+            return Err(anyhow!(
+                "vocab.json lacks the token of byte {b}, so some text has no tokens"
+            ));
         }
         let mut ranks = HashMap::new();
         for (n, line) in merges_txt
@@ -220,68 +274,36 @@ pub fn byte_chars() -> [char; 256] {
     table
 }
 
-/// What a character counts as in GPT-2's pattern.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Class {
-    Letter,
-    Number,
-    Space,
-    Other,
-}
-
-fn class(c: char) -> Class {
-    // Numbers first: letter-like numerals (Ⅻ) are alphabetic to Rust but \p{N} to the pattern.
-    if c.is_whitespace() {
-        Class::Space
-    } else if c.is_numeric() {
-        Class::Number
-    } else if c.is_alphabetic() {
-        Class::Letter
-    } else {
-        Class::Other
-    }
+/// GPT-2's pattern without its one lookahead, anchored: `\s+(?!\S)` is `\s+` cut short in
+/// [`pre_tokens`].
+fn pattern() -> &'static Regex {
+    static PATTERN: OnceLock<Regex> = OnceLock::new();
+    PATTERN.get_or_init(|| {
+        Regex::new(r"^(?:'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+)")
+            .expect("a valid pattern")
+    })
 }
 
 /// `text` cut by GPT-2's pre-tokenizer pattern (see the module docs).
 pub fn pre_tokens(text: &str) -> Vec<&str> {
-    const CONTRACTIONS: [&str; 7] = ["'s", "'t", "'re", "'ve", "'m", "'ll", "'d"];
-    let chars: Vec<(usize, char)> = text.char_indices().collect();
-    let at = |i: usize| chars.get(i).map_or(text.len(), |&(o, _)| o);
-    // The end of a run of characters of class `k` starting at `i`.
-    let run = |mut i: usize, k: Class| {
-        while i < chars.len() && class(chars[i].1) == k {
-            i += 1;
-        }
-        i
-    };
     let mut out = Vec::new();
     let mut i = 0;
-    while i < chars.len() {
-        let rest = &text[at(i)..];
-        let end = if let Some(c) = CONTRACTIONS.iter().find(|c| rest.starts_with(*c)) {
-            i + c.chars().count()
-        } else {
-            let c = chars[i].1;
-            // ` ?\p{L}+`, ` ?\p{N}+`, ` ?[^\s\p{L}\p{N}]+`: an optional space, then a run.
-            let (start, k) = match (c, chars.get(i + 1).map(|&(_, n)| class(n))) {
-                (' ', Some(k)) if k != Class::Space => (i + 1, k),
-                _ => (i, class(c)),
-            };
-            if k != Class::Space {
-                run(start, k)
-            } else {
-                // `\s+(?!\S)`, else `\s+`: a run of whitespace gives its last character to
-                // what follows unless it is the last of the text or alone.
-                let stop = run(i, Class::Space);
-                if stop < chars.len() && stop - i > 1 {
-                    stop - 1
-                } else {
-                    stop
-                }
+    while i < text.len() {
+        let rest = &text[i..];
+        let m = pattern()
+            .find(rest)
+            .expect("every character starts a match");
+        let mut piece = &rest[..m.end()];
+        // `\s+(?!\S)`: a run of whitespace followed by more text leaves its last character
+        // to what follows, unless it is a single character (then plain `\s+` takes it).
+        if piece.chars().all(char::is_whitespace) && m.end() < rest.len() {
+            let mut chars = piece.char_indices();
+            if let (Some(_), Some((last, _))) = (chars.next(), chars.next_back()) {
+                piece = &piece[..last];
             }
-        };
-        out.push(&text[at(i)..at(end)]);
-        i = end;
+        }
+        out.push(piece);
+        i += piece.len();
     }
     out
 }
@@ -319,6 +341,12 @@ mod tests {
         );
         assert_eq!(cut(" 'tis we'll"), [" '", "tis", " we", "'ll"]);
         assert_eq!(cut("héllo wörld"), ["héllo", " wörld"]);
+        assert_eq!(
+            cut("Ⓐb Ⅻ"),
+            ["Ⓐ", "b", " Ⅻ"],
+            "a symbol, a letter, a numeral"
+        );
+        assert_eq!(cut("  "), ["  "], "whitespace at the end stays whole");
         assert_eq!(cut(""), Vec::<&str>::new());
         let text = "The quick\tbrown  fox's 3 jumps!!\n\n";
         assert_eq!(cut(text).concat(), text, "the pieces are the text");
@@ -358,12 +386,31 @@ mod tests {
     }
 
     #[test]
-    fn a_checkpoint_without_tokenizer_files_speaks_bytes() {
+    fn a_checkpoint_without_tokenizer_files_speaks_bytes_and_half_a_tokenizer_is_refused() {
         let dir = std::env::temp_dir().join(format!("pipit-tokenizer-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let t = Tokenizer::for_checkpoint(&dir, 50304).unwrap();
         assert!(matches!(t, Tokenizer::Bytes));
         assert_eq!(t.len(), 256);
+        for (file, needle) in [
+            ("merges.txt", "has a merges.txt without its vocab.json"),
+            ("tokenizer.json", "has a tokenizer.json but not"),
+        ] {
+            std::fs::write(dir.join(file), "").unwrap();
+            let err = Tokenizer::for_checkpoint(&dir, 50257).err().unwrap();
+            assert!(crate::is_invalid_input(&err), "{err:#}");
+            assert!(format!("{err}").contains(needle), "{err}");
+            std::fs::remove_file(dir.join(file)).unwrap();
+        }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_vocabulary_without_every_byte_is_refused() {
+        let err = Bpe::new(r#"{"a": 0}"#, "").err().unwrap();
+        assert!(
+            format!("{err}").contains("lacks the token of byte 0"),
+            "{err}"
+        );
     }
 }

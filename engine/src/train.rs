@@ -347,7 +347,8 @@ pub struct Trainer<B: Backend> {
     /// Steps completed so far.
     pub step: u64,
     /// Key/value caches for [`Trainer::next_token_logits`], one per sequence, made on first
-    /// use.
+    /// use and dropped by every training step. (A caller that changes the weights through
+    /// `ranks` itself must not reuse them.)
     decoders: Vec<Decoder<B>>,
 }
 
@@ -433,6 +434,8 @@ impl<B: Backend> Trainer<B> {
 
     /// Train one step on the next batch of `corpus.train`.
     pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
+        // Keys and values cached under the old weights would no longer be the model's.
+        self.decoders.clear();
         let step = self.step + 1;
         let c = &self.config;
         let batch = sample_batch(&corpus.train, c.batch_size, c.seq_len, c.seed, step)?;

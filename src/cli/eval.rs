@@ -90,19 +90,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let ckpt = load_checkpoint(&args.checkpoint, &config, launch.as_ref())?;
     let leader = launch.as_ref().is_none_or(|env| env.rank == 0);
     let tokenizer = Tokenizer::for_checkpoint(&args.checkpoint, header.config.vocab_size)?;
-    let ids = match &tokenizer {
-        Tokenizer::Bytes => text.iter().map(|&b| u32::from(b)).collect(),
-        Tokenizer::Bpe(bpe) => {
-            let text = std::str::from_utf8(&text).map_err(|e| {
-                invalid_input!("the text to score must be UTF-8 for a BPE vocabulary: {e}")
-            })?;
-            bpe.encode(text)?
-        }
-    };
-    let per = match tokenizer {
-        Tokenizer::Bytes => "byte",
-        Tokenizer::Bpe(_) => "token",
-    };
+    let ids = tokenizer.encode_bytes(&text)?;
+    let per = tokenizer.unit();
     let (loss, tokens) = with_backend(
         args.backend,
         EvalJob {

@@ -26,7 +26,7 @@ use super::OutputFormat;
 /// merges.txt (a Hugging Face GPT-2 directory).
 ///
 /// Each stage keeps the keys and values of the tokens it has seen, so every new token runs
-/// through the pipeline alone (f32; under bf16 the whole context runs each time). The context
+/// through the pipeline alone (in f32). The context
 /// is at most the model's n_positions tokens: when it fills up, it restarts from its last
 /// half, which runs again once.
 #[derive(Args, Debug)]

@@ -74,9 +74,9 @@ impl<B: Backend> RankTrainer<B> {
     /// The next token after each of `contexts` (sequences generated side by side, the same on
     /// every rank), pipelined: each rank runs its stages on every sequence in turn and hands
     /// each on at once, so rank `r + 1` works on one sequence while rank `r` works on the
-    /// next. The last stage's rank sends each last position's logits to rank 0, where
-    /// `pick(i, logits)` chooses sequence `i`'s token (`pick` runs on rank 0 only), and rank 0
-    /// sends the choices to every rank. Collective.
+    /// next. The last stage's rank then sends every sequence's last-position logits to rank 0,
+    /// where `pick(i, logits)` chooses sequence `i`'s token (`pick` runs on rank 0 only), and
+    /// rank 0 sends the choices to every rank. Collective.
     pub fn next_tokens(
         &mut self,
         contexts: &[&[u32]],
@@ -88,20 +88,24 @@ impl<B: Backend> RankTrainer<B> {
         let placement = &self.schedule.placement;
         let holder = placement[placement.len() - 1];
         let capacity = self.config.model.n_positions;
-        let mut rows = Vec::with_capacity(contexts.len());
+        // The last positions' logits, on the last stage's rank: every sample's, one after
+        // the other. They go to rank 0 in one message after the loop, so they never sit in a
+        // queue where rank 0 expects an activation of a later sample.
+        let mut rows = Vec::new();
         for (i, context) in contexts.iter().enumerate() {
             let ranks = std::slice::from_ref(&self.rank);
             let decoder = Decoder::nth(&mut self.decoders, i, ranks, capacity)?;
             let rank = &mut self.rank;
             let logits =
                 decoder.extend(context, |new, pass| forward(placement, rank, new, pass))?;
-            let row = logits.map(|l| l[l.len() - vocab..].to_vec());
-            match row {
-                Some(row) if me != LEADER => self.rank.transport.send_f32(LEADER, &row)?,
-                row => rows.push(row),
+            if let Some(l) = logits {
+                rows.extend_from_slice(&l[l.len() - vocab..]);
             }
         }
         let transport = &mut self.rank.transport;
+        if me == holder && me != LEADER {
+            transport.send_f32(LEADER, &rows)?;
+        }
         if me != LEADER {
             let v = transport.recv_json(LEADER, "the next tokens")?;
             let tokens: Option<Vec<usize>> = v["tokens"]
@@ -112,20 +116,21 @@ impl<B: Backend> RankTrainer<B> {
                 _ => Err(anyhow!("rank 0 sent no {} tokens: {v}", contexts.len())),
             };
         }
-        let mut tokens = Vec::with_capacity(contexts.len());
-        for (i, row) in rows.into_iter().enumerate() {
-            let row = match row {
-                Some(row) => row,
-                None => transport.recv_f32(holder, "the next token's logits")?,
-            };
-            if row.len() != vocab {
-                return Err(anyhow!(
-                    "rank {holder} sent {} logits for a vocabulary of {vocab}",
-                    row.len()
-                ));
-            }
-            tokens.push(pick(i, &row));
+        if me != holder {
+            rows = transport.recv_f32(holder, "the next tokens' logits")?;
         }
+        if rows.len() != contexts.len() * vocab {
+            return Err(anyhow!(
+                "rank {holder} sent {} logits for {} samples of a vocabulary of {vocab}",
+                rows.len(),
+                contexts.len()
+            ));
+        }
+        let tokens: Vec<usize> = rows
+            .chunks_exact(vocab)
+            .enumerate()
+            .map(|(i, row)| pick(i, row))
+            .collect();
         for r in 1..world {
             transport.send_json(r, &json!({ "tokens": tokens }))?;
         }

@@ -190,6 +190,8 @@ impl<B: Backend> RankTrainer<B> {
     /// Train one step: this rank's part of the schedule, then the figures go to rank 0, which
     /// sends every rank the step's loss.
     pub fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
+        // Keys and values cached under the old weights would no longer be the model's.
+        self.decoders.clear();
         let t0 = Instant::now();
         let step = self.step + 1;
         let me = self.me();
