@@ -6,7 +6,7 @@
 
 use pipit_engine::backend::Backend;
 use pipit_engine::data::Corpus;
-use pipit_engine::exec::{self, Pass, Want};
+use pipit_engine::exec::{self, Want};
 use pipit_engine::model::GptConfig;
 use pipit_engine::rng::Rng;
 use pipit_engine::train::{Init, TrainConfig, Trainer};
@@ -33,12 +33,9 @@ fn config(stages: usize, dtype: &str) -> TrainConfig {
 
 /// The last position's logits of `context`, the whole context run through every stage.
 fn whole<B: Backend>(trainer: &mut Trainer<B>, context: &[u32]) -> Vec<f32> {
-    let pass = Pass::Whole {
-        want: Want::Logits,
-        batch: 1,
-        seq: context.len(),
-    };
-    let logits = exec::forward(&mut trainer.ranks, context, pass).unwrap();
+    let placement = trainer.schedule.placement.clone();
+    let (want, seq) = (Want::Logits, context.len());
+    let logits = exec::forward(&placement, &mut trainer.ranks, context, want, 1, seq).unwrap();
     logits[logits.len() - trainer.config.model.vocab_size..].to_vec()
 }
 
@@ -100,6 +97,40 @@ fn cached_logits_match_whole_passes<B: Backend>(
 fn reference_cached_decoding_gives_the_bits_of_whole_passes() {
     for stages in [1, 3] {
         cached_logits_match_whole_passes(ReferenceBackend::new, stages, "f32", 0.0);
+    }
+}
+
+/// Several sequences side by side, on two ranks holding two stages each in a loop (rank 0
+/// stages 0 and 2, rank 1 stages 1 and 3): each sequence keeps its own caches, and every answer
+/// is its whole context's, to the bit, while the sequences grow at different rates.
+#[test]
+fn samples_side_by_side_on_looped_stages() {
+    let cfg = TrainConfig {
+        schedule: "interleaved".into(),
+        chunks: 2,
+        ..config(2, "f32")
+    };
+    let mut trainer = Trainer::new(cfg, |_| Ok(ReferenceBackend::new()), Init::Fresh).unwrap();
+    assert_eq!(trainer.schedule.placement, [0, 1, 0, 1]);
+    let mut rng = Rng::new(9);
+    let mut contexts: Vec<Vec<u32>> = (1..4)
+        .map(|n| (0..n).map(|_| rng.below(61) as u32).collect())
+        .collect();
+    for round in 0..10 {
+        let views: Vec<&[u32]> = contexts.iter().map(Vec::as_slice).collect();
+        let rows = trainer.next_tokens_logits(&views).unwrap();
+        assert_eq!(rows.len(), 3);
+        for (row, context) in rows.iter().zip(&contexts) {
+            assert_eq!(row, &whole(&mut trainer, context), "round {round}");
+        }
+        // Sequence i grows by i + 1 tokens a round; the third restarts from its last 10 tokens
+        // when it would outgrow the 24 positions.
+        for (i, c) in contexts.iter_mut().enumerate() {
+            c.extend((0..=i).map(|_| rng.below(61) as u32));
+            if c.len() > 21 {
+                c.drain(..c.len() - 10);
+            }
+        }
     }
 }
 

@@ -14,8 +14,7 @@ use crate::backend::{Backend, DType};
 use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Batch, Corpus};
 use crate::exec::{
-    self, in_process_mesh_over, Decoder, InProcessTransport, Pass, Rank, StepOptions, StepReport,
-    Want,
+    self, in_process_mesh_over, Decoder, InProcessTransport, Rank, StepOptions, StepReport,
 };
 use crate::invalid_input;
 use crate::model::{
@@ -346,10 +345,10 @@ pub struct Trainer<B: Backend> {
     pub ranks: Vec<Rank<B, InProcessTransport>>,
     /// Steps completed so far.
     pub step: u64,
-    /// Key/value caches for [`Trainer::next_token_logits`], one per sequence, made on first
-    /// use and dropped by every training step. (A caller that changes the weights through
-    /// `ranks` itself must not reuse them.)
-    decoders: Vec<Decoder<B>>,
+    /// Key/value caches for [`Trainer::next_tokens_logits`]: per rank, one per sequence, made
+    /// on first use and dropped by every training step. (A caller that changes the weights
+    /// through `ranks` itself must not reuse them.)
+    decoders: Vec<Vec<Decoder<B>>>,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -448,43 +447,46 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Mean cross-entropy (nats per token) over consecutive windows of `seq` tokens of `data`,
-    /// at most `max_tokens` of them (0: all); returns the loss and the tokens scored.
+    /// at most `max_tokens` of them (0: all); returns the loss and the tokens scored. The
+    /// batches of windows flow through the ranks as through a pipeline.
     pub fn evaluate<T: Copy + Into<u32>>(
         &mut self,
         data: &[T],
         seq: usize,
         max_tokens: usize,
     ) -> Result<(f64, usize)> {
-        let (mut sum, mut count) = (0.0f64, 0usize);
-        for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
-            let pass = Pass::Whole {
-                want: Want::Losses(&b.targets),
-                batch: b.batch,
-                seq,
-            };
-            let losses = exec::forward(&mut self.ranks, &b.inputs, pass)?;
-            sum += losses.iter().map(|&x| x as f64).sum::<f64>();
-            count += losses.len();
-        }
+        let batches = eval_batches(data, seq, max_tokens, self.config.batch_size)?;
+        let placement = &self.schedule.placement;
+        let mut none = vec![(); self.ranks.len()];
+        let sums = exec::on_every_rank(&mut self.ranks, &mut none, |rank, _| {
+            exec::evaluate_rank(placement, rank, &batches)
+        })?;
+        let (sum, count) = sums[placement[placement.len() - 1]];
         Ok((sum / count as f64, count))
     }
 
     /// Logits of the last position of `tokens` (one sequence, at most `n_positions` long), for
-    /// sampling. The stages keep the keys and values of the last call's tokens: when those
-    /// begin `tokens`, only the tokens after them run (in f32; see [`Decoder`]).
+    /// sampling: [`Trainer::next_tokens_logits`] for one sequence.
     pub fn next_token_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        self.next_token_logits_of(0, tokens)
+        Ok(self.next_tokens_logits(&[tokens])?.remove(0))
     }
 
-    /// [`Trainer::next_token_logits`] for sequence `sample` of several generated side by
-    /// side, each with its own caches.
-    pub fn next_token_logits_of(&mut self, sample: usize, tokens: &[u32]) -> Result<Vec<f32>> {
-        let capacity = self.config.model.n_positions;
-        let decoder = Decoder::nth(&mut self.decoders, sample, &self.ranks, capacity)?;
-        let ranks = &mut self.ranks;
-        let logits = decoder.extend(tokens, |new, pass| exec::forward(ranks, new, pass))?;
-        let vocab = self.config.model.vocab_size;
-        Ok(logits[logits.len() - vocab..].to_vec())
+    /// The last position's logits after each of `contexts` (sequences generated side by side,
+    /// each at most `n_positions` long), the ranks working on different sequences at once.
+    /// Each rank keeps, per sequence, the keys and values of the last call's tokens: when
+    /// those begin the sequence's context, only the tokens after them run (in f32; see
+    /// [`Decoder`]).
+    pub fn next_tokens_logits(&mut self, contexts: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+        let (capacity, vocab) = (self.config.model.n_positions, self.config.model.vocab_size);
+        if self.decoders.len() != self.ranks.len() {
+            self.decoders = self.ranks.iter().map(|_| Vec::new()).collect();
+        }
+        let placement = &self.schedule.placement;
+        let mut rows = exec::on_every_rank(&mut self.ranks, &mut self.decoders, |rank, decs| {
+            exec::decode_rank(placement, rank, decs, contexts, capacity, vocab)
+        })?;
+        let rows = std::mem::take(&mut rows[placement[placement.len() - 1]]);
+        Ok(rows.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
     /// The whole model, optimizer state and training position as one checkpoint.

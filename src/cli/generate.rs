@@ -54,8 +54,9 @@ pub struct GenerateArgs {
     /// Seed of the sampler (sample i draws from seed + i).
     #[arg(long, default_value_t = 1337)]
     seed: u64,
-    /// Samples to generate side by side, each with its own caches; across processes they
-    /// fill the pipeline (rank r + 1 runs one sample's token while rank r runs the next's).
+    /// Samples to generate side by side, each with its own caches; they fill the pipeline
+    /// (rank r + 1 runs one sample's token while rank r runs the next's), in one process or
+    /// across processes.
     /// One streams as it goes; several are printed at the end, each under a header line.
     #[arg(long, default_value_t = 1)]
     samples: usize,
@@ -171,11 +172,12 @@ impl BackendJob for GenerateJob<'_> {
         let Some(env) = launch else {
             let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
             return write_samples(args, tokenizer, window, true, |contexts, pick| {
-                let mut tokens = Vec::with_capacity(contexts.len());
-                for (i, context) in contexts.iter().enumerate() {
-                    tokens.push(pick(i, &trainer.next_token_logits_of(i, context)?));
-                }
-                Ok(tokens)
+                let rows = trainer.next_tokens_logits(contexts)?;
+                Ok(rows
+                    .iter()
+                    .enumerate()
+                    .map(|(i, row)| pick(i, row))
+                    .collect())
             });
         };
         let backend = make(env.local_rank)?;

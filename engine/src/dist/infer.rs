@@ -1,74 +1,15 @@
-//! Forward-only passes across the processes of a run, for evaluation and text generation:
-//! each rank runs its own stages in stage order, activations cross between ranks over TCP.
+//! Forward-only work across the processes of a run, for evaluation and text generation: each
+//! rank runs its own part ([`crate::exec::forward_rank`] and the loops over it), activations
+//! cross between ranks through the run's links, and rank 0 gathers the results.
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use serde_json::{json, Value};
 
 use super::trainer::{first_difference, LEADER};
-use super::{RankLinks, RankTrainer};
+use super::RankTrainer;
 use crate::backend::Backend;
-use crate::exec::{Decoder, Pass, Rank};
+use crate::exec::decode_rank;
 use crate::invalid_input;
-use crate::model::{StageInput, StageOutput};
-
-/// This rank's part of a forward pass of `tokens` through the stages placed by `placement`:
-/// what the last stage produces (as [`crate::exec::forward`] says) on the rank that holds
-/// it, `None` on the others. Every rank of the run calls it together.
-pub(super) fn forward<B: Backend>(
-    placement: &[usize],
-    rank: &mut Rank<B, RankLinks<B>>,
-    tokens: &[u32],
-    mut pass: Pass<'_, B>,
-) -> Result<Option<Vec<f32>>> {
-    let last = placement.len() - 1;
-    let Rank {
-        rank: me,
-        backend,
-        transport,
-        stages,
-    } = rank;
-    let me = *me;
-    let mut local: Option<B::Buffer> = None;
-    for (stage, &owner) in placement.iter().enumerate() {
-        if owner != me {
-            continue;
-        }
-        let what = || format!("rank {me}, forward of stage {stage}");
-        let token_buf;
-        let input = if stage == 0 {
-            token_buf = backend.upload_u32(tokens)?;
-            StageInput::Tokens(&token_buf)
-        } else if placement[stage - 1] == me {
-            StageInput::Hidden(
-                local
-                    .take()
-                    .ok_or_else(|| anyhow!("stage {stage} has no input"))?,
-            )
-        } else {
-            let h = transport
-                .recv_f32(placement[stage - 1], "an activation")
-                .with_context(what)?;
-            StageInput::Hidden(backend.upload(&h)?)
-        };
-        let model = &stages
-            .iter()
-            .find(|(s, _)| *s == stage)
-            .ok_or_else(|| anyhow!("rank {me} does not hold stage {stage}"))?
-            .1;
-        match pass.run(backend, model, stage, stage == last, input, tokens.len())? {
-            StageOutput::Hidden(h) if placement[stage + 1] == me => local = Some(h),
-            StageOutput::Hidden(h) => {
-                let values = backend.download(&h)?;
-                transport
-                    .send_f32(placement[stage + 1], &values)
-                    .with_context(what)?;
-            }
-            StageOutput::Loss { losses } => return Ok(Some(backend.download(&losses)?)),
-            StageOutput::Logits(logits) => return Ok(Some(backend.download(&logits)?)),
-        }
-    }
-    Ok(None)
-}
 
 impl<B: Backend> RankTrainer<B> {
     /// The next token after each of `contexts` (sequences generated side by side, the same on
@@ -88,20 +29,16 @@ impl<B: Backend> RankTrainer<B> {
         let placement = &self.schedule.placement;
         let holder = placement[placement.len() - 1];
         let capacity = self.config.model.n_positions;
-        // The last positions' logits, on the last stage's rank: every sample's, one after
-        // the other. They go to rank 0 in one message after the loop, so they never sit in a
-        // queue where rank 0 expects an activation of a later sample.
-        let mut rows = Vec::new();
-        for (i, context) in contexts.iter().enumerate() {
-            let ranks = std::slice::from_ref(&self.rank);
-            let decoder = Decoder::nth(&mut self.decoders, i, ranks, capacity)?;
-            let rank = &mut self.rank;
-            let logits =
-                decoder.extend(context, |new, pass| forward(placement, rank, new, pass))?;
-            if let Some(l) = logits {
-                rows.extend_from_slice(&l[l.len() - vocab..]);
-            }
-        }
+        // Every sample's logits go to rank 0 in one message after the round, so they never
+        // sit in a queue where rank 0 expects an activation of a later sample.
+        let rows = decode_rank(
+            placement,
+            &mut self.rank,
+            &mut self.decoders,
+            contexts,
+            capacity,
+            vocab,
+        )?;
         let transport = &mut self.rank.transport;
         if me == holder && me != LEADER {
             transport.send_f32(LEADER, &rows)?;
@@ -116,9 +53,11 @@ impl<B: Backend> RankTrainer<B> {
                 _ => Err(anyhow!("rank 0 sent no {} tokens: {v}", contexts.len())),
             };
         }
-        if me != holder {
-            rows = transport.recv_f32(holder, "the next tokens' logits")?;
-        }
+        let rows = if me == holder {
+            rows
+        } else {
+            transport.recv_f32(holder, "the next tokens' logits")?
+        };
         if rows.len() != contexts.len() * vocab {
             return Err(anyhow!(
                 "rank {holder} sent {} logits for {} samples of a vocabulary of {vocab}",

@@ -6,13 +6,12 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 
-use super::infer::forward;
 use super::links::{RankLinks, TensorSetup};
 use super::{connect_sharing, LaunchEnv};
 use crate::backend::Backend;
 use crate::checkpoint::Checkpoint;
 use crate::data::{eval_batches, sample_batch, Corpus};
-use crate::exec::{train_step_rank, Decoder, Pass, Rank, RankReport, StepReport, Want};
+use crate::exec::{evaluate_rank, train_step_rank, Decoder, Rank, RankReport, StepReport};
 use crate::invalid_input;
 use crate::model::{init_tensor, HostTensors, OptimizerState, StageModel};
 use crate::schedule::{Action, Schedule};
@@ -269,19 +268,9 @@ impl<B: Backend> RankTrainer<B> {
         seq: usize,
         max_tokens: usize,
     ) -> Result<(f64, usize)> {
-        let (mut sum, mut count) = (0.0f64, 0usize);
-        for b in eval_batches(data, seq, max_tokens, self.config.batch_size)? {
-            let placement = &self.schedule.placement;
-            let pass = Pass::Whole {
-                want: Want::Losses(&b.targets),
-                batch: b.batch,
-                seq: b.seq,
-            };
-            if let Some(losses) = forward(placement, &mut self.rank, &b.inputs, pass)? {
-                sum += losses.iter().map(|&x| x as f64).sum::<f64>();
-                count += losses.len();
-            }
-        }
+        let batches = eval_batches(data, seq, max_tokens, self.config.batch_size)?;
+        let placement = &self.schedule.placement;
+        let (mut sum, mut count) = evaluate_rank(placement, &mut self.rank, &batches)?;
         let last = self.schedule.placement[self.schedule.num_stages() - 1];
         let me = self.me();
         if me == last {

@@ -1,7 +1,8 @@
 //! Forward-only passes through the pipeline's stages, for evaluation and text generation.
 //!
-//! Stages run one after another on the calling thread; an activation crossing to another
-//! rank's device is staged through host memory, as the in-process transport does.
+//! Each rank runs its own stages ([`forward_rank`] and the loops over it), receiving inputs
+//! from and handing outputs to the other ranks through its transport, like a training step:
+//! in one process every rank on its own thread ([`on_every_rank`]), or one rank per process.
 //!
 //! A pass runs whole sequences ([`Pass::Whole`]), or the tokens that follow those whose keys
 //! and values each stage keeps in a cache ([`Pass::Cached`]): text generation feeds one token
@@ -9,14 +10,16 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 
 use crate::backend::{Backend, DType, Transport};
+use crate::data::Batch;
 use crate::model::{Keep, KvCache, StageInput, StageModel, StageOutput};
 
 use super::step::Rank;
 
 /// What the last stage should produce.
+#[derive(Clone, Copy)]
 pub enum Want<'a> {
     /// Per-token cross-entropy against these targets (`[batch·seq]`).
     Losses(&'a [u32]),
@@ -78,46 +81,174 @@ impl<B: Backend> Pass<'_, B> {
     }
 }
 
-/// Run `tokens` forward through every stage in order and return what the last stage produces:
-/// per-token losses or logits for [`Pass::Whole`], the new tokens' logits for
-/// [`Pass::Cached`].
-pub fn forward<B: Backend, T: Transport<B>>(
-    ranks: &mut [Rank<B, T>],
+/// This rank's part of a forward-only pass of `tokens` through the stages `placement` puts on
+/// the ranks: each of its stages takes its input from the stage before (received from that
+/// stage's rank through `rank.transport` unless it is here), and hands its output on. Returns
+/// what the last stage produces (per-token losses or logits for [`Pass::Whole`], the new
+/// tokens' logits for [`Pass::Cached`]) on the rank that holds it, `None` on the others. Every
+/// rank of the pipeline calls it with the same tokens.
+pub fn forward_rank<B: Backend, T: Transport<B>>(
+    placement: &[usize],
+    rank: &mut Rank<B, T>,
     tokens: &[u32],
     mut pass: Pass<'_, B>,
-) -> Result<Vec<f32>> {
-    let mut order: Vec<(usize, usize)> = ranks
-        .iter()
-        .enumerate()
-        .flat_map(|(r, rank)| rank.stages.iter().map(move |(s, _)| (*s, r)))
-        .collect();
-    order.sort_unstable();
-    let last = order.len() - 1;
-    let mut hidden: Option<Vec<f32>> = None;
-    for (i, &(stage, r)) in order.iter().enumerate() {
-        let rank = &mut ranks[r];
-        let backend = &rank.backend;
-        let model = &rank
-            .stages
+) -> Result<Option<Vec<f32>>> {
+    let last = placement.len() - 1;
+    let Rank {
+        rank: me,
+        backend,
+        transport,
+        stages,
+    } = rank;
+    let me = *me;
+    let mut local: Option<B::Buffer> = None;
+    for (stage, &owner) in placement.iter().enumerate() {
+        if owner != me {
+            continue;
+        }
+        let what = || format!("rank {me}, forward of stage {stage}");
+        let model = &stages
             .iter()
             .find(|(s, _)| *s == stage)
-            .ok_or_else(|| anyhow!("stage {stage} missing"))?
+            .ok_or_else(|| anyhow!("rank {me} does not hold stage {stage}"))?
             .1;
         let token_buf;
-        let input = match hidden.take() {
-            None => {
-                token_buf = backend.upload_u32(tokens)?;
-                StageInput::Tokens(&token_buf)
-            }
-            Some(h) => StageInput::Hidden(backend.upload(&h)?),
+        let input = if stage == 0 {
+            token_buf = backend.upload_u32(tokens)?;
+            StageInput::Tokens(&token_buf)
+        } else if placement[stage - 1] == me {
+            StageInput::Hidden(
+                local
+                    .take()
+                    .ok_or_else(|| anyhow!("stage {stage} has no input"))?,
+            )
+        } else {
+            let len = tokens.len() * model.config().n_embd;
+            let h = transport
+                .recv(backend, placement[stage - 1], len)
+                .with_context(what)?;
+            StageInput::Hidden(h)
         };
-        match pass.run(backend, model, stage, i == last, input, tokens.len())? {
-            StageOutput::Hidden(h) => hidden = Some(backend.download(&h)?),
-            StageOutput::Loss { losses } => return backend.download(&losses),
-            StageOutput::Logits(logits) => return backend.download(&logits),
+        match pass.run(backend, model, stage, stage == last, input, tokens.len())? {
+            StageOutput::Hidden(h) if placement[stage + 1] == me => local = Some(h),
+            StageOutput::Hidden(h) => transport
+                .send(backend, placement[stage + 1], &h)
+                .with_context(what)?,
+            StageOutput::Loss { losses } => return Ok(Some(backend.download(&losses)?)),
+            StageOutput::Logits(logits) => return Ok(Some(backend.download(&logits)?)),
         }
     }
-    Err(anyhow!("the pipeline has no head stage"))
+    Ok(None)
+}
+
+/// This rank's part of scoring `batches`: the sum of the per-token losses, in f64 and in
+/// order, and their count on the rank holding the last stage; `(0, 0)` on the others. The
+/// batches flow through the pipeline one after another, so its ranks work on several at once.
+pub fn evaluate_rank<B: Backend, T: Transport<B>>(
+    placement: &[usize],
+    rank: &mut Rank<B, T>,
+    batches: &[Batch],
+) -> Result<(f64, usize)> {
+    let (mut sum, mut count) = (0.0f64, 0usize);
+    for b in batches {
+        let pass = Pass::Whole {
+            want: Want::Losses(&b.targets),
+            batch: b.batch,
+            seq: b.seq,
+        };
+        if let Some(losses) = forward_rank(placement, rank, &b.inputs, pass)? {
+            sum += losses.iter().map(|&x| x as f64).sum::<f64>();
+            count += losses.len();
+        }
+    }
+    Ok((sum, count))
+}
+
+/// This rank's part of one decoding round: the next token's logits after each of `contexts`
+/// (sequences generated side by side, sequence `i` with `decoders[i]`, made on first use for
+/// `capacity` positions). Each sequence is handed on as soon as this rank is done with it, so
+/// rank `r + 1` works on one sequence while rank `r` works on the next. Returns every
+/// sequence's last-position logits (`vocab` each, one after the other) on the rank holding the
+/// last stage, nothing on the others.
+pub fn decode_rank<B: Backend, T: Transport<B>>(
+    placement: &[usize],
+    rank: &mut Rank<B, T>,
+    decoders: &mut Vec<Decoder<B>>,
+    contexts: &[&[u32]],
+    capacity: usize,
+    vocab: usize,
+) -> Result<Vec<f32>> {
+    let mut rows = Vec::new();
+    for (i, context) in contexts.iter().enumerate() {
+        let decoder = Decoder::nth(decoders, i, std::slice::from_ref(rank), capacity)?;
+        let logits = decoder.extend(context, |new, pass| {
+            forward_rank(placement, rank, new, pass)
+        })?;
+        if let Some(l) = logits {
+            rows.extend_from_slice(&l[l.len() - vocab..]);
+        }
+    }
+    Ok(rows)
+}
+
+/// Run `f` on every rank of an in-process pipeline at once, rank `r` on its own thread with
+/// `extras[r]`; the results by rank, or the first rank's error.
+pub fn on_every_rank<B, T, X, R>(
+    ranks: &mut [Rank<B, T>],
+    extras: &mut [X],
+    f: impl Fn(&mut Rank<B, T>, &mut X) -> Result<R> + Sync,
+) -> Result<Vec<R>>
+where
+    B: Backend,
+    T: Transport<B>,
+    X: Send,
+    R: Send,
+{
+    if extras.len() != ranks.len() {
+        return Err(anyhow!("{} ranks but {} extras", ranks.len(), extras.len()));
+    }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = ranks
+            .iter_mut()
+            .zip(extras.iter_mut())
+            .map(|(rank, extra)| {
+                scope.spawn(move || {
+                    let r = rank.rank;
+                    f(rank, extra).with_context(|| format!("rank {r}"))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("a rank's worker panicked")))
+            })
+            .collect()
+    })
+}
+
+/// Run `batch` sequences of `seq` tokens forward through an in-process pipeline (the ranks of
+/// `placement`, each on its own thread) and return what the last stage produces, as `want`
+/// says.
+pub fn forward<B: Backend, T: Transport<B>>(
+    placement: &[usize],
+    ranks: &mut [Rank<B, T>],
+    tokens: &[u32],
+    want: Want<'_>,
+    batch: usize,
+    seq: usize,
+) -> Result<Vec<f32>> {
+    let holder = placement[placement.len() - 1];
+    let mut none = vec![(); ranks.len()];
+    let mut out = on_every_rank(ranks, &mut none, |rank, _| {
+        let pass = Pass::Whole { want, batch, seq };
+        forward_rank(placement, rank, tokens, pass)
+    })?;
+    out[holder]
+        .take()
+        .ok_or_else(|| anyhow!("rank {holder} holds the last stage but produced nothing"))
 }
 
 /// Key/value caches for the stages of some ranks and the one sequence whose tokens they

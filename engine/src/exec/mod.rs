@@ -4,7 +4,9 @@ mod infer;
 mod step;
 mod transport;
 
-pub use infer::{forward, Decoder, Pass, Want};
+pub use infer::{
+    decode_rank, evaluate_rank, forward, forward_rank, on_every_rank, Decoder, Pass, Want,
+};
 pub use step::{
     clip_scale, train_step, train_step_rank, Rank, RankReport, StepOptions, StepReport,
 };
