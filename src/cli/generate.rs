@@ -21,14 +21,7 @@ use super::device::{with_backend, BackendChoice, BackendJob};
 use super::train::load_checkpoint;
 use super::OutputFormat;
 
-/// Sample text from a checkpoint, one token at a time, through the same pipeline stages that
-/// trained it. Tokens are bytes, or GPT-2's BPE tokens for a checkpoint with a vocab.json and
-/// merges.txt (a Hugging Face GPT-2 directory).
-///
-/// Each stage keeps the keys and values of the tokens it has seen, so every new token runs
-/// through the pipeline alone (in f32). The context
-/// is at most the model's n_positions tokens: when it fills up, it restarts from its last
-/// half, which runs again once.
+/// The settings of `pipit generate` (its help is on the subcommand in `cli/mod.rs`).
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).

@@ -31,8 +31,14 @@ enum Command {
     /// Train a byte-level GPT-2 cut into pipeline stages (the main job).
     Train(Box<train::TrainArgs>),
     /// Sample text from a checkpoint through the pipeline's stages.
+    ///
+    /// Tokens are bytes, or GPT-2's BPE tokens for a checkpoint with a vocab.json and
+    /// merges.txt (a Hugging Face GPT-2 directory). Each stage keeps the keys and values of the
+    /// tokens it has seen, so every new token runs through the pipeline alone (in f32). The
+    /// context is at most the model's n_positions tokens: when it fills up, it restarts from
+    /// its last half, which runs again once.
     Generate(generate::GenerateArgs),
-    /// Score a checkpoint on a text: mean cross-entropy in nats per byte.
+    /// Score a checkpoint on a text: mean cross-entropy in nats per byte (or per BPE token).
     Eval(eval::EvalArgs),
     /// Plan a pipeline step: schedule, transfers, deadlock check, simulated bubble and memory.
     Plan(plan::PlanArgs),
