@@ -3,7 +3,7 @@
 //!
 //! Run with a software device: `XDG_RUNTIME_DIR=/tmp WGPU_ADAPTER_NAME=llvmpipe cargo test -p pipit-wgpu`.
 
-use pipit_engine::backend::{AdamW, Attention, Backend, DType, Matmul};
+use pipit_engine::backend::{AdamW, Attention, Backend, CachedAttention, DType, Matmul};
 use pipit_wgpu::{KernelProfile, Options, WgpuBackend, WgpuMark};
 
 /// Deterministic values in [-1, 1).
@@ -474,6 +474,71 @@ fn attention_forward_backward() {
             b.attention_backward(&mut dqkv, &dd, &dq, &out, &att, s)
                 .unwrap();
             assert_close(&tag, &b.download(&dqkv).unwrap(), &want_dqkv, 1e-5);
+        }
+    }
+}
+
+/// Decoding: a prefix, then the rest, against the whole sequences' attention rows, with every
+/// kernel profile (many lanes per row on GPUs, one on CPU drivers). A cache larger than one
+/// storage binding is refused with one line.
+#[test]
+fn attention_decode_gives_the_whole_sequences_rows() {
+    let mut rng = Rng(12);
+    for (name, b) in backends() {
+        // The last is long enough that CPU drivers get two lanes per row too.
+        for (batch, seq, channels, heads, past) in
+            [(2, 9, 12, 3, 8), (1, 70, 128, 2, 3), (1, 320, 64, 1, 316)]
+        {
+            let whole = Attention {
+                batch,
+                seq,
+                channels,
+                heads,
+            };
+            let qkv = rng.vec(batch * seq * 3 * channels);
+            let (want, _, _) = host_attention(whole, &qkv, &vec![0.0; batch * seq * channels]);
+            let capacity = seq + 1;
+            let mut cache = poisoned(&b, batch * capacity * 2 * channels);
+            for (from, new) in [(0, past), (past, seq - past)] {
+                let shape = CachedAttention {
+                    batch,
+                    new,
+                    past: from,
+                    capacity,
+                    channels,
+                    heads,
+                };
+                let rows = |x: &[f32], w: usize| -> Vec<f32> {
+                    (0..batch)
+                        .flat_map(|s| x[(s * seq + from) * w..(s * seq + from + new) * w].to_vec())
+                        .collect()
+                };
+                let mut out = poisoned(&b, batch * new * channels);
+                let result = b.attention_decode(
+                    &mut out,
+                    &mut cache,
+                    &b.upload(&rows(&qkv, 3 * channels)).unwrap(),
+                    shape,
+                );
+                if name == "16 KiB bindings" && batch * capacity * 2 * channels * 4 > 16384 {
+                    let err = result.unwrap_err().to_string();
+                    assert!(err.contains("exceeds one storage binding"), "{err}");
+                    break;
+                }
+                result.unwrap();
+                let want: Vec<f64> = (0..batch)
+                    .flat_map(|s| {
+                        want[(s * seq + from) * channels..(s * seq + from + new) * channels]
+                            .to_vec()
+                    })
+                    .collect();
+                assert_close(
+                    &format!("{name} attention_decode {shape:?}"),
+                    &b.download(&out).unwrap(),
+                    &want,
+                    1e-5,
+                );
+            }
         }
     }
 }
