@@ -144,7 +144,8 @@ extern "C" __global__ void kv_cache_write(
 
 // One block per row r = (b·NH + h)·new + t, the new token at position past + t: its scaled
 // scores against cache positions 0..=past + t go to scores [rows, capacity], become the softmax
-// numerators in place, and out[b, t, h·hs + i] = Σ_j e_j·v_j[i] / Σ_j e_j.
+// numerators in place, and out[b, t, h·hs + i] = Σ_j e_j·v_j[i] / Σ_j e_j, the block's threads
+// split over channels and positions.
 extern "C" __global__ void attention_decode(
     float* out, float* scores, const float* qkv, const float* cache, u32 new_tokens, u32 past,
     u32 capacity, u32 channels, u32 heads, float scale, u64 rows) {
@@ -182,11 +183,36 @@ extern "C" __global__ void attention_decode(
     }
     // block_sum synchronizes the block, so every numerator written above is visible below.
     float inv = 1.0f / block_sum(sum, scratch);
-    for (u32 i = threadIdx.x; i < hs; i += PIPIT_BLOCK) {
-        float acc = 0.0f;
-        for (u32 j = 0; j <= last; j++) {
+    float* o = out + (b * new_tokens + t) * channels + h * hs;
+    if (hs > PIPIT_BLOCK) {
+        for (u32 i = threadIdx.x; i < hs; i += PIPIT_BLOCK) {
+            float acc = 0.0f;
+            for (u32 j = 0; j <= last; j++) {
+                acc += s[j] * kv[j * stride + channels + i];
+            }
+            o[i] = acc * inv;
+        }
+        return;
+    }
+    // PIPIT_BLOCK / hs groups of hs threads: thread (g, i) sums channel i over the positions
+    // j ≡ g (mod groups), and the groups' partial sums are added in group order.
+    __shared__ float partial[PIPIT_BLOCK];
+    u32 groups = PIPIT_BLOCK / hs;
+    u32 i = threadIdx.x % hs;
+    u32 g = threadIdx.x / hs;
+    float acc = 0.0f;
+    if (g < groups) {
+        for (u32 j = g; j <= last; j += groups) {
             acc += s[j] * kv[j * stride + channels + i];
         }
-        out[(b * new_tokens + t) * channels + h * hs + i] = acc * inv;
+    }
+    partial[threadIdx.x] = acc;
+    __syncthreads();
+    if (threadIdx.x < hs) {
+        float total = 0.0f;
+        for (u32 k = 0; k < groups; k++) {
+            total += partial[k * hs + threadIdx.x];
+        }
+        o[threadIdx.x] = total * inv;
     }
 }
