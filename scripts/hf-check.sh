@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Check pipit against Hugging Face transformers (PyTorch, on the CPU), both ways, without
+# downloading any model:
+#
+# 1. A randomly initialised GPT-2 made and saved by transformers (safetensors, with GPT-2's
+#    tokenizer as vocab.json and merges.txt, built by scripts/gpt2_vocab.py from the ranks the
+#    openai-whisper package ships). pipit loads the directory and must give transformers'
+#    greedy continuation of a prompt token for token (`pipit generate --temperature 0`, cut
+#    into 2 stages, through the key/value caches; transformers' `generate` caches too), and
+#    its evaluation loss over BPE windows (`pipit eval`).
+# 2. A byte-level model trained by pipit: `GPT2LMHeadModel.from_pretrained` loads its
+#    checkpoint and must give pipit's evaluation loss and greedy continuation.
+#
+#     scripts/hf-check.sh [BACKEND]          # reference (default) or wgpu
+#
+# Needs python3 with venv and pip, network access to PyPI, and some 6 GB of disk for torch.
+# Exit status 0 when every check passed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+backend=${1:-reference}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+python3 -m venv "$work/venv"
+"$work/venv/bin/pip" install -q torch transformers safetensors
+"$work/venv/bin/pip" download -q --no-deps --no-binary :all: -d "$work" openai-whisper
+tar -xzf "$work"/openai_whisper-*.tar.gz -C "$work"
+cargo build -q --release
+pipit=$PWD/target/release/pipit
+head -c 20000 data/shakespeare.txt >"$work/text.txt"
+prompt=$'ROMEO:\nBut, soft! what light'
+
+# 1. transformers' GPT-2 in pipit.
+mkdir -p "$work/hf"
+python3 scripts/gpt2_vocab.py "$(find "$work" -name gpt2.tiktoken | head -1)" "$work/hf"
+"$work/venv/bin/python" - "$work" "$prompt" <<'PY'
+import json, sys
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+work, prompt = sys.argv[1:]
+torch.manual_seed(0)
+# A wide initialisation makes the logits decisive, so greedy choices are not near-ties.
+config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                    initializer_range=0.3)
+model = GPT2LMHeadModel(config).eval()
+model.save_pretrained(f"{work}/hf", safe_serialization=True)
+tok = GPT2TokenizerFast.from_pretrained(f"{work}/hf")
+ids = tok(prompt, return_tensors="pt").input_ids
+with torch.no_grad():
+    out = model.generate(ids, do_sample=False, max_new_tokens=40, pad_token_id=50256)
+tokens = tok(open(f"{work}/text.txt", encoding="utf-8").read()).input_ids
+T = 128
+windows = (len(tokens) - 1) // T
+total = 0.0
+with torch.no_grad():
+    for k in range(windows):
+        x = torch.tensor([tokens[k * T:(k + 1) * T]])
+        y = torch.tensor(tokens[k * T + 1:(k + 1) * T + 1])
+        logits = model(x).logits[0].double()
+        total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+json.dump({"ids": out[0, ids.shape[1]:].tolist(), "loss": total / (windows * T),
+           "tokens": windows * T}, open(f"{work}/hf-want.json", "w"))
+PY
+"$pipit" generate --checkpoint "$work/hf" --backend "$backend" --stages 2 --prompt "$prompt" \
+    --temperature 0 --max-tokens 40 --format json 2>/dev/null >"$work/hf-generate.json"
+"$pipit" eval --checkpoint "$work/hf" --backend "$backend" --stages 2 --seq-len 128 \
+    --data "$work/text.txt" --format json 2>/dev/null >"$work/hf-eval.json"
+
+# 2. pipit's checkpoint in transformers.
+"$pipit" train --backend "$backend" --steps 200 --eval-every 0 --save "$work/pipit" >/dev/null 2>&1
+# 30 bytes after the 27-byte prompt stay inside the default model's 64 positions, which
+# transformers' GPT-2 cannot go past.
+"$pipit" generate --checkpoint "$work/pipit" --backend "$backend" --prompt "$prompt" \
+    --temperature 0 --max-tokens 30 --format json 2>/dev/null >"$work/pipit-generate.json"
+"$pipit" eval --checkpoint "$work/pipit" --backend "$backend" --data "$work/text.txt" \
+    --format json 2>/dev/null >"$work/pipit-eval.json"
+
+"$work/venv/bin/python" - "$work" "$prompt" <<'PY'
+import json, sys
+import torch
+from transformers import GPT2LMHeadModel
+
+work, prompt = sys.argv[1:]
+failures = 0
+
+def check(what, ok, detail):
+    global failures
+    failures += not ok
+    print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
+
+want = json.load(open(f"{work}/hf-want.json"))
+got = json.load(open(f"{work}/hf-generate.json"))["samples"][0]["ids"]
+same = sum(a == b for a, b in zip(got, want["ids"]))
+check("transformers' GPT-2, greedy tokens", got == want["ids"],
+      f"{same} of {len(want['ids'])} the same")
+ev = json.load(open(f"{work}/hf-eval.json"))
+rel = abs(ev["loss"] - want["loss"]) / want["loss"]
+check("transformers' GPT-2, loss over BPE windows",
+      rel < 1e-5 and ev["tokens"] == want["tokens"] and ev["per"] == "token",
+      f"pipit {ev['loss']:.9f} ({ev['tokens']} tokens), transformers {want['loss']:.9f} "
+      f"({want['tokens']}), relative difference {rel:.1e}")
+
+model = GPT2LMHeadModel.from_pretrained(f"{work}/pipit").eval()
+T = model.config.n_positions
+data = list(open(f"{work}/text.txt", "rb").read())
+windows = (len(data) - 1) // T
+total = 0.0
+with torch.no_grad():
+    for k in range(windows):
+        x = torch.tensor([data[k * T:(k + 1) * T]])
+        y = torch.tensor(data[k * T + 1:(k + 1) * T + 1])
+        logits = model(x).logits[0].double()
+        total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+loss = total / (windows * T)
+ev = json.load(open(f"{work}/pipit-eval.json"))
+rel = abs(ev["loss"] - loss) / loss
+check("pipit's checkpoint in transformers, loss over byte windows",
+      rel < 1e-5 and ev["tokens"] == windows * T,
+      f"pipit {ev['loss']:.9f}, transformers {loss:.9f}, relative difference {rel:.1e}")
+ids = torch.tensor([list(prompt.encode())])
+with torch.no_grad():
+    out = model.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0)
+want = out[0, ids.shape[1]:].tolist()
+got = json.load(open(f"{work}/pipit-generate.json"))["samples"][0]["ids"]
+same = sum(a == b for a, b in zip(got, want))
+check("pipit's checkpoint in transformers, greedy bytes", got == want,
+      f"{same} of {len(want)} the same: {bytes(want)!r}")
+sys.exit(1 if failures else 0)
+PY
