@@ -22,11 +22,19 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
 python3 -m venv "$work/venv"
-"$work/venv/bin/pip" install -q torch transformers safetensors
+"$work/venv/bin/pip" install -q torch==2.15.0 transformers==5.24.0 safetensors
 "$work/venv/bin/pip" download -q --no-deps --no-binary :all: -d "$work" openai-whisper
 tar -xzf "$work"/openai_whisper-*.tar.gz -C "$work"
 cargo build -q --release
-pipit=$PWD/target/release/pipit
+# pipit ARGS...: run the release binary, its stderr kept in $work/pipit.log and shown if it
+# fails (the temporary folder goes with the script's exit).
+pipit() {
+    "$PWD/target/release/pipit" "$@" 2>"$work/pipit.log" || {
+        echo "pipit $1 failed:" >&2
+        cat "$work/pipit.log" >&2
+        return 1
+    }
+}
 head -c 20000 data/shakespeare.txt >"$work/text.txt"
 prompt=$'ROMEO:\nBut, soft! what light'
 
@@ -62,19 +70,19 @@ with torch.no_grad():
 json.dump({"ids": out[0, ids.shape[1]:].tolist(), "loss": total / (windows * T),
            "tokens": windows * T}, open(f"{work}/hf-want.json", "w"))
 PY
-"$pipit" generate --checkpoint "$work/hf" --backend "$backend" --stages 2 --prompt "$prompt" \
-    --temperature 0 --max-tokens 40 --format json 2>/dev/null >"$work/hf-generate.json"
-"$pipit" eval --checkpoint "$work/hf" --backend "$backend" --stages 2 --seq-len 128 \
-    --data "$work/text.txt" --format json 2>/dev/null >"$work/hf-eval.json"
+pipit generate --checkpoint "$work/hf" --backend "$backend" --stages 2 --prompt "$prompt" \
+    --temperature 0 --max-tokens 40 --format json >"$work/hf-generate.json"
+pipit eval --checkpoint "$work/hf" --backend "$backend" --stages 2 --seq-len 128 \
+    --data "$work/text.txt" --format json >"$work/hf-eval.json"
 
 # 2. pipit's checkpoint in transformers.
-"$pipit" train --backend "$backend" --steps 200 --eval-every 0 --save "$work/pipit" >/dev/null 2>&1
-# 30 bytes after the 27-byte prompt stay inside the default model's 64 positions, which
+pipit train --backend "$backend" --steps 200 --eval-every 0 --save "$work/pipit" >/dev/null
+# 30 bytes after the 28-byte prompt stay inside the default model's 64 positions, which
 # transformers' GPT-2 cannot go past.
-"$pipit" generate --checkpoint "$work/pipit" --backend "$backend" --prompt "$prompt" \
-    --temperature 0 --max-tokens 30 --format json 2>/dev/null >"$work/pipit-generate.json"
-"$pipit" eval --checkpoint "$work/pipit" --backend "$backend" --data "$work/text.txt" \
-    --format json 2>/dev/null >"$work/pipit-eval.json"
+pipit generate --checkpoint "$work/pipit" --backend "$backend" --prompt "$prompt" \
+    --temperature 0 --max-tokens 30 --format json >"$work/pipit-generate.json"
+pipit eval --checkpoint "$work/pipit" --backend "$backend" --data "$work/text.txt" \
+    --format json >"$work/pipit-eval.json"
 
 "$work/venv/bin/python" - "$work" "$prompt" <<'PY'
 import json, sys

@@ -4,7 +4,7 @@
 //! several stages, while the context grows one token at a time, after a prompt, and when a
 //! context does not extend the last one (the caches start over).
 
-use pipit_engine::backend::Backend;
+use pipit_engine::backend::{Backend, Transport};
 use pipit_engine::data::Corpus;
 use pipit_engine::exec::{self, Want};
 use pipit_engine::model::GptConfig;
@@ -153,6 +153,33 @@ fn a_training_step_drops_the_caches() {
     let after = trainer.next_token_logits(&context).unwrap();
     assert_eq!(after, whole(&mut trainer, &context));
     assert_ne!(before, after[..].to_vec(), "the step changed the model");
+}
+
+/// When one in-process rank fails, a rank waiting for its tensor learns so at once (not after
+/// the 60 s receive timeout), and the error reported is the first rank's own.
+#[test]
+fn a_failing_rank_stops_the_ranks_waiting_on_it() {
+    let mut trainer = Trainer::new(
+        config(2, "f32"),
+        |_| Ok(ReferenceBackend::new()),
+        Init::Fresh,
+    )
+    .unwrap();
+    let mut none = vec![(); 2];
+    let started = std::time::Instant::now();
+    let err = exec::on_every_rank(&mut trainer.ranks, &mut none, |rank, _| {
+        if rank.rank == 0 {
+            anyhow::bail!("the first rank's own failure");
+        }
+        rank.transport.recv(&rank.backend, 0, 16).map(drop)
+    })
+    .unwrap_err();
+    assert!(started.elapsed().as_secs() < 30, "{:?}", started.elapsed());
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("rank 0: the first rank's own failure"),
+        "{text}"
+    );
 }
 
 #[test]

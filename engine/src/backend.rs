@@ -598,4 +598,8 @@ pub trait Transport<B: Backend>: Send {
     /// receiver states the length because NCCL must post a receive of known size; a message
     /// of another length is an error, never a silent truncation.
     fn recv(&mut self, backend: &B, from: usize, len: usize) -> Result<B::Buffer>;
+    /// This rank has failed and sends nothing more: where the transport can, a peer waiting
+    /// on it learns so at once instead of after its timeout. By default nothing (a process
+    /// that fails tells its peers on its own).
+    fn stop(&mut self) {}
 }

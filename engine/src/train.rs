@@ -482,9 +482,11 @@ impl<B: Backend> Trainer<B> {
             self.decoders = self.ranks.iter().map(|_| Vec::new()).collect();
         }
         let placement = &self.schedule.placement;
-        let mut rows = exec::on_every_rank(&mut self.ranks, &mut self.decoders, |rank, decs| {
+        let rows = exec::on_every_rank(&mut self.ranks, &mut self.decoders, |rank, decs| {
             exec::decode_rank(placement, rank, decs, contexts, capacity, vocab)
-        })?;
+        });
+        // After a failure no rank's caches are to be trusted.
+        let mut rows = rows.inspect_err(|_| self.decoders.clear())?;
         let rows = std::mem::take(&mut rows[placement[placement.len() - 1]]);
         Ok(rows.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }

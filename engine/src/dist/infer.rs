@@ -38,7 +38,9 @@ impl<B: Backend> RankTrainer<B> {
             contexts,
             capacity,
             vocab,
-        )?;
+        );
+        // After a failure this rank's caches are not to be trusted.
+        let rows = rows.inspect_err(|_| self.decoders.clear())?;
         let transport = &mut self.rank.transport;
         if me == holder && me != LEADER {
             transport.send_f32(LEADER, &rows)?;

@@ -58,7 +58,7 @@ impl<B: Backend> RankLinks<B> {
         Self { tcp, tensors }
     }
 
-    /// Send host values to rank `to` over TCP (evaluation activations, checkpoint tensors).
+    /// Send host values to rank `to` over TCP (sampled logits, checkpoint tensors).
     pub fn send_f32(&mut self, to: usize, values: &[f32]) -> Result<()> {
         self.tcp.send_f32(to, values)
     }

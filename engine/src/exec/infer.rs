@@ -141,16 +141,23 @@ pub fn forward_rank<B: Backend, T: Transport<B>>(
     Ok(None)
 }
 
+/// Evaluation batches the first stage may run ahead of the last one.
+pub const EVAL_WINDOW: usize = 8;
+
 /// This rank's part of scoring `batches`: the sum of the per-token losses, in f64 and in
 /// order, and their count on the rank holding the last stage; `(0, 0)` on the others. The
-/// batches flow through the pipeline one after another, so its ranks work on several at once.
+/// batches flow through the pipeline one after another, so its ranks work on several at once,
+/// but no more than [`EVAL_WINDOW`]: at the end of every window the last stage's rank tells the
+/// first stage's that it is done, and the first waits for that before it goes on, so a long
+/// text never queues its activations without bound.
 pub fn evaluate_rank<B: Backend, T: Transport<B>>(
     placement: &[usize],
     rank: &mut Rank<B, T>,
     batches: &[Batch],
 ) -> Result<(f64, usize)> {
+    let (first, last) = (placement[0], placement[placement.len() - 1]);
     let (mut sum, mut count) = (0.0f64, 0usize);
-    for b in batches {
+    for (i, b) in batches.iter().enumerate() {
         let pass = Pass::Whole {
             want: Want::Losses(&b.targets),
             batch: b.batch,
@@ -159,6 +166,23 @@ pub fn evaluate_rank<B: Backend, T: Transport<B>>(
         if let Some(losses) = forward_rank(placement, rank, &b.inputs, pass)? {
             sum += losses.iter().map(|&x| x as f64).sum::<f64>();
             count += losses.len();
+        }
+        let window_done = (i + 1) % EVAL_WINDOW == 0 || i + 1 == batches.len();
+        if window_done && first != last {
+            let Rank {
+                rank: me,
+                backend,
+                transport,
+                ..
+            } = rank;
+            if *me == last {
+                transport.send(backend, first, &backend.upload(&[i as f32])?)?;
+            } else if *me == first {
+                let done = backend.download(&transport.recv(backend, last, 1)?)?;
+                if done != [i as f32] {
+                    bail!("rank {last} finished evaluation batch {done:?}, not {i}");
+                }
+            }
         }
     }
     Ok((sum, count))
@@ -192,7 +216,9 @@ pub fn decode_rank<B: Backend, T: Transport<B>>(
 }
 
 /// Run `f` on every rank of an in-process pipeline at once, rank `r` on its own thread with
-/// `extras[r]`; the results by rank, or the first rank's error.
+/// `extras[r]`; the results by rank. A rank whose `f` fails stops its transport, so the ranks
+/// waiting on it fail at once too; the error returned is the first that is not such a
+/// consequence.
 pub fn on_every_rank<B, T, X, R>(
     ranks: &mut [Rank<B, T>],
     extras: &mut [X],
@@ -208,14 +234,18 @@ where
         return Err(anyhow!("{} ranks but {} extras", ranks.len(), extras.len()));
     }
     let f = &f;
-    std::thread::scope(|scope| {
+    let results: Vec<Result<R>> = std::thread::scope(|scope| {
         let handles: Vec<_> = ranks
             .iter_mut()
             .zip(extras.iter_mut())
             .map(|(rank, extra)| {
                 scope.spawn(move || {
                     let r = rank.rank;
-                    f(rank, extra).with_context(|| format!("rank {r}"))
+                    let result = f(rank, extra).with_context(|| format!("rank {r}"));
+                    if result.is_err() {
+                        rank.transport.stop();
+                    }
+                    result
                 })
             })
             .collect();
@@ -226,7 +256,20 @@ where
                     .unwrap_or_else(|_| Err(anyhow!("a rank's worker panicked")))
             })
             .collect()
-    })
+    });
+    let consequence = |e: &anyhow::Error| format!("{e:#}").contains("has stopped");
+    if let Some(i) = results
+        .iter()
+        .position(|r| r.as_ref().is_err_and(|e| !consequence(e)))
+        .or_else(|| results.iter().position(Result::is_err))
+    {
+        return Err(results
+            .into_iter()
+            .nth(i)
+            .and_then(Result::err)
+            .expect("an error"));
+    }
+    Ok(results.into_iter().map(|r| r.expect("no error")).collect())
 }
 
 /// Run `batch` sequences of `seq` tokens forward through an in-process pipeline (the ranks of

@@ -145,30 +145,13 @@ pub fn train_step<B: Backend, T: Transport<B>>(
     let micro: Vec<Batch> = (0..m).map(|i| batch.microbatch(i, m)).collect();
     let loss_scale = 1.0 / (batch.batch * batch.seq) as f32;
     let start = Instant::now();
-    let results: Vec<Result<(RankReport, f64)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = ranks
-            .iter_mut()
-            .map(|rank| {
-                let micro = &micro;
-                scope.spawn(move || {
-                    let r = rank.rank;
-                    run_rank(schedule, rank, micro, loss_scale, opts, start)
-                        .with_context(|| format!("rank {r}"))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow!("a rank's worker panicked")))
-            })
-            .collect()
-    });
+    let mut none = vec![(); ranks.len()];
+    let results = super::on_every_rank(ranks, &mut none, |rank, _| {
+        run_rank(schedule, rank, &micro, loss_scale, opts, start)
+    })?;
     let mut reports = Vec::with_capacity(results.len());
     let mut loss_sum = 0.0f64;
-    for result in results {
-        let (report, loss) = result?;
+    for (report, loss) in results {
         loss_sum += loss;
         reports.push(report);
     }

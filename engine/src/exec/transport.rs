@@ -89,12 +89,20 @@ impl<B: Backend> Transport<B> for InProcessTransport {
         } else {
             Message::Host(backend.download(buf)?)
         };
-        self.to[to].send(message).map_err(|_| {
-            anyhow!(
+        let sent = self.to.get(to).map(|channel| channel.send(message));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => Err(anyhow!(
                 "rank {} cannot send to rank {to}: it has stopped",
                 self.rank
-            )
-        })
+            )),
+            None => Err(anyhow!("rank {} has stopped and sends nothing", self.rank)),
+        }
+    }
+
+    fn stop(&mut self) {
+        // Dropping the senders disconnects every peer's receiver from this rank.
+        self.to.clear();
     }
 
     fn recv(&mut self, backend: &B, from: usize, len: usize) -> Result<B::Buffer> {
