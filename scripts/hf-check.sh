@@ -41,34 +41,18 @@ prompt=$'ROMEO:\nBut, soft! what light'
 # 1. transformers' GPT-2 in pipit.
 mkdir -p "$work/hf"
 python3 scripts/gpt2_vocab.py "$(find "$work" -name gpt2.tiktoken | head -1)" "$work/hf"
-"$work/venv/bin/python" - "$work" "$prompt" <<'PY'
-import json, sys
+"$work/venv/bin/python" - "$work" <<'PY'
+import sys
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
-work, prompt = sys.argv[1:]
+work = sys.argv[1]
 torch.manual_seed(0)
 # A wide initialisation makes the logits decisive, so greedy choices are not near-ties.
 config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=4,
                     initializer_range=0.3)
 model = GPT2LMHeadModel(config).eval()
 model.save_pretrained(f"{work}/hf", safe_serialization=True)
-tok = GPT2TokenizerFast.from_pretrained(f"{work}/hf")
-ids = tok(prompt, return_tensors="pt").input_ids
-with torch.no_grad():
-    out = model.generate(ids, do_sample=False, max_new_tokens=40, pad_token_id=50256)
-tokens = tok(open(f"{work}/text.txt", encoding="utf-8").read()).input_ids
-T = 128
-windows = (len(tokens) - 1) // T
-total = 0.0
-with torch.no_grad():
-    for k in range(windows):
-        x = torch.tensor([tokens[k * T:(k + 1) * T]])
-        y = torch.tensor(tokens[k * T + 1:(k + 1) * T + 1])
-        logits = model(x).logits[0].double()
-        total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-json.dump({"ids": out[0, ids.shape[1]:].tolist(), "loss": total / (windows * T),
-           "tokens": windows * T}, open(f"{work}/hf-want.json", "w"))
 PY
 pipit generate --checkpoint "$work/hf" --backend "$backend" --stages 2 --prompt "$prompt" \
     --temperature 0 --max-tokens 40 --format json >"$work/hf-generate.json"
@@ -87,7 +71,7 @@ pipit eval --checkpoint "$work/pipit" --backend "$backend" --data "$work/text.tx
 "$work/venv/bin/python" - "$work" "$prompt" <<'PY'
 import json, sys
 import torch
-from transformers import GPT2LMHeadModel
+from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 work, prompt = sys.argv[1:]
 failures = 0
@@ -97,42 +81,52 @@ def check(what, ok, detail):
     failures += not ok
     print(f"{'ok  ' if ok else 'FAIL'} {what}: {detail}")
 
-want = json.load(open(f"{work}/hf-want.json"))
+def window_loss(model, tokens, T):
+    """Mean cross-entropy over the windows [kT, (k+1)T) of `tokens`, and the tokens scored."""
+    windows = (len(tokens) - 1) // T
+    total = 0.0
+    with torch.no_grad():
+        for k in range(windows):
+            x = torch.tensor([tokens[k * T:(k + 1) * T]])
+            y = torch.tensor(tokens[k * T + 1:(k + 1) * T + 1])
+            logits = model(x).logits[0].double()
+            total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
+    return total / (windows * T), windows * T
+
+def greedy(model, ids, n, pad):
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(ids, do_sample=False, max_new_tokens=n, pad_token_id=pad)
+    return out[0, ids.shape[1]:].tolist()
+
+def same_ids(what, got, want):
+    same = sum(a == b for a, b in zip(got, want))
+    check(what, got == want, f"{same} of {len(want)} the same")
+
+def same_loss(what, ev, loss, tokens):
+    rel = abs(ev["loss"] - loss) / loss
+    check(what, rel < 1e-5 and ev["tokens"] == tokens,
+          f"pipit {ev['loss']:.9f} ({ev['tokens']} tokens), transformers {loss:.9f} "
+          f"({tokens}), relative difference {rel:.1e}")
+
+text = open(f"{work}/text.txt", encoding="utf-8", newline="").read()
+
+model = GPT2LMHeadModel.from_pretrained(f"{work}/hf").eval()
+tok = GPT2TokenizerFast.from_pretrained(f"{work}/hf")
 got = json.load(open(f"{work}/hf-generate.json"))["samples"][0]["ids"]
-same = sum(a == b for a, b in zip(got, want["ids"]))
-check("transformers' GPT-2, greedy tokens", got == want["ids"],
-      f"{same} of {len(want['ids'])} the same")
+same_ids("transformers' GPT-2, greedy tokens", got,
+         greedy(model, tok(prompt).input_ids, 40, 50256))
 ev = json.load(open(f"{work}/hf-eval.json"))
-rel = abs(ev["loss"] - want["loss"]) / want["loss"]
-check("transformers' GPT-2, loss over BPE windows",
-      rel < 1e-5 and ev["tokens"] == want["tokens"] and ev["per"] == "token",
-      f"pipit {ev['loss']:.9f} ({ev['tokens']} tokens), transformers {want['loss']:.9f} "
-      f"({want['tokens']}), relative difference {rel:.1e}")
+check("transformers' GPT-2, pipit counts BPE tokens", ev["per"] == "token", ev["per"])
+same_loss("transformers' GPT-2, loss over BPE windows", ev,
+          *window_loss(model, tok(text).input_ids, 128))
 
 model = GPT2LMHeadModel.from_pretrained(f"{work}/pipit").eval()
-T = model.config.n_positions
-data = list(open(f"{work}/text.txt", "rb").read())
-windows = (len(data) - 1) // T
-total = 0.0
-with torch.no_grad():
-    for k in range(windows):
-        x = torch.tensor([data[k * T:(k + 1) * T]])
-        y = torch.tensor(data[k * T + 1:(k + 1) * T + 1])
-        logits = model(x).logits[0].double()
-        total += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-loss = total / (windows * T)
 ev = json.load(open(f"{work}/pipit-eval.json"))
-rel = abs(ev["loss"] - loss) / loss
-check("pipit's checkpoint in transformers, loss over byte windows",
-      rel < 1e-5 and ev["tokens"] == windows * T,
-      f"pipit {ev['loss']:.9f}, transformers {loss:.9f}, relative difference {rel:.1e}")
-ids = torch.tensor([list(prompt.encode())])
-with torch.no_grad():
-    out = model.generate(ids, do_sample=False, max_new_tokens=30, pad_token_id=0)
-want = out[0, ids.shape[1]:].tolist()
+same_loss("pipit's checkpoint in transformers, loss over byte windows", ev,
+          *window_loss(model, list(text.encode()), model.config.n_positions))
 got = json.load(open(f"{work}/pipit-generate.json"))["samples"][0]["ids"]
-same = sum(a == b for a, b in zip(got, want))
-check("pipit's checkpoint in transformers, greedy bytes", got == want,
-      f"{same} of {len(want)} the same: {bytes(want)!r}")
+same_ids("pipit's checkpoint in transformers, greedy bytes", got,
+         greedy(model, list(prompt.encode()), 30, 0))
 sys.exit(1 if failures else 0)
 PY

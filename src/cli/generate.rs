@@ -102,11 +102,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let header = checkpoint::load_header(&args.checkpoint)?;
     let vocab = header.config.vocab_size;
     let tokenizer = Tokenizer::for_checkpoint(&args.checkpoint, vocab)?;
-    if let Some(bad) = tokenizer
-        .encode(&args.prompt)?
-        .iter()
-        .find(|&&t| t as usize >= vocab)
-    {
+    let prompt = tokenizer.encode(&args.prompt)?;
+    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
         return Err(invalid_input!(
             "--prompt holds token {bad}, outside the model's vocabulary of {vocab}"
         ));
@@ -135,6 +132,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         GenerateJob {
             args: &args,
             tokenizer: &tokenizer,
+            prompt: &prompt,
             config,
             ckpt: &ckpt,
             launch,
@@ -145,6 +143,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 struct GenerateJob<'a> {
     args: &'a GenerateArgs,
     tokenizer: &'a Tokenizer,
+    /// The prompt's tokens.
+    prompt: &'a [u32],
     config: TrainConfig,
     ckpt: &'a checkpoint::Checkpoint,
     launch: Option<LaunchEnv>,
@@ -157,6 +157,7 @@ impl BackendJob for GenerateJob<'_> {
         let GenerateJob {
             args,
             tokenizer,
+            prompt,
             config,
             ckpt,
             launch,
@@ -164,7 +165,7 @@ impl BackendJob for GenerateJob<'_> {
         let window = config.model.n_positions;
         let Some(env) = launch else {
             let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
-            return write_samples(args, tokenizer, window, true, |contexts, pick| {
+            return write_samples(args, tokenizer, prompt, window, true, |contexts, pick| {
                 let rows = trainer.next_tokens_logits(contexts)?;
                 Ok(rows
                     .iter()
@@ -189,9 +190,14 @@ impl BackendJob for GenerateJob<'_> {
         let result = rank
             .same_settings("generation settings", &settings)
             .and_then(|()| {
-                write_samples(args, tokenizer, window, env.rank == 0, |contexts, pick| {
-                    rank.next_tokens(contexts, pick)
-                })
+                write_samples(
+                    args,
+                    tokenizer,
+                    prompt,
+                    window,
+                    env.rank == 0,
+                    |contexts, pick| rank.next_tokens(contexts, pick),
+                )
             });
         rank.conclude(result)
     }
@@ -223,7 +229,7 @@ impl Sample {
     }
 }
 
-/// Generate `args.max_tokens` tokens after the prompt for each of `args.samples` samples, a
+/// Generate `args.max_tokens` tokens after the `prompt` (`args.prompt`'s tokens) for each of `args.samples` samples, a
 /// token of every sample at a time, from `next(contexts, pick)`: the pipeline's logits for
 /// each context (at most `window` tokens) handed to `pick(i, logits)`, which samples for
 /// sample `i`. Only the `leader` writes: one sample as it goes, several at the end (with a
@@ -231,15 +237,15 @@ impl Sample {
 fn write_samples(
     args: &GenerateArgs,
     tokenizer: &Tokenizer,
+    prompt: &[u32],
     window: usize,
     leader: bool,
     mut next: impl FnMut(&[&[u32]], &mut dyn FnMut(usize, &[f32]) -> usize) -> Result<Vec<usize>>,
 ) -> Result<()> {
-    let prompt = tokenizer.encode(&args.prompt)?;
     // Only tokens with text are drawn (a padded vocabulary's extra rows are never targets).
     let drawn = tokenizer.len();
     let mut samples: Vec<Sample> = (0..args.samples)
-        .map(|_| Sample::new(&prompt, window))
+        .map(|_| Sample::new(prompt, window))
         .collect();
     let mut rngs: Vec<Rng> = (0..args.samples as u64)
         .map(|i| Rng::new(args.seed.wrapping_add(i)))
