@@ -399,6 +399,74 @@ fn generate_and_eval_speak_a_checkpoints_bpe_vocabulary() {
     );
 }
 
+/// With GPT-2's `<|endoftext|>` in the vocabulary, a sample ends when it draws it (unless
+/// `--ignore-eos`), and the marker written in a prompt is that one token. The model here is
+/// made to always pick it: the final layer norm gives every position the same vector `u`
+/// (weight 0, bias `u`), and the tied embedding's row of `<|endoftext|>` is `10 u`.
+#[test]
+fn a_sample_ends_at_end_of_text() {
+    use pipit_engine::checkpoint;
+    use pipit_engine::tokenizer::byte_chars;
+    let dir = scratch("eos");
+    let ckpt = dir.join("ckpt");
+    let c = ckpt.to_str().unwrap();
+    ok(&train(&[
+        "--steps",
+        "1",
+        "--vocab-size",
+        "257",
+        "--save",
+        c,
+    ]));
+    let mut model = checkpoint::load(&ckpt).unwrap();
+    let width = model.config.n_embd;
+    let u: Vec<f32> = (0..width)
+        .map(|i| if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    model.params.get_mut("ln_f.weight").unwrap().data.fill(0.0);
+    model
+        .params
+        .get_mut("ln_f.bias")
+        .unwrap()
+        .data
+        .copy_from_slice(&u);
+    let wte = &mut model.params.get_mut("wte").unwrap().data;
+    for (w, x) in wte[256 * width..].iter_mut().zip(&u) {
+        *w = 10.0 * x;
+    }
+    checkpoint::save(&ckpt, &model).unwrap();
+    let table = byte_chars();
+    let mut vocab: serde_json::Map<String, Value> = (0..256)
+        .map(|b| (table[b].to_string(), Value::from(b)))
+        .collect();
+    vocab.insert("<|endoftext|>".into(), Value::from(256));
+    std::fs::write(ckpt.join("vocab.json"), Value::from(vocab).to_string()).unwrap();
+    std::fs::write(ckpt.join("merges.txt"), "#version: 0.2\n").unwrap();
+
+    let generate = |extra: &[&str]| {
+        let mut a = vec!["generate", "--backend", "reference", "--checkpoint", c];
+        a.extend_from_slice(&["--max-tokens", "5", "--stages", "2", "--format", "json"]);
+        a.extend_from_slice(extra);
+        let out = pipit(&a);
+        ok(&out);
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let ended = generate(&["--prompt", "Hi<|endoftext|>", "--samples", "2"]);
+    for sample in ended["samples"].as_array().unwrap() {
+        assert_eq!(sample["ids"], serde_json::json!([256]), "{sample}");
+        assert_eq!(sample["end"], "end_of_text");
+        assert_eq!(sample["text"], "Hi<|endoftext|>", "the prompt, as given");
+    }
+    assert_eq!(ended["tokens"], 2);
+    let on = generate(&["--prompt", "Hi", "--ignore-eos"]);
+    assert_eq!(on["samples"][0]["ids"], serde_json::json!(vec![256; 5]));
+    assert_eq!(on["samples"][0]["end"], "max_tokens");
+    assert_eq!(
+        on["samples"][0]["text"],
+        format!("Hi{}", "<|endoftext|>".repeat(5))
+    );
+}
+
 #[test]
 fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
     let dir = scratch("bad");

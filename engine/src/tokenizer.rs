@@ -11,6 +11,10 @@
 //!    [`byte_chars`]), and are merged pairwise, always the adjacent pair that comes first in
 //!    `merges.txt`, until no listed pair is left.
 //! 3. Each resulting symbol is looked up in `vocab.json`.
+//!
+//! GPT-2's one special token, `<|endoftext|>` (which separates documents, and ends a sample),
+//! is cut out of the text before all that and becomes its own id, as Hugging Face's GPT-2
+//! tokenizers do.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -103,6 +107,15 @@ impl Tokenizer {
         }
     }
 
+    /// The id of GPT-2's `<|endoftext|>`, where the vocabulary has it: the token that ends a
+    /// document. Bytes have none.
+    pub fn end_of_text(&self) -> Option<u32> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Bpe(bpe) => bpe.end_of_text,
+        }
+    }
+
     /// What one token is, for the units of a loss: "byte" or "token".
     pub fn unit(&self) -> &'static str {
         match self {
@@ -138,7 +151,12 @@ pub struct Bpe {
     bytes: HashMap<u32, Vec<u8>>,
     /// Pair of symbols → rank (its line in `merges.txt`, first = 0).
     ranks: HashMap<(String, String), usize>,
+    /// The id of [`END_OF_TEXT`], when the vocabulary has it.
+    end_of_text: Option<u32>,
 }
+
+/// GPT-2's special token: written in text, it is this one id rather than its characters.
+pub const END_OF_TEXT: &str = "<|endoftext|>";
 
 impl Bpe {
     /// From the contents of `vocab.json` (`{"symbol": id, ...}`) and `merges.txt` (one pair
@@ -178,6 +196,7 @@ impl Bpe {
             ranks.entry((a.to_string(), b.to_string())).or_insert(n);
         }
         Ok(Self {
+            end_of_text: vocab.get(END_OF_TEXT).copied(),
             ids: vocab,
             bytes,
             ranks,
@@ -194,8 +213,24 @@ impl Bpe {
         self.ids.is_empty()
     }
 
-    /// The token ids of `text`.
+    /// The token ids of `text`, each `<|endoftext|>` in it its one id (when the vocabulary
+    /// has it).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let Some(eot) = self.end_of_text else {
+            return self.encode_ordinary(text);
+        };
+        let mut out = Vec::new();
+        let mut parts = text.split(END_OF_TEXT);
+        out.extend(self.encode_ordinary(parts.next().unwrap_or(""))?);
+        for part in parts {
+            out.push(eot);
+            out.extend(self.encode_ordinary(part)?);
+        }
+        Ok(out)
+    }
+
+    /// The token ids of `text` taken as ordinary text throughout.
+    fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>> {
         let table = byte_chars();
         let mut out = Vec::new();
         for piece in pre_tokens(text) {
@@ -383,6 +418,32 @@ mod tests {
             .collect();
         assert_eq!(bytes, text.as_bytes());
         assert_eq!(bpe.decode(259).unwrap(), b"<|endoftext|>");
+    }
+
+    #[test]
+    fn end_of_text_in_the_text_is_its_one_token() {
+        let bpe = tiny();
+        assert_eq!(bpe.end_of_text, Some(259));
+        let (t, lt) = (b't' as u32, b'<' as u32);
+        assert_eq!(bpe.encode("<|endoftext|>").unwrap(), [259]);
+        assert_eq!(
+            bpe.encode("the<|endoftext|>the <|endoftext|><|endoftext|>t")
+                .unwrap(),
+            [257, 259, 257, b' ' as u32, 259, 259, t]
+        );
+        assert_eq!(
+            bpe.encode("<|endoftext").unwrap()[0],
+            lt,
+            "only the whole marker"
+        );
+        // Without the token in the vocabulary, the marker is text like any other.
+        let t = byte_chars();
+        let bytes: HashMap<String, u32> = (0..256u32)
+            .map(|b| (t[b as usize].to_string(), b))
+            .collect();
+        let plain = Bpe::new(&serde_json::to_string(&bytes).unwrap(), "").unwrap();
+        assert_eq!(plain.end_of_text, None);
+        assert_eq!(plain.encode("<|endoftext|>").unwrap().len(), 13);
     }
 
     #[test]

@@ -47,6 +47,11 @@ pub struct GenerateArgs {
     /// Seed of the sampler (sample i draws from seed + i).
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Keep going past `<|endoftext|>`. Without it, a sample of a model with GPT-2's
+    /// tokenizer ends when it draws that token (as Hugging Face's `generate` stops at
+    /// `eos_token_id`), which is not printed; byte-level models have no such token.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Samples to generate side by side, each with its own caches; they fill the pipeline
     /// (rank r + 1 runs one sample's token while rank r runs the next's), in one process or
     /// across processes.
@@ -54,9 +59,10 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 1)]
     samples: usize,
     /// Output format: the text (and a line on stderr with the rate), or one JSON object
-    /// `{"prompt", "samples": [{"seed", "text", "ids"}], "tokens", "seconds",
-    /// "tokens_per_sec"}` where `ids` are the generated tokens and `text` is the prompt and
-    /// them, invalid UTF-8 replaced.
+    /// `{"prompt", "samples": [{"seed", "text", "ids", "end"}], "tokens", "seconds",
+    /// "tokens_per_sec"}` where `ids` are the generated tokens, `text` is the prompt and
+    /// them (without a final `<|endoftext|>`, invalid UTF-8 replaced) and `end` is
+    /// "end_of_text" or "max_tokens".
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
     /// Pipeline ranks to cut the model into.
@@ -186,6 +192,7 @@ impl BackendJob for GenerateJob<'_> {
             "top_p": args.top_p,
             "seed": args.seed,
             "samples": args.samples,
+            "ignore_eos": args.ignore_eos,
         });
         let result = rank
             .same_settings("generation settings", &settings)
@@ -207,6 +214,10 @@ impl BackendJob for GenerateJob<'_> {
 struct Sample {
     tokens: Vec<u32>,
     start: usize,
+    /// How many of `tokens` are the sample's: all of them until it draws `<|endoftext|>`.
+    /// Its context goes on growing after that (unseen), so that the pipeline keeps running
+    /// every sample's next token while any sample is still going and each keeps its cache.
+    kept: Option<usize>,
 }
 
 impl Sample {
@@ -215,7 +226,13 @@ impl Sample {
         Self {
             tokens: prompt.to_vec(),
             start: prompt.len().saturating_sub(window),
+            kept: None,
         }
+    }
+
+    /// The sample's tokens: the prompt, then those generated up to and with `<|endoftext|>`.
+    fn tokens(&self) -> &[u32] {
+        &self.tokens[..self.kept.unwrap_or(self.tokens.len())]
     }
 
     /// The context of the next token: the tokens since `start`. Once they outgrow the
@@ -229,11 +246,14 @@ impl Sample {
     }
 }
 
-/// Generate `args.max_tokens` tokens after the `prompt` (`args.prompt`'s tokens) for each of `args.samples` samples, a
-/// token of every sample at a time, from `next(contexts, pick)`: the pipeline's logits for
-/// each context (at most `window` tokens) handed to `pick(i, logits)`, which samples for
-/// sample `i`. Only the `leader` writes: one sample as it goes, several at the end (with a
-/// progress bar meanwhile).
+/// Generate up to `args.max_tokens` tokens after the `prompt` (`args.prompt`'s tokens) for
+/// each of `args.samples` samples, a token of every sample at a time, from
+/// `next(contexts, pick)`: the pipeline's logits for each context (at most `window` tokens)
+/// handed to `pick(i, logits)`, which samples for sample `i`. A sample ends early at
+/// `<|endoftext|>` unless `args.ignore_eos`; generation stops when every sample has ended
+/// (every rank sees the same tokens, so every rank stops at the same round). Only the
+/// `leader` writes: one sample as it goes, several at the end (with a progress bar
+/// meanwhile).
 fn write_samples(
     args: &GenerateArgs,
     tokenizer: &Tokenizer,
@@ -266,17 +286,24 @@ fn write_samples(
             .progress_chars("=> "),
     );
     bar.set_message(format!("{} samples", args.samples));
+    let end = tokenizer.end_of_text().filter(|_| !args.ignore_eos);
     let started = Instant::now();
     for _ in 0..args.max_tokens {
+        if samples.iter().all(|s| s.kept.is_some()) {
+            break;
+        }
         let contexts: Vec<&[u32]> = samples.iter_mut().map(|s| s.context(window)).collect();
         let tokens = next(&contexts, &mut |i, logits| {
             let logits = &logits[..drawn.min(logits.len())];
             sample(logits, args, &mut rngs[i])
         })?;
-        for (s, token) in samples.iter_mut().zip(&tokens) {
-            s.tokens.push(*token as u32);
+        for (s, &token) in samples.iter_mut().zip(&tokens) {
+            s.tokens.push(token as u32);
+            if s.kept.is_none() && Some(token as u32) == end {
+                s.kept = Some(s.tokens.len());
+            }
         }
-        if streaming {
+        if streaming && samples[0].kept.is_none() {
             out.write_all(&tokenizer.decode(tokens[0] as u32)?)?;
             out.flush()?;
         }
@@ -287,16 +314,25 @@ fn write_samples(
         return Ok(());
     }
     let seconds = started.elapsed().as_secs_f64();
-    let generated = args.max_tokens * args.samples;
+    let generated: usize = samples
+        .iter()
+        .map(|s| s.tokens().len() - prompt.len())
+        .sum();
     let rate = generated as f64 / seconds.max(1e-9);
     let seed = |i: usize| args.seed.wrapping_add(i as u64);
-    // The prompt as given, then the generated tokens' bytes.
+    // The prompt as given, then the generated tokens' bytes, without `<|endoftext|>`.
     let bytes = |s: &Sample| -> Result<Vec<u8>> {
         let mut all = args.prompt.as_bytes().to_vec();
-        for &t in &s.tokens[prompt.len()..] {
-            all.extend(tokenizer.decode(t)?);
+        for &t in &s.tokens()[prompt.len()..] {
+            if Some(t) != end {
+                all.extend(tokenizer.decode(t)?);
+            }
         }
         Ok(all)
+    };
+    let ending = |s: &Sample| match s.kept {
+        Some(_) => "end_of_text",
+        None => "max_tokens",
     };
     match args.format {
         OutputFormat::Json => {
@@ -307,7 +343,8 @@ fn write_samples(
                     Ok(json!({
                         "seed": seed(i),
                         "text": String::from_utf8_lossy(&bytes(s)?),
-                        "ids": s.tokens[prompt.len()..],
+                        "ids": s.tokens()[prompt.len()..],
+                        "end": ending(s),
                     }))
                 })
                 .collect::<Result<_>>()?;
@@ -323,11 +360,18 @@ fn write_samples(
         OutputFormat::Text => {
             if streaming {
                 writeln!(out)?;
+                if samples[0].kept.is_some() {
+                    eprintln!("the sample ended at <|endoftext|>");
+                }
             } else {
                 for (i, s) in samples.iter().enumerate() {
+                    let end = match s.kept {
+                        Some(_) => ", ended at <|endoftext|>",
+                        None => "",
+                    };
                     writeln!(
                         out,
-                        "--- sample {} of {} (seed {}) ---",
+                        "--- sample {} of {} (seed {}{end}) ---",
                         i + 1,
                         args.samples,
                         seed(i)

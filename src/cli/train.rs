@@ -25,7 +25,8 @@ use super::{interrupt, trace};
 pub const DEFAULT_CHECKPOINT: &str = "runs/latest";
 
 /// `pipit train`'s flags with the default of each setting in their help, taken from
-/// `TrainConfig::default()` so the help cannot drift from what a run uses. (The flags themselves
+/// `TrainConfig::default()` so the help cannot drift from what a run uses, unless the help gives
+/// its own. (The flags themselves
 /// have no clap default: an absent flag leaves the `--config` file's value alone.)
 pub fn with_defaults_in_help(cmd: clap::Command) -> clap::Command {
     let Ok(serde_json::Value::Object(defaults)) = serde_json::to_value(TrainConfig::default())
@@ -43,6 +44,10 @@ pub fn with_defaults_in_help(cmd: clap::Command) -> clap::Command {
         }
         cmd.mut_arg(field, |arg| {
             let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            // A flag whose default depends on others says so itself.
+            if help.contains("[default:") {
+                return arg;
+            }
             let long = arg.get_long_help().map(|h| h.to_string());
             let arg = arg.help(format!("{help} [default: {shown}]"));
             match long {
