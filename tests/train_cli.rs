@@ -384,6 +384,54 @@ fn generate_and_eval_speak_a_checkpoints_bpe_vocabulary() {
     assert_eq!(v["per"], "token");
     assert_eq!(v["tokens"], (tokens - 1) / 16 * 16, "windows of BPE tokens");
 
+    // Training on from the checkpoint trains on its tokens (the text cut as the split cuts
+    // it), and the new checkpoint carries the tokenizer.
+    let tuned = dir.join("tuned");
+    let long = "the ".repeat(830);
+    std::fs::write(&data, &long).unwrap();
+    let d = data.to_str().unwrap();
+    let out = train(&[
+        "--init",
+        c,
+        "--data",
+        d,
+        "--steps",
+        "2",
+        "--save",
+        tuned.to_str().unwrap(),
+    ]);
+    ok(&out);
+    let cut = pipit_engine::data::split_text(long.as_bytes(), 0.1)
+        .unwrap()
+        .0
+        .len();
+    let (train_ids, val_ids) = (
+        bpe.encode(&long[..cut]).unwrap(),
+        bpe.encode(&long[cut..]).unwrap(),
+    );
+    assert!(
+        train_ids.len() < cut / 3,
+        "{} tokens for {cut} bytes",
+        train_ids.len()
+    );
+    let said = format!(
+        "{} to train on and {} held out",
+        train_ids.len(),
+        val_ids.len()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&said),
+        "{said}"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nats/token"));
+    for file in ["vocab.json", "merges.txt"] {
+        assert_eq!(
+            std::fs::read(tuned.join(file)).unwrap(),
+            std::fs::read(ckpt.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+
     // A vocabulary the model is too small for is refused, and so is a broken one.
     let mut bigger: Value = serde_json::from_str(&vocab).unwrap();
     bigger["xyz"] = Value::from(259);

@@ -1,37 +1,55 @@
-//! Byte-level text data: the train/validation split, random training batches, and the
-//! consecutive windows evaluation walks.
+//! Text data: the train/validation split, random training batches, and the consecutive
+//! windows evaluation walks.
 //!
-//! Tokens are bytes (a vocabulary of 256). A training batch is a pure function of
-//! `(seed, step)`, so a resumed run sees exactly the batches an uninterrupted run would have.
+//! Tokens are bytes (a vocabulary of 256), or the ids of a checkpoint's [`Tokenizer`]. A
+//! training batch is a pure function of `(seed, step)`, so a resumed run sees exactly the
+//! batches an uninterrupted run would have.
 
 use anyhow::Result;
 
 use crate::invalid_input;
 use crate::rng::Rng;
+use crate::tokenizer::Tokenizer;
 
-/// A corpus cut into a training part and a held-out validation tail.
+/// A corpus cut into a training part and a held-out validation tail, as tokens.
 #[derive(Clone, Debug)]
 pub struct Corpus {
     /// The leading part, trained on.
-    pub train: Vec<u8>,
+    pub train: Vec<u32>,
     /// The trailing part, held out.
-    pub val: Vec<u8>,
+    pub val: Vec<u32>,
 }
 
 impl Corpus {
-    /// Hold out the last `val_fraction` of `bytes` for validation.
-    pub fn split(bytes: &[u8], val_fraction: f64) -> Result<Self> {
-        if !(0.0..1.0).contains(&val_fraction) {
-            return Err(invalid_input!(
-                "validation fraction must be in [0, 1), got {val_fraction}"
-            ));
-        }
-        let cut = ((bytes.len() as f64) * (1.0 - val_fraction)).round() as usize;
+    /// Hold out the last `val_fraction` of `text` for validation; its bytes are the tokens.
+    pub fn split(text: &[u8], val_fraction: f64) -> Result<Self> {
+        Self::tokenized(text, val_fraction, &Tokenizer::Bytes)
+    }
+
+    /// Hold out the last `val_fraction` of `text` ([`split_text`]) and turn each part into
+    /// `tokenizer`'s tokens.
+    pub fn tokenized(text: &[u8], val_fraction: f64, tokenizer: &Tokenizer) -> Result<Self> {
+        let (train, val) = split_text(text, val_fraction)?;
         Ok(Self {
-            train: bytes[..cut].to_vec(),
-            val: bytes[cut..].to_vec(),
+            train: tokenizer.encode_bytes(train)?,
+            val: tokenizer.encode_bytes(val)?,
         })
     }
+}
+
+/// `text` as its leading part and its held-out tail, the last `val_fraction` of its bytes; the
+/// cut moves forward past UTF-8 continuation bytes, so it never splits a character.
+pub fn split_text(text: &[u8], val_fraction: f64) -> Result<(&[u8], &[u8])> {
+    if !(0.0..1.0).contains(&val_fraction) {
+        return Err(invalid_input!(
+            "validation fraction must be in [0, 1), got {val_fraction}"
+        ));
+    }
+    let mut cut = ((text.len() as f64) * (1.0 - val_fraction)).round() as usize;
+    while cut < text.len() && text[cut] & 0xC0 == 0x80 {
+        cut += 1;
+    }
+    Ok(text.split_at(cut))
 }
 
 /// `batch` sequences of `seq` input tokens and their next-token targets, row-major.
@@ -79,10 +97,16 @@ impl Batch {
 }
 
 /// The training batch of `step`: `batch` windows at offsets drawn from `(seed, step)`.
-pub fn sample_batch(data: &[u8], batch: usize, seq: usize, seed: u64, step: u64) -> Result<Batch> {
+pub fn sample_batch<T: Copy + Into<u32>>(
+    data: &[T],
+    batch: usize,
+    seq: usize,
+    seed: u64,
+    step: u64,
+) -> Result<Batch> {
     if data.len() < seq + 2 {
         return Err(invalid_input!(
-            "the text ({} bytes) must be longer than seq-len + 1 = {}",
+            "the training text ({} tokens) must be longer than seq-len + 1 = {}",
             data.len(),
             seq + 1
         ));
@@ -135,8 +159,11 @@ mod tests {
         let bytes: Vec<u8> = (0..100).collect();
         let c = Corpus::split(&bytes, 0.1).unwrap();
         assert_eq!(c.train.len(), 90);
-        assert_eq!(c.val, (90..100).collect::<Vec<u8>>());
+        assert_eq!(c.val, (90..100).collect::<Vec<u32>>());
         assert!(Corpus::split(&bytes, 1.0).is_err());
+        // The cut falls inside "é" (two bytes at 8 and 9): it moves past it.
+        let text = "abcdefgh\u{e9}x".as_bytes();
+        assert_eq!(split_text(text, 0.18).unwrap().1, b"x");
     }
 
     #[test]

@@ -116,6 +116,18 @@ impl Tokenizer {
         }
     }
 
+    /// The files that define this tokenizer, by name, to be saved beside a model trained with
+    /// it: GPT-2's `vocab.json` and `merges.txt` as they were read; none for bytes.
+    pub fn files(&self) -> Vec<(&'static str, &[u8])> {
+        match self {
+            Tokenizer::Bytes => Vec::new(),
+            Tokenizer::Bpe(bpe) => vec![
+                ("vocab.json", bpe.vocab_json.as_bytes()),
+                ("merges.txt", bpe.merges_txt.as_bytes()),
+            ],
+        }
+    }
+
     /// What one token is, for the units of a loss: "byte" or "token".
     pub fn unit(&self) -> &'static str {
         match self {
@@ -153,6 +165,9 @@ pub struct Bpe {
     ranks: HashMap<(String, String), usize>,
     /// The id of [`END_OF_TEXT`], when the vocabulary has it.
     end_of_text: Option<u32>,
+    /// The two files as read.
+    vocab_json: String,
+    merges_txt: String,
 }
 
 /// GPT-2's special token: written in text, it is this one id rather than its characters.
@@ -200,6 +215,8 @@ impl Bpe {
             ids: vocab,
             bytes,
             ranks,
+            vocab_json: vocab_json.to_string(),
+            merges_txt: merges_txt.to_string(),
         })
     }
 

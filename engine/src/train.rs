@@ -536,7 +536,7 @@ pub trait TrainLoop {
     /// Train one step on the next batch of `corpus.train`.
     fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog>;
     /// Mean cross-entropy over windows of `data` and the tokens scored ([`Trainer::evaluate`]).
-    fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)>;
+    fn evaluate(&mut self, data: &[u32], seq: usize, max_tokens: usize) -> Result<(f64, usize)>;
     /// The whole model, optimizer state and position as one checkpoint, on the leader
     /// (`None` on the other ranks, which send their stages to it).
     fn gather_checkpoint(&mut self) -> Result<Option<Checkpoint>>;
@@ -561,7 +561,7 @@ impl<B: Backend> TrainLoop for Trainer<B> {
     fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
         Trainer::train_step(self, corpus)
     }
-    fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
+    fn evaluate(&mut self, data: &[u32], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
         Trainer::evaluate(self, data, seq, max_tokens)
     }
     fn gather_checkpoint(&mut self) -> Result<Option<Checkpoint>> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::Args;
 use pipit_engine::checkpoint;
+use pipit_engine::data::split_text;
 use pipit_engine::dist::frame::Fnv64;
 use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
 use pipit_engine::train::{Init, TrainConfig, Trainer};
@@ -14,7 +15,7 @@ use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
 
 use super::device::{with_backend, BackendChoice, BackendJob};
-use super::train::{corpus, load_checkpoint};
+use super::train::{load_checkpoint, text, VAL_FRACTION};
 use super::OutputFormat;
 use pipit_engine::tokenizer::Tokenizer;
 
@@ -67,7 +68,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let text = match &args.data {
         Some(path) => std::fs::read(path)
             .map_err(|e| invalid_input!("cannot read --data {}: {e}", path.display()))?,
-        None => corpus(None)?.val,
+        None => split_text(&text(None)?, VAL_FRACTION)?.1.to_vec(),
     };
     let seq = args.seq_len.unwrap_or(header.config.n_positions);
     if seq == 0 || seq > header.config.n_positions {

@@ -1,5 +1,6 @@
 //! `pipit train`: train a GPT-2-style model cut into pipeline stages.
 
+use std::borrow::Cow;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use pipit_engine::data::Corpus;
 use pipit_engine::dist::{LaunchEnv, RankTrainer, TensorSetup};
 use pipit_engine::model::GptConfig;
 use pipit_engine::schedule::ScheduleKind;
+use pipit_engine::tokenizer::Tokenizer;
 use pipit_engine::train::{Init, StepLog, TrainConfig, TrainLoop, Trainer};
 use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
@@ -74,7 +76,8 @@ pub struct TrainArgs {
     /// Device for every rank.
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendChoice,
-    /// Text file to train on instead of the embedded corpus (bytes are tokens).
+    /// Text file to train on instead of the embedded corpus (bytes are tokens, unless
+    /// --init or --resume names a checkpoint with GPT-2's tokenizer: then its tokens).
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
 
@@ -271,17 +274,18 @@ impl TrainArgs {
     }
 }
 
-/// Read the training text: `--data FILE` or the embedded corpus, with 10% held out.
-pub fn corpus(data: Option<&Path>) -> Result<Corpus> {
+/// The text to train on: `--data FILE`, or the embedded corpus.
+pub fn text(data: Option<&Path>) -> Result<Cow<'static, [u8]>> {
     match data {
-        Some(path) => {
-            let bytes = fs::read(path)
-                .map_err(|e| invalid_input!("cannot read --data {}: {e}", path.display()))?;
-            Corpus::split(&bytes, 0.1)
-        }
-        None => Corpus::split(EMBEDDED_CORPUS, 0.1),
+        Some(path) => fs::read(path)
+            .map(Cow::Owned)
+            .map_err(|e| invalid_input!("cannot read --data {}: {e}", path.display())),
+        None => Ok(Cow::Borrowed(EMBEDDED_CORPUS)),
     }
 }
+
+/// The share of the text held out for validation (its tail).
+pub const VAL_FRACTION: f64 = 0.1;
 
 /// The checkpoint in `dir` with the tensors this process needs: all of them, or under a
 /// launcher only those of its own rank in `config`'s plan (read alone from the files).
@@ -346,7 +350,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     // Under a launcher with more than one process, this process runs only its own rank.
     let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
-    let corpus = corpus(args.data.as_deref())?;
+    // A model that came with GPT-2's tokenizer trains on its tokens, and saves it beside it.
+    let tokenizer = match args.resume.as_deref().or(args.init.as_deref()) {
+        Some(dir) => Tokenizer::for_checkpoint(dir, config.model.vocab_size)?,
+        None => Tokenizer::Bytes,
+    };
+    let text = text(args.data.as_deref())?;
+    let corpus = Corpus::tokenized(&text, VAL_FRACTION, &tokenizer)?;
     let largest = corpus
         .train
         .iter()
@@ -360,6 +370,13 @@ pub fn run(args: TrainArgs) -> Result<()> {
             config.model.vocab_size
         ));
     }
+    if let (Tokenizer::Bpe(_), true) = (&tokenizer, launch.as_ref().is_none_or(|e| e.rank == 0)) {
+        eprintln!(
+            "tokens: GPT-2's BPE from the checkpoint, {} to train on and {} held out",
+            corpus.train.len(),
+            corpus.val.len()
+        );
+    }
     let load = |dir: Option<&Path>| {
         dir.map(|d| load_checkpoint(d, &config, launch.as_ref()))
             .transpose()
@@ -370,6 +387,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         args: &args,
         config,
         corpus,
+        tokenizer: &tokenizer,
         resume: resume.as_ref(),
         init: init.as_ref(),
         launch,
@@ -381,6 +399,7 @@ struct TrainJob<'a> {
     args: &'a TrainArgs,
     config: TrainConfig,
     corpus: Corpus,
+    tokenizer: &'a Tokenizer,
     resume: Option<&'a Checkpoint>,
     init: Option<&'a Checkpoint>,
     launch: Option<LaunchEnv>,
@@ -416,6 +435,7 @@ impl TrainJob<'_> {
             args,
             config,
             corpus,
+            tokenizer,
             resume,
             init,
             launch,
@@ -441,7 +461,7 @@ impl TrainJob<'_> {
         if launch.is_none() {
             interrupt::catch();
         }
-        let result = Self::drive(args, trainer.as_mut(), &corpus);
+        let result = Self::drive(args, trainer.as_mut(), &corpus, tokenizer);
         if let Err(e) = &result {
             // The other ranks of a multi-process run stop at once, naming this one and why.
             trainer.abort(&format!("{e:#}"));
@@ -451,7 +471,14 @@ impl TrainJob<'_> {
 
     /// Train to the last step. Only the leader (the one process, or rank 0) prints, logs and
     /// saves; the other ranks take part in every step, evaluation and checkpoint gather.
-    fn drive(args: &TrainArgs, trainer: &mut dyn TrainLoop, corpus: &Corpus) -> Result<()> {
+    fn drive(
+        args: &TrainArgs,
+        trainer: &mut dyn TrainLoop,
+        corpus: &Corpus,
+        tokenizer: &Tokenizer,
+    ) -> Result<()> {
+        let save =
+            |dir: &Path, ckpt: &Checkpoint| checkpoint::save_with(dir, ckpt, &tokenizer.files());
         let c = trainer.config().clone();
         let leader = trainer.is_leader();
         if leader {
@@ -565,7 +592,7 @@ impl TrainJob<'_> {
                 && step != c.steps
             {
                 if let Some(ckpt) = trainer.gather_checkpoint()? {
-                    checkpoint::save(&args.save, &ckpt)?;
+                    save(&args.save, &ckpt)?;
                 }
             }
             last = Some(entry);
@@ -578,7 +605,7 @@ impl TrainJob<'_> {
         // Nothing more crosses between ranks: all of them finish before rank 0 writes.
         trainer.finish()?;
         if let (Some(dir), Some(ckpt)) = (save_to, final_checkpoint) {
-            checkpoint::save(dir, &ckpt)?;
+            save(dir, &ckpt)?;
             eprintln!("saved checkpoint to {}", dir.display());
         }
         if !leader {
@@ -596,9 +623,10 @@ impl TrainJob<'_> {
                 .map(|v| format!("{v:.4}"))
                 .unwrap_or_else(|| "-".into());
             println!(
-                "step {}: loss {:.4}, val loss {val} nats/byte, {:.0} tokens/s, measured bubble {:.1}%",
+                "step {}: loss {:.4}, val loss {val} nats/{}, {:.0} tokens/s, measured bubble {:.1}%",
                 entry.step,
                 entry.loss,
+                tokenizer.unit(),
                 entry.tokens_per_sec,
                 100.0 * entry.bubble_fraction
             );

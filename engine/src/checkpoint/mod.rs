@@ -5,7 +5,8 @@
 //!   Conv1D weights stored `[in, out]`), loadable by `GPT2LMHeadModel.from_pretrained(dir)`;
 //! - `config.json`: Hugging Face's GPT-2 config;
 //! - `optimizer.safetensors` (pipit's): AdamW moments, `{name}.exp_avg` and `{name}.exp_avg_sq`;
-//! - `trainer_state.json` (pipit's): step, seed, data position and the run's settings.
+//! - `trainer_state.json` (pipit's): step, seed, data position and the run's settings;
+//! - `vocab.json` and `merges.txt`, GPT-2's tokenizer, when the model was trained with it.
 //!
 //! Saving is atomic at the directory level: everything is written into a temporary sibling
 //! directory, which then replaces the old one by rename, so a crash mid-save leaves the previous
@@ -41,6 +42,12 @@ const PREFIX: &str = "transformer.";
 
 /// Write `ckpt` to `dir`, replacing any checkpoint there only once the new one is complete.
 pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
+    save_with(dir, ckpt, &[])
+}
+
+/// [`save`], with `files` (name, contents) written beside the model: the tokenizer's, for a
+/// model that speaks GPT-2's BPE (see [`crate::tokenizer::Tokenizer::files`]).
+pub fn save_with(dir: &Path, ckpt: &Checkpoint, files: &[(&str, &[u8])]) -> Result<()> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -52,6 +59,11 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
     }
     fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     write_contents(&tmp, ckpt)
+        .and_then(|()| {
+            files
+                .iter()
+                .try_for_each(|(name, bytes)| write_synced(&tmp.join(name), bytes))
+        })
         .with_context(|| format!("writing checkpoint to {}", tmp.display()))?;
 
     // Swap: the old directory is moved aside first, so at every instant one complete

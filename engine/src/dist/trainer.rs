@@ -377,7 +377,7 @@ impl<B: Backend> TrainLoop for RankTrainer<B> {
     fn train_step(&mut self, corpus: &Corpus) -> Result<StepLog> {
         RankTrainer::train_step(self, corpus)
     }
-    fn evaluate(&mut self, data: &[u8], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
+    fn evaluate(&mut self, data: &[u32], seq: usize, max_tokens: usize) -> Result<(f64, usize)> {
         RankTrainer::evaluate(self, data, seq, max_tokens)
     }
     fn gather_checkpoint(&mut self) -> Result<Option<Checkpoint>> {
