@@ -250,17 +250,28 @@ impl Bpe {
     fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>> {
         let table = byte_chars();
         let mut out = Vec::new();
+        // Words recur: each distinct pre-token is merged once.
+        let mut known: HashMap<&str, Vec<u32>> = HashMap::new();
         for piece in pre_tokens(text) {
+            if let Some(ids) = known.get(piece) {
+                out.extend_from_slice(ids);
+                continue;
+            }
             let word: Vec<String> = piece
                 .bytes()
                 .map(|b| table[b as usize].to_string())
                 .collect();
-            for symbol in self.merge(word) {
-                let id = self.ids.get(&symbol).ok_or_else(|| {
-                    anyhow!("the vocabulary lacks {symbol:?}, a piece of {piece:?}")
-                })?;
-                out.push(*id);
-            }
+            let ids = self
+                .merge(word)
+                .into_iter()
+                .map(|symbol| {
+                    self.ids.get(&symbol).copied().ok_or_else(|| {
+                        anyhow!("the vocabulary lacks {symbol:?}, a piece of {piece:?}")
+                    })
+                })
+                .collect::<Result<Vec<u32>>>()?;
+            out.extend_from_slice(&ids);
+            known.insert(piece, ids);
         }
         Ok(out)
     }
