@@ -10,6 +10,8 @@
 #    its evaluation loss over BPE windows (`pipit eval`).
 # 2. A byte-level model trained by pipit: `GPT2LMHeadModel.from_pretrained` loads its
 #    checkpoint and must give pipit's evaluation loss and greedy continuation.
+# 3. The GPT-2 of 1 fine-tuned by pipit on BPE tokens (`pipit train --init`): transformers
+#    loads the new directory with the tokenizer pipit saved there and gives pipit's loss.
 #
 #     scripts/hf-check.sh [BACKEND]          # reference (default) or wgpu
 #
@@ -58,6 +60,12 @@ pipit generate --checkpoint "$work/hf" --backend "$backend" --stages 2 --prompt 
     --temperature 0 --max-tokens 40 --format json >"$work/hf-generate.json"
 pipit eval --checkpoint "$work/hf" --backend "$backend" --stages 2 --seq-len 128 \
     --data "$work/text.txt" --format json >"$work/hf-eval.json"
+
+pipit train --init "$work/hf" --backend "$backend" --data "$work/text.txt" --seq-len 128 \
+    --batch-size 4 --microbatches 2 --stages 2 --steps 20 --eval-every 0 --eval-tokens 512 \
+    --save "$work/tuned" >/dev/null
+pipit eval --checkpoint "$work/tuned" --backend "$backend" --stages 2 --seq-len 128 \
+    --data "$work/text.txt" --format json >"$work/tuned-eval.json"
 
 # 2. pipit's checkpoint in transformers.
 pipit train --backend "$backend" --steps 200 --eval-every 0 --save "$work/pipit" >/dev/null
@@ -120,6 +128,14 @@ ev = json.load(open(f"{work}/hf-eval.json"))
 check("transformers' GPT-2, pipit counts BPE tokens", ev["per"] == "token", ev["per"])
 same_loss("transformers' GPT-2, loss over BPE windows", ev,
           *window_loss(model, tok(text).input_ids, 128))
+
+tuned = GPT2LMHeadModel.from_pretrained(f"{work}/tuned").eval()
+tuned_tok = GPT2TokenizerFast.from_pretrained(f"{work}/tuned")
+ev = json.load(open(f"{work}/tuned-eval.json"))
+base = window_loss(model, tok(text).input_ids, 128)[0]
+check("pipit's fine-tuning moved the loss", ev["loss"] < base, f"{base:.4f} -> {ev['loss']:.4f}")
+same_loss("pipit's fine-tuned GPT-2 in transformers, with the tokenizer pipit saved", ev,
+          *window_loss(tuned, tuned_tok(text).input_ids, 128))
 
 model = GPT2LMHeadModel.from_pretrained(f"{work}/pipit").eval()
 ev = json.load(open(f"{work}/pipit-eval.json"))

@@ -118,7 +118,8 @@ fn samples_side_by_side_on_looped_stages() {
         .collect();
     for round in 0..10 {
         let views: Vec<&[u32]> = contexts.iter().map(Vec::as_slice).collect();
-        let rows = trainer.next_tokens_logits(&views).unwrap();
+        // Sequences of different lengths never share a pass, whatever the batch.
+        let rows = trainer.next_tokens_logits(&views, 3).unwrap();
         assert_eq!(rows.len(), 3);
         for (row, context) in rows.iter().zip(&contexts) {
             assert_eq!(row, &whole(&mut trainer, context), "round {round}");
@@ -132,6 +133,42 @@ fn samples_side_by_side_on_looped_stages() {
             }
         }
     }
+}
+
+/// Five sequences of one length in passes of two (2, 2 and 1 sequences, each pass with its
+/// caches for that many), growing a token a round, restarting together from their last 10
+/// tokens as generation does: every answer is its whole context's, within `tol`.
+fn batched_passes_match_whole_passes<B: Backend>(make: impl Fn() -> B, tol: f64) {
+    let cfg = TrainConfig {
+        schedule: "interleaved".into(),
+        chunks: 2,
+        ..config(2, "f32")
+    };
+    let mut trainer = Trainer::new(cfg, |_| Ok(make()), Init::Fresh).unwrap();
+    let mut rng = Rng::new(11);
+    let mut contexts: Vec<Vec<u32>> = (0..5)
+        .map(|_| (0..4).map(|_| rng.below(61) as u32).collect())
+        .collect();
+    for round in 0..24 {
+        let views: Vec<&[u32]> = contexts.iter().map(Vec::as_slice).collect();
+        let rows = trainer.next_tokens_logits(&views, 2).unwrap();
+        assert_eq!(rows.len(), 5);
+        for (i, (row, context)) in rows.iter().zip(&contexts).enumerate() {
+            let err = relative_error(row, &whole(&mut trainer, context));
+            assert!(err <= tol, "round {round}, sequence {i}: {err:e} > {tol:e}");
+        }
+        for c in contexts.iter_mut() {
+            c.push(rng.below(61) as u32);
+            if c.len() > 24 {
+                c.drain(..c.len() - 10);
+            }
+        }
+    }
+}
+
+#[test]
+fn reference_batched_passes_give_the_bits_of_whole_passes() {
+    batched_passes_match_whole_passes(ReferenceBackend::new, 0.0);
 }
 
 /// A training step changes the weights: the keys and values cached before it are dropped, so
@@ -191,6 +228,10 @@ fn mixed_precision_runs_whole_passes() {
 
 #[test]
 fn wgpu_cached_decoding_matches_whole_passes() {
+    batched_passes_match_whole_passes(
+        || pipit_wgpu::WgpuBackend::new().expect("a wgpu adapter"),
+        1e-5,
+    );
     for stages in [1, 2] {
         cached_logits_match_whole_passes(
             || pipit_wgpu::WgpuBackend::new().expect("a wgpu adapter"),

@@ -345,7 +345,7 @@ pub struct Trainer<B: Backend> {
     pub ranks: Vec<Rank<B, InProcessTransport>>,
     /// Steps completed so far.
     pub step: u64,
-    /// Key/value caches for [`Trainer::next_tokens_logits`]: per rank, one per sequence, made
+    /// Key/value caches for [`Trainer::next_tokens_logits`]: per rank, one per pass, made
     /// on first use and dropped by every training step. (A caller that changes the weights
     /// through `ranks` itself must not reuse them.)
     decoders: Vec<Vec<Decoder<B>>>,
@@ -468,22 +468,26 @@ impl<B: Backend> Trainer<B> {
     /// Logits of the last position of `tokens` (one sequence, at most `n_positions` long), for
     /// sampling: [`Trainer::next_tokens_logits`] for one sequence.
     pub fn next_token_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        Ok(self.next_tokens_logits(&[tokens])?.remove(0))
+        Ok(self.next_tokens_logits(&[tokens], 1)?.remove(0))
     }
 
     /// The last position's logits after each of `contexts` (sequences generated side by side,
-    /// each at most `n_positions` long), the ranks working on different sequences at once.
-    /// Each rank keeps, per sequence, the keys and values of the last call's tokens: when
-    /// those begin the sequence's context, only the tokens after them run (in f32; see
-    /// [`Decoder`]).
-    pub fn next_tokens_logits(&mut self, contexts: &[&[u32]]) -> Result<Vec<Vec<f32>>> {
+    /// each at most `n_positions` long), run through the stages in passes of up to `batch`
+    /// sequences of one length, the ranks working on different passes at once. Each rank
+    /// keeps, per pass, the keys and values of the last call's tokens: when those begin the
+    /// pass's contexts, only the tokens after them run (in f32; see [`Decoder`]).
+    pub fn next_tokens_logits(
+        &mut self,
+        contexts: &[&[u32]],
+        batch: usize,
+    ) -> Result<Vec<Vec<f32>>> {
         let (capacity, vocab) = (self.config.model.n_positions, self.config.model.vocab_size);
         if self.decoders.len() != self.ranks.len() {
             self.decoders = self.ranks.iter().map(|_| Vec::new()).collect();
         }
         let placement = &self.schedule.placement;
         let rows = exec::on_every_rank(&mut self.ranks, &mut self.decoders, |rank, decs| {
-            exec::decode_rank(placement, rank, decs, contexts, capacity, vocab)
+            exec::decode_rank(placement, rank, decs, contexts, batch, capacity, vocab)
         });
         // After a failure no rank's caches are to be trusted.
         let mut rows = rows.inspect_err(|_| self.decoders.clear())?;

@@ -53,11 +53,15 @@ pub struct GenerateArgs {
     #[arg(long)]
     ignore_eos: bool,
     /// Samples to generate side by side, each with its own caches; they fill the pipeline
-    /// (rank r + 1 runs one sample's token while rank r runs the next's), in one process or
+    /// (rank r + 1 runs one pass of samples while rank r runs the next), in one process or
     /// across processes.
     /// One streams as it goes; several are printed at the end, each under a header line.
     #[arg(long, default_value_t = 1)]
     samples: usize,
+    /// Samples that go through a stage together, as one batch. [default: the samples split
+    /// into --stages passes, so that they fill the pipeline]
+    #[arg(long, value_name = "B")]
+    batch_size: Option<usize>,
     /// Output format: the text (and a line on stderr with the rate), or one JSON object
     /// `{"prompt", "samples": [{"seed", "text", "ids", "end"}], "tokens", "seconds",
     /// "tokens_per_sec"}` where `ids` are the generated tokens, `text` is the prompt and
@@ -98,6 +102,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if args.samples == 0 {
         return Err(invalid_input!("--samples must be at least 1, got 0"));
+    }
+    if args.batch_size == Some(0) {
+        return Err(invalid_input!("--batch-size must be at least 1, got 0"));
     }
     if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
         return Err(invalid_input!(
@@ -169,10 +176,13 @@ impl BackendJob for GenerateJob<'_> {
             launch,
         } = self;
         let window = config.model.n_positions;
+        let batch = args
+            .batch_size
+            .unwrap_or(args.samples.div_ceil(config.stages));
         let Some(env) = launch else {
             let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
             return write_samples(args, tokenizer, prompt, window, true, |contexts, pick| {
-                let rows = trainer.next_tokens_logits(contexts)?;
+                let rows = trainer.next_tokens_logits(contexts, batch)?;
                 Ok(rows
                     .iter()
                     .enumerate()
@@ -192,6 +202,7 @@ impl BackendJob for GenerateJob<'_> {
             "top_p": args.top_p,
             "seed": args.seed,
             "samples": args.samples,
+            "batch_size": batch,
             "ignore_eos": args.ignore_eos,
         });
         let result = rank
@@ -203,7 +214,7 @@ impl BackendJob for GenerateJob<'_> {
                     prompt,
                     window,
                     env.rank == 0,
-                    |contexts, pick| rank.next_tokens(contexts, pick),
+                    |contexts, pick| rank.next_tokens(contexts, batch, pick),
                 )
             });
         rank.conclude(result)

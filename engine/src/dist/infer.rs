@@ -13,14 +13,15 @@ use crate::invalid_input;
 
 impl<B: Backend> RankTrainer<B> {
     /// The next token after each of `contexts` (sequences generated side by side, the same on
-    /// every rank), pipelined: each rank runs its stages on every sequence in turn and hands
-    /// each on at once, so rank `r + 1` works on one sequence while rank `r` works on the
-    /// next. The last stage's rank then sends every sequence's last-position logits to rank 0,
-    /// where `pick(i, logits)` chooses sequence `i`'s token (`pick` runs on rank 0 only), and
-    /// rank 0 sends the choices to every rank. Collective.
+    /// every rank), pipelined: each rank runs its stages on passes of up to `batch` sequences
+    /// in turn and hands each on at once, so rank `r + 1` works on one pass while rank `r`
+    /// works on the next ([`decode_rank`]). The last stage's rank then sends every sequence's
+    /// last-position logits to rank 0, where `pick(i, logits)` chooses sequence `i`'s token
+    /// (`pick` runs on rank 0 only), and rank 0 sends the choices to every rank. Collective.
     pub fn next_tokens(
         &mut self,
         contexts: &[&[u32]],
+        batch: usize,
         mut pick: impl FnMut(usize, &[f32]) -> usize,
     ) -> Result<Vec<usize>> {
         let me = self.rank.rank;
@@ -36,6 +37,7 @@ impl<B: Backend> RankTrainer<B> {
             &mut self.rank,
             &mut self.decoders,
             contexts,
+            batch,
             capacity,
             vocab,
         );

@@ -38,8 +38,9 @@ pub enum Pass<'a, B: Backend> {
         /// Tokens per sequence.
         seq: usize,
     },
-    /// One sequence's tokens after those in the caches (by stage index), which take them in;
-    /// the last stage produces the new tokens' logits.
+    /// The tokens of the caches' sequences (as many per sequence, one sequence after the
+    /// other) that follow those in the caches (by stage index), which take them in; the last
+    /// stage produces the new tokens' logits.
     Cached(&'a mut BTreeMap<usize, KvCache<B>>),
 }
 
@@ -75,7 +76,8 @@ impl<B: Backend> Pass<'_, B> {
                 let cache = caches
                     .get_mut(&stage)
                     .ok_or_else(|| anyhow!("stage {stage} has no key/value cache"))?;
-                model.decode(backend, input, cache, tokens)
+                let new = tokens / cache.batch();
+                model.decode(backend, input, cache, new)
             }
         }
     }
@@ -189,9 +191,10 @@ pub fn evaluate_rank<B: Backend, T: Transport<B>>(
 }
 
 /// This rank's part of one decoding round: the next token's logits after each of `contexts`
-/// (sequences generated side by side, sequence `i` with `decoders[i]`, made on first use for
-/// `capacity` positions). Each sequence is handed on as soon as this rank is done with it, so
-/// rank `r + 1` works on one sequence while rank `r` works on the next. Returns every
+/// (sequences generated side by side). The sequences go through the stages in passes of up to
+/// `batch` at once, consecutive ones of the same length (pass `k` with `decoders[k]`, made on
+/// first use for `capacity` positions), and each pass is handed on as soon as this rank is done
+/// with it, so rank `r + 1` works on one pass while rank `r` works on the next. Returns every
 /// sequence's last-position logits (`vocab` each, one after the other) on the rank holding the
 /// last stage, nothing on the others.
 pub fn decode_rank<B: Backend, T: Transport<B>>(
@@ -199,20 +202,47 @@ pub fn decode_rank<B: Backend, T: Transport<B>>(
     rank: &mut Rank<B, T>,
     decoders: &mut Vec<Decoder<B>>,
     contexts: &[&[u32]],
+    batch: usize,
     capacity: usize,
     vocab: usize,
 ) -> Result<Vec<f32>> {
     let mut rows = Vec::new();
-    for (i, context) in contexts.iter().enumerate() {
-        let decoder = Decoder::nth(decoders, i, std::slice::from_ref(rank), capacity)?;
-        let logits = decoder.extend(context, |new, pass| {
-            forward_rank(placement, rank, new, pass)
-        })?;
+    for (k, group) in passes(contexts, batch).into_iter().enumerate() {
+        let decoder = Decoder::nth(
+            decoders,
+            k,
+            std::slice::from_ref(rank),
+            group.len(),
+            capacity,
+        )?;
+        let logits = decoder.extend(group, |new, pass| forward_rank(placement, rank, new, pass))?;
         if let Some(l) = logits {
-            rows.extend_from_slice(&l[l.len() - vocab..]);
+            // The last position of each sequence of the pass.
+            let per = l.len() / (group.len() * vocab);
+            for row in l.chunks_exact(per * vocab) {
+                rows.extend_from_slice(&row[(per - 1) * vocab..]);
+            }
         }
     }
     Ok(rows)
+}
+
+/// `contexts` cut into runs of consecutive ones of the same length, at most `batch` each
+/// (at least one).
+fn passes<'a, 'b>(contexts: &'b [&'a [u32]], batch: usize) -> Vec<&'b [&'a [u32]]> {
+    let mut out = Vec::new();
+    let mut rest = contexts;
+    while !rest.is_empty() {
+        let n = rest
+            .iter()
+            .take(batch.max(1))
+            .take_while(|c| c.len() == rest[0].len())
+            .count();
+        let (pass, tail) = rest.split_at(n);
+        out.push(pass);
+        rest = tail;
+    }
+    out
 }
 
 /// Run `f` on every rank of an in-process pipeline at once, rank `r` on its own thread with
@@ -294,37 +324,49 @@ pub fn forward<B: Backend, T: Transport<B>>(
         .ok_or_else(|| anyhow!("rank {holder} holds the last stage but produced nothing"))
 }
 
-/// Key/value caches for the stages of some ranks and the one sequence whose tokens they
-/// hold, so each next token of a growing context runs alone through the pipeline.
+/// Key/value caches for the stages of some ranks and the sequences whose tokens they hold (of
+/// equal length, run together), so each next token of growing contexts runs alone through the
+/// pipeline.
 ///
 /// The caches are f32: when a stage computes in another dtype (bf16 mixed precision), the
 /// decoder holds none and every context runs whole.
 pub struct Decoder<B: Backend> {
     /// By stage index; `None` when the contexts run whole.
     caches: Option<BTreeMap<usize, KvCache<B>>>,
-    /// The tokens the caches hold (empty after a failed pass).
-    held: Vec<u32>,
+    /// The tokens the caches hold, per sequence (empty after a failed pass).
+    held: Vec<Vec<u32>>,
+    /// Sequences.
+    batch: usize,
     capacity: usize,
 }
 
 impl<B: Backend> Decoder<B> {
-    /// Decoder `i` of `decoders` (one per sequence generated side by side), made with the
-    /// missing ones before it on first use, for the stages of `ranks`.
+    /// Decoder `k` of `decoders` (one per pass of sequences generated side by side), made
+    /// for `batch` sequences when it is missing or holds another count, for the stages of
+    /// `ranks`.
     pub fn nth<'a, T: Transport<B>>(
         decoders: &'a mut Vec<Decoder<B>>,
-        i: usize,
+        k: usize,
         ranks: &[Rank<B, T>],
+        batch: usize,
         capacity: usize,
     ) -> Result<&'a mut Decoder<B>> {
-        while decoders.len() <= i {
-            decoders.push(Decoder::new(ranks, capacity)?);
+        while decoders.len() <= k {
+            decoders.push(Decoder::new(ranks, batch, capacity)?);
         }
-        Ok(&mut decoders[i])
+        if decoders[k].batch != batch {
+            decoders[k] = Decoder::new(ranks, batch, capacity)?;
+        }
+        Ok(&mut decoders[k])
     }
 
-    /// Empty caches of `capacity` positions (at most the model's `n_positions`) for every
-    /// stage of `ranks`.
-    pub fn new<T: Transport<B>>(ranks: &[Rank<B, T>], capacity: usize) -> Result<Self> {
+    /// Empty caches of `capacity` positions (at most the model's `n_positions`) for `batch`
+    /// sequences, for every stage of `ranks`.
+    pub fn new<T: Transport<B>>(
+        ranks: &[Rank<B, T>],
+        batch: usize,
+        capacity: usize,
+    ) -> Result<Self> {
         let stages = || {
             ranks
                 .iter()
@@ -333,7 +375,7 @@ impl<B: Backend> Decoder<B> {
         let caches = if stages().all(|(_, (_, model))| model.dtype() == DType::F32) {
             let mut caches = BTreeMap::new();
             for (rank, (stage, model)) in stages() {
-                caches.insert(*stage, model.kv_cache(&rank.backend, 1, capacity)?);
+                caches.insert(*stage, model.kv_cache(&rank.backend, batch, capacity)?);
             }
             Some(caches)
         } else {
@@ -342,43 +384,58 @@ impl<B: Backend> Decoder<B> {
         Ok(Self {
             caches,
             held: Vec::new(),
+            batch,
             capacity,
         })
     }
 
-    /// Run `pass` on what `context` adds to the held tokens: its tokens after them, when they
-    /// begin it, else (the caches cleared first) all of it. `pass` gets those tokens and the
-    /// [`Pass`] to run them with: [`Pass::Cached`], or [`Pass::Whole`] for logits without
-    /// caches.
+    /// Run `pass` on what `contexts` (one per sequence, all of one length) add to the held
+    /// tokens: their tokens after them, when each begins with its sequence's and they are as
+    /// many for every sequence, else (the caches cleared first) all of them. `pass` gets those
+    /// tokens, sequence after sequence, and the [`Pass`] to run them with: [`Pass::Cached`],
+    /// or [`Pass::Whole`] for logits without caches.
     pub fn extend<R>(
         &mut self,
-        context: &[u32],
+        contexts: &[&[u32]],
         pass: impl FnOnce(&[u32], Pass<'_, B>) -> Result<R>,
     ) -> Result<R> {
-        if context.is_empty() || context.len() > self.capacity {
+        let len = contexts.first().map_or(0, |c| c.len());
+        if contexts.len() != self.batch || contexts.iter().any(|c| c.len() != len) {
             bail!(
-                "a context of {} tokens does not fit a cache of 1..={} positions",
-                context.len(),
+                "a decoder for {} sequences was given {} contexts of lengths {:?}",
+                self.batch,
+                contexts.len(),
+                contexts.iter().map(|c| c.len()).collect::<Vec<_>>()
+            );
+        }
+        if len == 0 || len > self.capacity {
+            bail!(
+                "a context of {len} tokens does not fit a cache of 1..={} positions",
                 self.capacity
             );
         }
         let Some(caches) = self.caches.as_mut() else {
             let whole = Pass::Whole {
                 want: Want::Logits,
-                batch: 1,
-                seq: context.len(),
+                batch: self.batch,
+                seq: len,
             };
-            return pass(context, whole);
+            return pass(&contexts.concat(), whole);
         };
         let held = std::mem::take(&mut self.held);
-        let start = if context.len() > held.len() && context.starts_with(&held) {
-            held.len()
+        let past = held.first().map_or(0, Vec::len);
+        let follows = held.len() == contexts.len()
+            && len > past
+            && contexts.iter().zip(&held).all(|(c, h)| c.starts_with(h));
+        let start = if follows {
+            past
         } else {
             caches.values_mut().for_each(KvCache::clear);
             0
         };
-        let result = pass(&context[start..], Pass::Cached(caches))?;
-        self.held = context.to_vec();
+        let new: Vec<u32> = contexts.iter().flat_map(|c| &c[start..]).copied().collect();
+        let result = pass(&new, Pass::Cached(caches))?;
+        self.held = contexts.iter().map(|c| c.to_vec()).collect();
         Ok(result)
     }
 }

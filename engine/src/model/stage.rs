@@ -127,6 +127,11 @@ impl<B: Backend> KvCache<B> {
         self.capacity
     }
 
+    /// Sequences it holds.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
     /// Forget every token (the buffers stay, to be overwritten).
     pub fn clear(&mut self) {
         self.past = 0;
