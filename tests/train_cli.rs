@@ -301,37 +301,44 @@ fn generate_and_eval_read_the_checkpoint() {
     assert!(v["loss"].as_f64().unwrap() > 0.0);
 }
 
+/// A tiny model trained one step into `dir/ckpt`, with a GPT-2 style tokenizer beside it: the
+/// 256 bytes, then `extra` tokens (ids 256 on, the model's vocabulary just large enough), and
+/// `merges`. Returns the checkpoint and the vocab.json written.
+fn toy_bpe_checkpoint(dir: &Path, extra: &[&str], merges: &str) -> (std::path::PathBuf, String) {
+    let ckpt = dir.join("ckpt");
+    let vocab_size = (256 + extra.len()).to_string();
+    ok(&train(&[
+        "--steps",
+        "1",
+        "--vocab-size",
+        &vocab_size,
+        "--save",
+        ckpt.to_str().unwrap(),
+    ]));
+    let table = pipit_engine::tokenizer::byte_chars();
+    let mut vocab: serde_json::Map<String, Value> = (0..256)
+        .map(|b| (table[b].to_string(), Value::from(b)))
+        .collect();
+    for (i, s) in extra.iter().enumerate() {
+        vocab.insert(s.to_string(), Value::from(256 + i));
+    }
+    let vocab = serde_json::to_string(&vocab).unwrap();
+    std::fs::write(ckpt.join("vocab.json"), &vocab).unwrap();
+    std::fs::write(ckpt.join("merges.txt"), merges).unwrap();
+    (ckpt, vocab)
+}
+
 /// A checkpoint that carries a GPT-2 style vocab.json and merges.txt speaks BPE tokens: the
 /// prompt and the text to score are encoded with its merges, generated ids decode through its
 /// vocabulary, and eval counts tokens, not bytes. Here a toy vocabulary: the 256 bytes and
 /// "th", "the", " the".
 #[test]
 fn generate_and_eval_speak_a_checkpoints_bpe_vocabulary() {
-    use pipit_engine::tokenizer::{byte_chars, Bpe};
+    use pipit_engine::tokenizer::Bpe;
     let dir = scratch("bpe");
-    let ckpt = dir.join("ckpt");
+    let merges = "#version: 0.2\nt h\nth e\n\u{120} the\n";
+    let (ckpt, vocab) = toy_bpe_checkpoint(&dir, &["th", "the", "\u{120}the"], merges);
     let c = ckpt.to_str().unwrap();
-    ok(&train(&[
-        "--steps",
-        "1",
-        "--vocab-size",
-        "259",
-        "--save",
-        c,
-    ]));
-    let table = byte_chars();
-    let mut vocab: serde_json::Map<String, Value> = (0..256)
-        .map(|b| (table[b].to_string(), Value::from(b)))
-        .collect();
-    for (i, s) in ["th", "the", "\u{120}the"].iter().enumerate() {
-        vocab.insert(s.to_string(), Value::from(256 + i));
-    }
-    let (vocab, merges) = (
-        serde_json::to_string(&vocab).unwrap(),
-        "#version: 0.2\nt h\nth e\n\u{120} the\n",
-    );
-    std::fs::write(ckpt.join("vocab.json"), &vocab).unwrap();
-    std::fs::write(ckpt.join("merges.txt"), merges).unwrap();
     let bpe = Bpe::new(&vocab, merges).unwrap();
 
     let out = pipit(&[
@@ -454,18 +461,10 @@ fn generate_and_eval_speak_a_checkpoints_bpe_vocabulary() {
 #[test]
 fn a_sample_ends_at_end_of_text() {
     use pipit_engine::checkpoint;
-    use pipit_engine::tokenizer::byte_chars;
     let dir = scratch("eos");
-    let ckpt = dir.join("ckpt");
+    let merges = "#version: 0.2\n";
+    let (ckpt, vocab) = toy_bpe_checkpoint(&dir, &["<|endoftext|>"], merges);
     let c = ckpt.to_str().unwrap();
-    ok(&train(&[
-        "--steps",
-        "1",
-        "--vocab-size",
-        "257",
-        "--save",
-        c,
-    ]));
     let mut model = checkpoint::load(&ckpt).unwrap();
     let width = model.config.n_embd;
     let u: Vec<f32> = (0..width)
@@ -482,14 +481,11 @@ fn a_sample_ends_at_end_of_text() {
     for (w, x) in wte[256 * width..].iter_mut().zip(&u) {
         *w = 10.0 * x;
     }
-    checkpoint::save(&ckpt, &model).unwrap();
-    let table = byte_chars();
-    let mut vocab: serde_json::Map<String, Value> = (0..256)
-        .map(|b| (table[b].to_string(), Value::from(b)))
-        .collect();
-    vocab.insert("<|endoftext|>".into(), Value::from(256));
-    std::fs::write(ckpt.join("vocab.json"), Value::from(vocab).to_string()).unwrap();
-    std::fs::write(ckpt.join("merges.txt"), "#version: 0.2\n").unwrap();
+    let tokenizer = [
+        ("vocab.json", vocab.as_bytes()),
+        ("merges.txt", merges.as_bytes()),
+    ];
+    checkpoint::save_with(&ckpt, &model, &tokenizer).unwrap();
 
     let generate = |extra: &[&str]| {
         let mut a = vec!["generate", "--backend", "reference", "--checkpoint", c];
