@@ -551,6 +551,14 @@ fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
     );
     refused(&train(&["--grad-clip", "nan"]), "got NaN");
     refused(
+        &train(&["--weight-decay=-0.1"]),
+        "--weight-decay must be a number of 0 or more, got -0.1",
+    );
+    refused(
+        &pipit(&["train", "--min-lr=-1", "--no-save"]),
+        "--min-lr must be a number of 0 or more",
+    );
+    refused(
         &pipit(&[
             "train", "--resume", c, "--n-embd", "32", "--n-head", "2", "--save", c,
         ]),

@@ -144,6 +144,13 @@ impl TrainConfig {
                 self.lr
             ));
         }
+        for (name, value) in [("min-lr", self.min_lr), ("weight-decay", self.weight_decay)] {
+            if !(value >= 0.0 && value.is_finite()) {
+                return Err(invalid_input!(
+                    "--{name} must be a number of 0 or more, got {value}"
+                ));
+            }
+        }
         if !(self.grad_clip >= 0.0 && self.grad_clip.is_finite()) {
             return Err(invalid_input!(
                 "--grad-clip must be a norm of 0 (no clipping) or more, got {}",

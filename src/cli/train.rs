@@ -135,6 +135,10 @@ pub struct TrainArgs {
     /// Final learning rate of the cosine decay.
     #[arg(long)]
     min_lr: Option<f64>,
+    /// AdamW's decoupled weight decay, on matrices and embeddings (not on biases and layer
+    /// norms), as GPT-2 recipes do.
+    #[arg(long)]
+    weight_decay: Option<f64>,
     /// Clip the gradient's global norm (over every stage) to this before each update, as
     /// PyTorch's clip_grad_norm_; 0 turns clipping off. The norm is logged per step.
     #[arg(long, value_name = "NORM")]
@@ -251,6 +255,7 @@ impl TrainArgs {
         set!(lr <- lr);
         set!(warmup_steps <- warmup_steps);
         set!(min_lr <- min_lr);
+        set!(weight_decay <- weight_decay);
         set!(grad_clip <- grad_clip);
         set!(seed <- seed);
         set!(eval_every <- eval_every);
