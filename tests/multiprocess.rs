@@ -549,6 +549,28 @@ fn the_rendezvous_refuses_a_wrong_token_and_different_settings() {
         line.contains("rank 1 failed") && line.contains("settings differ"),
         "{line}"
     );
+
+    // The same settings but another text on rank 1: the first stage would read one text and
+    // the last score another.
+    let dir = scratch("other-text");
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| {
+            let text = dir.join(format!("text{r}.txt"));
+            std::fs::write(&text, format!("{} {r}", "To be, or not to be. ".repeat(40))).unwrap();
+            let mut a = args.clone();
+            a.extend(["--data".to_string(), text.to_str().unwrap().to_string()]);
+            pipit(&a, &torchrun_env(r, 2, port)).spawn().unwrap()
+        })
+        .collect();
+    let outs: Vec<Output> = ranks.into_iter().map(finish).collect();
+    assert_eq!(outs[1].status.code(), Some(2), "{}", stderr(&outs[1]));
+    assert!(
+        error_line(&outs[1]).contains("rank 1 was given other training tokens than rank 0"),
+        "{}",
+        stderr(&outs[1])
+    );
+    assert!(error_line(&outs[0]).contains("rank 1 failed"));
 }
 
 #[test]

@@ -245,7 +245,8 @@ fn generate_and_eval_read_the_checkpoint() {
         "prompt, 20 bytes, newline"
     );
 
-    // Samples side by side, each with its own caches: sample i is what one sample with seed
+    // Samples side by side, in passes of 2 and 1 (the default for 3 samples over 2 stages),
+    // each pass with its own caches: sample i is what one sample with seed
     // 1337 + i gives (30 tokens after a 5-byte prompt pass the 16-position window).
     let sampled = |extra: &[&str]| {
         let out = generate(&[&["--max-tokens", "30", "--stages", "2"], extra].concat());

@@ -37,6 +37,18 @@ impl Corpus {
     }
 }
 
+impl Corpus {
+    /// A checksum of every token, training part then validation (FNV-1a over their
+    /// little-endian bytes): processes that must train on the same tokens compare it.
+    pub fn checksum(&self) -> u64 {
+        let mut h = crate::dist::frame::Fnv64::new();
+        for t in self.train.iter().chain(&self.val) {
+            h.update(&t.to_le_bytes());
+        }
+        h.finish()
+    }
+}
+
 /// `text` as its leading part and its held-out tail, the last `val_fraction` of its bytes; the
 /// cut moves forward past UTF-8 continuation bytes, so it never splits a character.
 pub fn split_text(text: &[u8], val_fraction: f64) -> Result<(&[u8], &[u8])> {

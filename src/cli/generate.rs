@@ -52,21 +52,22 @@ pub struct GenerateArgs {
     /// `eos_token_id`), which is not printed; byte-level models have no such token.
     #[arg(long)]
     ignore_eos: bool,
-    /// Samples to generate side by side, each with its own caches; they fill the pipeline
-    /// (rank r + 1 runs one pass of samples while rank r runs the next), in one process or
-    /// across processes.
+    /// Samples to generate side by side, in passes of --batch-size samples, each pass with
+    /// its own caches; they fill the pipeline (rank r + 1 runs one pass while rank r runs the
+    /// next), in one process or across processes.
     /// One streams as it goes; several are printed at the end, each under a header line.
     #[arg(long, default_value_t = 1)]
     samples: usize,
     /// Samples that go through a stage together, as one batch. [default: the samples split
-    /// into --stages passes, so that they fill the pipeline]
+    /// into at most --stages passes, so that they fill the pipeline]
     #[arg(long, value_name = "B")]
     batch_size: Option<usize>,
     /// Output format: the text (and a line on stderr with the rate), or one JSON object
     /// `{"prompt", "samples": [{"seed", "text", "ids", "end"}], "tokens", "seconds",
     /// "tokens_per_sec"}` where `ids` are the generated tokens, `text` is the prompt and
     /// them (without a final `<|endoftext|>`, invalid UTF-8 replaced) and `end` is
-    /// "end_of_text" or "max_tokens".
+    /// "end_of_text" or "max_tokens". `tokens` counts the samples' tokens; a sample that has
+    /// ended still runs, unseen, while others go on, and its work is not counted.
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
     /// Pipeline ranks to cut the model into.
@@ -194,8 +195,12 @@ impl BackendJob for GenerateJob<'_> {
         let timeout = Duration::from_secs_f64(args.peer_timeout);
         let mut rank = RankTrainer::new(config, backend, Init::Weights(ckpt), &env, timeout)?;
         // Every rank runs as many forward passes as rank 0 samples tokens.
+        // The prompt's tokens and the end-of-text token come from each rank's own copy of
+        // the checkpoint's tokenizer.
         let settings = json!({
             "prompt": args.prompt,
+            "prompt_ids": prompt,
+            "end_of_text": tokenizer.end_of_text(),
             "max_tokens": args.max_tokens,
             "temperature": args.temperature,
             "top_k": args.top_k,

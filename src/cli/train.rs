@@ -454,12 +454,23 @@ impl TrainJob<'_> {
             Some(env) => {
                 let backend = make(env.local_rank)?;
                 let timeout = Duration::from_secs_f64(args.peer_timeout);
-                Box::new(match tensors {
+                let mut rank = match tensors {
                     Some(t) => {
                         RankTrainer::with_tensor_transport(config, backend, start, env, timeout, t)?
                     }
                     None => RankTrainer::new(config, backend, start, env, timeout)?,
-                })
+                };
+                // The first stage reads the inputs and the last the targets: every rank must
+                // hold the same tokens (the same text, cut by the same tokenizer).
+                let tokens = json!({
+                    "tokens": [corpus.train.len(), corpus.val.len()],
+                    "checksum": corpus.checksum(),
+                });
+                if let Err(e) = rank.same_settings("training tokens", &tokens) {
+                    TrainLoop::abort(&mut rank, &format!("{e:#}"));
+                    return Err(e);
+                }
+                Box::new(rank)
             }
             None => Box::new(Trainer::new(config, make, start)?),
         };

@@ -207,7 +207,10 @@ pub fn decode_rank<B: Backend, T: Transport<B>>(
     vocab: usize,
 ) -> Result<Vec<f32>> {
     let mut rows = Vec::new();
-    for (k, group) in passes(contexts, batch).into_iter().enumerate() {
+    let passes = passes(contexts, batch);
+    // Caches of passes beyond this round's are dropped (their memory with them).
+    decoders.truncate(passes.len());
+    for (k, group) in passes.into_iter().enumerate() {
         let decoder = Decoder::nth(
             decoders,
             k,
@@ -219,6 +222,13 @@ pub fn decode_rank<B: Backend, T: Transport<B>>(
         if let Some(l) = logits {
             // The last position of each sequence of the pass.
             let per = l.len() / (group.len() * vocab);
+            if per == 0 || l.len() != per * group.len() * vocab {
+                bail!(
+                    "{} logits are no whole positions for {} sequences of a vocabulary of {vocab}",
+                    l.len(),
+                    group.len()
+                );
+            }
             for row in l.chunks_exact(per * vocab) {
                 rows.extend_from_slice(&row[(per - 1) * vocab..]);
             }
