@@ -4,5 +4,6 @@
 
 pub use pipit_cuda as cuda;
 pub use pipit_engine as engine;
+pub use pipit_meta as meta;
 pub use pipit_reference as reference;
 pub use pipit_wgpu as wgpu;

@@ -512,6 +512,42 @@ fn a_sample_ends_at_end_of_text() {
     );
 }
 
+/// `--dry-run` walks one step on no device and reports each rank's memory: the peaks a real
+/// first step measures, to the byte, for every schedule and with checkpointing.
+#[test]
+fn a_dry_run_predicts_the_memory_a_step_measures() {
+    let dir = scratch("dry-run");
+    for extra in [
+        &["--schedule", "1f1b"][..],
+        &["--schedule", "zb-v"],
+        &["--schedule", "gpipe", "--checkpoint-activations"],
+    ] {
+        let (dry, real) = (dir.join("dry.json"), dir.join("real.json"));
+        let (dry_s, real_s) = (dry.to_str().unwrap(), real.to_str().unwrap());
+        let out = train(&[extra, &["--log-json", dry_s, "--dry-run"]].concat());
+        ok(&out);
+        let table = String::from_utf8_lossy(&out.stdout);
+        assert!(table.contains("step peak"), "{table}");
+        ok(&train(
+            &[extra, &["--log-json", real_s, "--steps", "1"]].concat(),
+        ));
+        let predicted = &log_lines(&dry)[0];
+        let measured = &log_lines(&real)[0];
+        let peaks: Vec<&Value> = predicted["ranks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| &r["peak_bytes"])
+            .collect();
+        assert_eq!(peaks.len(), 2, "{extra:?}");
+        assert_eq!(
+            Value::from(peaks.into_iter().cloned().collect::<Vec<_>>()),
+            measured["peak_bytes"],
+            "{extra:?}"
+        );
+    }
+}
+
 #[test]
 fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
     let dir = scratch("bad");

@@ -1,6 +1,7 @@
 //! Subcommands of the `pipit` command line, one file each.
 
 mod device;
+mod dry_run;
 mod eval;
 mod generate;
 mod interrupt;

@@ -176,6 +176,12 @@ pub struct TrainArgs {
     /// Start from a checkpoint's weights (pipit's or Hugging Face's) with a fresh optimizer.
     #[arg(long, value_name = "DIR")]
     init: Option<PathBuf>,
+    /// Run one training step of these settings on no device and print the memory each rank
+    /// would hold (parameters and optimizer state, saved activations, the step's peak), as the
+    /// chosen --backend allocates it; then exit (with --log-json, the figures in bytes there).
+    /// Takes as long as walking the schedule.
+    #[arg(long)]
+    dry_run: bool,
     /// Print the settings this command would train with (defaults, config file and flags
     /// merged) as a TOML config file, and exit.
     #[arg(long)]
@@ -346,6 +352,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             toml::to_string(&config).context("writing the settings as TOML")?
         );
         return Ok(());
+    }
+    if args.dry_run {
+        return super::dry_run::run(config, args.backend, args.log_json.as_deref());
     }
     if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
         return Err(invalid_input!(

@@ -1,0 +1,101 @@
+//! The meta backend (sizes, no contents, no compute) counts a training step's memory as the
+//! reference backend does, rank by rank, to the byte: for every schedule, with and without
+//! activation checkpointing, in f32 and bf16. That is what makes `pipit train --dry-run`'s
+//! figures the ones a run would measure.
+
+use pipit::engine::backend::Backend;
+use pipit::engine::data::Corpus;
+use pipit::engine::model::GptConfig;
+use pipit::engine::train::{Init, TrainConfig, Trainer};
+use pipit::meta::MetaBackend;
+use pipit::reference::ReferenceBackend;
+
+/// Per rank: bytes held after building the stages, then the peak of one training step.
+fn memory<B: Backend>(config: &TrainConfig, make: impl Fn() -> B) -> (Vec<u64>, Vec<u64>) {
+    let mut trainer = Trainer::new(config.clone(), |_| Ok(make()), Init::Fresh).unwrap();
+    let held = trainer
+        .ranks
+        .iter()
+        .map(|r| r.backend.memory().in_use)
+        .collect();
+    let text: Vec<u8> = (0..4000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let corpus = Corpus::split(&text, 0.1).unwrap();
+    let log = trainer.train_step(&corpus).unwrap();
+    let peaks = log.report.ranks.iter().map(|r| r.peak_bytes).collect();
+    (held, peaks)
+}
+
+#[test]
+fn meta_memory_is_the_reference_backends_to_the_byte() {
+    let model = GptConfig {
+        vocab_size: 256,
+        n_positions: 32,
+        n_embd: 32,
+        n_layer: 6,
+        n_head: 2,
+    };
+    for (schedule, chunks) in [
+        ("gpipe", 1),
+        ("1f1b", 1),
+        ("interleaved", 2),
+        ("zb-h1", 1),
+        ("zb-v", 2),
+    ] {
+        for (checkpoint_activations, dtype, clip) in [
+            (false, "f32", 0.0),
+            (true, "f32", 1.0),
+            (false, "bf16", 0.0),
+        ] {
+            let config = TrainConfig {
+                model: model.clone(),
+                schedule: schedule.into(),
+                stages: 2,
+                chunks,
+                microbatches: 4,
+                batch_size: 8,
+                seq_len: 32,
+                checkpoint_activations,
+                dtype: dtype.into(),
+                grad_clip: clip,
+                ..TrainConfig::default()
+            };
+            let what = format!("{schedule}, checkpointing {checkpoint_activations}, {dtype}");
+            let want = memory(&config, ReferenceBackend::new);
+            let got = memory(&config, MetaBackend::new);
+            assert_eq!(
+                got, want,
+                "{what}: (held after building, step peak) per rank"
+            );
+            assert!(want.1.iter().zip(&want.0).all(|(p, h)| p > h), "{what}");
+        }
+    }
+}
+
+/// Like the CUDA backend, bf16 attention keeps a log-sum-exp per query row (head size 16
+/// here) instead of the probabilities: less memory at the peak than the reference backend's.
+#[test]
+fn meta_like_cuda_keeps_less_for_bf16_attention() {
+    let config = TrainConfig {
+        model: GptConfig {
+            vocab_size: 256,
+            n_positions: 64,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 2,
+        },
+        stages: 1,
+        microbatches: 1,
+        batch_size: 2,
+        seq_len: 64,
+        schedule: "gpipe".into(),
+        dtype: "bf16".into(),
+        ..TrainConfig::default()
+    };
+    let (held, reference) = memory(&config, MetaBackend::new);
+    let (_, cuda) = memory(&config, MetaBackend::like_cuda);
+    // Per block: [2 sequences, 2 heads, 64, 64] bf16 probabilities against 2·2·64 f32 rows.
+    let probabilities = 2 * 2 * 64 * 64 * 2;
+    let rows = 2 * 2 * 64 * 4;
+    assert!(reference[0] > held[0]);
+    assert_eq!(reference[0] - cuda[0], 2 * (probabilities - rows) as u64);
+}
