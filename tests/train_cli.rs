@@ -548,6 +548,64 @@ fn a_dry_run_predicts_the_memory_a_step_measures() {
     }
 }
 
+/// `--schedule auto` takes the schedule whose step simulates fastest; `--memory-limit` leaves
+/// out those whose dry run peaks above it, and refuses when none fits.
+#[test]
+fn auto_takes_the_fastest_schedule_that_fits() {
+    use pipit_engine::train::TrainConfig;
+    let dir = scratch("auto");
+    let log = dir.join("dry.json");
+    let dry = |extra: &[&str]| -> (Output, Value) {
+        let base = ["--dry-run", "--log-json", log.to_str().unwrap()];
+        let out = train(&[&base[..], extra].concat());
+        let line = if out.status.success() {
+            log_lines(&log).remove(0)
+        } else {
+            Value::Null
+        };
+        (out, line)
+    };
+    let peak = |v: &Value| -> u64 {
+        let ranks = v["ranks"].as_array().unwrap();
+        ranks
+            .iter()
+            .map(|r| r["peak_bytes"].as_u64().unwrap())
+            .max()
+            .unwrap()
+    };
+    let (out, auto) = dry(&["--schedule", "auto"]);
+    ok(&out);
+    let config: TrainConfig = serde_json::from_value(auto["config"].clone()).unwrap();
+    let choices = config.schedule_choices();
+    let (fastest, _) = TrainConfig::fastest(&choices).unwrap();
+    assert_eq!(
+        (&config.schedule, config.chunks),
+        (&fastest.schedule, fastest.chunks)
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains(&format!("schedule auto: {}", config.schedule)),
+        "{said}"
+    );
+
+    // Just below the fastest one's peak: another schedule, within the limit.
+    let limit = (peak(&auto) - 1).to_string();
+    let (out, fitting) = dry(&["--schedule", "auto", "--memory-limit", &limit]);
+    ok(&out);
+    assert_ne!(fitting["config"]["schedule"], auto["config"]["schedule"]);
+    assert!(peak(&fitting) < peak(&auto));
+    let (out, _) = dry(&["--schedule", "auto", "--memory-limit", "1kB"]);
+    refused(&out, "--memory-limit 1.0 kB: no schedule fits");
+    refused(
+        &dry(&["--memory-limit", "1GB"]).0,
+        "use it with --schedule auto",
+    );
+    refused(
+        &dry(&["--schedule", "auto", "--memory-limit", "1x"]).0,
+        "got 1x",
+    );
+}
+
 #[test]
 fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
     let dir = scratch("bad");

@@ -21,7 +21,7 @@ use crate::model::{
     init_parameters, AdamWConfig, GptConfig, HostTensors, Layer, OptimizerState, StageModel,
 };
 use crate::schedule::{generate, generate_for, lower_for, validate, Schedule, ScheduleKind};
-use crate::sim::Costs;
+use crate::sim::{simulate, Costs, Simulation};
 
 /// Everything that defines a training run. Field names are the CLI's flag names with `_`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -228,6 +228,42 @@ impl TrainConfig {
         let lowered = lower_for(&compute, &costs)?;
         validate(&lowered)?;
         Ok(lowered)
+    }
+
+    /// The schedules `--schedule auto` weighs for these stages and micro-batches, those the
+    /// model's layers allow, each with its step simulated under [`TrainConfig::stage_costs`]
+    /// (transfers free): 1f1b, zb-h1 (over `chunks`), interleaved (over `chunks`, at least 2),
+    /// zb-v and gpipe, in that order, the order [`TrainConfig::fastest`] keeps on ties (1F1B
+    /// holds fewer micro-batches than GPipe for the same time).
+    pub fn schedule_choices(&self) -> Vec<(TrainConfig, Simulation)> {
+        let chunks = self.chunks.max(1);
+        [
+            ("1f1b", 1),
+            ("zb-h1", chunks),
+            ("interleaved", chunks.max(2)),
+            ("zb-v", 2),
+            ("gpipe", 1),
+        ]
+        .into_iter()
+        .filter_map(|(schedule, chunks)| {
+            let config = TrainConfig {
+                schedule: schedule.into(),
+                chunks,
+                ..self.clone()
+            };
+            config.validate().ok()?;
+            let simulation = simulate(&config.plan().ok()?, &config.stage_costs().ok()?).ok()?;
+            Some((config, simulation))
+        })
+        .collect()
+    }
+
+    /// Of `choices`, the first with the shortest simulated step (within a part in a million).
+    pub fn fastest(choices: &[(TrainConfig, Simulation)]) -> Option<&(TrainConfig, Simulation)> {
+        choices.iter().fold(None, |best, c| match best {
+            Some(b) if b.1.makespan <= c.1.makespan * (1.0 + 1e-6) => Some(b),
+            _ => Some(c),
+        })
     }
 
     /// Estimated compute cost of each stage, in forward FLOPs per token ([`layer_costs`]):
@@ -635,6 +671,35 @@ pub(crate) fn resumed_step(c: &Checkpoint, config: &TrainConfig) -> Result<u64> 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn auto_weighs_the_schedules_the_layers_allow_and_keeps_the_first_on_ties() {
+        // 6 layers over 4 ranks: no room for 2 chunks a rank.
+        let four = TrainConfig::default();
+        let names: Vec<String> = four
+            .schedule_choices()
+            .iter()
+            .map(|(c, _)| format!("{} {}", c.schedule, c.chunks))
+            .collect();
+        assert_eq!(names, ["1f1b 1", "zb-h1 1", "gpipe 1"]);
+        let two = TrainConfig {
+            stages: 2,
+            ..TrainConfig::default()
+        };
+        let choices = two.schedule_choices();
+        assert_eq!(choices.len(), 5);
+        let (best, sim) = TrainConfig::fastest(&choices).unwrap();
+        assert!(choices.iter().all(|(_, s)| sim.makespan <= s.makespan));
+        // Split backwards fill the drain: zero bubble beats 1F1B's order.
+        assert!(best.schedule.starts_with("zb"), "{}", best.schedule);
+        // Equal steps: the first listed stays (1f1b before gpipe).
+        let tied = [
+            choices[0].clone(),
+            (choices[4].0.clone(), choices[0].1.clone()),
+        ];
+        assert_eq!(TrainConfig::fastest(&tied).unwrap().0.schedule, "1f1b");
+    }
+
     use super::*;
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use pipit_engine::data::Corpus;
-use pipit_engine::train::{Init, TrainConfig, Trainer};
+use pipit_engine::train::{Init, StepLog, TrainConfig, Trainer};
 use pipit_engine::Backend;
 use pipit_meta::MetaBackend;
 use serde_json::json;
@@ -16,31 +16,13 @@ use super::device::BackendChoice;
 /// rank's stages, parameters and memory; with `log_json`, write the figures there too, as one
 /// JSON object.
 pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>) -> Result<()> {
-    let like_cuda = match backend {
-        BackendChoice::Cuda => true,
-        BackendChoice::Auto => pipit_cuda::probe().is_ok(),
-        BackendChoice::Reference | BackendChoice::Wgpu => false,
-    };
-    let make = |_| {
-        Ok(if like_cuda {
-            MetaBackend::like_cuda()
-        } else {
-            MetaBackend::new()
-        })
-    };
+    let like_cuda = counts_like_cuda(backend);
     let c = config.clone();
-    let mut trainer = Trainer::new(config, make, Init::Fresh)?;
-    let at_rest: Vec<u64> = trainer
-        .ranks
-        .iter()
-        .map(|r| r.backend.memory().in_use)
-        .collect();
-    // The tokens do not matter: nothing is computed.
-    let corpus = Corpus {
-        train: vec![0; c.seq_len + 2],
-        val: Vec::new(),
-    };
-    let step = trainer.train_step(&corpus)?;
+    let DryStep {
+        trainer,
+        at_rest,
+        step,
+    } = dry_step(config, like_cuda)?;
     println!(
         "dry run of one step: {} layers, width {}, {} parameters | {} schedule, p={} m={} v={}, batch {}×{} tokens, {}{}",
         c.model.n_layer,
@@ -114,7 +96,7 @@ pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>)
 }
 
 /// `n` bytes in decimal units: `512 B`, `12.3 kB`, `4.56 MB`, `1.23 GB`.
-fn bytes(n: u64) -> String {
+pub fn bytes(n: u64) -> String {
     let x = n as f64;
     match n {
         0..1_000 => format!("{n} B"),
@@ -122,4 +104,49 @@ fn bytes(n: u64) -> String {
         1_000_000..1_000_000_000 => format!("{:.2} MB", x / 1e6),
         _ => format!("{:.2} GB", x / 1e9),
     }
+}
+
+/// Whether `backend` allocates as the CUDA backend does (`auto` on a machine with a GPU).
+pub fn counts_like_cuda(backend: BackendChoice) -> bool {
+    match backend {
+        BackendChoice::Cuda => true,
+        BackendChoice::Auto => pipit_cuda::probe().is_ok(),
+        BackendChoice::Reference | BackendChoice::Wgpu => false,
+    }
+}
+
+/// One step on meta backends: the trainer, each rank's bytes before it, and its report.
+pub struct DryStep {
+    pub trainer: Trainer<MetaBackend>,
+    pub at_rest: Vec<u64>,
+    pub step: StepLog,
+}
+
+/// Run one training step of `config` on meta backends (counting as CUDA's when `like_cuda`).
+pub fn dry_step(config: TrainConfig, like_cuda: bool) -> Result<DryStep> {
+    let make = |_| {
+        Ok(if like_cuda {
+            MetaBackend::like_cuda()
+        } else {
+            MetaBackend::new()
+        })
+    };
+    let seq = config.seq_len;
+    let mut trainer = Trainer::new(config, make, Init::Fresh)?;
+    let at_rest = trainer
+        .ranks
+        .iter()
+        .map(|r| r.backend.memory().in_use)
+        .collect();
+    // The tokens do not matter: nothing is computed.
+    let corpus = Corpus {
+        train: vec![0; seq + 2],
+        val: Vec::new(),
+    };
+    let step = trainer.train_step(&corpus)?;
+    Ok(DryStep {
+        trainer,
+        at_rest,
+        step,
+    })
 }

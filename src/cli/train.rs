@@ -99,9 +99,14 @@ pub struct TrainArgs {
     vocab_size: Option<usize>,
 
     /// Pipeline schedule: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v (two stages per
-    /// rank in a V: rank r runs stages r and 2p-1-r).
+    /// rank in a V: rank r runs stages r and 2p-1-r), or auto: the one whose step simulates
+    /// fastest under the layers' estimated FLOPs (within --memory-limit, by a dry run).
     #[arg(long)]
     schedule: Option<String>,
+    /// With --schedule auto: only schedules whose dry run (see --dry-run) peaks at most this
+    /// much on every rank, e.g. 80GB, 1.5e9 or 512MiB.
+    #[arg(long, value_name = "BYTES")]
+    memory_limit: Option<String>,
     /// Pipeline ranks p (one device each).
     #[arg(long)]
     stages: Option<usize>,
@@ -344,6 +349,21 @@ pub fn run(args: TrainArgs) -> Result<()> {
         }
         config.model = c.config.clone();
         config.seq_len = config.seq_len.min(config.model.n_positions);
+    }
+    if config.schedule == "auto" {
+        let limit = args.memory_limit.as_deref().map(parse_bytes).transpose()?;
+        let leader = LaunchEnv::from_env()?.is_none_or(|env| env.rank == 0);
+        config = auto_schedule(&config, limit, args.backend, leader)?;
+    } else if config.schedule.parse::<ScheduleKind>().is_err() {
+        return Err(invalid_input!(
+            "--schedule must be naive, gpipe, 1f1b, interleaved, zb-h1, zb-v or auto, got {}",
+            config.schedule
+        ));
+    } else if args.memory_limit.is_some() {
+        return Err(invalid_input!(
+            "--memory-limit chooses among schedules: use it with --schedule auto (got --schedule {})",
+            config.schedule
+        ));
     }
     config.validate()?;
     if args.show_config {
@@ -672,6 +692,112 @@ impl TrainJob<'_> {
             .into());
         }
         Ok(())
+    }
+}
+
+/// `--schedule auto`: the settings with the schedule whose step simulates fastest, among
+/// those whose dry run peaks within `limit` bytes on every rank; the `leader` says which and
+/// why on stderr.
+fn auto_schedule(
+    config: &TrainConfig,
+    limit: Option<u64>,
+    backend: BackendChoice,
+    leader: bool,
+) -> Result<TrainConfig> {
+    let mut choices = config.schedule_choices();
+    if choices.is_empty() {
+        // Every schedule refuses these settings: 1f1b's error says why.
+        let mut plain = config.clone();
+        plain.schedule = "1f1b".into();
+        plain.validate()?;
+        return Err(invalid_input!(
+            "--schedule auto: no schedule accepts these settings"
+        ));
+    }
+    let weighed: Vec<String> = choices
+        .iter()
+        .map(|(c, sim)| format!("{} {:.1} %", label(c), 100.0 * sim.efficiency))
+        .collect();
+    let mut fit = String::new();
+    if let Some(limit) = limit {
+        let like_cuda = super::dry_run::counts_like_cuda(backend);
+        let mut least: Option<(u64, String)> = None;
+        let mut kept = Vec::new();
+        for (c, sim) in choices {
+            let peak = super::dry_run::dry_step(c.clone(), like_cuda)?
+                .step
+                .report
+                .ranks
+                .iter()
+                .map(|r| r.peak_bytes)
+                .max()
+                .unwrap_or(0);
+            if least.as_ref().is_none_or(|(b, _)| peak < *b) {
+                least = Some((peak, label(&c)));
+            }
+            if peak <= limit {
+                kept.push((c, sim));
+            }
+        }
+        if kept.is_empty() {
+            let (bytes, which) = least.unwrap_or_default();
+            return Err(invalid_input!(
+                "--memory-limit {}: no schedule fits; the smallest largest-rank peak is {which}'s, {}",
+                super::dry_run::bytes(limit),
+                super::dry_run::bytes(bytes)
+            ));
+        }
+        fit = format!(
+            ", of those whose dry run fits {}",
+            super::dry_run::bytes(limit)
+        );
+        choices = kept;
+    }
+    let (chosen, sim) = TrainConfig::fastest(&choices).expect("at least one choice");
+    if leader {
+        eprintln!(
+            "schedule auto: {}, the fastest simulated step ({:.1} % busy under estimated FLOPs{fit}; weighed {})",
+            label(chosen),
+            100.0 * sim.efficiency,
+            weighed.join(", ")
+        );
+    }
+    Ok(chosen.clone())
+}
+
+/// A schedule with its chunks where it has several: `1f1b`, `interleaved v=2`.
+fn label(c: &TrainConfig) -> String {
+    match c.chunks {
+        1 => c.schedule.clone(),
+        v => format!("{} v={v}", c.schedule),
+    }
+}
+
+/// A byte count as `--memory-limit` takes it: a number (`1.5e9`) with an optional unit, B, kB,
+/// MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024).
+fn parse_bytes(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "tib" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        _ => f64::NAN,
+    };
+    match number.trim().parse::<f64>() {
+        Ok(n) if n > 0.0 && (n * scale).is_finite() => Ok((n * scale) as u64),
+        _ => Err(invalid_input!(
+            "--memory-limit must be a positive number of bytes with an optional unit (80GB, 512MiB, 1.5e9), got {text}"
+        )),
     }
 }
 
