@@ -71,14 +71,15 @@ fn meta_memory_is_the_reference_backends_to_the_byte() {
     }
 }
 
-/// Like the CUDA backend, bf16 attention keeps a log-sum-exp per query row (head size 16
-/// here) instead of the probabilities: less memory at the peak than the reference backend's.
+/// Like the CUDA backend, bf16 attention on tensor cores keeps a log-sum-exp per query row
+/// (head size 16 here) instead of the probabilities: less memory at the peak than the
+/// reference backend's; through cuBLAS it needs scratch beside them: more.
 #[test]
 fn meta_like_cuda_keeps_less_for_bf16_attention() {
     let config = TrainConfig {
         model: GptConfig {
             vocab_size: 256,
-            n_positions: 64,
+            n_positions: 256,
             n_embd: 32,
             n_layer: 2,
             n_head: 2,
@@ -86,16 +87,21 @@ fn meta_like_cuda_keeps_less_for_bf16_attention() {
         stages: 1,
         microbatches: 1,
         batch_size: 2,
-        seq_len: 64,
+        seq_len: 256,
         schedule: "gpipe".into(),
         dtype: "bf16".into(),
         ..TrainConfig::default()
     };
     let (held, reference) = memory(&config, MetaBackend::new);
-    let (_, cuda) = memory(&config, MetaBackend::like_cuda);
-    // Per block: [2 sequences, 2 heads, 64, 64] bf16 probabilities against 2·2·64 f32 rows.
-    let probabilities = 2 * 2 * 64 * 64 * 2;
-    let rows = 2 * 2 * 64 * 4;
+    let (_, cuda) = memory(&config, || MetaBackend::like_cuda(true));
+    // Per block: [2 sequences, 2 heads, 256, 256] bf16 probabilities against 2·2·256 f32
+    // rows.
+    let probabilities = 2 * 2 * 256 * 256 * 2;
+    let rows = 2 * 2 * 256 * 4;
     assert!(reference[0] > held[0]);
     assert_eq!(reference[0] - cuda[0], 2 * (probabilities - rows) as u64);
+    // Through cuBLAS the probabilities stay, and the f32 scores and per-head copies of the
+    // op's scratch come on top at its peak.
+    let (_, cublas) = memory(&config, || MetaBackend::like_cuda(false));
+    assert!(cublas[0] > reference[0], "{cublas:?} {reference:?}");
 }

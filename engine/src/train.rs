@@ -329,10 +329,23 @@ pub fn layer_costs(model: &GptConfig, seq: usize) -> Vec<f64> {
     crate::partition::layer_costs(c, block, model.n_layer, 2.0 * c * v + 10.0 * v)
 }
 
+/// Zero-filled tensors of these names and shapes ([`Init::Blank`]).
+pub(crate) fn blank_parameters(shapes: Vec<(String, Vec<usize>)>) -> Result<HostTensors> {
+    let mut t = HostTensors::new();
+    for (name, shape) in shapes {
+        let len = shape.iter().product();
+        t.insert(name, shape, vec![0.0; len])?;
+    }
+    Ok(t)
+}
+
 /// How a trainer's weights start.
 pub enum Init<'a> {
     /// Fresh GPT-2 initialisation from the config's seed.
     Fresh,
+    /// Every weight zero, drawn from nothing: for runs whose values do not matter, such as a
+    /// dry run on the meta backend (the host's zeroed pages are never touched).
+    Blank,
     /// A checkpoint's weights with a fresh optimizer (`--init`).
     Weights(&'a Checkpoint),
     /// A checkpoint's weights, optimizer state and step (`--resume`).
@@ -408,6 +421,10 @@ impl<B: Backend> Trainer<B> {
         let host: &HostTensors = match &init {
             Init::Fresh => {
                 fresh = init_parameters(&config.model, config.seed)?;
+                &fresh
+            }
+            Init::Blank => {
+                fresh = blank_parameters(config.model.all_params())?;
                 &fresh
             }
             Init::Weights(c) | Init::Resume(c) => checkpoint_params(c, &config)?,

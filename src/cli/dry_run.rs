@@ -1,12 +1,13 @@
 //! `pipit train --dry-run`: one training step of the run the flags describe, on the meta
 //! backend (sizes only), and the memory each rank would hold.
 
+use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use pipit_engine::data::Corpus;
 use pipit_engine::train::{Init, StepLog, TrainConfig, Trainer};
-use pipit_engine::Backend;
+use pipit_engine::{invalid_input, Backend};
 use pipit_meta::MetaBackend;
 use serde_json::json;
 
@@ -16,14 +17,16 @@ use super::device::BackendChoice;
 /// rank's stages, parameters and memory; with `log_json`, write the figures there too, as one
 /// JSON object.
 pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>) -> Result<()> {
-    let like_cuda = counts_like_cuda(backend);
+    let counting = Counting::of(backend, &config)?;
+    let mut out = String::new();
     let c = config.clone();
     let DryStep {
         trainer,
         at_rest,
         step,
-    } = dry_step(config, like_cuda)?;
-    println!(
+    } = dry_step(config, counting)?;
+    writeln!(
+        out,
         "dry run of one step: {} layers, width {}, {} parameters | {} schedule, p={} m={} v={}, batch {}×{} tokens, {}{}",
         c.model.n_layer,
         c.model.n_embd,
@@ -40,16 +43,30 @@ pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>)
         } else {
             ""
         }
-    );
-    println!(
-        "bytes as the {} backend allocates them (nothing was allocated or computed)",
-        if like_cuda {
-            "CUDA"
-        } else {
-            "reference or wgpu"
+    )?;
+    writeln!(
+        out,
+        "bytes as {} (nothing was allocated or computed)",
+        match counting {
+            Counting::Plain => "the reference and wgpu backends allocate them".to_string(),
+            Counting::Cuda {
+                tensor_cores,
+                devices,
+            } => format!(
+                "the CUDA backend allocates them, bf16 attention {}, the ranks on {devices} GPU{}",
+                if tensor_cores {
+                    "on tensor cores"
+                } else {
+                    "through cuBLAS"
+                },
+                if devices == 1 { "" } else { "s" }
+            ),
         }
-    );
-    println!("rank  parameters     at rest  held for backward  step peak  stages");
+    )?;
+    writeln!(
+        out,
+        "rank  parameters     at rest  held for backward  step peak  stages"
+    )?;
     let mut rows = Vec::new();
     for (r, (rank, line)) in step.report.ranks.iter().zip(trainer.describe()).enumerate() {
         let params: usize = c
@@ -64,11 +81,12 @@ pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>)
             bytes(rank.peak_activation_bytes),
             rank.peak_inflight
         );
-        println!(
+        writeln!(
+            out,
             "{r:>4}  {params:>10}  {:>10}  {held:>17}  {:>9}  {stages}",
             bytes(at_rest[r]),
             bytes(rank.peak_bytes)
-        );
+        )?;
         rows.push(json!({
             "rank": r,
             "parameters": params,
@@ -80,13 +98,15 @@ pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>)
         }));
     }
     let total: u64 = step.report.ranks.iter().map(|r| r.peak_bytes).sum();
-    println!(
+    writeln!(
+        out,
         "at rest: weights, gradients and optimizer state; held for backward: saved activations \
          at their peak (micro-batches); step peak: the most held at once, transient buffers \
          included (all ranks: {}). A GPU adds its libraries' workspaces and its allocator's \
          rounding.",
         bytes(total)
-    );
+    )?;
+    super::print_out(&out)?;
     if let Some(path) = log_json {
         let line = json!({ "dry_run": true, "config": c, "ranks": rows });
         std::fs::write(path, format!("{line}\n"))
@@ -106,12 +126,50 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// Whether `backend` allocates as the CUDA backend does (`auto` on a machine with a GPU).
-pub fn counts_like_cuda(backend: BackendChoice) -> bool {
-    match backend {
-        BackendChoice::Cuda => true,
-        BackendChoice::Auto => pipit_cuda::probe().is_ok(),
-        BackendChoice::Reference | BackendChoice::Wgpu => false,
+/// How the meta backends of a dry run count: as the reference and wgpu backends, or as the
+/// CUDA backend (its attention on tensor cores or not), in-process ranks sharing `devices`
+/// GPUs as `--backend cuda` places them (one when this machine has none).
+#[derive(Clone, Copy, Debug)]
+pub enum Counting {
+    Plain,
+    Cuda { tensor_cores: bool, devices: usize },
+}
+
+impl Counting {
+    /// How `backend` allocates for `config` (`auto` counts as CUDA on a machine with a GPU);
+    /// a dtype the backend refuses is refused here too.
+    pub fn of(backend: BackendChoice, config: &TrainConfig) -> Result<Self> {
+        if backend == BackendChoice::Wgpu && config.dtype != "f32" {
+            return Err(invalid_input!(
+                "--dtype {} is not available on wgpu; use --dtype f32 or another backend",
+                config.dtype
+            ));
+        }
+        let gpus = pipit_cuda::probe().ok();
+        let cuda = match backend {
+            BackendChoice::Cuda => true,
+            BackendChoice::Auto => gpus.is_some(),
+            BackendChoice::Reference | BackendChoice::Wgpu => false,
+        };
+        Ok(match cuda {
+            false => Counting::Plain,
+            true => Counting::Cuda {
+                tensor_cores: pipit_cuda::tensor_core_attention()?,
+                devices: gpus.unwrap_or(1).max(1),
+            },
+        })
+    }
+
+    /// Rank `rank`'s meta backend.
+    fn backend(self, rank: usize) -> MetaBackend {
+        match self {
+            Counting::Plain => MetaBackend::new(),
+            Counting::Cuda {
+                tensor_cores,
+                devices,
+            } => MetaBackend::like_cuda(tensor_cores)
+                .sharing_memory(&format!("cuda:{}", rank % devices)),
+        }
     }
 }
 
@@ -122,17 +180,11 @@ pub struct DryStep {
     pub step: StepLog,
 }
 
-/// Run one training step of `config` on meta backends (counting as CUDA's when `like_cuda`).
-pub fn dry_step(config: TrainConfig, like_cuda: bool) -> Result<DryStep> {
-    let make = |_| {
-        Ok(if like_cuda {
-            MetaBackend::like_cuda()
-        } else {
-            MetaBackend::new()
-        })
-    };
+/// Run one training step of `config` on meta backends that count as `counting` says.
+pub fn dry_step(config: TrainConfig, counting: Counting) -> Result<DryStep> {
+    let make = |rank| Ok(counting.backend(rank));
     let seq = config.seq_len;
-    let mut trainer = Trainer::new(config, make, Init::Fresh)?;
+    let mut trainer = Trainer::new(config, make, Init::Blank)?;
     let at_rest = trainer
         .ranks
         .iter()

@@ -67,6 +67,8 @@ pub fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Standard output closed by its reader (`pipit plan | head`): nothing more to say.
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) if err.is::<interrupt::Interrupted>() => {
             eprintln!("{err}");
             ExitCode::from(130)
@@ -80,6 +82,24 @@ pub fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Write `text` to standard output in one piece (a reader that goes away makes an error that
+/// [`main`] takes quietly).
+pub fn print_out(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Whether `err` comes from writing to a pipe whose reader has gone.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// How a command that prints a result prints it.

@@ -363,7 +363,7 @@ fn write(args: &PlanArgs, mut out: String) -> Result<()> {
         Some(path) => {
             std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?
         }
-        None => print!("{out}"),
+        None => super::print_out(&out)?,
     }
     Ok(())
 }

@@ -183,8 +183,8 @@ pub struct TrainArgs {
     init: Option<PathBuf>,
     /// Run one training step of these settings on no device and print the memory each rank
     /// would hold (parameters and optimizer state, saved activations, the step's peak), as the
-    /// chosen --backend allocates it; then exit (with --log-json, the figures in bytes there).
-    /// Takes as long as walking the schedule.
+    /// chosen --backend allocates its buffers; then exit (with --log-json, the figures in bytes
+    /// there). Nothing is allocated or computed: it takes as long as walking the schedule.
     #[arg(long)]
     dry_run: bool,
     /// Print the settings this command would train with (defaults, config file and flags
@@ -374,6 +374,10 @@ pub fn run(args: TrainArgs) -> Result<()> {
         return Ok(());
     }
     if args.dry_run {
+        // Under a launcher, rank 0 runs the whole pipeline's dry run alone.
+        if LaunchEnv::from_env()?.is_some_and(|env| env.rank != 0) {
+            return Ok(());
+        }
         return super::dry_run::run(config, args.backend, args.log_json.as_deref());
     }
     if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
@@ -720,11 +724,11 @@ fn auto_schedule(
         .collect();
     let mut fit = String::new();
     if let Some(limit) = limit {
-        let like_cuda = super::dry_run::counts_like_cuda(backend);
+        let counting = super::dry_run::Counting::of(backend, config)?;
         let mut least: Option<(u64, String)> = None;
         let mut kept = Vec::new();
         for (c, sim) in choices {
-            let peak = super::dry_run::dry_step(c.clone(), like_cuda)?
+            let peak = super::dry_run::dry_step(c.clone(), counting)?
                 .step
                 .report
                 .ranks
@@ -794,7 +798,7 @@ fn parse_bytes(text: &str) -> Result<u64> {
         _ => f64::NAN,
     };
     match number.trim().parse::<f64>() {
-        Ok(n) if n > 0.0 && (n * scale).is_finite() => Ok((n * scale) as u64),
+        Ok(n) if n * scale >= 1.0 && (n * scale).is_finite() => Ok((n * scale) as u64),
         _ => Err(invalid_input!(
             "--memory-limit must be a positive number of bytes with an optional unit (80GB, 512MiB, 1.5e9), got {text}"
         )),

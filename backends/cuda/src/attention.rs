@@ -27,7 +27,7 @@ const FLASH_THREADS: u32 = 128;
 
 /// Which attention a backend runs where both could: `PIPIT_CUDA_ATTENTION`, `flash` (the
 /// default) or `materialized`.
-pub(crate) fn flash_enabled() -> Result<bool> {
+pub fn flash_enabled() -> Result<bool> {
     match std::env::var("PIPIT_CUDA_ATTENTION").as_deref() {
         Err(_) | Ok("flash") => Ok(true),
         Ok("materialized") => Ok(false),

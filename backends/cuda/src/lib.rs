@@ -33,6 +33,7 @@ mod probe;
 mod profile;
 mod watchdog;
 
+pub use attention::flash_enabled as tensor_core_attention;
 pub use buffer::CudaBuffer;
 pub use context::CudaBackend;
 pub use nccl::{nccl_probe, NcclSetup, NcclTransport};

@@ -10,8 +10,10 @@
 //!
 //! The figures are those of the buffers pipit allocates through [`Backend`]. A GPU adds its
 //! libraries' workspaces, its allocator's rounding and whatever else shares the device. With
-//! [`MetaBackend::like_cuda`] the attention state of bf16 is the CUDA backend's tensor-core
-//! one (a log-sum-exp per query row instead of the probabilities).
+//! [`MetaBackend::like_cuda`] the attention counts as the CUDA backend's does: its state and
+//! its scratch buffers (bf16 on tensor cores keeps a log-sum-exp per query row; otherwise the
+//! probabilities, with f32 scores and per-head copies alive during the op). The CUDA backend's
+//! other scratch, column partial sums of a few kilobytes, is not counted.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +28,9 @@ use pipit_engine::backend::{
 #[derive(Debug, Default)]
 pub struct MetaBackend {
     meter: Arc<MemoryMeter>,
-    flash_bf16: bool,
+    /// Counting as the CUDA backend, with its tensor-core attention or without.
+    cuda: Option<bool>,
+    space: Option<String>,
 }
 
 impl MetaBackend {
@@ -35,14 +39,45 @@ impl MetaBackend {
         Self::default()
     }
 
-    /// A backend that accounts as the CUDA backend does: bf16 attention keeps one f32
-    /// log-sum-exp per query row where its head size has a tensor-core kernel (16, 32, 64 or
-    /// 128), not the probabilities.
-    pub fn like_cuda() -> Self {
+    /// A backend that accounts as the CUDA backend does, its bf16 attention on tensor cores
+    /// (`tensor_core_attention`, its default) where the head size has a kernel (16, 32, 64 or
+    /// 128) or through cuBLAS, with the scratch buffers each way allocates.
+    pub fn like_cuda(tensor_core_attention: bool) -> Self {
         Self {
-            flash_bf16: true,
+            cuda: Some(tensor_core_attention),
             ..Self::default()
         }
+    }
+
+    /// This backend, its buffers in memory `space` (as stages on one GPU share theirs): the
+    /// in-process transport hands buffers over between backends of one space instead of
+    /// staging them, and a handed-over buffer stays counted by its maker, as on a GPU.
+    pub fn sharing_memory(self, space: &str) -> Self {
+        Self {
+            space: Some(space.to_string()),
+            ..self
+        }
+    }
+
+    /// Buffers alive together and then dropped, as an op's scratch: `(len, dtype)` each.
+    fn scratch(&self, buffers: &[(usize, DType)]) -> Result<()> {
+        let held = buffers
+            .iter()
+            .map(|&(len, dtype)| self.alloc(len, dtype))
+            .collect::<Result<Vec<_>>>()?;
+        drop(held);
+        Ok(())
+    }
+
+    /// Whether the CUDA backend would take its tensor-core attention for `shape` in `dtype`.
+    fn tensor_cores(&self, shape: Attention, dtype: DType) -> bool {
+        let head = shape.channels.checked_div(shape.heads).unwrap_or(0);
+        self.cuda == Some(true)
+            && dtype == DType::BF16
+            && shape.channels % shape.heads.max(1) == 0
+            && matches!(head, 16 | 32 | 64 | 128)
+            && shape.batch * shape.heads <= u16::MAX as usize
+            && u32::try_from(shape.seq).is_ok()
     }
 }
 
@@ -71,8 +106,15 @@ impl Backend for MetaBackend {
     type Mark = Instant;
 
     fn describe(&self) -> String {
-        let like = if self.flash_bf16 { "CUDA" } else { "reference" };
+        let like = match self.cuda {
+            Some(_) => "CUDA",
+            None => "reference",
+        };
         format!("meta: sizes only, no memory and no compute (accounting as the {like} backend)")
+    }
+
+    fn memory_space(&self) -> Option<String> {
+        self.space.clone()
     }
 
     fn supports(&self, _dtype: DType) -> bool {
@@ -226,14 +268,7 @@ impl Backend for MetaBackend {
 
     fn attention_state(&self, shape: Attention, dtype: DType) -> Result<MetaBuffer> {
         let rows = shape.batch * shape.heads * shape.seq;
-        let head = shape.channels.checked_div(shape.heads).unwrap_or(0);
-        let flash = self.flash_bf16
-            && dtype == DType::BF16
-            && shape.channels % shape.heads.max(1) == 0
-            && matches!(head, 16 | 32 | 64 | 128)
-            && shape.batch * shape.heads <= u16::MAX as usize
-            && u32::try_from(shape.seq).is_ok();
-        if flash {
+        if self.tensor_cores(shape, dtype) {
             self.alloc(rows, DType::F32)
         } else {
             self.alloc(rows * shape.seq, dtype)
@@ -242,23 +277,54 @@ impl Backend for MetaBackend {
 
     fn attention_forward(
         &self,
-        _out: &mut MetaBuffer,
+        out: &mut MetaBuffer,
         _att: &mut MetaBuffer,
         _qkv: &MetaBuffer,
-        _shape: Attention,
+        shape: Attention,
     ) -> Result<()> {
-        Ok(())
+        let t = out.dtype;
+        if self.cuda.is_none() || self.tensor_cores(shape, t) {
+            return Ok(());
+        }
+        // Through cuBLAS: q and k split by head beside the f32 scores, then v and the heads'
+        // output.
+        let (n, scores) = (out.len, shape.batch * shape.heads * shape.seq * shape.seq);
+        self.scratch(&[(n, t), (n, t), (scores, DType::F32)])?;
+        self.scratch(&[(n, t), (n, t)])
     }
 
     fn attention_backward(
         &self,
-        _dqkv: &mut MetaBuffer,
+        dqkv: &mut MetaBuffer,
         _dout: &MetaBuffer,
         _qkv: &MetaBuffer,
         _out: &MetaBuffer,
         _att: &MetaBuffer,
-        _shape: Attention,
+        shape: Attention,
     ) -> Result<()> {
+        let t = dqkv.dtype;
+        let rows = shape.batch * shape.heads * shape.seq;
+        if self.cuda.is_none() {
+            return Ok(());
+        }
+        if self.tensor_cores(shape, t) {
+            // One f32 per query row.
+            return self.scratch(&[(rows, DType::F32)]);
+        }
+        // Through cuBLAS, in the order the CUDA backend holds them: dY and V split by head
+        // with dV, then with the f32 probability gradient, which then meets the score
+        // gradient; that one stays while dQ and then dK are made from K and Q.
+        let (n, scores) = (dqkv.len / 3, rows * shape.seq);
+        let dy = self.alloc(n, t)?;
+        let v = self.alloc(n, t)?;
+        self.scratch(&[(n, t)])?;
+        let datt = self.alloc(scores, DType::F32)?;
+        drop((dy, v));
+        let dscores = self.alloc(scores, t)?;
+        drop(datt);
+        self.scratch(&[(n, t), (n, t)])?;
+        self.scratch(&[(n, t), (n, t)])?;
+        drop(dscores);
         Ok(())
     }
 

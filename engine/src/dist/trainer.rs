@@ -17,7 +17,8 @@ use crate::model::{init_tensor, HostTensors, OptimizerState, StageModel};
 use crate::schedule::{Action, Schedule};
 use crate::sim::Timed;
 use crate::train::{
-    checkpoint_params, resumed_step, training_stage, Init, StepLog, TrainConfig, TrainLoop,
+    blank_parameters, checkpoint_params, resumed_step, training_stage, Init, StepLog, TrainConfig,
+    TrainLoop,
 };
 
 /// Environment variable for fault tests: `RANK:STEP` makes rank `RANK` abort (no goodbye, as a
@@ -97,6 +98,7 @@ impl<B: Backend> RankTrainer<B> {
         };
         let start = match &init {
             Init::Fresh => "fresh",
+            Init::Blank => "blank",
             Init::Weights(_) => "weights",
             Init::Resume(_) => "resume",
         };
@@ -411,6 +413,10 @@ fn build_stages<B: Backend>(
                 t.insert(name, shape, data)?;
             }
             fresh = t;
+            &fresh
+        }
+        Init::Blank => {
+            fresh = blank_parameters(config.rank_param_shapes(rank)?)?;
             &fresh
         }
         Init::Weights(c) | Init::Resume(c) => checkpoint_params(c, config)?,
