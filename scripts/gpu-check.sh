@@ -6,7 +6,8 @@
 # on four, bf16 on one stage with eight micro-batches, bf16 with attention through cuBLAS, a
 # profile of GPU time by op, f32 on CUDA and on wgpu through NVIDIA's Vulkan driver, zero
 # bubble on four stages) beside the PyTorch baseline, and the default model in f32 and bf16,
-# with a table last.
+# with a table last. Each training row shows its measured peak memory beside what
+# `pipit train --dry-run` of the same command predicts.
 #
 # The GPU machine has no Rust toolchain, so the binaries are built on the development machine
 # (Debian 12, x86-64) first, from the repository root:
@@ -125,18 +126,29 @@ tests_summary() {
 }
 
 # One line about a training run from its --log-json ($LOGS/NAME.jsonl): median tokens/s after
-# the first step (and ms per 16 x 1024 tokens), the largest per-rank peak memory, the last loss,
-# and the last validation loss its output printed.
+# the first step (and ms per 16 x 1024 tokens), the largest per-rank peak memory beside what a
+# dry run of the same command predicts (`--dry-run`, no device time), the last loss, and the
+# last validation loss its output printed.
 train_summary() {
-    python3 - "$LOGS/$2.jsonl" "$1" <<'PY' 2>/dev/null || echo "no --log-json lines"
-import json, re, statistics, sys
+    python3 - "$LOGS/$2.jsonl" "$1" "$LOGS/$2.cmd" <<'PY' 2>/dev/null || echo "no --log-json lines"
+import json, re, statistics, subprocess, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 later = rows[1:] or rows
 tps = statistics.median(r["tokens_per_sec"] for r in later)
 peak = max(max(r["peak_bytes"]) for r in rows) / 2**30
 val = re.findall(r"val loss ([0-9.]+)", open(sys.argv[2], errors="replace").read())
 ms = 16 * 1024 / tps * 1e3 if tps else 0
-print(f"{len(rows)} steps, {tps:,.0f} tokens/s (median after step 1; {ms:.1f} ms per 16x1024), peak {peak:.2f} GiB/rank, last loss {rows[-1]['loss']:.4f}" + (f", val {val[-1]}" if val else ""))
+predicted = ""
+try:
+    cmd = open(sys.argv[3], "rb").read().decode().split("\0")[:-1]
+    dry = sys.argv[1] + ".dry"
+    cmd[cmd.index("--log-json") + 1] = dry
+    subprocess.run(cmd + ["--dry-run"], capture_output=True, timeout=60, check=True)
+    ranks = json.load(open(dry))["ranks"]
+    predicted = f" (dry run {max(r['peak_bytes'] for r in ranks) / 2**30:.2f})"
+except Exception as e:
+    predicted = f" (no dry run: {type(e).__name__})"
+print(f"{len(rows)} steps, {tps:,.0f} tokens/s (median after step 1; {ms:.1f} ms per 16x1024), peak {peak:.2f}{predicted} GiB/rank, last loss {rows[-1]['loss']:.4f}" + (f", val {val[-1]}" if val else ""))
 PY
 }
 
@@ -177,6 +189,8 @@ step() {
     ((limit > left)) && limit=$left
     local log="$LOGS/$name.log" t0=$SECONDS rc status detail
     echo "== $name (timeout ${limit}s): $*"
+    # The command, for a summary that reruns it otherwise (train_summary's dry run).
+    printf '%s\0' "$@" >"$LOGS/$name.cmd"
     timeout -k 10 "$limit" "$@" >"$log" 2>&1
     rc=$?
     tail -n 12 "$log"
