@@ -230,6 +230,31 @@ impl TrainConfig {
         Ok(lowered)
     }
 
+    /// One line of what this run is: `4 layers, 4 heads, width 64, 220544 parameters | 1f1b
+    /// schedule, p=4 m=8 v=1, batch 16×64 tokens, f32` (and `, activations checkpointed`).
+    pub fn summary(&self) -> String {
+        let m = &self.model;
+        format!(
+            "{} layers, {} heads, width {}, {} parameters | {} schedule, p={} m={} v={}, batch {}×{} tokens, {}{}",
+            m.n_layer,
+            m.n_head,
+            m.n_embd,
+            m.num_parameters(),
+            self.schedule,
+            self.stages,
+            self.microbatches,
+            self.chunks,
+            self.batch_size,
+            self.seq_len,
+            self.dtype,
+            if self.checkpoint_activations {
+                ", activations checkpointed"
+            } else {
+                ""
+            }
+        )
+    }
+
     /// The schedules `--schedule auto` weighs for these stages and micro-batches, those the
     /// model's layers allow, each with its step simulated under [`TrainConfig::stage_costs`]
     /// (transfers free): 1f1b, zb-h1 (over `chunks`), interleaved (over `chunks`, at least 2),

@@ -25,25 +25,7 @@ pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>)
         at_rest,
         step,
     } = dry_step(config, counting)?;
-    writeln!(
-        out,
-        "dry run of one step: {} layers, width {}, {} parameters | {} schedule, p={} m={} v={}, batch {}×{} tokens, {}{}",
-        c.model.n_layer,
-        c.model.n_embd,
-        c.model.num_parameters(),
-        c.schedule,
-        c.stages,
-        c.microbatches,
-        c.chunks,
-        c.batch_size,
-        c.seq_len,
-        c.dtype,
-        if c.checkpoint_activations {
-            ", activations checkpointed"
-        } else {
-            ""
-        }
-    )?;
+    writeln!(out, "dry run of one step: {}", c.summary())?;
     writeln!(
         out,
         "bytes as {} (nothing was allocated or computed)",

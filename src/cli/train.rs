@@ -531,19 +531,7 @@ impl TrainJob<'_> {
         let c = trainer.config().clone();
         let leader = trainer.is_leader();
         if leader {
-            eprintln!(
-                "model: {} layers, {} heads, width {}, {} parameters | {} schedule, p={} m={} v={}, batch {}×{} tokens",
-                c.model.n_layer,
-                c.model.n_head,
-                c.model.n_embd,
-                c.model.num_parameters(),
-                c.schedule,
-                c.stages,
-                c.microbatches,
-                c.chunks,
-                c.batch_size,
-                c.seq_len
-            );
+            eprintln!("model: {}", c.summary());
         }
         for line in trainer.describe() {
             eprintln!("  {line}");
