@@ -280,10 +280,10 @@ step wgpu-124m-f32-p1-host-timing 60 train_summary -- env PIPIT_WGPU_HOST_TIMING
     .gpu/pipit "${GPT2[@]}" --backend wgpu --stages 1 --microbatches 2 --steps 3 \
     --log-json "$LOGS/wgpu-124m-f32-p1-host-timing.jsonl"
 # Generation with key/value caches on the GPU (attention_decode and the decoding embedding):
-# four samples of 200 tokens from the default model after 20 steps.
+# eight samples of 200 tokens from the default model after 20 steps, in four passes of two.
 step generate-cuda 60 generate_summary -- bash -c ".gpu/pipit train --backend cuda --steps 20 \
     --eval-every 0 --save '$LOGS/generate-ckpt' && .gpu/pipit generate --backend cuda \
-    --checkpoint '$LOGS/generate-ckpt' --samples 4 --max-tokens 200 --format json"
+    --checkpoint '$LOGS/generate-ckpt' --samples 8 --max-tokens 200 --format json"
 
 echo
 echo "== gpu-check: $((SECONDS - START)) s in all; logs in $LOGS"
