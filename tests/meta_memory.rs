@@ -35,6 +35,7 @@ fn meta_memory_is_the_reference_backends_to_the_byte() {
         n_head: 2,
     };
     for (schedule, chunks) in [
+        ("naive", 1),
         ("gpipe", 1),
         ("1f1b", 1),
         ("interleaved", 2),
