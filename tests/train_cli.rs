@@ -283,6 +283,79 @@ fn generate_and_eval_read_the_checkpoint() {
         assert_eq!(bytes, alone[i]["KING:".len()..alone[i].len() - 1]);
     }
 
+    // Prompts from a file, two samples each: the two 3-byte prompts share passes with each
+    // other (all four of their samples are one length), and every sample is the one its
+    // prompt and seed give alone.
+    let prompts = ["KING:", "Ay\n", "Oh!"];
+    let file = dir.join("prompts.jsonl");
+    let lines: Vec<String> = prompts
+        .iter()
+        .map(|p| Value::from(*p).to_string())
+        .collect();
+    std::fs::write(&file, lines.join("\n") + "\n\n").unwrap();
+    let f = file.to_str().unwrap();
+    // Without the helper's --prompt.
+    let c = ckpt.to_str().unwrap();
+    let generate = |extra: &[&str]| {
+        pipit(
+            &[
+                &["generate", "--backend", "reference", "--checkpoint", c],
+                extra,
+            ]
+            .concat(),
+        )
+    };
+    let out = generate(&[
+        "--prompts",
+        f,
+        "--samples",
+        "2",
+        "--max-tokens",
+        "30",
+        "--stages",
+        "2",
+        "--format",
+        "json",
+    ]);
+    ok(&out);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let samples = report["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 6);
+    assert!(report.get("prompt").is_none());
+    for (i, s) in samples.iter().enumerate() {
+        let prompt = prompts[i / 2];
+        assert_eq!(s["prompt"], prompt);
+        let seed = (1337 + i).to_string();
+        let alone = generate(&[
+            "--prompt",
+            prompt,
+            "--seed",
+            &seed,
+            "--max-tokens",
+            "30",
+            "--stages",
+            "2",
+            "--format",
+            "json",
+        ]);
+        ok(&alone);
+        let alone: Value = serde_json::from_slice(&alone.stdout).unwrap();
+        assert_eq!(s["ids"], alone["samples"][0]["ids"], "sample {i}");
+        assert_eq!(s["text"], alone["samples"][0]["text"], "sample {i}");
+    }
+    std::fs::write(&file, "\"KING:\"\nROMEO\n").unwrap();
+    refused(
+        &generate(&["--prompts", f]),
+        &format!("--prompts {f} line 2: not a JSON string"),
+    );
+    std::fs::write(&file, "\n").unwrap();
+    refused(&generate(&["--prompts", f]), "holds no prompt");
+    std::fs::write(&file, "\"\"\n").unwrap();
+    refused(
+        &generate(&["--prompts", f]),
+        "prompt 1: a prompt must hold at least one byte",
+    );
+
     let text = dir.join("text.txt");
     std::fs::write(&text, "a".repeat(16 * 5 + 3)).unwrap();
     let out = pipit(&[

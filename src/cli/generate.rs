@@ -28,8 +28,12 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "DIR", default_value = super::train::DEFAULT_CHECKPOINT)]
     checkpoint: PathBuf,
     /// Text the sample continues.
-    #[arg(long, default_value = "ROMEO:\n")]
+    #[arg(long, default_value = "ROMEO:\n", conflicts_with = "prompts")]
     prompt: String,
+    /// Continue every prompt of FILE instead: JSON Lines, one JSON string a line (`"ROMEO:\n"`),
+    /// each prompt getting --samples samples. Prompts of one length in tokens share passes.
+    #[arg(long, value_name = "FILE")]
+    prompts: Option<PathBuf>,
     /// Tokens to generate (beyond the model's n_positions, the context restarts from
     /// its last half each time it fills up).
     #[arg(long, default_value_t = 400)]
@@ -63,11 +67,12 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "B")]
     batch_size: Option<usize>,
     /// Output format: the text (and a line on stderr with the rate), or one JSON object
-    /// `{"prompt", "samples": [{"seed", "text", "ids", "end"}], "tokens", "seconds",
+    /// `{"samples": [{"prompt", "seed", "text", "ids", "end"}], "tokens", "seconds",
     /// "tokens_per_sec"}` where `ids` are the generated tokens, `text` is the prompt and
     /// them (without a final `<|endoftext|>`, invalid UTF-8 replaced) and `end` is
-    /// "end_of_text" or "max_tokens". `tokens` counts the samples' tokens; a sample that has
-    /// ended still runs, unseen, while others go on, and its work is not counted.
+    /// "end_of_text" or "max_tokens" (with --prompt, also `"prompt"` at the top). `tokens`
+    /// counts the samples' tokens; a sample that has ended still runs, unseen, while others
+    /// go on, and its work is not counted.
     #[arg(long, value_enum, default_value = "text")]
     format: OutputFormat,
     /// Pipeline ranks to cut the model into.
@@ -98,9 +103,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             args.top_p
         ));
     }
-    if args.prompt.is_empty() {
-        return Err(invalid_input!("--prompt must hold at least one byte"));
-    }
     if args.samples == 0 {
         return Err(invalid_input!("--samples must be at least 1, got 0"));
     }
@@ -116,12 +118,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let header = checkpoint::load_header(&args.checkpoint)?;
     let vocab = header.config.vocab_size;
     let tokenizer = Tokenizer::for_checkpoint(&args.checkpoint, vocab)?;
-    let prompt = tokenizer.encode(&args.prompt)?;
-    if let Some(bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-        return Err(invalid_input!(
-            "--prompt holds token {bad}, outside the model's vocabulary of {vocab}"
-        ));
-    }
+    let prompts = prompts(&args, &tokenizer, vocab)?;
     let layers = header.config.n_layer + 2;
     if args.stages == 0 || args.stages > layers {
         return Err(invalid_input!(
@@ -146,7 +143,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         GenerateJob {
             args: &args,
             tokenizer: &tokenizer,
-            prompt: &prompt,
+            prompts: &prompts,
             config,
             ckpt: &ckpt,
             launch,
@@ -157,8 +154,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 struct GenerateJob<'a> {
     args: &'a GenerateArgs,
     tokenizer: &'a Tokenizer,
-    /// The prompt's tokens.
-    prompt: &'a [u32],
+    prompts: &'a [Prompt],
     config: TrainConfig,
     ckpt: &'a checkpoint::Checkpoint,
     launch: Option<LaunchEnv>,
@@ -171,7 +167,7 @@ impl BackendJob for GenerateJob<'_> {
         let GenerateJob {
             args,
             tokenizer,
-            prompt,
+            prompts,
             config,
             ckpt,
             launch,
@@ -179,10 +175,10 @@ impl BackendJob for GenerateJob<'_> {
         let window = config.model.n_positions;
         let batch = args
             .batch_size
-            .unwrap_or(args.samples.div_ceil(config.stages));
+            .unwrap_or((prompts.len() * args.samples).div_ceil(config.stages));
         let Some(env) = launch else {
             let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
-            return write_samples(args, tokenizer, prompt, window, true, |contexts, pick| {
+            return write_samples(args, tokenizer, prompts, window, true, |contexts, pick| {
                 let rows = trainer.next_tokens_logits(contexts, batch)?;
                 Ok(rows
                     .iter()
@@ -198,8 +194,8 @@ impl BackendJob for GenerateJob<'_> {
         // The prompt's tokens and the end-of-text token come from each rank's own copy of
         // the checkpoint's tokenizer.
         let settings = json!({
-            "prompt": args.prompt,
-            "prompt_ids": prompt,
+            "prompts": prompts.iter().map(|p| &p.text).collect::<Vec<_>>(),
+            "prompt_ids": prompts.iter().map(|p| &p.ids).collect::<Vec<_>>(),
             "end_of_text": tokenizer.end_of_text(),
             "max_tokens": args.max_tokens,
             "temperature": args.temperature,
@@ -216,7 +212,7 @@ impl BackendJob for GenerateJob<'_> {
                 write_samples(
                     args,
                     tokenizer,
-                    prompt,
+                    prompts,
                     window,
                     env.rank == 0,
                     |contexts, pick| rank.next_tokens(contexts, batch, pick),
@@ -226,8 +222,72 @@ impl BackendJob for GenerateJob<'_> {
     }
 }
 
-/// One sample being generated: its tokens and where its context starts.
+/// A prompt as given and its tokens.
+struct Prompt {
+    text: String,
+    ids: Vec<u32>,
+}
+
+/// The prompts to continue: `--prompt`, or each line of `--prompts FILE`, with their tokens.
+fn prompts(args: &GenerateArgs, tokenizer: &Tokenizer, vocab: usize) -> Result<Vec<Prompt>> {
+    let (texts, what) = match &args.prompts {
+        None => (vec![args.prompt.clone()], "--prompt".to_string()),
+        Some(path) => {
+            let file = std::fs::read_to_string(path)
+                .map_err(|e| invalid_input!("cannot read --prompts {}: {e}", path.display()))?;
+            let texts = file
+                .lines()
+                .enumerate()
+                .filter(|(_, l)| !l.trim().is_empty())
+                .map(|(n, line)| {
+                    serde_json::from_str::<String>(line).map_err(|e| {
+                        invalid_input!(
+                            "--prompts {} line {}: not a JSON string ({e})",
+                            path.display(),
+                            n + 1
+                        )
+                    })
+                })
+                .collect::<Result<Vec<String>>>()?;
+            if texts.is_empty() {
+                return Err(invalid_input!(
+                    "--prompts {} holds no prompt (one JSON string a line)",
+                    path.display()
+                ));
+            }
+            (texts, format!("--prompts {}", path.display()))
+        }
+    };
+    texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| {
+            let which = || match args.prompts {
+                None => what.clone(),
+                Some(_) => format!("{what}, prompt {}", i + 1),
+            };
+            if text.is_empty() {
+                return Err(invalid_input!(
+                    "{}: a prompt must hold at least one byte",
+                    which()
+                ));
+            }
+            let ids = tokenizer.encode(&text)?;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(invalid_input!(
+                    "{}: token {bad} is outside the model's vocabulary of {vocab}",
+                    which()
+                ));
+            }
+            Ok(Prompt { text, ids })
+        })
+        .collect()
+}
+
+/// One sample being generated: its prompt, its tokens and where its context starts.
 struct Sample {
+    /// Index into the prompts.
+    prompt: usize,
     tokens: Vec<u32>,
     start: usize,
     /// How many of `tokens` are the sample's: all of them until it draws `<|endoftext|>`.
@@ -237,9 +297,10 @@ struct Sample {
 }
 
 impl Sample {
-    /// The prompt, whole if it fits the window, else its last `window` tokens.
-    fn new(prompt: &[u32], window: usize) -> Self {
+    /// Prompt `index` (`prompt`), whole if it fits the window, else its last `window` tokens.
+    fn new(index: usize, prompt: &[u32], window: usize) -> Self {
         Self {
+            prompt: index,
             tokens: prompt.to_vec(),
             start: prompt.len().saturating_sub(window),
             kept: None,
@@ -262,10 +323,11 @@ impl Sample {
     }
 }
 
-/// Generate up to `args.max_tokens` tokens after the `prompt` (`args.prompt`'s tokens) for
-/// each of `args.samples` samples, a token of every sample at a time, from
-/// `next(contexts, pick)`: the pipeline's logits for each context (at most `window` tokens)
-/// handed to `pick(i, logits)`, which samples for sample `i`. A sample ends early at
+/// Generate up to `args.max_tokens` tokens after each of the `prompts` for `args.samples`
+/// samples each (sample `i`, prompt-major, draws from seed + i), a token of every sample at a
+/// time, from `next(contexts, pick)`: the pipeline's logits for each context (at most
+/// `window` tokens; those of one length side by side, so that they can share passes) handed
+/// to `pick(i, logits)`, which samples for context `i`. A sample ends early at
 /// `<|endoftext|>` unless `args.ignore_eos`; generation stops when every sample has ended
 /// (every rank sees the same tokens, so every rank stops at the same round). Only the
 /// `leader` writes: one sample as it goes, several at the end (with a progress bar
@@ -273,23 +335,29 @@ impl Sample {
 fn write_samples(
     args: &GenerateArgs,
     tokenizer: &Tokenizer,
-    prompt: &[u32],
+    prompts: &[Prompt],
     window: usize,
     leader: bool,
     mut next: impl FnMut(&[&[u32]], &mut dyn FnMut(usize, &[f32]) -> usize) -> Result<Vec<usize>>,
 ) -> Result<()> {
     // Only tokens with text are drawn (a padded vocabulary's extra rows are never targets).
     let drawn = tokenizer.len();
-    let mut samples: Vec<Sample> = (0..args.samples)
-        .map(|_| Sample::new(prompt, window))
+    let mut samples: Vec<Sample> = prompts
+        .iter()
+        .enumerate()
+        .flat_map(|(p, prompt)| (0..args.samples).map(move |_| (p, prompt)))
+        .map(|(p, prompt)| Sample::new(p, &prompt.ids, window))
         .collect();
-    let mut rngs: Vec<Rng> = (0..args.samples as u64)
-        .map(|i| Rng::new(args.seed.wrapping_add(i)))
-        .collect();
-    let streaming = leader && args.samples == 1 && args.format == OutputFormat::Text;
+    let count = samples.len();
+    let seed = |i: usize| args.seed.wrapping_add(i as u64);
+    let mut rngs: Vec<Rng> = (0..count).map(|i| Rng::new(seed(i))).collect();
+    // The order the contexts go in: by prompt length (stable), so that equal lengths meet.
+    let mut order: Vec<usize> = (0..count).collect();
+    order.sort_by_key(|&i| prompts[samples[i].prompt].ids.len());
+    let streaming = leader && count == 1 && args.format == OutputFormat::Text;
     let mut out = std::io::stdout().lock();
     if streaming {
-        out.write_all(args.prompt.as_bytes())?;
+        out.write_all(prompts[0].text.as_bytes())?;
     }
     let bar = if leader && !streaming {
         ProgressBar::new(args.max_tokens as u64)
@@ -301,26 +369,34 @@ fn write_samples(
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    bar.set_message(format!("{} samples", args.samples));
+    bar.set_message(format!("{count} samples"));
     let end = tokenizer.end_of_text().filter(|_| !args.ignore_eos);
     let started = Instant::now();
     for _ in 0..args.max_tokens {
         if samples.iter().all(|s| s.kept.is_some()) {
             break;
         }
-        let contexts: Vec<&[u32]> = samples.iter_mut().map(|s| s.context(window)).collect();
-        let tokens = next(&contexts, &mut |i, logits| {
+        let mut by_index: Vec<Option<&[u32]>> = samples
+            .iter_mut()
+            .map(|s| Some(s.context(window)))
+            .collect();
+        let contexts: Vec<&[u32]> = order
+            .iter()
+            .map(|&i| by_index[i].take().expect("each sample once"))
+            .collect();
+        let tokens = next(&contexts, &mut |k, logits| {
             let logits = &logits[..drawn.min(logits.len())];
-            sample(logits, args, &mut rngs[i])
+            sample(logits, args, &mut rngs[order[k]])
         })?;
-        for (s, &token) in samples.iter_mut().zip(&tokens) {
+        for (&i, &token) in order.iter().zip(&tokens) {
+            let s = &mut samples[i];
             s.tokens.push(token as u32);
             if s.kept.is_none() && Some(token as u32) == end {
                 s.kept = Some(s.tokens.len());
             }
         }
         if streaming && samples[0].kept.is_none() {
-            out.write_all(&tokenizer.decode(tokens[0] as u32)?)?;
+            out.write_all(&tokenizer.decode(*samples[0].tokens.last().expect("a token"))?)?;
             out.flush()?;
         }
         bar.inc(1);
@@ -332,14 +408,14 @@ fn write_samples(
     let seconds = started.elapsed().as_secs_f64();
     let generated: usize = samples
         .iter()
-        .map(|s| s.tokens().len() - prompt.len())
+        .map(|s| s.tokens().len() - prompts[s.prompt].ids.len())
         .sum();
     let rate = generated as f64 / seconds.max(1e-9);
-    let seed = |i: usize| args.seed.wrapping_add(i as u64);
     // The prompt as given, then the generated tokens' bytes, without `<|endoftext|>`.
     let bytes = |s: &Sample| -> Result<Vec<u8>> {
-        let mut all = args.prompt.as_bytes().to_vec();
-        for &t in &s.tokens()[prompt.len()..] {
+        let prompt = &prompts[s.prompt];
+        let mut all = prompt.text.as_bytes().to_vec();
+        for &t in &s.tokens()[prompt.ids.len()..] {
             if Some(t) != end {
                 all.extend(tokenizer.decode(t)?);
             }
@@ -352,25 +428,28 @@ fn write_samples(
     };
     match args.format {
         OutputFormat::Json => {
-            let samples: Vec<_> = samples
+            let list: Vec<_> = samples
                 .iter()
                 .enumerate()
                 .map(|(i, s)| {
                     Ok(json!({
+                        "prompt": prompts[s.prompt].text,
                         "seed": seed(i),
                         "text": String::from_utf8_lossy(&bytes(s)?),
-                        "ids": s.tokens()[prompt.len()..],
+                        "ids": s.tokens()[prompts[s.prompt].ids.len()..],
                         "end": ending(s),
                     }))
                 })
                 .collect::<Result<_>>()?;
-            let report = json!({
-                "prompt": args.prompt,
-                "samples": samples,
+            let mut report = json!({
+                "samples": list,
                 "tokens": generated,
                 "seconds": seconds,
                 "tokens_per_sec": rate,
             });
+            if args.prompts.is_none() {
+                report["prompt"] = json!(args.prompt);
+            }
             writeln!(out, "{report}")?;
         }
         OutputFormat::Text => {
@@ -385,11 +464,14 @@ fn write_samples(
                         Some(_) => ", ended at <|endoftext|>",
                         None => "",
                     };
+                    let prompt = match prompts.len() {
+                        1 => String::new(),
+                        _ => format!("prompt {}, ", s.prompt + 1),
+                    };
                     writeln!(
                         out,
-                        "--- sample {} of {} (seed {}{end}) ---",
+                        "--- sample {} of {count} ({prompt}seed {}{end}) ---",
                         i + 1,
-                        args.samples,
                         seed(i)
                     )?;
                     out.write_all(&bytes(s)?)?;
