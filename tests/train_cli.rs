@@ -730,8 +730,33 @@ fn bad_input_is_one_line_and_status_2_and_keeps_the_checkpoint() {
         &pipit(&[
             "train", "--resume", c, "--n-embd", "32", "--n-head", "2", "--save", c,
         ]),
-        "n_embd=16",
+        "the flags ask for another: --n-embd 32 (it has 16)",
     );
+    // Flags that agree with the checkpoint are no contradiction; the others are named.
+    refused(
+        &pipit(&[
+            "train",
+            "--init",
+            c,
+            "--n-layer",
+            "2",
+            "--vocab-size",
+            "300",
+            "--dry-run",
+        ]),
+        "another: --vocab-size 300 (it has 256)",
+    );
+    let agreeing = pipit(&[
+        "train",
+        "--init",
+        c,
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "16",
+        "--dry-run",
+    ]);
+    ok(&agreeing);
     refused(
         &pipit(&[
             "train",

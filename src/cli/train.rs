@@ -13,7 +13,6 @@ use pipit_cuda::{CudaBackend, NcclSetup};
 use pipit_engine::checkpoint::{self, Checkpoint};
 use pipit_engine::data::Corpus;
 use pipit_engine::dist::{LaunchEnv, RankTrainer, TensorSetup};
-use pipit_engine::model::GptConfig;
 use pipit_engine::schedule::ScheduleKind;
 use pipit_engine::tokenizer::Tokenizer;
 use pipit_engine::train::{Init, StepLog, TrainConfig, TrainLoop, Trainer};
@@ -338,13 +337,25 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let mut config = args.config(resume_header.as_ref())?;
     if let Some(c) = resume_header.as_ref().or(init_header.as_ref()) {
         // The checkpoint fixes the model's sizes; flags may not contradict them.
-        let sizes = |m: &GptConfig| (m.n_layer, m.n_head, m.n_embd, m.n_positions);
-        let given = [args.n_layer, args.n_head, args.n_embd, args.n_positions];
-        if given.iter().any(Option::is_some) && sizes(&config.model) != sizes(&c.config) {
-            let (l, h, e, p) = sizes(&c.config);
+        let m = &c.config;
+        let contradicted: Vec<String> = [
+            ("n-layer", args.n_layer, m.n_layer),
+            ("n-head", args.n_head, m.n_head),
+            ("n-embd", args.n_embd, m.n_embd),
+            ("n-positions", args.n_positions, m.n_positions),
+            ("vocab-size", args.vocab_size, m.vocab_size),
+        ]
+        .iter()
+        .filter_map(|&(flag, given, has)| {
+            given
+                .filter(|&g| g != has)
+                .map(|g| format!("--{flag} {g} (it has {has})"))
+        })
+        .collect();
+        if !contradicted.is_empty() {
             return Err(invalid_input!(
-                "the checkpoint's model has n_layer={l}, n_head={h}, n_embd={e}, n_positions={p}; the flags ask for n_layer={}, n_head={}, n_embd={}, n_positions={}",
-                config.model.n_layer, config.model.n_head, config.model.n_embd, config.model.n_positions
+                "the checkpoint fixes the model's sizes; the flags ask for another: {}",
+                contradicted.join(", ")
             ));
         }
         config.model = c.config.clone();
