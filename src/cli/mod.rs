@@ -43,6 +43,10 @@ enum Command {
     /// Score a checkpoint on a text: mean cross-entropy in nats per byte (or per BPE token).
     Eval(eval::EvalArgs),
     /// Plan a pipeline step: schedule, transfers, deadlock check, simulated bubble and memory.
+    ///
+    /// Times are in milliseconds, under the costs given (or measured by a `pipit train
+    /// --trace`). For a model's memory in bytes on each rank, `pipit train --dry-run` runs one
+    /// step of it on no device.
     Plan(plan::PlanArgs),
     /// Cut a model's layers into pipeline stages (uniform, balanced or memory-capped).
     Partition(partition::PartitionArgs),
