@@ -143,7 +143,7 @@ try:
     cmd = open(sys.argv[3], "rb").read().decode().split("\0")[:-1]
     dry = sys.argv[1] + ".dry"
     cmd[cmd.index("--log-json") + 1] = dry
-    subprocess.run(cmd + ["--dry-run"], capture_output=True, timeout=60, check=True)
+    subprocess.run(cmd + ["--dry-run"], capture_output=True, timeout=15, check=True)
     ranks = json.load(open(dry))["ranks"]
     predicted = f" (dry run {max(r['peak_bytes'] for r in ranks) / 2**30:.2f})"
 except Exception as e:

@@ -319,6 +319,24 @@ fn generate_and_eval_read_the_checkpoint() {
     ]);
     ok(&out);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // One sample a pass: three waves of two samples, the same samples.
+    let waves = generate(&[
+        "--prompts",
+        f,
+        "--samples",
+        "2",
+        "--max-tokens",
+        "30",
+        "--stages",
+        "2",
+        "--format",
+        "json",
+        "--batch-size",
+        "1",
+    ]);
+    ok(&waves);
+    let waves: Value = serde_json::from_slice(&waves.stdout).unwrap();
+    assert_eq!(waves["samples"], report["samples"]);
     let samples = report["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 6);
     assert!(report.get("prompt").is_none());
@@ -350,10 +368,10 @@ fn generate_and_eval_read_the_checkpoint() {
     );
     std::fs::write(&file, "\n").unwrap();
     refused(&generate(&["--prompts", f]), "holds no prompt");
-    std::fs::write(&file, "\"\"\n").unwrap();
+    std::fs::write(&file, "\n\"\"\n").unwrap();
     refused(
         &generate(&["--prompts", f]),
-        "prompt 1: a prompt must hold at least one byte",
+        &format!("--prompts {f} line 2: a prompt must hold at least one byte"),
     );
 
     let text = dir.join("text.txt");

@@ -31,7 +31,8 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "ROMEO:\n", conflicts_with = "prompts")]
     prompt: String,
     /// Continue every prompt of FILE instead: JSON Lines, one JSON string a line (`"ROMEO:\n"`),
-    /// each prompt getting --samples samples. Prompts of one length in tokens share passes.
+    /// each prompt getting --samples samples (sample j of prompt p draws from seed +
+    /// p·samples + j). Prompts of one length in tokens share passes.
     #[arg(long, value_name = "FILE")]
     prompts: Option<PathBuf>,
     /// Tokens to generate (beyond the model's n_positions, the context restarts from
@@ -62,8 +63,10 @@ pub struct GenerateArgs {
     /// One streams as it goes; several are printed at the end, each under a header line.
     #[arg(long, default_value_t = 1)]
     samples: usize,
-    /// Samples that go through a stage together, as one batch. [default: the samples split
-    /// into at most --stages passes, so that they fill the pipeline]
+    /// Samples that go through a stage together, as one batch. Samples are generated
+    /// B × --stages at a time, in passes of samples of one length, so that they fill the
+    /// pipeline and the caches held stay bounded. [default: the samples over --stages, at
+    /// most 16]
     #[arg(long, value_name = "B")]
     batch_size: Option<usize>,
     /// Output format: the text (and a line on stderr with the rate), or one JSON object
@@ -86,6 +89,9 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     peer_timeout: f64,
 }
+
+/// The most samples a pass takes unless `--batch-size` says otherwise.
+const DEFAULT_MAX_BATCH: usize = 16;
 
 /// Run `pipit generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -173,19 +179,32 @@ impl BackendJob for GenerateJob<'_> {
             launch,
         } = self;
         let window = config.model.n_positions;
-        let batch = args
-            .batch_size
-            .unwrap_or((prompts.len() * args.samples).div_ceil(config.stages));
+        let batch = args.batch_size.unwrap_or(
+            (prompts.len() * args.samples)
+                .div_ceil(config.stages)
+                .min(DEFAULT_MAX_BATCH),
+        );
+        // Enough samples at once to fill the pipeline with passes of `batch`, and no more, so
+        // the caches held stay bounded however many samples there are.
+        let wave = batch * config.stages;
         let Some(env) = launch else {
             let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
-            return write_samples(args, tokenizer, prompts, window, true, |contexts, pick| {
-                let rows = trainer.next_tokens_logits(contexts, batch)?;
-                Ok(rows
-                    .iter()
-                    .enumerate()
-                    .map(|(i, row)| pick(i, row))
-                    .collect())
-            });
+            return write_samples(
+                args,
+                tokenizer,
+                prompts,
+                window,
+                wave,
+                true,
+                |contexts, pick| {
+                    let rows = trainer.next_tokens_logits(contexts, batch)?;
+                    Ok(rows
+                        .iter()
+                        .enumerate()
+                        .map(|(i, row)| pick(i, row))
+                        .collect())
+                },
+            );
         };
         let backend = make(env.local_rank)?;
         let timeout = Duration::from_secs_f64(args.peer_timeout);
@@ -214,6 +233,7 @@ impl BackendJob for GenerateJob<'_> {
                     tokenizer,
                     prompts,
                     window,
+                    wave,
                     env.rank == 0,
                     |contexts, pick| rank.next_tokens(contexts, batch, pick),
                 )
@@ -230,8 +250,9 @@ struct Prompt {
 
 /// The prompts to continue: `--prompt`, or each line of `--prompts FILE`, with their tokens.
 fn prompts(args: &GenerateArgs, tokenizer: &Tokenizer, vocab: usize) -> Result<Vec<Prompt>> {
-    let (texts, what) = match &args.prompts {
-        None => (vec![args.prompt.clone()], "--prompt".to_string()),
+    // Each prompt with the name its errors give it.
+    let texts: Vec<(String, String)> = match &args.prompts {
+        None => vec![(args.prompt.clone(), "--prompt".to_string())],
         Some(path) => {
             let file = std::fs::read_to_string(path)
                 .map_err(|e| invalid_input!("cannot read --prompts {}: {e}", path.display()))?;
@@ -240,43 +261,34 @@ fn prompts(args: &GenerateArgs, tokenizer: &Tokenizer, vocab: usize) -> Result<V
                 .enumerate()
                 .filter(|(_, l)| !l.trim().is_empty())
                 .map(|(n, line)| {
-                    serde_json::from_str::<String>(line).map_err(|e| {
-                        invalid_input!(
-                            "--prompts {} line {}: not a JSON string ({e})",
-                            path.display(),
-                            n + 1
-                        )
-                    })
+                    let name = format!("--prompts {} line {}", path.display(), n + 1);
+                    match serde_json::from_str::<String>(line) {
+                        Ok(text) => Ok((text, name)),
+                        Err(e) => Err(invalid_input!("{name}: not a JSON string ({e})")),
+                    }
                 })
-                .collect::<Result<Vec<String>>>()?;
+                .collect::<Result<Vec<_>>>()?;
             if texts.is_empty() {
                 return Err(invalid_input!(
                     "--prompts {} holds no prompt (one JSON string a line)",
                     path.display()
                 ));
             }
-            (texts, format!("--prompts {}", path.display()))
+            texts
         }
     };
     texts
         .into_iter()
-        .enumerate()
-        .map(|(i, text)| {
-            let which = || match args.prompts {
-                None => what.clone(),
-                Some(_) => format!("{what}, prompt {}", i + 1),
-            };
+        .map(|(text, name)| {
             if text.is_empty() {
                 return Err(invalid_input!(
-                    "{}: a prompt must hold at least one byte",
-                    which()
+                    "{name}: a prompt must hold at least one byte"
                 ));
             }
             let ids = tokenizer.encode(&text)?;
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
                 return Err(invalid_input!(
-                    "{}: token {bad} is outside the model's vocabulary of {vocab}",
-                    which()
+                    "{name}: token {bad} is outside the model's vocabulary of {vocab}"
                 ));
             }
             Ok(Prompt { text, ids })
@@ -324,10 +336,11 @@ impl Sample {
 }
 
 /// Generate up to `args.max_tokens` tokens after each of the `prompts` for `args.samples`
-/// samples each (sample `i`, prompt-major, draws from seed + i), a token of every sample at a
-/// time, from `next(contexts, pick)`: the pipeline's logits for each context (at most
-/// `window` tokens; those of one length side by side, so that they can share passes) handed
-/// to `pick(i, logits)`, which samples for context `i`. A sample ends early at
+/// samples each (sample `i`, prompt-major, draws from seed + i), `wave` samples at a time
+/// (shortest prompts first) and a token of each of them a round, from `next(contexts, pick)`:
+/// the pipeline's logits for each context (at most `window` tokens; those of one length side
+/// by side, so that they can share passes) handed to `pick(k, logits)`, which samples for
+/// context `k`. A sample ends early at
 /// `<|endoftext|>` unless `args.ignore_eos`; generation stops when every sample has ended
 /// (every rank sees the same tokens, so every rank stops at the same round). Only the
 /// `leader` writes: one sample as it goes, several at the end (with a progress bar
@@ -337,6 +350,7 @@ fn write_samples(
     tokenizer: &Tokenizer,
     prompts: &[Prompt],
     window: usize,
+    wave: usize,
     leader: bool,
     mut next: impl FnMut(&[&[u32]], &mut dyn FnMut(usize, &[f32]) -> usize) -> Result<Vec<usize>>,
 ) -> Result<()> {
@@ -360,46 +374,51 @@ fn write_samples(
         out.write_all(prompts[0].text.as_bytes())?;
     }
     let bar = if leader && !streaming {
-        ProgressBar::new(args.max_tokens as u64)
+        ProgressBar::new((count * args.max_tokens) as u64)
     } else {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] token {pos}/{len} of {msg}")
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} tokens of {msg}")
             .expect("a valid template")
             .progress_chars("=> "),
     );
     bar.set_message(format!("{count} samples"));
     let end = tokenizer.end_of_text().filter(|_| !args.ignore_eos);
     let started = Instant::now();
-    for _ in 0..args.max_tokens {
-        if samples.iter().all(|s| s.kept.is_some()) {
-            break;
-        }
-        let mut by_index: Vec<Option<&[u32]>> = samples
-            .iter_mut()
-            .map(|s| Some(s.context(window)))
-            .collect();
-        let contexts: Vec<&[u32]> = order
-            .iter()
-            .map(|&i| by_index[i].take().expect("each sample once"))
-            .collect();
-        let tokens = next(&contexts, &mut |k, logits| {
-            let logits = &logits[..drawn.min(logits.len())];
-            sample(logits, args, &mut rngs[order[k]])
-        })?;
-        for (&i, &token) in order.iter().zip(&tokens) {
-            let s = &mut samples[i];
-            s.tokens.push(token as u32);
-            if s.kept.is_none() && Some(token as u32) == end {
-                s.kept = Some(s.tokens.len());
+    // A wave of samples at a time, so the caches held stay within `wave` samples' worth.
+    for group in order.chunks(wave.max(1)) {
+        let mut rounds = 0;
+        while rounds < args.max_tokens && group.iter().any(|&i| samples[i].kept.is_none()) {
+            let mut by_index: Vec<Option<&mut Sample>> = samples.iter_mut().map(Some).collect();
+            let contexts: Vec<&[u32]> = group
+                .iter()
+                .map(|&i| {
+                    by_index[i]
+                        .take()
+                        .expect("each sample once")
+                        .context(window)
+                })
+                .collect();
+            let tokens = next(&contexts, &mut |k, logits| {
+                let logits = &logits[..drawn.min(logits.len())];
+                sample(logits, args, &mut rngs[group[k]])
+            })?;
+            for (&i, &token) in group.iter().zip(&tokens) {
+                let s = &mut samples[i];
+                s.tokens.push(token as u32);
+                if s.kept.is_none() && Some(token as u32) == end {
+                    s.kept = Some(s.tokens.len());
+                }
             }
+            if streaming && samples[0].kept.is_none() {
+                out.write_all(&tokenizer.decode(*samples[0].tokens.last().expect("a token"))?)?;
+                out.flush()?;
+            }
+            bar.inc(group.len() as u64);
+            rounds += 1;
         }
-        if streaming && samples[0].kept.is_none() {
-            out.write_all(&tokenizer.decode(*samples[0].tokens.last().expect("a token"))?)?;
-            out.flush()?;
-        }
-        bar.inc(1);
+        bar.inc(((args.max_tokens - rounds) * group.len()) as u64);
     }
     bar.finish_and_clear();
     if !leader {

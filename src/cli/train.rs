@@ -178,6 +178,8 @@ pub struct TrainArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "init")]
     resume: Option<PathBuf>,
     /// Start from a checkpoint's weights (pipit's or Hugging Face's) with a fresh optimizer.
+    /// With --init or --resume the checkpoint fixes the model's sizes (over a --config file's;
+    /// size flags that differ are refused) and, when it has GPT-2's tokenizer, the tokens.
     #[arg(long, value_name = "DIR")]
     init: Option<PathBuf>,
     /// Run one training step of these settings on no device and print the memory each rank
