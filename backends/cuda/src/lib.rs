@@ -17,7 +17,7 @@
 //! Every reduction (layernorm and softmax rows, bias and layernorm parameter gradients, the
 //! embedding gradient) combines values in an order fixed by the sizes alone, without float
 //! atomics, so a run repeats bit for bit. Activations are f32 or bf16 (mixed precision); bf16
-//! attention runs on tensor cores without materialising its T×T matrices ([`attention`]).
+//! attention runs on tensor cores without materialising its T×T matrices (`attention.rs`).
 
 // First, so that its `launch!` macro is in scope in the modules after it.
 #[macro_use]

@@ -17,7 +17,7 @@ enum Data {
 /// from creation until drop.
 ///
 /// A bf16 buffer holds its values as f32 numbers that are exactly representable in bf16:
-/// ops read them as plain f32 and every write rounds them (see [`FloatMut`]). The meter counts
+/// ops read them as plain f32 and every write rounds them (see `FloatMut`). The meter counts
 /// the two bytes per element a device would hold.
 #[derive(Debug)]
 pub struct RefBuffer {

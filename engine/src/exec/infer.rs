@@ -149,7 +149,7 @@ pub const EVAL_WINDOW: usize = 8;
 /// This rank's part of scoring `batches`: the sum of the per-token losses, in f64 and in
 /// order, and their count on the rank holding the last stage; `(0, 0)` on the others. The
 /// batches flow through the pipeline one after another, so its ranks work on several at once,
-/// but no more than [`EVAL_WINDOW`]: at the end of every window the last stage's rank tells the
+/// but no more than `EVAL_WINDOW`: at the end of every window the last stage's rank tells the
 /// first stage's that it is done, and the first waits for that before it goes on, so a long
 /// text never queues its activations without bound.
 pub fn evaluate_rank<B: Backend, T: Transport<B>>(

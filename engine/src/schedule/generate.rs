@@ -310,7 +310,7 @@ pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
 }
 
 /// [`zero_bubble_v`] for stages of unequal cost: the greedy order is also built under `costs`
-/// (forward, and backward split by the weight share), in each [`Greedy`] variant, and the
+/// (forward, and backward split by the weight share), in each `Greedy` variant, and the
 /// order that simulates fastest under them is kept, the unit-time one included. Orders that
 /// would stall under the `2p` cap are not candidates, so no rank holds more than the unit-time
 /// order allows. The greedy orders are built without transfer times; the simulation that
