@@ -688,9 +688,22 @@ fn auto_takes_the_fastest_schedule_that_fits() {
     let (out, _) = dry(&["--schedule", "auto", "--memory-limit", "1kB"]);
     refused(&out, "--memory-limit 1.0 kB: no schedule fits");
     refused(
-        &dry(&["--memory-limit", "1GB"]).0,
-        "use it with --schedule auto",
+        &train(&["--memory-limit", "1GB"]),
+        "use it with --schedule auto or --dry-run",
     );
+    // A dry run says whether every rank fits a limit.
+    let (out, checked) = dry(&["--memory-limit", &peak(&fitting).to_string()]);
+    ok(&out);
+    let fits = peak(&checked) <= peak(&fitting);
+    assert_eq!(checked["fits"], fits);
+    let (out, checked) = dry(&["--memory-limit", &(peak(&checked) - 1).to_string()]);
+    ok(&out);
+    assert_eq!(checked["fits"], false);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("does not fit --memory-limit"));
+    let (out, checked) = dry(&["--memory-limit", &peak(&checked).to_string()]);
+    ok(&out);
+    assert_eq!(checked["fits"], true);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("fits --memory-limit"));
     refused(
         &dry(&["--schedule", "auto", "--memory-limit", "1x"]).0,
         "got 1x",

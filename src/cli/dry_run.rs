@@ -14,9 +14,14 @@ use serde_json::json;
 use super::device::BackendChoice;
 
 /// Run one step of `config` on meta backends that count as `backend` would, and print each
-/// rank's stages, parameters and memory; with `log_json`, write the figures there too, as one
-/// JSON object.
-pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>) -> Result<()> {
+/// rank's stages, parameters and memory, and whether every rank fits `limit` bytes; with
+/// `log_json`, write the figures there too, as one JSON object.
+pub fn run(
+    config: TrainConfig,
+    backend: BackendChoice,
+    limit: Option<u64>,
+    log_json: Option<&Path>,
+) -> Result<()> {
     let counting = Counting::of(backend, &config)?;
     let mut out = String::new();
     let c = config.clone();
@@ -88,9 +93,33 @@ pub fn run(config: TrainConfig, backend: BackendChoice, log_json: Option<&Path>)
          rounding.",
         bytes(total)
     )?;
+    let mut verdict = json!(null);
+    if let Some(limit) = limit {
+        let over: Vec<String> = step
+            .report
+            .ranks
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.peak_bytes > limit)
+            .map(|(i, r)| format!("rank {i} ({})", bytes(r.peak_bytes)))
+            .collect();
+        verdict = json!(over.is_empty());
+        match over.is_empty() {
+            true => writeln!(out, "fits --memory-limit {} on every rank", bytes(limit))?,
+            false => writeln!(
+                out,
+                "does not fit --memory-limit {}: {} over it",
+                bytes(limit),
+                over.join(", ")
+            )?,
+        }
+    }
     super::print_out(&out)?;
     if let Some(path) = log_json {
-        let line = json!({ "dry_run": true, "config": c, "ranks": rows });
+        let mut line = json!({ "dry_run": true, "config": c, "ranks": rows });
+        if limit.is_some() {
+            line["fits"] = verdict;
+        }
         std::fs::write(path, format!("{line}\n"))
             .with_context(|| format!("writing --log-json {}", path.display()))?;
     }

@@ -103,7 +103,8 @@ pub struct TrainArgs {
     #[arg(long)]
     schedule: Option<String>,
     /// With --schedule auto: only schedules whose dry run (see --dry-run) peaks at most this
-    /// much on every rank, e.g. 80GB, 1.5e9 or 512MiB.
+    /// much on every rank, e.g. 80GB, 1.5e9 or 512MiB. With --dry-run: say whether every rank
+    /// fits it.
     #[arg(long, value_name = "BYTES")]
     memory_limit: Option<String>,
     /// Pipeline ranks p (one device each).
@@ -363,8 +364,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.model = c.config.clone();
         config.seq_len = config.seq_len.min(config.model.n_positions);
     }
+    let limit = args.memory_limit.as_deref().map(parse_bytes).transpose()?;
     if config.schedule == "auto" {
-        let limit = args.memory_limit.as_deref().map(parse_bytes).transpose()?;
         let leader = LaunchEnv::from_env()?.is_none_or(|env| env.rank == 0);
         config = auto_schedule(&config, limit, args.backend, leader)?;
     } else if config.schedule.parse::<ScheduleKind>().is_err() {
@@ -372,9 +373,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             "--schedule must be naive, gpipe, 1f1b, interleaved, zb-h1, zb-v or auto, got {}",
             config.schedule
         ));
-    } else if args.memory_limit.is_some() {
+    } else if limit.is_some() && !args.dry_run {
         return Err(invalid_input!(
-            "--memory-limit chooses among schedules: use it with --schedule auto (got --schedule {})",
+            "--memory-limit chooses among schedules or checks a dry run: use it with --schedule auto or --dry-run (got --schedule {})",
             config.schedule
         ));
     }
@@ -391,7 +392,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if LaunchEnv::from_env()?.is_some_and(|env| env.rank != 0) {
             return Ok(());
         }
-        return super::dry_run::run(config, args.backend, args.log_json.as_deref());
+        return super::dry_run::run(config, args.backend, limit, args.log_json.as_deref());
     }
     if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
         return Err(invalid_input!(
