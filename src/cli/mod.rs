@@ -29,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a byte-level GPT-2 cut into pipeline stages (the main job).
+    /// Train a GPT-2 cut into pipeline stages (the main job: bytes, or a checkpoint's BPE tokens).
     Train(Box<train::TrainArgs>),
     /// Sample text from a checkpoint through the pipeline's stages.
     ///

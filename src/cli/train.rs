@@ -62,7 +62,7 @@ pub fn with_defaults_in_help(cmd: clap::Command) -> clap::Command {
 /// The corpus a fresh clone trains on: twelve Shakespeare plays (public domain), 1.5 MB.
 pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../../data/shakespeare.txt");
 
-/// Train a byte-level GPT-2 cut into pipeline stages.
+/// Train a GPT-2 cut into pipeline stages: byte-level, or in a starting checkpoint's BPE tokens.
 ///
 /// With no arguments: 4 stages, 1F1B with 8 micro-batches, on the embedded Shakespeare corpus
 /// (the last 10% held out for validation), on the best device found. Every flag overrides the
