@@ -305,59 +305,24 @@ fn generate_and_eval_read_the_checkpoint() {
             .concat(),
         )
     };
-    let out = generate(&[
-        "--prompts",
-        f,
-        "--samples",
-        "2",
-        "--max-tokens",
-        "30",
-        "--stages",
-        "2",
-        "--format",
-        "json",
-    ]);
-    ok(&out);
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // 30 tokens from 2 stages as JSON, with `extra` flags.
+    let report = |extra: &[&str]| -> Value {
+        let common = ["--max-tokens", "30", "--stages", "2", "--format", "json"];
+        let out = generate(&[&common[..], extra].concat());
+        ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let all = report(&["--prompts", f, "--samples", "2"]);
     // One sample a pass: three waves of two samples, the same samples.
-    let waves = generate(&[
-        "--prompts",
-        f,
-        "--samples",
-        "2",
-        "--max-tokens",
-        "30",
-        "--stages",
-        "2",
-        "--format",
-        "json",
-        "--batch-size",
-        "1",
-    ]);
-    ok(&waves);
-    let waves: Value = serde_json::from_slice(&waves.stdout).unwrap();
-    assert_eq!(waves["samples"], report["samples"]);
-    let samples = report["samples"].as_array().unwrap();
+    let waves = report(&["--prompts", f, "--samples", "2", "--batch-size", "1"]);
+    assert_eq!(waves["samples"], all["samples"]);
+    let samples = all["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 6);
-    assert!(report.get("prompt").is_none());
+    assert!(all.get("prompt").is_none());
     for (i, s) in samples.iter().enumerate() {
         let prompt = prompts[i / 2];
         assert_eq!(s["prompt"], prompt);
-        let seed = (1337 + i).to_string();
-        let alone = generate(&[
-            "--prompt",
-            prompt,
-            "--seed",
-            &seed,
-            "--max-tokens",
-            "30",
-            "--stages",
-            "2",
-            "--format",
-            "json",
-        ]);
-        ok(&alone);
-        let alone: Value = serde_json::from_slice(&alone.stdout).unwrap();
+        let alone = report(&["--prompt", prompt, "--seed", &(1337 + i).to_string()]);
         assert_eq!(s["ids"], alone["samples"][0]["ids"], "sample {i}");
         assert_eq!(s["text"], alone["samples"][0]["text"], "sample {i}");
     }
