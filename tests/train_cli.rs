@@ -588,6 +588,8 @@ fn a_dry_run_predicts_the_memory_a_step_measures() {
             &[extra, &["--log-json", real_s, "--steps", "1"]].concat(),
         ));
         let predicted = &log_lines(&dry)[0];
+        let busy = predicted["simulated_efficiency"].as_f64().unwrap();
+        assert!(busy > 0.0 && busy <= 1.0, "{busy}");
         let measured = &log_lines(&real)[0];
         let peaks: Vec<&Value> = predicted["ranks"]
             .as_array()

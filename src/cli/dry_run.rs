@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use pipit_engine::data::Corpus;
+use pipit_engine::sim::simulate;
 use pipit_engine::train::{Init, StepLog, TrainConfig, Trainer};
 use pipit_engine::{invalid_input, Backend};
 use pipit_meta::MetaBackend;
@@ -114,9 +115,22 @@ pub fn run(
             )?,
         }
     }
+    // The step's time, as the planner sees it under the trainer's cost model.
+    let simulated = simulate(&c.plan()?, &c.stage_costs()?)?;
+    writeln!(
+        out,
+        "the step simulates {:.1} % busy under the layers' estimated FLOPs (transfers free; \
+         `pipit plan --costs-from` takes a measured --trace instead)",
+        100.0 * simulated.efficiency
+    )?;
     super::print_out(&out)?;
     if let Some(path) = log_json {
-        let mut line = json!({ "dry_run": true, "config": c, "ranks": rows });
+        let mut line = json!({
+            "dry_run": true,
+            "config": c,
+            "ranks": rows,
+            "simulated_efficiency": simulated.efficiency,
+        });
         if limit.is_some() {
             line["fits"] = verdict;
         }
