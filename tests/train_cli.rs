@@ -90,11 +90,37 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
         rest.to_str().unwrap(),
     ]));
 
+    // The checkpoint is the model's, not the pipeline's: it resumes on another cut too.
+    let other = dir.join("other.jsonl");
+    ok(&pipit(&[
+        "train",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--steps",
+        "6",
+        "--stages",
+        "1",
+        "--schedule",
+        "gpipe",
+        "--no-save",
+        "--log-json",
+        other.to_str().unwrap(),
+    ]));
+
     let full = log_lines(&full);
     let mut cut = log_lines(&half);
     cut.extend(log_lines(&rest));
     assert_eq!(full.len(), 6);
     assert_eq!(cut.len(), 6);
+    let other = log_lines(&other);
+    assert_eq!(other.len(), 3);
+    for (a, b) in full[3..].iter().zip(&other) {
+        assert_eq!(
+            (&a["step"], &a["loss"]),
+            (&b["step"], &b["loss"]),
+            "the same steps on one stage"
+        );
+    }
     for (a, b) in full.iter().zip(&cut) {
         assert_eq!(a["step"], b["step"]);
         assert_eq!(
