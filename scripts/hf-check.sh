@@ -7,7 +7,8 @@
 #    openai-whisper package ships). pipit loads the directory and must give transformers'
 #    greedy continuation of a prompt token for token (`pipit generate --temperature 0`, cut
 #    into 2 stages, through the key/value caches; transformers' `generate` caches too), and
-#    its evaluation loss over BPE windows (`pipit eval`).
+#    its evaluation loss over BPE windows (`pipit eval`). The same directory with only the
+#    fast tokenizer's tokenizer.json must score the same.
 # 2. A byte-level model trained by pipit: `GPT2LMHeadModel.from_pretrained` loads its
 #    checkpoint and must give pipit's evaluation loss and greedy continuation.
 # 3. The GPT-2 of 1 fine-tuned by pipit on BPE tokens (`pipit train --init`): transformers
@@ -55,11 +56,22 @@ config = GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_h
                     initializer_range=0.3)
 model = GPT2LMHeadModel(config).eval()
 model.save_pretrained(f"{work}/hf", safe_serialization=True)
+# The same model with only the fast tokenizer's tokenizer.json beside it.
+import os, shutil
+from transformers import GPT2TokenizerFast
+GPT2TokenizerFast.from_pretrained(f"{work}/hf").save_pretrained(f"{work}/hf-fast")
+for f in ("vocab.json", "merges.txt"):
+    if os.path.exists(f"{work}/hf-fast/{f}"):
+        os.remove(f"{work}/hf-fast/{f}")
+for f in ("model.safetensors", "config.json"):
+    shutil.copy(f"{work}/hf/{f}", f"{work}/hf-fast/{f}")
 PY
 pipit generate --checkpoint "$work/hf" --backend "$backend" --stages 2 --prompt "$prompt" \
     --temperature 0 --max-tokens 40 --format json >"$work/hf-generate.json"
 pipit eval --checkpoint "$work/hf" --backend "$backend" --stages 2 --seq-len 128 \
     --data "$work/text.txt" --format json >"$work/hf-eval.json"
+pipit eval --checkpoint "$work/hf-fast" --backend "$backend" --stages 2 --seq-len 128 \
+    --data "$work/text.txt" --format json >"$work/hf-fast-eval.json"
 
 pipit train --init "$work/hf" --backend "$backend" --data "$work/text.txt" --seq-len 128 \
     --batch-size 4 --microbatches 2 --stages 2 --steps 20 --eval-every 0 --eval-tokens 512 \
@@ -126,6 +138,9 @@ same_ids("transformers' GPT-2, greedy tokens", got,
          greedy(model, tok(prompt).input_ids, 40, 50256))
 ev = json.load(open(f"{work}/hf-eval.json"))
 check("transformers' GPT-2, pipit counts BPE tokens", ev["per"] == "token", ev["per"])
+fast = json.load(open(f"{work}/hf-fast-eval.json"))
+check("transformers' GPT-2 with only tokenizer.json, the same evaluation", fast == ev,
+      f"{fast} against {ev}")
 same_loss("transformers' GPT-2, loss over BPE windows", ev,
           *window_loss(model, tok(text).input_ids, 128))
 

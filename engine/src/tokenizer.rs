@@ -35,46 +35,41 @@ pub enum Tokenizer {
 
 impl Tokenizer {
     /// The tokenizer of the checkpoint in `dir` whose model has `vocab_size` tokens: its
-    /// `vocab.json` and `merges.txt` when both are there (a Hugging Face GPT-2 directory),
-    /// else bytes (pipit's models; a vocabulary beyond 256 only pads the model's shape).
+    /// `vocab.json` and `merges.txt` when both are there (a Hugging Face GPT-2 directory), else
+    /// the byte-level BPE of its `tokenizer.json` (Hugging Face's fast tokenizers), else bytes
+    /// (pipit's models; a vocabulary beyond 256 only pads the model's shape).
     pub fn for_checkpoint(dir: &Path, vocab_size: usize) -> Result<Self> {
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
-        match (vocab.exists(), merges.exists()) {
-            (true, true) => {}
-            (false, false) if dir.join("tokenizer.json").exists() => {
-                return Err(invalid_input!(
-                    "{} has a tokenizer.json but not the vocab.json and merges.txt pipit reads \
-                     GPT-2's tokenizer from",
-                    dir.display()
-                ))
-            }
-            (false, false) => return Ok(Tokenizer::Bytes),
-            (has_vocab, _) => {
-                return Err(invalid_input!(
-                    "{} has a {} without its {}: GPT-2's tokenizer needs both",
-                    dir.display(),
-                    if has_vocab {
-                        "vocab.json"
-                    } else {
-                        "merges.txt"
-                    },
-                    if has_vocab {
-                        "merges.txt"
-                    } else {
-                        "vocab.json"
-                    }
-                ))
-            }
-        }
         let read = |p: &Path| {
             std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
         };
-        let bpe = Bpe::new(&read(&vocab)?, &read(&merges)?)
-            .map_err(|e| invalid_input!("{}: {e:#}", dir.display()))?;
+        let (source, bpe) = match (vocab.exists(), merges.exists()) {
+            (true, true) => {
+                let bpe = Bpe::new(&read(&vocab)?, &read(&merges)?);
+                (vocab, bpe)
+            }
+            (false, false) if dir.join("tokenizer.json").exists() => {
+                let path = dir.join("tokenizer.json");
+                let bpe = Bpe::from_tokenizer_json(&read(&path)?);
+                (path, bpe)
+            }
+            (false, false) => return Ok(Tokenizer::Bytes),
+            (has_vocab, _) => {
+                let (has, lacks) = match has_vocab {
+                    true => ("vocab.json", "merges.txt"),
+                    false => ("merges.txt", "vocab.json"),
+                };
+                return Err(invalid_input!(
+                    "{} has a {has} without its {lacks}: GPT-2's tokenizer needs both",
+                    dir.display()
+                ));
+            }
+        };
+        let bpe = bpe.map_err(|e| invalid_input!("{}: {e:#}", source.display()))?;
         if bpe.len() > vocab_size {
             return Err(invalid_input!(
                 "{} maps text to {} tokens but the model has a vocabulary of {vocab_size}",
-                vocab.display(),
+                source.display(),
                 bpe.len()
             ));
         }
@@ -218,6 +213,63 @@ impl Bpe {
             vocab_json: vocab_json.to_string(),
             merges_txt: merges_txt.to_string(),
         })
+    }
+
+    /// From a Hugging Face `tokenizer.json` whose model is GPT-2's byte-level BPE: its vocabulary
+    /// (with the added tokens) and merges (written `"a b"` or `["a", "b"]`). Other models and
+    /// pre-tokenizers, and a byte-level one that adds a prefix space, are refused by name.
+    pub fn from_tokenizer_json(json: &str) -> Result<Self> {
+        let v: serde_json::Value =
+            serde_json::from_str(json).context("tokenizer.json is not JSON")?;
+        let model = &v["model"];
+        if model["type"] != "BPE" {
+            return Err(anyhow!(
+                "tokenizer.json's model is {}, not the byte-level BPE of GPT-2",
+                model["type"]
+            ));
+        }
+        let pre = &v["pre_tokenizer"];
+        if pre["type"] != "ByteLevel" {
+            return Err(anyhow!(
+                "tokenizer.json's pre-tokenizer is {}, not GPT-2's ByteLevel",
+                pre["type"]
+            ));
+        }
+        if pre["add_prefix_space"] == true {
+            return Err(anyhow!(
+                "tokenizer.json's ByteLevel pre-tokenizer adds a prefix space, which pipit does not"
+            ));
+        }
+        let mut vocab = model["vocab"]
+            .as_object()
+            .cloned()
+            .ok_or_else(|| anyhow!("tokenizer.json has no model.vocab map"))?;
+        for added in v["added_tokens"].as_array().into_iter().flatten() {
+            if let (Some(text), Some(id)) = (added["content"].as_str(), added["id"].as_u64()) {
+                vocab.entry(text).or_insert(id.into());
+            }
+        }
+        let mut merges = String::new();
+        for (n, m) in model["merges"]
+            .as_array()
+            .ok_or_else(|| anyhow!("tokenizer.json has no model.merges list"))?
+            .iter()
+            .enumerate()
+        {
+            let pair = match m {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Array(a) => match (a.first(), a.get(1), a.len()) {
+                    (Some(serde_json::Value::String(x)), Some(serde_json::Value::String(y)), 2) => {
+                        format!("{x} {y}")
+                    }
+                    _ => return Err(anyhow!("tokenizer.json merge {n} is not a pair: {m}")),
+                },
+                _ => return Err(anyhow!("tokenizer.json merge {n} is not a pair: {m}")),
+            };
+            merges.push_str(&pair);
+            merges.push('\n');
+        }
+        Self::new(&serde_json::Value::Object(vocab).to_string(), &merges)
     }
 
     /// One past the largest token id in the vocabulary.
@@ -483,7 +535,7 @@ mod tests {
         assert_eq!(t.len(), 256);
         for (file, needle) in [
             ("merges.txt", "has a merges.txt without its vocab.json"),
-            ("tokenizer.json", "has a tokenizer.json but not"),
+            ("tokenizer.json", "tokenizer.json is not JSON"),
         ] {
             std::fs::write(dir.join(file), "").unwrap();
             let err = Tokenizer::for_checkpoint(&dir, 50257).err().unwrap();
@@ -492,6 +544,48 @@ mod tests {
             std::fs::remove_file(dir.join(file)).unwrap();
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tokenizer_json_gives_the_same_tokenizer_as_vocab_and_merges() {
+        let bpe = tiny();
+        let t = byte_chars();
+        let mut vocab: serde_json::Map<String, serde_json::Value> = (0..256u32)
+            .map(|b| (t[b as usize].to_string(), b.into()))
+            .collect();
+        for (i, s) in ["th", "the", "Ġthe"].iter().enumerate() {
+            vocab.insert(s.to_string(), (256 + i).into());
+        }
+        // Merges in both spellings; the end-of-text token among the added tokens only.
+        let json = serde_json::json!({
+            "added_tokens": [{"id": 259, "content": "<|endoftext|>", "special": true}],
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false},
+            "model": {"type": "BPE", "vocab": vocab, "merges": ["t h", ["th", "e"], "Ġ the"]},
+        });
+        let fast = Bpe::from_tokenizer_json(&json.to_string()).unwrap();
+        let text = "the theme<|endoftext|>tithe the";
+        assert_eq!(fast.encode(text).unwrap(), bpe.encode(text).unwrap());
+        assert_eq!(fast.end_of_text, Some(259));
+        let refused = |patch: serde_json::Value, needle: &str| {
+            let mut j = json.clone();
+            for (k, v) in patch.as_object().unwrap() {
+                j[k] = v.clone();
+            }
+            let err = Bpe::from_tokenizer_json(&j.to_string()).err().unwrap();
+            assert!(format!("{err}").contains(needle), "{err}");
+        };
+        refused(
+            serde_json::json!({"model": {"type": "WordPiece"}}),
+            "not the byte-level BPE",
+        );
+        refused(
+            serde_json::json!({"pre_tokenizer": {"type": "Metaspace"}}),
+            "not GPT-2's ByteLevel",
+        );
+        refused(
+            serde_json::json!({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": true}}),
+            "adds a prefix space",
+        );
     }
 
     #[test]

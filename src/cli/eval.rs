@@ -22,8 +22,8 @@ use pipit_engine::tokenizer::Tokenizer;
 /// Mean cross-entropy of a checkpoint over consecutive non-overlapping windows of a text:
 /// inputs are tokens [k·T, (k+1)·T), targets the same shifted by one, for every k with
 /// (k+1)·T + 1 ≤ the text's length in tokens. Tokens are bytes (nats per byte), or GPT-2's
-/// BPE tokens for a checkpoint with a vocab.json and merges.txt (nats per token; the text
-/// must then be UTF-8).
+/// BPE tokens for a checkpoint with a vocab.json and merges.txt, or a tokenizer.json (nats
+/// per token; the text must then be UTF-8).
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).

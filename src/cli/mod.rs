@@ -34,8 +34,8 @@ enum Command {
     /// Sample text from a checkpoint through the pipeline's stages.
     ///
     /// Tokens are bytes, or GPT-2's BPE tokens for a checkpoint with a vocab.json and
-    /// merges.txt (a Hugging Face GPT-2 directory); with those, a sample ends at
-    /// `<|endoftext|>` (see --ignore-eos). Each stage keeps the keys and values of the
+    /// merges.txt or a tokenizer.json (a Hugging Face GPT-2 directory); with those, a sample
+    /// ends at `<|endoftext|>` (see --ignore-eos). Each stage keeps the keys and values of the
     /// tokens it has seen, so every new token runs through the pipeline alone (in f32). The
     /// context is at most the model's n_positions tokens: when it fills up, it restarts from
     /// its last half, which runs again once.
