@@ -79,33 +79,18 @@ fn resuming_gives_the_losses_of_an_uninterrupted_run() {
     ] {
         assert!(ckpt.join(file).is_file(), "{file} is written");
     }
-    ok(&pipit(&[
-        "train",
-        "--resume",
-        ckpt.to_str().unwrap(),
-        "--steps",
-        "6",
-        "--no-save",
-        "--log-json",
-        rest.to_str().unwrap(),
-    ]));
-
+    // Resume to step 6, logging to `log`, with `extra` flags.
+    let resume = |log: &Path, extra: &[&str]| {
+        let c = ckpt.to_str().unwrap();
+        let base = ["train", "--resume", c, "--steps", "6", "--no-save"];
+        ok(&pipit(
+            &[&base[..], extra, &["--log-json", log.to_str().unwrap()]].concat(),
+        ));
+    };
+    resume(&rest, &[]);
     // The checkpoint is the model's, not the pipeline's: it resumes on another cut too.
     let other = dir.join("other.jsonl");
-    ok(&pipit(&[
-        "train",
-        "--resume",
-        ckpt.to_str().unwrap(),
-        "--steps",
-        "6",
-        "--stages",
-        "1",
-        "--schedule",
-        "gpipe",
-        "--no-save",
-        "--log-json",
-        other.to_str().unwrap(),
-    ]));
+    resume(&other, &["--stages", "1", "--schedule", "gpipe"]);
 
     let full = log_lines(&full);
     let mut cut = log_lines(&half);
