@@ -48,7 +48,9 @@ prepare() {
     exclude
     mkdir -p .gpu .gl
     # The kernels must compile for the GPU before device time is spent finding out they don't.
-    scripts/cuda-compile-check.sh 90 | head -3
+    # (Its whole output goes to a file: a pipe closed early would fail the step.)
+    scripts/cuda-compile-check.sh 90 >.gpu/cuda-compile-check.log
+    head -2 .gpu/cuda-compile-check.log
     cargo build --release -p pipit --bin pipit
     cp target/release/pipit .gpu/pipit
     # Test executables carry a hash in their names: take the paths from cargo's messages.
