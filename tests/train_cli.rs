@@ -324,9 +324,29 @@ fn generate_and_eval_read_the_checkpoint() {
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let all = report(&["--prompts", f, "--samples", "2"]);
-    // One sample a pass: three waves of two samples, the same samples.
-    let waves = report(&["--prompts", f, "--samples", "2", "--batch-size", "1"]);
+    // One sample a pass: three waves of two samples, the same samples; --output has each
+    // wave's as it ends, with its index.
+    let written = dir.join("samples.jsonl");
+    let w = written.to_str().unwrap();
+    let waves = report(&[
+        "--prompts",
+        f,
+        "--samples",
+        "2",
+        "--batch-size",
+        "1",
+        "--output",
+        w,
+    ]);
     assert_eq!(waves["samples"], all["samples"]);
+    let mut lines = log_lines(&written);
+    assert_eq!(lines.len(), 6);
+    lines.sort_by_key(|l| l["index"].as_u64().unwrap());
+    for (i, line) in lines.iter_mut().enumerate() {
+        assert_eq!(line["index"], i);
+        line.as_object_mut().unwrap().remove("index");
+        assert_eq!(line, &all["samples"][i]);
+    }
     let samples = all["samples"].as_array().unwrap();
     assert_eq!(samples.len(), 6);
     assert!(all.get("prompt").is_none());

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pipit_engine::checkpoint;
@@ -69,6 +69,11 @@ pub struct GenerateArgs {
     /// most 16]
     #[arg(long, value_name = "B")]
     batch_size: Option<usize>,
+    /// Also write each sample to FILE as soon as its wave (see --batch-size) is done: JSON
+    /// Lines, one object a sample as in --format json's `samples`, with its `index` among them,
+    /// so a long run over a prompt file keeps what it has made.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
     /// Output format: the text (and a line on stderr with the rate), or one JSON object
     /// `{"samples": [{"prompt", "seed", "text", "ids", "end"}], "tokens", "seconds",
     /// "tokens_per_sec"}` where `ids` are the generated tokens, `text` is the prompt and
@@ -385,6 +390,38 @@ fn write_samples(
     );
     bar.set_message(format!("{count} samples"));
     let end = tokenizer.end_of_text().filter(|_| !args.ignore_eos);
+    // The prompt as given, then the generated tokens' bytes, without `<|endoftext|>`.
+    let bytes = |s: &Sample| -> Result<Vec<u8>> {
+        let prompt = &prompts[s.prompt];
+        let mut all = prompt.text.as_bytes().to_vec();
+        for &t in &s.tokens()[prompt.ids.len()..] {
+            if Some(t) != end {
+                all.extend(tokenizer.decode(t)?);
+            }
+        }
+        Ok(all)
+    };
+    let ending = |s: &Sample| match s.kept {
+        Some(_) => "end_of_text",
+        None => "max_tokens",
+    };
+    // One sample as JSON: what --format json lists and --output writes.
+    let record = |i: usize, s: &Sample| -> Result<serde_json::Value> {
+        Ok(json!({
+            "prompt": prompts[s.prompt].text,
+            "seed": seed(i),
+            "text": String::from_utf8_lossy(&bytes(s)?),
+            "ids": s.tokens()[prompts[s.prompt].ids.len()..],
+            "end": ending(s),
+        }))
+    };
+    let mut output = match (&args.output, leader) {
+        (Some(path), true) => Some(
+            std::fs::File::create(path)
+                .map_err(|e| invalid_input!("cannot create --output {}: {e}", path.display()))?,
+        ),
+        _ => None,
+    };
     let started = Instant::now();
     // A wave of samples at a time, so the caches held stay within `wave` samples' worth.
     for group in order.chunks(wave.max(1)) {
@@ -419,6 +456,17 @@ fn write_samples(
             rounds += 1;
         }
         bar.inc(((args.max_tokens - rounds) * group.len()) as u64);
+        if let Some(file) = output.as_mut() {
+            let mut lines = String::new();
+            for &i in group {
+                let mut line = record(i, &samples[i])?;
+                line["index"] = json!(i);
+                lines.push_str(&format!("{line}\n"));
+            }
+            file.write_all(lines.as_bytes())
+                .and_then(|()| file.flush())
+                .context("writing --output")?;
+        }
     }
     bar.finish_and_clear();
     if !leader {
@@ -430,35 +478,12 @@ fn write_samples(
         .map(|s| s.tokens().len() - prompts[s.prompt].ids.len())
         .sum();
     let rate = generated as f64 / seconds.max(1e-9);
-    // The prompt as given, then the generated tokens' bytes, without `<|endoftext|>`.
-    let bytes = |s: &Sample| -> Result<Vec<u8>> {
-        let prompt = &prompts[s.prompt];
-        let mut all = prompt.text.as_bytes().to_vec();
-        for &t in &s.tokens()[prompt.ids.len()..] {
-            if Some(t) != end {
-                all.extend(tokenizer.decode(t)?);
-            }
-        }
-        Ok(all)
-    };
-    let ending = |s: &Sample| match s.kept {
-        Some(_) => "end_of_text",
-        None => "max_tokens",
-    };
     match args.format {
         OutputFormat::Json => {
             let list: Vec<_> = samples
                 .iter()
                 .enumerate()
-                .map(|(i, s)| {
-                    Ok(json!({
-                        "prompt": prompts[s.prompt].text,
-                        "seed": seed(i),
-                        "text": String::from_utf8_lossy(&bytes(s)?),
-                        "ids": s.tokens()[prompts[s.prompt].ids.len()..],
-                        "end": ending(s),
-                    }))
-                })
+                .map(|(i, s)| record(i, s))
                 .collect::<Result<_>>()?;
             let mut report = json!({
                 "samples": list,
