@@ -31,6 +31,11 @@ fn config(stages: usize, dtype: &str) -> TrainConfig {
     }
 }
 
+/// A freshly initialised trainer for `cfg` on the reference backend.
+fn reference(cfg: TrainConfig) -> Trainer<ReferenceBackend> {
+    Trainer::new(cfg, |_| Ok(ReferenceBackend::new()), Init::Fresh).unwrap()
+}
+
 /// The last position's logits of `context`, the whole context run through every stage.
 fn whole<B: Backend>(trainer: &mut Trainer<B>, context: &[u32]) -> Vec<f32> {
     let placement = trainer.schedule.placement.clone();
@@ -110,7 +115,7 @@ fn samples_side_by_side_on_looped_stages() {
         chunks: 2,
         ..config(2, "f32")
     };
-    let mut trainer = Trainer::new(cfg, |_| Ok(ReferenceBackend::new()), Init::Fresh).unwrap();
+    let mut trainer = reference(cfg);
     assert_eq!(trainer.schedule.placement, [0, 1, 0, 1]);
     let mut rng = Rng::new(9);
     let mut contexts: Vec<Vec<u32>> = (1..4)
@@ -175,12 +180,7 @@ fn reference_batched_passes_give_the_bits_of_whole_passes() {
 /// the next answer is the new model's.
 #[test]
 fn a_training_step_drops_the_caches() {
-    let mut trainer = Trainer::new(
-        config(2, "f32"),
-        |_| Ok(ReferenceBackend::new()),
-        Init::Fresh,
-    )
-    .unwrap();
+    let mut trainer = reference(config(2, "f32"));
     let context: Vec<u32> = (0..10).map(|i| i * 5 % 61).collect();
     let before = trainer.next_token_logits(&context[..9]).unwrap();
     assert_eq!(before, whole(&mut trainer, &context[..9]));
@@ -196,12 +196,7 @@ fn a_training_step_drops_the_caches() {
 /// the 60 s receive timeout), and the error reported is the first rank's own.
 #[test]
 fn a_failing_rank_stops_the_ranks_waiting_on_it() {
-    let mut trainer = Trainer::new(
-        config(2, "f32"),
-        |_| Ok(ReferenceBackend::new()),
-        Init::Fresh,
-    )
-    .unwrap();
+    let mut trainer = reference(config(2, "f32"));
     let mut none = vec![(); 2];
     let started = std::time::Instant::now();
     let err = exec::on_every_rank(&mut trainer.ranks, &mut none, |rank, _| {

@@ -35,9 +35,7 @@ impl Corpus {
             val: tokenizer.encode_bytes(val)?,
         })
     }
-}
 
-impl Corpus {
     /// A checksum of every token, training part then validation (FNV-1a over their
     /// little-endian bytes): processes that must train on the same tokens compare it.
     pub fn checksum(&self) -> u64 {

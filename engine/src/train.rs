@@ -230,6 +230,20 @@ impl TrainConfig {
         Ok(lowered)
     }
 
+    /// The layers of `stages`: `stage 0: embedding..=block 0, stage 7: block 11..=head`.
+    pub fn stage_names(&self, stages: &[usize]) -> Result<String> {
+        let ranges = self.stage_layers()?;
+        let layers = self.model.layers();
+        Ok(stages
+            .iter()
+            .map(|&s| {
+                let r = &ranges[s];
+                format!("stage {s}: {}..={}", layers[r.start], layers[r.end - 1])
+            })
+            .collect::<Vec<_>>()
+            .join(", "))
+    }
+
     /// One line of what this run is: `4 layers, 4 heads, width 64, 220544 parameters | 1f1b
     /// schedule, p=4 m=8 v=1, batch 16×64 tokens, f32` (and `, activations checkpointed`).
     pub fn summary(&self) -> String {
@@ -489,29 +503,12 @@ impl<B: Backend> Trainer<B> {
 
     /// One line per rank naming its device and its stages' layers.
     pub fn describe(&self) -> Vec<String> {
-        let ranges = self.config.stage_layers().unwrap_or_default();
-        let layers = self.config.model.layers();
         self.ranks
             .iter()
             .map(|r| {
-                let parts: Vec<String> = r
-                    .stages
-                    .iter()
-                    .map(|(s, _)| {
-                        let range = &ranges[*s];
-                        format!(
-                            "stage {s}: {}..={}",
-                            layers[range.start],
-                            layers[range.end - 1]
-                        )
-                    })
-                    .collect();
-                format!(
-                    "rank {}: {} | {}",
-                    r.rank,
-                    r.backend.describe(),
-                    parts.join(", ")
-                )
+                let stages: Vec<usize> = r.stages.iter().map(|(s, _)| *s).collect();
+                let layers = self.config.stage_names(&stages).unwrap_or_default();
+                format!("rank {}: {} | {layers}", r.rank, r.backend.describe())
             })
             .collect()
     }

@@ -56,14 +56,14 @@ pub fn run(
         "rank  parameters     at rest  held for backward  step peak  stages"
     )?;
     let mut rows = Vec::new();
-    for (r, (rank, line)) in step.report.ranks.iter().zip(trainer.describe()).enumerate() {
+    for (r, rank) in step.report.ranks.iter().enumerate() {
         let params: usize = c
             .rank_param_shapes(r)?
             .iter()
             .map(|(_, shape)| shape.iter().product::<usize>())
             .sum();
-        // "rank r: <device> | stage ..., stage ...": the stages.
-        let stages = line.rsplit_once(" | ").map_or("", |(_, s)| s);
+        let own: Vec<usize> = trainer.ranks[r].stages.iter().map(|(s, _)| *s).collect();
+        let stages = c.stage_names(&own)?;
         let held = format!(
             "{} ({})",
             bytes(rank.peak_activation_bytes),
@@ -203,6 +203,14 @@ pub struct DryStep {
     pub trainer: Trainer<MetaBackend>,
     pub at_rest: Vec<u64>,
     pub step: StepLog,
+}
+
+impl DryStep {
+    /// The largest rank's peak bytes.
+    pub fn largest_peak(&self) -> u64 {
+        let ranks = &self.step.report.ranks;
+        ranks.iter().map(|r| r.peak_bytes).max().unwrap_or(0)
+    }
 }
 
 /// Run one training step of `config` on meta backends that count as `counting` says.

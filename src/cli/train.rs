@@ -364,9 +364,11 @@ pub fn run(args: TrainArgs) -> Result<()> {
         config.model = c.config.clone();
         config.seq_len = config.seq_len.min(config.model.n_positions);
     }
+    // Where a launcher started this process: its rank and the run's size.
+    let env = LaunchEnv::from_env()?;
+    let leader = env.as_ref().is_none_or(|env| env.rank == 0);
     let limit = args.memory_limit.as_deref().map(parse_bytes).transpose()?;
     if config.schedule == "auto" {
-        let leader = LaunchEnv::from_env()?.is_none_or(|env| env.rank == 0);
         config = auto_schedule(&config, limit, args.backend, leader)?;
     } else if config.schedule.parse::<ScheduleKind>().is_err() {
         return Err(invalid_input!(
@@ -389,7 +391,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     if args.dry_run {
         // Under a launcher, rank 0 runs the whole pipeline's dry run alone.
-        if LaunchEnv::from_env()?.is_some_and(|env| env.rank != 0) {
+        if !leader {
             return Ok(());
         }
         return super::dry_run::run(config, args.backend, limit, args.log_json.as_deref());
@@ -401,7 +403,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ));
     }
     // Under a launcher with more than one process, this process runs only its own rank.
-    let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
+    let launch = env.filter(|env| env.world_size > 1);
     // A model that came with GPT-2's tokenizer trains on its tokens, and saves it beside it.
     let tokenizer = match args.resume.as_deref().or(args.init.as_deref()) {
         Some(dir) => Tokenizer::for_checkpoint(dir, config.model.vocab_size)?,
@@ -422,7 +424,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             config.model.vocab_size
         ));
     }
-    if let (Tokenizer::Bpe(_), true) = (&tokenizer, launch.as_ref().is_none_or(|e| e.rank == 0)) {
+    if let (Tokenizer::Bpe(_), true) = (&tokenizer, leader) {
         eprintln!(
             "tokens: GPT-2's BPE from the checkpoint, {} to train on and {} held out",
             corpus.train.len(),
@@ -730,14 +732,7 @@ fn auto_schedule(
         let mut least: Option<(u64, String)> = None;
         let mut kept = Vec::new();
         for (c, sim) in choices {
-            let peak = super::dry_run::dry_step(c.clone(), counting)?
-                .step
-                .report
-                .ranks
-                .iter()
-                .map(|r| r.peak_bytes)
-                .max()
-                .unwrap_or(0);
+            let peak = super::dry_run::dry_step(c.clone(), counting)?.largest_peak();
             if least.as_ref().is_none_or(|(b, _)| peak < *b) {
                 least = Some((peak, label(&c)));
             }

@@ -146,17 +146,8 @@ impl<B: Backend> RankTrainer<B> {
             }
         };
         let transport = RankLinks::new(tcp, tensor_link);
-        let ranges = config.stage_layers()?;
-        let layers = config.model.layers();
-        let own = schedule.stages_of(me);
-        let parts: Vec<String> = own
-            .iter()
-            .map(|&s| {
-                let r = &ranges[s];
-                format!("stage {s}: {}..={}", layers[r.start], layers[r.end - 1])
-            })
-            .collect();
-        let mut line = format!("rank {me}: {} | {}", backend.describe(), parts.join(", "));
+        let names = config.stage_names(&schedule.stages_of(me))?;
+        let mut line = format!("rank {me}: {} | {names}", backend.describe());
         if let Some(t) = tensors {
             line.push_str(&format!(" | tensors over {}", t.name()));
         }
