@@ -1,29 +1,186 @@
 // Host emulation of the few CUDA features pipit's kernels use, so they can be checked on a
-// machine without a GPU (scripts/cuda-cpu-check.sh): blocks run one after another, each
-// block's threads as std::threads with real barriers, __shared__ arrays as statics (shared by
-// the threads of the block running), warp shuffles through a per-warp exchange buffer.
+// machine without a GPU (scripts/cuda-cpu-check.sh, scripts/cuda-cpu-backend.sh). Blocks run
+// one after another on the calling thread; a block's CUDA threads are fibers (coroutines with
+// their own stacks) that switch only at barriers, so __syncthreads and warp shuffles cost a
+// context switch, not an OS thread's wake-up. __shared__ arrays are statics, shared by the
+// block running; warp shuffles go through a per-warp exchange buffer. A barrier that some
+// threads never reach is reported and aborts instead of hanging.
 // Slow, and blind to timing, occupancy and memory-model effects: a check of arithmetic,
 // indexing and synchronisation, not a substitute for the GPU.
-#include <barrier>
-#include <thread>
-#include <vector>
+#include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <vector>
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
 struct dim3 { unsigned x = 1, y = 1, z = 1; };
-thread_local dim3 threadIdx, blockIdx;
+// Plain globals: a launch runs on one OS thread, and launches never overlap.
+dim3 threadIdx, blockIdx;
 dim3 blockDim, gridDim;
-std::barrier<>* emu_block_barrier;
-std::vector<std::unique_ptr<std::barrier<>>> emu_warp_barriers;
-float emu_warp_buf[64][32];
+
+// ---- Fibers: one per CUDA thread of the block running.
+#if defined(__x86_64__)
+// Saves the callee-saved registers on the current stack, stores its pointer in *from, and
+// resumes the stack `to` (made by emu_switch itself, or by emu_fiber_stack).
+extern "C" void emu_switch(void** from, void* to);
+asm(R"(
+    .text
+    .globl emu_switch
+    .type emu_switch, @function
+emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch, .-emu_switch
+)");
+#endif
+struct EmuFiber {
+    bool done = false;
+#if defined(__x86_64__)
+    void* sp = nullptr;
+#else
+    ucontext_t ctx;
+#endif
+};
+struct EmuScheduler {
+    // 32 KiB a fiber, plus three cache lines so the stacks' tops do not all share a cache set.
+    static constexpr size_t kStack = 32 * 1024 + 3 * 64;
+    std::vector<EmuFiber> fibers;
+    std::unique_ptr<char[]> stacks;
+    size_t stack_count = 0;
+    EmuFiber main;  // the launching thread, resumed when every fiber is done
+    unsigned current = 0, live = 0;
+    unsigned long long progress = 0;  // arrivals at barriers and fibers finished
+    unsigned long long progress_at_round = 0;
+    const std::function<void()>* body = nullptr;
+};
+EmuScheduler emu_scheduler;
+inline EmuScheduler& emu_sched() { return emu_scheduler; }
+inline void emu_jump(EmuFiber& from, EmuFiber& to) {
+#if defined(__x86_64__)
+    emu_switch(&from.sp, to.sp);
+#else
+    swapcontext(&from.ctx, &to.ctx);
+#endif
+}
+// Switches from the running fiber straight to the next one not done, in thread order,
+// wrapping round; back to the launching thread once none is left. A whole round in which no
+// fiber arrived at a barrier or finished means the rest wait for threads that will never
+// come: that is reported, and aborts.
+inline void emu_yield() {
+    EmuScheduler& s = emu_sched();
+    EmuFiber& from = s.current == ~0u ? s.main : s.fibers[s.current];
+    if (s.live == 0) {
+        emu_jump(from, s.main);
+        return;
+    }
+    unsigned n = s.fibers.size(), t = s.current;
+    do {
+        t = t + 1 == n ? 0 : t + 1;
+        if (t == 0) {
+            if (s.progress == s.progress_at_round) {
+                std::fprintf(stderr, "emulated CUDA: block (%u, %u): %u threads wait at a barrier the others never reach\n",
+                             blockIdx.x, blockIdx.y, s.live);
+                std::abort();
+            }
+            s.progress_at_round = s.progress;
+        }
+    } while (s.fibers[t].done);
+    s.current = t;
+    threadIdx.x = t % blockDim.x;
+    threadIdx.y = t / blockDim.x;
+    emu_jump(from, s.fibers[t]);
+}
+[[noreturn]] inline void emu_fiber_main() {
+    EmuScheduler& s = emu_sched();
+    (*s.body)();
+    s.fibers[s.current].done = true;
+    s.live--;
+    s.progress++;
+    emu_yield();
+    std::abort();  // a finished fiber is never resumed
+}
+// Runs `body` once per CUDA thread of one block of `n` threads, each a fiber switching at
+// barriers.
+inline void emu_run_block(unsigned n, const std::function<void()>& body) {
+    EmuScheduler& s = emu_sched();
+    if (s.stack_count < n) {
+        s.stacks.reset(new char[n * EmuScheduler::kStack]);
+        s.stack_count = n;
+    }
+    s.fibers.assign(n, EmuFiber{});
+    s.body = &body;
+    for (unsigned t = 0; t < n; t++) {
+        EmuFiber& f = s.fibers[t];
+        char* base = s.stacks.get() + size_t(t) * EmuScheduler::kStack;
+#if defined(__x86_64__)
+        // Six zeroed registers, then emu_fiber_main as the return address, then a slot where
+        // its own return address would be, leaving the stack as a call would.
+        uintptr_t top = (uintptr_t(base) + EmuScheduler::kStack) & ~uintptr_t(15);
+        void** sp = reinterpret_cast<void**>(top - 64);
+        for (int i = 0; i < 6; i++) sp[i] = nullptr;
+        sp[6] = reinterpret_cast<void*>(&emu_fiber_main);
+        sp[7] = nullptr;
+        f.sp = sp;
+#else
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = base;
+        f.ctx.uc_stack.ss_size = EmuScheduler::kStack;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, (void (*)())emu_fiber_main, 0);
+#endif
+    }
+    s.live = n;
+    s.current = ~0u;  // the launching thread; its first yield starts fiber 0
+    s.progress_at_round = s.progress - 1;
+    emu_yield();
+}
+// A barrier among `expected` fibers of the running block.
+struct EmuBarrier {
+    unsigned expected = 0, arrived = 0;
+    unsigned long long phase = 0;
+    void arrive_and_wait() {
+        unsigned long long mine = phase;
+        emu_sched().progress++;
+        if (++arrived == expected) {
+            arrived = 0;
+            phase++;
+            return;
+        }
+        while (phase == mine) emu_yield();
+    }
+};
+EmuBarrier emu_block_barrier;
+std::vector<EmuBarrier> emu_warp_barriers;
+// Exchange buffers of warp shuffles and mma.sync, two per warp: an exchange writes the one
+// its warp barrier's phase parity picks, then waits once. A lane cannot reach the exchange
+// after next (the same buffer) before every lane has passed the next barrier, and so has read
+// this one, so one barrier per exchange is enough.
+float emu_warp_buf[2][64][32];
 std::vector<float> emu_dyn;
 float* emu_dyn_shared;
 #define __global__
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
-inline void __syncthreads() { emu_block_barrier->arrive_and_wait(); }
+inline void __syncthreads() { emu_block_barrier.arrive_and_wait(); }
 inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
 inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
@@ -31,11 +188,10 @@ inline unsigned min(unsigned a, unsigned b) { return a < b ? a : b; }
 inline float __shfl_xor_sync(unsigned, float v, int off) {
     unsigned tid = threadIdx.x + threadIdx.y * blockDim.x;
     unsigned w = tid / 32, lane = tid % 32;
-    emu_warp_buf[w][lane] = v;
-    emu_warp_barriers[w]->arrive_and_wait();
-    float other = emu_warp_buf[w][lane ^ off];
-    emu_warp_barriers[w]->arrive_and_wait();
-    return other;
+    unsigned p = emu_warp_barriers[w].phase & 1;
+    emu_warp_buf[p][w][lane] = v;
+    emu_warp_barriers[w].arrive_and_wait();
+    return emu_warp_buf[p][w][lane ^ off];
 }
 // mma.sync.m16n8k16 (bf16 operands, f32 accumulation) for cuda/flash_attention.cu: every lane
 // posts its fragments, then computes its four outputs from the whole warp's, using the PTX
@@ -44,25 +200,25 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
 // register k / 8; the low half of a register holds the even index; C (g, 2t + e) and
 // (g + 8, 2t + e) in registers e and 2 + e.
 #define PIPIT_HOST_EMULATION 1
-unsigned emu_mma_a[64][32][4], emu_mma_b[64][32][2];
+unsigned emu_mma_a[2][64][32][4], emu_mma_b[2][64][32][2];
 inline float emu_half(unsigned reg, unsigned k) {
     return __uint_as_float(k % 2 ? reg & 0xffff0000u : reg << 16);
 }
 inline void mma_16816(float* d, const unsigned* a, unsigned b0, unsigned b1) {
     unsigned tid = threadIdx.x + threadIdx.y * blockDim.x;
     unsigned w = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
-    for (int i = 0; i < 4; i++) emu_mma_a[w][lane][i] = a[i];
-    emu_mma_b[w][lane][0] = b0; emu_mma_b[w][lane][1] = b1;
-    emu_warp_barriers[w]->arrive_and_wait();
+    unsigned p = emu_warp_barriers[w].phase & 1;
+    for (int i = 0; i < 4; i++) emu_mma_a[p][w][lane][i] = a[i];
+    emu_mma_b[p][w][lane][0] = b0; emu_mma_b[p][w][lane][1] = b1;
+    emu_warp_barriers[w].arrive_and_wait();
     for (unsigned e = 0; e < 4; e++) {
         unsigned r = g + 8 * (e / 2), n = 2 * t + e % 2;
         float acc = d[e];
         for (unsigned k = 0; k < 16; k++)
-            acc += emu_half(emu_mma_a[w][(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k) *
-                   emu_half(emu_mma_b[w][n * 4 + (k % 8) / 2][k / 8], k);
+            acc += emu_half(emu_mma_a[p][w][(r % 8) * 4 + (k % 8) / 2][r / 8 + 2 * (k / 8)], k) *
+                   emu_half(emu_mma_b[p][w][n * 4 + (k % 8) / 2][k / 8], k);
         d[e] = acc;
     }
-    emu_warp_barriers[w]->arrive_and_wait();
 }
 template <class F, class... A>
 void launch(dim3 grid, dim3 block, unsigned shared, F f, A... args) {
@@ -70,21 +226,13 @@ void launch(dim3 grid, dim3 block, unsigned shared, F f, A... args) {
     unsigned n = block.x * block.y;
     emu_dyn.assign(shared / 4 + 1, NAN);
     emu_dyn_shared = emu_dyn.data();
+    emu_block_barrier = EmuBarrier{n};
+    emu_warp_barriers.assign((n + 31) / 32, EmuBarrier{});
+    for (unsigned w = 0; w < emu_warp_barriers.size(); w++) emu_warp_barriers[w].expected = std::min(32u, n - w * 32);
+    std::function<void()> body = [&] { f(args...); };
     for (unsigned by = 0; by < grid.y; by++)
         for (unsigned bx = 0; bx < grid.x; bx++) {
-            std::barrier<> bar(n);
-            emu_block_barrier = &bar;
-            emu_warp_barriers.clear();
-            for (unsigned w = 0; w < (n + 31) / 32; w++)
-                emu_warp_barriers.push_back(std::make_unique<std::barrier<>>(std::min(32u, n - w * 32)));
-            std::vector<std::thread> ts;
-            for (unsigned t = 0; t < n; t++)
-                ts.emplace_back([&, t] {
-                    blockIdx.x = bx; blockIdx.y = by;
-                    threadIdx.x = t % block.x; threadIdx.y = t / block.x;
-                    f(args...);
-                });
-            for (auto& t : ts) t.join();
+            blockIdx.x = bx; blockIdx.y = by;
+            emu_run_block(n, body);
         }
 }
-

@@ -1,0 +1,759 @@
+// The CUDA driver, NVRTC, cuBLAS and NCCL entry points pipit's CUDA backend calls, emulated on
+// the host, so the backend's own Rust code (cudarc calls, launch shapes, buffer sizes, the
+// order of copies, NCCL groups) runs end to end on a machine without a GPU
+// (scripts/cuda-cpu-backend.sh builds this file as libcuda.so, libnvrtc.so, libcublas.so and
+// libnccl.so and runs the CUDA cases of the test suites against it).
+//
+// - Device memory is host memory. Fresh allocations are filled with 0xff bytes (NaN in f32 and
+//   bf16), so a kernel that reads what nobody wrote shows it. Every copy, memset, GEMM operand
+//   and kernel pointer argument must lie inside a live allocation, and freeing anything else
+//   is an error: out-of-bounds copies and double frees fail loudly instead of corrupting.
+// - Every stream runs its work when it is enqueued, in the calling thread, so any order the
+//   host's own synchronisation allows is one a GPU could have produced; races between streams
+//   are not detected. Events record the host clock.
+// - NVRTC "compiles" by building the program with g++ against emulate.h into a shared object
+//   (cached by the source's hash); modules load it with dlopen, and cuLaunchKernel runs the
+//   kernel through emulate.h's launch(), one kernel at a time process-wide.
+// - cuBLAS's strided batched GEMM is a plain loop, accumulating in double.
+// - NCCL: as on a one-GPU machine, a one-rank communicator sends to itself inside a group, and
+//   a communicator of several ranks fails once all have joined.
+//
+// Set PIPIT_EMULATED_CUDA_TRACE=1 to log every call that is not plain arithmetic.
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <regex>
+#include <set>
+#include <string>
+#include <vector>
+
+#ifndef PIPIT_EMULATE_DIR
+#error "build with -DPIPIT_EMULATE_DIR=\"<folder of emulate.h>\""
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Shared state and helpers
+
+bool tracing() {
+    static bool on = [] {
+        const char* v = std::getenv("PIPIT_EMULATED_CUDA_TRACE");
+        return v && *v && std::strcmp(v, "0") != 0;
+    }();
+    return on;
+}
+
+void trace(const char* fmt, ...) {
+    if (!tracing()) return;
+    std::va_list args;
+    va_start(args, fmt);
+    std::fprintf(stderr, "[emulated cuda] ");
+    std::vfprintf(stderr, fmt, args);
+    std::fprintf(stderr, "\n");
+    va_end(args);
+}
+
+// An error worth a line on stderr even without tracing: the backend did something a GPU would
+// have refused or faulted on.
+void complain(const char* fmt, ...) {
+    std::va_list args;
+    va_start(args, fmt);
+    std::fprintf(stderr, "[emulated cuda] error: ");
+    std::vfprintf(stderr, fmt, args);
+    std::fprintf(stderr, "\n");
+    va_end(args);
+}
+
+constexpr int kDevices = 1;
+constexpr size_t kTotalMemory = size_t(80) << 30;
+
+std::mutex memory_lock;
+std::map<uintptr_t, size_t> allocations;  // start -> bytes
+size_t allocated = 0;
+
+void* allocate(size_t bytes) {
+    void* p = std::malloc(bytes ? bytes : 1);
+    if (!p) return nullptr;
+    std::memset(p, 0xff, bytes);
+    std::lock_guard<std::mutex> g(memory_lock);
+    allocations[uintptr_t(p)] = bytes;
+    allocated += bytes;
+    return p;
+}
+
+bool release(uintptr_t p) {
+    std::lock_guard<std::mutex> g(memory_lock);
+    auto it = allocations.find(p);
+    if (it == allocations.end()) return false;
+    allocated -= it->second;
+    allocations.erase(it);
+    std::free(reinterpret_cast<void*>(p));
+    return true;
+}
+
+// Whether [p, p + bytes) lies inside one live device allocation.
+bool inside(uintptr_t p, size_t bytes) {
+    std::lock_guard<std::mutex> g(memory_lock);
+    auto it = allocations.upper_bound(p);
+    if (it == allocations.begin()) return false;
+    --it;
+    return p >= it->first && p + bytes <= it->first + it->second;
+}
+
+bool check_range(const char* what, uintptr_t p, size_t bytes) {
+    if (bytes == 0 || inside(p, bytes)) return true;
+    complain("%s: %zu bytes at 0x%zx are not inside one device allocation", what, bytes, size_t(p));
+    return false;
+}
+
+double now_ms() {
+    using namespace std::chrono;
+    return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
+}
+
+// The 64-bit FNV-1a hash of a text: names the compiled module in the cache.
+uint64_t fnv1a(const std::string& s) {
+    uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    return h;
+}
+
+// The folder holding this library: compiled modules are cached there.
+std::string own_folder() {
+    Dl_info info{};
+    if (dladdr(reinterpret_cast<void*>(&own_folder), &info) && info.dli_fname) {
+        std::string path = info.dli_fname;
+        auto slash = path.rfind('/');
+        if (slash != std::string::npos) return path.substr(0, slash);
+    }
+    return "/tmp";
+}
+
+// ---------------------------------------------------------------------------------------------
+// Modules: the program built by g++ against emulate.h
+
+// Entry points every built module exports (see module_source).
+typedef void (*RunKernel)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+typedef RunKernel (*FindKernel)(const char*);
+typedef void (*SetPointerCheck)(bool (*)(const void*));
+
+struct Module {
+    void* handle;
+    FindKernel find;
+};
+
+struct Function {
+    std::string name;
+    RunKernel run;
+};
+
+// Pointer arguments of a kernel must point into a live allocation (or be null).
+bool kernel_pointer_ok(const void* p) { return p == nullptr || inside(uintptr_t(p), 1); }
+
+// The program as a C++ translation unit: emulate.h, the program, and for every kernel a
+// trampoline that unpacks cuLaunchKernel's argument array by the kernel's own parameter types.
+std::string module_source(const std::string& program) {
+    std::string src = "#include \"emulate.h\"\n" + program + "\n";
+    src += R"(
+#include <cstddef>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+static bool (*emu_pointer_ok)(const void*) = nullptr;
+template <class A> static bool emu_arg_ok(const A& a) {
+    if constexpr (std::is_pointer_v<A>) return !emu_pointer_ok || emu_pointer_ok((const void*)a);
+    else return true;
+}
+template <class... A, std::size_t... I>
+static void emu_run(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned by,
+                    unsigned shared, void** p, std::index_sequence<I...>) {
+    bool ok = (emu_arg_ok(*static_cast<std::decay_t<A>*>(p[I])) && ...);
+    if (!ok) { std::fprintf(stderr, "[emulated cuda] error: a pointer argument is outside every device allocation\n"); std::abort(); }
+    dim3 g, b; g.x = gx; g.y = gy; b.x = bx; b.y = by;
+    launch(g, b, shared, f, *static_cast<std::decay_t<A>*>(p[I])...);
+}
+template <class... A>
+static void emu_entry(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned by,
+                      unsigned shared, void** p) {
+    emu_run(f, gx, gy, bx, by, shared, p, std::index_sequence_for<A...>{});
+}
+typedef void (*emu_kernel_t)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+struct emu_named { const char* name; emu_kernel_t run; };
+static const emu_named emu_kernels[] = {
+)";
+    std::regex kernel(R"(extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\()");
+    std::set<std::string> seen;
+    for (auto it = std::sregex_iterator(program.begin(), program.end(), kernel);
+         it != std::sregex_iterator(); ++it) {
+        std::string name = (*it)[1];
+        if (!seen.insert(name).second) continue;
+        src += "    {\"" + name + "\", [](unsigned gx, unsigned gy, unsigned bx, unsigned by, unsigned s, void** p) { emu_entry(" +
+               name + ", gx, gy, bx, by, s, p); }},\n";
+    }
+    src += R"(};
+extern "C" emu_kernel_t pipit_emulated_find(const char* name) {
+    for (const auto& k : emu_kernels) if (std::strcmp(k.name, name) == 0) return k.run;
+    return nullptr;
+}
+extern "C" void pipit_emulated_pointer_check(bool (*ok)(const void*)) { emu_pointer_ok = ok; }
+)";
+    return src;
+}
+
+// Builds the program into a shared object (or finds it built), returning its path, or the
+// compiler's messages in `log`.
+bool build_module(const std::string& program, std::string& path, std::string& log) {
+    std::string source = module_source(program), emulation;
+    // The cache key covers emulate.h too, so a changed emulation rebuilds the module.
+    if (FILE* e = std::fopen(PIPIT_EMULATE_DIR "/emulate.h", "r")) {
+        char buf[4096];
+        size_t n;
+        while ((n = std::fread(buf, 1, sizeof buf, e)) > 0) emulation.append(buf, n);
+        std::fclose(e);
+    }
+    char name[64];
+    std::snprintf(name, sizeof name, "/kernels-%016llx", (unsigned long long)fnv1a(emulation + source));
+    path = own_folder() + name + ".so";
+    if (access(path.c_str(), R_OK) == 0) return true;
+    std::string cpp = path + ".cpp", tmp = path + "." + std::to_string(getpid()) + ".tmp";
+    FILE* f = std::fopen(cpp.c_str(), "w");
+    if (!f) { log = "cannot write " + cpp; return false; }
+    std::fwrite(source.data(), 1, source.size(), f);
+    std::fclose(f);
+    std::string out = path + ".log";
+    std::string cmd = "g++ -std=c++20 -O1 -fPIC -shared -pthread -w -I'" PIPIT_EMULATE_DIR "' -o '" + tmp +
+                      "' '" + cpp + "' > '" + out + "' 2>&1";
+    trace("building the kernels: %s", cmd.c_str());
+    int status = std::system(cmd.c_str());
+    if (status != 0) {
+        FILE* l = std::fopen(out.c_str(), "r");
+        char buf[4096];
+        size_t n;
+        while (l && (n = std::fread(buf, 1, sizeof buf, l)) > 0) log.append(buf, n);
+        if (l) std::fclose(l);
+        std::remove(tmp.c_str());
+        return false;
+    }
+    return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+std::mutex launch_lock;  // emulate.h keeps a launch's shape in globals: one kernel at a time
+
+// ---------------------------------------------------------------------------------------------
+// Streams and events
+
+struct Event {
+    double at_ms = 0;
+    bool recorded = false;
+};
+
+struct Stream {
+    int id;
+};
+
+std::atomic<int> next_stream{1};
+
+}  // namespace
+
+// =============================================================================================
+// The driver API
+
+extern "C" {
+
+typedef int CUresult;
+typedef int CUdevice;
+typedef unsigned long long CUdeviceptr;
+
+enum : int {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_LAUNCH_FAILED = 719,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+
+static int the_context[kDevices];
+
+CUresult cuGetErrorString(CUresult e, const char** s) {
+    switch (e) {
+        case CUDA_SUCCESS: *s = "no error"; break;
+        case CUDA_ERROR_INVALID_VALUE: *s = "invalid argument (emulated CUDA)"; break;
+        case CUDA_ERROR_OUT_OF_MEMORY: *s = "out of memory (emulated CUDA)"; break;
+        case CUDA_ERROR_INVALID_DEVICE: *s = "invalid device ordinal (emulated CUDA)"; break;
+        case CUDA_ERROR_INVALID_IMAGE: *s = "device kernel image is invalid (emulated CUDA)"; break;
+        case CUDA_ERROR_INVALID_HANDLE: *s = "invalid resource handle (emulated CUDA)"; break;
+        case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found (emulated CUDA)"; break;
+        case CUDA_ERROR_LAUNCH_FAILED: *s = "unspecified launch failure (emulated CUDA)"; break;
+        default: *s = "unknown error (emulated CUDA)"; break;
+    }
+    return CUDA_SUCCESS;
+}
+CUresult cuGetErrorName(CUresult e, const char** s) { return cuGetErrorString(e, s); }
+
+CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+CUresult cuDriverGetVersion(int* v) { *v = 13000; return CUDA_SUCCESS; }
+CUresult cuDeviceGetCount(int* n) { *n = kDevices; return CUDA_SUCCESS; }
+CUresult cuDeviceGet(CUdevice* d, int ordinal) {
+    if (ordinal < 0 || ordinal >= kDevices) return CUDA_ERROR_INVALID_DEVICE;
+    *d = ordinal;
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    std::snprintf(name, size_t(len), "pipit host emulation");
+    return CUDA_SUCCESS;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice) { *bytes = kTotalMemory; return CUDA_SUCCESS; }
+CUresult cuDeviceGetAttribute(int* v, int attribute, CUdevice) {
+    switch (attribute) {
+        case 1: *v = 1024; break;             // max threads per block
+        case 8: *v = 48 * 1024; break;        // shared memory per block
+        case 10: *v = 32; break;              // warp size
+        case 16: *v = 132; break;             // multiprocessors
+        case 75: *v = 9; break;               // compute capability (an H100/H200's)
+        case 76: *v = 0; break;
+        case 97: *v = 227 * 1024; break;      // opt-in shared memory per block
+        case 115: *v = 1; break;              // memory pools supported
+        default:
+            trace("cuDeviceGetAttribute(%d): answering 0", attribute);
+            *v = 0;
+    }
+    return CUDA_SUCCESS;
+}
+CUresult cuDevicePrimaryCtxRetain(void** ctx, CUdevice d) { *ctx = &the_context[d]; return CUDA_SUCCESS; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return CUDA_SUCCESS; }
+static thread_local void* current_context = nullptr;
+CUresult cuCtxSetCurrent(void* ctx) { current_context = ctx; return CUDA_SUCCESS; }
+CUresult cuCtxGetCurrent(void** ctx) { *ctx = current_context; return CUDA_SUCCESS; }
+CUresult cuCtxGetDevice(CUdevice* d) {
+    *d = current_context ? int(static_cast<int*>(current_context) - the_context) : 0;
+    return CUDA_SUCCESS;
+}
+CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    std::lock_guard<std::mutex> g(memory_lock);
+    *total = kTotalMemory;
+    *free_bytes = allocated < kTotalMemory ? kTotalMemory - allocated : 0;
+    return CUDA_SUCCESS;
+}
+
+// Streams run work as it is enqueued, so synchronising is free.
+CUresult cuStreamCreate(void** s, unsigned) { *s = new Stream{next_stream++}; return CUDA_SUCCESS; }
+CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
+CUresult cuStreamDestroy_v2(void* s) { delete static_cast<Stream*>(s); return CUDA_SUCCESS; }
+CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
+CUresult cuStreamQuery(void*) { return CUDA_SUCCESS; }
+CUresult cuStreamWaitEvent(void*, void* e, unsigned) { return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
+CUresult cuLaunchHostFunc(void*, void (*f)(void*), void* data) { f(data); return CUDA_SUCCESS; }
+
+CUresult cuEventCreate(void** e, unsigned) { *e = new Event; return CUDA_SUCCESS; }
+CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return CUDA_SUCCESS; }
+CUresult cuEventRecord(void* e, void*) {
+    auto* ev = static_cast<Event*>(e);
+    ev->at_ms = now_ms();
+    ev->recorded = true;
+    return CUDA_SUCCESS;
+}
+CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
+CUresult cuEventSynchronize(void*) { return CUDA_SUCCESS; }
+CUresult cuEventQuery(void*) { return CUDA_SUCCESS; }
+CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
+    auto *ea = static_cast<Event*>(a), *eb = static_cast<Event*>(b);
+    if (!ea->recorded || !eb->recorded) return CUDA_ERROR_INVALID_HANDLE;
+    *ms = float(eb->at_ms - ea->at_ms);
+    return CUDA_SUCCESS;
+}
+CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+
+// Memory
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    void* m = allocate(bytes);
+    if (!m) return CUDA_ERROR_OUT_OF_MEMORY;
+    *p = CUdeviceptr(m);
+    trace("alloc %zu bytes at 0x%llx", bytes, *p);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    trace("free 0x%llx", p);
+    if (release(uintptr_t(p))) return CUDA_SUCCESS;
+    complain("freeing 0x%llx, which is not a live allocation", p);
+    return CUDA_ERROR_INVALID_VALUE;
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    *p = std::malloc(bytes ? bytes : 1);
+    return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
+CUresult cuMemFreeHost(void* p) { std::free(p); return CUDA_SUCCESS; }
+CUresult cuMemHostRegister_v2(void*, size_t, unsigned) { return CUDA_SUCCESS; }
+CUresult cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
+
+CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice d) { *pool = &the_context[d]; return CUDA_SUCCESS; }
+CUresult cuMemPoolSetAttribute(void*, int, void*) { return CUDA_SUCCESS; }
+CUresult cuMemPoolGetAttribute(void*, int, void* v) { std::memset(v, 0, 8); return CUDA_SUCCESS; }
+CUresult cuMemPoolTrimTo(void*, size_t) { return CUDA_SUCCESS; }
+
+CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+    if (!check_range("cuMemsetD8", uintptr_t(p), n)) return CUDA_ERROR_INVALID_VALUE;
+    std::memset(reinterpret_cast<void*>(p), v, n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(p, v, n); }
+CUresult cuMemsetD32_v2(CUdeviceptr p, unsigned v, size_t n) {
+    if (!check_range("cuMemsetD32", uintptr_t(p), n * 4)) return CUDA_ERROR_INVALID_VALUE;
+    auto* w = reinterpret_cast<unsigned*>(p);
+    for (size_t i = 0; i < n; i++) w[i] = v;
+    return CUDA_SUCCESS;
+}
+CUresult cuMemsetD32Async(CUdeviceptr p, unsigned v, size_t n, void*) { return cuMemsetD32_v2(p, v, n); }
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    if (!check_range("cuMemcpyHtoD destination", uintptr_t(dst), n)) return CUDA_ERROR_INVALID_VALUE;
+    std::memcpy(reinterpret_cast<void*>(dst), src, n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    if (!check_range("cuMemcpyDtoH source", uintptr_t(src), n)) return CUDA_ERROR_INVALID_VALUE;
+    std::memcpy(dst, reinterpret_cast<void*>(src), n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    if (!check_range("cuMemcpyDtoD destination", uintptr_t(dst), n) ||
+        !check_range("cuMemcpyDtoD source", uintptr_t(src), n))
+        return CUDA_ERROR_INVALID_VALUE;
+    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n);
+    return CUDA_SUCCESS;
+}
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
+CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n, void*) {
+    return cuMemcpyDtoD_v2(dst, src, n);
+}
+CUresult cuMemcpyPeer(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n) { return cuMemcpyDtoD_v2(dst, src, n); }
+
+// Modules and launches. The "image" is what nvrtcGetPTX returned: a line naming the built
+// shared object.
+static const char kImagePrefix[] = "// pipit emulated module: ";
+
+CUresult cuModuleLoadData(void** module, const void* image) {
+    const char* text = static_cast<const char*>(image);
+    size_t prefix = sizeof kImagePrefix - 1;
+    if (std::strncmp(text, kImagePrefix, prefix) != 0) {
+        complain("cuModuleLoadData: the image did not come from the emulated NVRTC");
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    std::string path(text + prefix);
+    while (!path.empty() && (path.back() == '\n' || path.back() == '\0')) path.pop_back();
+    void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!handle) {
+        complain("loading %s: %s", path.c_str(), dlerror());
+        return CUDA_ERROR_INVALID_IMAGE;
+    }
+    auto find = reinterpret_cast<FindKernel>(dlsym(handle, "pipit_emulated_find"));
+    auto check = reinterpret_cast<SetPointerCheck>(dlsym(handle, "pipit_emulated_pointer_check"));
+    if (!find || !check) return CUDA_ERROR_INVALID_IMAGE;
+    check(kernel_pointer_ok);
+    *module = new Module{handle, find};
+    trace("loaded %s", path.c_str());
+    return CUDA_SUCCESS;
+}
+CUresult cuModuleUnload(void* module) { delete static_cast<Module*>(module); return CUDA_SUCCESS; }
+CUresult cuModuleGetFunction(void** f, void* module, const char* name) {
+    RunKernel run = static_cast<Module*>(module)->find(name);
+    if (!run) return CUDA_ERROR_NOT_FOUND;
+    *f = new Function{name, run};
+    return CUDA_SUCCESS;
+}
+CUresult cuFuncGetAttribute(int* v, int attribute, void*) {
+    switch (attribute) {
+        case 0: *v = 1024; break;  // max threads per block
+        default: *v = 0;
+    }
+    return CUDA_SUCCESS;
+}
+CUresult cuFuncSetAttribute(void*, int, int) { return CUDA_SUCCESS; }
+CUresult cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
+
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned shared, void*, void** params, void** extra) {
+    auto* fn = static_cast<Function*>(f);
+    if (extra) { complain("%s: launched with `extra`, which the emulation does not take", fn->name.c_str()); return CUDA_ERROR_NOT_SUPPORTED; }
+    if (gz != 1 || bz != 1) { complain("%s: a z dimension (grid %u, block %u) the emulation does not take", fn->name.c_str(), gz, bz); return CUDA_ERROR_NOT_SUPPORTED; }
+    if (gx == 0 || gy == 0 || bx == 0 || by == 0 || bx * by > 1024 || gy > 65535 || gx > 0x7fffffffu) {
+        complain("%s: invalid launch shape grid (%u, %u), block (%u, %u)", fn->name.c_str(), gx, gy, bx, by);
+        return CUDA_ERROR_INVALID_VALUE;
+    }
+    if (shared > 227 * 1024) { complain("%s: %u bytes of dynamic shared memory", fn->name.c_str(), shared); return CUDA_ERROR_INVALID_VALUE; }
+    trace("launch %s grid (%u, %u) block (%u, %u) shared %u", fn->name.c_str(), gx, gy, bx, by, shared);
+    std::lock_guard<std::mutex> g(launch_lock);
+    fn->run(gx, gy, bx, by, shared, params);
+    return CUDA_SUCCESS;
+}
+
+// =============================================================================================
+// NVRTC
+
+typedef int nvrtcResult;
+struct Program {
+    std::string source, image, log;
+};
+
+const char* nvrtcGetErrorString(nvrtcResult r) {
+    return r == 0 ? "NVRTC_SUCCESS" : r == 6 ? "NVRTC_ERROR_COMPILATION" : "NVRTC_ERROR (emulated)";
+}
+nvrtcResult nvrtcVersion(int* major, int* minor) { *major = 13; *minor = 0; return 0; }
+nvrtcResult nvrtcCreateProgram(void** prog, const char* src, const char*, int headers, const char* const*,
+                               const char* const*) {
+    if (headers != 0) return 3;  // NVRTC_ERROR_INVALID_INPUT: pipit passes no headers
+    *prog = new Program{src, "", ""};
+    return 0;
+}
+nvrtcResult nvrtcDestroyProgram(void** prog) { delete static_cast<Program*>(*prog); *prog = nullptr; return 0; }
+nvrtcResult nvrtcCompileProgram(void* prog, int n, const char* const* options) {
+    auto* p = static_cast<Program*>(prog);
+    for (int i = 0; i < n; i++) trace("nvrtc option %s", options[i]);
+    std::string path;
+    if (!build_module(p->source, path, p->log)) return 6;  // NVRTC_ERROR_COMPILATION
+    p->image = std::string(kImagePrefix) + path + "\n";
+    return 0;
+}
+nvrtcResult nvrtcGetPTXSize(void* prog, size_t* n) { *n = static_cast<Program*>(prog)->image.size() + 1; return 0; }
+nvrtcResult nvrtcGetPTX(void* prog, char* out) {
+    auto* p = static_cast<Program*>(prog);
+    std::memcpy(out, p->image.c_str(), p->image.size() + 1);
+    return 0;
+}
+nvrtcResult nvrtcGetProgramLogSize(void* prog, size_t* n) { *n = static_cast<Program*>(prog)->log.size() + 1; return 0; }
+nvrtcResult nvrtcGetProgramLog(void* prog, char* out) {
+    auto* p = static_cast<Program*>(prog);
+    std::memcpy(out, p->log.c_str(), p->log.size() + 1);
+    return 0;
+}
+
+// =============================================================================================
+// cuBLAS
+
+typedef int cublasStatus_t;
+struct Blas {
+    void* stream = nullptr;
+};
+
+cublasStatus_t cublasCreate_v2(void** h) { *h = new Blas; return 0; }
+cublasStatus_t cublasDestroy_v2(void* h) { delete static_cast<Blas*>(h); return 0; }
+cublasStatus_t cublasSetStream_v2(void* h, void* s) { static_cast<Blas*>(h)->stream = s; return 0; }
+cublasStatus_t cublasGetStream_v2(void* h, void** s) { *s = static_cast<Blas*>(h)->stream; return 0; }
+cublasStatus_t cublasSetWorkspace_v2(void*, void*, size_t) { return 0; }
+cublasStatus_t cublasSetMathMode(void*, int) { return 0; }
+cublasStatus_t cublasGetMathMode(void*, int* m) { *m = 0; return 0; }
+cublasStatus_t cublasSetPointerMode_v2(void*, int mode) { return mode == 0 ? 0 : 15; }
+const char* cublasGetStatusString(cublasStatus_t s) { return s == 0 ? "CUBLAS_STATUS_SUCCESS" : "CUBLAS_STATUS_ERROR (emulated)"; }
+const char* cublasGetStatusName(cublasStatus_t s) { return cublasGetStatusString(s); }
+
+static float load_as_f32(const void* base, int type, long long i) {
+    if (type == 0) return static_cast<const float*>(base)[i];
+    unsigned bits = unsigned(static_cast<const unsigned short*>(base)[i]) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+static void store_from_f32(void* base, int type, long long i, float v) {
+    if (type == 0) { static_cast<float*>(base)[i] = v; return; }
+    unsigned x;
+    std::memcpy(&x, &v, 4);
+    unsigned short bits;
+    if ((x & 0x7fffffffu) > 0x7f800000u) bits = (unsigned short)((x >> 16) | 0x40u);
+    else bits = (unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+    static_cast<unsigned short*>(base)[i] = bits;
+}
+
+// Column-major C = alpha·op(A)·op(B) + beta·C for each of `batch` operand triples; C is not
+// read when beta is 0, as cuBLAS promises.
+cublasStatus_t cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha,
+                                          const void* A, int at, int lda, long long sa, const void* B, int bt,
+                                          int ldb, long long sb, const void* beta, void* C, int ct, int ldc,
+                                          long long sc, int batch, int compute, int) {
+    if (compute != 68 && compute != 69) { complain("GEMM compute type %d (pipit asks for CUBLAS_COMPUTE_32F)", compute); return 15; }
+    for (int t : {at, bt, ct})
+        if (t != 0 && t != 14) { complain("GEMM data type %d", t); return 15; }
+    if (m < 0 || n < 0 || k < 0 || batch < 0) return 7;
+    int a_rows = ta ? k : m, a_cols = ta ? m : k, b_rows = tb ? n : k, b_cols = tb ? k : n;
+    if (lda < std::max(1, a_rows) || ldb < std::max(1, b_rows) || ldc < std::max(1, m)) {
+        complain("GEMM leading dimensions lda %d ldb %d ldc %d for m %d n %d k %d", lda, ldb, ldc, m, n, k);
+        return 7;
+    }
+    if (m == 0 || n == 0 || batch == 0) return 0;
+    size_t ea = at ? 2 : 4, eb = bt ? 2 : 4, ec = ct ? 2 : 4;
+    auto span = [](long long stride, int batch, int ld, int rows, int cols) {
+        return size_t((batch - 1) * stride + (long long)ld * (cols - 1) + rows);
+    };
+    if ((k > 0 && (!check_range("GEMM operand A", uintptr_t(A), span(sa, batch, lda, a_rows, a_cols) * ea) ||
+                   !check_range("GEMM operand B", uintptr_t(B), span(sb, batch, ldb, b_rows, b_cols) * eb))) ||
+        !check_range("GEMM operand C", uintptr_t(C), span(sc, batch, ldc, m, n) * ec))
+        return 7;
+    float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    for (int b = 0; b < batch; b++)
+        for (int j = 0; j < n; j++)
+            for (int i = 0; i < m; i++) {
+                double acc = 0;
+                for (int l = 0; l < k; l++) {
+                    long long ia = ta ? l + (long long)i * lda : i + (long long)l * lda;
+                    long long ib = tb ? j + (long long)l * ldb : l + (long long)j * ldb;
+                    acc += double(load_as_f32(A, at, b * sa + ia)) * load_as_f32(B, bt, b * sb + ib);
+                }
+                long long ic = b * sc + i + (long long)j * ldc;
+                double v = al * acc;
+                if (be != 0) v += double(be) * load_as_f32(C, ct, ic);
+                store_from_f32(C, ct, ic, float(v));
+            }
+    return 0;
+}
+
+// =============================================================================================
+// NCCL: one-rank communicators
+
+typedef int ncclResult_t;
+struct ncclUniqueId {
+    char internal[128];
+};
+struct Pending {
+    bool send;
+    uintptr_t buffer;
+    size_t bytes;
+};
+struct Comm {
+    int ranks;
+    bool aborted = false;
+};
+
+static thread_local int group_depth = 0;
+static thread_local std::deque<Pending> pending_sends, pending_recvs;
+static thread_local ncclResult_t group_error = 0;
+
+const char* ncclGetErrorString(ncclResult_t r) {
+    switch (r) {
+        case 0: return "no error";
+        case 2: return "unhandled system error (emulated NCCL)";
+        case 4: return "invalid argument (emulated NCCL)";
+        case 5: return "invalid usage (emulated NCCL)";
+        default: return "error (emulated NCCL)";
+    }
+}
+const char* ncclGetLastError(void*) { return ""; }
+ncclResult_t ncclGetVersion(int* v) { *v = 22800; return 0; }
+ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
+    std::memset(id->internal, 0, sizeof id->internal);
+    static std::atomic<int> made{0};
+    std::snprintf(id->internal, sizeof id->internal, "pipit-emulated-nccl-%d-%lld-%d", int(getpid()),
+                  (long long)now_ms(), made++);
+    return 0;
+}
+// Every rank of a communicator is a process on the one emulated GPU. As NCCL does, a rank
+// waits until all have joined (each leaves a file named by the id and its rank), and then two
+// or more ranks fail with ncclInvalidUsage, NCCL's answer to two ranks on one GPU.
+ncclResult_t ncclCommInitRank(void** comm, int ranks, ncclUniqueId id, int rank) {
+    if (ranks < 1 || rank < 0 || rank >= ranks) return 4;
+    if (ranks > 1) {
+        std::string tag(id.internal, strnlen(id.internal, sizeof id.internal));
+        auto joined = [&](int r) { return "/tmp/" + tag + "-rank" + std::to_string(r); };
+        if (FILE* f = std::fopen(joined(rank).c_str(), "w")) std::fclose(f);
+        trace("ncclCommInitRank: rank %d of %d waits for the others", rank, ranks);
+        for (int r = 0; r < ranks; r++)
+            while (access(joined(r).c_str(), F_OK) != 0) usleep(20000);
+        complain("ncclCommInitRank: %d ranks on one GPU (NCCL: duplicate GPU detected)", ranks);
+        return 5;
+    }
+    *comm = new Comm{ranks};
+    return 0;
+}
+ncclResult_t ncclCommAbort(void* comm) { static_cast<Comm*>(comm)->aborted = true; return 0; }
+ncclResult_t ncclCommDestroy(void* comm) { delete static_cast<Comm*>(comm); return 0; }
+ncclResult_t ncclCommFinalize(void*) { return 0; }
+ncclResult_t ncclCommGetAsyncError(void* comm, ncclResult_t* r) {
+    *r = static_cast<Comm*>(comm)->aborted ? 2 : 0;
+    return 0;
+}
+ncclResult_t ncclCommCount(void* comm, int* n) { *n = static_cast<Comm*>(comm)->ranks; return 0; }
+ncclResult_t ncclCommUserRank(void*, int* r) { *r = 0; return 0; }
+
+static size_t nccl_size(int type) {
+    switch (type) {
+        case 0: case 1: return 1;
+        case 6: case 9: return 2;
+        case 4: case 5: case 8: return 8;
+        default: return 4;
+    }
+}
+
+// Pairs sends with receives in the order they were posted, as NCCL pairs them per peer.
+static ncclResult_t match_pending() {
+    while (!pending_sends.empty() && !pending_recvs.empty()) {
+        Pending s = pending_sends.front(), r = pending_recvs.front();
+        pending_sends.pop_front();
+        pending_recvs.pop_front();
+        if (s.bytes != r.bytes) {
+            complain("ncclSend of %zu bytes met ncclRecv of %zu bytes", s.bytes, r.bytes);
+            return 5;
+        }
+        std::memmove(reinterpret_cast<void*>(r.buffer), reinterpret_cast<void*>(s.buffer), s.bytes);
+    }
+    return 0;
+}
+
+ncclResult_t ncclGroupStart() { group_depth++; return 0; }
+ncclResult_t ncclGroupEnd() {
+    if (group_depth == 0) return 5;
+    if (--group_depth > 0) return 0;
+    ncclResult_t r = group_error ? group_error : match_pending();
+    group_error = 0;
+    if (r == 0 && (!pending_sends.empty() || !pending_recvs.empty())) {
+        complain("a group ended with %zu sends and %zu receives unmatched: NCCL would hang",
+                 pending_sends.size(), pending_recvs.size());
+        r = 5;
+    }
+    pending_sends.clear();
+    pending_recvs.clear();
+    return r;
+}
+
+static ncclResult_t post(bool send, const void* buf, size_t count, int type, int peer, void* comm) {
+    auto* c = static_cast<Comm*>(comm);
+    if (c->aborted) return 2;
+    if (peer != 0) { complain("peer %d in a one-rank communicator", peer); return 4; }
+    size_t bytes = count * nccl_size(type);
+    if (!check_range(send ? "ncclSend buffer" : "ncclRecv buffer", uintptr_t(buf), bytes)) return 4;
+    (send ? pending_sends : pending_recvs).push_back(Pending{send, uintptr_t(buf), bytes});
+    if (group_depth == 0) {
+        complain("%s to self outside a group: NCCL would hang", send ? "ncclSend" : "ncclRecv");
+        pending_sends.clear();
+        pending_recvs.clear();
+        return 5;
+    }
+    return 0;
+}
+ncclResult_t ncclSend(const void* buf, size_t count, int type, int peer, void* comm, void*) {
+    return post(true, buf, count, type, peer, comm);
+}
+ncclResult_t ncclRecv(void* buf, size_t count, int type, int peer, void* comm, void*) {
+    return post(false, buf, count, type, peer, comm);
+}
+
+}  // extern "C"
