@@ -1,10 +1,13 @@
 //! The meta backend (sizes, no contents, no compute) counts a training step's memory as the
 //! reference backend does, rank by rank, to the byte: for every schedule, with and without
-//! activation checkpointing, in f32 and bf16. That is what makes `pipit train --dry-run`'s
-//! figures the ones a run would measure.
+//! activation checkpointing, in f32 and bf16, and with stages handing buffers over as on one
+//! GPU. That is what makes `pipit train --dry-run`'s figures the ones a run would measure.
 
-use pipit::engine::backend::Backend;
+use std::time::Duration;
+
+use pipit::engine::backend::{Backend, Transport};
 use pipit::engine::data::Corpus;
+use pipit::engine::exec::in_process_mesh_over;
 use pipit::engine::model::GptConfig;
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::meta::MetaBackend;
@@ -105,4 +108,54 @@ fn meta_like_cuda_keeps_less_for_bf16_attention() {
     // op's scratch come on top at its peak.
     let (_, cublas) = memory(&config, || MetaBackend::like_cuda(false));
     assert!(cublas[0] > reference[0], "{cublas:?} {reference:?}");
+}
+
+/// Stages on one GPU hand tensors over as device buffers. The copy leaves the sender's meter
+/// when sent and joins the receiver's when received, so each meter moves only in its own
+/// rank's order: a rank's peak is the same on every run, and the meta backend's.
+#[test]
+fn handed_over_buffers_count_for_their_holder_alone() {
+    let (a, b) = (
+        ReferenceBackend::sharing_memory("gpu"),
+        ReferenceBackend::sharing_memory("gpu"),
+    );
+    let space = Some("gpu".to_string());
+    let mut mesh = in_process_mesh_over(&[space.clone(), space], Duration::from_secs(5));
+    let x = a.upload(&[1.5; 1000]).unwrap();
+    let (a0, b0) = (a.memory().in_use, b.memory().in_use);
+    mesh[0].send(&a, 1, &x).unwrap();
+    assert_eq!(a.memory().in_use, a0, "sent: no longer the sender's");
+    assert_eq!(
+        a.memory().peak,
+        a0 + 4000,
+        "the sender counted the copy it made"
+    );
+    assert_eq!(b.memory().in_use, b0, "in flight: nobody's");
+    let y = mesh[1].recv(&b, 0, 1000).unwrap();
+    assert_eq!(b.memory().in_use, b0 + 4000, "received: the receiver's");
+    assert_eq!(b.download(&y).unwrap(), vec![1.5; 1000]);
+    drop(y);
+    assert_eq!((a.memory().in_use, b.memory().in_use), (a0, b0));
+
+    let config = TrainConfig {
+        model: GptConfig {
+            vocab_size: 256,
+            n_positions: 32,
+            n_embd: 32,
+            n_layer: 4,
+            n_head: 2,
+        },
+        stages: 4,
+        microbatches: 8,
+        batch_size: 8,
+        seq_len: 32,
+        ..TrainConfig::default()
+    };
+    let want = memory(&config, || ReferenceBackend::sharing_memory("gpu"));
+    for _ in 0..4 {
+        assert_eq!(
+            memory(&config, || MetaBackend::new().sharing_memory("gpu")),
+            want
+        );
+    }
 }

@@ -1047,8 +1047,8 @@ fn cuda_devices() -> Option<usize> {
 }
 
 /// [`same_losses`] for CUDA ranks: every key and step, with losses equal to float rounding
-/// (1e-5 relative) and a peak per rank. The peaks are not compared: see the callers.
-fn close_losses(single: &Path, multi: &Path, ranks: usize) {
+/// (1e-5 relative) and, where `same_memory`, the same per-rank peaks.
+fn close_losses(single: &Path, multi: &Path, ranks: usize, same_memory: bool) {
     let (a, b) = (log_lines(single), log_lines(multi));
     assert_eq!(a.len(), b.len(), "one line per step");
     assert!(!a.is_empty());
@@ -1067,6 +1067,9 @@ fn close_losses(single: &Path, multi: &Path, ranks: usize) {
             }
         }
         assert_eq!(y["peak_bytes"].as_array().unwrap().len(), ranks);
+        if same_memory {
+            assert_eq!(x["peak_bytes"], y["peak_bytes"], "step {}", x["step"]);
+        }
     }
 }
 
@@ -1118,10 +1121,7 @@ fn a_launched_cuda_run_gives_the_single_process_losses() {
     let err = stderr(&out);
     assert!(err.contains("[rank 1]   rank 1: cuda"), "{err}");
     assert!(!err.contains("tensors over nccl"), "{err}");
-    // Not the same peaks: in one process, stages on one GPU hand tensors over as device
-    // buffers, counted by the sender until the receiver frees them; over TCP the receiver
-    // allocates what arrives.
-    close_losses(&single, &tcp, 2);
+    close_losses(&single, &tcp, 2, true);
 
     let nccl = dir.join("nccl.jsonl");
     let out = launch(&nccl, "nccl");
@@ -1137,7 +1137,7 @@ fn a_launched_cuda_run_gives_the_single_process_losses() {
             );
         }
         // Staged copies of sent tensors count towards the senders' peaks.
-        close_losses(&single, &nccl, 2);
+        close_losses(&single, &nccl, 2, false);
     } else {
         assert!(
             !out.status.success(),

@@ -15,6 +15,7 @@
 //! the residual stream, layernorm statistics, parameters, gradients and optimizer state in f32.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
@@ -274,6 +275,48 @@ pub mod check {
     }
 }
 
+/// One buffer's bytes as counted by a [`MemoryMeter`]: acquired when made, released when
+/// dropped. A buffer handed to another rank of the same memory space leaves its maker's meter
+/// when sent ([`MeterClaim::release`]) and joins the receiver's when received
+/// ([`MeterClaim::count_on`]), so every meter changes only in its own rank's program order and
+/// each rank's peak is the same on every run, whatever the threads' timing.
+#[derive(Debug)]
+pub struct MeterClaim {
+    meter: Option<Arc<MemoryMeter>>,
+    bytes: u64,
+}
+
+impl MeterClaim {
+    /// Count `bytes` on `meter` from now until drop.
+    pub fn new(meter: &Arc<MemoryMeter>, bytes: u64) -> Self {
+        meter.acquire(bytes);
+        Self {
+            meter: Some(Arc::clone(meter)),
+            bytes,
+        }
+    }
+
+    /// Stop counting (the buffer is in flight to another rank).
+    pub fn release(&mut self) {
+        if let Some(meter) = self.meter.take() {
+            meter.release(self.bytes);
+        }
+    }
+
+    /// Count on `meter` from now on, and no longer on the meter before it.
+    pub fn count_on(&mut self, meter: &Arc<MemoryMeter>) {
+        self.release();
+        meter.acquire(self.bytes);
+        self.meter = Some(Arc::clone(meter));
+    }
+}
+
+impl Drop for MeterClaim {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
 /// The counters behind [`MemoryStats`]: bytes held by one backend's live buffers and the most
 /// held since the last reset. Backends share one (in an `Arc`) with every buffer they make and
 /// update it on allocation and on drop.
@@ -331,6 +374,12 @@ pub trait Backend: Send + 'static {
     fn memory_space(&self) -> Option<String> {
         None
     }
+    /// `buf` leaves this rank for another rank of the same [`Backend::memory_space`]: this
+    /// backend's meter stops counting it. Backends without a memory space need nothing.
+    fn hand_over(&self, _buf: &mut Self::Buffer) {}
+    /// `buf`, handed over by another rank of the same memory space, is this backend's now: its
+    /// meter counts it until drop.
+    fn take_over(&self, _buf: &mut Self::Buffer) {}
     /// Whether buffers and ops of `dtype` are available (every backend has F32 and U32).
     fn supports(&self, dtype: DType) -> bool {
         dtype != DType::BF16

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
-use pipit_engine::backend::{DType, MemoryMeter};
+use pipit_engine::backend::{DType, MemoryMeter, MeterClaim};
 
 /// What a buffer holds on the device.
 #[derive(Debug)]
@@ -23,25 +23,36 @@ pub(crate) enum Data {
     },
 }
 
+impl Data {
+    fn dtype(&self) -> DType {
+        match self {
+            Data::F32(_) => DType::F32,
+            Data::BF16(_) => DType::BF16,
+            Data::U32 { .. } => DType::U32,
+        }
+    }
+}
+
 /// A CUDA device buffer of one [`DType`], counted by its backend's meter from creation until
-/// drop. Zero-length buffers hold one unused element, since CUDA cannot allocate nothing.
+/// drop (or until handed to another stage on the GPU). The device memory is freed in stream
+/// order, after the work already enqueued on it. Zero-length buffers hold one unused element,
+/// since CUDA cannot allocate nothing.
 #[derive(Debug)]
 pub struct CudaBuffer {
     pub(crate) data: Data,
     len: usize,
-    meter: Arc<MemoryMeter>,
+    pub(crate) claim: MeterClaim,
 }
 
 impl CudaBuffer {
     /// Wrap `data` holding `len` logical elements and count them as held by `meter`.
     pub(crate) fn new(data: Data, len: usize, meter: &Arc<MemoryMeter>) -> Self {
-        let buf = Self {
+        let bytes = len as u64 * data.dtype().size() as u64;
+        Self {
             data,
             len,
-            meter: Arc::clone(meter),
-        };
-        meter.acquire(buf.bytes());
-        buf
+            claim: MeterClaim::new(meter, bytes),
+        }
     }
 
     /// Number of elements.
@@ -56,15 +67,7 @@ impl CudaBuffer {
 
     /// Element type.
     pub fn dtype(&self) -> DType {
-        match self.data {
-            Data::F32(_) => DType::F32,
-            Data::BF16(_) => DType::BF16,
-            Data::U32 { .. } => DType::U32,
-        }
-    }
-
-    fn bytes(&self) -> u64 {
-        self.len as u64 * self.dtype().size() as u64
+        self.data.dtype()
     }
 
     /// The device slice of an f32 buffer; `what` names the operand in the error otherwise.
@@ -144,12 +147,5 @@ unsafe impl<'a, 'b: 'a> PushKernelArg<FloatsMut<'b>> for LaunchArgs<'a> {
             FloatsMut::F32(s) => self.arg(s),
             FloatsMut::BF16(s) => self.arg(s),
         }
-    }
-}
-
-impl Drop for CudaBuffer {
-    fn drop(&mut self) {
-        // The device memory is freed in stream order after the work already enqueued on it.
-        self.meter.release(self.bytes());
     }
 }

@@ -164,6 +164,14 @@ impl Backend for CudaBackend {
         Some(format!("cuda:{}", self.ctx.ordinal()))
     }
 
+    fn hand_over(&self, buf: &mut CudaBuffer) {
+        buf.claim.release();
+    }
+
+    fn take_over(&self, buf: &mut CudaBuffer) {
+        buf.claim.count_on(&self.meter);
+    }
+
     fn alloc(&self, len: usize, dtype: DType) -> Result<CudaBuffer> {
         self.zeroed(len, dtype)
     }

@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::Result;
 use pipit_engine::backend::{
     host_elapsed_ms, AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryMeter,
-    MemoryStats,
+    MemoryStats, MeterClaim,
 };
 
 /// The meta backend; each value keeps its own memory accounting.
@@ -86,19 +86,7 @@ impl MetaBackend {
 pub struct MetaBuffer {
     len: usize,
     dtype: DType,
-    meter: Arc<MemoryMeter>,
-}
-
-impl MetaBuffer {
-    fn bytes(&self) -> u64 {
-        (self.len * self.dtype.size()) as u64
-    }
-}
-
-impl Drop for MetaBuffer {
-    fn drop(&mut self) {
-        self.meter.release(self.bytes());
-    }
+    claim: MeterClaim,
 }
 
 impl Backend for MetaBackend {
@@ -117,18 +105,24 @@ impl Backend for MetaBackend {
         self.space.clone()
     }
 
+    fn hand_over(&self, buf: &mut MetaBuffer) {
+        buf.claim.release();
+    }
+
+    fn take_over(&self, buf: &mut MetaBuffer) {
+        buf.claim.count_on(&self.meter);
+    }
+
     fn supports(&self, _dtype: DType) -> bool {
         true
     }
 
     fn alloc(&self, len: usize, dtype: DType) -> Result<MetaBuffer> {
-        let buf = MetaBuffer {
+        Ok(MetaBuffer {
             len,
             dtype,
-            meter: Arc::clone(&self.meter),
-        };
-        self.meter.acquire(buf.bytes());
-        Ok(buf)
+            claim: MeterClaim::new(&self.meter, (len * dtype.size()) as u64),
+        })
     }
 
     fn upload(&self, data: &[f32]) -> Result<MetaBuffer> {

@@ -4,7 +4,7 @@ use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use pipit_engine::backend::{round_bf16, DType, MemoryMeter};
+use pipit_engine::backend::{round_bf16, DType, MemoryMeter, MeterClaim};
 
 #[derive(Debug)]
 enum Data {
@@ -22,7 +22,7 @@ enum Data {
 #[derive(Debug)]
 pub struct RefBuffer {
     data: Data,
-    meter: Arc<MemoryMeter>,
+    pub(crate) claim: MeterClaim,
 }
 
 /// Write access to a float buffer's elements. A bf16 buffer's values are rounded to bf16 when
@@ -70,10 +70,9 @@ impl RefBuffer {
             DType::F32 | DType::BF16 => Data::Float(zeroed_vec(len)?, dtype),
             DType::U32 => Data::U32(zeroed_vec(len)?),
         };
-        meter.acquire(Self::bytes_of(len, dtype));
         Ok(Self {
             data,
-            meter: Arc::clone(meter),
+            claim: MeterClaim::new(meter, Self::bytes_of(len, dtype)),
         })
     }
 
@@ -153,12 +152,6 @@ impl RefBuffer {
             ),
         }
         Ok(())
-    }
-}
-
-impl Drop for RefBuffer {
-    fn drop(&mut self) {
-        self.meter.release(Self::bytes_of(self.len(), self.dtype()));
     }
 }
 

@@ -48,8 +48,8 @@ impl ReferenceBackend {
 
     /// A backend whose buffers other backends made with the same `space` may take over, as
     /// stages on one GPU do ([`Backend::memory_space`]): it lets the in-process hand-off of
-    /// buffers be tested on the host. Handed-over buffers stay counted by their maker's meter,
-    /// so per-rank peak memory differs from a staged run's.
+    /// buffers be tested on the host. A rank's peak memory can then exceed a staged run's by
+    /// the copies it makes to hand over.
     pub fn sharing_memory(space: &str) -> Self {
         Self {
             space: Some(space.to_string()),
@@ -117,6 +117,14 @@ impl Backend for ReferenceBackend {
 
     fn memory_space(&self) -> Option<String> {
         self.space.clone()
+    }
+
+    fn hand_over(&self, buf: &mut RefBuffer) {
+        buf.claim.release();
+    }
+
+    fn take_over(&self, buf: &mut RefBuffer) {
+        buf.claim.count_on(&self.meter);
     }
 
     fn fill(&self, buf: &mut RefBuffer, value: f32) -> Result<()> {

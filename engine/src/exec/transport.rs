@@ -42,7 +42,8 @@ pub fn in_process_mesh(ranks: usize, timeout: Duration) -> Vec<InProcessTranspor
 /// A mesh for ranks whose backends report `spaces` ([`Backend::memory_space`]): tensors
 /// between two ranks of one space are handed over as device buffers (a device-to-device copy
 /// on the sender's stream; the receiver's work waits for it on the device), the others are
-/// staged through host memory. A handed-over buffer stays counted by the sender's memory meter.
+/// staged through host memory. A handed-over copy is counted by neither meter while in flight
+/// ([`Backend::hand_over`], [`Backend::take_over`]), so per-rank peaks do not depend on timing.
 pub fn in_process_mesh_over(
     spaces: &[Option<String>],
     timeout: Duration,
@@ -85,6 +86,7 @@ impl<B: Backend> Transport<B> for InProcessTransport {
         let message = if self.hand_off[to] {
             let mut copy = backend.alloc_output(backend.len(buf), backend.dtype(buf))?;
             backend.copy(&mut copy, buf)?;
+            backend.hand_over(&mut copy);
             Message::Device(Box::new(copy))
         } else {
             Message::Host(backend.download(buf)?)
@@ -119,7 +121,9 @@ impl<B: Backend> Transport<B> for InProcessTransport {
                     )
                 })?;
                 check_len(self.rank, from, len, backend.len(&buf))?;
-                Ok(*buf)
+                let mut buf = *buf;
+                backend.take_over(&mut buf);
+                Ok(buf)
             }
             Err(RecvTimeoutError::Disconnected) => Err(anyhow!(
                 "rank {} waited for rank {from}, which has stopped",
