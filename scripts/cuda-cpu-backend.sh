@@ -19,12 +19,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 lib=target/emulated-cuda
 mkdir -p "$lib"
-g++ -std=c++20 -O1 -fPIC -shared -pthread -Wall -Werror \
-    -DPIPIT_EMULATE_DIR="\"$PWD/cuda/cpu-check\"" \
-    -o "$lib/libcuda.so.tmp" cuda/cpu-check/libraries.cpp -ldl
-mv "$lib/libcuda.so.tmp" "$lib/libcuda.so"
+# Built again only when libraries.cpp changed (the kernels are rebuilt, and cached there, by
+# the emulated NVRTC whenever the program or emulate.h change).
+if [ ! "$lib/libcuda.so" -nt cuda/cpu-check/libraries.cpp ]; then
+    g++ -std=c++20 -O1 -fPIC -shared -pthread -Wall -Werror \
+        -DPIPIT_EMULATE_DIR="\"$PWD/cuda/cpu-check\"" \
+        -o "$lib/libcuda.so.$$" cuda/cpu-check/libraries.cpp -ldl
+    mv "$lib/libcuda.so.$$" "$lib/libcuda.so"
+fi
 for name in nvrtc cublas nccl; do
-    ln -sf libcuda.so "$lib/lib$name.so"
+    ln -sfn libcuda.so "$lib/lib$name.so"
 done
 export LD_LIBRARY_PATH="$PWD/$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export PIPIT_REQUIRE_CUDA=1 XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-/tmp}"

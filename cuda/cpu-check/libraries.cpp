@@ -228,12 +228,14 @@ bool build_module(const std::string& program, std::string& path, std::string& lo
     std::snprintf(name, sizeof name, "/kernels-%016llx", (unsigned long long)fnv1a(emulation + source));
     path = own_folder() + name + ".so";
     if (access(path.c_str(), R_OK) == 0) return true;
-    std::string cpp = path + ".cpp", tmp = path + "." + std::to_string(getpid()) + ".tmp";
+    // Processes starting at once may build the same module: each writes and compiles files of
+    // its own, and the rename into place is atomic.
+    std::string tmp = path + "." + std::to_string(getpid()) + ".tmp", cpp = tmp + ".cpp";
     FILE* f = std::fopen(cpp.c_str(), "w");
     if (!f) { log = "cannot write " + cpp; return false; }
     std::fwrite(source.data(), 1, source.size(), f);
     std::fclose(f);
-    std::string out = path + ".log";
+    std::string out = tmp + ".log";
     std::string cmd = "g++ -std=c++20 -O1 -fPIC -shared -pthread -w -I'" PIPIT_EMULATE_DIR "' -o '" + tmp +
                       "' '" + cpp + "' > '" + out + "' 2>&1";
     trace("building the kernels: %s", cmd.c_str());
@@ -247,6 +249,8 @@ bool build_module(const std::string& program, std::string& path, std::string& lo
         std::remove(tmp.c_str());
         return false;
     }
+    std::remove(cpp.c_str());
+    std::remove(out.c_str());
     return std::rename(tmp.c_str(), path.c_str()) == 0;
 }
 
