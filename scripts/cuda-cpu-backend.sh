@@ -5,7 +5,7 @@
 # and libnccl.so under target/emulated-cuda and runs, with those on LD_LIBRARY_PATH and
 # PIPIT_REQUIRE_CUDA set (so no CUDA case skips), the CUDA cases of the test suites: the
 # backend's own tests and the NCCL transport, backend conformance, pipeline equivalence, and
-# the launched multi-process run. Needs g++ with C++20 and about 5 minutes on 2 cores.
+# the launched multi-process run. Needs g++ with C++20 and about 2 minutes on 2 cores.
 #
 #     scripts/cuda-cpu-backend.sh                 # every CUDA case
 #     scripts/cuda-cpu-backend.sh -- CMD [ARG..]  # any command on the emulated libraries, e.g.
