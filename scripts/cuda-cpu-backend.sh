@@ -5,7 +5,9 @@
 # and libnccl.so under target/emulated-cuda and runs, with those on LD_LIBRARY_PATH and
 # PIPIT_REQUIRE_CUDA set (so no CUDA case skips), the CUDA cases of the test suites: the
 # backend's own tests and the NCCL transport, backend conformance, pipeline equivalence, and
-# the launched multi-process run. Needs g++ with C++20 and about 2 minutes on 2 cores.
+# the launched multi-process run (on one emulated GPU, where NCCL must refuse two ranks, and on
+# two, where the ranks' tensors go over NCCL). Needs g++ with C++20 and about 2 minutes on 2
+# cores. PIPIT_EMULATED_GPUS=N makes the emulation show N GPUs.
 #
 #     scripts/cuda-cpu-backend.sh                 # every CUDA case
 #     scripts/cuda-cpu-backend.sh -- CMD [ARG..]  # any command on the emulated libraries, e.g.
@@ -14,7 +16,8 @@
 # What it checks: the host code's calls, launch shapes, buffer sizes and copies, and the
 # numbers the suites compare. Every copy and GEMM operand must lie inside a live allocation,
 # and fresh memory reads as NaN. What it cannot check: speed, stream concurrency (every
-# stream runs its work at once, in order), the hardware, and NCCL between processes.
+# stream runs its work at once, in order; an NCCL receive waits in its group call), and the
+# hardware.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 lib=target/emulated-cuda
@@ -40,4 +43,6 @@ cargo test -p pipit-cuda
 cargo test --test backend_conformance cuda
 cargo test --test pipeline_equivalence cuda
 cargo test --test multiprocess cuda
+# Two emulated GPUs: the launched ranks move tensors over NCCL between processes.
+PIPIT_EMULATED_GPUS=2 cargo test --test multiprocess cuda
 echo "every CUDA case passed on the emulated libraries"

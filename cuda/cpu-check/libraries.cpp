@@ -15,8 +15,10 @@
 //   (cached by the source's hash); modules load it with dlopen, and cuLaunchKernel runs the
 //   kernel through emulate.h's launch(), one kernel at a time process-wide.
 // - cuBLAS's strided batched GEMM is a plain loop, accumulating in double.
-// - NCCL: as on a one-GPU machine, a one-rank communicator sends to itself inside a group, and
-//   a communicator of several ranks fails once all have joined.
+// - PIPIT_EMULATED_GPUS=N shows N GPUs (default 1). NCCL communicators span processes
+//   through files beside this library: sends are written when their group ends and receives wait for them
+//   there (a GPU's stream would wait instead of the caller). Two ranks on one GPU fail once all
+//   have joined, as with NCCL.
 //
 // Set PIPIT_EMULATED_CUDA_TRACE=1 to log every call that is not plain arithmetic.
 #include <dlfcn.h>
@@ -77,7 +79,16 @@ void complain(const char* fmt, ...) {
     va_end(args);
 }
 
-constexpr int kDevices = 1;
+// How many GPUs the emulation shows: PIPIT_EMULATED_GPUS (1 to 8), else 1.
+constexpr int kMaxDevices = 8;
+int device_count() {
+    static int n = [] {
+        const char* v = std::getenv("PIPIT_EMULATED_GPUS");
+        int k = v ? std::atoi(v) : 1;
+        return k < 1 ? 1 : k > kMaxDevices ? kMaxDevices : k;
+    }();
+    return n;
+}
 constexpr size_t kTotalMemory = size_t(80) << 30;
 
 std::mutex memory_lock;
@@ -293,7 +304,7 @@ enum : int {
     CUDA_ERROR_NOT_SUPPORTED = 801,
 };
 
-static int the_context[kDevices];
+static int the_context[kMaxDevices];
 
 CUresult cuGetErrorString(CUresult e, const char** s) {
     switch (e) {
@@ -313,9 +324,9 @@ CUresult cuGetErrorName(CUresult e, const char** s) { return cuGetErrorString(e,
 
 CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
 CUresult cuDriverGetVersion(int* v) { *v = 13000; return CUDA_SUCCESS; }
-CUresult cuDeviceGetCount(int* n) { *n = kDevices; return CUDA_SUCCESS; }
+CUresult cuDeviceGetCount(int* n) { *n = device_count(); return CUDA_SUCCESS; }
 CUresult cuDeviceGet(CUdevice* d, int ordinal) {
-    if (ordinal < 0 || ordinal >= kDevices) return CUDA_ERROR_INVALID_DEVICE;
+    if (ordinal < 0 || ordinal >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
     *d = ordinal;
     return CUDA_SUCCESS;
 }
@@ -640,17 +651,22 @@ struct ncclUniqueId {
 };
 struct Pending {
     bool send;
+    int peer;
     uintptr_t buffer;
     size_t bytes;
 };
+// A communicator. Ranks are processes (or threads) meeting through files beside this library,
+// named by the unique id: "<id>-rank<r>" says rank r joined and on which GPU, and "<id>-<from>to<to>-<n>" is
+// the n-th message between two ranks, written whole under another name and renamed into place.
 struct Comm {
-    int ranks;
-    bool aborted = false;
+    int ranks, rank, device;
+    std::string tag;
+    std::atomic<bool> aborted{false};
+    std::vector<unsigned long long> sent, received;  // messages so far, per peer
 };
 
 static thread_local int group_depth = 0;
-static thread_local std::deque<Pending> pending_sends, pending_recvs;
-static thread_local ncclResult_t group_error = 0;
+static thread_local std::vector<std::pair<Comm*, Pending>> pending;
 
 const char* ncclGetErrorString(ncclResult_t r) {
     switch (r) {
@@ -658,6 +674,7 @@ const char* ncclGetErrorString(ncclResult_t r) {
         case 2: return "unhandled system error (emulated NCCL)";
         case 4: return "invalid argument (emulated NCCL)";
         case 5: return "invalid usage (emulated NCCL)";
+        case 6: return "remote process exited or there was a network error (emulated NCCL)";
         default: return "error (emulated NCCL)";
     }
 }
@@ -670,33 +687,78 @@ ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
                   (long long)now_ms(), made++);
     return 0;
 }
-// Every rank of a communicator is a process on the one emulated GPU. As NCCL does, a rank
-// waits until all have joined (each leaves a file named by the id and its rank), and then two
-// or more ranks fail with ncclInvalidUsage, NCCL's answer to two ranks on one GPU.
+
+static std::string slurp(const std::string& path) {
+    std::string text;
+    if (FILE* f = std::fopen(path.c_str(), "rb")) {
+        char buf[1 << 16];
+        size_t n;
+        while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+        std::fclose(f);
+    }
+    return text;
+}
+static bool put_file(const std::string& path, const void* data, size_t bytes) {
+    std::string tmp = path + ".part";
+    FILE* f = std::fopen(tmp.c_str(), "wb");
+    if (!f) return false;
+    bool ok = std::fwrite(data, 1, bytes, f) == bytes;
+    ok = std::fclose(f) == 0 && ok;
+    return ok && std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+// As NCCL does, a rank waits until all have joined; ranks sharing a GPU then fail with
+// ncclInvalidUsage, NCCL's answer to two ranks on one GPU.
 ncclResult_t ncclCommInitRank(void** comm, int ranks, ncclUniqueId id, int rank) {
     if (ranks < 1 || rank < 0 || rank >= ranks) return 4;
+    int device = 0;
+    cuCtxGetDevice(&device);
+    auto* c = new Comm;
+    c->ranks = ranks;
+    c->rank = rank;
+    c->device = device;
+    c->tag = own_folder() + "/" + std::string(id.internal, strnlen(id.internal, sizeof id.internal));
+    c->sent.assign(ranks, 0);
+    c->received.assign(ranks, 0);
     if (ranks > 1) {
-        std::string tag(id.internal, strnlen(id.internal, sizeof id.internal));
-        auto joined = [&](int r) { return "/tmp/" + tag + "-rank" + std::to_string(r); };
-        if (FILE* f = std::fopen(joined(rank).c_str(), "w")) std::fclose(f);
-        trace("ncclCommInitRank: rank %d of %d waits for the others", rank, ranks);
-        for (int r = 0; r < ranks; r++)
+        auto joined = [&](int r) { return c->tag + "-rank" + std::to_string(r); };
+        std::string mine = std::to_string(device);
+        put_file(joined(rank), mine.data(), mine.size());
+        trace("ncclCommInitRank: rank %d of %d (GPU %d) waits for the others", rank, ranks, device);
+        std::set<int> devices;
+        for (int r = 0; r < ranks; r++) {
             while (access(joined(r).c_str(), F_OK) != 0) usleep(20000);
-        complain("ncclCommInitRank: %d ranks on one GPU (NCCL: duplicate GPU detected)", ranks);
-        return 5;
+            if (!devices.insert(std::atoi(slurp(joined(r)).c_str())).second) {
+                complain("ncclCommInitRank: two ranks on GPU %s (NCCL: duplicate GPU detected)",
+                         slurp(joined(r)).c_str());
+                delete c;
+                return 5;
+            }
+        }
     }
-    *comm = new Comm{ranks};
+    *comm = c;
     return 0;
 }
-ncclResult_t ncclCommAbort(void* comm) { static_cast<Comm*>(comm)->aborted = true; return 0; }
-ncclResult_t ncclCommDestroy(void* comm) { delete static_cast<Comm*>(comm); return 0; }
+// A rank's join file goes when its communicator ends (pipit ends them by aborting): the
+// others have read it by then, since they had to finish joining to exchange anything.
+static void leave(Comm* c) {
+    if (c->ranks > 1 && !c->aborted.exchange(true))
+        std::remove((c->tag + "-rank" + std::to_string(c->rank)).c_str());
+    c->aborted = true;
+}
+ncclResult_t ncclCommAbort(void* comm) { leave(static_cast<Comm*>(comm)); return 0; }
+ncclResult_t ncclCommDestroy(void* comm) {
+    leave(static_cast<Comm*>(comm));
+    delete static_cast<Comm*>(comm);
+    return 0;
+}
 ncclResult_t ncclCommFinalize(void*) { return 0; }
 ncclResult_t ncclCommGetAsyncError(void* comm, ncclResult_t* r) {
     *r = static_cast<Comm*>(comm)->aborted ? 2 : 0;
     return 0;
 }
 ncclResult_t ncclCommCount(void* comm, int* n) { *n = static_cast<Comm*>(comm)->ranks; return 0; }
-ncclResult_t ncclCommUserRank(void*, int* r) { *r = 0; return 0; }
+ncclResult_t ncclCommUserRank(void* comm, int* r) { *r = static_cast<Comm*>(comm)->rank; return 0; }
 
 static size_t nccl_size(int type) {
     switch (type) {
@@ -707,17 +769,47 @@ static size_t nccl_size(int type) {
     }
 }
 
-// Pairs sends with receives in the order they were posted, as NCCL pairs them per peer.
-static ncclResult_t match_pending() {
-    while (!pending_sends.empty() && !pending_recvs.empty()) {
-        Pending s = pending_sends.front(), r = pending_recvs.front();
-        pending_sends.pop_front();
-        pending_recvs.pop_front();
-        if (s.bytes != r.bytes) {
-            complain("ncclSend of %zu bytes met ncclRecv of %zu bytes", s.bytes, r.bytes);
+static std::string message(const Comm& c, int from, int to, unsigned long long n) {
+    return c.tag + "-" + std::to_string(from) + "to" + std::to_string(to) + "-" + std::to_string(n);
+}
+
+// Carries out a group's operations: every send is written first, then every receive waits for
+// its message (in the order posted per peer, as NCCL pairs them). A GPU would let the stream
+// wait instead of the caller; a receive gives up after PIPIT_EMULATED_NCCL_TIMEOUT seconds
+// (default 60) or when the communicator is aborted.
+static ncclResult_t run_group(std::vector<std::pair<Comm*, Pending>>& ops) {
+    for (auto& [c, op] : ops) {
+        if (c->aborted) return 2;
+        if (!op.send) continue;
+        std::string path = message(*c, c->rank, op.peer, c->sent[op.peer]++);
+        if (!put_file(path, reinterpret_cast<void*>(op.buffer), op.bytes)) {
+            complain("ncclSend: cannot write %s", path.c_str());
+            return 2;
+        }
+    }
+    static double limit_ms = [] {
+        const char* v = std::getenv("PIPIT_EMULATED_NCCL_TIMEOUT");
+        return (v ? std::atof(v) : 60.0) * 1e3;
+    }();
+    for (auto& [c, op] : ops) {
+        if (op.send) continue;
+        std::string path = message(*c, op.peer, c->rank, c->received[op.peer]++);
+        double start = now_ms();
+        while (access(path.c_str(), F_OK) != 0) {
+            if (c->aborted) return 2;
+            if (now_ms() - start > limit_ms) {
+                complain("ncclRecv: nothing from rank %d after %.0f s", op.peer, limit_ms / 1e3);
+                return 6;
+            }
+            usleep(2000);
+        }
+        std::string data = slurp(path);
+        std::remove(path.c_str());
+        if (data.size() != op.bytes) {
+            complain("ncclRecv of %zu bytes met ncclSend of %zu bytes", op.bytes, data.size());
             return 5;
         }
-        std::memmove(reinterpret_cast<void*>(r.buffer), reinterpret_cast<void*>(s.buffer), s.bytes);
+        std::memcpy(reinterpret_cast<void*>(op.buffer), data.data(), data.size());
     }
     return 0;
 }
@@ -726,32 +818,28 @@ ncclResult_t ncclGroupStart() { group_depth++; return 0; }
 ncclResult_t ncclGroupEnd() {
     if (group_depth == 0) return 5;
     if (--group_depth > 0) return 0;
-    ncclResult_t r = group_error ? group_error : match_pending();
-    group_error = 0;
-    if (r == 0 && (!pending_sends.empty() || !pending_recvs.empty())) {
-        complain("a group ended with %zu sends and %zu receives unmatched: NCCL would hang",
-                 pending_sends.size(), pending_recvs.size());
-        r = 5;
-    }
-    pending_sends.clear();
-    pending_recvs.clear();
-    return r;
+    std::vector<std::pair<Comm*, Pending>> ops;
+    ops.swap(pending);
+    return run_group(ops);
 }
 
 static ncclResult_t post(bool send, const void* buf, size_t count, int type, int peer, void* comm) {
     auto* c = static_cast<Comm*>(comm);
     if (c->aborted) return 2;
-    if (peer != 0) { complain("peer %d in a one-rank communicator", peer); return 4; }
+    if (peer < 0 || peer >= c->ranks) { complain("peer %d in a communicator of %d ranks", peer, c->ranks); return 4; }
     size_t bytes = count * nccl_size(type);
     if (!check_range(send ? "ncclSend buffer" : "ncclRecv buffer", uintptr_t(buf), bytes)) return 4;
-    (send ? pending_sends : pending_recvs).push_back(Pending{send, uintptr_t(buf), bytes});
-    if (group_depth == 0) {
+    Pending op{send, peer, uintptr_t(buf), bytes};
+    if (group_depth > 0) {
+        pending.push_back({c, op});
+        return 0;
+    }
+    if (peer == c->rank) {
         complain("%s to self outside a group: NCCL would hang", send ? "ncclSend" : "ncclRecv");
-        pending_sends.clear();
-        pending_recvs.clear();
         return 5;
     }
-    return 0;
+    std::vector<std::pair<Comm*, Pending>> one{{c, op}};
+    return run_group(one);
 }
 ncclResult_t ncclSend(const void* buf, size_t count, int type, int peer, void* comm, void*) {
     return post(true, buf, count, type, peer, comm);
