@@ -58,13 +58,18 @@ bool tracing() {
     return on;
 }
 
+// One line on stderr: "[emulated cuda] <kind><message>".
+void say(const char* kind, const char* fmt, std::va_list args) {
+    std::fprintf(stderr, "[emulated cuda] %s", kind);
+    std::vfprintf(stderr, fmt, args);
+    std::fprintf(stderr, "\n");
+}
+
 void trace(const char* fmt, ...) {
     if (!tracing()) return;
     std::va_list args;
     va_start(args, fmt);
-    std::fprintf(stderr, "[emulated cuda] ");
-    std::vfprintf(stderr, fmt, args);
-    std::fprintf(stderr, "\n");
+    say("", fmt, args);
     va_end(args);
 }
 
@@ -73,9 +78,7 @@ void trace(const char* fmt, ...) {
 void complain(const char* fmt, ...) {
     std::va_list args;
     va_start(args, fmt);
-    std::fprintf(stderr, "[emulated cuda] error: ");
-    std::vfprintf(stderr, fmt, args);
-    std::fprintf(stderr, "\n");
+    say("error: ", fmt, args);
     va_end(args);
 }
 
