@@ -24,11 +24,14 @@ lib=target/emulated-cuda
 mkdir -p "$lib"
 # Built again only when libraries.cpp changed (the kernels are rebuilt, and cached there, by
 # the emulated NVRTC whenever the program or emulate.h change).
-if [ ! "$lib/libcuda.so" -nt cuda/cpu-check/libraries.cpp ]; then
+# It holds this checkout's path (to find emulate.h), so a moved checkout builds it again too.
+if [ ! "$lib/libcuda.so" -nt cuda/cpu-check/libraries.cpp ] ||
+    [ "$(cat "$lib/built-in" 2>/dev/null)" != "$PWD" ]; then
     g++ -std=c++20 -O1 -fPIC -shared -pthread -Wall -Werror \
         -DPIPIT_EMULATE_DIR="\"$PWD/cuda/cpu-check\"" \
         -o "$lib/libcuda.so.$$" cuda/cpu-check/libraries.cpp -ldl
     mv "$lib/libcuda.so.$$" "$lib/libcuda.so"
+    echo "$PWD" >"$lib/built-in"
 fi
 for name in nvrtc cublas nccl; do
     ln -sfn libcuda.so "$lib/lib$name.so"

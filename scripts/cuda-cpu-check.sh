@@ -2,9 +2,9 @@
 # Check pipit's CUDA kernels (cuda/*.cu) on the CPU, without a GPU: the same program the CUDA
 # backend compiles with NVRTC (scripts/cuda-program.sh) is compiled as C++ against a host
 # emulation of the CUDA features it uses (cuda/cpu-check/emulate.h), including mma.sync, and
-# every kernel runs against float64 oracles — f32 kernels,
-# bf16 kernels, and attention composed as ops.rs composes it. Needs g++ with C++20. Slow
-# (minutes; one thread per emulated CUDA thread), so it is not part of `cargo test`.
+# every kernel runs against float64 oracles: f32 kernels, bf16 kernels, and attention
+# composed as ops.rs composes it. Needs g++ with C++20; about 7 s on 2 cores (a block's CUDA
+# threads are fibers). `cargo test --test cuda_emulated` runs it too.
 #
 #     scripts/cuda-cpu-check.sh
 #

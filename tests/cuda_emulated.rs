@@ -3,8 +3,9 @@
 //! `scripts/cuda-cpu-backend.sh`; the kernels are the backend's own, built with g++ against
 //! `cuda/cpu-check/emulate.h`). Four stages share the one emulated GPU and hand tensors over as
 //! device buffers. The losses are the reference backend's, and every rank's peak memory is what
-//! `--dry-run` predicts for CUDA, in f32 and in bf16 (tensor-core attention). Skipped, with the
-//! reason, where g++ is missing.
+//! `--dry-run` predicts for CUDA, in f32 and in bf16 (tensor-core attention). And every kernel
+//! on its own against float64 oracles (`scripts/cuda-cpu-check.sh`). Skipped, with the reason,
+//! where g++ is missing.
 
 mod common;
 
@@ -56,10 +57,37 @@ fn predicted_peaks(path: &std::path::Path) -> Value {
     ranks.iter().map(|r| r["peak_bytes"].clone()).collect()
 }
 
+/// Whether g++ is here to build the emulation; if not, says so on stderr.
+fn have_gxx() -> bool {
+    let here = Command::new("g++").arg("--version").output().is_ok();
+    if !here {
+        eprintln!("skipped: no g++ to build the emulated CUDA");
+    }
+    here
+}
+
+#[test]
+fn every_cuda_kernel_matches_its_oracle() {
+    if !have_gxx() {
+        return;
+    }
+    let out = Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/cuda-cpu-check.sh"
+        ))
+        .output()
+        .expect("bash runs");
+    ok(&out);
+    let report = String::from_utf8_lossy(&out.stdout);
+    let passed = report.lines().filter(|l| l.starts_with("ok ")).count();
+    assert!(report.contains("\n0 failures"), "{report}");
+    assert!(passed >= 147, "{passed} checks passed: {report}");
+}
+
 #[test]
 fn the_cuda_backend_trains_like_the_reference_on_emulated_libraries() {
-    if Command::new("g++").arg("--version").output().is_err() {
-        eprintln!("skipped: no g++ to build the emulated CUDA libraries");
+    if !have_gxx() {
         return;
     }
     let dir = scratch("cuda-emulated", "train");

@@ -26,7 +26,7 @@ dim3 blockDim, gridDim;
 // ---- Fibers: one per CUDA thread of the block running.
 #if defined(__x86_64__)
 // Saves the callee-saved registers on the current stack, stores its pointer in *from, and
-// resumes the stack `to` (made by emu_switch itself, or by emu_fiber_stack).
+// resumes the stack `to` (saved by emu_switch itself, or laid out by emu_run_block).
 extern "C" void emu_switch(void** from, void* to);
 asm(R"(
     .text
@@ -103,6 +103,12 @@ inline void emu_yield() {
             s.progress_at_round = s.progress;
         }
     } while (s.fibers[t].done);
+    if (t == s.current) {
+        // The one fiber left waits at a barrier: nobody else can complete it.
+        std::fprintf(stderr, "emulated CUDA: block (%u, %u): thread %u waits at a barrier the others never reach\n",
+                     blockIdx.x, blockIdx.y, t);
+        std::abort();
+    }
     s.current = t;
     threadIdx.x = t % blockDim.x;
     threadIdx.y = t / blockDim.x;

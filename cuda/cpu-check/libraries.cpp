@@ -5,9 +5,10 @@
 // libnccl.so and runs the CUDA cases of the test suites against it).
 //
 // - Device memory is host memory. Fresh allocations are filled with 0xff bytes (NaN in f32 and
-//   bf16), so a kernel that reads what nobody wrote shows it. Every copy, memset, GEMM operand
-//   and kernel pointer argument must lie inside a live allocation, and freeing anything else
-//   is an error: out-of-bounds copies and double frees fail loudly instead of corrupting.
+//   bf16), so a kernel that reads what nobody wrote shows it. Every copy, memset and GEMM
+//   operand must lie inside a live allocation, every kernel pointer argument must point into
+//   one (what a kernel then reads and writes is not checked), and freeing anything else is an
+//   error: out-of-bounds copies and double frees fail loudly instead of corrupting.
 // - Every stream runs its work when it is enqueued, in the calling thread, so any order the
 //   host's own synchronisation allows is one a GPU could have produced; races between streams
 //   are not detected. Events record the host clock.
@@ -244,7 +245,9 @@ bool build_module(const std::string& program, std::string& path, std::string& lo
     if (access(path.c_str(), R_OK) == 0) return true;
     // Processes starting at once may build the same module: each writes and compiles files of
     // its own, and the rename into place is atomic.
-    std::string tmp = path + "." + std::to_string(getpid()) + ".tmp", cpp = tmp + ".cpp";
+    static std::atomic<int> builds{0};
+    std::string tmp = path + "." + std::to_string(getpid()) + "-" + std::to_string(builds++) + ".tmp";
+    std::string cpp = tmp + ".cpp";
     FILE* f = std::fopen(cpp.c_str(), "w");
     if (!f) { log = "cannot write " + cpp; return false; }
     std::fwrite(source.data(), 1, source.size(), f);
@@ -516,7 +519,8 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     auto* fn = static_cast<Function*>(f);
     if (extra) { complain("%s: launched with `extra`, which the emulation does not take", fn->name.c_str()); return CUDA_ERROR_NOT_SUPPORTED; }
     if (gz != 1 || bz != 1) { complain("%s: a z dimension (grid %u, block %u) the emulation does not take", fn->name.c_str(), gz, bz); return CUDA_ERROR_NOT_SUPPORTED; }
-    if (gx == 0 || gy == 0 || bx == 0 || by == 0 || bx * by > 1024 || gy > 65535 || gx > 0x7fffffffu) {
+    if (gx == 0 || gy == 0 || bx == 0 || by == 0 || bx > 1024 || by > 1024 || bx * by > 1024 ||
+        gy > 65535 || gx > 0x7fffffffu) {
         complain("%s: invalid launch shape grid (%u, %u), block (%u, %u)", fn->name.c_str(), gx, gy, bx, by);
         return CUDA_ERROR_INVALID_VALUE;
     }
@@ -646,7 +650,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, i
 }
 
 // =============================================================================================
-// NCCL: one-rank communicators
+// NCCL
 
 typedef int ncclResult_t;
 struct ncclUniqueId {
@@ -742,19 +746,10 @@ ncclResult_t ncclCommInitRank(void** comm, int ranks, ncclUniqueId id, int rank)
     *comm = c;
     return 0;
 }
-// A rank's join file goes when its communicator ends (pipit ends them by aborting): the
-// others have read it by then, since they had to finish joining to exchange anything.
-static void leave(Comm* c) {
-    if (c->ranks > 1 && !c->aborted.exchange(true))
-        std::remove((c->tag + "-rank" + std::to_string(c->rank)).c_str());
-    c->aborted = true;
-}
-ncclResult_t ncclCommAbort(void* comm) { leave(static_cast<Comm*>(comm)); return 0; }
-ncclResult_t ncclCommDestroy(void* comm) {
-    leave(static_cast<Comm*>(comm));
-    delete static_cast<Comm*>(comm);
-    return 0;
-}
+// Join files stay (beside the library, in the build folder): a rank still joining may need
+// to read the file of one that has already finished.
+ncclResult_t ncclCommAbort(void* comm) { static_cast<Comm*>(comm)->aborted = true; return 0; }
+ncclResult_t ncclCommDestroy(void* comm) { delete static_cast<Comm*>(comm); return 0; }
 ncclResult_t ncclCommFinalize(void*) { return 0; }
 ncclResult_t ncclCommGetAsyncError(void* comm, ncclResult_t* r) {
     *r = static_cast<Comm*>(comm)->aborted ? 2 : 0;
@@ -765,7 +760,7 @@ ncclResult_t ncclCommUserRank(void* comm, int* r) { *r = static_cast<Comm*>(comm
 
 static size_t nccl_size(int type) {
     switch (type) {
-        case 0: case 1: return 1;
+        case 0: case 1: case 10: case 11: return 1;
         case 6: case 9: return 2;
         case 4: case 5: case 8: return 8;
         default: return 4;
