@@ -9,17 +9,17 @@
 //   operand must lie inside a live allocation, every kernel pointer argument must point into
 //   one (what a kernel then reads and writes is not checked), and freeing anything else is an
 //   error: out-of-bounds copies and double frees fail loudly instead of corrupting.
-// - Every stream runs its work when it is enqueued, in the calling thread, so any order the
-//   host's own synchronisation allows is one a GPU could have produced; races between streams
-//   are not detected. Events record the host clock.
+// - Every stream is a worker thread running its queue in order, so streams run side by side;
+//   events mark points in a queue and cuStreamWaitEvent makes a stream's worker wait for one.
+//   Work that is ordered only by the host's timing can then go wrong, as on a GPU, and does so
+//   more often with PIPIT_EMULATED_CUDA_JITTER=1. Events record the host clock.
 // - NVRTC "compiles" by building the program with g++ against emulate.h into a shared object
 //   (cached by the source's hash); modules load it with dlopen, and cuLaunchKernel runs the
-//   kernel through emulate.h's launch(), one kernel at a time process-wide.
+//   kernel through emulate.h's launch() on its stream, one kernel at a time process-wide.
 // - cuBLAS's strided batched GEMM is a plain loop, accumulating in double.
 // - PIPIT_EMULATED_GPUS=N shows N GPUs (default 1). NCCL communicators span processes
-//   through files beside this library: sends are written when their group ends and receives wait for them
-//   there (a GPU's stream would wait instead of the caller). Two ranks on one GPU fail once all
-//   have joined, as with NCCL.
+//   through files beside this library: a group's sends are written, and its receives waited
+//   for, on the group's stream. Two ranks on one GPU fail once all have joined, as with NCCL.
 //
 // Set PIPIT_EMULATED_CUDA_TRACE=1 to log every call that is not plain arithmetic.
 #include <dlfcn.h>
@@ -27,6 +27,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <random>
+#include <thread>
 #include <chrono>
 #include <cstdarg>
 #include <cstdint>
@@ -161,18 +164,21 @@ std::string own_folder() {
 // Modules: the program built by g++ against emulate.h
 
 // Entry points every built module exports (see module_source).
-typedef void (*RunKernel)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
-typedef RunKernel (*FindKernel)(const char*);
+typedef void* (*BindKernel)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+typedef BindKernel (*FindKernel)(const char*);
+typedef void (*RunLaunch)(void*);
 typedef void (*SetPointerCheck)(bool (*)(const void*));
 
 struct Module {
     void* handle;
     FindKernel find;
+    RunLaunch run;
 };
 
 struct Function {
     std::string name;
-    RunKernel run;
+    BindKernel bind;
+    RunLaunch run;
 };
 
 // Pointer arguments of a kernel must point into a live allocation (or be null).
@@ -192,20 +198,27 @@ template <class A> static bool emu_arg_ok(const A& a) {
     if constexpr (std::is_pointer_v<A>) return !emu_pointer_ok || emu_pointer_ok((const void*)a);
     else return true;
 }
+#include <functional>
+#include <tuple>
+// The launch as a closure holding copies of the arguments (cuLaunchKernel's argument array is
+// gone once it returns; the stream runs the launch later).
 template <class... A, std::size_t... I>
-static void emu_run(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned by,
-                    unsigned shared, void** p, std::index_sequence<I...>) {
+static void* emu_bind(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned by,
+                      unsigned shared, void** p, std::index_sequence<I...>) {
     bool ok = (emu_arg_ok(*static_cast<std::decay_t<A>*>(p[I])) && ...);
     if (!ok) { std::fprintf(stderr, "[emulated cuda] error: a pointer argument is outside every device allocation\n"); std::abort(); }
-    dim3 g, b; g.x = gx; g.y = gy; b.x = bx; b.y = by;
-    launch(g, b, shared, f, *static_cast<std::decay_t<A>*>(p[I])...);
+    auto args = std::make_tuple(*static_cast<std::decay_t<A>*>(p[I])...);
+    return new std::function<void()>([=] {
+        dim3 g, b; g.x = gx; g.y = gy; b.x = bx; b.y = by;
+        std::apply([&](auto... a) { launch(g, b, shared, f, a...); }, args);
+    });
 }
 template <class... A>
-static void emu_entry(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned by,
-                      unsigned shared, void** p) {
-    emu_run(f, gx, gy, bx, by, shared, p, std::index_sequence_for<A...>{});
+static void* emu_entry(void (*f)(A...), unsigned gx, unsigned gy, unsigned bx, unsigned by,
+                       unsigned shared, void** p) {
+    return emu_bind(f, gx, gy, bx, by, shared, p, std::index_sequence_for<A...>{});
 }
-typedef void (*emu_kernel_t)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+typedef void* (*emu_kernel_t)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
 struct emu_named { const char* name; emu_kernel_t run; };
 static const emu_named emu_kernels[] = {
 )";
@@ -215,7 +228,7 @@ static const emu_named emu_kernels[] = {
          it != std::sregex_iterator(); ++it) {
         std::string name = (*it)[1];
         if (!seen.insert(name).second) continue;
-        src += "    {\"" + name + "\", [](unsigned gx, unsigned gy, unsigned bx, unsigned by, unsigned s, void** p) { emu_entry(" +
+        src += "    {\"" + name + "\", [](unsigned gx, unsigned gy, unsigned bx, unsigned by, unsigned s, void** p) { return emu_entry(" +
                name + ", gx, gy, bx, by, s, p); }},\n";
     }
     src += R"(};
@@ -224,6 +237,11 @@ extern "C" emu_kernel_t pipit_emulated_find(const char* name) {
     return nullptr;
 }
 extern "C" void pipit_emulated_pointer_check(bool (*ok)(const void*)) { emu_pointer_ok = ok; }
+extern "C" void pipit_emulated_run(void* launch) {
+    auto* f = static_cast<std::function<void()>*>(launch);
+    (*f)();
+    delete f;
+}
 )";
     return src;
 }
@@ -276,16 +294,109 @@ std::mutex launch_lock;  // emulate.h keeps a launch's shape in globals: one ker
 // ---------------------------------------------------------------------------------------------
 // Streams and events
 
-struct Event {
-    double at_ms = 0;
-    bool recorded = false;
-};
+// A stream is a worker thread running its queue in order, so streams really run side by side
+// and an order that only the host's timing gave shows up as wrong numbers (more often with
+// PIPIT_EMULATED_CUDA_JITTER=1, which sleeps up to half a millisecond before each task).
+// Events mark a point in a stream's queue; a stream told to wait for one waits in its worker.
+std::mutex streams_lock;
+std::condition_variable streams_moved;  // any task finished, any event reached
+
+struct Stream;
+std::set<Stream*> streams;
+
+bool jitter() {
+    static bool on = [] {
+        const char* v = std::getenv("PIPIT_EMULATED_CUDA_JITTER");
+        return v && *v && std::strcmp(v, "0") != 0;
+    }();
+    return on;
+}
 
 struct Stream {
-    int id;
+    std::condition_variable has_work;  // this worker's own, so a push wakes it alone
+    std::deque<std::function<void()>> queue;
+    unsigned long long enqueued = 0, done = 0;
+    Stream() {
+        std::thread([this] { work(); }).detach();
+        std::lock_guard<std::mutex> g(streams_lock);
+        streams.insert(this);
+    }
+    void push(std::function<void()> task) {
+        std::lock_guard<std::mutex> g(streams_lock);
+        queue.push_back(std::move(task));
+        enqueued++;
+        has_work.notify_one();
+    }
+    // Waits until everything enqueued so far has run.
+    void drain() {
+        std::unique_lock<std::mutex> g(streams_lock);
+        unsigned long long until = enqueued;
+        streams_moved.wait(g, [&] { return done >= until; });
+    }
+    void work() {
+        thread_local std::mt19937 rng(std::random_device{}());
+        for (;;) {
+            std::function<void()> task;
+            {
+                std::unique_lock<std::mutex> g(streams_lock);
+                has_work.wait(g, [&] { return !queue.empty(); });
+                task = std::move(queue.front());
+                queue.pop_front();
+            }
+            if (jitter()) usleep(rng() % 500);
+            task();
+            std::lock_guard<std::mutex> g(streams_lock);
+            done++;
+            streams_moved.notify_all();
+        }
+    }
 };
 
-std::atomic<int> next_stream{1};
+// Everything every stream was given so far has run (what the legacy default stream and the
+// synchronous calls wait for).
+void drain_all() {
+    std::vector<Stream*> all;
+    {
+        std::lock_guard<std::mutex> g(streams_lock);
+        all.assign(streams.begin(), streams.end());
+    }
+    for (Stream* s : all) s->drain();
+}
+
+// Runs `task` on stream `s` in order, or at once after every stream's work when `s` is the
+// default stream (null).
+void enqueue(void* s, std::function<void()> task) {
+    if (s) {
+        static_cast<Stream*>(s)->push(std::move(task));
+    } else {
+        drain_all();
+        task();
+    }
+}
+
+// One cuEventRecord: reached when its stream runs it. Waits hold the record itself, not the
+// event, since an event may be destroyed (and its address reused) while a wait is queued.
+struct Mark {
+    bool reached = false;
+    double at_ms = 0;
+};
+struct Event {
+    std::shared_ptr<Mark> latest;  // null until recorded
+};
+
+bool reached(const std::shared_ptr<Mark>& m) { return !m || m->reached; }
+
+// Host allocations made by cuMemHostAlloc (page-locked on a GPU): copies into them are
+// asynchronous; copies into other host memory finish before the call returns, as CUDA does.
+std::mutex pinned_lock;
+std::map<uintptr_t, size_t> pinned;
+bool is_pinned(const void* p) {
+    std::lock_guard<std::mutex> g(pinned_lock);
+    auto it = pinned.upper_bound(uintptr_t(p));
+    if (it == pinned.begin()) return false;
+    --it;
+    return uintptr_t(p) < it->first + it->second;
+}
 
 }  // namespace
 
@@ -366,7 +477,7 @@ CUresult cuCtxGetDevice(CUdevice* d) {
     *d = current_context ? int(static_cast<int*>(current_context) - the_context) : 0;
     return CUDA_SUCCESS;
 }
-CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() { drain_all(); return CUDA_SUCCESS; }
 CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     std::lock_guard<std::mutex> g(memory_lock);
     *total = kTotalMemory;
@@ -374,30 +485,80 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return CUDA_SUCCESS;
 }
 
-// Streams run work as it is enqueued, so synchronising is free.
-CUresult cuStreamCreate(void** s, unsigned) { *s = new Stream{next_stream++}; return CUDA_SUCCESS; }
+// Streams are never destroyed: their workers may still hold them (the queue is drained first,
+// as cuStreamDestroy lets pending work finish).
+CUresult cuStreamCreate(void** s, unsigned) { *s = new Stream; return CUDA_SUCCESS; }
 CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { return cuStreamCreate(s, 0); }
-CUresult cuStreamDestroy_v2(void* s) { delete static_cast<Stream*>(s); return CUDA_SUCCESS; }
-CUresult cuStreamSynchronize(void*) { return CUDA_SUCCESS; }
-CUresult cuStreamQuery(void*) { return CUDA_SUCCESS; }
-CUresult cuStreamWaitEvent(void*, void* e, unsigned) { return e ? CUDA_SUCCESS : CUDA_ERROR_INVALID_HANDLE; }
-CUresult cuLaunchHostFunc(void*, void (*f)(void*), void* data) { f(data); return CUDA_SUCCESS; }
+CUresult cuStreamDestroy_v2(void* s) {
+    if (s) static_cast<Stream*>(s)->drain();
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamSynchronize(void* s) {
+    if (s) static_cast<Stream*>(s)->drain();
+    else drain_all();
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamQuery(void* s) {
+    if (!s) return CUDA_SUCCESS;
+    auto* st = static_cast<Stream*>(s);
+    std::lock_guard<std::mutex> g(streams_lock);
+    return st->done >= st->enqueued ? CUDA_SUCCESS : 600;  // CUDA_ERROR_NOT_READY
+}
+CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
+    if (!e) return CUDA_ERROR_INVALID_HANDLE;
+    std::shared_ptr<Mark> mark;
+    {
+        std::lock_guard<std::mutex> g(streams_lock);
+        mark = static_cast<Event*>(e)->latest;  // the latest record when the wait is enqueued
+    }
+    enqueue(s, [mark] {
+        std::unique_lock<std::mutex> g(streams_lock);
+        streams_moved.wait(g, [&] { return reached(mark); });
+    });
+    return CUDA_SUCCESS;
+}
+CUresult cuLaunchHostFunc(void* s, void (*f)(void*), void* data) {
+    enqueue(s, [f, data] { f(data); });
+    return CUDA_SUCCESS;
+}
 
 CUresult cuEventCreate(void** e, unsigned) { *e = new Event; return CUDA_SUCCESS; }
-CUresult cuEventDestroy_v2(void* e) { delete static_cast<Event*>(e); return CUDA_SUCCESS; }
-CUresult cuEventRecord(void* e, void*) {
-    auto* ev = static_cast<Event*>(e);
-    ev->at_ms = now_ms();
-    ev->recorded = true;
+CUresult cuEventDestroy_v2(void* e) {
+    std::lock_guard<std::mutex> g(streams_lock);
+    delete static_cast<Event*>(e);
+    return CUDA_SUCCESS;
+}
+CUresult cuEventRecord(void* e, void* s) {
+    auto mark = std::make_shared<Mark>();
+    {
+        std::lock_guard<std::mutex> g(streams_lock);
+        static_cast<Event*>(e)->latest = mark;
+    }
+    enqueue(s, [mark] {
+        std::lock_guard<std::mutex> g(streams_lock);
+        mark->at_ms = now_ms();
+        mark->reached = true;
+        streams_moved.notify_all();
+    });
     return CUDA_SUCCESS;
 }
 CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
-CUresult cuEventSynchronize(void*) { return CUDA_SUCCESS; }
-CUresult cuEventQuery(void*) { return CUDA_SUCCESS; }
+CUresult cuEventSynchronize(void* e) {
+    std::unique_lock<std::mutex> g(streams_lock);
+    std::shared_ptr<Mark> mark = static_cast<Event*>(e)->latest;
+    streams_moved.wait(g, [&] { return reached(mark); });
+    return CUDA_SUCCESS;
+}
+CUresult cuEventQuery(void* e) {
+    std::lock_guard<std::mutex> g(streams_lock);
+    return reached(static_cast<Event*>(e)->latest) ? CUDA_SUCCESS : 600;  // CUDA_ERROR_NOT_READY
+}
 CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
-    auto *ea = static_cast<Event*>(a), *eb = static_cast<Event*>(b);
-    if (!ea->recorded || !eb->recorded) return CUDA_ERROR_INVALID_HANDLE;
-    *ms = float(eb->at_ms - ea->at_ms);
+    std::lock_guard<std::mutex> g(streams_lock);
+    auto ma = static_cast<Event*>(a)->latest, mb = static_cast<Event*>(b)->latest;
+    if (!ma || !mb) return CUDA_ERROR_INVALID_HANDLE;
+    if (!ma->reached || !mb->reached) return 600;  // CUDA_ERROR_NOT_READY
+    *ms = float(mb->at_ms - ma->at_ms);
     return CUDA_SUCCESS;
 }
 CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
@@ -411,19 +572,39 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, void*) { return cuMemAlloc_v2(p, bytes); }
-CUresult cuMemFree_v2(CUdeviceptr p) {
+static CUresult free_now(CUdeviceptr p) {
     trace("free 0x%llx", p);
     if (release(uintptr_t(p))) return CUDA_SUCCESS;
     complain("freeing 0x%llx, which is not a live allocation", p);
     return CUDA_ERROR_INVALID_VALUE;
 }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return cuMemFree_v2(p); }
+// cuMemFree waits for the device's work; cuMemFreeAsync frees in stream order.
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    drain_all();
+    return free_now(p);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
+    if (!inside(uintptr_t(p), 1)) return free_now(p);  // the error, at once
+    enqueue(s, [p] { free_now(p); });
+    return CUDA_SUCCESS;
+}
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     *p = std::malloc(bytes ? bytes : 1);
-    return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+    if (!*p) return CUDA_ERROR_OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> g(pinned_lock);
+    pinned[uintptr_t(*p)] = bytes ? bytes : 1;
+    return CUDA_SUCCESS;
 }
 CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
-CUresult cuMemFreeHost(void* p) { std::free(p); return CUDA_SUCCESS; }
+CUresult cuMemFreeHost(void* p) {
+    drain_all();
+    {
+        std::lock_guard<std::mutex> g(pinned_lock);
+        pinned.erase(uintptr_t(p));
+    }
+    std::free(p);
+    return CUDA_SUCCESS;
+}
 CUresult cuMemHostRegister_v2(void*, size_t, unsigned) { return CUDA_SUCCESS; }
 CUresult cuMemHostUnregister(void*) { return CUDA_SUCCESS; }
 
@@ -432,42 +613,50 @@ CUresult cuMemPoolSetAttribute(void*, int, void*) { return CUDA_SUCCESS; }
 CUresult cuMemPoolGetAttribute(void*, int, void* v) { std::memset(v, 0, 8); return CUDA_SUCCESS; }
 CUresult cuMemPoolTrimTo(void*, size_t) { return CUDA_SUCCESS; }
 
-CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) {
+// Memsets and copies are checked when enqueued and done in stream order; the synchronous
+// forms wait for every stream first. A host source is copied when the call is made (CUDA
+// stages pageable memory then too); a copy into pageable host memory is done before the call
+// returns.
+CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void* s) {
     if (!check_range("cuMemsetD8", uintptr_t(p), n)) return CUDA_ERROR_INVALID_VALUE;
-    std::memset(reinterpret_cast<void*>(p), v, n);
+    enqueue(s, [=] { std::memset(reinterpret_cast<void*>(p), v, n); });
     return CUDA_SUCCESS;
 }
-CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void*) { return cuMemsetD8_v2(p, v, n); }
-CUresult cuMemsetD32_v2(CUdeviceptr p, unsigned v, size_t n) {
+CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) { return cuMemsetD8Async(p, v, n, nullptr); }
+CUresult cuMemsetD32Async(CUdeviceptr p, unsigned v, size_t n, void* s) {
     if (!check_range("cuMemsetD32", uintptr_t(p), n * 4)) return CUDA_ERROR_INVALID_VALUE;
-    auto* w = reinterpret_cast<unsigned*>(p);
-    for (size_t i = 0; i < n; i++) w[i] = v;
+    enqueue(s, [=] {
+        auto* w = reinterpret_cast<unsigned*>(p);
+        for (size_t i = 0; i < n; i++) w[i] = v;
+    });
     return CUDA_SUCCESS;
 }
-CUresult cuMemsetD32Async(CUdeviceptr p, unsigned v, size_t n, void*) { return cuMemsetD32_v2(p, v, n); }
+CUresult cuMemsetD32_v2(CUdeviceptr p, unsigned v, size_t n) { return cuMemsetD32Async(p, v, n, nullptr); }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* s) {
     if (!check_range("cuMemcpyHtoD destination", uintptr_t(dst), n)) return CUDA_ERROR_INVALID_VALUE;
-    std::memcpy(reinterpret_cast<void*>(dst), src, n);
+    auto data = std::make_shared<std::vector<char>>(static_cast<const char*>(src), static_cast<const char*>(src) + n);
+    enqueue(s, [dst, data] { std::memcpy(reinterpret_cast<void*>(dst), data->data(), data->size()); });
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void*) { return cuMemcpyHtoD_v2(dst, src, n); }
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) { return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr); }
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* s) {
     if (!check_range("cuMemcpyDtoH source", uintptr_t(src), n)) return CUDA_ERROR_INVALID_VALUE;
-    std::memcpy(dst, reinterpret_cast<void*>(src), n);
+    enqueue(s, [=] { std::memcpy(dst, reinterpret_cast<void*>(src), n); });
+    if (s && !is_pinned(dst)) static_cast<Stream*>(s)->drain();
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoH_v2(dst, src, n); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) { return cuMemcpyDtoHAsync_v2(dst, src, n, nullptr); }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* s) {
     if (!check_range("cuMemcpyDtoD destination", uintptr_t(dst), n) ||
         !check_range("cuMemcpyDtoD source", uintptr_t(src), n))
         return CUDA_ERROR_INVALID_VALUE;
-    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n);
+    enqueue(s, [=] { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n); });
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void*) { return cuMemcpyDtoD_v2(dst, src, n); }
-CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n, void*) {
-    return cuMemcpyDtoD_v2(dst, src, n);
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr); }
+CUresult cuMemcpyPeerAsync(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n, void* s) {
+    return cuMemcpyDtoDAsync_v2(dst, src, n, s);
 }
 CUresult cuMemcpyPeer(CUdeviceptr dst, void*, CUdeviceptr src, void*, size_t n) { return cuMemcpyDtoD_v2(dst, src, n); }
 
@@ -491,17 +680,19 @@ CUresult cuModuleLoadData(void** module, const void* image) {
     }
     auto find = reinterpret_cast<FindKernel>(dlsym(handle, "pipit_emulated_find"));
     auto check = reinterpret_cast<SetPointerCheck>(dlsym(handle, "pipit_emulated_pointer_check"));
-    if (!find || !check) return CUDA_ERROR_INVALID_IMAGE;
+    auto run = reinterpret_cast<RunLaunch>(dlsym(handle, "pipit_emulated_run"));
+    if (!find || !check || !run) return CUDA_ERROR_INVALID_IMAGE;
     check(kernel_pointer_ok);
-    *module = new Module{handle, find};
+    *module = new Module{handle, find, run};
     trace("loaded %s", path.c_str());
     return CUDA_SUCCESS;
 }
 CUresult cuModuleUnload(void* module) { delete static_cast<Module*>(module); return CUDA_SUCCESS; }
 CUresult cuModuleGetFunction(void** f, void* module, const char* name) {
-    RunKernel run = static_cast<Module*>(module)->find(name);
-    if (!run) return CUDA_ERROR_NOT_FOUND;
-    *f = new Function{name, run};
+    auto* m = static_cast<Module*>(module);
+    BindKernel bind = m->find(name);
+    if (!bind) return CUDA_ERROR_NOT_FOUND;
+    *f = new Function{name, bind, m->run};
     return CUDA_SUCCESS;
 }
 CUresult cuFuncGetAttribute(int* v, int attribute, void*) {
@@ -515,7 +706,7 @@ CUresult cuFuncSetAttribute(void*, int, int) { return CUDA_SUCCESS; }
 CUresult cuFuncSetCacheConfig(void*, int) { return CUDA_SUCCESS; }
 
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                        unsigned bz, unsigned shared, void*, void** params, void** extra) {
+                        unsigned bz, unsigned shared, void* stream, void** params, void** extra) {
     auto* fn = static_cast<Function*>(f);
     if (extra) { complain("%s: launched with `extra`, which the emulation does not take", fn->name.c_str()); return CUDA_ERROR_NOT_SUPPORTED; }
     if (gz != 1 || bz != 1) { complain("%s: a z dimension (grid %u, block %u) the emulation does not take", fn->name.c_str(), gz, bz); return CUDA_ERROR_NOT_SUPPORTED; }
@@ -526,8 +717,12 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     }
     if (shared > 227 * 1024) { complain("%s: %u bytes of dynamic shared memory", fn->name.c_str(), shared); return CUDA_ERROR_INVALID_VALUE; }
     trace("launch %s grid (%u, %u) block (%u, %u) shared %u", fn->name.c_str(), gx, gy, bx, by, shared);
-    std::lock_guard<std::mutex> g(launch_lock);
-    fn->run(gx, gy, bx, by, shared, params);
+    void* bound = fn->bind(gx, gy, bx, by, shared, params);
+    RunLaunch run = fn->run;
+    enqueue(stream, [run, bound] {
+        std::lock_guard<std::mutex> g(launch_lock);
+        run(bound);
+    });
     return CUDA_SUCCESS;
 }
 
@@ -609,7 +804,7 @@ static void store_from_f32(void* base, int type, long long i, float v) {
 
 // Column-major C = alpha·op(A)·op(B) + beta·C for each of `batch` operand triples; C is not
 // read when beta is 0, as cuBLAS promises.
-cublasStatus_t cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, int k, const void* alpha,
+cublasStatus_t cublasGemmStridedBatchedEx(void* handle, int ta, int tb, int m, int n, int k, const void* alpha,
                                           const void* A, int at, int lda, long long sa, const void* B, int bt,
                                           int ldb, long long sb, const void* beta, void* C, int ct, int ldc,
                                           long long sc, int batch, int compute, int) {
@@ -632,6 +827,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, i
         !check_range("GEMM operand C", uintptr_t(C), span(sc, batch, ldc, m, n) * ec))
         return 7;
     float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    enqueue(static_cast<Blas*>(handle)->stream, [=] {
     for (int b = 0; b < batch; b++)
         for (int j = 0; j < n; j++)
             for (int i = 0; i < m; i++) {
@@ -646,6 +842,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(void*, int ta, int tb, int m, int n, i
                 if (be != 0) v += double(be) * load_as_f32(C, ct, ic);
                 store_from_f32(C, ct, ic, float(v));
             }
+    });
     return 0;
 }
 
@@ -661,6 +858,7 @@ struct Pending {
     int peer;
     uintptr_t buffer;
     size_t bytes;
+    void* stream;
 };
 // A communicator. Ranks are processes (or threads) meeting through files beside this library,
 // named by the unique id: "<id>-rank<r>" says rank r joined and on which GPU, and "<id>-<from>to<to>-<n>" is
@@ -668,7 +866,7 @@ struct Pending {
 struct Comm {
     int ranks, rank, device;
     std::string tag;
-    std::atomic<bool> aborted{false};
+    std::atomic<bool> aborted{false}, failed{false};
     std::vector<unsigned long long> sent, received;  // messages so far, per peer
 };
 
@@ -752,7 +950,8 @@ ncclResult_t ncclCommAbort(void* comm) { static_cast<Comm*>(comm)->aborted = tru
 ncclResult_t ncclCommDestroy(void* comm) { delete static_cast<Comm*>(comm); return 0; }
 ncclResult_t ncclCommFinalize(void*) { return 0; }
 ncclResult_t ncclCommGetAsyncError(void* comm, ncclResult_t* r) {
-    *r = static_cast<Comm*>(comm)->aborted ? 2 : 0;
+    auto* c = static_cast<Comm*>(comm);
+    *r = c->failed ? 6 : c->aborted ? 2 : 0;
     return 0;
 }
 ncclResult_t ncclCommCount(void* comm, int* n) { *n = static_cast<Comm*>(comm)->ranks; return 0; }
@@ -771,10 +970,10 @@ static std::string message(const Comm& c, int from, int to, unsigned long long n
     return c.tag + "-" + std::to_string(from) + "to" + std::to_string(to) + "-" + std::to_string(n);
 }
 
-// Carries out a group's operations: every send is written first, then every receive waits for
-// its message (in the order posted per peer, as NCCL pairs them). A GPU would let the stream
-// wait instead of the caller; a receive gives up after PIPIT_EMULATED_NCCL_TIMEOUT seconds
-// (default 60) or when the communicator is aborted.
+// Carries out a group's operations, on their stream: every send is written first, then every
+// receive waits for its message (in the order posted per peer, as NCCL pairs them). A receive
+// gives up after PIPIT_EMULATED_NCCL_TIMEOUT seconds (default 60) or when the communicator is
+// aborted, and the communicator reports the failure (ncclCommGetAsyncError).
 static ncclResult_t run_group(std::vector<std::pair<Comm*, Pending>>& ops) {
     for (auto& [c, op] : ops) {
         if (c->aborted) return 2;
@@ -812,22 +1011,35 @@ static ncclResult_t run_group(std::vector<std::pair<Comm*, Pending>>& ops) {
     return 0;
 }
 
+// Runs the group's operations on their stream (the first's: pipit puts a group on one).
+static ncclResult_t enqueue_group(std::vector<std::pair<Comm*, Pending>> ops) {
+    if (ops.empty()) return 0;
+    for (auto& [c, op] : ops)
+        if (c->aborted) return 2;
+    void* stream = ops.front().second.stream;
+    enqueue(stream, [ops]() mutable {
+        if (run_group(ops) != 0)
+            for (auto& entry : ops) entry.first->failed = true;
+    });
+    return 0;
+}
+
 ncclResult_t ncclGroupStart() { group_depth++; return 0; }
 ncclResult_t ncclGroupEnd() {
     if (group_depth == 0) return 5;
     if (--group_depth > 0) return 0;
     std::vector<std::pair<Comm*, Pending>> ops;
     ops.swap(pending);
-    return run_group(ops);
+    return enqueue_group(std::move(ops));
 }
 
-static ncclResult_t post(bool send, const void* buf, size_t count, int type, int peer, void* comm) {
+static ncclResult_t post(bool send, const void* buf, size_t count, int type, int peer, void* comm, void* stream) {
     auto* c = static_cast<Comm*>(comm);
     if (c->aborted) return 2;
     if (peer < 0 || peer >= c->ranks) { complain("peer %d in a communicator of %d ranks", peer, c->ranks); return 4; }
     size_t bytes = count * nccl_size(type);
     if (!check_range(send ? "ncclSend buffer" : "ncclRecv buffer", uintptr_t(buf), bytes)) return 4;
-    Pending op{send, peer, uintptr_t(buf), bytes};
+    Pending op{send, peer, uintptr_t(buf), bytes, stream};
     if (group_depth > 0) {
         pending.push_back({c, op});
         return 0;
@@ -836,14 +1048,13 @@ static ncclResult_t post(bool send, const void* buf, size_t count, int type, int
         complain("%s to self outside a group: NCCL would hang", send ? "ncclSend" : "ncclRecv");
         return 5;
     }
-    std::vector<std::pair<Comm*, Pending>> one{{c, op}};
-    return run_group(one);
+    return enqueue_group({{c, op}});
 }
-ncclResult_t ncclSend(const void* buf, size_t count, int type, int peer, void* comm, void*) {
-    return post(true, buf, count, type, peer, comm);
+ncclResult_t ncclSend(const void* buf, size_t count, int type, int peer, void* comm, void* stream) {
+    return post(true, buf, count, type, peer, comm, stream);
 }
-ncclResult_t ncclRecv(void* buf, size_t count, int type, int peer, void* comm, void*) {
-    return post(false, buf, count, type, peer, comm);
+ncclResult_t ncclRecv(void* buf, size_t count, int type, int peer, void* comm, void* stream) {
+    return post(false, buf, count, type, peer, comm, stream);
 }
 
 }  // extern "C"
