@@ -30,21 +30,26 @@ const RUN: &[&str] = &[
     "--no-save",
 ];
 
-/// `pipit ARGS` with the emulated libraries on its library path.
-fn on_emulated_cuda(args: &[String]) -> Output {
+/// `PROGRAM ARGS` with the emulated libraries built and on its library path.
+fn on_emulated_libraries(program: &std::ffi::OsStr, args: &[String]) -> Output {
     let mut cmd = Command::new("bash");
     cmd.arg(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/scripts/cuda-cpu-backend.sh"
     ))
     .arg("--")
-    .arg(pipit_command().get_program())
+    .arg(program)
     .args(args)
     .env("XDG_RUNTIME_DIR", "/tmp");
     for var in LAUNCH_VARS {
         cmd.env_remove(var);
     }
     cmd.output().expect("bash runs")
+}
+
+/// `pipit ARGS` with the emulated libraries on its library path.
+fn on_emulated_cuda(args: &[String]) -> Output {
+    on_emulated_libraries(pipit_command().get_program(), args)
 }
 
 fn pipit(args: &[String]) -> Output {
@@ -132,4 +137,38 @@ fn the_cuda_backend_trains_like_the_reference_on_emulated_libraries() {
             );
         }
     }
+}
+
+#[test]
+fn a_kernel_writing_past_its_buffer_is_stopped_and_named() {
+    if !have_gxx() {
+        return;
+    }
+    // Builds the emulated libraries if needed, then the driver program against them.
+    ok(&on_emulated_libraries("true".as_ref(), &[]));
+    let root = env!("CARGO_MANIFEST_DIR");
+    let lib = format!("{root}/target/emulated-cuda");
+    let exe = scratch("cuda-emulated", "overrun").join("overrun");
+    ok(&Command::new("g++")
+        .args(["-std=c++20", "-O1", "-o"])
+        .arg(&exe)
+        .arg(format!("{root}/cuda/cpu-check/overrun.cpp"))
+        .arg(format!("-L{lib}"))
+        .arg("-lcuda")
+        .arg(format!("-Wl,-rpath,{lib}"))
+        .output()
+        .expect("g++ runs"));
+
+    let inside = Command::new(&exe).arg("inside").output().expect("runs");
+    ok(&inside);
+    assert_eq!(String::from_utf8_lossy(&inside.stdout), "inside: ok\n");
+
+    let past = Command::new(&exe).arg("past").output().expect("runs");
+    let err = String::from_utf8_lossy(&past.stderr);
+    assert!(!past.status.success(), "one float past the end went unseen: {err}");
+    assert!(
+        err.contains("kernel fill_index touched byte 4096 of the 4096-byte allocation"),
+        "{err}"
+    );
+    assert!(past.stdout.is_empty(), "it ran on after the fault");
 }

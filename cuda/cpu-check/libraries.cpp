@@ -7,8 +7,9 @@
 // - Device memory is host memory. Fresh allocations are filled with 0xff bytes (NaN in f32 and
 //   bf16), so a kernel that reads what nobody wrote shows it. Every copy, memset and GEMM
 //   operand must lie inside a live allocation, every kernel pointer argument must point into
-//   one (what a kernel then reads and writes is not checked), and freeing anything else is an
-//   error: out-of-bounds copies and double frees fail loudly instead of corrupting.
+//   one, and freeing anything else is an error: out-of-bounds copies and double frees fail
+//   loudly instead of corrupting. Each allocation ends against a guard page, so a kernel that
+//   reads or writes past the end of its buffer stops there with a line naming it.
 // - Every stream is a worker thread running its queue in order, so streams run side by side;
 //   events mark points in a queue and cuStreamWaitEvent makes a stream's worker wait for one.
 //   Work that is ordered only by the host's timing can then go wrong, as on a GPU, and does so
@@ -23,6 +24,9 @@
 //
 // Set PIPIT_EMULATED_CUDA_TRACE=1 to log every call that is not plain arithmetic.
 #include <dlfcn.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -98,16 +102,42 @@ int device_count() {
 }
 constexpr size_t kTotalMemory = size_t(80) << 30;
 
+// Each allocation is its own mapping, placed so that it ends 16 bytes or less before a page
+// that may not be touched (and starts a page after another): a kernel that reads or writes
+// past the end of its buffer faults there, and the SIGSEGV handler below names the kernel and
+// the allocation. The start stays 16-byte aligned, as wide vector loads need; an overrun that
+// stays inside the rounding to 16 bytes goes unseen.
+struct Allocation {
+    size_t bytes;   // as asked for
+    char* mapping;  // guard page, the allocation's pages, guard page
+    size_t mapped;
+};
+
 std::mutex memory_lock;
-std::map<uintptr_t, size_t> allocations;  // start -> bytes
+std::map<uintptr_t, Allocation> allocations;  // by start
 size_t allocated = 0;
 
+size_t page_size() {
+    static size_t n = size_t(sysconf(_SC_PAGESIZE));
+    return n;
+}
+
 void* allocate(size_t bytes) {
-    void* p = std::malloc(bytes ? bytes : 1);
-    if (!p) return nullptr;
+    size_t page = page_size();
+    size_t body = (std::max<size_t>(bytes, 1) + 15) & ~size_t(15);
+    size_t pages = (body + page - 1) / page * page;
+    size_t mapped = pages + 2 * page;
+    void* m = mmap(nullptr, mapped, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    char* mapping = static_cast<char*>(m);
+    if (mprotect(mapping + page, pages, PROT_READ | PROT_WRITE) != 0) {
+        munmap(m, mapped);
+        return nullptr;
+    }
+    char* p = mapping + page + pages - body;
     std::memset(p, 0xff, bytes);
     std::lock_guard<std::mutex> g(memory_lock);
-    allocations[uintptr_t(p)] = bytes;
+    allocations[uintptr_t(p)] = Allocation{bytes, mapping, mapped};
     allocated += bytes;
     return p;
 }
@@ -116,10 +146,55 @@ bool release(uintptr_t p) {
     std::lock_guard<std::mutex> g(memory_lock);
     auto it = allocations.find(p);
     if (it == allocations.end()) return false;
-    allocated -= it->second;
+    allocated -= it->second.bytes;
+    munmap(it->second.mapping, it->second.mapped);
     allocations.erase(it);
-    std::free(reinterpret_cast<void*>(p));
     return true;
+}
+
+// The kernel running now (one at a time process-wide), for the fault handler's message.
+std::atomic<const char*> running_kernel{nullptr};
+struct sigaction previous_segv;
+
+// A fault inside one of the allocations' mappings is a kernel touching memory outside its
+// buffer: say which kernel, where, and how far from which allocation, then abort. Any other
+// fault goes to the handler that was there before (Rust's, which reports stack overflows).
+void on_segv(int sig, siginfo_t* info, void* context) {
+    uintptr_t at = uintptr_t(info->si_addr);
+    bool locked = false;
+    for (int i = 0; i < 1000 && !(locked = memory_lock.try_lock()); i++) sched_yield();
+    if (locked) {
+        for (auto& [start, a] : allocations) {
+            uintptr_t lo = uintptr_t(a.mapping), hi = lo + a.mapped;
+            if (at < lo || at >= hi) continue;
+            const char* kernel = running_kernel.load();
+            char line[512];
+            long offset = long(at) - long(start);
+            int n = std::snprintf(line, sizeof line,
+                                  "[emulated cuda] error: %s%s touched byte %ld of the %zu-byte "
+                                  "allocation at 0x%zx, outside it\n",
+                                  kernel ? "kernel " : "", kernel ? kernel : "host code", offset,
+                                  a.bytes, size_t(start));
+            if (n > 0) (void)!write(2, line, size_t(std::min<int>(n, sizeof line - 1)));
+            std::abort();
+        }
+        memory_lock.unlock();
+    }
+    if (previous_segv.sa_flags & SA_SIGINFO) {
+        previous_segv.sa_sigaction(sig, info, context);
+    } else if (previous_segv.sa_handler != SIG_IGN && previous_segv.sa_handler != SIG_DFL) {
+        previous_segv.sa_handler(sig);
+    } else {
+        signal(sig, SIG_DFL);  // returning faults again, now fatally
+    }
+}
+
+__attribute__((constructor)) void install_segv_handler() {
+    struct sigaction a = {};
+    a.sa_sigaction = on_segv;
+    a.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&a.sa_mask);
+    sigaction(SIGSEGV, &a, &previous_segv);
 }
 
 // Whether [p, p + bytes) lies inside one live device allocation.
@@ -128,7 +203,7 @@ bool inside(uintptr_t p, size_t bytes) {
     auto it = allocations.upper_bound(p);
     if (it == allocations.begin()) return false;
     --it;
-    return p >= it->first && p + bytes <= it->first + it->second;
+    return p >= it->first && p + bytes <= it->first + it->second.bytes;
 }
 
 bool check_range(const char* what, uintptr_t p, size_t bytes) {
@@ -719,9 +794,12 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     trace("launch %s grid (%u, %u) block (%u, %u) shared %u", fn->name.c_str(), gx, gy, bx, by, shared);
     void* bound = fn->bind(gx, gy, bx, by, shared, params);
     RunLaunch run = fn->run;
-    enqueue(stream, [run, bound] {
+    const char* name = fn->name.c_str();  // the function lives as long as its module
+    enqueue(stream, [run, bound, name] {
         std::lock_guard<std::mutex> g(launch_lock);
+        running_kernel = name;
         run(bound);
+        running_kernel = nullptr;
     });
     return CUDA_SUCCESS;
 }
