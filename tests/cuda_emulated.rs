@@ -140,7 +140,7 @@ fn the_cuda_backend_trains_like_the_reference_on_emulated_libraries() {
 }
 
 #[test]
-fn a_kernel_writing_past_its_buffer_is_stopped_and_named() {
+fn a_kernel_outside_its_buffer_or_after_its_free_is_stopped_and_named() {
     if !have_gxx() {
         return;
     }
@@ -158,17 +158,28 @@ fn a_kernel_writing_past_its_buffer_is_stopped_and_named() {
         .arg(format!("-Wl,-rpath,{lib}"))
         .output()
         .expect("g++ runs"));
+    let run = |mode: &str| Command::new(&exe).arg(mode).output().expect("runs");
 
-    let inside = Command::new(&exe).arg("inside").output().expect("runs");
+    let inside = run("inside");
     ok(&inside);
     assert_eq!(String::from_utf8_lossy(&inside.stdout), "inside: ok\n");
 
-    let past = Command::new(&exe).arg("past").output().expect("runs");
-    let err = String::from_utf8_lossy(&past.stderr);
-    assert!(!past.status.success(), "one float past the end went unseen: {err}");
-    assert!(
-        err.contains("kernel fill_index touched byte 4096 of the 4096-byte allocation"),
-        "{err}"
-    );
-    assert!(past.stdout.is_empty(), "it ran on after the fault");
+    for (mode, says) in [
+        (
+            "past",
+            "kernel fill_index touched byte 4096 of the 4096-byte allocation at ",
+        ),
+        (
+            "freed",
+            "kernel fill_index touched byte 0 of the 4096-byte allocation at ",
+        ),
+    ] {
+        let out = run(mode);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{mode}: went unseen: {err}");
+        assert!(err.contains(says), "{mode}: {err}");
+        let why = if mode == "past" { "outside it" } else { "after it was freed" };
+        assert!(err.contains(why), "{mode}: {err}");
+        assert!(out.stdout.is_empty(), "{mode}: it ran on after the fault");
+    }
 }

@@ -9,7 +9,9 @@
 //   operand must lie inside a live allocation, every kernel pointer argument must point into
 //   one, and freeing anything else is an error: out-of-bounds copies and double frees fail
 //   loudly instead of corrupting. Each allocation ends against a guard page, so a kernel that
-//   reads or writes past the end of its buffer stops there with a line naming it.
+//   reads or writes past the end of its buffer stops there with a line naming it; freed
+//   memory stays inaccessible for a while, so work that touches it after the free (on a stream
+//   nothing made wait) stops the same way.
 // - Every stream is a worker thread running its queue in order, so streams run side by side;
 //   events mark points in a queue and cuStreamWaitEvent makes a stream's worker wait for one.
 //   Work that is ordered only by the host's timing can then go wrong, as on a GPU, and does so
@@ -108,6 +110,7 @@ constexpr size_t kTotalMemory = size_t(80) << 30;
 // the allocation. The start stays 16-byte aligned, as wide vector loads need; an overrun that
 // stays inside the rounding to 16 bytes goes unseen.
 struct Allocation {
+    uintptr_t start;
     size_t bytes;   // as asked for
     char* mapping;  // guard page, the allocation's pages, guard page
     size_t mapped;
@@ -137,18 +140,35 @@ void* allocate(size_t bytes) {
     char* p = mapping + page + pages - body;
     std::memset(p, 0xff, bytes);
     std::lock_guard<std::mutex> g(memory_lock);
-    allocations[uintptr_t(p)] = Allocation{bytes, mapping, mapped};
+    allocations[uintptr_t(p)] = Allocation{uintptr_t(p), bytes, mapping, mapped};
     allocated += bytes;
     return p;
 }
+
+// Freed allocations keep their addresses for a while, inaccessible and without memory behind
+// them, so work that still touches one (a kernel on another stream that was not made to wait,
+// say) faults and is named too, instead of reading whatever reused the address.
+std::deque<Allocation> quarantine;
+size_t quarantined = 0;  // bytes of address space
+constexpr size_t kQuarantineEntries = 4096;
+constexpr size_t kQuarantineBytes = size_t(64) << 30;
 
 bool release(uintptr_t p) {
     std::lock_guard<std::mutex> g(memory_lock);
     auto it = allocations.find(p);
     if (it == allocations.end()) return false;
-    allocated -= it->second.bytes;
-    munmap(it->second.mapping, it->second.mapped);
+    Allocation a = it->second;
+    allocated -= a.bytes;
     allocations.erase(it);
+    madvise(a.mapping, a.mapped, MADV_DONTNEED);
+    mprotect(a.mapping, a.mapped, PROT_NONE);
+    quarantine.push_back(a);
+    quarantined += a.mapped;
+    while (quarantine.size() > kQuarantineEntries || quarantined > kQuarantineBytes) {
+        munmap(quarantine.front().mapping, quarantine.front().mapped);
+        quarantined -= quarantine.front().mapped;
+        quarantine.pop_front();
+    }
     return true;
 }
 
@@ -164,19 +184,28 @@ void on_segv(int sig, siginfo_t* info, void* context) {
     bool locked = false;
     for (int i = 0; i < 1000 && !(locked = memory_lock.try_lock()); i++) sched_yield();
     if (locked) {
-        for (auto& [start, a] : allocations) {
-            uintptr_t lo = uintptr_t(a.mapping), hi = lo + a.mapped;
-            if (at < lo || at >= hi) continue;
+        // The allocation (live, or freed and kept aside) whose mapping holds the address.
+        auto report = [&](const Allocation& a, bool freed) {
             const char* kernel = running_kernel.load();
             char line[512];
-            long offset = long(at) - long(start);
+            long offset = long(at) - long(a.start);
             int n = std::snprintf(line, sizeof line,
                                   "[emulated cuda] error: %s%s touched byte %ld of the %zu-byte "
-                                  "allocation at 0x%zx, outside it\n",
+                                  "allocation at 0x%zx, %s\n",
                                   kernel ? "kernel " : "", kernel ? kernel : "host code", offset,
-                                  a.bytes, size_t(start));
+                                  a.bytes, size_t(a.start),
+                                  freed ? "after it was freed" : "outside it");
             if (n > 0) (void)!write(2, line, size_t(std::min<int>(n, sizeof line - 1)));
             std::abort();
+        };
+        auto holds = [at](const Allocation& a) {
+            return at >= uintptr_t(a.mapping) && at < uintptr_t(a.mapping) + a.mapped;
+        };
+        for (auto& [start, a] : allocations) {
+            if (holds(a)) report(a, false);
+        }
+        for (auto a = quarantine.rbegin(); a != quarantine.rend(); ++a) {
+            if (holds(*a)) report(*a, true);
         }
         memory_lock.unlock();
     }

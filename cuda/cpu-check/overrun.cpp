@@ -1,13 +1,17 @@
 // A check of the emulated libraries' guard pages (libraries.cpp): a kernel that writes one float
 // past the end of its buffer must be stopped, with a line naming it, while the same kernel
-// kept inside the buffer runs. Built and run by tests/cuda_emulated.rs against the libcuda.so
+// kept inside the buffer runs; so must a kernel whose buffer another stream freed before it ran. Built and run by tests/cuda_emulated.rs against the libcuda.so
 // that scripts/cuda-cpu-backend.sh builds; the driver calls are declared here, as pipit ships
 // no CUDA headers.
 //
 //     overrun inside   # fills the buffer, prints "inside: ok", exits 0
 //     overrun past     # writes one float past the end: the process aborts
+//     overrun freed    # a second stream frees the buffer while the kernel's stream is held
+//                      # up: the kernel then writes into freed memory, and the process aborts
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 extern "C" {
 int cuInit(unsigned);
@@ -15,6 +19,9 @@ int cuDeviceGet(int*, int);
 int cuDevicePrimaryCtxRetain(void**, int);
 int cuCtxSetCurrent(void*);
 int cuMemAlloc_v2(unsigned long long*, size_t);
+int cuMemFreeAsync(unsigned long long, void*);
+int cuStreamCreate(void**, unsigned);
+int cuLaunchHostFunc(void*, void (*)(void*), void*);
 int cuMemcpyDtoH_v2(void*, unsigned long long, size_t);
 int cuCtxSynchronize();
 int cuModuleLoadData(void**, const void*);
@@ -35,13 +42,17 @@ extern "C" __global__ void fill_index(float* out, unsigned n) {
 }
 )";
 
+// Holds up the stream it is enqueued on.
+static void pause_stream(void*) { std::this_thread::sleep_for(std::chrono::milliseconds(200)); }
+
 static int fail(const char* what, int code) {
     std::fprintf(stderr, "%s failed: %d\n", what, code);
     return 1;
 }
 
 int main(int argc, char** argv) {
-    bool past = argc > 1 && std::strcmp(argv[1], "past") == 0;
+    const char* mode = argc > 1 ? argv[1] : "inside";
+    bool past = std::strcmp(mode, "past") == 0, freed = std::strcmp(mode, "freed") == 0;
     int r, device;
     void* ctx;
     if ((r = cuInit(0)) || (r = cuDeviceGet(&device, 0)) || (r = cuDevicePrimaryCtxRetain(&ctx, device)) ||
@@ -62,12 +73,18 @@ int main(int argc, char** argv) {
     if ((r = cuMemAlloc_v2(&buffer, floats * sizeof(float)))) return fail("cuMemAlloc", r);
     unsigned n = past ? floats + 1 : floats;
     void* args[] = {&buffer, &n};
-    if ((r = cuLaunchKernel(kernel, 5, 1, 1, 256, 1, 1, 0, nullptr, args, nullptr)) || (r = cuCtxSynchronize()))
-        return fail("launch", r);
+    void *stream = nullptr, *other = nullptr;
+    if (freed && ((r = cuStreamCreate(&stream, 0)) || (r = cuStreamCreate(&other, 0)) ||
+                  (r = cuLaunchHostFunc(stream, pause_stream, nullptr))))
+        return fail("streams", r);
+    if ((r = cuLaunchKernel(kernel, 5, 1, 1, 256, 1, 1, 0, stream, args, nullptr))) return fail("launch", r);
+    // Nothing orders this free after the kernel: a GPU may run it first, and here it does.
+    if (freed && (r = cuMemFreeAsync(buffer, other))) return fail("cuMemFreeAsync", r);
+    if ((r = cuCtxSynchronize())) return fail("synchronize", r);
     float host[floats];
     if ((r = cuMemcpyDtoH_v2(host, buffer, sizeof host))) return fail("cuMemcpyDtoH", r);
     for (unsigned i = 0; i < floats; i++)
         if (host[i] != float(i)) return fail("the buffer's contents", int(i));
-    std::printf("%s: ok\n", past ? "past" : "inside");
+    std::printf("%s: ok\n", mode);
     return 0;
 }
