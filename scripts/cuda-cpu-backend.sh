@@ -15,8 +15,8 @@
 #
 # What it checks: the host code's calls, launch shapes, buffer sizes and copies, and the
 # numbers the suites compare. Every copy and GEMM operand must lie inside a live allocation,
-# a kernel touching past the end of its buffer, or a buffer already freed, faults and is
-# named, and fresh memory reads as NaN. Each stream is a thread of its own, so work ordered only by
+# a kernel touching past the end of its buffer (beyond its size rounded up to 16 bytes), or a
+# buffer already freed, faults and is named, and fresh memory reads as NaN. Each stream is a thread of its own, so work ordered only by
 # the host's timing can go wrong as on a GPU (PIPIT_EMULATED_CUDA_JITTER=1 makes that likelier).
 # What it cannot check: speed, the memory model, and the hardware.
 set -euo pipefail

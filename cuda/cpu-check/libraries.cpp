@@ -37,6 +37,7 @@
 #include <random>
 #include <thread>
 #include <chrono>
+#include <cerrno>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -108,7 +109,8 @@ constexpr size_t kTotalMemory = size_t(80) << 30;
 // that may not be touched (and starts a page after another): a kernel that reads or writes
 // past the end of its buffer faults there, and the SIGSEGV handler below names the kernel and
 // the allocation. The start stays 16-byte aligned, as wide vector loads need; an overrun that
-// stays inside the rounding to 16 bytes goes unseen.
+// stays inside the rounding to 16 bytes goes unseen, and so does an underrun that stays within
+// the page before the start (readable, and zero).
 struct Allocation {
     uintptr_t start;
     size_t bytes;   // as asked for
@@ -126,14 +128,19 @@ size_t page_size() {
 }
 
 void* allocate(size_t bytes) {
+    if (bytes > kTotalMemory) return nullptr;  // more than the emulated GPU has
     size_t page = page_size();
     size_t body = (std::max<size_t>(bytes, 1) + 15) & ~size_t(15);
     size_t pages = (body + page - 1) / page * page;
     size_t mapped = pages + 2 * page;
     void* m = mmap(nullptr, mapped, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (m == MAP_FAILED) return nullptr;
+    if (m == MAP_FAILED) {
+        complain("mapping %zu bytes for a device allocation: %s", mapped, std::strerror(errno));
+        return nullptr;
+    }
     char* mapping = static_cast<char*>(m);
     if (mprotect(mapping + page, pages, PROT_READ | PROT_WRITE) != 0) {
+        complain("making a device allocation accessible: %s", std::strerror(errno));
         munmap(m, mapped);
         return nullptr;
     }
@@ -172,8 +179,18 @@ bool release(uintptr_t p) {
     return true;
 }
 
-// The kernel running now (one at a time process-wide), for the fault handler's message.
-std::atomic<const char*> running_kernel{nullptr};
+// What this thread is running for the device now (a kernel, a copy, a GEMM, an NCCL group),
+// for the fault handler's message. (Not initial-exec: a library loaded with dlopen has no room
+// for that. A thread that set it has its block already, so the handler's read allocates nothing.)
+thread_local const char* current_task = nullptr;
+
+void run_as(const char* what, const std::function<void()>& task) {
+    const char* before = current_task;
+    current_task = what;
+    task();
+    current_task = before;
+}
+
 struct sigaction previous_segv;
 
 // A fault inside one of the allocations' mappings is a kernel touching memory outside its
@@ -186,14 +203,13 @@ void on_segv(int sig, siginfo_t* info, void* context) {
     if (locked) {
         // The allocation (live, or freed and kept aside) whose mapping holds the address.
         auto report = [&](const Allocation& a, bool freed) {
-            const char* kernel = running_kernel.load();
+            const char* what = current_task ? current_task : "host code";
             char line[512];
             long offset = long(at) - long(a.start);
             int n = std::snprintf(line, sizeof line,
-                                  "[emulated cuda] error: %s%s touched byte %ld of the %zu-byte "
+                                  "[emulated cuda] error: %s touched byte %ld of the %zu-byte "
                                   "allocation at 0x%zx, %s\n",
-                                  kernel ? "kernel " : "", kernel ? kernel : "host code", offset,
-                                  a.bytes, size_t(a.start),
+                                  what, offset, a.bytes, size_t(a.start),
                                   freed ? "after it was freed" : "outside it");
             if (n > 0) (void)!write(2, line, size_t(std::min<int>(n, sizeof line - 1)));
             std::abort();
@@ -209,12 +225,12 @@ void on_segv(int sig, siginfo_t* info, void* context) {
         }
         memory_lock.unlock();
     }
-    if (previous_segv.sa_flags & SA_SIGINFO) {
-        previous_segv.sa_sigaction(sig, info, context);
-    } else if (previous_segv.sa_handler != SIG_IGN && previous_segv.sa_handler != SIG_DFL) {
-        previous_segv.sa_handler(sig);
-    } else {
+    if (previous_segv.sa_handler == SIG_DFL || previous_segv.sa_handler == SIG_IGN) {
         signal(sig, SIG_DFL);  // returning faults again, now fatally
+    } else if (previous_segv.sa_flags & SA_SIGINFO) {
+        previous_segv.sa_sigaction(sig, info, context);
+    } else {
+        previous_segv.sa_handler(sig);
     }
 }
 
@@ -233,6 +249,12 @@ bool inside(uintptr_t p, size_t bytes) {
     if (it == allocations.begin()) return false;
     --it;
     return p >= it->first && p + bytes <= it->first + it->second.bytes;
+}
+
+// Whether p is the start of a live device allocation (what may be freed).
+bool is_allocation(uintptr_t p) {
+    std::lock_guard<std::mutex> g(memory_lock);
+    return allocations.count(p) != 0;
 }
 
 bool check_range(const char* what, uintptr_t p, size_t bytes) {
@@ -280,7 +302,7 @@ struct Module {
 };
 
 struct Function {
-    std::string name;
+    std::string name, label;  // label: "kernel <name>"
     BindKernel bind;
     RunLaunch run;
 };
@@ -468,13 +490,13 @@ void drain_all() {
 }
 
 // Runs `task` on stream `s` in order, or at once after every stream's work when `s` is the
-// default stream (null).
-void enqueue(void* s, std::function<void()> task) {
+// default stream (null). `what` names it in a fault's message ("kernel x", "cuMemcpyDtoD").
+void enqueue(void* s, const char* what, std::function<void()> task) {
     if (s) {
-        static_cast<Stream*>(s)->push(std::move(task));
+        static_cast<Stream*>(s)->push([what, task = std::move(task)] { run_as(what, task); });
     } else {
         drain_all();
-        task();
+        run_as(what, task);
     }
 }
 
@@ -615,14 +637,14 @@ CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
         std::lock_guard<std::mutex> g(streams_lock);
         mark = static_cast<Event*>(e)->latest;  // the latest record when the wait is enqueued
     }
-    enqueue(s, [mark] {
+    enqueue(s, "cuStreamWaitEvent", [mark] {
         std::unique_lock<std::mutex> g(streams_lock);
         streams_moved.wait(g, [&] { return reached(mark); });
     });
     return CUDA_SUCCESS;
 }
 CUresult cuLaunchHostFunc(void* s, void (*f)(void*), void* data) {
-    enqueue(s, [f, data] { f(data); });
+    enqueue(s, "a host function", [f, data] { f(data); });
     return CUDA_SUCCESS;
 }
 
@@ -638,7 +660,7 @@ CUresult cuEventRecord(void* e, void* s) {
         std::lock_guard<std::mutex> g(streams_lock);
         static_cast<Event*>(e)->latest = mark;
     }
-    enqueue(s, [mark] {
+    enqueue(s, "cuEventRecord", [mark] {
         std::lock_guard<std::mutex> g(streams_lock);
         mark->at_ms = now_ms();
         mark->reached = true;
@@ -688,8 +710,8 @@ CUresult cuMemFree_v2(CUdeviceptr p) {
     return free_now(p);
 }
 CUresult cuMemFreeAsync(CUdeviceptr p, void* s) {
-    if (!inside(uintptr_t(p), 1)) return free_now(p);  // the error, at once
-    enqueue(s, [p] { free_now(p); });
+    if (!is_allocation(uintptr_t(p))) return free_now(p);  // the error, at once
+    enqueue(s, "cuMemFreeAsync", [p] { free_now(p); });
     return CUDA_SUCCESS;
 }
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
@@ -723,13 +745,13 @@ CUresult cuMemPoolTrimTo(void*, size_t) { return CUDA_SUCCESS; }
 // returns.
 CUresult cuMemsetD8Async(CUdeviceptr p, unsigned char v, size_t n, void* s) {
     if (!check_range("cuMemsetD8", uintptr_t(p), n)) return CUDA_ERROR_INVALID_VALUE;
-    enqueue(s, [=] { std::memset(reinterpret_cast<void*>(p), v, n); });
+    enqueue(s, "cuMemsetD8", [=] { std::memset(reinterpret_cast<void*>(p), v, n); });
     return CUDA_SUCCESS;
 }
 CUresult cuMemsetD8_v2(CUdeviceptr p, unsigned char v, size_t n) { return cuMemsetD8Async(p, v, n, nullptr); }
 CUresult cuMemsetD32Async(CUdeviceptr p, unsigned v, size_t n, void* s) {
     if (!check_range("cuMemsetD32", uintptr_t(p), n * 4)) return CUDA_ERROR_INVALID_VALUE;
-    enqueue(s, [=] {
+    enqueue(s, "cuMemsetD32", [=] {
         auto* w = reinterpret_cast<unsigned*>(p);
         for (size_t i = 0; i < n; i++) w[i] = v;
     });
@@ -740,13 +762,13 @@ CUresult cuMemsetD32_v2(CUdeviceptr p, unsigned v, size_t n) { return cuMemsetD3
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, void* s) {
     if (!check_range("cuMemcpyHtoD destination", uintptr_t(dst), n)) return CUDA_ERROR_INVALID_VALUE;
     auto data = std::make_shared<std::vector<char>>(static_cast<const char*>(src), static_cast<const char*>(src) + n);
-    enqueue(s, [dst, data] { std::memcpy(reinterpret_cast<void*>(dst), data->data(), data->size()); });
+    enqueue(s, "cuMemcpyHtoD", [dst, data] { std::memcpy(reinterpret_cast<void*>(dst), data->data(), data->size()); });
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) { return cuMemcpyHtoDAsync_v2(dst, src, n, nullptr); }
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, void* s) {
     if (!check_range("cuMemcpyDtoH source", uintptr_t(src), n)) return CUDA_ERROR_INVALID_VALUE;
-    enqueue(s, [=] { std::memcpy(dst, reinterpret_cast<void*>(src), n); });
+    enqueue(s, "cuMemcpyDtoH", [=] { std::memcpy(dst, reinterpret_cast<void*>(src), n); });
     if (s && !is_pinned(dst)) static_cast<Stream*>(s)->drain();
     return CUDA_SUCCESS;
 }
@@ -755,7 +777,7 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, void* 
     if (!check_range("cuMemcpyDtoD destination", uintptr_t(dst), n) ||
         !check_range("cuMemcpyDtoD source", uintptr_t(src), n))
         return CUDA_ERROR_INVALID_VALUE;
-    enqueue(s, [=] { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n); });
+    enqueue(s, "cuMemcpyDtoD", [=] { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<void*>(src), n); });
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) { return cuMemcpyDtoDAsync_v2(dst, src, n, nullptr); }
@@ -796,7 +818,7 @@ CUresult cuModuleGetFunction(void** f, void* module, const char* name) {
     auto* m = static_cast<Module*>(module);
     BindKernel bind = m->find(name);
     if (!bind) return CUDA_ERROR_NOT_FOUND;
-    *f = new Function{name, bind, m->run};
+    *f = new Function{name, std::string("kernel ") + name, bind, m->run};
     return CUDA_SUCCESS;
 }
 CUresult cuFuncGetAttribute(int* v, int attribute, void*) {
@@ -823,12 +845,9 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     trace("launch %s grid (%u, %u) block (%u, %u) shared %u", fn->name.c_str(), gx, gy, bx, by, shared);
     void* bound = fn->bind(gx, gy, bx, by, shared, params);
     RunLaunch run = fn->run;
-    const char* name = fn->name.c_str();  // the function lives as long as its module
-    enqueue(stream, [run, bound, name] {
+    enqueue(stream, fn->label.c_str(), [run, bound] {  // functions are never freed
         std::lock_guard<std::mutex> g(launch_lock);
-        running_kernel = name;
         run(bound);
-        running_kernel = nullptr;
     });
     return CUDA_SUCCESS;
 }
@@ -934,7 +953,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(void* handle, int ta, int tb, int m, i
         !check_range("GEMM operand C", uintptr_t(C), span(sc, batch, ldc, m, n) * ec))
         return 7;
     float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-    enqueue(static_cast<Blas*>(handle)->stream, [=] {
+    enqueue(static_cast<Blas*>(handle)->stream, "cublasGemmStridedBatchedEx", [=] {
     for (int b = 0; b < batch; b++)
         for (int j = 0; j < n; j++)
             for (int i = 0; i < m; i++) {
@@ -1124,7 +1143,7 @@ static ncclResult_t enqueue_group(std::vector<std::pair<Comm*, Pending>> ops) {
     for (auto& [c, op] : ops)
         if (c->aborted) return 2;
     void* stream = ops.front().second.stream;
-    enqueue(stream, [ops]() mutable {
+    enqueue(stream, "an NCCL group", [ops]() mutable {
         if (run_group(ops) != 0)
             for (auto& entry : ops) entry.first->failed = true;
     });

@@ -6,9 +6,9 @@
 //
 //     overrun inside   # fills the buffer, prints "inside: ok", exits 0
 //     overrun past     # writes one float past the end: the process aborts
-//     overrun freed    # a second stream frees the buffer while the kernel's stream is held
-//                      # up: the kernel then writes into freed memory, and the process aborts
-#include <chrono>
+//     overrun freed    # a second stream frees the buffer while the kernel's stream waits for
+//                      # it to: the kernel then writes into freed memory, and the process aborts
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <thread>
@@ -42,8 +42,11 @@ extern "C" __global__ void fill_index(float* out, unsigned n) {
 }
 )";
 
-// Holds up the stream it is enqueued on.
-static void pause_stream(void*) { std::this_thread::sleep_for(std::chrono::milliseconds(200)); }
+// Host functions: the first holds up its stream until the second has run on another.
+static void wait_for(void* flag) {
+    while (!static_cast<std::atomic<bool>*>(flag)->load()) std::this_thread::yield();
+}
+static void raise_flag(void* flag) { static_cast<std::atomic<bool>*>(flag)->store(true); }
 
 static int fail(const char* what, int code) {
     std::fprintf(stderr, "%s failed: %d\n", what, code);
@@ -74,12 +77,14 @@ int main(int argc, char** argv) {
     unsigned n = past ? floats + 1 : floats;
     void* args[] = {&buffer, &n};
     void *stream = nullptr, *other = nullptr;
+    std::atomic<bool> freed_first{false};
     if (freed && ((r = cuStreamCreate(&stream, 0)) || (r = cuStreamCreate(&other, 0)) ||
-                  (r = cuLaunchHostFunc(stream, pause_stream, nullptr))))
+                  (r = cuLaunchHostFunc(stream, wait_for, &freed_first))))
         return fail("streams", r);
     if ((r = cuLaunchKernel(kernel, 5, 1, 1, 256, 1, 1, 0, stream, args, nullptr))) return fail("launch", r);
     // Nothing orders this free after the kernel: a GPU may run it first, and here it does.
-    if (freed && (r = cuMemFreeAsync(buffer, other))) return fail("cuMemFreeAsync", r);
+    if (freed && ((r = cuMemFreeAsync(buffer, other)) || (r = cuLaunchHostFunc(other, raise_flag, &freed_first))))
+        return fail("cuMemFreeAsync", r);
     if ((r = cuCtxSynchronize())) return fail("synchronize", r);
     float host[floats];
     if ((r = cuMemcpyDtoH_v2(host, buffer, sizeof host))) return fail("cuMemcpyDtoH", r);
