@@ -4,8 +4,9 @@
 //! `cuda/cpu-check/emulate.h`). Four stages share the one emulated GPU and hand tensors over as
 //! device buffers. The losses are the reference backend's, and every rank's peak memory is what
 //! `--dry-run` predicts for CUDA, in f32 and in bf16 (tensor-core attention). And every kernel
-//! on its own against float64 oracles (`scripts/cuda-cpu-check.sh`). Skipped, with the reason,
-//! where g++ is missing.
+//! on its own against float64 oracles (`scripts/cuda-cpu-check.sh`), and the emulation's memory
+//! checks (`cuda/cpu-check/overrun.cpp`): a kernel writing past its buffer, or into one freed
+//! first, is stopped and named. Skipped, with the reason, where g++ is missing.
 
 mod common;
 
@@ -164,21 +165,16 @@ fn a_kernel_outside_its_buffer_or_after_its_free_is_stopped_and_named() {
     ok(&inside);
     assert_eq!(String::from_utf8_lossy(&inside.stdout), "inside: ok\n");
 
-    for (mode, says) in [
-        (
-            "past",
-            "kernel fill_index touched byte 4096 of the 4096-byte allocation at ",
-        ),
-        (
-            "freed",
-            "kernel fill_index touched byte 0 of the 4096-byte allocation at ",
-        ),
+    let at = "kernel fill_index touched byte";
+    for (mode, byte, why) in [
+        ("past", "4096", "outside it"),
+        ("freed", "0", "after it was freed"),
     ] {
         let out = run(mode);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{mode}: went unseen: {err}");
-        assert!(err.contains(says), "{mode}: {err}");
-        let why = if mode == "past" { "outside it" } else { "after it was freed" };
+        let says = format!("{at} {byte} of the 4096-byte allocation at ");
+        assert!(err.contains(&says), "{mode}: {err}");
         assert!(err.contains(why), "{mode}: {err}");
         assert!(out.stdout.is_empty(), "{mode}: it ran on after the fault");
     }
