@@ -5,6 +5,10 @@
 // context switch, not an OS thread's wake-up. __shared__ arrays are statics, shared by the
 // block running; warp shuffles go through a per-warp exchange buffer. A barrier that some
 // threads never reach is reported and aborts instead of hanging.
+// PIPIT_EMULATED_CUDA_ORDER=reverse runs the blocks, and between two barriers the threads of a
+// block, last first; =shuffle in an order drawn afresh for each block (seeded, so a run
+// repeats). Results that change with the order show a missing barrier: a thread reading what
+// another writes, in shared or global memory, before both have passed one.
 // Slow, and blind to timing, occupancy and memory-model effects: a check of arithmetic,
 // indexing and synchronisation, not a substitute for the GPU.
 #include <algorithm>
@@ -14,6 +18,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <vector>
 #if !defined(__x86_64__)
 #include <ucontext.h>
@@ -66,6 +72,8 @@ struct EmuScheduler {
     std::unique_ptr<char[]> stacks;
     size_t stack_count = 0;
     EmuFiber main;  // the launching thread, resumed when every fiber is done
+    std::vector<unsigned> order;  // the threads in the order they run between barriers
+    unsigned pos = 0;             // the running thread's place in `order`; ~0u: the launcher
     unsigned current = 0, live = 0;
     unsigned long long progress = 0;  // arrivals at barriers and fibers finished
     unsigned long long progress_at_round = 0;
@@ -80,21 +88,21 @@ inline void emu_jump(EmuFiber& from, EmuFiber& to) {
     swapcontext(&from.ctx, &to.ctx);
 #endif
 }
-// Switches from the running fiber straight to the next one not done, in thread order,
+// Switches from the running fiber straight to the next one not done, in the block's order,
 // wrapping round; back to the launching thread once none is left. A whole round in which no
 // fiber arrived at a barrier or finished means the rest wait for threads that will never
 // come: that is reported, and aborts.
 inline void emu_yield() {
     EmuScheduler& s = emu_sched();
-    EmuFiber& from = s.current == ~0u ? s.main : s.fibers[s.current];
+    EmuFiber& from = s.pos == ~0u ? s.main : s.fibers[s.current];
     if (s.live == 0) {
         emu_jump(from, s.main);
         return;
     }
-    unsigned n = s.fibers.size(), t = s.current;
+    unsigned n = s.fibers.size(), pos = s.pos;
     do {
-        t = t + 1 == n ? 0 : t + 1;
-        if (t == 0) {
+        pos = pos == ~0u || pos + 1 == n ? 0 : pos + 1;
+        if (pos == 0) {
             if (s.progress == s.progress_at_round) {
                 std::fprintf(stderr, "emulated CUDA: block (%u, %u): %u threads wait at a barrier the others never reach\n",
                              blockIdx.x, blockIdx.y, s.live);
@@ -102,13 +110,15 @@ inline void emu_yield() {
             }
             s.progress_at_round = s.progress;
         }
-    } while (s.fibers[t].done);
-    if (t == s.current) {
+    } while (s.fibers[s.order[pos]].done);
+    unsigned t = s.order[pos];
+    if (pos == s.pos) {
         // The one fiber left waits at a barrier: nobody else can complete it.
         std::fprintf(stderr, "emulated CUDA: block (%u, %u): thread %u waits at a barrier the others never reach\n",
                      blockIdx.x, blockIdx.y, t);
         std::abort();
     }
+    s.pos = pos;
     s.current = t;
     threadIdx.x = t % blockDim.x;
     threadIdx.y = t / blockDim.x;
@@ -123,6 +133,19 @@ inline void emu_yield() {
     emu_yield();
     std::abort();  // a finished fiber is never resumed
 }
+// The order PIPIT_EMULATED_CUDA_ORDER asks for: 0 forward (the default), 1 reverse, 2 shuffle.
+inline int emu_order_kind() {
+    static int kind = [] {
+        const char* v = std::getenv("PIPIT_EMULATED_CUDA_ORDER");
+        if (!v || !*v || std::strcmp(v, "forward") == 0) return 0;
+        if (std::strcmp(v, "reverse") == 0) return 1;
+        if (std::strcmp(v, "shuffle") == 0) return 2;
+        std::fprintf(stderr, "PIPIT_EMULATED_CUDA_ORDER must be forward, reverse or shuffle, got %s\n", v);
+        std::abort();
+    }();
+    return kind;
+}
+std::mt19937 emu_rng(20261129);
 // Runs `body` once per CUDA thread of one block of `n` threads, each a fiber switching at
 // barriers.
 inline void emu_run_block(unsigned n, const std::function<void()>& body) {
@@ -153,8 +176,12 @@ inline void emu_run_block(unsigned n, const std::function<void()>& body) {
         makecontext(&f.ctx, (void (*)())emu_fiber_main, 0);
 #endif
     }
+    s.order.resize(n);
+    std::iota(s.order.begin(), s.order.end(), 0u);
+    if (emu_order_kind() == 1) std::reverse(s.order.begin(), s.order.end());
+    if (emu_order_kind() == 2) std::shuffle(s.order.begin(), s.order.end(), emu_rng);
     s.live = n;
-    s.current = ~0u;  // the launching thread; its first yield starts fiber 0
+    s.pos = ~0u;  // the launching thread; its first yield starts the order's first fiber
     s.progress_at_round = s.progress - 1;
     emu_yield();
 }
@@ -230,15 +257,24 @@ template <class F, class... A>
 void launch(dim3 grid, dim3 block, unsigned shared, F f, A... args) {
     gridDim = grid; blockDim = block;
     unsigned n = block.x * block.y;
-    emu_dyn.assign(shared / 4 + 1, NAN);
-    emu_dyn_shared = emu_dyn.data();
     emu_block_barrier = EmuBarrier{n};
     emu_warp_barriers.assign((n + 31) / 32, EmuBarrier{});
     for (unsigned w = 0; w < emu_warp_barriers.size(); w++) emu_warp_barriers[w].expected = std::min(32u, n - w * 32);
     std::function<void()> body = [&] { f(args...); };
-    for (unsigned by = 0; by < grid.y; by++)
-        for (unsigned bx = 0; bx < grid.x; bx++) {
-            blockIdx.x = bx; blockIdx.y = by;
-            emu_run_block(n, body);
-        }
+    unsigned long long count = (unsigned long long)grid.x * grid.y;
+    std::vector<unsigned long long> shuffled;
+    if (emu_order_kind() == 2) {
+        shuffled.resize(count);
+        std::iota(shuffled.begin(), shuffled.end(), 0ull);
+        std::shuffle(shuffled.begin(), shuffled.end(), emu_rng);
+    }
+    for (unsigned long long i = 0; i < count; i++) {
+        unsigned long long b = emu_order_kind() == 0 ? i : emu_order_kind() == 1 ? count - 1 - i : shuffled[i];
+        blockIdx.x = unsigned(b % grid.x);
+        blockIdx.y = unsigned(b / grid.x);
+        // Each block finds its dynamic shared memory as NaN, not as the last block left it.
+        emu_dyn.assign(shared / 4 + 1, NAN);
+        emu_dyn_shared = emu_dyn.data();
+        emu_run_block(n, body);
+    }
 }
