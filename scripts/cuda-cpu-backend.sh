@@ -7,7 +7,8 @@
 # backend's own tests and the NCCL transport, backend conformance, pipeline equivalence, and
 # the launched multi-process run (on one emulated GPU, where NCCL must refuse two ranks, and on
 # two, where the ranks' tensors go over NCCL). Needs g++ with C++20 and about 2 minutes on 2
-# cores. PIPIT_EMULATED_GPUS=N makes the emulation show N GPUs.
+# cores. PIPIT_EMULATED_GPUS=N makes the emulation show N GPUs; PIPIT_EMULATED_CUDA_ORDER=reverse
+# or shuffle runs the kernels' blocks and threads in another order (cuda/cpu-check/emulate.h).
 #
 #     scripts/cuda-cpu-backend.sh                 # every CUDA case
 #     scripts/cuda-cpu-backend.sh -- CMD [ARG..]  # any command on the emulated libraries, e.g.

@@ -5,10 +5,13 @@
 // context switch, not an OS thread's wake-up. __shared__ arrays are statics, shared by the
 // block running; warp shuffles go through a per-warp exchange buffer. A barrier that some
 // threads never reach is reported and aborts instead of hanging.
-// PIPIT_EMULATED_CUDA_ORDER=reverse runs the blocks, and between two barriers the threads of a
-// block, last first; =shuffle in an order drawn afresh for each block (seeded, so a run
-// repeats). Results that change with the order show a missing barrier: a thread reading what
-// another writes, in shared or global memory, before both have passed one.
+// PIPIT_EMULATED_CUDA_ORDER=reverse runs the blocks last first, and in each block the warps
+// last first, each as far as it can go (to a __syncthreads or its end) before the next one
+// starts, its lanes last first between warp barriers; =shuffle does the same in orders drawn
+// afresh for each block (seeded, so a run repeats). By default blocks, and threads between
+// barriers, run first to last, so warps move in step. Results that change with the order show
+// a missing barrier: a thread reading what another writes, in shared or global memory, before
+// both have passed one; a warp running ahead of the others finds one between warps.
 // Slow, and blind to timing, occupancy and memory-model effects: a check of arithmetic,
 // indexing and synchronisation, not a substitute for the GPU.
 #include <algorithm>
@@ -59,6 +62,7 @@ emu_switch:
 #endif
 struct EmuFiber {
     bool done = false;
+    unsigned long long block_wait = ~0ull;  // the __syncthreads phase it waits in, if any
 #if defined(__x86_64__)
     void* sp = nullptr;
 #else
@@ -72,8 +76,14 @@ struct EmuScheduler {
     std::unique_ptr<char[]> stacks;
     size_t stack_count = 0;
     EmuFiber main;  // the launching thread, resumed when every fiber is done
-    std::vector<unsigned> order;  // the threads in the order they run between barriers
-    unsigned pos = 0;             // the running thread's place in `order`; ~0u: the launcher
+    // Warp by warp (PIPIT_EMULATED_CUDA_ORDER=reverse or shuffle): the warps in the order they
+    // run, each warp's threads in theirs, and the running thread's place in both.
+    bool by_warps = false;
+    std::vector<unsigned> warp_order;
+    std::vector<std::vector<unsigned>> lane_order;
+    unsigned warp_pos = 0, lane_pos = 0;
+    const unsigned long long* block_phase = nullptr;  // the __syncthreads barrier's phase
+    bool started = false;  // whether a fiber runs (else the launching thread does)
     unsigned current = 0, live = 0;
     unsigned long long progress = 0;  // arrivals at barriers and fibers finished
     unsigned long long progress_at_round = 0;
@@ -88,41 +98,90 @@ inline void emu_jump(EmuFiber& from, EmuFiber& to) {
     swapcontext(&from.ctx, &to.ctx);
 #endif
 }
-// Switches from the running fiber straight to the next one not done, in the block's order,
-// wrapping round; back to the launching thread once none is left. A whole round in which no
-// fiber arrived at a barrier or finished means the rest wait for threads that will never
-// come: that is reported, and aborts.
-inline void emu_yield() {
+[[noreturn]] inline void emu_deadlock(const char* who) {
+    std::fprintf(stderr, "emulated CUDA: block (%u, %u): %s wait at a barrier the others never reach\n",
+                 blockIdx.x, blockIdx.y, who);
+    std::abort();
+}
+inline void emu_resume(EmuFiber& from, unsigned t) {
     EmuScheduler& s = emu_sched();
-    EmuFiber& from = s.pos == ~0u ? s.main : s.fibers[s.current];
-    if (s.live == 0) {
-        emu_jump(from, s.main);
-        return;
-    }
-    unsigned n = s.fibers.size(), pos = s.pos;
-    do {
-        pos = pos == ~0u || pos + 1 == n ? 0 : pos + 1;
-        if (pos == 0) {
-            if (s.progress == s.progress_at_round) {
-                std::fprintf(stderr, "emulated CUDA: block (%u, %u): %u threads wait at a barrier the others never reach\n",
-                             blockIdx.x, blockIdx.y, s.live);
-                std::abort();
-            }
-            s.progress_at_round = s.progress;
-        }
-    } while (s.fibers[s.order[pos]].done);
-    unsigned t = s.order[pos];
-    if (pos == s.pos) {
-        // The one fiber left waits at a barrier: nobody else can complete it.
-        std::fprintf(stderr, "emulated CUDA: block (%u, %u): thread %u waits at a barrier the others never reach\n",
-                     blockIdx.x, blockIdx.y, t);
-        std::abort();
-    }
-    s.pos = pos;
+    s.started = true;
     s.current = t;
     threadIdx.x = t % blockDim.x;
     threadIdx.y = t / blockDim.x;
     emu_jump(from, s.fibers[t]);
+}
+// Thread by thread: switches from the running fiber straight to the next one not done, in
+// thread order, wrapping round. A whole round in which no fiber arrived at a barrier or
+// finished means the rest wait for threads that will never come: that is reported, and aborts.
+inline void emu_next_thread(EmuFiber& from) {
+    EmuScheduler& s = emu_sched();
+    unsigned n = s.fibers.size(), t = s.current;
+    do {
+        t = !s.started || t + 1 == n ? 0 : t + 1;
+        if (t == 0) {
+            if (s.progress == s.progress_at_round) emu_deadlock("threads");
+            s.progress_at_round = s.progress;
+        }
+    } while (s.fibers[t].done);
+    // The one fiber left waits at a barrier: nobody else can complete it.
+    if (s.started && t == s.current) emu_deadlock("a thread");
+    emu_resume(from, t);
+}
+// Warp by warp: the running warp's next lane that can run (not done, not waiting at
+// __syncthreads), wrapping round its lanes; once none can, the first lane that can of the next
+// warp. A round of a warp's lanes without progress means lanes wait at a warp barrier for
+// lanes gone to __syncthreads or finished; no lane able to run anywhere means the rest wait at
+// __syncthreads for threads that have finished. Both are reported, and abort.
+inline void emu_next_warp(EmuFiber& from) {
+    EmuScheduler& s = emu_sched();
+    auto can_run = [&](unsigned t) {
+        const EmuFiber& f = s.fibers[t];
+        return !f.done && f.block_wait != *s.block_phase;
+    };
+    if (s.started) {
+        const std::vector<unsigned>& lanes = s.lane_order[s.warp_order[s.warp_pos]];
+        unsigned m = lanes.size();
+        for (unsigned k = 1; k <= m; k++) {
+            unsigned l = (s.lane_pos + k) % m;
+            if (l == 0) {
+                if (s.progress == s.progress_at_round) emu_deadlock("lanes of a warp");
+                s.progress_at_round = s.progress;
+            }
+            if (can_run(lanes[l])) {
+                s.lane_pos = l;
+                emu_resume(from, lanes[l]);
+                return;
+            }
+        }
+    }
+    unsigned warps = s.warp_order.size();
+    for (unsigned k = 0; k < warps; k++) {
+        unsigned w = s.started ? (s.warp_pos + 1 + k) % warps : k;
+        const std::vector<unsigned>& lanes = s.lane_order[s.warp_order[w]];
+        for (unsigned l = 0; l < lanes.size(); l++) {
+            if (can_run(lanes[l])) {
+                s.warp_pos = w;
+                s.lane_pos = l;
+                s.progress_at_round = s.progress - 1;
+                emu_resume(from, lanes[l]);
+                return;
+            }
+        }
+    }
+    emu_deadlock("threads");
+}
+// Leaves the running fiber for the next one, or for the launching thread once none is left.
+inline void emu_yield() {
+    EmuScheduler& s = emu_sched();
+    EmuFiber& from = s.started ? s.fibers[s.current] : s.main;
+    if (s.live == 0) {
+        emu_jump(from, s.main);
+    } else if (s.by_warps) {
+        emu_next_warp(from);
+    } else {
+        emu_next_thread(from);
+    }
 }
 [[noreturn]] inline void emu_fiber_main() {
     EmuScheduler& s = emu_sched();
@@ -176,28 +235,47 @@ inline void emu_run_block(unsigned n, const std::function<void()>& body) {
         makecontext(&f.ctx, (void (*)())emu_fiber_main, 0);
 #endif
     }
-    s.order.resize(n);
-    std::iota(s.order.begin(), s.order.end(), 0u);
-    if (emu_order_kind() == 1) std::reverse(s.order.begin(), s.order.end());
-    if (emu_order_kind() == 2) std::shuffle(s.order.begin(), s.order.end(), emu_rng);
+    s.by_warps = emu_order_kind() != 0;
+    if (s.by_warps) {
+        unsigned warps = (n + 31) / 32;
+        s.warp_order.resize(warps);
+        std::iota(s.warp_order.begin(), s.warp_order.end(), 0u);
+        s.lane_order.resize(warps);
+        for (unsigned w = 0; w < warps; w++) {
+            s.lane_order[w].resize(std::min(32u, n - w * 32));
+            std::iota(s.lane_order[w].begin(), s.lane_order[w].end(), w * 32);
+        }
+        auto arrange = [](auto& v) {
+            if (emu_order_kind() == 1) std::reverse(v.begin(), v.end());
+            else std::shuffle(v.begin(), v.end(), emu_rng);
+        };
+        arrange(s.warp_order);
+        for (auto& lanes : s.lane_order) arrange(lanes);
+    }
     s.live = n;
-    s.pos = ~0u;  // the launching thread; its first yield starts the order's first fiber
+    s.started = false;  // the launching thread; its first yield starts the first fiber
     s.progress_at_round = s.progress - 1;
     emu_yield();
 }
-// A barrier among `expected` fibers of the running block.
+// A barrier among `expected` fibers of the running block: the block's __syncthreads, or a
+// warp's (its shuffles and mma.sync).
 struct EmuBarrier {
     unsigned expected = 0, arrived = 0;
     unsigned long long phase = 0;
+    bool whole_block = false;
     void arrive_and_wait() {
+        EmuScheduler& s = emu_sched();
         unsigned long long mine = phase;
-        emu_sched().progress++;
+        s.progress++;
         if (++arrived == expected) {
             arrived = 0;
             phase++;
             return;
         }
+        EmuFiber& me = s.fibers[s.current];
+        if (whole_block) me.block_wait = mine;
         while (phase == mine) emu_yield();
+        me.block_wait = ~0ull;
     }
 };
 EmuBarrier emu_block_barrier;
@@ -257,7 +335,8 @@ template <class F, class... A>
 void launch(dim3 grid, dim3 block, unsigned shared, F f, A... args) {
     gridDim = grid; blockDim = block;
     unsigned n = block.x * block.y;
-    emu_block_barrier = EmuBarrier{n};
+    emu_block_barrier = EmuBarrier{n, 0, 0, true};
+    emu_sched().block_phase = &emu_block_barrier.phase;
     emu_warp_barriers.assign((n + 31) / 32, EmuBarrier{});
     for (unsigned w = 0; w < emu_warp_barriers.size(); w++) emu_warp_barriers[w].expected = std::min(32u, n - w * 32);
     std::function<void()> body = [&] { f(args...); };
