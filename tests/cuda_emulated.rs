@@ -6,7 +6,9 @@
 //! `--dry-run` predicts for CUDA, in f32 and in bf16 (tensor-core attention). And every kernel
 //! on its own against float64 oracles (`scripts/cuda-cpu-check.sh`), and the emulation's memory
 //! checks (`cuda/cpu-check/overrun.cpp`): a kernel writing past its buffer, or into one freed
-//! first, is stopped and named. Skipped, with the reason, where g++ is missing.
+//! first, is stopped and named; and its barrier checks (`cuda/cpu-check/hazards.cpp`): a
+//! missing barrier gives wrong results in the warp-by-warp orders, and a deadlocked one stops.
+//! Skipped, with the reason, where g++ is missing.
 
 mod common;
 
@@ -178,5 +180,51 @@ fn a_kernel_outside_its_buffer_or_after_its_free_is_stopped_and_named() {
         assert!(err.contains(&says), "{mode}: {err}");
         assert!(err.contains(why), "{mode}: {err}");
         assert!(out.stdout.is_empty(), "{mode}: it ran on after the fault");
+    }
+}
+
+#[test]
+fn the_kernel_emulation_shows_missing_barriers_and_deadlocks() {
+    if !have_gxx() {
+        return;
+    }
+    let root = env!("CARGO_MANIFEST_DIR");
+    let exe = scratch("cuda-emulated", "hazards").join("hazards");
+    ok(&Command::new("g++")
+        .args(["-std=c++20", "-O1", "-o"])
+        .arg(&exe)
+        .arg(format!("-I{root}/cuda/cpu-check"))
+        .arg(format!("{root}/cuda/cpu-check/hazards.cpp"))
+        .output()
+        .expect("g++ runs"));
+    let run = |case: &str, order: &str| {
+        Command::new(&exe)
+            .arg(case)
+            .env("PIPIT_EMULATED_CUDA_ORDER", order)
+            .output()
+            .expect("runs")
+    };
+    // Races: the warp-by-warp orders must show them (the forward one moves warps in step and
+    // may hide them).
+    for case in ["neighbour", "between-warps"] {
+        for order in ["reverse", "shuffle"] {
+            let out = run(case, order);
+            ok(&out);
+            let said = String::from_utf8_lossy(&out.stdout);
+            let wrong: u32 = said.split_whitespace().next().unwrap().parse().unwrap();
+            assert!(wrong > 0, "{case} in the {order} order went unseen: {said}");
+        }
+    }
+    // Deadlocks: every order must stop them with a line, not hang.
+    for case in ["early-exit", "shuffle-short"] {
+        for order in ["forward", "reverse", "shuffle"] {
+            let out = run(case, order);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{case} in the {order} order: {err}");
+            assert!(
+                err.contains("wait at a barrier the others never reach"),
+                "{case} in the {order} order: {err}"
+            );
+        }
     }
 }
