@@ -74,6 +74,22 @@ fn have_gxx() -> bool {
     here
 }
 
+/// `cuda/cpu-check/NAME.cpp` built with g++ (and `extra` arguments) into a scratch folder.
+fn build_check(name: &str, extra: &[&str]) -> std::path::PathBuf {
+    let exe = scratch("cuda-emulated", name).join(name);
+    ok(&Command::new("g++")
+        .args(["-std=c++20", "-O1", "-o"])
+        .arg(&exe)
+        .arg(format!(
+            "{}/cuda/cpu-check/{name}.cpp",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .args(extra)
+        .output()
+        .expect("g++ runs"));
+    exe
+}
+
 #[test]
 fn every_cuda_kernel_matches_its_oracle() {
     if !have_gxx() {
@@ -150,18 +166,11 @@ fn a_kernel_outside_its_buffer_or_after_its_free_is_stopped_and_named() {
     }
     // Builds the emulated libraries if needed, then the driver program against them.
     ok(&on_emulated_libraries("true".as_ref(), &[]));
-    let root = env!("CARGO_MANIFEST_DIR");
-    let lib = format!("{root}/target/emulated-cuda");
-    let exe = scratch("cuda-emulated", "overrun").join("overrun");
-    ok(&Command::new("g++")
-        .args(["-std=c++20", "-O1", "-o"])
-        .arg(&exe)
-        .arg(format!("{root}/cuda/cpu-check/overrun.cpp"))
-        .arg(format!("-L{lib}"))
-        .arg("-lcuda")
-        .arg(format!("-Wl,-rpath,{lib}"))
-        .output()
-        .expect("g++ runs"));
+    let lib = concat!(env!("CARGO_MANIFEST_DIR"), "/target/emulated-cuda");
+    let exe = build_check(
+        "overrun",
+        &[&format!("-L{lib}"), "-lcuda", &format!("-Wl,-rpath,{lib}")],
+    );
     let run = |mode: &str| Command::new(&exe).arg(mode).output().expect("runs");
 
     let inside = run("inside");
@@ -188,15 +197,10 @@ fn the_kernel_emulation_shows_missing_barriers_and_deadlocks() {
     if !have_gxx() {
         return;
     }
-    let root = env!("CARGO_MANIFEST_DIR");
-    let exe = scratch("cuda-emulated", "hazards").join("hazards");
-    ok(&Command::new("g++")
-        .args(["-std=c++20", "-O1", "-o"])
-        .arg(&exe)
-        .arg(format!("-I{root}/cuda/cpu-check"))
-        .arg(format!("{root}/cuda/cpu-check/hazards.cpp"))
-        .output()
-        .expect("g++ runs"));
+    let exe = build_check(
+        "hazards",
+        &[concat!("-I", env!("CARGO_MANIFEST_DIR"), "/cuda/cpu-check")],
+    );
     let run = |case: &str, order: &str| {
         Command::new(&exe)
             .arg(case)
