@@ -78,7 +78,6 @@ struct EmuScheduler {
     EmuFiber main;  // the launching thread, resumed when every fiber is done
     // Warp by warp (PIPIT_EMULATED_CUDA_ORDER=reverse or shuffle): the warps in the order they
     // run, each warp's threads in theirs, and the running thread's place in both.
-    bool by_warps = false;
     std::vector<unsigned> warp_order;
     std::vector<std::vector<unsigned>> lane_order;
     unsigned warp_pos = 0, lane_pos = 0;
@@ -98,6 +97,20 @@ inline void emu_jump(EmuFiber& from, EmuFiber& to) {
     swapcontext(&from.ctx, &to.ctx);
 #endif
 }
+// The order of blocks and threads PIPIT_EMULATED_CUDA_ORDER asks for (forward by default).
+enum class EmuOrder { forward, reverse, shuffle };
+inline EmuOrder emu_order() {
+    static EmuOrder order = [] {
+        const char* v = std::getenv("PIPIT_EMULATED_CUDA_ORDER");
+        if (!v || !*v || std::strcmp(v, "forward") == 0) return EmuOrder::forward;
+        if (std::strcmp(v, "reverse") == 0) return EmuOrder::reverse;
+        if (std::strcmp(v, "shuffle") == 0) return EmuOrder::shuffle;
+        std::fprintf(stderr, "PIPIT_EMULATED_CUDA_ORDER must be forward, reverse or shuffle, got %s\n", v);
+        std::abort();
+    }();
+    return order;
+}
+std::mt19937 emu_rng(20261129);
 [[noreturn]] inline void emu_deadlock(const char* who) {
     std::fprintf(stderr, "emulated CUDA: block (%u, %u): %s wait at a barrier the others never reach\n",
                  blockIdx.x, blockIdx.y, who);
@@ -177,7 +190,7 @@ inline void emu_yield() {
     EmuFiber& from = s.started ? s.fibers[s.current] : s.main;
     if (s.live == 0) {
         emu_jump(from, s.main);
-    } else if (s.by_warps) {
+    } else if (emu_order() != EmuOrder::forward) {
         emu_next_warp(from);
     } else {
         emu_next_thread(from);
@@ -192,19 +205,6 @@ inline void emu_yield() {
     emu_yield();
     std::abort();  // a finished fiber is never resumed
 }
-// The order PIPIT_EMULATED_CUDA_ORDER asks for: 0 forward (the default), 1 reverse, 2 shuffle.
-inline int emu_order_kind() {
-    static int kind = [] {
-        const char* v = std::getenv("PIPIT_EMULATED_CUDA_ORDER");
-        if (!v || !*v || std::strcmp(v, "forward") == 0) return 0;
-        if (std::strcmp(v, "reverse") == 0) return 1;
-        if (std::strcmp(v, "shuffle") == 0) return 2;
-        std::fprintf(stderr, "PIPIT_EMULATED_CUDA_ORDER must be forward, reverse or shuffle, got %s\n", v);
-        std::abort();
-    }();
-    return kind;
-}
-std::mt19937 emu_rng(20261129);
 // Runs `body` once per CUDA thread of one block of `n` threads, each a fiber switching at
 // barriers.
 inline void emu_run_block(unsigned n, const std::function<void()>& body) {
@@ -235,8 +235,7 @@ inline void emu_run_block(unsigned n, const std::function<void()>& body) {
         makecontext(&f.ctx, (void (*)())emu_fiber_main, 0);
 #endif
     }
-    s.by_warps = emu_order_kind() != 0;
-    if (s.by_warps) {
+    if (emu_order() != EmuOrder::forward) {
         unsigned warps = (n + 31) / 32;
         s.warp_order.resize(warps);
         std::iota(s.warp_order.begin(), s.warp_order.end(), 0u);
@@ -246,7 +245,7 @@ inline void emu_run_block(unsigned n, const std::function<void()>& body) {
             std::iota(s.lane_order[w].begin(), s.lane_order[w].end(), w * 32);
         }
         auto arrange = [](auto& v) {
-            if (emu_order_kind() == 1) std::reverse(v.begin(), v.end());
+            if (emu_order() == EmuOrder::reverse) std::reverse(v.begin(), v.end());
             else std::shuffle(v.begin(), v.end(), emu_rng);
         };
         arrange(s.warp_order);
@@ -342,13 +341,15 @@ void launch(dim3 grid, dim3 block, unsigned shared, F f, A... args) {
     std::function<void()> body = [&] { f(args...); };
     unsigned long long count = (unsigned long long)grid.x * grid.y;
     std::vector<unsigned long long> shuffled;
-    if (emu_order_kind() == 2) {
+    if (emu_order() == EmuOrder::shuffle) {
         shuffled.resize(count);
         std::iota(shuffled.begin(), shuffled.end(), 0ull);
         std::shuffle(shuffled.begin(), shuffled.end(), emu_rng);
     }
     for (unsigned long long i = 0; i < count; i++) {
-        unsigned long long b = emu_order_kind() == 0 ? i : emu_order_kind() == 1 ? count - 1 - i : shuffled[i];
+        unsigned long long b = emu_order() == EmuOrder::forward ? i
+                               : emu_order() == EmuOrder::reverse ? count - 1 - i
+                                                                   : shuffled[i];
         blockIdx.x = unsigned(b % grid.x);
         blockIdx.y = unsigned(b / grid.x);
         // Each block finds its dynamic shared memory as NaN, not as the last block left it.

@@ -193,9 +193,10 @@ void run_as(const char* what, const std::function<void()>& task) {
 
 struct sigaction previous_segv;
 
-// A fault inside one of the allocations' mappings is a kernel touching memory outside its
-// buffer: say which kernel, where, and how far from which allocation, then abort. Any other
-// fault goes to the handler that was there before (Rust's, which reports stack overflows).
+// A fault inside one of the allocations' mappings (live, or freed and kept aside) is device
+// work touching memory outside its buffer, or after its free: say what the faulting thread ran
+// (current_task), at which byte of which allocation, then abort. Any other fault goes to the
+// handler that was there before (Rust's, which reports stack overflows).
 void on_segv(int sig, siginfo_t* info, void* context) {
     uintptr_t at = uintptr_t(info->si_addr);
     bool locked = false;
