@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use pipit_engine::backend::{Backend, DType, Matmul};
-use pipit_engine::model::{init_parameters, GptConfig, Keep, StageInput, StageModel};
+use pipit_engine::model::{init_parameters, Keep, ModelConfig, StageInput, StageModel};
 use pipit_engine::rng::Rng;
 use pipit_reference::ReferenceBackend;
 use pipit_wgpu::WgpuBackend;
@@ -53,7 +53,7 @@ fn matmul_gflops<B: Backend>(b: &B, m: usize, n: usize, k: usize) -> Result<f64>
 
 /// Milliseconds of one transformer block's forward (keeping activations) and backward on a
 /// micro-batch of `batch × seq` tokens.
-fn block_ms<B: Backend>(b: &B, cfg: &GptConfig, batch: usize, seq: usize) -> Result<f64> {
+fn block_ms<B: Backend>(b: &B, cfg: &ModelConfig, batch: usize, seq: usize) -> Result<f64> {
     let host = init_parameters(cfg, 7)?;
     // Layer 0 is the embedding; layer 1 is the first block.
     let mut model = StageModel::new(b, cfg, 1..2, &host)?;
@@ -77,7 +77,7 @@ fn block_ms<B: Backend>(b: &B, cfg: &GptConfig, batch: usize, seq: usize) -> Res
 /// A block configuration: name, model, micro-batch sequences and tokens per sequence.
 struct BlockCase {
     name: &'static str,
-    cfg: GptConfig,
+    cfg: ModelConfig,
     batch: usize,
     seq: usize,
 }
@@ -85,12 +85,13 @@ struct BlockCase {
 fn block_cases(quick: bool) -> Vec<BlockCase> {
     let mut cases = vec![BlockCase {
         name: "pipit train default (C=64, 4 heads, 2×128 tokens)",
-        cfg: GptConfig {
+        cfg: ModelConfig {
             vocab_size: 256,
             n_positions: 128,
             n_embd: 64,
             n_layer: 1,
             n_head: 4,
+            ..ModelConfig::default()
         },
         batch: 2,
         seq: 128,
@@ -98,12 +99,13 @@ fn block_cases(quick: bool) -> Vec<BlockCase> {
     if !quick {
         cases.push(BlockCase {
             name: "GPT-2 small block (C=768, 12 heads, 1×256 tokens)",
-            cfg: GptConfig {
+            cfg: ModelConfig {
                 vocab_size: 256,
                 n_positions: 256,
                 n_embd: 768,
                 n_layer: 1,
                 n_head: 12,
+                ..ModelConfig::default()
             },
             batch: 1,
             seq: 256,

@@ -16,7 +16,7 @@
 use anyhow::Result;
 use pipit::engine::data::{sample_batch, Corpus};
 use pipit::engine::exec::{self, StepOptions, StepReport};
-use pipit::engine::model::{AdamWConfig, GptConfig};
+use pipit::engine::model::{AdamWConfig, ModelConfig};
 use pipit::engine::sim::{simulate, Costs, Simulation};
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::engine::Backend;
@@ -31,12 +31,13 @@ fn config(schedule: &str, stages: usize) -> TrainConfig {
 
 fn config_chunks(schedule: &str, stages: usize, chunks: usize, partition: &str) -> TrainConfig {
     TrainConfig {
-        model: GptConfig {
+        model: ModelConfig {
             vocab_size: 256,
             n_positions: 64,
             n_embd: 64,
             n_layer: 6,
             n_head: 4,
+            ..ModelConfig::default()
         },
         schedule: schedule.into(),
         stages,

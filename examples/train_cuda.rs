@@ -6,19 +6,20 @@
 use anyhow::Result;
 use pipit::cuda::CudaBackend;
 use pipit::engine::data::Corpus;
-use pipit::engine::model::GptConfig;
+use pipit::engine::model::ModelConfig;
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::engine::Backend;
 
 fn main() -> Result<()> {
     let corpus = Corpus::split(include_bytes!("../data/shakespeare.txt"), 0.1)?;
     let config = TrainConfig {
-        model: GptConfig {
+        model: ModelConfig {
             n_layer: 4,
             n_embd: 128,
             n_head: 4,
             n_positions: 128,
             vocab_size: 256,
+            ..ModelConfig::default()
         },
         seq_len: 128,
         steps: 100,

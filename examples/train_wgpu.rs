@@ -5,7 +5,7 @@
 
 use anyhow::Result;
 use pipit::engine::data::Corpus;
-use pipit::engine::model::GptConfig;
+use pipit::engine::model::ModelConfig;
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::engine::Backend;
 use pipit::wgpu::WgpuBackend;
@@ -14,12 +14,13 @@ fn main() -> Result<()> {
     let text = include_bytes!("../data/shakespeare.txt");
     let corpus = Corpus::split(text, 0.1)?;
     let config = TrainConfig {
-        model: GptConfig {
+        model: ModelConfig {
             n_layer: 2,
             n_embd: 32,
             n_head: 2,
             n_positions: 64,
             vocab_size: 256,
+            ..ModelConfig::default()
         },
         schedule: "gpipe".into(),
         stages: 4,

@@ -13,8 +13,16 @@
 #    checkpoint and must give pipit's evaluation loss and greedy continuation.
 # 3. The GPT-2 of 1 fine-tuned by pipit on BPE tokens (`pipit train --init`): transformers
 #    loads the new directory with the tokenizer pipit saved there and gives pipit's loss.
+# 4. A randomly initialised Llama made and saved by transformers (grouped-query attention,
+#    4 query heads on 2 key/value heads, rope θ = 500,000, an untied head), as one file and
+#    sharded with an index, with GPT-2's BPE beside it: pipit's loss over BPE windows from each
+#    within 1e-5 of transformers', and its greedy continuation through 2 stages with caches
+#    token for token.
+# 5. A byte-level Llama trained by pipit: `LlamaForCausalLM.from_pretrained` loads it and
+#    gives pipit's loss and greedy continuation.
 #
 #     scripts/hf-check.sh [BACKEND]          # reference (default) or wgpu
+#     HF_VENV=/tmp/hf scripts/hf-check.sh    # keep the Python environment for the next run
 #
 # Needs python3 with venv and pip, network access to PyPI, and some 6 GB of disk for torch.
 # Exit status 0 when every check passed.
@@ -24,9 +32,11 @@ backend=${1:-reference}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
-python3 -m venv "$work/venv"
-"$work/venv/bin/pip" install -q torch==2.15.0 transformers==5.24.0 safetensors
-"$work/venv/bin/pip" download -q --no-deps --no-binary :all: -d "$work" openai-whisper
+# HF_VENV=DIR keeps the virtual environment (and its torch) between runs.
+venv=${HF_VENV:-$work/venv}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/pip" install -q torch==2.15.0 transformers==5.24.0 safetensors
+"$venv/bin/pip" download -q --no-deps --no-binary :all: -d "$work" openai-whisper
 tar -xzf "$work"/openai_whisper-*.tar.gz -C "$work"
 cargo build -q --release
 # pipit ARGS...: run the release binary, its stderr kept in $work/pipit.log and shown if it
@@ -44,7 +54,7 @@ prompt=$'ROMEO:\nBut, soft! what light'
 # 1. transformers' GPT-2 in pipit.
 mkdir -p "$work/hf"
 python3 scripts/gpt2_vocab.py "$(find "$work" -name gpt2.tiktoken | head -1)" "$work/hf"
-"$work/venv/bin/python" - "$work" <<'PY'
+"$venv/bin/python" - "$work" <<'PY'
 import sys
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -88,7 +98,46 @@ pipit generate --checkpoint "$work/pipit" --backend "$backend" --prompt "$prompt
 pipit eval --checkpoint "$work/pipit" --backend "$backend" --data "$work/text.txt" \
     --format json >"$work/pipit-eval.json"
 
-"$work/venv/bin/python" - "$work" "$prompt" <<'PY'
+# 4. transformers' Llama in pipit, one file and sharded.
+"$venv/bin/python" - "$work" <<'PY'
+import shutil, sys
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+work = sys.argv[1]
+torch.manual_seed(0)
+sizes = dict(vocab_size=50257, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+             rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.3)
+try:
+    config = LlamaConfig(**sizes, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+except TypeError:
+    config = LlamaConfig(**sizes, rope_theta=500000.0)
+model = LlamaForCausalLM(config).eval()
+model.save_pretrained(f"{work}/llama", safe_serialization=True)
+model.save_pretrained(f"{work}/llama-sharded", safe_serialization=True, max_shard_size="8MB")
+for d in ("llama", "llama-sharded"):
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(f"{work}/hf/{f}", f"{work}/{d}/{f}")
+PY
+test -f "$work/llama-sharded/model.safetensors.index.json"
+test ! -f "$work/llama-sharded/model.safetensors"
+pipit generate --checkpoint "$work/llama" --backend "$backend" --stages 2 --prompt "$prompt" \
+    --temperature 0 --max-tokens 40 --format json >"$work/llama-generate.json"
+for d in llama llama-sharded; do
+    pipit eval --checkpoint "$work/$d" --backend "$backend" --stages 2 --seq-len 128 \
+        --data "$work/text.txt" --format json >"$work/$d-eval.json"
+done
+
+# 5. pipit's Llama in transformers.
+pipit train --model llama --n-kv-head 2 --rope-theta 500000 --backend "$backend" --steps 200 \
+    --eval-every 0 --save "$work/pipit-llama" >/dev/null
+pipit generate --checkpoint "$work/pipit-llama" --backend "$backend" --prompt "$prompt" \
+    --temperature 0 --max-tokens 30 --format json >"$work/pipit-llama-generate.json"
+pipit eval --checkpoint "$work/pipit-llama" --backend "$backend" --data "$work/text.txt" \
+    --format json >"$work/pipit-llama-eval.json"
+
+"$venv/bin/python" - "$work" "$prompt" <<'PY'
 import json, sys
 import torch
 from transformers import GPT2LMHeadModel, GPT2TokenizerFast
@@ -159,5 +208,23 @@ same_loss("pipit's checkpoint in transformers, loss over byte windows", ev,
 got = json.load(open(f"{work}/pipit-generate.json"))["samples"][0]["ids"]
 same_ids("pipit's checkpoint in transformers, greedy bytes", got,
          greedy(model, list(prompt.encode()), 30, 0))
+
+from transformers import LlamaForCausalLM
+llama = LlamaForCausalLM.from_pretrained(f"{work}/llama").eval()
+got = json.load(open(f"{work}/llama-generate.json"))["samples"][0]["ids"]
+same_ids("transformers' Llama (GQA, rope theta 500000, untied), greedy tokens", got,
+         greedy(llama, tok(prompt).input_ids, 40, 50256))
+want = window_loss(llama, tok(text).input_ids, 128)
+for d in ("llama", "llama-sharded"):
+    same_loss(f"transformers' Llama from {d}, loss over BPE windows",
+              json.load(open(f"{work}/{d}-eval.json")), *want)
+
+llama = LlamaForCausalLM.from_pretrained(f"{work}/pipit-llama").eval()
+ev = json.load(open(f"{work}/pipit-llama-eval.json"))
+same_loss("pipit's Llama in transformers, loss over byte windows", ev,
+          *window_loss(llama, list(text.encode()), llama.config.max_position_embeddings))
+got = json.load(open(f"{work}/pipit-llama-generate.json"))["samples"][0]["ids"]
+same_ids("pipit's Llama in transformers, greedy bytes", got,
+         greedy(llama, list(prompt.encode()), 30, 0))
 sys.exit(1 if failures else 0)
 PY

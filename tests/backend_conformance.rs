@@ -23,7 +23,7 @@ use pipit_engine::backend::{
     round_bf16, AdamW, Attention, Backend, CachedAttention, DType, Matmul,
 };
 use pipit_engine::model::{
-    init_parameters, GptConfig, HostTensors, Keep, StageInput, StageModel, StageOutput,
+    init_parameters, HostTensors, Keep, ModelConfig, StageInput, StageModel, StageOutput,
 };
 use pipit_engine::rng::Rng;
 use pipit_reference::ReferenceBackend;
@@ -713,19 +713,20 @@ pub fn check_large_logits<B: Backend>(b: &B) {
 }
 
 /// A tiny GPT-2 configuration with awkward sizes: vocabulary 131, 3 heads of 16, 19 tokens.
-pub fn tiny_gpt2() -> GptConfig {
-    GptConfig {
+pub fn tiny_gpt2() -> ModelConfig {
+    ModelConfig {
         vocab_size: 131,
         n_positions: 40,
         n_embd: 48,
         n_layer: 2,
         n_head: 3,
+        ..ModelConfig::default()
     }
 }
 
 /// GPT-2's initialisation, with every tensor nudged so biases and layernorm parameters are
 /// not trivially zero or one.
-pub fn tiny_gpt2_params(cfg: &GptConfig, seed: u64) -> HostTensors {
+pub fn tiny_gpt2_params(cfg: &ModelConfig, seed: u64) -> HostTensors {
     let mut host = init_parameters(cfg, seed).unwrap();
     let mut rng = Rng::new(seed ^ 0x5eed);
     let names: Vec<String> = host.names().map(str::to_string).collect();
@@ -740,7 +741,7 @@ pub fn tiny_gpt2_params(cfg: &GptConfig, seed: u64) -> HostTensors {
 /// Mean loss and every parameter gradient of one forward + backward over the whole model.
 pub fn gpt2_loss_and_grads<B: Backend>(
     b: &B,
-    cfg: &GptConfig,
+    cfg: &ModelConfig,
     host: &HostTensors,
     tokens: &[u32],
     targets: &[u32],

@@ -7,19 +7,20 @@
 use pipit_engine::backend::{Backend, Transport};
 use pipit_engine::data::Corpus;
 use pipit_engine::exec::{self, Want};
-use pipit_engine::model::GptConfig;
+use pipit_engine::model::ModelConfig;
 use pipit_engine::rng::Rng;
 use pipit_engine::train::{Init, TrainConfig, Trainer};
 use pipit_reference::ReferenceBackend;
 
 fn config(stages: usize, dtype: &str) -> TrainConfig {
     TrainConfig {
-        model: GptConfig {
+        model: ModelConfig {
             vocab_size: 61,
             n_positions: 24,
             n_embd: 32,
             n_layer: 4,
             n_head: 4,
+            ..ModelConfig::default()
         },
         stages,
         schedule: "gpipe".into(),

@@ -5,7 +5,7 @@
 
 use pipit::engine::data::sample_batch;
 use pipit::engine::exec::{self, StepOptions};
-use pipit::engine::model::{AdamWConfig, GptConfig};
+use pipit::engine::model::{AdamWConfig, ModelConfig};
 use pipit::engine::sim::{simulate, Costs};
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::reference::ReferenceBackend;
@@ -28,12 +28,13 @@ fn measure(schedule: &str, checkpoint_activations: bool) -> Measured {
         .unwrap()
         .default_chunks();
     let config = TrainConfig {
-        model: GptConfig {
+        model: ModelConfig {
             vocab_size: 64,
             n_positions: 16,
             n_embd: 16,
             n_layer: 6,
             n_head: 2,
+            ..ModelConfig::default()
         },
         schedule: schedule.into(),
         stages: 4,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use pipit::engine::backend::{Backend, Transport};
 use pipit::engine::data::Corpus;
 use pipit::engine::exec::in_process_mesh_over;
-use pipit::engine::model::GptConfig;
+use pipit::engine::model::ModelConfig;
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::meta::MetaBackend;
 use pipit::reference::ReferenceBackend;
@@ -30,12 +30,13 @@ fn memory<B: Backend>(config: &TrainConfig, make: impl Fn() -> B) -> (Vec<u64>, 
 
 #[test]
 fn meta_memory_is_the_reference_backends_to_the_byte() {
-    let model = GptConfig {
+    let model = ModelConfig {
         vocab_size: 256,
         n_positions: 32,
         n_embd: 32,
         n_layer: 6,
         n_head: 2,
+        ..ModelConfig::default()
     };
     for (schedule, chunks) in [
         ("naive", 1),
@@ -81,12 +82,13 @@ fn meta_memory_is_the_reference_backends_to_the_byte() {
 #[test]
 fn meta_like_cuda_keeps_less_for_bf16_attention() {
     let config = TrainConfig {
-        model: GptConfig {
+        model: ModelConfig {
             vocab_size: 256,
             n_positions: 256,
             n_embd: 32,
             n_layer: 2,
             n_head: 2,
+            ..ModelConfig::default()
         },
         stages: 1,
         microbatches: 1,
@@ -138,12 +140,13 @@ fn handed_over_buffers_count_for_their_holder_alone() {
     assert_eq!((a.memory().in_use, b.memory().in_use), (a0, b0));
 
     let config = TrainConfig {
-        model: GptConfig {
+        model: ModelConfig {
             vocab_size: 256,
             n_positions: 32,
             n_embd: 32,
             n_layer: 4,
             n_head: 2,
+            ..ModelConfig::default()
         },
         stages: 4,
         microbatches: 8,

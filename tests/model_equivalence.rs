@@ -7,18 +7,20 @@ use std::ops::Range;
 use pipit_engine::backend::Backend;
 use pipit_engine::is_invalid_input;
 use pipit_engine::model::{
-    init_parameters, AdamWConfig, GptConfig, HostTensors, Keep, StageInput, StageModel, StageOutput,
+    init_parameters, AdamWConfig, HostTensors, Keep, ModelConfig, StageInput, StageModel,
+    StageOutput,
 };
 use pipit_engine::rng::Rng;
 use pipit_reference::ReferenceBackend;
 
-fn tiny() -> GptConfig {
-    GptConfig {
+fn tiny() -> ModelConfig {
+    ModelConfig {
         vocab_size: 37,
         n_positions: 16,
         n_embd: 16,
         n_layer: 2,
         n_head: 2,
+        ..ModelConfig::default()
     }
 }
 
@@ -33,7 +35,13 @@ struct Micro {
     batch: usize,
 }
 
-fn micro_batches(cfg: &GptConfig, seed: u64, count: usize, batch: usize, seq: usize) -> Vec<Micro> {
+fn micro_batches(
+    cfg: &ModelConfig,
+    seed: u64,
+    count: usize,
+    batch: usize,
+    seq: usize,
+) -> Vec<Micro> {
     let mut rng = Rng::new(seed);
     (0..count)
         .map(|_| Micro {
@@ -87,7 +95,7 @@ fn run_pipeline<B: Backend>(
 
 fn build<B: Backend>(
     b: &B,
-    cfg: &GptConfig,
+    cfg: &ModelConfig,
     host: &HostTensors,
     cuts: &[Range<usize>],
 ) -> Vec<StageModel<B>> {
@@ -97,7 +105,7 @@ fn build<B: Backend>(
 }
 
 /// The whole model as one stage.
-fn build_whole<B: Backend>(b: &B, cfg: &GptConfig, host: &HostTensors) -> Vec<StageModel<B>> {
+fn build_whole<B: Backend>(b: &B, cfg: &ModelConfig, host: &HostTensors) -> Vec<StageModel<B>> {
     vec![StageModel::new(b, cfg, 0..cfg.layers().len(), host).unwrap()]
 }
 
@@ -223,7 +231,7 @@ fn micro_batches_accumulate_to_the_whole_batch() {
 /// Mean loss of the whole model on one micro-batch, without keeping anything.
 fn eval_loss(
     b: &ReferenceBackend,
-    cfg: &GptConfig,
+    cfg: &ModelConfig,
     host: &HostTensors,
     m: &Micro,
     seq: usize,
@@ -253,12 +261,13 @@ fn eval_loss(
 #[test]
 fn whole_model_gradients_match_finite_differences() {
     let b = ReferenceBackend::new();
-    let cfg = GptConfig {
+    let cfg = ModelConfig {
         vocab_size: 11,
         n_positions: 8,
         n_embd: 8,
         n_layer: 1,
         n_head: 2,
+        ..ModelConfig::default()
     };
     let mut host = init_parameters(&cfg, 5).unwrap();
     // Larger weights than GPT-2's 0.02 give every tensor a gradient well above f32 noise.

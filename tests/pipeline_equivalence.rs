@@ -1,12 +1,14 @@
 //! The test that defines pipit's correctness: pipelined training under every schedule, for
 //! p ∈ {1, 2, 4}, with and without activation checkpointing, gives the same losses and
 //! parameters as single-device training of the same batches (f32: loss within 1e-5 relative,
-//! parameters within 1e-4).
+//! parameters within 1e-4), for GPT-2 and for Llama with grouped-query attention and an untied
+//! head.
 
 use pipit::engine::data::{sample_batch, Batch};
 use pipit::engine::exec::{self, in_process_mesh_over, Rank, StepOptions, DEFAULT_RECV_TIMEOUT};
 use pipit::engine::model::{
-    init_parameters, AdamWConfig, GptConfig, HostTensors, Keep, StageInput, StageModel, StageOutput,
+    init_parameters, AdamWConfig, Family, HostTensors, Keep, ModelConfig, StageInput, StageModel,
+    StageOutput,
 };
 use pipit::engine::train::TrainConfig;
 use pipit::engine::Backend;
@@ -15,14 +17,28 @@ use pipit::reference::ReferenceBackend;
 const STEPS: u32 = 3;
 const LR: f32 = 1e-3;
 
-fn model() -> GptConfig {
+fn model() -> ModelConfig {
     // Eight layers (embedding, six blocks, head), so p = 4 with v = 2 chunks fits.
-    GptConfig {
+    ModelConfig {
         vocab_size: 61,
         n_positions: 12,
         n_embd: 16,
         n_layer: 6,
         n_head: 2,
+        ..ModelConfig::default()
+    }
+}
+
+/// Llama of the same depth: four query heads sharing two key/value heads, rotary positions at
+/// θ = 500,000 (Llama 3's), a SwiGLU of width 40, an untied head.
+fn llama() -> ModelConfig {
+    ModelConfig {
+        family: Family::Llama,
+        n_head: 4,
+        n_kv_head: Some(2),
+        ffn_dim: Some(40),
+        rope_theta: Some(500_000.0),
+        ..model()
     }
 }
 
@@ -51,9 +67,8 @@ type Run = (Vec<f32>, HostTensors, Vec<Option<f64>>);
 
 /// Plain training on one device: the whole model as one stage, each batch as one micro-batch;
 /// with `clip` > 0 the gradient norm is taken on the host and the update scaled down to it.
-fn single_device<B: Backend>(backend: &B, host: &HostTensors, clip: f32) -> Run {
-    let cfg = model();
-    let mut stage = StageModel::new(backend, &cfg, 0..cfg.n_layer + 2, host).unwrap();
+fn single_device<B: Backend>(backend: &B, cfg: &ModelConfig, host: &HostTensors, clip: f32) -> Run {
+    let mut stage = StageModel::new(backend, cfg, 0..cfg.n_layer + 2, host).unwrap();
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for (i, b) in batches().iter().enumerate() {
         let tokens = backend.upload_u32(&b.inputs).unwrap();
@@ -100,8 +115,10 @@ fn single_device<B: Backend>(backend: &B, host: &HostTensors, clip: f32) -> Run 
 }
 
 /// The same training through the executor with a schedule, `p` ranks and `v` chunks.
+#[allow(clippy::too_many_arguments)]
 fn pipelined<B: Backend>(
     make: &dyn Fn() -> B,
+    cfg: &ModelConfig,
     host: &HostTensors,
     schedule: &str,
     p: usize,
@@ -110,7 +127,7 @@ fn pipelined<B: Backend>(
     clip: f32,
 ) -> Run {
     let config = TrainConfig {
-        model: model(),
+        model: cfg.clone(),
         schedule: schedule.into(),
         stages: p,
         chunks: v,
@@ -206,24 +223,21 @@ fn same_training(label: &str, got: (&[f32], &HostTensors), want: (&[f32], &HostT
     }
 }
 
-fn check_all<B: Backend>(make: &dyn Fn() -> B) {
-    let host = init_parameters(&model(), 42).unwrap();
-    let (want_losses, want_params, _) = single_device(&make(), &host, 0.0);
+fn check_all<B: Backend>(make: &dyn Fn() -> B, cfg: &ModelConfig) {
+    let host = init_parameters(cfg, 42).unwrap();
+    let (want_losses, want_params, _) = single_device(&make(), cfg, &host, 0.0);
     assert!(
         want_losses[2] < want_losses[0],
         "training lowers the loss: {want_losses:?}"
     );
-    let moved = want_params
-        .get("h.0.mlp.c_fc.weight")
-        .unwrap()
-        .data
-        .iter()
-        .zip(&host.get("h.0.mlp.c_fc.weight").unwrap().data)
-        .any(|(a, b)| (a - b).abs() > 1e-4);
-    assert!(
-        moved,
-        "three steps move the weights by more than the tolerance"
-    );
+    for (name, start) in host.iter() {
+        let end = &want_params.get(name).unwrap().data;
+        let moved = end
+            .iter()
+            .zip(&start.data)
+            .any(|(a, b)| (a - b).abs() > 1e-4);
+        assert!(moved, "three steps move {name} by more than the tolerance");
+    }
     let cases = [
         ("naive", 1),
         ("gpipe", 1),
@@ -236,8 +250,8 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
     for (schedule, v) in cases {
         for p in [1, 2, 4] {
             for ckpt in [false, true] {
-                let label = format!("{schedule} p={p} v={v} checkpoint={ckpt}");
-                let (losses, params, _) = pipelined(make, &host, schedule, p, v, ckpt, 0.0);
+                let label = format!("{} {schedule} p={p} v={v} checkpoint={ckpt}", cfg.family);
+                let (losses, params, _) = pipelined(make, cfg, &host, schedule, p, v, ckpt, 0.0);
                 same_training(&label, (&losses, &params), (&want_losses, &want_params));
             }
         }
@@ -250,20 +264,22 @@ fn check_all<B: Backend>(make: &dyn Fn() -> B) {
 /// between ranks as well: each stage still sums its micro-batches in order.
 #[test]
 fn zero_bubble_is_1f1b_to_the_bit() {
-    let host = init_parameters(&model(), 42).unwrap();
-    for (zb, base, p, v) in [
-        ("zb-h1", "1f1b", 4, 1),
-        ("zb-h1", "interleaved", 2, 2),
-        ("zb-v", "interleaved", 2, 2),
-        ("zb-v", "interleaved", 4, 2),
-    ] {
-        for ckpt in [false, true] {
-            let make = ReferenceBackend::new;
-            let (zb_losses, zb_params, _) = pipelined(&make, &host, zb, p, v, ckpt, 0.0);
-            let (losses, params, _) = pipelined(&make, &host, base, p, v, ckpt, 0.0);
-            assert_eq!(zb_losses, losses, "{zb} against {base} checkpoint={ckpt}");
-            for (name, want) in params.iter() {
-                assert_eq!(zb_params.get(name).unwrap().data, want.data, "{name}");
+    for cfg in [model(), llama()] {
+        let host = init_parameters(&cfg, 42).unwrap();
+        for (zb, base, p, v) in [
+            ("zb-h1", "1f1b", 4, 1),
+            ("zb-h1", "interleaved", 2, 2),
+            ("zb-v", "interleaved", 2, 2),
+            ("zb-v", "interleaved", 4, 2),
+        ] {
+            for ckpt in [false, true] {
+                let make = ReferenceBackend::new;
+                let (zb_losses, zb_params, _) = pipelined(&make, &cfg, &host, zb, p, v, ckpt, 0.0);
+                let (losses, params, _) = pipelined(&make, &cfg, &host, base, p, v, ckpt, 0.0);
+                assert_eq!(zb_losses, losses, "{zb} against {base} checkpoint={ckpt}");
+                for (name, want) in params.iter() {
+                    assert_eq!(zb_params.get(name).unwrap().data, want.data, "{name}");
+                }
             }
         }
     }
@@ -274,15 +290,16 @@ fn zero_bubble_is_1f1b_to_the_bit() {
 /// above the norm changes nothing, to the bit.
 #[test]
 fn clipping_uses_the_global_norm_on_every_schedule() {
-    let host = init_parameters(&model(), 42).unwrap();
+    let cfg = model();
+    let host = init_parameters(&cfg, 42).unwrap();
     let make = ReferenceBackend::new;
-    let (want_losses, want_params, want_norms) = single_device(&make(), &host, 0.05);
+    let (want_losses, want_params, want_norms) = single_device(&make(), &cfg, &host, 0.05);
     let norms: Vec<f64> = want_norms.iter().map(|n| n.unwrap()).collect();
     assert!(
         norms.iter().all(|&n| n > 0.2),
         "the threshold clips every step: {norms:?}"
     );
-    let (unclipped, _, _) = single_device(&make(), &host, 0.0);
+    let (unclipped, _, _) = single_device(&make(), &cfg, &host, 0.0);
     assert!(unclipped[2] != want_losses[2], "clipping changes the run");
     for (schedule, p, v) in [
         ("1f1b", 4, 1),
@@ -292,7 +309,8 @@ fn clipping_uses_the_global_norm_on_every_schedule() {
         ("zb-v", 2, 2),
     ] {
         let label = format!("{schedule} p={p} v={v}");
-        let (losses, params, got_norms) = pipelined(&make, &host, schedule, p, v, false, 0.05);
+        let (losses, params, got_norms) =
+            pipelined(&make, &cfg, &host, schedule, p, v, false, 0.05);
         for (got, want) in got_norms.iter().zip(&norms) {
             let got = got.expect("the report carries the norm");
             assert!(
@@ -302,8 +320,9 @@ fn clipping_uses_the_global_norm_on_every_schedule() {
         }
         same_training(&label, (&losses, &params), (&want_losses, &want_params));
     }
-    let (loose, loose_params, _) = pipelined(&make, &host, "1f1b", 4, 1, false, 1e9);
-    let (plain, plain_params, plain_norms) = pipelined(&make, &host, "1f1b", 4, 1, false, 0.0);
+    let (loose, loose_params, _) = pipelined(&make, &cfg, &host, "1f1b", 4, 1, false, 1e9);
+    let (plain, plain_params, plain_norms) =
+        pipelined(&make, &cfg, &host, "1f1b", 4, 1, false, 0.0);
     assert_eq!(loose, plain);
     assert_eq!(loose_params, plain_params);
     assert!(plain_norms.iter().all(Option::is_none));
@@ -311,13 +330,19 @@ fn clipping_uses_the_global_norm_on_every_schedule() {
 
 #[test]
 fn every_schedule_trains_like_one_device_on_reference() {
-    check_all(&ReferenceBackend::new);
+    check_all(&ReferenceBackend::new, &model());
+}
+
+#[test]
+fn every_schedule_trains_llama_like_one_device_on_reference() {
+    check_all(&ReferenceBackend::new, &llama());
 }
 
 /// Ranks sharing one memory space, as stages on one GPU: tensors are handed over as buffers.
 #[test]
 fn every_schedule_trains_like_one_device_with_buffers_handed_over() {
-    check_all(&|| ReferenceBackend::sharing_memory("host"));
+    check_all(&|| ReferenceBackend::sharing_memory("host"), &model());
+    check_all(&|| ReferenceBackend::sharing_memory("host"), &llama());
 }
 
 /// Skipped, with the reason on stderr, where CUDA is not usable (a failure instead with
@@ -332,10 +357,23 @@ fn every_schedule_trains_like_one_device_on_cuda() {
         eprintln!("skipped: CUDA is not usable here: {why}");
         return;
     }
-    check_all(&|| pipit::cuda::CudaBackend::new(0).expect("CUDA is usable, so its backend opens"));
+    let make = || pipit::cuda::CudaBackend::new(0).expect("CUDA is usable, so its backend opens");
+    check_all(&make, &model());
+    check_all(&make, &llama());
 }
 
 #[test]
 fn every_schedule_trains_like_one_device_on_wgpu() {
-    check_all(&|| pipit::wgpu::WgpuBackend::new().expect("a wgpu adapter (lavapipe in CI)"));
+    check_all(
+        &|| pipit::wgpu::WgpuBackend::new().expect("a wgpu adapter (lavapipe in CI)"),
+        &model(),
+    );
+}
+
+#[test]
+fn every_schedule_trains_llama_like_one_device_on_wgpu() {
+    check_all(
+        &|| pipit::wgpu::WgpuBackend::new().expect("a wgpu adapter (lavapipe in CI)"),
+        &llama(),
+    );
 }

@@ -15,7 +15,7 @@ use anyhow::{anyhow, Result};
 use pipit::engine::data::Corpus;
 use pipit::engine::dist::{LaunchEnv, PeerProbe, RankTrainer, TensorSetup, TensorTransport};
 use pipit::engine::exec::{in_process_mesh, InProcessTransport};
-use pipit::engine::model::GptConfig;
+use pipit::engine::model::ModelConfig;
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::engine::Transport;
 use pipit::reference::{RefBuffer, ReferenceBackend};
@@ -91,12 +91,12 @@ impl TensorSetup<ReferenceBackend> for Setup {
 
 fn config() -> TrainConfig {
     TrainConfig {
-        model: GptConfig {
+        model: ModelConfig {
             n_layer: 2,
             n_embd: 16,
             n_head: 2,
             n_positions: 16,
-            ..GptConfig::default()
+            ..ModelConfig::default()
         },
         stages: 2,
         microbatches: 2,

@@ -19,6 +19,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
+mod fused;
+
 /// Element type of a device buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
@@ -194,6 +196,43 @@ impl CachedAttention {
     }
 }
 
+/// Sizes of the rotary position embedding (RoPE, as Llama) of `x[batch, seq, heads, head_dim]`.
+///
+/// Within each head, element `i < head_dim/2` pairs with `i + head_dim/2` ("rotate half", as
+/// Hugging Face's Llama) and the pair turns by `position · θ^(−2i/head_dim)`, the position of
+/// token `t` being `start + t`. Angles are computed in f32 as transformers computes them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Rope {
+    /// Sequences in the batch.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Heads in `x`.
+    pub heads: usize,
+    /// Elements per head (even).
+    pub head_dim: usize,
+    /// Position of each sequence's first token (the tokens already in a cache).
+    pub start: usize,
+    /// The base θ of the frequencies (10,000 in Llama 2, 500,000 in Llama 3).
+    pub theta: f32,
+    /// Rotate by minus the angle: the inverse, and the backward, of the forward rotation.
+    pub inverse: bool,
+}
+
+/// Heads of grouped-query attention over `rows` tokens: `heads` query heads share
+/// `kv_heads` key/value heads, each `head_dim` wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    /// Tokens (`batch·seq`).
+    pub rows: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; divides `heads`.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+}
+
 /// Hyper-parameters of one AdamW update (decoupled weight decay, bias-corrected moments).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamW {
@@ -353,7 +392,13 @@ impl MemoryMeter {
     }
 }
 
-/// Device compute: buffers and every operation a GPT-2 training step needs.
+/// Device compute: buffers and every operation a training step of a model family needs.
+///
+/// Three groups: device plumbing (buffers, copies, marks, memory), the primitive ops every
+/// backend implements (matmul, elementwise, the layers GPT-2 was built on), and fused ops with
+/// a default written once (on the host, in f64 sums, checked once for every backend) that a
+/// backend overrides with a kernel where that pays: RMSNorm, RoPE, SwiGLU, grouped-query
+/// packing, token-only embedding. A new layer op runs on every backend the day it is written.
 ///
 /// One value of a backend serves one rank: it owns a device (or a stream on a shared one).
 /// Ops are enqueued in order; results are visible to later ops and to [`Backend::download`].
@@ -610,6 +655,126 @@ pub trait Backend: Send + 'static {
         rows: usize,
         vocab: usize,
     ) -> Result<()>;
+
+    /// Whether ops compute values. The meta backend (sizes only) says no: the fused ops'
+    /// host defaults then do nothing, as its own ops do.
+    fn computes(&self) -> bool {
+        true
+    }
+
+    /// Token embedding without positions: `out[r,:] = table[tokens[r],:]` for u32
+    /// `tokens[rows]` and `table[vocab, channels]` (models with rotary positions).
+    /// Default: on the host.
+    fn embedding_lookup(
+        &self,
+        out: &mut Self::Buffer,
+        tokens: &Self::Buffer,
+        table: &Self::Buffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        fused::embedding_lookup(self, out, tokens, table, rows, channels)
+    }
+    /// [`Backend::embedding_lookup`] backward: `dtable[tokens[r],:] += dout[r,:]`, rows in order.
+    fn embedding_lookup_backward(
+        &self,
+        dtable: &mut Self::Buffer,
+        dout: &Self::Buffer,
+        tokens: &Self::Buffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        fused::embedding_lookup_backward(self, dtable, dout, tokens, rows, channels)
+    }
+
+    /// RMSNorm over the last dimension of `inp[rows, channels]`:
+    /// `out = inp · rstd · weight` with `rstd = 1/√(mean(inp²) + eps)`, saved per row for
+    /// backward. bf16: `out` may be bf16. Default: on the host, sums in f64.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_forward(
+        &self,
+        out: &mut Self::Buffer,
+        rstd: &mut Self::Buffer,
+        inp: &Self::Buffer,
+        weight: &Self::Buffer,
+        rows: usize,
+        channels: usize,
+        eps: f32,
+    ) -> Result<()> {
+        fused::rmsnorm_forward(self, out, rstd, inp, weight, rows, channels, eps)
+    }
+    /// RMSNorm backward: overwrites `dinp`, accumulates `dweight`. bf16: `dout` may be bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut Self::Buffer,
+        dweight: &mut Self::Buffer,
+        dout: &Self::Buffer,
+        inp: &Self::Buffer,
+        weight: &Self::Buffer,
+        rstd: &Self::Buffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        fused::rmsnorm_backward(self, dinp, dweight, dout, inp, weight, rstd, rows, channels)
+    }
+
+    /// Rotary position embedding of `inp` into `out` (see [`Rope`]); with `shape.inverse` the
+    /// rotation back, which is also its backward. bf16: both may be bf16.
+    /// Default: on the host.
+    fn rope(&self, out: &mut Self::Buffer, inp: &Self::Buffer, shape: Rope) -> Result<()> {
+        fused::rope(self, out, inp, shape)
+    }
+
+    /// SwiGLU's gate: `out = silu(gate) · up`, elementwise (`silu(x) = x · σ(x)`).
+    /// bf16: all operands bf16. Default: on the host.
+    fn swiglu_forward(
+        &self,
+        out: &mut Self::Buffer,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+    ) -> Result<()> {
+        fused::swiglu_forward(self, out, gate, up)
+    }
+    /// SwiGLU backward: overwrites `dgate = dout · up · silu'(gate)` and `dup = dout · silu(gate)`.
+    fn swiglu_backward(
+        &self,
+        dgate: &mut Self::Buffer,
+        dup: &mut Self::Buffer,
+        gate: &Self::Buffer,
+        up: &Self::Buffer,
+        dout: &Self::Buffer,
+    ) -> Result<()> {
+        fused::swiglu_backward(self, dgate, dup, gate, up, dout)
+    }
+
+    /// Pack separate queries `q[rows, heads·d]`, keys and values `k, v[rows, kv_heads·d]`
+    /// into the `qkv[rows, 3·heads·d]` that [`Backend::attention_forward`] reads, each key and
+    /// value head repeated for the `heads / kv_heads` query heads that share it (grouped-query
+    /// attention: query head `h` reads key/value head `h / (heads / kv_heads)`).
+    /// Default: on the host.
+    fn pack_qkv(
+        &self,
+        qkv: &mut Self::Buffer,
+        q: &Self::Buffer,
+        k: &Self::Buffer,
+        v: &Self::Buffer,
+        shape: Heads,
+    ) -> Result<()> {
+        fused::pack_qkv(self, qkv, q, k, v, shape)
+    }
+    /// [`Backend::pack_qkv`] backward: overwrites `dq`, and `dk`, `dv` with the sum over the
+    /// query heads that shared each key/value head, in head order.
+    fn unpack_qkv_grad(
+        &self,
+        dq: &mut Self::Buffer,
+        dk: &mut Self::Buffer,
+        dv: &mut Self::Buffer,
+        dqkv: &Self::Buffer,
+        shape: Heads,
+    ) -> Result<()> {
+        fused::unpack_qkv_grad(self, dq, dk, dv, dqkv, shape)
+    }
 
     /// One AdamW update of `param` from `grad`, updating the moments `m` and `v` in place.
     fn adamw(

@@ -18,7 +18,7 @@ use crate::exec::{
 };
 use crate::invalid_input;
 use crate::model::{
-    init_parameters, AdamWConfig, GptConfig, HostTensors, Layer, OptimizerState, StageModel,
+    init_parameters, AdamWConfig, HostTensors, ModelConfig, OptimizerState, StageModel,
 };
 use crate::schedule::{generate, generate_for, lower_for, validate, Schedule, ScheduleKind};
 use crate::sim::{simulate, Costs, Simulation};
@@ -29,7 +29,7 @@ use crate::sim::{simulate, Costs, Simulation};
 pub struct TrainConfig {
     /// Model sizes (Hugging Face GPT-2 names).
     #[serde(flatten)]
-    pub model: GptConfig,
+    pub model: ModelConfig,
     /// Schedule generator: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v.
     pub schedule: String,
     /// Pipeline ranks `p`.
@@ -72,9 +72,9 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            model: GptConfig {
+            model: ModelConfig {
                 n_positions: 64,
-                ..GptConfig::default()
+                ..ModelConfig::default()
             },
             schedule: "1f1b".into(),
             stages: 4,
@@ -313,8 +313,6 @@ impl TrainConfig {
     pub fn stage_costs(&self) -> Result<Costs> {
         let layers = self.model.layers();
         let per_layer = layer_costs(&self.model, self.seq_len);
-        let c = self.model.n_embd as f64;
-        let weight_flops = 2.0 * 12.0 * c * c;
         let ranges = self.stage_layers()?;
         let fwd: Vec<f64> = ranges
             .iter()
@@ -324,11 +322,11 @@ impl TrainConfig {
             .iter()
             .zip(&fwd)
             .map(|(r, f)| {
-                let blocks = layers[r.clone()]
+                let weight_flops: f64 = layers[r.clone()]
                     .iter()
-                    .filter(|l| matches!(l, Layer::Block(_)))
-                    .count();
-                (blocks as f64 * weight_flops / (2.0 * f)).clamp(0.01, 0.99)
+                    .map(|&l| self.model.layer_weight_flops(l))
+                    .sum();
+                (weight_flops / (2.0 * f)).clamp(0.01, 0.99)
             })
             .collect();
         Ok(Costs {
@@ -359,13 +357,14 @@ impl TrainConfig {
     }
 }
 
-/// Relative cost of each layer (forward FLOPs per token), for the balanced partitioner.
-pub fn layer_costs(model: &GptConfig, seq: usize) -> Vec<f64> {
-    let (c, v, t) = (model.n_embd as f64, model.vocab_size as f64, seq as f64);
-    // Block: qkv, projection and MLP matmuls (12·C² multiply-adds) plus attention scores and
-    // mixing (2·T·C); head: the tied LM head (C·V) plus the softmax over V.
-    let block = 2.0 * (12.0 * c * c + 2.0 * t * c);
-    crate::partition::layer_costs(c, block, model.n_layer, 2.0 * c * v + 10.0 * v)
+/// Relative cost of each layer (forward FLOPs per token, as its parts count them), for the
+/// balanced partitioner.
+pub fn layer_costs(model: &ModelConfig, seq: usize) -> Vec<f64> {
+    model
+        .layers()
+        .into_iter()
+        .map(|l| model.layer_flops(l, seq))
+        .collect()
 }
 
 /// Zero-filled tensors of these names and shapes ([`Init::Blank`]).

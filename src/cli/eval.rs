@@ -26,7 +26,7 @@ use pipit_engine::tokenizer::Tokenizer;
 /// per token; the text must then be UTF-8).
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).
+    /// Checkpoint directory (pipit's, or a Hugging Face GPT-2 or Llama one; sharded or not).
     #[arg(long, value_name = "DIR", default_value = super::train::DEFAULT_CHECKPOINT)]
     checkpoint: PathBuf,
     /// Text to score; default: the validation split (last 10%) of the embedded corpus.

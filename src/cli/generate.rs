@@ -24,7 +24,7 @@ use super::OutputFormat;
 /// The settings of `pipit generate` (its help is on the subcommand in `cli/mod.rs`).
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint directory (pipit's or a Hugging Face GPT-2 one).
+    /// Checkpoint directory (pipit's, or a Hugging Face GPT-2 or Llama one; sharded or not).
     #[arg(long, value_name = "DIR", default_value = super::train::DEFAULT_CHECKPOINT)]
     checkpoint: PathBuf,
     /// Text the sample continues.

@@ -18,7 +18,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 /// pipit: pipeline-parallel training and inference.
 ///
 /// Plan a pipeline before it runs (`pipit plan`), cut layers into stages (`pipit partition`),
-/// train a GPT-2-style model cut into stages (`pipit train`), then sample from it
+/// train a GPT-2 or Llama model cut into stages (`pipit train`), then sample from it
 /// (`pipit generate`) or score it (`pipit eval`).
 #[derive(Parser)]
 #[command(name = "pipit", version, about, long_about)]
@@ -29,7 +29,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train a GPT-2 cut into pipeline stages (the main job: bytes, or a checkpoint's BPE tokens).
+    /// Train a GPT-2 or Llama cut into pipeline stages (the main job: bytes, or a checkpoint's BPE tokens).
     Train(Box<train::TrainArgs>),
     /// Sample text from a checkpoint through the pipeline's stages.
     ///

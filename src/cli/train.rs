@@ -1,4 +1,4 @@
-//! `pipit train`: train a GPT-2-style model cut into pipeline stages.
+//! `pipit train`: train a GPT-2 or Llama model cut into pipeline stages.
 
 use std::borrow::Cow;
 use std::fs;
@@ -13,6 +13,7 @@ use pipit_cuda::{CudaBackend, NcclSetup};
 use pipit_engine::checkpoint::{self, Checkpoint};
 use pipit_engine::data::Corpus;
 use pipit_engine::dist::{LaunchEnv, RankTrainer, TensorSetup};
+use pipit_engine::model::Family;
 use pipit_engine::schedule::ScheduleKind;
 use pipit_engine::tokenizer::Tokenizer;
 use pipit_engine::train::{Init, StepLog, TrainConfig, TrainLoop, Trainer};
@@ -62,7 +63,7 @@ pub fn with_defaults_in_help(cmd: clap::Command) -> clap::Command {
 /// The corpus a fresh clone trains on: twelve Shakespeare plays (public domain), 1.5 MB.
 pub const EMBEDDED_CORPUS: &[u8] = include_bytes!("../../data/shakespeare.txt");
 
-/// Train a GPT-2 cut into pipeline stages: byte-level, or in a starting checkpoint's BPE tokens.
+/// Train a GPT-2 or Llama (`--model`) cut into pipeline stages: byte-level, or in a starting checkpoint's BPE tokens.
 ///
 /// With no arguments: 4 stages, 1F1B with 8 micro-batches, on the embedded Shakespeare corpus
 /// (the last 10% held out for validation), on the best device found. Every flag overrides the
@@ -80,6 +81,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
 
+    /// Model family: gpt2 (learned positions, LayerNorm, GELU, head tied to the embedding) or
+    /// llama (rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied head).
+    #[arg(long, value_name = "FAMILY")]
+    model: Option<Family>,
     /// Transformer blocks.
     #[arg(long)]
     n_layer: Option<usize>,
@@ -96,6 +101,24 @@ pub struct TrainArgs {
     /// model GPT-2's shape, e.g. 50304, whose extra rows are never targets).
     #[arg(long)]
     vocab_size: Option<usize>,
+    /// Key/value heads per block, dividing --n-head (llama's grouped-query attention)
+    /// [default: --n-head].
+    #[arg(long)]
+    n_kv_head: Option<usize>,
+    /// Width of the MLP's hidden layer [default: 4·n_embd for gpt2; 8/3·n_embd rounded up to
+    /// a multiple of 32 for llama].
+    #[arg(long)]
+    ffn_dim: Option<usize>,
+    /// Base θ of llama's rotary position frequencies [default: 10000].
+    #[arg(long)]
+    rope_theta: Option<f32>,
+    /// Epsilon of the norms [default: 1e-5 for gpt2, its only value; 1e-6 for llama].
+    #[arg(long)]
+    norm_eps: Option<f32>,
+    /// Tie llama's LM head to its token embedding (gpt2's always is) [default: false for
+    /// llama].
+    #[arg(long, value_name = "BOOL")]
+    tie_embeddings: Option<bool>,
 
     /// Pipeline schedule: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v (two stages per
     /// rank in a V: rank r runs stages r and 2p-1-r), or auto: the one whose step simulates
@@ -165,7 +188,7 @@ pub struct TrainArgs {
     #[arg(long, value_name = "f32|bf16")]
     dtype: Option<String>,
 
-    /// Save a checkpoint (Hugging Face GPT-2 layout) to DIR at the end and every --save-every
+    /// Save a checkpoint (Hugging Face layout: GPT2LMHeadModel or LlamaForCausalLM) to DIR at the end and every --save-every
     /// steps; `pipit generate` and `pipit eval` read the same default.
     #[arg(long, value_name = "DIR", default_value = DEFAULT_CHECKPOINT)]
     save: PathBuf,
@@ -252,11 +275,29 @@ impl TrainArgs {
                 }
             };
         }
+        set!(model.family <- model);
         set!(model.n_layer <- n_layer);
         set!(model.n_head <- n_head);
         set!(model.n_embd <- n_embd);
         set!(model.n_positions <- n_positions);
         set!(model.vocab_size <- vocab_size);
+        for (field, flag) in [
+            (&mut c.model.n_kv_head, self.n_kv_head),
+            (&mut c.model.ffn_dim, self.ffn_dim),
+        ] {
+            if flag.is_some() {
+                *field = flag;
+            }
+        }
+        if self.rope_theta.is_some() {
+            c.model.rope_theta = self.rope_theta;
+        }
+        if self.norm_eps.is_some() {
+            c.model.norm_eps = self.norm_eps;
+        }
+        if self.tie_embeddings.is_some() {
+            c.model.tie_embeddings = self.tie_embeddings;
+        }
         set!(schedule <- schedule);
         set!(stages <- stages);
         set!(microbatches <- microbatches);
@@ -347,6 +388,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
             ("n-embd", args.n_embd, m.n_embd),
             ("n-positions", args.n_positions, m.n_positions),
             ("vocab-size", args.vocab_size, m.vocab_size),
+            ("n-kv-head", args.n_kv_head, m.kv_heads()),
+            ("ffn-dim", args.ffn_dim, m.ffn()),
         ]
         .iter()
         .filter_map(|&(flag, given, has)| {
@@ -355,6 +398,12 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 .map(|g| format!("--{flag} {g} (it has {has})"))
         })
         .collect();
+        if let Some(family) = args.model.filter(|&f| f != m.family) {
+            return Err(invalid_input!(
+                "the checkpoint holds a {} model; --model asks for {family}",
+                m.family
+            ));
+        }
         if !contradicted.is_empty() {
             return Err(invalid_input!(
                 "the checkpoint fixes the model's sizes; the flags ask for another: {}",

@@ -117,6 +117,10 @@ impl Backend for MetaBackend {
         true
     }
 
+    fn computes(&self) -> bool {
+        false
+    }
+
     fn alloc(&self, len: usize, dtype: DType) -> Result<MetaBuffer> {
         Ok(MetaBuffer {
             len,

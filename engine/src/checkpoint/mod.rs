@@ -1,4 +1,5 @@
-//! Checkpoint directories in Hugging Face GPT-2 layout, plus pipit's own training state.
+//! Checkpoint directories in Hugging Face layout (`GPT2LMHeadModel`, `LlamaForCausalLM`), plus
+//! pipit's own training state.
 //!
 //! A checkpoint directory holds:
 //! - `model.safetensors`: the weights under Hugging Face's names (`transformer.wte.weight`, ...,
@@ -19,17 +20,17 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::invalid_input;
-use crate::model::{GptConfig, HostTensors, OptimizerState};
+use crate::model::{Family, HostTensors, ModelConfig, OptimizerState};
 
 /// Everything a checkpoint directory holds, with tensor names as pipit uses them internally
 /// (Hugging Face's without the `transformer.` prefix, and `wte`/`wpe` without `.weight`).
 #[derive(Clone, Debug)]
 pub struct Checkpoint {
     /// Model sizes.
-    pub config: GptConfig,
+    pub config: ModelConfig,
     /// The weights.
     pub params: HostTensors,
     /// AdamW moments (absent in Hugging Face checkpoints).
@@ -37,8 +38,6 @@ pub struct Checkpoint {
     /// Training state (step, seed, data position, settings); absent in Hugging Face checkpoints.
     pub trainer_state: Option<Value>,
 }
-
-const PREFIX: &str = "transformer.";
 
 /// Write `ckpt` to `dir`, replacing any checkpoint there only once the new one is complete.
 pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
@@ -95,13 +94,17 @@ fn write_contents(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
     let format = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut prefixed = HostTensors::new();
     for (name, t) in ckpt.params.iter() {
-        prefixed.insert(hf_name(name), t.shape.clone(), t.data.clone())?;
+        prefixed.insert(
+            ckpt.config.family.hf_name(name),
+            t.shape.clone(),
+            t.data.clone(),
+        )?;
     }
     write_synced(
         &dir.join("model.safetensors"),
         &safetensors::to_bytes(&prefixed, &format),
     )?;
-    let config = serde_json::to_vec_pretty(&hf_config(&ckpt.config))?;
+    let config = serde_json::to_vec_pretty(&ckpt.config.hf_config())?;
     write_synced(&dir.join("config.json"), &config)?;
     if let Some(opt) = &ckpt.optimizer {
         let mut moments = HostTensors::new();
@@ -130,78 +133,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     f.write_all(bytes)?;
     f.sync_all()?;
     Ok(())
-}
-
-/// Hugging Face's `config.json` for a GPT-2 of these sizes.
-pub fn hf_config(c: &GptConfig) -> Value {
-    json!({
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": c.vocab_size,
-        "n_positions": c.n_positions,
-        "n_ctx": c.n_positions,
-        "n_embd": c.n_embd,
-        "n_layer": c.n_layer,
-        "n_head": c.n_head,
-        "n_inner": null,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
-        "initializer_range": 0.02,
-        "resid_pdrop": 0.0,
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "scale_attn_weights": true,
-        "tie_word_embeddings": true,
-        "bos_token_id": c.vocab_size - 1,
-        "eos_token_id": c.vocab_size - 1,
-    })
-}
-
-/// The model sizes in a Hugging Face GPT-2 `config.json`; variants pipit does not implement
-/// (another activation, an unusual MLP width, untied embeddings) are rejected by name.
-pub fn parse_hf_config(v: &Value) -> Result<GptConfig> {
-    let field = |name: &str| -> Result<usize> {
-        v.get(name)
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .ok_or_else(|| invalid_input!("config.json: `{name}` must be a positive integer"))
-    };
-    let config = GptConfig {
-        vocab_size: field("vocab_size")?,
-        n_positions: field("n_positions")?,
-        n_embd: field("n_embd")?,
-        n_layer: field("n_layer")?,
-        n_head: field("n_head")?,
-    };
-    if let Some(model_type) = v.get("model_type").and_then(Value::as_str) {
-        if model_type != "gpt2" {
-            return Err(invalid_input!(
-                "config.json: model_type must be gpt2, got {model_type}"
-            ));
-        }
-    }
-    if let Some(act) = v.get("activation_function").and_then(Value::as_str) {
-        if act != "gelu_new" && act != "gelu_pytorch_tanh" {
-            return Err(invalid_input!(
-                "config.json: activation_function must be gelu_new (GPT-2's tanh GELU), got {act}"
-            ));
-        }
-    }
-    if let Some(inner) = v.get("n_inner").and_then(Value::as_u64) {
-        if inner as usize != 4 * config.n_embd {
-            return Err(invalid_input!(
-                "config.json: n_inner must be 4·n_embd = {}, got {inner}",
-                4 * config.n_embd
-            ));
-        }
-    }
-    if v.get("tie_word_embeddings").and_then(Value::as_bool) == Some(false) {
-        return Err(invalid_input!(
-            "config.json: tie_word_embeddings must be true (GPT-2 ties the LM head to wte)"
-        ));
-    }
-    config.validate()?;
-    Ok(config)
 }
 
 /// Read a checkpoint directory: pipit's own, or a Hugging Face GPT-2 one. Every tensor the
@@ -233,12 +164,12 @@ pub fn load_some(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint> 
         .map_err(|e| invalid_input!("cannot read {}: {e}", config_path.display()))?;
     let config_json: Value = serde_json::from_slice(&config_text)
         .map_err(|e| invalid_input!("{} is not JSON: {e}", config_path.display()))?;
-    let config = parse_hf_config(&config_json)?;
+    let config = ModelConfig::from_hf_config(&config_json)?;
 
-    let model_path = dir.join("model.safetensors");
-    let wanted = |hf: &str| internal_name(hf).is_some_and(|n| keep(&n));
-    let raw = safetensors::read_some(&model_path, &wanted)?;
-    let params = hf_names_to_internal(raw)?;
+    let family = config.family;
+    let wanted = |hf: &str| family.internal_name(hf).is_some_and(|n| keep(&n));
+    let (model_path, raw) = read_weights(dir, &wanted)?;
+    let params = hf_names_to_internal(family, raw)?;
     check_shapes_of(&config, &params, keep).with_context(|| model_path.display().to_string())?;
 
     let opt_path = dir.join("optimizer.safetensors");
@@ -273,6 +204,60 @@ pub fn load_some(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint> 
     })
 }
 
+/// The index of a sharded checkpoint, as transformers writes it.
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// The weights of `dir` that `keep` accepts (by Hugging Face name), from `model.safetensors`
+/// or, in a sharded checkpoint, from the shards its index names: only the shards holding a
+/// kept tensor are opened, and of each only the kept tensors' bytes are read. Returns the
+/// file to name in errors (the single file or the index) with the tensors.
+fn read_weights(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<(PathBuf, HostTensors)> {
+    let single = dir.join("model.safetensors");
+    let index_path = dir.join(SHARD_INDEX);
+    if single.exists() || !index_path.exists() {
+        let raw = safetensors::read_some(&single, keep)?;
+        return Ok((single, raw));
+    }
+    let text = fs::read(&index_path)
+        .map_err(|e| invalid_input!("cannot read {}: {e}", index_path.display()))?;
+    let index: Value = serde_json::from_slice(&text)
+        .map_err(|e| invalid_input!("{} is not JSON: {e}", index_path.display()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| invalid_input!("{}: no `weight_map` object", index_path.display()))?;
+    let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            invalid_input!(
+                "{}: the shard of `{name}` is not a file name",
+                index_path.display()
+            )
+        })?;
+        if file.contains(['/', '\\']) || file.starts_with('.') {
+            return Err(invalid_input!(
+                "{}: shard `{file}` is not a file beside the index",
+                index_path.display()
+            ));
+        }
+        if keep(name) {
+            shards.entry(file).or_default().push(name);
+        }
+    }
+    let mut raw = HostTensors::new();
+    for (file, names) in shards {
+        let got = safetensors::read_some(&dir.join(file), &|n| names.contains(&n))?;
+        if let Some(missing) = names.iter().find(|n| got.get(n).is_none()) {
+            return Err(invalid_input!(
+                "{}: the index puts `{missing}` in {file}, which does not hold it",
+                index_path.display()
+            ));
+        }
+        raw.extend(got);
+    }
+    Ok((index_path, raw))
+}
+
 /// Sort `{name}.exp_avg` / `{name}.exp_avg_sq` tensors into first and second moments.
 fn split_moments(moments: HostTensors) -> Result<OptimizerState> {
     let mut state = OptimizerState::default();
@@ -291,34 +276,12 @@ fn split_moments(moments: HostTensors) -> Result<OptimizerState> {
     Ok(state)
 }
 
-/// The Hugging Face name of an internal tensor name (`wte` -> `transformer.wte.weight`).
-fn hf_name(name: &str) -> String {
-    match name {
-        "wte" | "wpe" => format!("{PREFIX}{name}.weight"),
-        _ => format!("{PREFIX}{name}"),
-    }
-}
-
-/// The pipit name of a Hugging Face tensor name: the `transformer.` prefix stripped, `wte`
-/// and `wpe` without `.weight`; `None` for what GPT-2 checkpoints carry besides weights (the
-/// causal-mask buffers `attn.bias`, `attn.masked_bias` and the tied `lm_head.weight`).
-fn internal_name(hf: &str) -> Option<String> {
-    let name = hf.strip_prefix(PREFIX).unwrap_or(hf);
-    let name = match name {
-        "wte.weight" | "wpe.weight" => name.trim_end_matches(".weight"),
-        _ => name,
-    };
-    let skip = name == "lm_head.weight"
-        || name.ends_with(".attn.bias")
-        || name.ends_with(".attn.masked_bias");
-    (!skip).then(|| name.to_string())
-}
-
-/// Rename Hugging Face tensors to pipit's names, dropping the non-weights ([`internal_name`]).
-fn hf_names_to_internal(raw: HostTensors) -> Result<HostTensors> {
+/// Rename Hugging Face tensors to pipit's names, dropping the non-weights
+/// ([`Family::internal_name`]).
+fn hf_names_to_internal(family: Family, raw: HostTensors) -> Result<HostTensors> {
     let mut out = HostTensors::new();
     for (name, t) in raw.iter() {
-        if let Some(name) = internal_name(name) {
+        if let Some(name) = family.internal_name(name) {
             out.insert(name, t.shape.clone(), t.data.clone())?;
         }
     }
@@ -326,14 +289,14 @@ fn hf_names_to_internal(raw: HostTensors) -> Result<HostTensors> {
 }
 
 /// Every parameter of `config` present with its expected shape; extra tensors are an error.
-pub fn check_shapes(config: &GptConfig, params: &HostTensors) -> Result<()> {
+pub fn check_shapes(config: &ModelConfig, params: &HostTensors) -> Result<()> {
     check_shapes_of(config, params, &|_| true)
 }
 
 /// [`check_shapes`] for the tensors `keep` accepts: each of those the model needs is present
 /// with its shape (and `params` holds nothing else).
 fn check_shapes_of(
-    config: &GptConfig,
+    config: &ModelConfig,
     params: &HostTensors,
     keep: &dyn Fn(&str) -> bool,
 ) -> Result<()> {
@@ -369,14 +332,16 @@ fn check_shapes_of(
 mod tests {
     use super::*;
     use crate::model::init_parameters;
+    use serde_json::json;
 
-    fn tiny() -> GptConfig {
-        GptConfig {
+    fn tiny() -> ModelConfig {
+        ModelConfig {
             vocab_size: 11,
             n_positions: 6,
             n_embd: 8,
             n_layer: 2,
             n_head: 2,
+            ..ModelConfig::default()
         }
     }
 
@@ -500,7 +465,7 @@ mod tests {
             safetensors::to_bytes(&hub, &BTreeMap::new()),
         )
         .unwrap();
-        let mut config = hf_config(&tiny());
+        let mut config = tiny().hf_config();
         config["n_inner"] = Value::Null;
         fs::write(dir.join("config.json"), config.to_string()).unwrap();
         let back = load(&dir).unwrap();
@@ -518,7 +483,7 @@ mod tests {
             trainer_state: None,
         };
         save(&dir, &ckpt).unwrap();
-        let mut bigger = hf_config(&tiny());
+        let mut bigger = tiny().hf_config();
         bigger["n_embd"] = json!(16);
         fs::write(dir.join("config.json"), bigger.to_string()).unwrap();
         let err = load(&dir).unwrap_err();
@@ -526,10 +491,10 @@ mod tests {
             crate::is_invalid_input(&err) && format!("{err:#}").contains("shape"),
             "{err:#}"
         );
-        let mut relu = hf_config(&tiny());
+        let mut relu = tiny().hf_config();
         relu["activation_function"] = json!("relu");
         assert!(crate::is_invalid_input(
-            &parse_hf_config(&relu).unwrap_err()
+            &ModelConfig::from_hf_config(&relu).unwrap_err()
         ));
     }
 }

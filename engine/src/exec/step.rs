@@ -113,9 +113,6 @@ impl StepReport {
     }
 }
 
-/// The parameter the LM head shares with the token embedding.
-const TIED: &str = "wte";
-
 /// Run one training step of `schedule` (lowered: transfers included) over `batch`, split into
 /// `schedule.microbatches` equal micro-batches, on `ranks` (element `r` is rank `r`).
 ///
@@ -459,9 +456,11 @@ fn global_grad_norm<B: Backend, T: Transport<B>>(
     Ok(f64::from(total).sqrt())
 }
 
-/// Sum the tied embedding's two gradient contributions (token embedding on the first stage,
-/// LM head on the last) so both copies take the same optimizer step, as Megatron's embedding
-/// group does. Nothing to do when one stage holds both.
+/// Sum the two gradient contributions of each parameter the family shares between the first
+/// layer and the last ([`ModelConfig::shared_params`]: a tied embedding, used by the token
+/// embedding on the first stage and the LM head on the last) so both copies take the same
+/// optimizer step, as Megatron's embedding group does. Nothing to do when one stage holds
+/// both, or the model shares nothing.
 fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
     schedule: &Schedule,
     me: usize,
@@ -470,33 +469,39 @@ fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
     stages: &mut [(usize, StageModel<B>)],
 ) -> Result<()> {
     let last = schedule.num_stages() - 1;
-    if last == 0 {
+    let Some((_, any)) = stages.first() else {
+        return Ok(());
+    };
+    let shared = any.config().shared_params();
+    if last == 0 || shared.is_empty() {
         return Ok(());
     }
     let (first_rank, last_rank) = (schedule.placement[0], schedule.placement[last]);
-    let missing = |stage: usize| anyhow!("stage {stage} holds no {TIED} gradient");
-    if me == first_rank && me == last_rank {
-        // Both stages live here: stages are sorted, so stage 0 is first and the last is last.
-        let (head, tail) = stages.split_at_mut(stages.len() - 1);
-        let g0 = head[0].1.grad_mut(TIED).ok_or_else(|| missing(0))?;
-        let gl = tail[0].1.grad_mut(TIED).ok_or_else(|| missing(last))?;
-        backend.add_assign(g0, gl)?;
-        backend.copy(gl, g0)?;
-    } else if me == last_rank {
-        let gl = stage_mut(stages, last)?
-            .grad_mut(TIED)
-            .ok_or_else(|| missing(last))?;
-        let len = backend.len(gl);
-        transport.send(backend, first_rank, gl)?;
-        let sum = transport.recv(backend, first_rank, len)?;
-        backend.copy(gl, &sum)?;
-    } else if me == first_rank {
-        let g0 = stage_mut(stages, 0)?
-            .grad_mut(TIED)
-            .ok_or_else(|| missing(0))?;
-        let other = transport.recv(backend, last_rank, backend.len(g0))?;
-        backend.add_assign(g0, &other)?;
-        transport.send(backend, last_rank, g0)?;
+    for name in &shared {
+        let missing = |stage: usize| anyhow!("stage {stage} holds no {name} gradient");
+        if me == first_rank && me == last_rank {
+            // Both stages live here: stages are sorted, so stage 0 is first and the last is last.
+            let (head, tail) = stages.split_at_mut(stages.len() - 1);
+            let g0 = head[0].1.grad_mut(name).ok_or_else(|| missing(0))?;
+            let gl = tail[0].1.grad_mut(name).ok_or_else(|| missing(last))?;
+            backend.add_assign(g0, gl)?;
+            backend.copy(gl, g0)?;
+        } else if me == last_rank {
+            let gl = stage_mut(stages, last)?
+                .grad_mut(name)
+                .ok_or_else(|| missing(last))?;
+            let len = backend.len(gl);
+            transport.send(backend, first_rank, gl)?;
+            let sum = transport.recv(backend, first_rank, len)?;
+            backend.copy(gl, &sum)?;
+        } else if me == first_rank {
+            let g0 = stage_mut(stages, 0)?
+                .grad_mut(name)
+                .ok_or_else(|| missing(0))?;
+            let other = transport.recv(backend, last_rank, backend.len(g0))?;
+            backend.add_assign(g0, &other)?;
+            transport.send(backend, last_rank, g0)?;
+        }
     }
     Ok(())
 }

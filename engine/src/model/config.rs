@@ -1,50 +1,118 @@
-//! The model's shape (Hugging Face GPT-2 config names), its layers, and optimizer settings.
+//! The model's family and sizes, its layers, and optimizer settings.
 
 use std::fmt;
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use super::parts::{LayerParts, ParamSpec};
 use crate::invalid;
 
-/// GPT-2 hyper-parameters, named as in Hugging Face's `config.json` so such a file loads as is
-/// (other keys are ignored). Defaults: a tiny byte-level model (vocabulary of 256 bytes).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A model architecture described over shared parts (`model/parts/`), one file each.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// GPT-2: learned positions, LayerNorm, packed q|k|v with biases, tanh-GELU MLP, tied head.
+    #[default]
+    Gpt2,
+    /// Llama: rotary positions, RMSNorm, grouped-query attention, SwiGLU MLP, untied head.
+    Llama,
+}
+
+impl Family {
+    /// The name users write (`--model gpt2|llama`) and Hugging Face's `model_type`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Gpt2 => "gpt2",
+            Family::Llama => "llama",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Family {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "gpt2" => Ok(Family::Gpt2),
+            "llama" => Ok(Family::Llama),
+            other => Err(crate::invalid_input!(
+                "--model must be gpt2 or llama, got {other}"
+            )),
+        }
+    }
+}
+
+/// A model's family and sizes. The GPT-2 fields carry Hugging Face GPT-2's `config.json` names
+/// (`n_embd`, `n_head`, ...) for every family; the options a family may change are `None`
+/// for its own default. Defaults: a tiny byte-level GPT-2 (vocabulary of 256 bytes).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct GptConfig {
-    /// Tokens in the vocabulary (rows of `wte`).
+pub struct ModelConfig {
+    /// The architecture.
+    #[serde(rename = "model")]
+    pub family: Family,
+    /// Tokens in the vocabulary (rows of the token embedding).
     pub vocab_size: usize,
-    /// Longest sequence the model accepts (rows of `wpe`).
+    /// Longest sequence the model accepts (rows of GPT-2's position embedding).
     pub n_positions: usize,
     /// Model width `C`.
     pub n_embd: usize,
     /// Transformer blocks.
     pub n_layer: usize,
-    /// Attention heads per block; `n_embd` must be a multiple of it.
+    /// Attention (query) heads per block; `n_embd` must be a multiple of it.
     pub n_head: usize,
+    /// Key/value heads (grouped-query attention); divides `n_head`. Default: `n_head`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n_kv_head: Option<usize>,
+    /// Width of the MLP's hidden layer. Default: 4·`n_embd` for GPT-2; for Llama 8/3·`n_embd`
+    /// rounded up to a multiple of 32.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ffn_dim: Option<usize>,
+    /// Base θ of the rotary position frequencies (Llama). Default: 10,000.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f32>,
+    /// Epsilon of the norms. Default: 1e-5 for GPT-2 (its only value), 1e-6 for Llama.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_eps: Option<f32>,
+    /// The LM head is the token embedding. Default: true for GPT-2 (its only value), false
+    /// for Llama.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tie_embeddings: Option<bool>,
 }
 
-impl Default for GptConfig {
+impl Default for ModelConfig {
     fn default() -> Self {
         Self {
+            family: Family::Gpt2,
             vocab_size: 256,
             n_positions: 256,
             n_embd: 64,
             n_layer: 4,
             n_head: 4,
+            n_kv_head: None,
+            ffn_dim: None,
+            rope_theta: None,
+            norm_eps: None,
+            tie_embeddings: None,
         }
     }
 }
 
 /// One unit the partitioner may place: the embedding, a transformer block, or the head
-/// (final layernorm, LM head tied to `wte`, and the cross-entropy loss).
+/// (final norm, LM head, and the cross-entropy loss).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Layer {
-    /// Token + position embedding (`wte`, `wpe`).
+    /// The token embedding (and GPT-2's position embedding).
     Embedding,
-    /// Transformer block `h.{i}`.
+    /// Transformer block `i`.
     Block(usize),
-    /// Final layernorm `ln_f`, logits through the tied `wte`, and the loss.
+    /// Final norm, logits through the LM head (GPT-2's tied to the embedding), and the loss.
     Head,
 }
 
@@ -58,8 +126,45 @@ impl fmt::Display for Layer {
     }
 }
 
-impl GptConfig {
-    /// Check that every size is positive and the width splits evenly into heads.
+impl ModelConfig {
+    /// Key/value heads per block.
+    pub fn kv_heads(&self) -> usize {
+        self.n_kv_head.unwrap_or(self.n_head)
+    }
+
+    /// Elements per attention head.
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head.max(1)
+    }
+
+    /// Width of the MLP's hidden layer.
+    pub fn ffn(&self) -> usize {
+        self.ffn_dim.unwrap_or(match self.family {
+            Family::Gpt2 => 4 * self.n_embd,
+            Family::Llama => (8 * self.n_embd).div_ceil(3).div_ceil(32) * 32,
+        })
+    }
+
+    /// Base θ of the rotary frequencies.
+    pub fn theta(&self) -> f32 {
+        self.rope_theta.unwrap_or(10_000.0)
+    }
+
+    /// Epsilon of the norms.
+    pub fn eps(&self) -> f32 {
+        self.norm_eps.unwrap_or(match self.family {
+            Family::Gpt2 => 1e-5,
+            Family::Llama => 1e-6,
+        })
+    }
+
+    /// Whether the LM head is the token embedding.
+    pub fn tied(&self) -> bool {
+        self.tie_embeddings.unwrap_or(self.family == Family::Gpt2)
+    }
+
+    /// Check that every size is positive, the width splits evenly into heads, and the
+    /// family's constraints hold.
     pub fn validate(&self) -> Result<()> {
         for (name, value) in [
             ("vocab_size", self.vocab_size),
@@ -67,6 +172,8 @@ impl GptConfig {
             ("n_embd", self.n_embd),
             ("n_layer", self.n_layer),
             ("n_head", self.n_head),
+            ("n_kv_head", self.kv_heads()),
+            ("ffn_dim", self.ffn()),
         ] {
             if value == 0 {
                 invalid!("model {name} must be at least 1, got 0");
@@ -85,7 +192,17 @@ impl GptConfig {
                 self.n_head
             );
         }
-        Ok(())
+        if self.n_head % self.kv_heads() != 0 {
+            invalid!(
+                "model n_kv_head ({}) must divide n_head ({})",
+                self.kv_heads(),
+                self.n_head
+            );
+        }
+        match self.family {
+            Family::Gpt2 => super::gpt2::validate(self),
+            Family::Llama => super::llama::validate(self),
+        }
     }
 
     /// The model's layers in order: embedding, `n_layer` blocks, head (`n_layer + 2` in all).
@@ -97,48 +214,48 @@ impl GptConfig {
             .collect()
     }
 
-    /// Names (Hugging Face's, without the `transformer.` prefix) and shapes of the tensors
-    /// `layer` uses, in a fixed order. The head lists `wte` too: it is tied to the embedding.
-    pub fn layer_params(&self, layer: Layer) -> Vec<(String, Vec<usize>)> {
-        let (v, p, c) = (self.vocab_size, self.n_positions, self.n_embd);
-        match layer {
-            Layer::Embedding => vec![("wte".into(), vec![v, c]), ("wpe".into(), vec![p, c])],
-            Layer::Block(i) => [
-                ("ln_1.weight", vec![c]),
-                ("ln_1.bias", vec![c]),
-                ("attn.c_attn.weight", vec![c, 3 * c]),
-                ("attn.c_attn.bias", vec![3 * c]),
-                ("attn.c_proj.weight", vec![c, c]),
-                ("attn.c_proj.bias", vec![c]),
-                ("ln_2.weight", vec![c]),
-                ("ln_2.bias", vec![c]),
-                ("mlp.c_fc.weight", vec![c, 4 * c]),
-                ("mlp.c_fc.bias", vec![4 * c]),
-                ("mlp.c_proj.weight", vec![4 * c, c]),
-                ("mlp.c_proj.bias", vec![c]),
-            ]
-            .into_iter()
-            .map(|(name, shape)| (format!("h.{i}.{name}"), shape))
-            .collect(),
-            Layer::Head => vec![
-                ("ln_f.weight".into(), vec![c]),
-                ("ln_f.bias".into(), vec![c]),
-                ("wte".into(), vec![v, c]),
-            ],
+    /// The parts `layer` is made of, as the family assembles them.
+    pub(crate) fn parts(&self, layer: Layer) -> LayerParts {
+        match self.family {
+            Family::Gpt2 => super::gpt2::layer(self, layer),
+            Family::Llama => super::llama::layer(self, layer),
         }
     }
 
-    /// Names and shapes of the tensors of `layers`, each once (a shared `wte` appears once).
-    pub fn params_of(&self, layers: &[Layer]) -> Vec<(String, Vec<usize>)> {
-        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+    /// The tensors `layer` uses, in a fixed order, with their initialisation and role.
+    pub(crate) fn layer_specs(&self, layer: Layer) -> Vec<ParamSpec> {
+        self.parts(layer).params()
+    }
+
+    /// Names and shapes of the tensors `layer` uses, in a fixed order. The head of a tied
+    /// model lists the token embedding too.
+    pub fn layer_params(&self, layer: Layer) -> Vec<(String, Vec<usize>)> {
+        self.layer_specs(layer)
+            .into_iter()
+            .map(|s| (s.name, s.shape))
+            .collect()
+    }
+
+    /// The tensors of `layers`, each once (a tied embedding appears once, a matmul operand).
+    pub(crate) fn specs_of(&self, layers: &[Layer]) -> Vec<ParamSpec> {
+        let mut out: Vec<ParamSpec> = Vec::new();
         for &layer in layers {
-            for (name, shape) in self.layer_params(layer) {
-                if !out.iter().any(|(n, _)| *n == name) {
-                    out.push((name, shape));
+            for spec in self.layer_specs(layer) {
+                match out.iter_mut().find(|s| s.name == spec.name) {
+                    Some(seen) => seen.operand |= spec.operand,
+                    None => out.push(spec),
                 }
             }
         }
         out
+    }
+
+    /// Names and shapes of the tensors of `layers`, each once.
+    pub fn params_of(&self, layers: &[Layer]) -> Vec<(String, Vec<usize>)> {
+        self.specs_of(layers)
+            .into_iter()
+            .map(|s| (s.name, s.shape))
+            .collect()
     }
 
     /// Every tensor of the model, each once, in Hugging Face's order.
@@ -146,12 +263,35 @@ impl GptConfig {
         self.params_of(&self.layers())
     }
 
-    /// Number of trainable parameters (the tied `wte` counted once).
+    /// The tensors both the first layer and the last use (the tied embedding): when they sit
+    /// on different stages each holds a copy, whose gradients the executor sums.
+    pub fn shared_params(&self) -> Vec<String> {
+        let last = self.layer_params(Layer::Head);
+        self.layer_params(Layer::Embedding)
+            .into_iter()
+            .filter(|(name, _)| last.iter().any(|(n, _)| n == name))
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Number of trainable parameters (a tied embedding counted once).
     pub fn num_parameters(&self) -> usize {
         self.all_params()
             .iter()
             .map(|(_, shape)| shape.iter().product::<usize>())
             .sum()
+    }
+
+    /// Forward FLOPs per token of `layer` over sequences of `seq` tokens: two per
+    /// multiply-add of its matmuls and attention, plus the softmax over the vocabulary.
+    pub fn layer_flops(&self, layer: Layer, seq: usize) -> f64 {
+        self.parts(layer).flops(seq)
+    }
+
+    /// Forward FLOPs per token of `layer`'s weight matmuls alone (a split backward's weight
+    /// half costs as many).
+    pub fn layer_weight_flops(&self, layer: Layer) -> f64 {
+        self.parts(layer).weight_flops()
     }
 }
 
@@ -191,12 +331,13 @@ mod tests {
 
     #[test]
     fn gpt2_small_has_124m_parameters() {
-        let cfg = GptConfig {
+        let cfg = ModelConfig {
             vocab_size: 50257,
             n_positions: 1024,
             n_embd: 768,
             n_layer: 12,
             n_head: 12,
+            ..ModelConfig::default()
         };
         assert_eq!(cfg.num_parameters(), 124_439_808);
         assert_eq!(cfg.layers().len(), 14);
@@ -206,7 +347,7 @@ mod tests {
     fn hugging_face_config_json_loads() {
         let json = r#"{"model_type":"gpt2","vocab_size":50257,"n_positions":1024,
             "n_ctx":1024,"n_embd":768,"n_layer":12,"n_head":12,"activation_function":"gelu_new"}"#;
-        let cfg: GptConfig = serde_json::from_str(json).unwrap();
+        let cfg: ModelConfig = serde_json::from_str(json).unwrap();
         assert_eq!(cfg.n_embd, 768);
         assert_eq!(cfg.n_head, 12);
         cfg.validate().unwrap();
@@ -214,24 +355,24 @@ mod tests {
 
     #[test]
     fn bad_configs_are_invalid_input() {
-        let cfg = GptConfig {
+        let cfg = ModelConfig {
             n_embd: 10,
             n_head: 4,
-            ..GptConfig::default()
+            ..ModelConfig::default()
         };
         let err = cfg.validate().unwrap_err();
         assert!(crate::is_invalid_input(&err));
         assert!(err.to_string().contains("n_embd (10)"));
-        let zero = GptConfig {
+        let zero = ModelConfig {
             n_layer: 0,
-            ..GptConfig::default()
+            ..ModelConfig::default()
         };
         assert!(crate::is_invalid_input(&zero.validate().unwrap_err()));
     }
 
     #[test]
     fn shared_wte_is_listed_once() {
-        let cfg = GptConfig::default();
+        let cfg = ModelConfig::default();
         let names: Vec<String> = cfg.all_params().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names.iter().filter(|n| *n == "wte").count(), 1);
         assert_eq!(names.len(), 2 + 12 * cfg.n_layer + 2);

@@ -1,10 +1,11 @@
-//! Host-side tensors (for initialisation and checkpoints) and GPT-2's initialisation.
+//! Host-side tensors (for initialisation and checkpoints) and the initial parameters.
 
 use std::collections::BTreeMap;
 
 use anyhow::Result;
 
-use super::config::GptConfig;
+use super::config::ModelConfig;
+use super::parts::Init;
 use crate::invalid;
 use crate::rng::Rng;
 
@@ -90,38 +91,36 @@ impl HostTensors {
     }
 }
 
-/// Standard deviation of GPT-2's initial weights and embeddings.
-const INIT_STD: f64 = 0.02;
-
-/// The initial value of one tensor, as GPT-2 initialises it: layernorm weights one, biases
-/// zero, residual projections (`*.c_proj.weight`) normal(0, 0.02/√(2·n_layer)), every other
-/// matrix and embedding normal(0, 0.02). The random stream depends only on `seed` and `name`,
-/// so a tensor starts the same whichever stage holds it.
-pub fn init_tensor(cfg: &GptConfig, seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+/// The initial value of one tensor, as its part declares it: norm weights one, biases zero,
+/// weights and embeddings normal with the family's deviation (GPT-2's residual projections
+/// 0.02/√(2·n_layer), everything else 0.02). The random stream depends only on `seed` and
+/// `name`, so a tensor starts the same whichever stage holds it.
+pub fn init_tensor(cfg: &ModelConfig, seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
     let len = shape.iter().product();
-    let is_layernorm =
-        name.starts_with("ln_f.") || name.contains(".ln_1.") || name.contains(".ln_2.");
-    if is_layernorm && name.ends_with(".weight") {
-        return vec![1.0; len];
+    let init = cfg
+        .specs_of(&cfg.layers())
+        .into_iter()
+        .find(|s| s.name == name)
+        .map_or(Init::Zeros, |s| s.init);
+    initial(init, seed, name, len)
+}
+
+/// `len` values of `init` for the tensor `name`.
+fn initial(init: Init, seed: u64, name: &str, len: usize) -> Vec<f32> {
+    match init {
+        Init::Ones => vec![1.0; len],
+        Init::Zeros => vec![0.0; len],
+        Init::Normal(std) => Rng::for_name(seed, name).normal_vec(len, std),
     }
-    if name.ends_with(".bias") {
-        return vec![0.0; len];
-    }
-    let std = if name.ends_with(".c_proj.weight") {
-        INIT_STD / (2.0 * cfg.n_layer as f64).sqrt()
-    } else {
-        INIT_STD
-    };
-    Rng::for_name(seed, name).normal_vec(len, std)
 }
 
 /// Every parameter of the model, initialised by [`init_tensor`] from `seed`.
-pub fn init_parameters(cfg: &GptConfig, seed: u64) -> Result<HostTensors> {
+pub fn init_parameters(cfg: &ModelConfig, seed: u64) -> Result<HostTensors> {
     cfg.validate()?;
     let mut out = HostTensors::new();
-    for (name, shape) in cfg.all_params() {
-        let data = init_tensor(cfg, seed, &name, &shape);
-        out.insert(name, shape, data)?;
+    for spec in cfg.specs_of(&cfg.layers()) {
+        let data = initial(spec.init, seed, &spec.name, spec.shape.iter().product());
+        out.insert(spec.name, spec.shape, data)?;
     }
     Ok(out)
 }
@@ -132,10 +131,10 @@ mod tests {
 
     #[test]
     fn initialisation_follows_gpt2() {
-        let cfg = GptConfig {
+        let cfg = ModelConfig {
             n_layer: 8,
             n_embd: 32,
-            ..GptConfig::default()
+            ..ModelConfig::default()
         };
         let host = init_parameters(&cfg, 5).unwrap();
         assert_eq!(host.len(), cfg.all_params().len());
@@ -175,8 +174,8 @@ mod tests {
 
     #[test]
     fn a_tensor_depends_only_on_seed_and_name() {
-        let small = GptConfig::default();
-        let deeper = GptConfig {
+        let small = ModelConfig::default();
+        let deeper = ModelConfig {
             n_layer: 6,
             ..small.clone()
         };

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 
+use super::parts::ParamSpec;
 use crate::backend::{Backend, DType};
 
 /// Parameters in a fixed order, with their gradients and optimizer moments in parallel
@@ -12,9 +13,11 @@ use crate::backend::{Backend, DType};
 /// Values, gradients and moments are f32 (the master copy). Under mixed precision each matrix
 /// a matmul reads also has a low-precision compute copy, refreshed from the master after
 /// every change to it.
-pub(super) struct Params<B: Backend> {
+pub(crate) struct Params<B: Backend> {
     pub(super) names: Vec<String>,
     pub(super) shapes: Vec<Vec<usize>>,
+    /// Which parameters a matmul reads (they get compute copies under mixed precision).
+    operands: Vec<bool>,
     index: HashMap<String, usize>,
     pub(super) values: Vec<B::Buffer>,
     pub(super) grads: Vec<B::Buffer>,
@@ -26,14 +29,11 @@ pub(super) struct Params<B: Backend> {
 
 impl<B: Backend> Params<B> {
     /// Upload `values` (in the order of `specs`) and allocate zeroed gradients and moments.
-    pub(super) fn new(
-        b: &B,
-        specs: Vec<(String, Vec<usize>)>,
-        values: Vec<&[f32]>,
-    ) -> Result<Self> {
+    pub(super) fn new(b: &B, specs: Vec<ParamSpec>, values: Vec<&[f32]>) -> Result<Self> {
         let mut p = Self {
             names: Vec::new(),
             shapes: Vec::new(),
+            operands: Vec::new(),
             index: HashMap::new(),
             values: Vec::new(),
             grads: Vec::new(),
@@ -41,7 +41,8 @@ impl<B: Backend> Params<B> {
             v: Vec::new(),
             compute: Vec::new(),
         };
-        for ((name, shape), data) in specs.into_iter().zip(values) {
+        for (spec, data) in specs.into_iter().zip(values) {
+            let (name, shape) = (spec.name, spec.shape);
             let len = data.len();
             let ctx = || format!("allocating parameter {name}");
             p.values.push(b.upload(data).with_context(ctx)?);
@@ -49,6 +50,7 @@ impl<B: Backend> Params<B> {
             p.m.push(b.alloc(len, DType::F32).with_context(ctx)?);
             p.v.push(b.alloc(len, DType::F32).with_context(ctx)?);
             p.compute.push(None);
+            p.operands.push(spec.operand);
             p.index.insert(name.clone(), p.names.len());
             p.names.push(name);
             p.shapes.push(shape);
@@ -78,12 +80,12 @@ impl<B: Backend> Params<B> {
         Ok(self.compute[i].as_ref().unwrap_or(&self.values[i]))
     }
 
-    /// Give every matmul operand (the 2-D parameters but the position embedding, which only
-    /// the embedding reads) a compute copy of `dtype`, or drop the copies for f32.
+    /// Give every matmul operand (the linear layers' weights and the LM head; not the
+    /// embedding tables, which only the embedding reads) a compute copy of `dtype`, or drop
+    /// the copies for f32.
     pub(super) fn set_compute_dtype(&mut self, b: &B, dtype: DType) -> Result<()> {
         for i in 0..self.names.len() {
-            let matmul_operand = self.shapes[i].len() == 2 && self.names[i] != "wpe";
-            self.compute[i] = if dtype != DType::F32 && matmul_operand {
+            self.compute[i] = if dtype != DType::F32 && self.operands[i] {
                 let len = b.len(&self.values[i]);
                 Some(b.alloc_output(len, dtype).with_context(|| {
                     format!("allocating the {} copy of {}", dtype.name(), self.names[i])
@@ -111,15 +113,21 @@ impl<B: Backend> Params<B> {
         Ok(&mut self.grads[i])
     }
 
-    /// The value of a layernorm's weight and the gradients of its weight and bias, at once.
-    pub(super) fn layernorm(
+    /// The value of a norm's weight and the gradients of its weight and (LayerNorm) bias.
+    pub(super) fn norm_grads(
         &mut self,
         weight: &str,
-        bias: &str,
-    ) -> Result<(&B::Buffer, &mut B::Buffer, &mut B::Buffer)> {
-        let (w, b) = (self.at(weight)?, self.at(bias)?);
-        let (dw, db) = two_mut(&mut self.grads, w, b);
-        Ok((&self.values[w], dw, db))
+        bias: Option<&str>,
+    ) -> Result<NormGrads<'_, B>> {
+        let w = self.at(weight)?;
+        match bias {
+            Some(bias) => {
+                let b = self.at(bias)?;
+                let (dw, db) = two_mut(&mut self.grads, w, b);
+                Ok((&self.values[w], dw, Some(db)))
+            }
+            None => Ok((&self.values[w], &mut self.grads[w], None)),
+        }
     }
 
     /// The gradients of two different parameters, at once.
@@ -132,6 +140,13 @@ impl<B: Backend> Params<B> {
         Ok(two_mut(&mut self.grads, i, j))
     }
 }
+
+/// A norm's weight, its gradient, and its bias's gradient (LayerNorm).
+pub(super) type NormGrads<'a, B> = (
+    &'a <B as Backend>::Buffer,
+    &'a mut <B as Backend>::Buffer,
+    Option<&'a mut <B as Backend>::Buffer>,
+);
 
 /// Mutable references to two different elements of a slice.
 fn two_mut<T>(v: &mut [T], i: usize, j: usize) -> (&mut T, &mut T) {

@@ -6,11 +6,13 @@ use std::ops::Range;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::block::{self, BlockActs, Past};
-use super::config::{AdamWConfig, GptConfig, Layer};
-use super::head::{self, HeadActs};
+use super::config::{AdamWConfig, Layer, ModelConfig};
 use super::host::HostTensors;
 use super::params::Params;
+use super::parts::attention::{Past, Tokens};
+use super::parts::block::BlockActs;
+use super::parts::head::HeadActs;
+use super::parts::LayerParts;
 use super::weight_grads::WeightGrads;
 use crate::backend::{AdamW, Backend, CachedAttention, DType};
 use crate::invalid;
@@ -54,8 +56,6 @@ pub(super) struct Dims {
     pub(super) batch: usize,
     pub(super) seq: usize,
     pub(super) channels: usize,
-    pub(super) heads: usize,
-    pub(super) vocab: usize,
     /// Element type of the activations inside blocks and the head (the residual stream
     /// between layers stays f32).
     pub(super) act: DType,
@@ -66,12 +66,22 @@ impl Dims {
     pub(super) fn rows(&self) -> usize {
         self.batch * self.seq
     }
+
+    /// The micro-batch as the parts see it, its first token at position `start`.
+    fn tokens(&self, start: usize) -> Tokens {
+        Tokens {
+            batch: self.batch,
+            seq: self.seq,
+            start,
+            act: self.act,
+        }
+    }
 }
 
 /// One layer's activations, in forward order.
 enum Acts<B: Backend> {
     Embedding,
-    Block(usize, BlockActs<B>),
+    Block(BlockActs<B>),
     Head(HeadActs<B>),
 }
 
@@ -147,24 +157,27 @@ pub struct OptimizerState {
     pub v: HostTensors,
 }
 
-/// The layers `layers` of a GPT-2 model on one backend: parameters, gradients, AdamW moments.
+/// The layers `layers` of a model on one backend: parameters, gradients, AdamW moments.
 ///
-/// A stage holding the embedding or the head holds `wte`; one holding both shares one `wte`
-/// between them. When the embedding and the head sit on different stages each holds its own
-/// copy, and the caller keeps them tied: sum the two `wte` gradients before the optimizer
+/// In a model whose head is tied to the token embedding ([`ModelConfig::shared_params`]), a
+/// stage holding the embedding or the head holds the table; one holding both shares one
+/// table between them. When the embedding and the head sit on different stages each holds
+/// its own copy, and the caller keeps them tied: sum the two gradients before the optimizer
 /// step, so both copies take the same update.
 pub struct StageModel<B: Backend> {
-    cfg: GptConfig,
+    cfg: ModelConfig,
     layers: Range<usize>,
     kinds: Vec<Layer>,
+    /// Each layer's parts, as the family assembles them.
+    parts: Vec<LayerParts>,
     params: Params<B>,
     /// The compute dtype: f32, or bf16 for mixed precision.
     dtype: DType,
 }
 
 impl<B: Backend> StageModel<B> {
-    /// Upload the tensors of `layers` (indices into [`GptConfig::layers`]) from `host`.
-    pub fn new(b: &B, cfg: &GptConfig, layers: Range<usize>, host: &HostTensors) -> Result<Self> {
+    /// Upload the tensors of `layers` (indices into [`ModelConfig::layers`]) from `host`.
+    pub fn new(b: &B, cfg: &ModelConfig, layers: Range<usize>, host: &HostTensors) -> Result<Self> {
         cfg.validate()?;
         let all = cfg.layers();
         if layers.start >= layers.end || layers.end > all.len() {
@@ -176,9 +189,10 @@ impl<B: Backend> StageModel<B> {
             );
         }
         let kinds = all[layers.clone()].to_vec();
-        let specs = cfg.params_of(&kinds);
+        let specs = cfg.specs_of(&kinds);
         let mut data = Vec::with_capacity(specs.len());
-        for (name, shape) in &specs {
+        for spec in &specs {
+            let (name, shape) = (&spec.name, &spec.shape);
             let Some(t) = host.get(name) else {
                 invalid!("the model parameters lack tensor {name}");
             };
@@ -191,10 +205,12 @@ impl<B: Backend> StageModel<B> {
             data.push(t.data.as_slice());
         }
         let params = Params::new(b, specs, data)?;
+        let parts = kinds.iter().map(|&k| cfg.parts(k)).collect();
         Ok(Self {
             cfg: cfg.clone(),
             layers,
             kinds,
+            parts,
             params,
             dtype: DType::F32,
         })
@@ -228,7 +244,7 @@ impl<B: Backend> StageModel<B> {
     }
 
     /// The model configuration.
-    pub fn config(&self) -> &GptConfig {
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
     }
 
@@ -264,7 +280,7 @@ impl<B: Backend> StageModel<B> {
         self.params.find(name).map(|i| &self.params.grads[i])
     }
 
-    /// The accumulated gradient of parameter `name`, mutably (e.g. to sum tied `wte` copies).
+    /// The accumulated gradient of parameter `name`, mutably (e.g. to sum tied copies).
     pub fn grad_mut(&mut self, name: &str) -> Option<&mut B::Buffer> {
         self.params.find(name).map(|i| &mut self.params.grads[i])
     }
@@ -292,8 +308,6 @@ impl<B: Backend> StageModel<B> {
             batch,
             seq,
             channels: self.cfg.n_embd,
-            heads: self.cfg.n_head,
-            vocab: self.cfg.vocab_size,
             act: self.dtype,
         })
     }
@@ -367,7 +381,7 @@ impl<B: Backend> StageModel<B> {
                 .iter()
                 .map(|a| match a {
                     Acts::Embedding => 0,
-                    Acts::Block(_, a) => a.bytes(b),
+                    Acts::Block(a) => a.bytes(b),
                     Acts::Head(a) => a.bytes(b),
                 })
                 .sum::<u64>();
@@ -461,18 +475,15 @@ impl<B: Backend> StageModel<B> {
         };
         let mut current: Option<B::Buffer> = None;
         let mut head_output = None;
-        for &layer in &self.kinds {
+        let t = d.tokens(past);
+        for (layer, parts) in self.kinds.iter().zip(&self.parts) {
             let x = current.as_ref().unwrap_or(x0);
-            let (next, acts) = match layer {
-                Layer::Embedding => {
-                    let mut out = b.alloc_output(d.rows() * d.channels, DType::F32)?;
-                    let (wte, wpe) = (self.params.value("wte")?, self.params.value("wpe")?);
-                    b.embedding_forward_at(
-                        &mut out, x, wte, wpe, d.batch, d.seq, past, d.channels,
-                    )?;
+            let (next, acts) = match parts {
+                LayerParts::Embedding(e) => {
+                    let out = e.forward(b, &self.params, x, (d.batch, d.seq, past))?;
                     (Some(out), Some(Acts::Embedding))
                 }
-                Layer::Block(i) => {
+                LayerParts::Block(block) => {
                     let past_ctx = match &mut cached_blocks {
                         Some(blocks) => Past::Cached(
                             blocks.next().context("a block without its cache")?,
@@ -482,22 +493,24 @@ impl<B: Backend> StageModel<B> {
                                 past,
                                 capacity,
                                 channels: d.channels,
-                                heads: d.heads,
+                                heads: self.cfg.n_head,
                             },
                         ),
                         None => Past::Nothing,
                     };
-                    let (out, acts) = block::forward(b, &self.params, i, x, d, past_ctx)
-                        .with_context(|| format!("forward of block {i}"))?;
-                    (Some(out), Some(Acts::Block(i, acts)))
+                    let (out, acts) = block
+                        .forward(b, &self.params, x, t, past_ctx)
+                        .with_context(|| format!("forward of {layer}"))?;
+                    (Some(out), Some(Acts::Block(acts)))
                 }
-                Layer::Head => {
-                    let acts =
-                        head::forward(b, &self.params, x, d).context("forward of the head")?;
+                LayerParts::Head(head) => {
+                    let acts = head
+                        .forward(b, &self.params, x, d.rows(), d.act)
+                        .context("forward of the head")?;
                     match targets {
-                        Some(t) => {
+                        Some(targets) => {
                             head_output = Some(StageOutput::Loss {
-                                losses: head::losses(b, &acts, t, d)?,
+                                losses: head.losses(b, &acts, targets, d.rows())?,
                             });
                             (None, Some(Acts::Head(acts)))
                         }
@@ -604,35 +617,38 @@ impl<B: Backend> StageModel<B> {
             (true, None) => {}
         }
         let Trace { mut hiddens, acts } = trace;
+        let t = d.tokens(0);
         let mut grad = dout;
-        for acts in acts.into_iter().rev() {
+        for ((acts, parts), layer) in acts.into_iter().zip(&self.parts).zip(&self.kinds).rev() {
             // Layer inputs come off the back: the last hidden belongs to the last inner layer.
             let hidden = hiddens.pop();
             let x = hidden.as_ref().unwrap_or(&input);
             let missing = || anyhow!("no gradient reached a layer of stage {:?}", self.layers);
-            grad = match acts {
-                Acts::Head(a) => {
-                    let t = targets
+            let p = &mut self.params;
+            grad = match (acts, parts) {
+                (Acts::Head(a), LayerParts::Head(head)) => {
+                    let targets = targets
                         .as_ref()
                         .context("the head's backward needs its targets")?;
                     Some(
-                        head::backward(b, &mut self.params, a, x, t, loss_scale, d)
+                        head.backward(b, p, a, x, targets, loss_scale, d.rows(), d.act)
                             .context("backward of the head")?,
                     )
                 }
-                Acts::Block(i, a) => {
+                (Acts::Block(a), LayerParts::Block(block)) => {
                     let g = grad.take().ok_or_else(missing)?;
                     Some(
-                        block::backward(b, &mut self.params, i, a, x, g, d, wg)
-                            .with_context(|| format!("backward of block {i}"))?,
+                        block
+                            .backward(b, p, a, x, g, t, wg)
+                            .with_context(|| format!("backward of {layer}"))?,
                     )
                 }
-                Acts::Embedding => {
+                (Acts::Embedding, LayerParts::Embedding(e)) => {
                     let g = grad.take().ok_or_else(missing)?;
-                    let (dwte, dwpe) = self.params.grads_pair_mut("wte", "wpe")?;
-                    b.embedding_backward(dwte, dwpe, &g, x, d.batch, d.seq, d.channels)?;
+                    e.backward(b, p, &g, x, (d.batch, d.seq))?;
                     None
                 }
+                _ => bail!("the activations of {layer} do not match its parts"),
             };
         }
         Ok(grad)
@@ -640,16 +656,17 @@ impl<B: Backend> StageModel<B> {
 
     /// `Σ g²` over this stage's gradients (per-tensor f32 sums, added in f64 in parameter
     /// order), for clipping to a global norm. A stage with the head but not the embedding
-    /// leaves out its copy of the tied `wte`: once the copies are reconciled both hold the same
+    /// leaves out its copy of a tied table: once the copies are reconciled both hold the same
     /// gradient, counted on the embedding's stage.
     pub fn grad_sum_squares(&self, b: &B) -> Result<f64> {
         let p = &self.params;
         let holds_embedding = self.kinds.contains(&Layer::Embedding);
+        let shared = self.cfg.shared_params();
         let counted: Vec<&B::Buffer> = p
             .names
             .iter()
             .zip(&p.grads)
-            .filter(|(name, _)| holds_embedding || name.as_str() != "wte")
+            .filter(|(name, _)| holds_embedding || !shared.contains(name))
             .map(|(_, g)| g)
             .collect();
         if counted.is_empty() {

@@ -2,7 +2,7 @@
 //!
 //! A linear layer's backward has two products: the input gradient `dx = dy · Wᵀ`, which the
 //! previous stage waits for, and the weight gradient `dW += xᵀ · dy`, which nobody waits for.
-//! Zero-bubble schedules run the first in an `I` action and keep the second, with the two
+//! Zero-bubble schedules run the first in an `I` action and keep the second, with the
 //! operands it reads, for a `W` action that fills a bubble. A full backward runs each product
 //! the moment it is pushed, so both paths do the same arithmetic in the same order per tensor.
 
@@ -11,16 +11,47 @@ use anyhow::Result;
 use super::params::Params;
 use crate::backend::{Backend, Matmul};
 
-/// One weight-gradient product: `grad(weight) += inputᵀ · dy`.
-pub(super) struct WeightJob<B: Backend> {
+/// One weight-gradient product `grad(weight) += inputᵀ · dy` of a linear layer.
+pub(crate) struct Product {
     /// Name of the weight whose gradient accumulates.
-    pub(super) weight: String,
-    /// The layer's input `[rows, in]`, as its forward read it.
-    pub(super) input: B::Buffer,
-    /// The gradient of the layer's output `[rows, out]`, in the compute dtype.
-    pub(super) dy: B::Buffer,
-    /// `in × out` over `rows`: `Matmul::new(in, out, rows).trans_a().accumulate()`.
-    pub(super) shape: Matmul,
+    pub(crate) weight: String,
+    /// The product's shape, transposed and accumulating.
+    pub(crate) shape: Matmul,
+    /// The weight is stored `[out, in]`: the product is `dyᵀ · input`.
+    pub(crate) dy_first: bool,
+}
+
+impl Product {
+    /// Accumulate the product of the layer's `input` and its output gradient `dy`.
+    pub(crate) fn run<B: Backend>(
+        &self,
+        b: &B,
+        p: &mut Params<B>,
+        input: &B::Buffer,
+        dy: &B::Buffer,
+    ) -> Result<()> {
+        let (lhs, rhs) = if self.dy_first {
+            (dy, input)
+        } else {
+            (input, dy)
+        };
+        b.matmul(p.grad_mut(&self.weight)?, lhs, rhs, None, self.shape)
+    }
+}
+
+/// The weight-gradient products of the linear layers that read one input `[rows, in]`, as
+/// their forward read it (q, k and v read the same normed input).
+pub(crate) struct WeightJob<B: Backend> {
+    pub(crate) input: B::Buffer,
+    /// Each product with the gradient of its layer's output `[rows, out]`, in the compute dtype.
+    pub(crate) products: Vec<(Product, B::Buffer)>,
+}
+
+impl<B: Backend> WeightJob<B> {
+    /// The products of `input` with each `(product, dy)`.
+    pub(crate) fn new(input: B::Buffer, products: Vec<(Product, B::Buffer)>) -> Self {
+        Self { input, products }
+    }
 }
 
 /// Where a backward puts its weight-gradient products: run at once, or kept for a `W` action.
@@ -50,9 +81,10 @@ impl<B: Backend> WeightGrads<B> {
     }
 
     /// Run `job` now, or keep it.
-    pub(super) fn push(&mut self, b: &B, p: &mut Params<B>, job: WeightJob<B>) -> Result<()> {
+    pub(crate) fn push(&mut self, b: &B, p: &mut Params<B>, job: WeightJob<B>) -> Result<()> {
         if self.defer {
-            self.bytes += b.bytes(&job.input) + b.bytes(&job.dy);
+            self.bytes +=
+                b.bytes(&job.input) + job.products.iter().map(|(_, dy)| b.bytes(dy)).sum::<u64>();
             self.jobs.push(job);
             Ok(())
         } else {
@@ -72,11 +104,8 @@ impl<B: Backend> WeightGrads<B> {
 }
 
 fn run<B: Backend>(b: &B, p: &mut Params<B>, job: WeightJob<B>) -> Result<()> {
-    b.matmul(
-        p.grad_mut(&job.weight)?,
-        &job.input,
-        &job.dy,
-        None,
-        job.shape,
-    )
+    for (product, dy) in &job.products {
+        product.run(b, p, &job.input, dy)?;
+    }
+    Ok(())
 }
