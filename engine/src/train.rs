@@ -386,6 +386,9 @@ pub enum Init<'a> {
     Blank,
     /// A checkpoint's weights with a fresh optimizer (`--init`).
     Weights(&'a Checkpoint),
+    /// A checkpoint's weights for inference (`generate`, `eval`): no gradients and no
+    /// optimizer state are allocated, and training steps are errors.
+    Frozen(&'a Checkpoint),
     /// A checkpoint's weights, optimizer state and step (`--resume`).
     Resume(&'a Checkpoint),
 }
@@ -465,7 +468,7 @@ impl<B: Backend> Trainer<B> {
                 fresh = blank_parameters(config.model.all_params())?;
                 &fresh
             }
-            Init::Weights(c) | Init::Resume(c) => checkpoint_params(c, &config)?,
+            Init::Weights(c) | Init::Resume(c) | Init::Frozen(c) => checkpoint_params(c, &config)?,
         };
         let backends = (0..schedule.num_ranks())
             .map(|r| make_backend(r).with_context(|| format!("creating rank {r}'s device")))
@@ -678,7 +681,10 @@ pub(crate) fn training_stage<B: Backend>(
     host: &HostTensors,
     init: &Init<'_>,
 ) -> Result<StageModel<B>> {
-    let mut model = StageModel::new(backend, &config.model, layers, host)?;
+    let mut model = match init {
+        Init::Frozen(_) => StageModel::for_inference(backend, &config.model, layers, host)?,
+        _ => StageModel::new(backend, &config.model, layers, host)?,
+    };
     model.set_dtype(backend, config.compute_dtype()?)?;
     if let Init::Resume(c) = init {
         let opt = c.optimizer.as_ref().ok_or_else(|| {

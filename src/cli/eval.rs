@@ -131,11 +131,11 @@ impl BackendJob for EvalJob<'_> {
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<(f64, usize)> {
         let seq = self.config.seq_len;
         let Some(env) = self.launch else {
-            let mut trainer = Trainer::new(self.config, make, Init::Weights(self.ckpt))?;
+            let mut trainer = Trainer::new(self.config, make, Init::Frozen(self.ckpt))?;
             return trainer.evaluate(self.ids, seq, 0);
         };
         let backend = make(env.local_rank)?;
-        let init = Init::Weights(self.ckpt);
+        let init = Init::Frozen(self.ckpt);
         let mut rank = RankTrainer::new(self.config, backend, init, &env, self.peer_timeout)?;
         // The first stage reads the inputs and the last the targets: both must see the same text.
         let text = json!({ "bytes": self.text.len(), "checksum": Fnv64::of(self.text) });

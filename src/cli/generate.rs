@@ -193,7 +193,7 @@ impl BackendJob for GenerateJob<'_> {
         // the caches held stay bounded however many samples there are.
         let wave = batch * config.stages;
         let Some(env) = launch else {
-            let mut trainer = Trainer::new(config, make, Init::Weights(ckpt))?;
+            let mut trainer = Trainer::new(config, make, Init::Frozen(ckpt))?;
             return write_samples(
                 args,
                 tokenizer,
@@ -213,7 +213,7 @@ impl BackendJob for GenerateJob<'_> {
         };
         let backend = make(env.local_rank)?;
         let timeout = Duration::from_secs_f64(args.peer_timeout);
-        let mut rank = RankTrainer::new(config, backend, Init::Weights(ckpt), &env, timeout)?;
+        let mut rank = RankTrainer::new(config, backend, Init::Frozen(ckpt), &env, timeout)?;
         // Every rank runs as many forward passes as rank 0 samples tokens.
         // The prompt's tokens and the end-of-text token come from each rank's own copy of
         // the checkpoint's tokenizer.

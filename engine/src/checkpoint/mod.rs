@@ -47,6 +47,20 @@ pub fn save(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
 /// [`save`], with `files` (name, contents) written beside the model: the tokenizer's, for a
 /// model that speaks GPT-2's BPE (see [`crate::tokenizer::Tokenizer::files`]).
 pub fn save_with(dir: &Path, ckpt: &Checkpoint, files: &[(&str, &[u8])]) -> Result<()> {
+    save_sharded(dir, ckpt, files, MAX_SHARD_BYTES)
+}
+
+/// Weights beyond this many bytes are saved in shards of at most this size (one tensor larger
+/// than it gets a shard of its own), with the index transformers writes.
+pub const MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// [`save_with`], cutting the weights into shards of at most `max_shard_bytes`.
+pub fn save_sharded(
+    dir: &Path,
+    ckpt: &Checkpoint,
+    files: &[(&str, &[u8])],
+    max_shard_bytes: u64,
+) -> Result<()> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -57,7 +71,7 @@ pub fn save_with(dir: &Path, ckpt: &Checkpoint, files: &[(&str, &[u8])]) -> Resu
         fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    write_contents(&tmp, ckpt)
+    write_contents(&tmp, ckpt, max_shard_bytes)
         .and_then(|()| {
             files
                 .iter()
@@ -90,7 +104,7 @@ fn sibling(dir: &Path, suffix: &str) -> PathBuf {
     dir.with_file_name(format!(".{name}.{suffix}"))
 }
 
-fn write_contents(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
+fn write_contents(dir: &Path, ckpt: &Checkpoint, max_shard_bytes: u64) -> Result<()> {
     let format = BTreeMap::from([("format".to_string(), "pt".to_string())]);
     let mut prefixed = HostTensors::new();
     for (name, t) in ckpt.params.iter() {
@@ -100,10 +114,7 @@ fn write_contents(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
             t.data.clone(),
         )?;
     }
-    write_synced(
-        &dir.join("model.safetensors"),
-        &safetensors::to_bytes(&prefixed, &format),
-    )?;
+    write_weights(dir, prefixed, &format, max_shard_bytes)?;
     let config = serde_json::to_vec_pretty(&ckpt.config.hf_config())?;
     write_synced(&dir.join("config.json"), &config)?;
     if let Some(opt) = &ckpt.optimizer {
@@ -202,6 +213,44 @@ pub fn load_some(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint> 
         optimizer,
         trainer_state,
     })
+}
+
+/// `model.safetensors`, or shards of at most `max_shard_bytes` (tensors in name order) and
+/// their index.
+fn write_weights(
+    dir: &Path,
+    tensors: HostTensors,
+    format: &BTreeMap<String, String>,
+    max_shard_bytes: u64,
+) -> Result<()> {
+    let bytes = |t: &crate::model::HostTensor| 4 * t.data.len() as u64;
+    let total: u64 = tensors.iter().map(|(_, t)| bytes(t)).sum();
+    if total <= max_shard_bytes {
+        let single = safetensors::to_bytes(&tensors, format);
+        return write_synced(&dir.join("model.safetensors"), &single);
+    }
+    let mut shards: Vec<HostTensors> = vec![HostTensors::new()];
+    let mut size = 0;
+    for (name, t) in tensors.iter() {
+        if size > 0 && size + bytes(t) > max_shard_bytes {
+            shards.push(HostTensors::new());
+            size = 0;
+        }
+        size += bytes(t);
+        let shard = shards.last_mut().expect("one shard at least");
+        shard.insert(name, t.shape.clone(), t.data.clone())?;
+    }
+    let n = shards.len();
+    let mut map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        for name in shard.names() {
+            map.insert(name.to_string(), Value::String(file.clone()));
+        }
+        write_synced(&dir.join(&file), &safetensors::to_bytes(shard, format))?;
+    }
+    let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": map});
+    write_synced(&dir.join(SHARD_INDEX), &serde_json::to_vec_pretty(&index)?)
 }
 
 /// The index of a sharded checkpoint, as transformers writes it.
@@ -350,6 +399,44 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn sharded_checkpoints_round_trip_and_a_rank_opens_only_its_shards() {
+        let config = tiny();
+        let ckpt = Checkpoint {
+            config: config.clone(),
+            params: init_parameters(&config, 3).unwrap(),
+            optimizer: None,
+            trainer_state: None,
+        };
+        let dir = scratch("sharded");
+        // wte is 11 × 8 floats (352 bytes): shards of 400 bytes hold it alone or with a bias.
+        save_sharded(&dir, &ckpt, &[], 400).unwrap();
+        assert!(!dir.join("model.safetensors").exists());
+        let index: Value =
+            serde_json::from_slice(&fs::read(dir.join(SHARD_INDEX)).unwrap()).unwrap();
+        let map = index["weight_map"].as_object().unwrap();
+        assert_eq!(map.len(), ckpt.params.len());
+        let files: std::collections::BTreeSet<&str> =
+            map.values().map(|f| f.as_str().unwrap()).collect();
+        assert!(files.len() > 3, "{files:?}");
+        let back = load(&dir).unwrap();
+        assert_eq!(back.params, ckpt.params);
+        // The last stage's share (the final layernorm) loads with every other shard gone.
+        let lnf = map["transformer.ln_f.weight"].as_str().unwrap();
+        for f in &files {
+            if *f != lnf && *f != map["transformer.ln_f.bias"].as_str().unwrap() {
+                fs::remove_file(dir.join(f)).unwrap();
+            }
+        }
+        let share = load_some(&dir, &|n| n.starts_with("ln_f.")).unwrap();
+        assert_eq!(share.params.len(), 2);
+        assert!(
+            load(&dir).is_err(),
+            "the whole checkpoint needs the removed shards"
+        );
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -100,6 +100,7 @@ impl<B: Backend> RankTrainer<B> {
             Init::Fresh => "fresh",
             Init::Blank => "blank",
             Init::Weights(_) => "weights",
+            Init::Frozen(_) => "frozen",
             Init::Resume(_) => "resume",
         };
         let abort_after = fault_step(env.rank)?;
@@ -410,7 +411,7 @@ fn build_stages<B: Backend>(
             fresh = blank_parameters(config.rank_param_shapes(rank)?)?;
             &fresh
         }
-        Init::Weights(c) | Init::Resume(c) => checkpoint_params(c, config)?,
+        Init::Weights(c) | Init::Resume(c) | Init::Frozen(c) => checkpoint_params(c, config)?,
     };
     let mut stages = Vec::with_capacity(own.len());
     for &s in &own {

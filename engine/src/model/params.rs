@@ -28,8 +28,14 @@ pub(crate) struct Params<B: Backend> {
 }
 
 impl<B: Backend> Params<B> {
-    /// Upload `values` (in the order of `specs`) and allocate zeroed gradients and moments.
-    pub(super) fn new(b: &B, specs: Vec<ParamSpec>, values: Vec<&[f32]>) -> Result<Self> {
+    /// Upload `values` (in the order of `specs`) and, to train, allocate zeroed gradients and
+    /// moments; for inference there are none (a gradient asked for is an error).
+    pub(super) fn new(
+        b: &B,
+        specs: Vec<ParamSpec>,
+        values: Vec<&[f32]>,
+        train: bool,
+    ) -> Result<Self> {
         let mut p = Self {
             names: Vec::new(),
             shapes: Vec::new(),
@@ -46,9 +52,11 @@ impl<B: Backend> Params<B> {
             let len = data.len();
             let ctx = || format!("allocating parameter {name}");
             p.values.push(b.upload(data).with_context(ctx)?);
-            p.grads.push(b.alloc(len, DType::F32).with_context(ctx)?);
-            p.m.push(b.alloc(len, DType::F32).with_context(ctx)?);
-            p.v.push(b.alloc(len, DType::F32).with_context(ctx)?);
+            if train {
+                p.grads.push(b.alloc(len, DType::F32).with_context(ctx)?);
+                p.m.push(b.alloc(len, DType::F32).with_context(ctx)?);
+                p.v.push(b.alloc(len, DType::F32).with_context(ctx)?);
+            }
             p.compute.push(None);
             p.operands.push(spec.operand);
             p.index.insert(name.clone(), p.names.len());
@@ -107,9 +115,22 @@ impl<B: Backend> Params<B> {
         Ok(())
     }
 
+    /// Whether the parameters have gradients and moments (a stage built to train).
+    pub(super) fn trains(&self) -> bool {
+        self.grads.len() == self.values.len()
+    }
+
+    /// Position of `name`, whose gradient is wanted: an error on a stage built for inference.
+    fn trained(&self, name: &str) -> Result<usize> {
+        if !self.trains() {
+            anyhow::bail!("the gradient of {name}: this stage was built for inference");
+        }
+        self.at(name)
+    }
+
     /// The gradient of `name`, to accumulate into.
     pub(super) fn grad_mut(&mut self, name: &str) -> Result<&mut B::Buffer> {
-        let i = self.at(name)?;
+        let i = self.trained(name)?;
         Ok(&mut self.grads[i])
     }
 
@@ -119,10 +140,10 @@ impl<B: Backend> Params<B> {
         weight: &str,
         bias: Option<&str>,
     ) -> Result<NormGrads<'_, B>> {
-        let w = self.at(weight)?;
+        let w = self.trained(weight)?;
         match bias {
             Some(bias) => {
-                let b = self.at(bias)?;
+                let b = self.trained(bias)?;
                 let (dw, db) = two_mut(&mut self.grads, w, b);
                 Ok((&self.values[w], dw, Some(db)))
             }
@@ -136,7 +157,7 @@ impl<B: Backend> Params<B> {
         a: &str,
         b: &str,
     ) -> Result<(&mut B::Buffer, &mut B::Buffer)> {
-        let (i, j) = (self.at(a)?, self.at(b)?);
+        let (i, j) = (self.trained(a)?, self.trained(b)?);
         Ok(two_mut(&mut self.grads, i, j))
     }
 }

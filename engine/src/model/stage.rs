@@ -178,6 +178,28 @@ pub struct StageModel<B: Backend> {
 impl<B: Backend> StageModel<B> {
     /// Upload the tensors of `layers` (indices into [`ModelConfig::layers`]) from `host`.
     pub fn new(b: &B, cfg: &ModelConfig, layers: Range<usize>, host: &HostTensors) -> Result<Self> {
+        Self::build(b, cfg, layers, host, true)
+    }
+
+    /// [`StageModel::new`] for inference: the weights alone, without gradients or AdamW
+    /// moments (a quarter of a training stage's parameter memory). Backward and optimizer
+    /// steps are errors.
+    pub fn for_inference(
+        b: &B,
+        cfg: &ModelConfig,
+        layers: Range<usize>,
+        host: &HostTensors,
+    ) -> Result<Self> {
+        Self::build(b, cfg, layers, host, false)
+    }
+
+    fn build(
+        b: &B,
+        cfg: &ModelConfig,
+        layers: Range<usize>,
+        host: &HostTensors,
+        train: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         let all = cfg.layers();
         if layers.start >= layers.end || layers.end > all.len() {
@@ -204,7 +226,7 @@ impl<B: Backend> StageModel<B> {
             }
             data.push(t.data.as_slice());
         }
-        let params = Params::new(b, specs, data)?;
+        let params = Params::new(b, specs, data, train)?;
         let parts = kinds.iter().map(|&k| cfg.parts(k)).collect();
         Ok(Self {
             cfg: cfg.clone(),
@@ -277,12 +299,16 @@ impl<B: Backend> StageModel<B> {
 
     /// The accumulated gradient of parameter `name`.
     pub fn grad(&self, name: &str) -> Option<&B::Buffer> {
-        self.params.find(name).map(|i| &self.params.grads[i])
+        self.params
+            .find(name)
+            .and_then(|i| self.params.grads.get(i))
     }
 
     /// The accumulated gradient of parameter `name`, mutably (e.g. to sum tied copies).
     pub fn grad_mut(&mut self, name: &str) -> Option<&mut B::Buffer> {
-        self.params.find(name).map(|i| &mut self.params.grads[i])
+        self.params
+            .find(name)
+            .and_then(|i| self.params.grads.get_mut(i))
     }
 
     /// Number of parameters this stage holds.
@@ -591,6 +617,9 @@ impl<B: Backend> StageModel<B> {
             trace,
             ..
         } = saved;
+        if !self.params.trains() {
+            bail!("backward of stage {:?}, built for inference", self.layers);
+        }
         let input = input.ok_or_else(|| {
             anyhow!(
                 "backward of stage {:?}: its forward ran with Keep::Nothing",
@@ -704,6 +733,12 @@ impl<B: Backend> StageModel<B> {
     ) -> Result<()> {
         if step == 0 {
             invalid!("optimizer steps are numbered from 1, got 0");
+        }
+        if !self.params.trains() {
+            bail!(
+                "an optimizer step on stage {:?}, built for inference",
+                self.layers
+            );
         }
         let p = &mut self.params;
         for i in 0..p.names.len() {
