@@ -4,7 +4,8 @@
 # through cuda/cpu-check/emulate.h); this builds it as libcuda.so, libnvrtc.so, libcublas.so
 # and libnccl.so under target/emulated-cuda and runs, with those on LD_LIBRARY_PATH and
 # PIPIT_REQUIRE_CUDA set (so no CUDA case skips), the CUDA cases of the test suites: the
-# backend's own tests and the NCCL transport, backend conformance, pipeline equivalence, and
+# backend's own tests and the NCCL transport, backend conformance, the fused ops Llama adds,
+# pipeline equivalence (GPT-2 and Llama), and
 # the launched multi-process run (on one emulated GPU, where NCCL must refuse two ranks, and on
 # two, where the ranks' tensors go over NCCL). Needs g++ with C++20 and about 2 minutes on 2
 # cores. PIPIT_EMULATED_GPUS=N makes the emulation show N GPUs; PIPIT_EMULATED_CUDA_ORDER=reverse
@@ -46,6 +47,7 @@ if [ "${1:-}" = "--" ]; then
 fi
 cargo test -p pipit-cuda
 cargo test --test backend_conformance cuda
+cargo test --test fused_ops cuda
 cargo test --test pipeline_equivalence cuda
 cargo test --test multiprocess cuda
 # Two emulated GPUs: the launched ranks move tensors over NCCL between processes.

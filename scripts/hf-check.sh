@@ -20,6 +20,10 @@
 #    token for token.
 # 5. A byte-level Llama trained by pipit: `LlamaForCausalLM.from_pretrained` loads it and
 #    gives pipit's loss and greedy continuation.
+# 6. Two tokenizer.json files trained by the Python `tokenizers` package on the corpus — a
+#    byte-level BPE (GPT-2's and Llama 3's kind) and a SentencePiece-style BPE with byte
+#    fallback (Llama 2's and Mistral's kind) — give pipit the ids they give Python, token for
+#    token over the whole corpus.
 #
 #     scripts/hf-check.sh [BACKEND]          # reference (default) or wgpu
 #     HF_VENV=/tmp/hf scripts/hf-check.sh    # keep the Python environment for the next run
@@ -137,6 +141,36 @@ pipit generate --checkpoint "$work/pipit-llama" --backend "$backend" --prompt "$
 pipit eval --checkpoint "$work/pipit-llama" --backend "$backend" --data "$work/text.txt" \
     --format json >"$work/pipit-llama-eval.json"
 
+# 6. tokenizer.json of each kind, trained here, in pipit.
+"$venv/bin/python" - "$work" data/shakespeare.txt <<'PY'
+import json, os, sys
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+work, corpus = sys.argv[1:]
+byte_level = Tokenizer(models.BPE())
+byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+byte_level.decoder = decoders.ByteLevel()
+byte_level.train([corpus], trainers.BpeTrainer(
+    vocab_size=2000, special_tokens=["<|endoftext|>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+pieces = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+pieces.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+pieces.decoder = decoders.Sequence([decoders.Metaspace(replacement="\u2581", prepend_scheme="first"),
+                                    decoders.ByteFallback(), decoders.Fuse()])
+# No byte of the alphabet beyond ASCII letters: the rest must fall back to bytes.
+pieces.train([corpus], trainers.BpeTrainer(
+    vocab_size=1500, limit_alphabet=60, show_progress=False,
+    special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]))
+text = open(corpus, encoding="utf-8", newline="").read()
+for name, tok in (("tok-byte-level", byte_level), ("tok-byte-fallback", pieces)):
+    os.makedirs(f"{work}/{name}")
+    tok.save(f"{work}/{name}/tokenizer.json")
+    json.dump(tok.encode(text).ids, open(f"{work}/{name}/want.json", "w"))
+PY
+for d in tok-byte-level tok-byte-fallback; do
+    cargo run -q --release --example tokenize -- "$work/$d" <data/shakespeare.txt >"$work/$d/got.json"
+done
+
 "$venv/bin/python" - "$work" "$prompt" <<'PY'
 import json, sys
 import torch
@@ -226,5 +260,14 @@ same_loss("pipit's Llama in transformers, loss over byte windows", ev,
 got = json.load(open(f"{work}/pipit-llama-generate.json"))["samples"][0]["ids"]
 same_ids("pipit's Llama in transformers, greedy bytes", got,
          greedy(llama, list(prompt.encode()), 30, 0))
+
+for d, kind in (("tok-byte-level", "byte-level BPE"), ("tok-byte-fallback", "BPE with byte fallback")):
+    want = json.load(open(f"{work}/{d}/want.json"))
+    got = json.load(open(f"{work}/{d}/got.json"))
+    fallback = sum(1 for i in want if 3 <= i < 259) if d == "tok-byte-fallback" else 0
+    same_ids(f"a {kind} tokenizer.json over the whole corpus ({len(want)} tokens"
+             + (f", {fallback} of them bytes)" if fallback else ")"), got, want)
+    if d == "tok-byte-fallback":
+        check("the byte-fallback tokenizer fell back to bytes", fallback > 0, fallback)
 sys.exit(1 if failures else 0)
 PY

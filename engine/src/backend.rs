@@ -219,6 +219,28 @@ pub struct Rope {
     pub inverse: bool,
 }
 
+impl Rope {
+    /// `cos` and `sin` of each position's angle at each frequency, interleaved
+    /// `[seq, head_dim/2, 2]`, as transformers' Llama computes them: inverse frequencies and
+    /// angles in f32, their cosine and sine rounded from f64.
+    pub fn cos_sin(&self) -> Vec<f32> {
+        let half = self.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| 1.0 / self.theta.powf((2 * i) as f32 / self.head_dim as f32))
+            .collect();
+        let mut table = Vec::with_capacity(self.seq * half * 2);
+        for t in 0..self.seq {
+            let pos = (self.start + t) as f32;
+            for &f in &inv_freq {
+                let angle = f64::from(pos * f);
+                table.push(angle.cos() as f32);
+                table.push(angle.sin() as f32);
+            }
+        }
+        table
+    }
+}
+
 /// Heads of grouped-query attention over `rows` tokens: `heads` query heads share
 /// `kv_heads` key/value heads, each `head_dim` wide.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,27 +1,23 @@
-//! Text to token ids and back: bytes for pipit's own byte-level models, or GPT-2's byte-level
-//! BPE for checkpoints that carry its `vocab.json` and `merges.txt` (Hugging Face GPT-2
-//! directories do).
+//! Text to token ids and back: bytes for pipit's own byte-level models, or a Hugging Face
+//! tokenizer through the `tokenizers` crate for checkpoints that carry one: GPT-2's
+//! `vocab.json` and `merges.txt` (assembled as transformers' `GPT2TokenizerFast` is: byte-level
+//! pre-tokenizer without a prefix space, `<|endoftext|>` as a special token), or any
+//! `tokenizer.json` — byte-level BPE as GPT-2 and Llama 3 use, SentencePiece-style BPE with
+//! byte fallback as Llama 2 and Mistral use.
 //!
-//! GPT-2's BPE (Radford et al., 2019, as released with the model):
-//! 1. The text is cut into pre-tokens by the pattern
-//!    `'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+`,
-//!    tried in that order at each position ([`pre_tokens`]; the `regex` crate has no
-//!    lookahead, so `\s+(?!\S)` is done by hand).
-//! 2. Each pre-token's UTF-8 bytes become printable characters, one per byte (the table of
-//!    [`byte_chars`]), and are merged pairwise, always the adjacent pair that comes first in
-//!    `merges.txt`, until no listed pair is left.
-//! 3. Each resulting symbol is looked up in `vocab.json`.
-//!
-//! GPT-2's one special token, `<|endoftext|>` (which separates documents, and ends a sample),
-//! is cut out of the text before all that and becomes its own id, as Hugging Face's GPT-2
-//! tokenizers do.
+//! Generation writes text one token at a time, so each id also has its bytes: a byte-level
+//! token's characters mapped back through GPT-2's byte table ([`byte_chars`]), a byte-fallback
+//! token `<0xAB>` its byte, any other piece its text with `▁` as a space (a SentencePiece
+//! decoder also strips the one space it prepended to the text: token by token, that space
+//! stays).
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::OnceLock;
 
 use anyhow::{anyhow, Context, Result};
-use regex::Regex;
+use std::path::Path;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::AddedToken;
 
 use crate::invalid_input;
 
@@ -29,15 +25,15 @@ use crate::invalid_input;
 pub enum Tokenizer {
     /// One token per byte (a vocabulary of 256).
     Bytes,
-    /// GPT-2's byte-level BPE.
+    /// A Hugging Face BPE tokenizer.
     Bpe(Bpe),
 }
 
 impl Tokenizer {
     /// The tokenizer of the checkpoint in `dir` whose model has `vocab_size` tokens: its
     /// `vocab.json` and `merges.txt` when both are there (a Hugging Face GPT-2 directory), else
-    /// the byte-level BPE of its `tokenizer.json` (Hugging Face's fast tokenizers), else bytes
-    /// (pipit's models; a vocabulary beyond 256 only pads the model's shape).
+    /// its `tokenizer.json` (Hugging Face's fast tokenizers), else bytes (pipit's models; a
+    /// vocabulary beyond 256 only pads the model's shape).
     pub fn for_checkpoint(dir: &Path, vocab_size: usize) -> Result<Self> {
         let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
         let read = |p: &Path| {
@@ -95,15 +91,15 @@ impl Tokenizer {
     pub fn encode_bytes(&self, text: &[u8]) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Bytes => Ok(text.iter().map(|&b| u32::from(b)).collect()),
-            Tokenizer::Bpe(bpe) => bpe
-                .encode(std::str::from_utf8(text).map_err(|e| {
-                    invalid_input!("text for GPT-2's tokenizer must be UTF-8: {e}")
-                })?),
+            Tokenizer::Bpe(bpe) => bpe.encode(
+                std::str::from_utf8(text)
+                    .map_err(|e| invalid_input!("text for a BPE tokenizer must be UTF-8: {e}"))?,
+            ),
         }
     }
 
-    /// The id of GPT-2's `<|endoftext|>`, where the vocabulary has it: the token that ends a
-    /// document. Bytes have none.
+    /// The id of the token that ends a document, where the vocabulary has one (GPT-2's
+    /// `<|endoftext|>`, Llama 3's `<|end_of_text|>`, Llama 2's `</s>`). Bytes have none.
     pub fn end_of_text(&self) -> Option<u32> {
         match self {
             Tokenizer::Bytes => None,
@@ -112,14 +108,16 @@ impl Tokenizer {
     }
 
     /// The files that define this tokenizer, by name, to be saved beside a model trained with
-    /// it: GPT-2's `vocab.json` and `merges.txt` as they were read; none for bytes.
+    /// it, as they were read: `vocab.json` and `merges.txt`, or `tokenizer.json`; none for
+    /// bytes.
     pub fn files(&self) -> Vec<(&'static str, &[u8])> {
         match self {
             Tokenizer::Bytes => Vec::new(),
-            Tokenizer::Bpe(bpe) => vec![
-                ("vocab.json", bpe.vocab_json.as_bytes()),
-                ("merges.txt", bpe.merges_txt.as_bytes()),
-            ],
+            Tokenizer::Bpe(bpe) => bpe
+                .files
+                .iter()
+                .map(|(name, text)| (*name, text.as_bytes()))
+                .collect(),
         }
     }
 
@@ -150,42 +148,34 @@ impl Tokenizer {
     }
 }
 
-/// GPT-2's byte-level BPE: the vocabulary and the ranked merges.
+/// A Hugging Face BPE tokenizer, with each token's bytes.
 pub struct Bpe {
-    /// Symbol (in [`byte_chars`] form) → token id.
-    ids: HashMap<String, u32>,
+    inner: Box<tokenizers::Tokenizer>,
     /// Token id → its bytes.
     bytes: HashMap<u32, Vec<u8>>,
-    /// Pair of symbols → rank (its line in `merges.txt`, first = 0).
-    ranks: HashMap<(String, String), usize>,
-    /// The id of [`END_OF_TEXT`], when the vocabulary has it.
+    /// The id of the token that ends a document, when the vocabulary has one.
     end_of_text: Option<u32>,
-    /// The two files as read.
-    vocab_json: String,
-    merges_txt: String,
+    /// The files it was read from, by name, as read.
+    files: Vec<(&'static str, String)>,
 }
 
 /// GPT-2's special token: written in text, it is this one id rather than its characters.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
+/// The tokens that end a document, in the order they are looked for.
+const ENDS: [&str; 3] = [END_OF_TEXT, "<|end_of_text|>", "</s>"];
+
+/// The crate's errors as ours.
+fn tk_err(e: tokenizers::Error) -> anyhow::Error {
+    anyhow!("{e}")
+}
+
 impl Bpe {
-    /// From the contents of `vocab.json` (`{"symbol": id, ...}`) and `merges.txt` (one pair
-    /// `a b` per line after an optional `#version` line).
+    /// GPT-2's tokenizer from the contents of `vocab.json` (`{"symbol": id, ...}`) and
+    /// `merges.txt` (one pair `a b` per line after an optional `#version` line).
     pub fn new(vocab_json: &str, merges_txt: &str) -> Result<Self> {
         let vocab: HashMap<String, u32> =
             serde_json::from_str(vocab_json).context("vocab.json is not a map of tokens to ids")?;
-        let unbyte: HashMap<char, u8> = byte_chars()
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
-        let mut bytes = HashMap::with_capacity(vocab.len());
-        for (symbol, &id) in &vocab {
-            // Symbols that are not byte sequences (added tokens such as <|endoftext|>) decode
-            // to their text.
-            let raw: Option<Vec<u8>> = symbol.chars().map(|c| unbyte.get(&c).copied()).collect();
-            bytes.insert(id, raw.unwrap_or_else(|| symbol.as_bytes().to_vec()));
-        }
         if let Some(b) = byte_chars()
             .iter()
             .position(|c| !vocab.contains_key(&c.to_string()))
@@ -194,138 +184,111 @@ impl Bpe {
                 "vocab.json lacks the token of byte {b}, so some text has no tokens"
             ));
         }
-        let mut ranks = HashMap::new();
-        for (n, line) in merges_txt
+        let mut merges = Vec::new();
+        for line in merges_txt
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-            .enumerate()
         {
             let (a, b) = line
                 .split_once(' ')
                 .ok_or_else(|| anyhow!("merges.txt line {:?} is not a pair", line))?;
-            ranks.entry((a.to_string(), b.to_string())).or_insert(n);
+            merges.push((a.to_string(), b.to_string()));
         }
-        Ok(Self {
-            end_of_text: vocab.get(END_OF_TEXT).copied(),
-            ids: vocab,
-            bytes,
-            ranks,
-            vocab_json: vocab_json.to_string(),
-            merges_txt: merges_txt.to_string(),
-        })
+        let special = vocab.contains_key(END_OF_TEXT);
+        let model = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<Vocab>(), merges)
+            .build()
+            .map_err(tk_err)?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        let byte_level = ByteLevel::new(false, true, true);
+        inner.with_pre_tokenizer(Some(byte_level));
+        inner.with_decoder(Some(byte_level));
+        if special {
+            inner.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
+        }
+        let files = vec![
+            ("vocab.json", vocab_json.to_string()),
+            ("merges.txt", merges_txt.to_string()),
+        ];
+        Ok(Self::with_bytes(inner, true, files))
     }
 
-    /// From a Hugging Face `tokenizer.json` whose model is GPT-2's byte-level BPE: its vocabulary
-    /// (with the added tokens) and merges (written `"a b"` or `["a", "b"]`). Other models and
-    /// pre-tokenizers, and a byte-level one that adds a prefix space, are refused by name.
+    /// Any BPE `tokenizer.json` of Hugging Face's fast tokenizers; other models (WordPiece,
+    /// Unigram) are refused by name.
     pub fn from_tokenizer_json(json: &str) -> Result<Self> {
         let v: serde_json::Value =
             serde_json::from_str(json).context("tokenizer.json is not JSON")?;
-        let model = &v["model"];
-        if model["type"] != "BPE" {
+        if v["model"]["type"] != "BPE" {
             return Err(anyhow!(
-                "tokenizer.json's model is {}, not the byte-level BPE of GPT-2",
-                model["type"]
+                "tokenizer.json's model is {}; pipit reads BPE tokenizers",
+                v["model"]["type"]
             ));
         }
-        let pre = &v["pre_tokenizer"];
-        if pre["type"] != "ByteLevel" {
-            return Err(anyhow!(
-                "tokenizer.json's pre-tokenizer is {}, not GPT-2's ByteLevel",
-                pre["type"]
-            ));
-        }
-        if pre["add_prefix_space"] == true {
-            return Err(anyhow!(
-                "tokenizer.json's ByteLevel pre-tokenizer adds a prefix space, which pipit does not"
-            ));
-        }
-        let mut vocab = model["vocab"]
-            .as_object()
-            .cloned()
-            .ok_or_else(|| anyhow!("tokenizer.json has no model.vocab map"))?;
-        for added in v["added_tokens"].as_array().into_iter().flatten() {
-            if let (Some(text), Some(id)) = (added["content"].as_str(), added["id"].as_u64()) {
-                vocab.entry(text).or_insert(id.into());
-            }
-        }
-        let mut merges = String::new();
-        for (n, m) in model["merges"]
-            .as_array()
-            .ok_or_else(|| anyhow!("tokenizer.json has no model.merges list"))?
-            .iter()
-            .enumerate()
-        {
-            let pair = match m {
-                serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Array(a) => match (a.first(), a.get(1), a.len()) {
-                    (Some(serde_json::Value::String(x)), Some(serde_json::Value::String(y)), 2) => {
-                        format!("{x} {y}")
-                    }
-                    _ => return Err(anyhow!("tokenizer.json merge {n} is not a pair: {m}")),
-                },
-                _ => return Err(anyhow!("tokenizer.json merge {n} is not a pair: {m}")),
-            };
-            merges.push_str(&pair);
-            merges.push('\n');
-        }
-        Self::new(&serde_json::Value::Object(vocab).to_string(), &merges)
+        let inner: tokenizers::Tokenizer = json.parse().map_err(tk_err)?;
+        // Byte-level tokens are spelled in GPT-2's byte table, wherever the decoder says so.
+        let byte_level = v["decoder"].to_string().contains("\"ByteLevel\"");
+        Ok(Self::with_bytes(
+            inner,
+            byte_level,
+            vec![("tokenizer.json", json.to_string())],
+        ))
     }
 
-    /// One past the largest token id in the vocabulary.
+    /// `inner` with each token's bytes (spelled in GPT-2's byte table when `byte_level`).
+    fn with_bytes(
+        inner: tokenizers::Tokenizer,
+        byte_level: bool,
+        files: Vec<(&'static str, String)>,
+    ) -> Self {
+        let unbyte: HashMap<char, u8> = byte_chars()
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        let special: Vec<String> = inner
+            .get_added_tokens_decoder()
+            .values()
+            .map(|t| t.content.clone())
+            .collect();
+        let bytes = inner
+            .get_vocab(true)
+            .into_iter()
+            .map(|(token, id)| {
+                let raw = if special.contains(&token) {
+                    None
+                } else if byte_level {
+                    token.chars().map(|c| unbyte.get(&c).copied()).collect()
+                } else {
+                    byte_fallback(&token)
+                };
+                // Tokens that are not byte sequences (special ones) decode to their text.
+                let raw = raw.unwrap_or_else(|| token.replace('\u{2581}', " ").into_bytes());
+                (id, raw)
+            })
+            .collect();
+        let end_of_text = ENDS.iter().find_map(|t| inner.token_to_id(t));
+        Self {
+            inner: Box::new(inner),
+            bytes,
+            end_of_text,
+            files,
+        }
+    }
+
+    /// One past the largest token id, added tokens included.
     pub fn len(&self) -> usize {
-        self.ids.values().max().map_or(0, |&m| m as usize + 1)
+        self.bytes.keys().max().map_or(0, |&m| m as usize + 1)
     }
 
     /// Whether the vocabulary is empty.
     pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
+        self.bytes.is_empty()
     }
 
-    /// The token ids of `text`, each `<|endoftext|>` in it its one id (when the vocabulary
-    /// has it).
+    /// The token ids of `text`, each special token in it (`<|endoftext|>`) its one id.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let Some(eot) = self.end_of_text else {
-            return self.encode_ordinary(text);
-        };
-        let mut out = Vec::new();
-        let mut parts = text.split(END_OF_TEXT);
-        out.extend(self.encode_ordinary(parts.next().unwrap_or(""))?);
-        for part in parts {
-            out.push(eot);
-            out.extend(self.encode_ordinary(part)?);
-        }
-        Ok(out)
-    }
-
-    /// The token ids of `text` taken as ordinary text throughout.
-    fn encode_ordinary(&self, text: &str) -> Result<Vec<u32>> {
-        let table = byte_chars();
-        let mut out = Vec::new();
-        // Words recur: each distinct pre-token is merged once.
-        let mut known: HashMap<&str, Vec<u32>> = HashMap::new();
-        for piece in pre_tokens(text) {
-            if let Some(ids) = known.get(piece) {
-                out.extend_from_slice(ids);
-                continue;
-            }
-            let word: Vec<String> = piece
-                .bytes()
-                .map(|b| table[b as usize].to_string())
-                .collect();
-            let ids = self
-                .merge(word)
-                .into_iter()
-                .map(|symbol| {
-                    self.ids.get(&symbol).copied().ok_or_else(|| {
-                        anyhow!("the vocabulary lacks {symbol:?}, a piece of {piece:?}")
-                    })
-                })
-                .collect::<Result<Vec<u32>>>()?;
-            out.extend_from_slice(&ids);
-            known.insert(piece, ids);
-        }
-        Ok(out)
+        let encoding = self.inner.encode_fast(text, false).map_err(tk_err)?;
+        Ok(encoding.get_ids().to_vec())
     }
 
     /// The bytes of token `id`.
@@ -335,39 +298,15 @@ impl Bpe {
             .cloned()
             .ok_or_else(|| anyhow!("token {id} is not in the vocabulary"))
     }
+}
 
-    /// Merge adjacent symbols of `word`, the pair of lowest rank first, until none is listed.
-    fn merge(&self, mut word: Vec<String>) -> Vec<String> {
-        while word.len() > 1 {
-            let best = word
-                .windows(2)
-                .enumerate()
-                .filter_map(|(i, w)| {
-                    self.ranks
-                        .get(&(w[0].clone(), w[1].clone()))
-                        .map(|&r| (r, i))
-                })
-                .min();
-            let Some((_, i)) = best else {
-                break;
-            };
-            let (a, b) = (word[i].clone(), word[i + 1].clone());
-            // Every occurrence of the pair, left to right.
-            let mut merged = Vec::with_capacity(word.len());
-            let mut j = 0;
-            while j < word.len() {
-                if j + 1 < word.len() && word[j] == a && word[j + 1] == b {
-                    merged.push(format!("{a}{b}"));
-                    j += 2;
-                } else {
-                    merged.push(std::mem::take(&mut word[j]));
-                    j += 1;
-                }
-            }
-            word = merged;
-        }
-        word
-    }
+/// The byte of a byte-fallback token (`<0x0A>`).
+fn byte_fallback(token: &str) -> Option<Vec<u8>> {
+    let hex = token.strip_prefix("<0x")?.strip_suffix('>')?;
+    (hex.len() == 2)
+        .then(|| u8::from_str_radix(hex, 16).ok())
+        .flatten()
+        .map(|b| vec![b])
 }
 
 /// GPT-2's printable stand-in for each byte: printable Latin-1 bytes stand for themselves,
@@ -389,40 +328,6 @@ pub fn byte_chars() -> [char; 256] {
     table
 }
 
-/// GPT-2's pattern without its one lookahead, anchored: `\s+(?!\S)` is `\s+` cut short in
-/// [`pre_tokens`].
-fn pattern() -> &'static Regex {
-    static PATTERN: OnceLock<Regex> = OnceLock::new();
-    PATTERN.get_or_init(|| {
-        Regex::new(r"^(?:'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+)")
-            .expect("a valid pattern")
-    })
-}
-
-/// `text` cut by GPT-2's pre-tokenizer pattern (see the module docs).
-pub fn pre_tokens(text: &str) -> Vec<&str> {
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < text.len() {
-        let rest = &text[i..];
-        let m = pattern()
-            .find(rest)
-            .expect("every character starts a match");
-        let mut piece = &rest[..m.end()];
-        // `\s+(?!\S)`: a run of whitespace followed by more text leaves its last character
-        // to what follows, unless it is a single character (then plain `\s+` takes it).
-        if piece.chars().all(char::is_whitespace) && m.end() < rest.len() {
-            let mut chars = piece.char_indices();
-            if let (Some(_), Some((last, _))) = (chars.next(), chars.next_back()) {
-                piece = &piece[..last];
-            }
-        }
-        out.push(piece);
-        i += piece.len();
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -439,32 +344,58 @@ mod tests {
         );
     }
 
+    /// A SentencePiece-style tokenizer.json with byte fallback, as Llama 2's: a `▁` prepended
+    /// and standing for every space, bytes without a token spelled `<0xAB>`.
+    fn sentencepiece() -> Bpe {
+        let mut vocab = serde_json::Map::new();
+        for (i, t) in ["<unk>", "<s>", "</s>"].iter().enumerate() {
+            vocab.insert(t.to_string(), i.into());
+        }
+        for b in 0..256u32 {
+            vocab.insert(format!("<0x{b:02X}>"), (3 + b).into());
+        }
+        for (i, t) in ["\u{2581}", "a", "b", "\u{2581}a"].iter().enumerate() {
+            vocab.insert(t.to_string(), (259 + i).into());
+        }
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": [
+                {"id": 2, "content": "</s>", "single_word": false, "lstrip": false,
+                 "rstrip": false, "normalized": false, "special": true}
+            ],
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}
+            ]},
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}
+            ]},
+            "model": {"type": "BPE", "dropout": null, "unk_token": "<unk>",
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": true, "byte_fallback": true, "ignore_merges": false,
+                      "vocab": vocab, "merges": [["\u{2581}", "a"]]}
+        });
+        Bpe::from_tokenizer_json(&json.to_string()).unwrap()
+    }
+
     #[test]
-    fn pre_tokens_follow_the_pattern() {
-        let cut = |s| pre_tokens(s);
-        assert_eq!(cut("Hello world"), ["Hello", " world"]);
-        assert_eq!(cut("don't  stop"), ["don", "'t", " ", " stop"]);
+    fn sentencepiece_bpe_falls_back_to_bytes() {
+        let bpe = sentencepiece();
+        // "▁a", "▁", "b", then "é" and the newline, which have no token, as their bytes.
+        let ids = bpe.encode("a bé\n").unwrap();
+        assert_eq!(ids, [262, 259, 261, 3 + 0xC3, 3 + 0xA9, 3 + 0x0A]);
+        let bytes: Vec<u8> = ids.iter().flat_map(|&id| bpe.decode(id).unwrap()).collect();
         assert_eq!(
-            cut("ROMEO:\nBut, soft!"),
-            ["ROMEO", ":", "\n", "But", ",", " soft", "!"]
+            bytes,
+            " a bé\n".as_bytes(),
+            "token by token, the prepended space stays"
         );
-        assert_eq!(cut("a\n\n  b"), ["a", "\n\n ", " b"]);
-        assert_eq!(cut("x \ny"), ["x", " ", "\n", "y"]);
-        assert_eq!(
-            cut("in 1599, 12ab "),
-            ["in", " 1599", ",", " 12", "ab", " "]
-        );
-        assert_eq!(cut(" 'tis we'll"), [" '", "tis", " we", "'ll"]);
-        assert_eq!(cut("héllo wörld"), ["héllo", " wörld"]);
-        assert_eq!(
-            cut("Ⓐb Ⅻ"),
-            ["Ⓐ", "b", " Ⅻ"],
-            "a symbol, a letter, a numeral"
-        );
-        assert_eq!(cut("  "), ["  "], "whitespace at the end stays whole");
-        assert_eq!(cut(""), Vec::<&str>::new());
-        let text = "The quick\tbrown  fox's 3 jumps!!\n\n";
-        assert_eq!(cut(text).concat(), text, "the pieces are the text");
+        assert_eq!(bpe.end_of_text, Some(2));
+        assert_eq!(bpe.len(), 263);
     }
 
     /// A small vocabulary whose merges build "the" and " the" from bytes.
@@ -556,35 +487,49 @@ mod tests {
         for (i, s) in ["th", "the", "Ġthe"].iter().enumerate() {
             vocab.insert(s.to_string(), (256 + i).into());
         }
-        // Merges in both spellings; the end-of-text token among the added tokens only.
+        // Merges as pairs (current releases; older ones write "a b"); the end-of-text token
+        // among the added tokens only.
+        let byte_level = serde_json::json!(
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+        );
         let json = serde_json::json!({
-            "added_tokens": [{"id": 259, "content": "<|endoftext|>", "special": true}],
-            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false},
-            "model": {"type": "BPE", "vocab": vocab, "merges": ["t h", ["th", "e"], "Ġ the"]},
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": [{"id": 259, "content": "<|endoftext|>", "single_word": false,
+                              "lstrip": false, "rstrip": false, "normalized": false,
+                              "special": true}],
+            "normalizer": null,
+            "pre_tokenizer": byte_level,
+            "post_processor": null,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab, "merges": [["t", "h"], ["th", "e"], ["Ġ", "the"]]},
         });
         let fast = Bpe::from_tokenizer_json(&json.to_string()).unwrap();
+        let mut old = json.clone();
+        old["model"]["merges"] = serde_json::json!(["t h", "th e", "Ġ the"]);
+        let old = Bpe::from_tokenizer_json(&old.to_string()).unwrap();
         let text = "the theme<|endoftext|>tithe the";
+        assert_eq!(old.encode(text).unwrap(), bpe.encode(text).unwrap());
         assert_eq!(fast.encode(text).unwrap(), bpe.encode(text).unwrap());
         assert_eq!(fast.end_of_text, Some(259));
-        let refused = |patch: serde_json::Value, needle: &str| {
-            let mut j = json.clone();
-            for (k, v) in patch.as_object().unwrap() {
-                j[k] = v.clone();
-            }
-            let err = Bpe::from_tokenizer_json(&j.to_string()).err().unwrap();
-            assert!(format!("{err}").contains(needle), "{err}");
-        };
-        refused(
-            serde_json::json!({"model": {"type": "WordPiece"}}),
-            "not the byte-level BPE",
-        );
-        refused(
-            serde_json::json!({"pre_tokenizer": {"type": "Metaspace"}}),
-            "not GPT-2's ByteLevel",
-        );
-        refused(
-            serde_json::json!({"pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": true}}),
-            "adds a prefix space",
+        assert_eq!(fast.decode(258).unwrap(), b" the");
+        // A prefix space, as some byte-level tokenizers add: "the" is then " the".
+        let mut spaced = json.clone();
+        spaced["pre_tokenizer"]["add_prefix_space"] = true.into();
+        let spaced = Bpe::from_tokenizer_json(&spaced.to_string()).unwrap();
+        assert_eq!(spaced.encode("the").unwrap(), [258]);
+        let mut wordpiece = json.clone();
+        wordpiece["model"]["type"] = "WordPiece".into();
+        let err = Bpe::from_tokenizer_json(&wordpiece.to_string())
+            .err()
+            .unwrap();
+        assert!(
+            format!("{err}").contains("pipit reads BPE tokenizers"),
+            "{err}"
         );
     }
 

@@ -55,6 +55,12 @@ pub struct TrainConfig {
     pub min_lr: f64,
     /// AdamW decoupled weight decay (matrices and embeddings only).
     pub weight_decay: f64,
+    /// AdamW's first-moment decay β₁.
+    pub adam_beta1: f64,
+    /// AdamW's second-moment decay β₂.
+    pub adam_beta2: f64,
+    /// AdamW's denominator epsilon.
+    pub adam_eps: f64,
     /// Clip the global gradient norm to this value before each update (0: no clipping).
     pub grad_clip: f64,
     /// Seed of the initial weights and of the batch order.
@@ -88,6 +94,9 @@ impl Default for TrainConfig {
             warmup_steps: 60,
             min_lr: 3e-4,
             weight_decay: 0.1,
+            adam_beta1: 0.9,
+            adam_beta2: 0.95,
+            adam_eps: 1e-8,
             grad_clip: 0.0,
             seed: 1337,
             eval_every: 200,
@@ -135,6 +144,20 @@ impl TrainConfig {
             return Err(invalid_input!(
                 "stages × chunks = {stages} exceeds the model's {layers} layers (embedding, {} blocks, head): use fewer --stages or --chunks, or more --n-layer",
                 self.model.n_layer
+            ));
+        }
+        for (flag, beta) in [
+            ("adam-beta1", self.adam_beta1),
+            ("adam-beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                return Err(invalid_input!("--{flag} must be in [0, 1), got {beta}"));
+            }
+        }
+        if self.adam_eps.is_nan() || self.adam_eps <= 0.0 {
+            return Err(invalid_input!(
+                "--adam-eps must be positive, got {}",
+                self.adam_eps
             ));
         }
         self.compute_dtype()?;
@@ -211,9 +234,11 @@ impl TrainConfig {
             lr: self.lr_at(step),
             step: step as u32,
             adamw: AdamWConfig {
+                beta1: self.adam_beta1 as f32,
+                beta2: self.adam_beta2 as f32,
+                eps: self.adam_eps as f32,
                 weight_decay: self.weight_decay as f32,
                 grad_clip: self.grad_clip as f32,
-                ..AdamWConfig::default()
             },
         }
     }

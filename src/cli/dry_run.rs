@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use pipit_engine::data::Corpus;
+use pipit_engine::exec::RankReport;
 use pipit_engine::sim::simulate;
 use pipit_engine::train::{Init, StepLog, TrainConfig, Trainer};
 use pipit_engine::{invalid_input, Backend};
@@ -94,6 +95,10 @@ pub fn run(
          rounding.",
         bytes(total)
     )?;
+    let balance = imbalance(&step.report.ranks, &at_rest);
+    if let Some(b) = &balance {
+        writeln!(out, "{}", b.line())?;
+    }
     let mut verdict = json!(null);
     if let Some(limit) = limit {
         let over: Vec<String> = step
@@ -131,6 +136,14 @@ pub fn run(
             "ranks": rows,
             "simulated_efficiency": simulated.efficiency,
         });
+        if let Some(b) = &balance {
+            line["imbalance"] = json!({
+                "heaviest_rank": b.heaviest,
+                "lightest_rank": b.lightest,
+                "ratio": b.ratio,
+                "advice": b.advice(),
+            });
+        }
         if limit.is_some() {
             line["fits"] = verdict;
         }
@@ -138,6 +151,69 @@ pub fn run(
             .with_context(|| format!("writing --log-json {}", path.display()))?;
     }
     Ok(())
+}
+
+/// How unevenly the ranks' step peaks spread, as the troubleshooting of a pipeline starts:
+/// the heaviest and the lightest rank, and what would even them out.
+struct Imbalance {
+    heaviest: usize,
+    lightest: usize,
+    /// Heaviest peak over the lightest.
+    ratio: f64,
+    /// The heaviest rank's peak is mostly saved activations (else weights and optimizer state).
+    activations: bool,
+    peaks: (u64, u64),
+}
+
+/// The imbalance of a step over two or more ranks.
+fn imbalance(ranks: &[RankReport], at_rest: &[u64]) -> Option<Imbalance> {
+    if ranks.len() < 2 {
+        return None;
+    }
+    let by_peak = |(_, r): &(usize, &RankReport)| r.peak_bytes;
+    let (heaviest, h) = ranks.iter().enumerate().max_by_key(by_peak)?;
+    let (lightest, l) = ranks.iter().enumerate().min_by_key(by_peak)?;
+    Some(Imbalance {
+        heaviest,
+        lightest,
+        ratio: h.peak_bytes as f64 / l.peak_bytes.max(1) as f64,
+        activations: h.peak_activation_bytes > at_rest[heaviest],
+        peaks: (h.peak_bytes, l.peak_bytes),
+    })
+}
+
+impl Imbalance {
+    /// What would even the ranks out, in one sentence.
+    fn advice(&self) -> String {
+        if self.ratio < 1.1 {
+            "the ranks are within 10 % of each other".into()
+        } else if self.activations {
+            format!(
+                "most of rank {}'s peak is saved activations (the early ranks of 1F1B hold the \
+                 most micro-batches): --checkpoint-activations keeps only each stage's input, \
+                 or a zero-bubble V (--schedule zb-v) spreads them",
+                self.heaviest
+            )
+        } else {
+            format!(
+                "most of rank {}'s peak is weights, gradients and optimizer state: move layers \
+                 off it (`pipit partition --method memory-capped` cuts by memory)",
+                self.heaviest
+            )
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "imbalance: rank {} peaks at {}, rank {} at {} ({:.2}×); {}",
+            self.heaviest,
+            bytes(self.peaks.0),
+            self.lightest,
+            bytes(self.peaks.1),
+            self.ratio,
+            self.advice()
+        )
+    }
 }
 
 /// `n` bytes in decimal units: `512 B`, `12.3 kB`, `4.56 MB`, `1.23 GB`.

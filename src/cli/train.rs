@@ -167,6 +167,15 @@ pub struct TrainArgs {
     /// norms), as GPT-2 recipes do.
     #[arg(long)]
     weight_decay: Option<f64>,
+    /// AdamW's first-moment decay β₁.
+    #[arg(long, value_name = "BETA")]
+    adam_beta1: Option<f64>,
+    /// AdamW's second-moment decay β₂.
+    #[arg(long, value_name = "BETA")]
+    adam_beta2: Option<f64>,
+    /// AdamW's denominator epsilon.
+    #[arg(long, value_name = "EPS")]
+    adam_eps: Option<f64>,
     /// Clip the gradient's global norm (over every stage) to this before each update, as
     /// PyTorch's clip_grad_norm_; 0 turns clipping off. The norm is logged per step.
     #[arg(long, value_name = "NORM")]
@@ -311,6 +320,9 @@ impl TrainArgs {
         set!(min_lr <- min_lr);
         set!(weight_decay <- weight_decay);
         set!(grad_clip <- grad_clip);
+        set!(adam_beta1 <- adam_beta1);
+        set!(adam_beta2 <- adam_beta2);
+        set!(adam_eps <- adam_eps);
         set!(seed <- seed);
         set!(eval_every <- eval_every);
         set!(eval_tokens <- eval_tokens);

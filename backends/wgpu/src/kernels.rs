@@ -16,6 +16,9 @@ enum Shader {
     Embedding,
     CrossEntropy,
     AdamW,
+    RmsNorm,
+    Rope,
+    SwiGlu,
 }
 
 impl Shader {
@@ -29,6 +32,9 @@ impl Shader {
             Shader::Embedding => include_str!("../../../shaders/embedding.wgsl"),
             Shader::CrossEntropy => include_str!("../../../shaders/crossentropy.wgsl"),
             Shader::AdamW => include_str!("../../../shaders/adamw.wgsl"),
+            Shader::RmsNorm => include_str!("../../../shaders/rmsnorm.wgsl"),
+            Shader::Rope => include_str!("../../../shaders/rope.wgsl"),
+            Shader::SwiGlu => include_str!("../../../shaders/swiglu.wgsl"),
         }
     }
 
@@ -42,6 +48,9 @@ impl Shader {
             Shader::Embedding => "embedding.wgsl",
             Shader::CrossEntropy => "crossentropy.wgsl",
             Shader::AdamW => "adamw.wgsl",
+            Shader::RmsNorm => "rmsnorm.wgsl",
+            Shader::Rope => "rope.wgsl",
+            Shader::SwiGlu => "swiglu.wgsl",
         }
     }
 }
@@ -73,6 +82,13 @@ pub(crate) enum Kernel {
     CrossEntropyForward,
     CrossEntropyBackward,
     AdamW,
+    RmsnormForward,
+    RmsnormBackward,
+    RmsnormParamBackward,
+    Rope,
+    SwigluForward,
+    SwigluBackwardGate,
+    SwigluBackwardUp,
 }
 
 impl Kernel {
@@ -99,6 +115,13 @@ impl Kernel {
             | Kernel::EmbeddingBackwardWpe => Shader::Embedding,
             Kernel::CrossEntropyForward | Kernel::CrossEntropyBackward => Shader::CrossEntropy,
             Kernel::AdamW => Shader::AdamW,
+            Kernel::RmsnormForward | Kernel::RmsnormBackward | Kernel::RmsnormParamBackward => {
+                Shader::RmsNorm
+            }
+            Kernel::Rope => Shader::Rope,
+            Kernel::SwigluForward | Kernel::SwigluBackwardGate | Kernel::SwigluBackwardUp => {
+                Shader::SwiGlu
+            }
         }
     }
 
@@ -129,6 +152,13 @@ impl Kernel {
             Kernel::CrossEntropyForward => "cross_entropy_forward",
             Kernel::CrossEntropyBackward => "cross_entropy_backward",
             Kernel::AdamW => "adamw",
+            Kernel::RmsnormForward => "rmsnorm_forward",
+            Kernel::RmsnormBackward => "rmsnorm_backward",
+            Kernel::RmsnormParamBackward => "rmsnorm_param_backward",
+            Kernel::Rope => "rope",
+            Kernel::SwigluForward => "swiglu_forward",
+            Kernel::SwigluBackwardGate => "swiglu_backward_gate",
+            Kernel::SwigluBackwardUp => "swiglu_backward_up",
         }
     }
 
@@ -138,6 +168,8 @@ impl Kernel {
             self,
             Kernel::LayernormForward
                 | Kernel::LayernormBackward
+                | Kernel::RmsnormForward
+                | Kernel::RmsnormBackward
                 | Kernel::CrossEntropyForward
                 | Kernel::CrossEntropyBackward
                 | Kernel::AttentionForward

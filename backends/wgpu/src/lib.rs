@@ -19,6 +19,7 @@
 mod buffer;
 mod context;
 pub mod device;
+mod fused;
 mod kernels;
 mod ops;
 mod split;

@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use pipit_engine::backend::check;
 use pipit_engine::backend::{
-    AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats,
+    AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats, Rope,
 };
 use wgpu::util::DeviceExt;
 
@@ -14,7 +14,7 @@ use crate::split::{largest_fitting, matmul_pieces, row_chunks, MAX_LOOP_ITERATIO
 use crate::timing::WgpuMark;
 
 /// Invocations per workgroup of the one-element-per-invocation kernels.
-const ELEMENTWISE_WG: usize = 256;
+pub(crate) const ELEMENTWISE_WG: usize = 256;
 /// Elements one invocation of `chunk_sums` adds up (`CHUNK` in shaders/elementwise.wgsl).
 const CHUNK_SUMS: usize = 64;
 /// Output tile edge of the matmul kernel.
@@ -23,7 +23,7 @@ const MATMUL_TILE: usize = 64;
 /// (`matmul_rows`) rather than in 64×64 tiles.
 const FEW_ROWS: usize = 4;
 /// Columns per workgroup of the column-sum kernels (bias and layernorm parameter gradients).
-const COLUMN_WG: usize = 64;
+pub(crate) const COLUMN_WG: usize = 64;
 /// Invocations per workgroup of the embedding table gradient (one per channel).
 const CHANNEL_WG: usize = 64;
 
@@ -33,7 +33,7 @@ fn need_dtype(buf: &WgpuBuffer, dtype: DType, what: &str) -> Result<()> {
 }
 
 /// Errors unless `buf` holds `dtype` and exactly `elems` elements.
-fn need(buf: &WgpuBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
+pub(crate) fn need(buf: &WgpuBuffer, elems: usize, dtype: DType, what: &str) -> Result<()> {
     check::buffer(what, buf.len, buf.dtype, elems, dtype)
 }
 
@@ -53,7 +53,7 @@ fn need_table(table: &WgpuBuffer, channels: usize, rows: usize, what: &str) -> R
 }
 
 /// Errors unless every buffer is f32 with exactly `len` elements.
-fn same_len(len: usize, bufs: &[(&WgpuBuffer, &str)]) -> Result<()> {
+pub(crate) fn same_len(len: usize, bufs: &[(&WgpuBuffer, &str)]) -> Result<()> {
     for (b, what) in bufs {
         if b.dtype != DType::F32 {
             bail!("{what} must be an F32 buffer, got {:?}", b.dtype);
@@ -69,20 +69,20 @@ fn same_len(len: usize, bufs: &[(&WgpuBuffer, &str)]) -> Result<()> {
 }
 
 /// `x` as a kernel parameter; sizes inside one binding window always fit.
-fn u(x: usize) -> Result<u32> {
+pub(crate) fn u(x: usize) -> Result<u32> {
     u32::try_from(x).map_err(|_| anyhow::anyhow!("size {x} does not fit a 32-bit kernel index"))
 }
 
 impl WgpuBackend {
     /// The grid of a row kernel over `rows` rows with `lanes` invocations per row.
-    fn row_grid(&self, rows: usize, lanes: u32) -> Result<(u32, u32)> {
+    pub(crate) fn row_grid(&self, rows: usize, lanes: u32) -> Result<(u32, u32)> {
         self.grid(rows.div_ceil((64 / lanes) as usize))
     }
 
     /// Invocations per row for a row kernel: the profile's choice, doubled while one
     /// invocation would run more than [`MAX_LOOP_ITERATIONS`] loop iterations (`iterations`
     /// estimates them for a given number of lanes).
-    fn lanes_for(&self, what: &str, iterations: impl Fn(usize) -> usize) -> Result<u32> {
+    pub(crate) fn lanes_for(&self, what: &str, iterations: impl Fn(usize) -> usize) -> Result<u32> {
         let mut lanes = self.lanes;
         while iterations(lanes as usize) > MAX_LOOP_ITERATIONS {
             if lanes >= 64 {
@@ -95,7 +95,7 @@ impl WgpuBackend {
 
     /// One-element-per-invocation kernel over `n` elements: `out` at binding 1, `inputs` at
     /// bindings 2, 3, ...; the parameter block is (n, bases..., extra...).
-    fn map_kernel(
+    pub(crate) fn map_kernel(
         &self,
         kernel: Kernel,
         out: &WgpuBuffer,
@@ -685,6 +685,57 @@ impl Backend for WgpuBackend {
             ],
         )?;
         self.map_kernel(Kernel::GeluBackward, dinp, &[inp, dout], &[])
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut WgpuBuffer,
+        rstd: &mut WgpuBuffer,
+        inp: &WgpuBuffer,
+        weight: &WgpuBuffer,
+        rows: usize,
+        channels: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.rmsnorm_forward_kernel(out, rstd, inp, weight, rows, channels, eps)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut WgpuBuffer,
+        dweight: &mut WgpuBuffer,
+        dout: &WgpuBuffer,
+        inp: &WgpuBuffer,
+        weight: &WgpuBuffer,
+        rstd: &WgpuBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        self.rmsnorm_backward_kernel(dinp, dweight, dout, inp, weight, rstd, rows, channels)
+    }
+
+    fn rope(&self, out: &mut WgpuBuffer, inp: &WgpuBuffer, shape: Rope) -> Result<()> {
+        self.rope_kernel(out, inp, shape)
+    }
+
+    fn swiglu_forward(
+        &self,
+        out: &mut WgpuBuffer,
+        gate: &WgpuBuffer,
+        up: &WgpuBuffer,
+    ) -> Result<()> {
+        self.swiglu_forward_kernel(out, gate, up)
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut WgpuBuffer,
+        dup: &mut WgpuBuffer,
+        gate: &WgpuBuffer,
+        up: &WgpuBuffer,
+        dout: &WgpuBuffer,
+    ) -> Result<()> {
+        self.swiglu_backward_kernel(dgate, dup, gate, up, dout)
     }
 
     fn attention_forward(

@@ -45,11 +45,12 @@ pub(super) fn embedding_lookup<B: Backend + ?Sized>(
             b.len(table)
         );
     }
+    // Each token as a sequence of one, at position 0 of a zero position table (allocated
+    // where nothing is computed too, so the meta backend counts it).
+    let zero = b.alloc(channels, DType::F32)?;
     if !b.computes() {
         return Ok(());
     }
-    // Each token as a sequence of one, at position 0 of a zero position table.
-    let zero = b.alloc(channels, DType::F32)?;
     b.embedding_forward_at(out, tokens, table, &zero, rows, 1, 0, channels)
 }
 
@@ -69,10 +70,10 @@ pub(super) fn embedding_lookup_backward<B: Backend + ?Sized>(
         check::elems(&[rows, channels])?,
     )?;
     check::dtype("embedding table gradient", b.dtype(dtable), DType::F32)?;
+    let mut unused = b.alloc(channels, DType::F32)?;
     if !b.computes() {
         return Ok(());
     }
-    let mut unused = b.alloc(channels, DType::F32)?;
     b.embedding_backward(dtable, &mut unused, dout, tokens, rows, 1, channels)
 }
 
@@ -169,26 +170,6 @@ pub(super) fn rmsnorm_backward<B: Backend + ?Sized>(
     b.write(dweight, &dw)
 }
 
-/// `cos` and `sin` of every position's angle for each frequency, `[seq, head_dim/2]`, as
-/// transformers' Llama computes them: inverse frequencies and angles in f32.
-fn rope_table(shape: &Rope) -> (Vec<f32>, Vec<f32>) {
-    let half = shape.head_dim / 2;
-    let inv_freq: Vec<f32> = (0..half)
-        .map(|i| 1.0 / shape.theta.powf((2 * i) as f32 / shape.head_dim as f32))
-        .collect();
-    let mut cos = Vec::with_capacity(shape.seq * half);
-    let mut sin = Vec::with_capacity(shape.seq * half);
-    for t in 0..shape.seq {
-        let pos = (shape.start + t) as f32;
-        for &f in &inv_freq {
-            let angle = f64::from(pos * f);
-            cos.push(angle.cos() as f32);
-            sin.push(angle.sin() as f32);
-        }
-    }
-    (cos, sin)
-}
-
 pub(super) fn rope<B: Backend + ?Sized>(
     b: &B,
     out: &mut B::Buffer,
@@ -213,7 +194,7 @@ pub(super) fn rope<B: Backend + ?Sized>(
     if !b.computes() {
         return Ok(());
     }
-    let (cos, sin) = rope_table(&shape);
+    let table = shape.cos_sin();
     let x = b.download(inp)?;
     let mut y = vec![0.0f32; n];
     let (half, d) = (shape.head_dim / 2, shape.head_dim);
@@ -221,7 +202,10 @@ pub(super) fn rope<B: Backend + ?Sized>(
     for (i, (xs, ys)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
         let t = (i / shape.heads) % shape.seq;
         for j in 0..half {
-            let (c, s) = (cos[t * half + j], sign * sin[t * half + j]);
+            let (c, s) = (
+                table[2 * (t * half + j)],
+                sign * table[2 * (t * half + j) + 1],
+            );
             // As transformers: x·cos + rotate_half(x)·sin, rotate_half(x) = (−x₂, x₁).
             ys[j] = xs[j] * c + (-xs[j + half]) * s;
             ys[j + half] = xs[j + half] * c + xs[j] * s;
