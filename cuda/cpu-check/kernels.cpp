@@ -143,6 +143,7 @@ void test_elementwise() {
 #include "bf16_checks.inc"
 #include "attention_checks.inc"
 #include "flash_checks.inc"
+#include "llama_checks.inc"
 int main() {
     test_bf16();
     test_elementwise();
@@ -151,6 +152,7 @@ int main() {
     for (auto [B, T, C, NH] : std::vector<std::tuple<unsigned, unsigned, unsigned, unsigned>>{{1, 1, 8, 2}, {2, 5, 12, 3}, {1, 17, 48, 4}, {1, 300, 16, 2}, {3, 33, 64, 1}}) attention<float>(B, T, C, NH, 1e-4, "f32");
     for (auto [B, T, C, NH] : std::vector<std::tuple<unsigned, unsigned, unsigned, unsigned>>{{2, 5, 12, 3}, {1, 300, 16, 2}, {3, 33, 64, 1}}) attention<bf16>(B, T, C, NH, 1e-2, "bf16");
     for (auto [B, T, C, NH] : std::vector<std::tuple<unsigned, unsigned, unsigned, unsigned>>{{2, 5, 32, 2}, {1, 130, 64, 2}, {2, 70, 128, 2}, {1, 67, 128, 1}, {1, 64, 64, 4}}) flash(B, T, C, NH);
+    test_llama_kernels();
     test_ce(1, 1); test_ce(1, 2); test_ce(3, 131); test_ce(2, 1031); test_ce(3, 50257);
     test_embedding(1, 1, 1, 1, 1); test_embedding(2, 7, 13, 131, 9); test_embedding(3, 300, 20, 257, 300); test_embedding(4, 65, 64, 5, 70); test_embedding(1, 3, 600, 4, 3); test_embedding(2, 1, 13, 131, 9, 8); test_embedding(1, 4, 20, 7, 30, 11);
     for (auto [B, T, C, NH, past] : std::vector<std::tuple<unsigned, unsigned, unsigned, unsigned, unsigned>>{{1, 1, 8, 2, 0}, {2, 9, 12, 3, 8}, {1, 300, 16, 2, 290}, {2, 40, 64, 1, 13}, {1, 20, 48, 4, 0}, {1, 5, 600, 2, 2}}) decode(B, T, C, NH, past);

@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 
-mod fused;
+pub mod fused;
 
 /// Element type of a device buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -13,7 +13,7 @@ pub(crate) const ROW_BLOCK: u32 = 256;
 
 /// Each source file, in the order they are joined into one program: `common.cu` first, since
 /// the others use its helpers.
-const SOURCES: [(&str, &str); 10] = [
+const SOURCES: [(&str, &str); 14] = [
     ("common.cu", include_str!("../../../cuda/common.cu")),
     (
         "elementwise.cu",
@@ -24,6 +24,13 @@ const SOURCES: [(&str, &str); 10] = [
     ("adamw.cu", include_str!("../../../cuda/adamw.cu")),
     ("embedding.cu", include_str!("../../../cuda/embedding.cu")),
     ("layernorm.cu", include_str!("../../../cuda/layernorm.cu")),
+    ("rmsnorm.cu", include_str!("../../../cuda/rmsnorm.cu")),
+    ("rope.cu", include_str!("../../../cuda/rope.cu")),
+    ("swiglu.cu", include_str!("../../../cuda/swiglu.cu")),
+    (
+        "grouped_query.cu",
+        include_str!("../../../cuda/grouped_query.cu"),
+    ),
     (
         "crossentropy.cu",
         include_str!("../../../cuda/crossentropy.cu"),
@@ -174,6 +181,22 @@ kernels!(
     layernorm_backward_bf16,
     layernorm_param_partials,
     layernorm_param_partials_bf16,
+    rmsnorm_forward,
+    rmsnorm_forward_bf16,
+    rmsnorm_backward,
+    rmsnorm_backward_bf16,
+    rmsnorm_weight_partials,
+    rmsnorm_weight_partials_bf16,
+    rope,
+    rope_bf16,
+    swiglu_forward,
+    swiglu_forward_bf16,
+    swiglu_backward,
+    swiglu_backward_bf16,
+    pack_qkv,
+    pack_qkv_bf16,
+    unpack_qkv_grad,
+    unpack_qkv_grad_bf16,
     cross_entropy_forward,
     cross_entropy_forward_bf16,
     cross_entropy_backward,

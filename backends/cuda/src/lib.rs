@@ -25,6 +25,7 @@ mod kernels;
 mod attention;
 mod buffer;
 mod context;
+mod fused;
 mod gemm;
 mod groups;
 mod nccl;

@@ -5,7 +5,8 @@ use anyhow::{bail, Context, Result};
 use cudarc::driver::{CudaEvent, LaunchConfig, PushKernelArg};
 use pipit_engine::backend::check::{self, elems};
 use pipit_engine::backend::{
-    round_bf16, AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats,
+    fused, round_bf16, AdamW, Attention, Backend, CachedAttention, DType, Heads, Matmul,
+    MemoryStats, Rope,
 };
 
 use crate::buffer::{CudaBuffer, Data};
@@ -107,7 +108,7 @@ impl CudaBackend {
     }
 
     /// Stage 2 of the column sums: `dst[col] += Σ_chunk partial[chunk, col]`.
-    fn finish_column_sums(
+    pub(crate) fn finish_column_sums(
         &self,
         dst: &mut CudaBuffer,
         partial: &CudaBuffer,
@@ -711,6 +712,88 @@ impl Backend for CudaBackend {
             dout.floats("gelu output gradient")?,
             &n64,
         )
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut CudaBuffer,
+        rstd: &mut CudaBuffer,
+        inp: &CudaBuffer,
+        weight: &CudaBuffer,
+        rows: usize,
+        channels: usize,
+        eps: f32,
+    ) -> Result<()> {
+        fused::check_rmsnorm_forward(self, out, rstd, inp, weight, rows, channels)?;
+        self.rmsnorm_forward_kernel(out, rstd, inp, weight, rows, channels, eps)
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut CudaBuffer,
+        dweight: &mut CudaBuffer,
+        dout: &CudaBuffer,
+        inp: &CudaBuffer,
+        weight: &CudaBuffer,
+        rstd: &CudaBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        fused::check_rmsnorm_backward(
+            self, dinp, dweight, dout, inp, weight, rstd, rows, channels,
+        )?;
+        self.rmsnorm_backward_kernel(dinp, dweight, dout, inp, weight, rstd, rows, channels)
+    }
+
+    fn rope(&self, out: &mut CudaBuffer, inp: &CudaBuffer, shape: Rope) -> Result<()> {
+        fused::check_rope(self, out, inp, &shape)?;
+        self.rope_kernel(out, inp, shape)
+    }
+
+    fn swiglu_forward(
+        &self,
+        out: &mut CudaBuffer,
+        gate: &CudaBuffer,
+        up: &CudaBuffer,
+    ) -> Result<()> {
+        fused::check_swiglu_forward(self, out, gate, up)?;
+        self.swiglu_forward_kernel(out, gate, up)
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut CudaBuffer,
+        dup: &mut CudaBuffer,
+        gate: &CudaBuffer,
+        up: &CudaBuffer,
+        dout: &CudaBuffer,
+    ) -> Result<()> {
+        fused::check_swiglu_backward(self, dgate, dup, gate, up, dout)?;
+        self.swiglu_backward_kernel(dgate, dup, gate, up, dout)
+    }
+
+    fn pack_qkv(
+        &self,
+        qkv: &mut CudaBuffer,
+        q: &CudaBuffer,
+        k: &CudaBuffer,
+        v: &CudaBuffer,
+        shape: Heads,
+    ) -> Result<()> {
+        fused::check_pack_qkv(self, qkv, q, k, v, &shape)?;
+        self.pack_qkv_kernel(qkv, q, k, v, shape)
+    }
+
+    fn unpack_qkv_grad(
+        &self,
+        dq: &mut CudaBuffer,
+        dk: &mut CudaBuffer,
+        dv: &mut CudaBuffer,
+        dqkv: &CudaBuffer,
+        shape: Heads,
+    ) -> Result<()> {
+        fused::check_unpack_qkv_grad(self, dq, dk, dv, dqkv, &shape)?;
+        self.unpack_qkv_grad_kernel(dq, dk, dv, dqkv, shape)
     }
 
     fn attention_state(&self, shape: Attention, dtype: DType) -> Result<CudaBuffer> {

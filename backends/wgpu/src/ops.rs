@@ -1,7 +1,7 @@
 //! `Backend` for [`WgpuBackend`]: size checks, cutting into binding windows, and dispatches.
 
 use anyhow::{bail, Result};
-use pipit_engine::backend::check;
+use pipit_engine::backend::{check, fused};
 use pipit_engine::backend::{
     AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats, Rope,
 };
@@ -697,6 +697,7 @@ impl Backend for WgpuBackend {
         channels: usize,
         eps: f32,
     ) -> Result<()> {
+        fused::check_rmsnorm_forward(self, out, rstd, inp, weight, rows, channels)?;
         self.rmsnorm_forward_kernel(out, rstd, inp, weight, rows, channels, eps)
     }
 
@@ -711,10 +712,14 @@ impl Backend for WgpuBackend {
         rows: usize,
         channels: usize,
     ) -> Result<()> {
+        fused::check_rmsnorm_backward(
+            self, dinp, dweight, dout, inp, weight, rstd, rows, channels,
+        )?;
         self.rmsnorm_backward_kernel(dinp, dweight, dout, inp, weight, rstd, rows, channels)
     }
 
     fn rope(&self, out: &mut WgpuBuffer, inp: &WgpuBuffer, shape: Rope) -> Result<()> {
+        fused::check_rope(self, out, inp, &shape)?;
         self.rope_kernel(out, inp, shape)
     }
 
@@ -724,6 +729,7 @@ impl Backend for WgpuBackend {
         gate: &WgpuBuffer,
         up: &WgpuBuffer,
     ) -> Result<()> {
+        fused::check_swiglu_forward(self, out, gate, up)?;
         self.swiglu_forward_kernel(out, gate, up)
     }
 
@@ -735,6 +741,7 @@ impl Backend for WgpuBackend {
         up: &WgpuBuffer,
         dout: &WgpuBuffer,
     ) -> Result<()> {
+        fused::check_swiglu_backward(self, dgate, dup, gate, up, dout)?;
         self.swiglu_backward_kernel(dgate, dup, gate, up, dout)
     }
 

@@ -4,7 +4,8 @@
 //! on every device), then computes: the token-only embedding through the primitive embedding
 //! op on the device, the rest on the host from downloaded operands, summing in f64 as the
 //! reference backend does, and writing results back (rounded once into a bf16 output). A
-//! backend with a kernel for one of them overrides the trait method; one that
+//! backend with a kernel for one of them overrides the trait method and calls the op's
+//! `check_*` function here first, so the checks are written once; one that
 //! [`Backend::computes`] nothing (the meta backend) stops after the checks.
 
 use anyhow::{bail, Result};
@@ -77,6 +78,23 @@ pub(super) fn embedding_lookup_backward<B: Backend + ?Sized>(
     b.embedding_backward(dtable, &mut unused, dout, tokens, rows, 1, channels)
 }
 
+/// [`Backend::rmsnorm_forward`]'s operand checks.
+pub fn check_rmsnorm_forward<B: Backend + ?Sized>(
+    b: &B,
+    out: &B::Buffer,
+    rstd: &B::Buffer,
+    inp: &B::Buffer,
+    weight: &B::Buffer,
+    rows: usize,
+    channels: usize,
+) -> Result<()> {
+    let n = check::elems(&[rows, channels])?;
+    f32s(b, "rmsnorm input", inp, n)?;
+    floats(b, "rmsnorm output", out, n)?;
+    f32s(b, "rmsnorm rstd", rstd, rows)?;
+    f32s(b, "rmsnorm weight", weight, channels)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn rmsnorm_forward<B: Backend + ?Sized>(
     b: &B,
@@ -88,14 +106,11 @@ pub(super) fn rmsnorm_forward<B: Backend + ?Sized>(
     channels: usize,
     eps: f32,
 ) -> Result<()> {
-    let n = check::elems(&[rows, channels])?;
-    f32s(b, "rmsnorm input", inp, n)?;
-    floats(b, "rmsnorm output", out, n)?;
-    f32s(b, "rmsnorm rstd", rstd, rows)?;
-    f32s(b, "rmsnorm weight", weight, channels)?;
+    check_rmsnorm_forward(b, out, rstd, inp, weight, rows, channels)?;
     if !b.computes() {
         return Ok(());
     }
+    let n = rows * channels;
     let (x, w) = (b.download(inp)?, b.download(weight)?);
     let mut y = vec![0.0f32; n];
     let mut r = vec![0.0f32; rows];
@@ -116,11 +131,12 @@ pub(super) fn rmsnorm_forward<B: Backend + ?Sized>(
     b.write(rstd, &r)
 }
 
+/// [`Backend::rmsnorm_backward`]'s operand checks.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn rmsnorm_backward<B: Backend + ?Sized>(
+pub fn check_rmsnorm_backward<B: Backend + ?Sized>(
     b: &B,
-    dinp: &mut B::Buffer,
-    dweight: &mut B::Buffer,
+    dinp: &B::Buffer,
+    dweight: &B::Buffer,
     dout: &B::Buffer,
     inp: &B::Buffer,
     weight: &B::Buffer,
@@ -134,10 +150,26 @@ pub(super) fn rmsnorm_backward<B: Backend + ?Sized>(
     floats(b, "rmsnorm output gradient", dout, n)?;
     f32s(b, "rmsnorm input", inp, n)?;
     f32s(b, "rmsnorm weight", weight, channels)?;
-    f32s(b, "rmsnorm rstd", rstd, rows)?;
+    f32s(b, "rmsnorm rstd", rstd, rows)
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) fn rmsnorm_backward<B: Backend + ?Sized>(
+    b: &B,
+    dinp: &mut B::Buffer,
+    dweight: &mut B::Buffer,
+    dout: &B::Buffer,
+    inp: &B::Buffer,
+    weight: &B::Buffer,
+    rstd: &B::Buffer,
+    rows: usize,
+    channels: usize,
+) -> Result<()> {
+    check_rmsnorm_backward(b, dinp, dweight, dout, inp, weight, rstd, rows, channels)?;
     if !b.computes() {
         return Ok(());
     }
+    let n = rows * channels;
     let (dy, x, w, r) = (
         b.download(dout)?,
         b.download(inp)?,
@@ -170,11 +202,12 @@ pub(super) fn rmsnorm_backward<B: Backend + ?Sized>(
     b.write(dweight, &dw)
 }
 
-pub(super) fn rope<B: Backend + ?Sized>(
+/// [`Backend::rope`]'s operand checks.
+pub fn check_rope<B: Backend + ?Sized>(
     b: &B,
-    out: &mut B::Buffer,
+    out: &B::Buffer,
     inp: &B::Buffer,
-    shape: Rope,
+    shape: &Rope,
 ) -> Result<()> {
     if shape.head_dim == 0 || shape.head_dim % 2 != 0 {
         bail!(
@@ -190,10 +223,20 @@ pub(super) fn rope<B: Backend + ?Sized>(
     }
     let n = check::elems(&[shape.batch, shape.seq, shape.heads, shape.head_dim])?;
     floats(b, "rotary embedding input", inp, n)?;
-    floats(b, "rotary embedding output", out, n)?;
+    floats(b, "rotary embedding output", out, n)
+}
+
+pub(super) fn rope<B: Backend + ?Sized>(
+    b: &B,
+    out: &mut B::Buffer,
+    inp: &B::Buffer,
+    shape: Rope,
+) -> Result<()> {
+    check_rope(b, out, inp, &shape)?;
     if !b.computes() {
         return Ok(());
     }
+    let n = b.len(inp);
     let table = shape.cos_sin();
     let x = b.download(inp)?;
     let mut y = vec![0.0f32; n];
@@ -218,16 +261,26 @@ fn silu(x: f64) -> f64 {
     x / (1.0 + (-x).exp())
 }
 
-pub(super) fn swiglu_forward<B: Backend + ?Sized>(
+/// [`Backend::swiglu_forward`]'s operand checks.
+pub fn check_swiglu_forward<B: Backend + ?Sized>(
     b: &B,
-    out: &mut B::Buffer,
+    out: &B::Buffer,
     gate: &B::Buffer,
     up: &B::Buffer,
 ) -> Result<()> {
     let n = b.len(gate);
     floats(b, "swiglu gate", gate, n)?;
     floats(b, "swiglu up", up, n)?;
-    floats(b, "swiglu output", out, n)?;
+    floats(b, "swiglu output", out, n)
+}
+
+pub(super) fn swiglu_forward<B: Backend + ?Sized>(
+    b: &B,
+    out: &mut B::Buffer,
+    gate: &B::Buffer,
+    up: &B::Buffer,
+) -> Result<()> {
+    check_swiglu_forward(b, out, gate, up)?;
     if !b.computes() {
         return Ok(());
     }
@@ -240,10 +293,11 @@ pub(super) fn swiglu_forward<B: Backend + ?Sized>(
     b.write(out, &y)
 }
 
-pub(super) fn swiglu_backward<B: Backend + ?Sized>(
+/// [`Backend::swiglu_backward`]'s operand checks.
+pub fn check_swiglu_backward<B: Backend + ?Sized>(
     b: &B,
-    dgate: &mut B::Buffer,
-    dup: &mut B::Buffer,
+    dgate: &B::Buffer,
+    dup: &B::Buffer,
     gate: &B::Buffer,
     up: &B::Buffer,
     dout: &B::Buffer,
@@ -257,10 +311,22 @@ pub(super) fn swiglu_backward<B: Backend + ?Sized>(
         floats(b, what, buf, n)?;
     }
     floats(b, "swiglu gate gradient", dgate, n)?;
-    floats(b, "swiglu up gradient", dup, n)?;
+    floats(b, "swiglu up gradient", dup, n)
+}
+
+pub(super) fn swiglu_backward<B: Backend + ?Sized>(
+    b: &B,
+    dgate: &mut B::Buffer,
+    dup: &mut B::Buffer,
+    gate: &B::Buffer,
+    up: &B::Buffer,
+    dout: &B::Buffer,
+) -> Result<()> {
+    check_swiglu_backward(b, dgate, dup, gate, up, dout)?;
     if !b.computes() {
         return Ok(());
     }
+    let n = b.len(gate);
     let (g, u, dy) = (b.download(gate)?, b.download(up)?, b.download(dout)?);
     let mut dg = vec![0.0f32; n];
     let mut du = vec![0.0f32; n];
@@ -290,6 +356,23 @@ fn heads_widths(shape: &Heads) -> Result<(usize, usize)> {
     ))
 }
 
+/// [`Backend::pack_qkv`]'s operand checks.
+pub fn check_pack_qkv<B: Backend + ?Sized>(
+    b: &B,
+    qkv: &B::Buffer,
+    q: &B::Buffer,
+    k: &B::Buffer,
+    v: &B::Buffer,
+    shape: &Heads,
+) -> Result<()> {
+    let (qw, kw) = heads_widths(shape)?;
+    let rows = shape.rows;
+    floats(b, "queries", q, check::elems(&[rows, qw])?)?;
+    floats(b, "keys", k, check::elems(&[rows, kw])?)?;
+    floats(b, "values", v, check::elems(&[rows, kw])?)?;
+    floats(b, "packed qkv", qkv, check::elems(&[rows, 3, qw])?)
+}
+
 pub(super) fn pack_qkv<B: Backend + ?Sized>(
     b: &B,
     qkv: &mut B::Buffer,
@@ -298,15 +381,12 @@ pub(super) fn pack_qkv<B: Backend + ?Sized>(
     v: &B::Buffer,
     shape: Heads,
 ) -> Result<()> {
-    let (qw, kw) = heads_widths(&shape)?;
-    let rows = shape.rows;
-    floats(b, "queries", q, check::elems(&[rows, qw])?)?;
-    floats(b, "keys", k, check::elems(&[rows, kw])?)?;
-    floats(b, "values", v, check::elems(&[rows, kw])?)?;
-    floats(b, "packed qkv", qkv, check::elems(&[rows, 3, qw])?)?;
+    check_pack_qkv(b, qkv, q, k, v, &shape)?;
     if !b.computes() {
         return Ok(());
     }
+    let (qw, kw) = heads_widths(&shape)?;
+    let rows = shape.rows;
     let (q, k, v) = (b.download(q)?, b.download(k)?, b.download(v)?);
     let (d, group) = (shape.head_dim, shape.heads / shape.kv_heads);
     let mut out = vec![0.0f32; rows * 3 * qw];
@@ -322,15 +402,16 @@ pub(super) fn pack_qkv<B: Backend + ?Sized>(
     b.write(qkv, &out)
 }
 
-pub(super) fn unpack_qkv_grad<B: Backend + ?Sized>(
+/// [`Backend::unpack_qkv_grad`]'s operand checks.
+pub fn check_unpack_qkv_grad<B: Backend + ?Sized>(
     b: &B,
-    dq: &mut B::Buffer,
-    dk: &mut B::Buffer,
-    dv: &mut B::Buffer,
+    dq: &B::Buffer,
+    dk: &B::Buffer,
+    dv: &B::Buffer,
     dqkv: &B::Buffer,
-    shape: Heads,
+    shape: &Heads,
 ) -> Result<()> {
-    let (qw, kw) = heads_widths(&shape)?;
+    let (qw, kw) = heads_widths(shape)?;
     let rows = shape.rows;
     floats(
         b,
@@ -340,10 +421,23 @@ pub(super) fn unpack_qkv_grad<B: Backend + ?Sized>(
     )?;
     floats(b, "query gradient", dq, check::elems(&[rows, qw])?)?;
     floats(b, "key gradient", dk, check::elems(&[rows, kw])?)?;
-    floats(b, "value gradient", dv, check::elems(&[rows, kw])?)?;
+    floats(b, "value gradient", dv, check::elems(&[rows, kw])?)
+}
+
+pub(super) fn unpack_qkv_grad<B: Backend + ?Sized>(
+    b: &B,
+    dq: &mut B::Buffer,
+    dk: &mut B::Buffer,
+    dv: &mut B::Buffer,
+    dqkv: &B::Buffer,
+    shape: Heads,
+) -> Result<()> {
+    check_unpack_qkv_grad(b, dq, dk, dv, dqkv, &shape)?;
     if !b.computes() {
         return Ok(());
     }
+    let (qw, kw) = heads_widths(&shape)?;
+    let rows = shape.rows;
     let g = b.download(dqkv)?;
     let (d, group) = (shape.head_dim, shape.heads / shape.kv_heads);
     let mut q = vec![0.0f32; rows * qw];
