@@ -1,10 +1,11 @@
 //! The fused ops Llama-style models add, as WGSL kernels: RMSNorm (`shaders/rmsnorm.wgsl`),
-//! rotary positions (`shaders/rope.wgsl`) and SwiGLU (`shaders/swiglu.wgsl`). The trait
-//! methods in `ops.rs` call these; the ops without a kernel here (grouped-query packing, the
-//! token-only embedding) keep the engine's defaults.
+//! rotary positions (`shaders/rope.wgsl`), SwiGLU (`shaders/swiglu.wgsl`) and grouped-query
+//! key/value sharing (`shaders/grouped_query.wgsl`). The trait methods in `ops.rs` run the
+//! engine's shared checks (`pipit_engine::backend::fused`), then these; the token-only
+//! embedding keeps the engine's default.
 
 use anyhow::{bail, Result};
-use pipit_engine::backend::{DType, Rope};
+use pipit_engine::backend::{DType, Heads, Rope};
 
 use crate::buffer::WgpuBuffer;
 use crate::context::WgpuBackend;
@@ -145,15 +146,6 @@ impl WgpuBackend {
         shape: Rope,
     ) -> Result<()> {
         let d = shape.head_dim;
-        if d == 0 || d % 2 != 0 {
-            bail!("rotary embedding needs an even head size, got {d}");
-        }
-        if !(shape.theta > 1.0 && shape.theta.is_finite()) {
-            bail!(
-                "rotary embedding needs a base θ above 1, got {}",
-                shape.theta
-            );
-        }
         let width = shape.heads * d;
         let tokens = shape.batch * shape.seq;
         need(inp, tokens * width, DType::F32, "rotary embedding input")?;
@@ -228,5 +220,91 @@ impl WgpuBackend {
         )?;
         self.map_kernel(Kernel::SwigluBackwardGate, dgate, &[gate, up, dout], &[])?;
         self.map_kernel(Kernel::SwigluBackwardUp, dup, &[gate, dout], &[])
+    }
+
+    /// Grouped-query packing (`shaders/grouped_query.wgsl`), one window of rows at a time.
+    pub(crate) fn pack_qkv_kernel(
+        &self,
+        qkv: &WgpuBuffer,
+        q: &WgpuBuffer,
+        k: &WgpuBuffer,
+        v: &WgpuBuffer,
+        shape: Heads,
+    ) -> Result<()> {
+        for buf in [qkv, q, k, v] {
+            need(buf, buf.len, DType::F32, "grouped-query operand")?;
+        }
+        let (qw, kw) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+        let group = shape.heads / shape.kv_heads;
+        for r in row_chunks(shape.rows, &[3 * qw, qw, kw], self.max_binding_elems, usize::MAX)? {
+            let vo = self.view(qkv, r.start * 3 * qw..r.end * 3 * qw);
+            let vq = self.view(q, r.start * qw..r.end * qw);
+            let vk = self.view(k, r.start * kw..r.end * kw);
+            let vv = self.view(v, r.start * kw..r.end * kw);
+            let n = r.len() * 3 * qw;
+            let params = [
+                u(n)?,
+                vo.base,
+                vq.base,
+                vk.base,
+                vv.base,
+                u(qw)?,
+                u(kw)?,
+                u(shape.head_dim)?,
+                u(group)?,
+                0,
+            ];
+            let grid = self.grid(n.div_ceil(ELEMENTWISE_WG))?;
+            self.dispatch(
+                Kernel::PackQkv,
+                &params,
+                &[(1, &vo), (2, &vq), (3, &vk), (4, &vv)],
+                grid,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::pack_qkv_kernel`]'s gradient: dq copied, dk and dv summed over each group.
+    pub(crate) fn unpack_qkv_grad_kernel(
+        &self,
+        dq: &WgpuBuffer,
+        dk: &WgpuBuffer,
+        dv: &WgpuBuffer,
+        dqkv: &WgpuBuffer,
+        shape: Heads,
+    ) -> Result<()> {
+        for buf in [dq, dk, dv, dqkv] {
+            need(buf, buf.len, DType::F32, "grouped-query operand")?;
+        }
+        let (qw, kw) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+        let group = shape.heads / shape.kv_heads;
+        for r in row_chunks(shape.rows, &[3 * qw, qw], self.max_binding_elems, usize::MAX)? {
+            let vg = self.view(dqkv, r.start * 3 * qw..r.end * 3 * qw);
+            let outputs = [
+                (Kernel::UnpackDq, dq, qw, 0),
+                (Kernel::UnpackDkv, dk, kw, 1),
+                (Kernel::UnpackDkv, dv, kw, 2),
+            ];
+            for (kernel, out, width, part) in outputs {
+                let vo = self.view(out, r.start * width..r.end * width);
+                let n = r.len() * width;
+                let params = [
+                    u(n)?,
+                    vo.base,
+                    vg.base,
+                    0,
+                    0,
+                    u(qw)?,
+                    u(kw)?,
+                    u(shape.head_dim)?,
+                    u(group)?,
+                    part,
+                ];
+                let grid = self.grid(n.div_ceil(ELEMENTWISE_WG))?;
+                self.dispatch(kernel, &params, &[(1, &vo), (2, &vg)], grid)?;
+            }
+        }
+        Ok(())
     }
 }

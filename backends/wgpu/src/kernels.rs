@@ -19,6 +19,7 @@ enum Shader {
     RmsNorm,
     Rope,
     SwiGlu,
+    GroupedQuery,
 }
 
 impl Shader {
@@ -35,6 +36,7 @@ impl Shader {
             Shader::RmsNorm => include_str!("../../../shaders/rmsnorm.wgsl"),
             Shader::Rope => include_str!("../../../shaders/rope.wgsl"),
             Shader::SwiGlu => include_str!("../../../shaders/swiglu.wgsl"),
+            Shader::GroupedQuery => include_str!("../../../shaders/grouped_query.wgsl"),
         }
     }
 
@@ -51,6 +53,7 @@ impl Shader {
             Shader::RmsNorm => "rmsnorm.wgsl",
             Shader::Rope => "rope.wgsl",
             Shader::SwiGlu => "swiglu.wgsl",
+            Shader::GroupedQuery => "grouped_query.wgsl",
         }
     }
 }
@@ -89,6 +92,9 @@ pub(crate) enum Kernel {
     SwigluForward,
     SwigluBackwardGate,
     SwigluBackwardUp,
+    PackQkv,
+    UnpackDq,
+    UnpackDkv,
 }
 
 impl Kernel {
@@ -122,6 +128,7 @@ impl Kernel {
             Kernel::SwigluForward | Kernel::SwigluBackwardGate | Kernel::SwigluBackwardUp => {
                 Shader::SwiGlu
             }
+            Kernel::PackQkv | Kernel::UnpackDq | Kernel::UnpackDkv => Shader::GroupedQuery,
         }
     }
 
@@ -159,6 +166,9 @@ impl Kernel {
             Kernel::SwigluForward => "swiglu_forward",
             Kernel::SwigluBackwardGate => "swiglu_backward_gate",
             Kernel::SwigluBackwardUp => "swiglu_backward_up",
+            Kernel::PackQkv => "pack_qkv",
+            Kernel::UnpackDq => "unpack_dq",
+            Kernel::UnpackDkv => "unpack_dkv",
         }
     }
 

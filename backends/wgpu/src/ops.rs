@@ -3,7 +3,7 @@
 use anyhow::{bail, Result};
 use pipit_engine::backend::{check, fused};
 use pipit_engine::backend::{
-    AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats, Rope,
+    AdamW, Attention, Backend, CachedAttention, DType, Heads, Matmul, MemoryStats, Rope,
 };
 use wgpu::util::DeviceExt;
 
@@ -743,6 +743,30 @@ impl Backend for WgpuBackend {
     ) -> Result<()> {
         fused::check_swiglu_backward(self, dgate, dup, gate, up, dout)?;
         self.swiglu_backward_kernel(dgate, dup, gate, up, dout)
+    }
+
+    fn pack_qkv(
+        &self,
+        qkv: &mut WgpuBuffer,
+        q: &WgpuBuffer,
+        k: &WgpuBuffer,
+        v: &WgpuBuffer,
+        shape: Heads,
+    ) -> Result<()> {
+        fused::check_pack_qkv(self, qkv, q, k, v, &shape)?;
+        self.pack_qkv_kernel(qkv, q, k, v, shape)
+    }
+
+    fn unpack_qkv_grad(
+        &self,
+        dq: &mut WgpuBuffer,
+        dk: &mut WgpuBuffer,
+        dv: &mut WgpuBuffer,
+        dqkv: &WgpuBuffer,
+        shape: Heads,
+    ) -> Result<()> {
+        fused::check_unpack_qkv_grad(self, dq, dk, dv, dqkv, &shape)?;
+        self.unpack_qkv_grad_kernel(dq, dk, dv, dqkv, shape)
     }
 
     fn attention_forward(
