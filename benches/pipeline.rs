@@ -39,10 +39,10 @@ fn config_chunks(schedule: &str, stages: usize, chunks: usize, partition: &str) 
             n_head: 4,
             ..ModelConfig::default()
         },
-        schedule: schedule.into(),
+        schedule: schedule.parse().unwrap(),
         stages,
         chunks,
-        partition: partition.into(),
+        partition: partition.parse().unwrap(),
         microbatches: 8,
         batch_size: 16,
         seq_len: 64,

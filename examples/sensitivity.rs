@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use pipit::engine::backend::DType;
 use pipit::engine::data::Corpus;
 use pipit::engine::model::HostTensors;
 use pipit::engine::train::{Init, TrainConfig, Trainer};
@@ -88,7 +89,7 @@ fn main() -> Result<()> {
         (
             "f32",
             TrainConfig {
-                dtype: "f32".into(),
+                dtype: DType::F32,
                 ..config.clone()
             },
             false,
@@ -96,7 +97,7 @@ fn main() -> Result<()> {
         (
             "f32, nudged",
             TrainConfig {
-                dtype: "f32".into(),
+                dtype: DType::F32,
                 ..config.clone()
             },
             true,
@@ -104,7 +105,7 @@ fn main() -> Result<()> {
         (
             "bf16",
             TrainConfig {
-                dtype: "bf16".into(),
+                dtype: DType::BF16,
                 ..config.clone()
             },
             false,

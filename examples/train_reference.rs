@@ -6,6 +6,7 @@
 use anyhow::Result;
 use pipit::engine::data::Corpus;
 use pipit::engine::model::ModelConfig;
+use pipit::engine::schedule::ScheduleKind;
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::reference::ReferenceBackend;
 
@@ -21,7 +22,7 @@ fn main() -> Result<()> {
             vocab_size: 256,
             ..ModelConfig::default()
         },
-        schedule: "1f1b".into(),
+        schedule: ScheduleKind::OneFOneB.into(),
         stages: 2,
         microbatches: 4,
         batch_size: 8,

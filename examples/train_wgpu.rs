@@ -6,6 +6,7 @@
 use anyhow::Result;
 use pipit::engine::data::Corpus;
 use pipit::engine::model::ModelConfig;
+use pipit::engine::schedule::ScheduleKind;
 use pipit::engine::train::{Init, TrainConfig, Trainer};
 use pipit::engine::Backend;
 use pipit::wgpu::WgpuBackend;
@@ -22,7 +23,7 @@ fn main() -> Result<()> {
             vocab_size: 256,
             ..ModelConfig::default()
         },
-        schedule: "gpipe".into(),
+        schedule: ScheduleKind::GPipe.into(),
         stages: 4,
         microbatches: 4,
         batch_size: 8,

@@ -23,11 +23,11 @@ fn config(stages: usize, dtype: &str) -> TrainConfig {
             ..ModelConfig::default()
         },
         stages,
-        schedule: "gpipe".into(),
+        schedule: "gpipe".parse().unwrap(),
         microbatches: 1,
         batch_size: 1,
         seq_len: 24,
-        dtype: dtype.into(),
+        dtype: dtype.parse().unwrap(),
         ..TrainConfig::default()
     }
 }
@@ -112,7 +112,7 @@ fn reference_cached_decoding_gives_the_bits_of_whole_passes() {
 #[test]
 fn samples_side_by_side_on_looped_stages() {
     let cfg = TrainConfig {
-        schedule: "interleaved".into(),
+        schedule: "interleaved".parse().unwrap(),
         chunks: 2,
         ..config(2, "f32")
     };
@@ -146,7 +146,7 @@ fn samples_side_by_side_on_looped_stages() {
 /// tokens as generation does: every answer is its whole context's, within `tol`.
 fn batched_passes_match_whole_passes<B: Backend>(make: impl Fn() -> B, tol: f64) {
     let cfg = TrainConfig {
-        schedule: "interleaved".into(),
+        schedule: "interleaved".parse().unwrap(),
         chunks: 2,
         ..config(2, "f32")
     };

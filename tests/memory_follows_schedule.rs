@@ -36,7 +36,7 @@ fn measure(schedule: &str, checkpoint_activations: bool) -> Measured {
             n_head: 2,
             ..ModelConfig::default()
         },
-        schedule: schedule.into(),
+        schedule: schedule.parse().unwrap(),
         stages: 4,
         chunks,
         microbatches: 8,

@@ -53,14 +53,14 @@ fn meta_memory_is_the_reference_backends_to_the_byte() {
         ] {
             let config = TrainConfig {
                 model: model.clone(),
-                schedule: schedule.into(),
+                schedule: schedule.parse().unwrap(),
                 stages: 2,
                 chunks,
                 microbatches: 4,
                 batch_size: 8,
                 seq_len: 32,
                 checkpoint_activations,
-                dtype: dtype.into(),
+                dtype: dtype.parse().unwrap(),
                 grad_clip: clip,
                 ..TrainConfig::default()
             };
@@ -94,8 +94,8 @@ fn meta_like_cuda_keeps_less_for_bf16_attention() {
         microbatches: 1,
         batch_size: 2,
         seq_len: 256,
-        schedule: "gpipe".into(),
-        dtype: "bf16".into(),
+        schedule: "gpipe".parse().unwrap(),
+        dtype: "bf16".parse().unwrap(),
         ..TrainConfig::default()
     };
     let (held, reference) = memory(&config, MetaBackend::new);

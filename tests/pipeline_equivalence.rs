@@ -128,7 +128,7 @@ fn pipelined<B: Backend>(
 ) -> Run {
     let config = TrainConfig {
         model: cfg.clone(),
-        schedule: schedule.into(),
+        schedule: schedule.parse().unwrap(),
         stages: p,
         chunks: v,
         microbatches: 4,

@@ -234,6 +234,50 @@ fn same_seed_same_losses_and_trace_opens_as_chrome_json() {
 }
 
 #[test]
+fn generate_dry_run_counts_weights_caches_and_activations_alone() {
+    let dir = scratch("generate-dry-run");
+    let ckpt = dir.join("ckpt");
+    ok(&train(&["--steps", "1", "--save", ckpt.to_str().unwrap()]));
+    let dry = |tokens: &str, samples: &str| -> Value {
+        let c = ckpt.to_str().unwrap();
+        let out = pipit(&[
+            "generate",
+            "--dry-run",
+            "--checkpoint",
+            c,
+            "--stages",
+            "2",
+            "--max-tokens",
+            tokens,
+            "--samples",
+            samples,
+            "--format",
+            "json",
+        ]);
+        ok(&out);
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let short = dry("2", "1");
+    let long = dry("40", "4");
+    let ranks = |v: &Value| v["ranks"].as_array().unwrap().clone();
+    assert_eq!(ranks(&short).len(), 2);
+    for (s, l) in ranks(&short).iter().zip(&ranks(&long)) {
+        // f32 weights and nothing else at rest: no gradients, no AdamW moments.
+        let params = s["parameters"].as_u64().unwrap();
+        assert_eq!(s["weight_bytes"].as_u64().unwrap(), 4 * params, "{s}");
+        assert_eq!(s["weight_bytes"], l["weight_bytes"]);
+        let transient = |r: &Value| r["cache_and_activation_bytes"].as_u64().unwrap();
+        assert!(transient(s) > 0, "{s}");
+        // More samples with caches grown to the window hold more.
+        assert!(transient(l) > transient(s), "{s} {l}");
+        assert_eq!(
+            l["peak_bytes"].as_u64().unwrap(),
+            l["weight_bytes"].as_u64().unwrap() + transient(l)
+        );
+    }
+}
+
+#[test]
 fn generate_and_eval_read_the_checkpoint() {
     let dir = scratch("generate");
     let ckpt = dir.join("ckpt");
@@ -988,7 +1032,7 @@ fn train_help_shows_each_settings_default_from_the_config_defaults() {
         ("--lr", defaults.lr.to_string()),
         ("--min-lr", defaults.min_lr.to_string()),
         ("--steps", defaults.steps.to_string()),
-        ("--schedule", defaults.schedule.clone()),
+        ("--schedule", defaults.schedule.to_string()),
         ("--n-embd", defaults.model.n_embd.to_string()),
     ] {
         let at = help

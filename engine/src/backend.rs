@@ -57,6 +57,29 @@ impl DType {
     }
 }
 
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match name {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            "u32" => Ok(DType::U32),
+            other => Err(crate::invalid_input!(
+                "unknown dtype `{other}` (expected f32 or bf16)"
+            )),
+        }
+    }
+}
+
+serde_as_name!(DType);
+
 /// `x` rounded to the nearest bfloat16 (ties to even), as an f32. NaN stays NaN.
 pub fn round_bf16(x: f32) -> f32 {
     let bits = x.to_bits();

@@ -20,7 +20,10 @@ use crate::invalid_input;
 use crate::model::{
     init_parameters, AdamWConfig, HostTensors, ModelConfig, OptimizerState, StageModel,
 };
-use crate::schedule::{generate, generate_for, lower_for, validate, Schedule, ScheduleKind};
+use crate::partition::Method;
+use crate::schedule::{
+    generate, generate_for, lower_for, validate, Schedule, ScheduleChoice, ScheduleKind,
+};
 use crate::sim::{simulate, Costs, Simulation};
 
 /// Everything that defines a training run. Field names are the CLI's flag names with `_`.
@@ -30,8 +33,9 @@ pub struct TrainConfig {
     /// Model sizes (Hugging Face GPT-2 names).
     #[serde(flatten)]
     pub model: ModelConfig,
-    /// Schedule generator: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v.
-    pub schedule: String,
+    /// Schedule generator: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v (or auto, which
+    /// the command line resolves to one of them before the run).
+    pub schedule: ScheduleChoice,
     /// Pipeline ranks `p`.
     pub stages: usize,
     /// Micro-batches per step `m`.
@@ -40,7 +44,7 @@ pub struct TrainConfig {
     pub chunks: usize,
     /// Partitioner: uniform or balanced (for zb-v, balanced evens out each rank's two stages
     /// together).
-    pub partition: String,
+    pub partition: Method,
     /// Optimizer steps to train for.
     pub steps: u64,
     /// Sequences per step (split into `microbatches` equal parts).
@@ -72,7 +76,7 @@ pub struct TrainConfig {
     /// Keep only each stage's input in forward and recompute in backward.
     pub checkpoint_activations: bool,
     /// Compute dtype: `f32`, or `bf16` mixed precision (f32 master weights and optimizer).
-    pub dtype: String,
+    pub dtype: DType,
 }
 
 impl Default for TrainConfig {
@@ -82,11 +86,11 @@ impl Default for TrainConfig {
                 n_positions: 64,
                 ..ModelConfig::default()
             },
-            schedule: "1f1b".into(),
+            schedule: ScheduleKind::OneFOneB.into(),
             stages: 4,
             microbatches: 8,
             chunks: 1,
-            partition: "uniform".into(),
+            partition: Method::Uniform,
             steps: 1200,
             batch_size: 16,
             seq_len: 64,
@@ -102,7 +106,7 @@ impl Default for TrainConfig {
             eval_every: 200,
             eval_tokens: 8192,
             checkpoint_activations: false,
-            dtype: "f32".into(),
+            dtype: DType::F32,
         }
     }
 }
@@ -136,7 +140,8 @@ impl TrainConfig {
             ));
         }
         // The schedule's own constraints (its name, the chunks it runs) come first.
-        let kind: ScheduleKind = self.schedule.parse()?;
+        let kind = self.schedule.kind()?;
+        self.compute_dtype()?;
         generate(kind, self.stages, self.microbatches, self.chunks)?;
         let layers = self.model.layers().len();
         let stages = self.stages * self.chunks;
@@ -207,10 +212,9 @@ impl TrainConfig {
 
     /// The compute dtype named by `dtype`.
     pub fn compute_dtype(&self) -> Result<DType> {
-        match self.dtype.as_str() {
-            "f32" => Ok(DType::F32),
-            "bf16" => Ok(DType::BF16),
-            other => Err(invalid_input!("--dtype must be f32 or bf16, got {other:?}")),
+        match self.dtype {
+            DType::F32 | DType::BF16 => Ok(self.dtype),
+            other => Err(invalid_input!("--dtype must be f32 or bf16, got {other}")),
         }
     }
 
@@ -247,7 +251,7 @@ impl TrainConfig {
     /// costs, as zb-v's) and its transfers placed for the estimated
     /// [`TrainConfig::stage_costs`].
     pub fn plan(&self) -> Result<Schedule> {
-        let kind: ScheduleKind = self.schedule.parse()?;
+        let kind = self.schedule.kind()?;
         let costs = self.stage_costs()?;
         let compute = generate_for(kind, self.stages, self.microbatches, self.chunks, &costs)?;
         let lowered = lower_for(&compute, &costs)?;
@@ -302,11 +306,11 @@ impl TrainConfig {
     pub fn schedule_choices(&self) -> Vec<(TrainConfig, Simulation)> {
         let chunks = self.chunks.max(1);
         [
-            ("1f1b", 1),
-            ("zb-h1", chunks),
-            ("interleaved", chunks.max(2)),
-            ("zb-v", 2),
-            ("gpipe", 1),
+            (ScheduleKind::OneFOneB, 1),
+            (ScheduleKind::ZeroBubble, chunks),
+            (ScheduleKind::Interleaved, chunks.max(2)),
+            (ScheduleKind::ZeroBubbleV, 2),
+            (ScheduleKind::GPipe, 1),
         ]
         .into_iter()
         .filter_map(|(schedule, chunks)| {
@@ -366,17 +370,17 @@ impl TrainConfig {
     pub fn stage_layers(&self) -> Result<Vec<Range<usize>>> {
         let layers = self.model.layers().len();
         let stages = self.stages * self.chunks;
-        match self.partition.as_str() {
-            "uniform" => crate::partition::uniform(layers, stages),
+        match self.partition {
+            Method::Uniform => crate::partition::uniform(layers, stages),
             // The V's ranks each run two stages from opposite ends: balance the ranks.
-            "balanced" if matches!(self.schedule.parse(), Ok(ScheduleKind::ZeroBubbleV)) => {
+            Method::Balanced if self.schedule == ScheduleKind::ZeroBubbleV.into() => {
                 crate::partition::balanced_v(&layer_costs(&self.model, self.seq_len), self.stages)
             }
-            "balanced" => {
+            Method::Balanced => {
                 crate::partition::balanced(&layer_costs(&self.model, self.seq_len), stages)
             }
-            other => Err(invalid_input!(
-                "--partition must be uniform or balanced, got {other}"
+            Method::MemoryCapped => Err(invalid_input!(
+                "--partition must be uniform or balanced to train, got memory-capped (a method of `pipit partition`)"
             )),
         }
     }
@@ -414,6 +418,8 @@ pub enum Init<'a> {
     /// A checkpoint's weights for inference (`generate`, `eval`): no gradients and no
     /// optimizer state are allocated, and training steps are errors.
     Frozen(&'a Checkpoint),
+    /// [`Init::Blank`] for inference, as [`Init::Frozen`] holds it: `generate --dry-run`.
+    BlankFrozen,
     /// A checkpoint's weights, optimizer state and step (`--resume`).
     Resume(&'a Checkpoint),
 }
@@ -489,7 +495,7 @@ impl<B: Backend> Trainer<B> {
                 fresh = init_parameters(&config.model, config.seed)?;
                 &fresh
             }
-            Init::Blank => {
+            Init::Blank | Init::BlankFrozen => {
                 fresh = blank_parameters(config.model.all_params())?;
                 &fresh
             }
@@ -707,7 +713,9 @@ pub(crate) fn training_stage<B: Backend>(
     init: &Init<'_>,
 ) -> Result<StageModel<B>> {
     let mut model = match init {
-        Init::Frozen(_) => StageModel::for_inference(backend, &config.model, layers, host)?,
+        Init::Frozen(_) | Init::BlankFrozen => {
+            StageModel::for_inference(backend, &config.model, layers, host)?
+        }
         _ => StageModel::new(backend, &config.model, layers, host)?,
     };
     model.set_dtype(backend, config.compute_dtype()?)?;
@@ -760,13 +768,20 @@ mod tests {
         let (best, sim) = TrainConfig::fastest(&choices).unwrap();
         assert!(choices.iter().all(|(_, s)| sim.makespan <= s.makespan));
         // Split backwards fill the drain: zero bubble beats 1F1B's order.
-        assert!(best.schedule.starts_with("zb"), "{}", best.schedule);
+        assert!(
+            best.schedule.to_string().starts_with("zb"),
+            "{}",
+            best.schedule
+        );
         // Equal steps: the first listed stays (1f1b before gpipe).
         let tied = [
             choices[0].clone(),
             (choices[4].0.clone(), choices[0].1.clone()),
         ];
-        assert_eq!(TrainConfig::fastest(&tied).unwrap().0.schedule, "1f1b");
+        assert_eq!(
+            TrainConfig::fastest(&tied).unwrap().0.schedule,
+            ScheduleKind::OneFOneB.into()
+        );
     }
 
     use super::*;
@@ -793,7 +808,7 @@ mod tests {
     #[test]
     fn stage_costs_follow_the_layers() {
         let c = TrainConfig {
-            schedule: "zb-h1".into(),
+            schedule: ScheduleKind::ZeroBubble.into(),
             ..Default::default()
         };
         let costs = c.stage_costs().unwrap();
@@ -815,10 +830,10 @@ mod tests {
     #[test]
     fn a_balanced_v_evens_out_the_ranks() {
         let c = TrainConfig {
-            schedule: "zb-v".into(),
+            schedule: ScheduleKind::ZeroBubbleV.into(),
             stages: 2,
             chunks: 2,
-            partition: "balanced".into(),
+            partition: Method::Balanced,
             ..Default::default()
         };
         let per_layer = layer_costs(&c.model, c.seq_len);
@@ -829,7 +844,7 @@ mod tests {
         };
         let balanced = rank_costs(&c);
         let uniform = rank_costs(&TrainConfig {
-            partition: "uniform".into(),
+            partition: Method::Uniform,
             ..c.clone()
         });
         let busiest = |r: [f64; 2]| r[0].max(r[1]);

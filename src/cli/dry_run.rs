@@ -1,10 +1,12 @@
-//! `pipit train --dry-run`: one training step of the run the flags describe, on the meta
-//! backend (sizes only), and the memory each rank would hold.
+//! `pipit train --dry-run` and `pipit generate --dry-run`: one training step, or one wave of
+//! generation, of the run the flags describe, on the meta backend (sizes only), and the
+//! memory each rank would hold.
 
 use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use pipit_engine::backend::DType;
 use pipit_engine::data::Corpus;
 use pipit_engine::exec::RankReport;
 use pipit_engine::sim::simulate;
@@ -14,6 +16,7 @@ use pipit_meta::MetaBackend;
 use serde_json::json;
 
 use super::device::BackendChoice;
+use super::OutputFormat;
 
 /// Run one step of `config` on meta backends that count as `backend` would, and print each
 /// rank's stages, parameters and memory, and whether every rank fits `limit` bytes; with
@@ -153,6 +156,108 @@ pub fn run(
     Ok(())
 }
 
+/// Generate `max_tokens` tokens after each of `prompts` (one wave, in passes of `batch`) on
+/// meta backends that count as `backend` would, and print each rank's weights and its peak:
+/// weights, key/value caches and activations (no gradients, no optimizer state).
+pub fn generation(
+    config: TrainConfig,
+    backend: BackendChoice,
+    prompts: &[&[u32]],
+    batch: usize,
+    max_tokens: usize,
+    format: OutputFormat,
+) -> Result<()> {
+    let counting = Counting::of(backend, &config)?;
+    let c = config.clone();
+    let make = |rank| Ok(counting.backend(rank));
+    let mut trainer = Trainer::new(config, make, Init::BlankFrozen)?;
+    let at_rest: Vec<u64> = trainer
+        .ranks
+        .iter()
+        .map(|r| r.backend.memory().in_use)
+        .collect();
+    for rank in &trainer.ranks {
+        rank.backend.reset_peak_memory();
+    }
+    // The tokens do not matter (nothing is computed); the lengths do. Contexts grow to the
+    // window; past it, generation restarts from the last half of each, as `generate` does.
+    let window = c.model.n_positions;
+    let mut contexts: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| p[p.len().saturating_sub(window)..].to_vec())
+        .collect();
+    for _ in 0..max_tokens {
+        let refs: Vec<&[u32]> = contexts.iter().map(Vec::as_slice).collect();
+        trainer.next_tokens_logits(&refs, batch)?;
+        for ctx in &mut contexts {
+            if ctx.len() == window {
+                ctx.drain(..window - window / 2);
+            }
+            ctx.push(0);
+        }
+    }
+    let peaks: Vec<u64> = trainer
+        .ranks
+        .iter()
+        .map(|r| r.backend.memory().peak)
+        .collect();
+    let mut rows = Vec::new();
+    let mut out = String::new();
+    writeln!(
+        out,
+        "dry run of generation: {} samples of up to {} tokens in passes of {batch}, {} layers, width {}, {} stages (window {window})",
+        prompts.len(),
+        max_tokens,
+        c.model.n_layer,
+        c.model.n_embd,
+        c.stages,
+    )?;
+    writeln!(
+        out,
+        "rank  parameters     weights  caches+activations       peak  stages"
+    )?;
+    for (r, (&rest, &peak)) in at_rest.iter().zip(&peaks).enumerate() {
+        let params: usize = c
+            .rank_param_shapes(r)?
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<usize>())
+            .sum();
+        let own: Vec<usize> = trainer.ranks[r].stages.iter().map(|(s, _)| *s).collect();
+        let stages = c.stage_names(&own)?;
+        let transient = peak.max(rest) - rest;
+        writeln!(
+            out,
+            "{r:>4}  {params:>10}  {:>10}  {:>18}  {:>9}  {stages}",
+            bytes(rest),
+            bytes(transient),
+            bytes(peak.max(rest)),
+        )?;
+        rows.push(json!({
+            "rank": r,
+            "parameters": params,
+            "weight_bytes": rest,
+            "cache_and_activation_bytes": transient,
+            "peak_bytes": peak.max(rest),
+            "stages": stages,
+        }));
+    }
+    writeln!(
+        out,
+        "weights: the stage's parameters alone (inference holds no gradients or optimizer \
+         state); caches+activations: the most held at once beyond them, keys and values of \
+         every pass in flight included; peak: both (all ranks: {}).",
+        bytes(peaks.iter().zip(&at_rest).map(|(p, r)| *p.max(r)).sum())
+    )?;
+    match format {
+        OutputFormat::Text => super::print_out(&out),
+        OutputFormat::Json => super::print_out(&format!(
+            "{}\n",
+            json!({ "dry_run": true, "samples": prompts.len(), "max_tokens": max_tokens,
+                    "batch_size": batch, "ranks": rows })
+        )),
+    }
+}
+
 /// How unevenly the ranks' step peaks spread, as the troubleshooting of a pipeline starts:
 /// the heaviest and the lightest rank, and what would even them out.
 struct Imbalance {
@@ -240,7 +345,7 @@ impl Counting {
     /// How `backend` allocates for `config` (`auto` counts as CUDA on a machine with a GPU);
     /// a dtype the backend refuses is refused here too.
     pub fn of(backend: BackendChoice, config: &TrainConfig) -> Result<Self> {
-        if backend == BackendChoice::Wgpu && config.dtype != "f32" {
+        if backend == BackendChoice::Wgpu && config.dtype != DType::F32 {
             return Err(invalid_input!(
                 "--dtype {} is not available on wgpu; use --dtype f32 or another backend",
                 config.dtype

@@ -10,6 +10,7 @@ use pipit_engine::checkpoint;
 use pipit_engine::data::split_text;
 use pipit_engine::dist::frame::Fnv64;
 use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
+use pipit_engine::schedule::ScheduleKind;
 use pipit_engine::train::{Init, TrainConfig, Trainer};
 use pipit_engine::{invalid_input, Backend};
 use serde_json::json;
@@ -83,7 +84,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         microbatches: 1,
         batch_size: args.batch_size,
         seq_len: seq,
-        schedule: "gpipe".into(),
+        schedule: ScheduleKind::GPipe.into(),
         ..TrainConfig::default()
     };
     // Under a launcher with more than one process, this process runs only its own rank.

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pipit_engine::checkpoint;
 use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
 use pipit_engine::rng::Rng;
+use pipit_engine::schedule::ScheduleKind;
 use pipit_engine::tokenizer::Tokenizer;
 use pipit_engine::train::{Init, TrainConfig, Trainer};
 use pipit_engine::{invalid_input, Backend};
@@ -93,6 +94,12 @@ pub struct GenerateArgs {
     /// an error naming it; also how long the rendezvous waits for missing ranks.
     #[arg(long, value_name = "SECONDS", default_value_t = 60.0)]
     peer_timeout: f64,
+    /// Generate nothing: run the first wave of samples (prompts, then --max-tokens decode
+    /// steps, caches growing to the model's window) on the meta backend and print each
+    /// rank's weights, caches and activations at their peak, as --backend would allocate
+    /// them. Reads the checkpoint's config, tokenizer and tensor table, not its tensors.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// The most samples a pass takes unless `--batch-size` says otherwise.
@@ -143,9 +150,24 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         microbatches: 1,
         batch_size: 1,
         seq_len: header.config.n_positions,
-        schedule: "gpipe".into(),
+        schedule: ScheduleKind::GPipe.into(),
         ..TrainConfig::default()
     };
+    if args.dry_run {
+        let samples = prompts.len() * args.samples;
+        let batch = pass_size(&args, samples, config.stages);
+        let wave: Vec<&[u32]> = (0..samples.min(batch * config.stages))
+            .map(|i| prompts[i / args.samples].ids.as_slice())
+            .collect();
+        return super::dry_run::generation(
+            config,
+            args.backend,
+            &wave,
+            batch,
+            args.max_tokens,
+            args.format,
+        );
+    }
     // Under a launcher with more than one process, this process runs only its own rank.
     let launch = LaunchEnv::from_env()?.filter(|env| env.world_size > 1);
     let ckpt = load_checkpoint(&args.checkpoint, &config, launch.as_ref())?;
@@ -184,11 +206,7 @@ impl BackendJob for GenerateJob<'_> {
             launch,
         } = self;
         let window = config.model.n_positions;
-        let batch = args.batch_size.unwrap_or(
-            (prompts.len() * args.samples)
-                .div_ceil(config.stages)
-                .min(DEFAULT_MAX_BATCH),
-        );
+        let batch = pass_size(args, prompts.len() * args.samples, config.stages);
         // Enough samples at once to fill the pipeline with passes of `batch`, and no more, so
         // the caches held stay bounded however many samples there are.
         let wave = batch * config.stages;
@@ -245,6 +263,13 @@ impl BackendJob for GenerateJob<'_> {
             });
         rank.conclude(result)
     }
+}
+
+/// Samples per pass through a stage: `--batch-size`, or the samples over the stages, at most
+/// [`DEFAULT_MAX_BATCH`].
+fn pass_size(args: &GenerateArgs, samples: usize, stages: usize) -> usize {
+    args.batch_size
+        .unwrap_or(samples.div_ceil(stages).min(DEFAULT_MAX_BATCH))
 }
 
 /// A prompt as given and its tokens.

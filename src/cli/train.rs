@@ -14,7 +14,7 @@ use pipit_engine::checkpoint::{self, Checkpoint};
 use pipit_engine::data::Corpus;
 use pipit_engine::dist::{LaunchEnv, RankTrainer, TensorSetup};
 use pipit_engine::model::Family;
-use pipit_engine::schedule::ScheduleKind;
+use pipit_engine::schedule::{ScheduleChoice, ScheduleKind};
 use pipit_engine::tokenizer::Tokenizer;
 use pipit_engine::train::{Init, StepLog, TrainConfig, TrainLoop, Trainer};
 use pipit_engine::{invalid_input, Backend};
@@ -123,7 +123,7 @@ pub struct TrainArgs {
     /// Pipeline schedule: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v (two stages per
     /// rank in a V: rank r runs stages r and 2p-1-r), or auto: the one whose step simulates
     /// fastest under the layers' estimated FLOPs (within --memory-limit, by a dry run).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     schedule: Option<String>,
     /// With --schedule auto: only schedules whose dry run (see --dry-run) peaks at most this
     /// much on every rank, e.g. 80GB, 1.5e9 or 512MiB. With --dry-run: say whether every rank
@@ -142,7 +142,7 @@ pub struct TrainArgs {
     chunks: Option<usize>,
     /// How layers are cut into stages: uniform or balanced (by estimated FLOPs; under zb-v
     /// it balances each rank's two stages together, as the V pairs the model's ends).
-    #[arg(long)]
+    #[arg(long, value_name = "uniform|balanced")]
     partition: Option<String>,
 
     /// Optimizer steps.
@@ -307,11 +307,21 @@ impl TrainArgs {
         if self.tie_embeddings.is_some() {
             c.model.tie_embeddings = self.tie_embeddings;
         }
-        set!(schedule <- schedule);
+        // Names parsed here, into the typed settings, so a bad one is pipit's one-line error.
+        macro_rules! parse {
+            ($field:ident) => {
+                if let Some(name) = &self.$field {
+                    c.$field = name.parse().map_err(|e: anyhow::Error| {
+                        invalid_input!("--{}: {e}", stringify!($field))
+                    })?;
+                }
+            };
+        }
+        parse!(schedule);
         set!(stages <- stages);
         set!(microbatches <- microbatches);
         set!(chunks <- chunks);
-        set!(partition <- partition);
+        parse!(partition);
         set!(steps <- steps);
         set!(batch_size <- batch_size);
         set!(seq_len <- seq_len);
@@ -326,13 +336,13 @@ impl TrainArgs {
         set!(seed <- seed);
         set!(eval_every <- eval_every);
         set!(eval_tokens <- eval_tokens);
-        set!(dtype <- dtype);
+        parse!(dtype);
         if self.checkpoint_activations {
             c.checkpoint_activations = true;
         }
         // A schedule that runs one chunk count (1f1b, zb-v, ...) takes it unless --chunks says
         // otherwise: when named by --schedule, or when no file gave the chunks either.
-        if let Ok(kind) = c.schedule.parse::<ScheduleKind>() {
+        if let ScheduleChoice::Kind(kind) = c.schedule {
             let named = self.schedule.is_some() || !chunks_in_file;
             if !kind.varies_chunks() && self.chunks.is_none() && named {
                 c.chunks = kind.default_chunks();
@@ -429,13 +439,8 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let env = LaunchEnv::from_env()?;
     let leader = env.as_ref().is_none_or(|env| env.rank == 0);
     let limit = args.memory_limit.as_deref().map(parse_bytes).transpose()?;
-    if config.schedule == "auto" {
+    if config.schedule == ScheduleChoice::Auto {
         config = auto_schedule(&config, limit, args.backend, leader)?;
-    } else if config.schedule.parse::<ScheduleKind>().is_err() {
-        return Err(invalid_input!(
-            "--schedule must be naive, gpipe, 1f1b, interleaved, zb-h1, zb-v or auto, got {}",
-            config.schedule
-        ));
     } else if limit.is_some() && !args.dry_run {
         return Err(invalid_input!(
             "--memory-limit chooses among schedules or checks a dry run: use it with --schedule auto or --dry-run (got --schedule {})",
@@ -777,7 +782,7 @@ fn auto_schedule(
     if choices.is_empty() {
         // Every schedule refuses these settings: 1f1b's error says why.
         let mut plain = config.clone();
-        plain.schedule = "1f1b".into();
+        plain.schedule = ScheduleKind::OneFOneB.into();
         plain.validate()?;
         return Err(invalid_input!(
             "--schedule auto: no schedule accepts these settings"
@@ -830,7 +835,7 @@ fn auto_schedule(
 /// A schedule with its chunks where it has several: `1f1b`, `interleaved v=2`.
 fn label(c: &TrainConfig) -> String {
     match c.chunks {
-        1 => c.schedule.clone(),
+        1 => c.schedule.to_string(),
         v => format!("{} v={v}", c.schedule),
     }
 }

@@ -14,7 +14,10 @@ use crate::context::{chunk_rows, column_tiles, elementwise, per_row, u32_of, Cud
 fn same_type(t: DType, bufs: &[(&CudaBuffer, &str)]) -> Result<()> {
     for (buf, what) in bufs {
         if buf.dtype() != t {
-            bail!("{what} is {:?} but the op's other operands are {t:?}", buf.dtype());
+            bail!(
+                "{what} is {:?} but the op's other operands are {t:?}",
+                buf.dtype()
+            );
         }
     }
     Ok(())

@@ -234,9 +234,17 @@ impl WgpuBackend {
         for buf in [qkv, q, k, v] {
             need(buf, buf.len, DType::F32, "grouped-query operand")?;
         }
-        let (qw, kw) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+        let (qw, kw) = (
+            shape.heads * shape.head_dim,
+            shape.kv_heads * shape.head_dim,
+        );
         let group = shape.heads / shape.kv_heads;
-        for r in row_chunks(shape.rows, &[3 * qw, qw, kw], self.max_binding_elems, usize::MAX)? {
+        for r in row_chunks(
+            shape.rows,
+            &[3 * qw, qw, kw],
+            self.max_binding_elems,
+            usize::MAX,
+        )? {
             let vo = self.view(qkv, r.start * 3 * qw..r.end * 3 * qw);
             let vq = self.view(q, r.start * qw..r.end * qw);
             let vk = self.view(k, r.start * kw..r.end * kw);
@@ -277,9 +285,17 @@ impl WgpuBackend {
         for buf in [dq, dk, dv, dqkv] {
             need(buf, buf.len, DType::F32, "grouped-query operand")?;
         }
-        let (qw, kw) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+        let (qw, kw) = (
+            shape.heads * shape.head_dim,
+            shape.kv_heads * shape.head_dim,
+        );
         let group = shape.heads / shape.kv_heads;
-        for r in row_chunks(shape.rows, &[3 * qw, qw], self.max_binding_elems, usize::MAX)? {
+        for r in row_chunks(
+            shape.rows,
+            &[3 * qw, qw],
+            self.max_binding_elems,
+            usize::MAX,
+        )? {
             let vg = self.view(dqkv, r.start * 3 * qw..r.end * 3 * qw);
             let outputs = [
                 (Kernel::UnpackDq, dq, qw, 0),

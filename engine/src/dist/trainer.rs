@@ -98,7 +98,7 @@ impl<B: Backend> RankTrainer<B> {
         };
         let start = match &init {
             Init::Fresh => "fresh",
-            Init::Blank => "blank",
+            Init::Blank | Init::BlankFrozen => "blank",
             Init::Weights(_) => "weights",
             Init::Frozen(_) => "frozen",
             Init::Resume(_) => "resume",
@@ -407,7 +407,7 @@ fn build_stages<B: Backend>(
             fresh = t;
             &fresh
         }
-        Init::Blank => {
+        Init::Blank | Init::BlankFrozen => {
             fresh = blank_parameters(config.rank_param_shapes(rank)?)?;
             &fresh
         }

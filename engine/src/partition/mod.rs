@@ -8,14 +8,16 @@
 
 use std::ops::Range;
 
+use std::fmt;
+use std::str::FromStr;
+
 use anyhow::Result;
 use serde::Serialize;
 
 use crate::invalid;
 
 /// How to cut the layers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
     /// Equal layer counts, the first `n mod k` stages one layer longer.
     Uniform,
@@ -24,6 +26,41 @@ pub enum Method {
     /// Minimise the slowest stage's cost with every stage's memory within a budget (exact).
     MemoryCapped,
 }
+
+impl Method {
+    /// The name users write (`--partition`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Uniform => "uniform",
+            Method::Balanced => "balanced",
+            Method::MemoryCapped => "memory-capped",
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        match [Method::Uniform, Method::Balanced, Method::MemoryCapped]
+            .into_iter()
+            .find(|m| m.name() == name)
+        {
+            Some(method) => Ok(method),
+            None => invalid!(
+                "unknown partition method `{name}` (expected uniform, balanced or memory-capped)"
+            ),
+        }
+    }
+}
+
+serde_as_name!(Method);
 
 /// A computed partition with its per-stage totals.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -96,6 +96,61 @@ impl FromStr for ScheduleKind {
     }
 }
 
+/// What `--schedule` names: one schedule, or `auto` (the one whose step simulates fastest,
+/// chosen by the trainer before anything runs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScheduleChoice {
+    /// The fastest simulated schedule for the run's model and sizes.
+    Auto,
+    /// This schedule.
+    Kind(ScheduleKind),
+}
+
+impl ScheduleChoice {
+    /// The schedule named, or an error for `auto` (which the trainer resolves first).
+    pub fn kind(self) -> Result<ScheduleKind> {
+        match self {
+            ScheduleChoice::Kind(kind) => Ok(kind),
+            ScheduleChoice::Auto => {
+                invalid!("--schedule auto is chosen before the run; here a schedule must be named")
+            }
+        }
+    }
+}
+
+impl From<ScheduleKind> for ScheduleChoice {
+    fn from(kind: ScheduleKind) -> Self {
+        ScheduleChoice::Kind(kind)
+    }
+}
+
+impl fmt::Display for ScheduleChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScheduleChoice::Auto => f.write_str("auto"),
+            ScheduleChoice::Kind(kind) => kind.fmt(f),
+        }
+    }
+}
+
+impl FromStr for ScheduleChoice {
+    type Err = anyhow::Error;
+
+    fn from_str(name: &str) -> Result<Self> {
+        if name == "auto" {
+            return Ok(ScheduleChoice::Auto);
+        }
+        match ScheduleKind::ALL.into_iter().find(|k| k.name() == name) {
+            Some(kind) => Ok(ScheduleChoice::Kind(kind)),
+            None => invalid!(
+                "unknown schedule `{name}` (expected naive, gpipe, 1f1b, interleaved, zb-h1, zb-v or auto)"
+            ),
+        }
+    }
+}
+
+serde_as_name!(ScheduleChoice);
+
 /// Generate the schedule `kind` for `p` ranks, `m` micro-batches and `v` chunks per rank.
 pub fn generate(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Result<Schedule> {
     match kind {

@@ -14,7 +14,7 @@ pub(crate) mod validate;
 pub use action::{Action, Schedule};
 pub use generate::{
     generate, generate_for, gpipe, interleaved, looped_placement, naive, one_f_one_b, v_placement,
-    zero_bubble, zero_bubble_v, zero_bubble_v_for, ScheduleKind,
+    zero_bubble, zero_bubble_v, zero_bubble_v_for, ScheduleChoice, ScheduleKind,
 };
 pub use lower::{lower, lower_for};
 pub use validate::validate;
