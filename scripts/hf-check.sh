@@ -24,6 +24,9 @@
 #    byte-level BPE (GPT-2's and Llama 3's kind) and a SentencePiece-style BPE with byte
 #    fallback (Llama 2's and Mistral's kind) — give pipit the ids they give Python, token for
 #    token over the whole corpus.
+# 7. A randomly initialised Qwen2 (its q, k, v biases drawn non-zero) and Mistral made by
+#    transformers: pipit's loss within 1e-5 and greedy tokens through 2 stages; a Qwen2
+#    trained by pipit loads in transformers as Qwen2ForCausalLM with pipit's loss.
 #
 #     scripts/hf-check.sh [BACKEND]          # reference (default) or wgpu
 #     HF_VENV=/tmp/hf scripts/hf-check.sh    # keep the Python environment for the next run
@@ -140,6 +143,45 @@ pipit generate --checkpoint "$work/pipit-llama" --backend "$backend" --prompt "$
     --temperature 0 --max-tokens 30 --format json >"$work/pipit-llama-generate.json"
 pipit eval --checkpoint "$work/pipit-llama" --backend "$backend" --data "$work/text.txt" \
     --format json >"$work/pipit-llama-eval.json"
+
+# 7. transformers' Qwen2 (q, k, v biases, made non-zero here) and Mistral in pipit, and
+#    pipit's Qwen2 in transformers.
+"$venv/bin/python" - "$work" <<'PY'
+import shutil, sys
+import torch
+from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+work = sys.argv[1]
+sizes = dict(vocab_size=50257, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+             rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.3)
+for name, Config, Model, extra in (
+        ("qwen2", Qwen2Config, Qwen2ForCausalLM, dict(use_sliding_window=False)),
+        ("mistral", MistralConfig, MistralForCausalLM, dict(sliding_window=None))):
+    torch.manual_seed(0)
+    try:
+        config = Config(**sizes, **extra, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+    except TypeError:
+        config = Config(**sizes, **extra, rope_theta=1000000.0)
+    model = Model(config).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(".bias"):
+                p.normal_(0, 0.3)
+    model.save_pretrained(f"{work}/{name}", safe_serialization=True)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(f"{work}/hf/{f}", f"{work}/{name}/{f}")
+PY
+for d in qwen2 mistral; do
+    pipit generate --checkpoint "$work/$d" --backend "$backend" --stages 2 --prompt "$prompt" \
+        --temperature 0 --max-tokens 40 --format json >"$work/$d-generate.json"
+    pipit eval --checkpoint "$work/$d" --backend "$backend" --stages 2 --seq-len 128 \
+        --data "$work/text.txt" --format json >"$work/$d-eval.json"
+done
+pipit train --model qwen2 --n-kv-head 2 --backend "$backend" --steps 100 --eval-every 0 \
+    --save "$work/pipit-qwen2" >/dev/null
+pipit eval --checkpoint "$work/pipit-qwen2" --backend "$backend" --data "$work/text.txt" \
+    --format json >"$work/pipit-qwen2-eval.json"
 
 # 6. tokenizer.json of each kind, trained here, in pipit.
 "$venv/bin/python" - "$work" data/shakespeare.txt <<'PY'
@@ -260,6 +302,19 @@ same_loss("pipit's Llama in transformers, loss over byte windows", ev,
 got = json.load(open(f"{work}/pipit-llama-generate.json"))["samples"][0]["ids"]
 same_ids("pipit's Llama in transformers, greedy bytes", got,
          greedy(llama, list(prompt.encode()), 30, 0))
+
+from transformers import AutoModelForCausalLM
+for d, what in (("qwen2", "Qwen2 (q, k, v biases)"), ("mistral", "Mistral")):
+    model = AutoModelForCausalLM.from_pretrained(f"{work}/{d}").eval()
+    got = json.load(open(f"{work}/{d}-generate.json"))["samples"][0]["ids"]
+    same_ids(f"transformers' {what}, greedy tokens", got, greedy(model, tok(prompt).input_ids, 40, 50256))
+    same_loss(f"transformers' {what}, loss over BPE windows",
+              json.load(open(f"{work}/{d}-eval.json")), *window_loss(model, tok(text).input_ids, 128))
+qwen = AutoModelForCausalLM.from_pretrained(f"{work}/pipit-qwen2").eval()
+check("pipit's Qwen2 loads as transformers' Qwen2", type(qwen).__name__ == "Qwen2ForCausalLM", type(qwen).__name__)
+same_loss("pipit's Qwen2 in transformers, loss over byte windows",
+          json.load(open(f"{work}/pipit-qwen2-eval.json")),
+          *window_loss(qwen, list(text.encode()), qwen.config.max_position_embeddings))
 
 for d, kind in (("tok-byte-level", "byte-level BPE"), ("tok-byte-fallback", "BPE with byte fallback")):
     want = json.load(open(f"{work}/{d}/want.json"))

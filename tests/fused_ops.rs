@@ -412,8 +412,42 @@ fn llama_gradients_match_finite_differences() {
     }
 }
 
+#[test]
+fn qwen2_bias_gradients_match_finite_differences() {
+    let b = ReferenceBackend::new();
+    let cfg = ModelConfig {
+        family: Family::Qwen2,
+        ..tiny_llama()
+    };
+    let host = llama_params(&cfg);
+    let (_, grads) = loss_and_grads(&b, &cfg, &host);
+    let mut rng = Rng::new(11);
+    let mut checked = 0;
+    for (name, t) in host.iter().filter(|(n, _)| n.ends_with("_proj.bias")) {
+        let grad = f64s(&grads.get(name).unwrap().data);
+        let loss = |x: &[f32]| {
+            let mut h = host.clone();
+            h.get_mut(name).unwrap().data = x.to_vec();
+            loss_and_grads(&b, &cfg, &h).0
+        };
+        finite_differences(name, &t.data, &grad, &mut rng, loss);
+        checked += 1;
+    }
+    assert_eq!(checked, 3 * cfg.n_layer, "q, k and v biases in every block");
+}
+
 pub fn check_llama_matches_reference<B: Backend>(b: &B) {
-    let cfg = tiny_llama();
+    // Qwen2 is Llama with biases on q, k and v.
+    for family in [Family::Llama, Family::Qwen2] {
+        check_family_matches_reference(b, family);
+    }
+}
+
+fn check_family_matches_reference<B: Backend>(b: &B, family: Family) {
+    let cfg = ModelConfig {
+        family,
+        ..tiny_llama()
+    };
     let host = llama_params(&cfg);
     let (loss, grads) = loss_and_grads(b, &cfg, &host);
     let (want_loss, want) = loss_and_grads(&ReferenceBackend::new(), &cfg, &host);

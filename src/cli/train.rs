@@ -81,8 +81,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "FILE")]
     data: Option<PathBuf>,
 
-    /// Model family: gpt2 (learned positions, LayerNorm, GELU, head tied to the embedding) or
-    /// llama (rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied head).
+    /// Model family: gpt2 (learned positions, LayerNorm, GELU, head tied to the embedding),
+    /// llama (rotary positions, RMSNorm, SwiGLU, grouped-query attention, untied head), or
+    /// Llama's relatives mistral (the same, saved as MistralForCausalLM, no sliding window)
+    /// and qwen2 (biases on the query, key and value projections).
     #[arg(long, value_name = "FAMILY")]
     model: Option<Family>,
     /// Transformer blocks.

@@ -17,6 +17,10 @@ pub enum Family {
     Gpt2,
     /// Llama: rotary positions, RMSNorm, grouped-query attention, SwiGLU MLP, untied head.
     Llama,
+    /// Mistral: Llama's parts and names (its sliding window unused: full causal attention).
+    Mistral,
+    /// Qwen2: Llama with biases on the query, key and value projections.
+    Qwen2,
 }
 
 impl Family {
@@ -25,6 +29,8 @@ impl Family {
         match self {
             Family::Gpt2 => "gpt2",
             Family::Llama => "llama",
+            Family::Mistral => "mistral",
+            Family::Qwen2 => "qwen2",
         }
     }
 }
@@ -41,8 +47,10 @@ impl std::str::FromStr for Family {
         match s {
             "gpt2" => Ok(Family::Gpt2),
             "llama" => Ok(Family::Llama),
+            "mistral" => Ok(Family::Mistral),
+            "qwen2" => Ok(Family::Qwen2),
             other => Err(crate::invalid_input!(
-                "--model must be gpt2 or llama, got {other}"
+                "--model must be gpt2, llama, mistral or qwen2, got {other}"
             )),
         }
     }
@@ -141,7 +149,7 @@ impl ModelConfig {
     pub fn ffn(&self) -> usize {
         self.ffn_dim.unwrap_or(match self.family {
             Family::Gpt2 => 4 * self.n_embd,
-            Family::Llama => (8 * self.n_embd).div_ceil(3).div_ceil(32) * 32,
+            _ => (8 * self.n_embd).div_ceil(3).div_ceil(32) * 32,
         })
     }
 
@@ -154,7 +162,7 @@ impl ModelConfig {
     pub fn eps(&self) -> f32 {
         self.norm_eps.unwrap_or(match self.family {
             Family::Gpt2 => 1e-5,
-            Family::Llama => 1e-6,
+            _ => 1e-6,
         })
     }
 
@@ -201,7 +209,7 @@ impl ModelConfig {
         }
         match self.family {
             Family::Gpt2 => super::gpt2::validate(self),
-            Family::Llama => super::llama::validate(self),
+            _ => super::llama::validate(self),
         }
     }
 
@@ -218,7 +226,7 @@ impl ModelConfig {
     pub(crate) fn parts(&self, layer: Layer) -> LayerParts {
         match self.family {
             Family::Gpt2 => super::gpt2::layer(self, layer),
-            Family::Llama => super::llama::layer(self, layer),
+            _ => super::llama::layer(self, layer),
         }
     }
 
@@ -378,5 +386,52 @@ mod tests {
         assert_eq!(names.len(), 2 + 12 * cfg.n_layer + 2);
         assert_eq!(names[2], "h.0.ln_1.weight");
         assert_eq!(names.last().unwrap(), "ln_f.bias");
+    }
+
+    #[test]
+    fn llamas_relatives_round_trip_through_config_json_with_their_own_parameters() {
+        let sizes = |family| ModelConfig {
+            family,
+            vocab_size: 300,
+            n_positions: 64,
+            n_embd: 32,
+            n_layer: 2,
+            n_head: 4,
+            n_kv_head: Some(2),
+            ..ModelConfig::default()
+        };
+        let llama = sizes(Family::Llama);
+        for family in [Family::Llama, Family::Mistral, Family::Qwen2] {
+            let cfg = sizes(family);
+            let json = cfg.hf_config();
+            assert_eq!(json["model_type"], family.name());
+            let back = ModelConfig::from_hf_config(&json).unwrap();
+            assert_eq!(back.family, family);
+            assert_eq!(
+                (back.kv_heads(), back.ffn(), back.tied()),
+                (2, cfg.ffn(), false)
+            );
+            let names: Vec<String> = cfg.all_params().into_iter().map(|(n, _)| n).collect();
+            let biases = names.iter().filter(|n| n.ends_with("_proj.bias")).count();
+            // Qwen2 adds q, k and v biases (32 + 16 + 16 per block); the others none.
+            let extra = cfg.num_parameters() - llama.num_parameters();
+            match family {
+                Family::Qwen2 => assert_eq!((biases, extra), (6, 2 * (32 + 16 + 16))),
+                _ => assert_eq!((biases, extra), (0, 0)),
+            }
+        }
+        // A sliding window narrower than the context is refused by name; a wide one is full
+        // attention.
+        let mut json = sizes(Family::Mistral).hf_config();
+        json["sliding_window"] = serde_json::json!(16);
+        let err = ModelConfig::from_hf_config(&json).unwrap_err().to_string();
+        assert!(err.contains("sliding_window 16"), "{err}");
+        json["sliding_window"] = serde_json::json!(4096);
+        ModelConfig::from_hf_config(&json).unwrap();
+        let mut qwen = sizes(Family::Qwen2).hf_config();
+        qwen["sliding_window"] = serde_json::json!(16);
+        ModelConfig::from_hf_config(&qwen).unwrap();
+        qwen["use_sliding_window"] = serde_json::json!(true);
+        assert!(ModelConfig::from_hf_config(&qwen).is_err());
     }
 }

@@ -6,6 +6,10 @@
 //! residual; a final RMSNorm and an LM head, untied unless `tie_embeddings`. Linear weights
 //! are `nn.Linear`, stored `[out, in]`, without biases. Every weight starts normal(0, 0.02),
 //! as transformers' `initializer_range`.
+//!
+//! Its near relatives through the same parts and names: Mistral (`MistralForCausalLM`, its
+//! sliding window off) and Qwen2 (`Qwen2ForCausalLM`: biases on `q_proj`, `k_proj` and
+//! `v_proj`, zero at the start).
 
 use anyhow::Result;
 use serde_json::{json, Value};
@@ -41,6 +45,11 @@ pub(super) fn layer(c: &ModelConfig, layer: Layer) -> LayerParts {
     let kv = c.kv_heads() * c.head_dim();
     let linear =
         |name: String, dims| Linear::new(format!("{name}.weight"), None, dims, Layout::OutIn, STD);
+    // Qwen2's query, key and value projections carry biases.
+    let qkv = |name: String, dims| {
+        let bias = (c.family == Family::Qwen2).then(|| format!("{name}.bias"));
+        Linear::new(format!("{name}.weight"), bias, dims, Layout::OutIn, STD)
+    };
     match layer {
         Layer::Embedding => LayerParts::Embedding(Embedding {
             tokens: "embed_tokens.weight".into(),
@@ -56,9 +65,9 @@ pub(super) fn layer(c: &ModelConfig, layer: Layer) -> LayerParts {
                 norm1: Norm::rms(&l("input_layernorm"), e, eps),
                 attn: SelfAttention {
                     qkv: Qkv::Split {
-                        q: linear(l("self_attn.q_proj"), (e, e)),
-                        k: linear(l("self_attn.k_proj"), (e, kv)),
-                        v: linear(l("self_attn.v_proj"), (e, kv)),
+                        q: qkv(l("self_attn.q_proj"), (e, e)),
+                        k: qkv(l("self_attn.k_proj"), (e, kv)),
+                        v: qkv(l("self_attn.v_proj"), (e, kv)),
                     },
                     heads: c.n_head,
                     kv_heads: c.kv_heads(),
@@ -105,9 +114,14 @@ pub(super) fn internal_name(hf: &str) -> Option<String> {
 /// transformers releases (rope parameters nested) with `rope_theta` at the top as well, for
 /// the releases before them.
 pub(super) fn hf_config(c: &ModelConfig) -> Value {
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let class = match c.family {
+        Family::Mistral => "MistralForCausalLM",
+        Family::Qwen2 => "Qwen2ForCausalLM",
+        _ => "LlamaForCausalLM",
+    };
+    let mut v = json!({
+        "architectures": [class],
+        "model_type": c.family.name(),
         "vocab_size": c.vocab_size,
         "max_position_embeddings": c.n_positions,
         "hidden_size": c.n_embd,
@@ -129,7 +143,21 @@ pub(super) fn hf_config(c: &ModelConfig) -> Value {
         "torch_dtype": "float32",
         "bos_token_id": null,
         "eos_token_id": null,
-    })
+    });
+    match c.family {
+        Family::Mistral => v["sliding_window"] = json!(null),
+        Family::Qwen2 => {
+            v["use_sliding_window"] = json!(false);
+            v["sliding_window"] = json!(null);
+        }
+        _ => {}
+    }
+    if c.family != Family::Llama {
+        let map = v.as_object_mut().expect("an object");
+        map.remove("attention_bias");
+        map.remove("mlp_bias");
+    }
+    v
 }
 
 /// `x` as the f64 with the shortest decimal form that rounds to it (1e-6, not 9.99…e-7).
@@ -137,11 +165,13 @@ fn shortest(x: f32) -> f64 {
     x.to_string().parse().unwrap_or(f64::from(x))
 }
 
-/// The sizes in a Hugging Face Llama `config.json`, as the transformers releases people use
-/// write it (`rope_theta` at the top in older ones, under `rope_parameters` in current ones);
-/// what pipit does not implement (scaled rotary positions, biases, another activation, a head
-/// size that is not `hidden_size / num_attention_heads`) is rejected by name.
-pub(super) fn parse_hf_config(v: &Value) -> Result<ModelConfig> {
+/// The sizes in a Hugging Face `config.json` of `family` (Llama, Mistral or Qwen2), as the
+/// transformers releases people use write it (`rope_theta` at the top in older ones, under
+/// `rope_parameters` in current ones); what pipit does not implement (scaled rotary
+/// positions, Llama's optional biases, another activation, a head size that is not
+/// `hidden_size / num_attention_heads`, a sliding window narrower than the context) is
+/// rejected by name.
+pub(super) fn parse_hf_config(v: &Value, family: Family) -> Result<ModelConfig> {
     let field = |name| super::hf_usize(v, name);
     let rope = v.get("rope_parameters").filter(|r| !r.is_null());
     let rope_type = rope
@@ -163,7 +193,7 @@ pub(super) fn parse_hf_config(v: &Value) -> Result<ModelConfig> {
         .unwrap_or(1e-6);
     let heads = field("num_attention_heads")?;
     let config = ModelConfig {
-        family: Family::Llama,
+        family,
         vocab_size: field("vocab_size")?,
         n_positions: field("max_position_embeddings")?,
         n_embd: field("hidden_size")?,
@@ -184,8 +214,20 @@ pub(super) fn parse_hf_config(v: &Value) -> Result<ModelConfig> {
     };
     for flag in ["attention_bias", "mlp_bias"] {
         if v.get(flag).and_then(Value::as_bool) == Some(true) {
-            invalid!("config.json: {flag} = true is not implemented for llama");
+            invalid!("config.json: {flag} = true is not implemented for {family}");
         }
+    }
+    // A sliding window narrower than the context changes the attention; pipit's is full.
+    let window = v.get("sliding_window").and_then(Value::as_u64);
+    let sliding = match family {
+        Family::Qwen2 => v.get("use_sliding_window").and_then(Value::as_bool) == Some(true),
+        _ => true,
+    };
+    if let Some(w) = window.filter(|&w| sliding && (w as usize) < config.n_positions) {
+        invalid!(
+            "config.json: sliding_window {w} below max_position_embeddings {} is not implemented (attention is full)",
+            config.n_positions
+        );
     }
     if let Some(act) = v.get("hidden_act").and_then(Value::as_str) {
         if act != "silu" {

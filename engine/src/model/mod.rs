@@ -26,7 +26,7 @@ impl Family {
     pub fn hf_name(self, name: &str) -> String {
         match self {
             Family::Gpt2 => gpt2::hf_name(name),
-            Family::Llama => llama::hf_name(name),
+            _ => llama::hf_name(name),
         }
     }
 
@@ -35,7 +35,7 @@ impl Family {
     pub fn internal_name(self, hf: &str) -> Option<String> {
         match self {
             Family::Gpt2 => gpt2::internal_name(hf),
-            Family::Llama => llama::internal_name(hf),
+            _ => llama::internal_name(hf),
         }
     }
 }
@@ -45,7 +45,7 @@ impl ModelConfig {
     pub fn hf_config(&self) -> Value {
         match self.family {
             Family::Gpt2 => gpt2::hf_config(self),
-            Family::Llama => llama::hf_config(self),
+            _ => llama::hf_config(self),
         }
     }
 
@@ -54,10 +54,12 @@ impl ModelConfig {
     pub fn from_hf_config(v: &Value) -> Result<Self> {
         let config = match v.get("model_type").and_then(Value::as_str) {
             None | Some("gpt2") => gpt2::parse_hf_config(v)?,
-            Some("llama") => llama::parse_hf_config(v)?,
+            Some(name @ ("llama" | "mistral" | "qwen2")) => {
+                llama::parse_hf_config(v, name.parse()?)?
+            }
             Some(other) => {
                 return Err(crate::invalid_input!(
-                    "config.json: model_type must be gpt2 or llama, got {other}"
+                    "config.json: model_type must be gpt2, llama, mistral or qwen2, got {other}"
                 ))
             }
         };
