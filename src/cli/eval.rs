@@ -108,6 +108,9 @@ pub fn run(args: EvalArgs) -> Result<()> {
     if !leader {
         return Ok(());
     }
+    if !loss.is_finite() {
+        return Err(ckpt.non_finite("the loss", loss));
+    }
     match args.format {
         OutputFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens, "per": per })),
         OutputFormat::Text => println!("loss {loss:.4} nats/{per} over {tokens} tokens"),

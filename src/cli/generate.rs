@@ -219,6 +219,7 @@ impl BackendJob for GenerateJob<'_> {
                 window,
                 wave,
                 true,
+                ckpt,
                 |contexts, pick| {
                     let rows = trainer.next_tokens_logits(contexts, batch)?;
                     Ok(rows
@@ -258,6 +259,7 @@ impl BackendJob for GenerateJob<'_> {
                     window,
                     wave,
                     env.rank == 0,
+                    ckpt,
                     |contexts, pick| rank.next_tokens(contexts, batch, pick),
                 )
             });
@@ -382,6 +384,7 @@ fn write_samples(
     window: usize,
     wave: usize,
     leader: bool,
+    ckpt: &checkpoint::Checkpoint,
     mut next: impl FnMut(&[&[u32]], &mut dyn FnMut(usize, &[f32]) -> usize) -> Result<Vec<usize>>,
 ) -> Result<()> {
     // Only tokens with text are drawn (a padded vocabulary's extra rows are never targets).
@@ -462,10 +465,17 @@ fn write_samples(
                         .context(window)
                 })
                 .collect();
+            let mut bad = None;
             let tokens = next(&contexts, &mut |k, logits| {
                 let logits = &logits[..drawn.min(logits.len())];
+                if bad.is_none() {
+                    bad = logits.iter().find(|x| !x.is_finite()).copied();
+                }
                 sample(logits, args, &mut rngs[group[k]])
             })?;
+            if let Some(x) = bad {
+                return Err(ckpt.non_finite("a logit", f64::from(x)));
+            }
             for (&i, &token) in group.iter().zip(&tokens) {
                 let s = &mut samples[i];
                 s.tokens.push(token as u32);

@@ -25,6 +25,15 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The most actions a generated plan may hold (each stage's forward and backward, and
+    /// weight-gradient half where split, for every micro-batch); larger plans are refused at
+    /// once, naming p, m and v.
+    #[arg(long, global = true, value_name = "N", default_value_t = pipit_engine::schedule::DEFAULT_MAX_ACTIONS)]
+    max_actions: usize,
+    /// Load a checkpoint even when a file no longer matches the checksum pipit recorded
+    /// when it saved it (`pipit-checksums.json`).
+    #[arg(long, global = true)]
+    no_verify: bool,
 }
 
 #[derive(Subcommand)]
@@ -61,6 +70,8 @@ pub fn main() -> ExitCode {
         .mut_subcommand("train", train::with_defaults_in_help)
         .get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    pipit_engine::schedule::set_max_actions(cli.max_actions);
+    pipit_engine::checkpoint::verify_checksums(!cli.no_verify);
     let result: anyhow::Result<()> = match cli.command {
         Command::Train(args) => train::run(*args),
         Command::Generate(args) => generate::run(args),

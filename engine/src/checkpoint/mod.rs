@@ -7,7 +7,11 @@
 //! - `config.json`: Hugging Face's GPT-2 config;
 //! - `optimizer.safetensors` (pipit's): AdamW moments, `{name}.exp_avg` and `{name}.exp_avg_sq`;
 //! - `trainer_state.json` (pipit's): step, seed, data position and the run's settings;
-//! - `vocab.json` and `merges.txt`, GPT-2's tokenizer, when the model was trained with it.
+//! - `vocab.json` and `merges.txt`, GPT-2's tokenizer, when the model was trained with it;
+//! - `pipit-checksums.json` (pipit's): a checksum of every other file, checked when the
+//!   checkpoint loads, so a file that changed after pipit wrote it (a flipped byte, a
+//!   truncated copy) is refused by name. Directories made elsewhere have none and load as
+//!   they are.
 //!
 //! Saving is atomic at the directory level: everything is written into a temporary sibling
 //! directory, which then replaces the old one by rename, so a crash mid-save leaves the previous
@@ -17,7 +21,9 @@ pub mod safetensors;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use serde_json::Value;
@@ -37,6 +43,30 @@ pub struct Checkpoint {
     pub optimizer: Option<OptimizerState>,
     /// Training state (step, seed, data position, settings); absent in Hugging Face checkpoints.
     pub trainer_state: Option<Value>,
+}
+
+impl Checkpoint {
+    /// The first weight, in name order, holding a NaN or an infinity: its Hugging Face name,
+    /// the element's index and its value.
+    pub fn first_non_finite(&self) -> Option<(String, usize, f32)> {
+        self.params.iter().find_map(|(name, t)| {
+            let at = t.data.iter().position(|x| !x.is_finite())?;
+            Some((self.config.family.hf_name(name), at, t.data[at]))
+        })
+    }
+
+    /// The error for a `what` (the loss, the logits) that came out `value`: it names the
+    /// first weight that is not finite, or says that every weight is.
+    pub fn non_finite(&self, what: &str, value: f64) -> anyhow::Error {
+        match self.first_non_finite() {
+            Some((name, at, x)) => invalid_input!(
+                "{what} came out {value}: the checkpoint's tensor {name} holds {x} (element {at})"
+            ),
+            None => anyhow::anyhow!(
+                "{what} came out {value} with every weight finite (the model's arithmetic overflowed)"
+            ),
+        }
+    }
 }
 
 /// Write `ckpt` to `dir`, replacing any checkpoint there only once the new one is complete.
@@ -77,6 +107,7 @@ pub fn save_sharded(
                 .iter()
                 .try_for_each(|(name, bytes)| write_synced(&tmp.join(name), bytes))
         })
+        .and_then(|()| write_manifest(&tmp))
         .with_context(|| format!("writing checkpoint to {}", tmp.display()))?;
 
     // Swap: the old directory is moved aside first, so at every instant one complete
@@ -146,6 +177,78 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The file in which pipit records a checksum of each file it saved.
+pub const MANIFEST: &str = "pipit-checksums.json";
+
+static VERIFY: AtomicBool = AtomicBool::new(true);
+
+/// Whether loading checks each file against [`MANIFEST`] (yes unless `--no-verify` says so),
+/// for this process.
+pub fn verify_checksums(on: bool) {
+    VERIFY.store(on, Ordering::Relaxed);
+}
+
+/// FNV-1a (64 bits) of the file at `path`, read in pieces, as 16 hex digits.
+fn file_checksum(path: &Path) -> Result<String> {
+    let mut file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut sum = crate::dist::frame::Fnv64::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(format!("{:016x}", sum.finish()));
+        }
+        sum.update(&buf[..n]);
+    }
+}
+
+/// Record a checksum of every file in `dir` in its [`MANIFEST`].
+fn write_manifest(dir: &Path) -> Result<()> {
+    let mut files = BTreeMap::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if entry.file_type()?.is_file() && name != MANIFEST {
+            files.insert(name, file_checksum(&entry.path())?);
+        }
+    }
+    let manifest = serde_json::json!({ "algorithm": "fnv1a-64", "files": files });
+    write_synced(&dir.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)
+}
+
+/// Errors unless every file `dir`'s [`MANIFEST`] lists is there with the checksum recorded
+/// (nothing to check in a directory without one).
+pub fn verify(dir: &Path) -> Result<()> {
+    let path = dir.join(MANIFEST);
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let manifest: Value = serde_json::from_slice(&text)
+        .map_err(|e| invalid_input!("{} is not JSON: {e}", path.display()))?;
+    let Some(files) = manifest.get("files").and_then(Value::as_object) else {
+        return Err(invalid_input!("{} lists no files", path.display()));
+    };
+    for (name, want) in files {
+        let file = dir.join(name);
+        if name.contains(['/', '\\']) || !file.is_file() {
+            return Err(invalid_input!(
+                "checkpoint {}: {name}, listed in {MANIFEST}, is missing",
+                dir.display()
+            ));
+        }
+        if want.as_str() != Some(file_checksum(&file)?.as_str()) {
+            return Err(invalid_input!(
+                "checkpoint {}: {name} does not match the checksum pipit recorded when it saved it ({MANIFEST}): the file changed since (--no-verify loads it anyway)",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Read a checkpoint directory: pipit's own, or a Hugging Face GPT-2 one. Every tensor the
 /// model needs must be present with the shape the config implies.
 pub fn load(dir: &Path) -> Result<Checkpoint> {
@@ -155,7 +258,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
 /// Read the config and training state of a checkpoint directory, without its tensors
 /// (`params` is empty, `optimizer` is `None`).
 pub fn load_header(dir: &Path) -> Result<Checkpoint> {
-    let mut c = load_some(dir, &|_| false)?;
+    let mut c = read_checkpoint(dir, &|_| false)?;
     c.optimizer = None;
     Ok(c)
 }
@@ -163,7 +266,16 @@ pub fn load_header(dir: &Path) -> Result<Checkpoint> {
 /// [`load`], keeping only the tensors (and their optimizer moments) whose pipit names `keep`
 /// accepts, and reading only their bytes: a pipeline rank's share of a checkpoint. Each kept
 /// tensor the model needs must be present with its shape.
+/// Every file pipit recorded is checked against its checksum first (see [`verify`]).
 pub fn load_some(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint> {
+    if dir.is_dir() && VERIFY.load(Ordering::Relaxed) {
+        verify(dir)?;
+    }
+    read_checkpoint(dir, keep)
+}
+
+/// [`load_some`] without the checksums.
+fn read_checkpoint(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint> {
     if !dir.is_dir() {
         return Err(invalid_input!(
             "checkpoint directory {} does not exist",

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Result;
 
@@ -178,7 +179,22 @@ pub fn generate_for(
     }
 }
 
-fn check_sizes(p: usize, m: usize, v: usize) -> Result<()> {
+/// The most compute actions a generated plan may hold unless [`set_max_actions`] says
+/// otherwise: generation, lowering, validation and simulation each take memory and time in
+/// proportion, so a typo (`--stages 10000 --microbatches 100000`) is refused at once.
+pub const DEFAULT_MAX_ACTIONS: usize = 5_000_000;
+
+static MAX_ACTIONS: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_ACTIONS);
+
+/// Raise (or lower) the plan size [`generate`] accepts, for this process (`--max-actions`).
+pub fn set_max_actions(limit: usize) {
+    MAX_ACTIONS.store(limit, Ordering::Relaxed);
+}
+
+/// Errors unless `p`, `m` and `v` are at least 1 and the plan's `per` actions per stage and
+/// micro-batch (forward, backward, and the weight half where it is split) stay within the
+/// limit, which the error names with the count.
+fn check_sizes(p: usize, m: usize, v: usize, per: usize) -> Result<()> {
     if p == 0 {
         invalid!("stages must be at least 1 (got 0)");
     }
@@ -187,6 +203,14 @@ fn check_sizes(p: usize, m: usize, v: usize) -> Result<()> {
     }
     if v == 0 {
         invalid!("chunks must be at least 1 (got 0)");
+    }
+    // Stage and micro-batch indices travel as u32 inside the validator and lowering.
+    let actions = p.saturating_mul(v).saturating_mul(m).saturating_mul(per);
+    let limit = MAX_ACTIONS.load(Ordering::Relaxed);
+    if actions > limit {
+        invalid!(
+            "p = {p}, m = {m}, v = {v} make a plan of {actions} actions ({per} per stage and micro-batch), beyond the limit of {limit} (--max-actions raises it)"
+        );
     }
     // Stage and micro-batch indices travel as u32 inside the validator and lowering.
     if p.saturating_mul(v).saturating_mul(m) > u32::MAX as usize / 4 {
@@ -215,7 +239,7 @@ fn bwd(stage: usize, microbatch: usize) -> Action {
 /// One micro-batch at a time: its forward through every stage, then its backward, then the
 /// next micro-batch. Efficiency is `1/p`. Accepts any `p, m, v >= 1`.
 pub fn naive(p: usize, m: usize, v: usize) -> Result<Schedule> {
-    check_sizes(p, m, v)?;
+    check_sizes(p, m, v, 2)?;
     let mut schedule = new_schedule(ScheduleKind::Naive, p, m, v);
     for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
         for mb in 0..m {
@@ -231,7 +255,7 @@ pub fn naive(p: usize, m: usize, v: usize) -> Result<Schedule> {
 /// activations at its peak. Accepts any `p, m, v >= 1`; with `v = 1` its efficiency under
 /// uniform costs is exactly `m / (m + p - 1)`.
 pub fn gpipe(p: usize, m: usize, v: usize) -> Result<Schedule> {
-    check_sizes(p, m, v)?;
+    check_sizes(p, m, v, 2)?;
     let mut schedule = new_schedule(ScheduleKind::GPipe, p, m, v);
     for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
         for c in 0..v {
@@ -250,7 +274,7 @@ pub fn gpipe(p: usize, m: usize, v: usize) -> Result<Schedule> {
 /// most `min(p - r, m)` micro-batches' activations. One stage per rank: requires `v = 1`
 /// (use [`interleaved`] for more chunks); any `p, m >= 1`.
 pub fn one_f_one_b(p: usize, m: usize, v: usize) -> Result<Schedule> {
-    check_sizes(p, m, v)?;
+    check_sizes(p, m, v, 2)?;
     if v != 1 {
         invalid!("1f1b runs one stage per rank: chunks must be 1 (got {v}); use the interleaved schedule for more chunks");
     }
@@ -276,7 +300,7 @@ pub fn one_f_one_b(p: usize, m: usize, v: usize) -> Result<Schedule> {
 /// 1F1B's `(p - 1) / m` (both checked by the planner's property tests). With `v = 1` this is
 /// exactly [`one_f_one_b`].
 pub fn interleaved(p: usize, m: usize, v: usize) -> Result<Schedule> {
-    check_sizes(p, m, v)?;
+    check_sizes(p, m, v, 2)?;
     let mut schedule = new_schedule(ScheduleKind::Interleaved, p, m, v);
     for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
         let order = RankOrder::new(p, m, v, rank);
@@ -301,7 +325,7 @@ pub fn interleaved(p: usize, m: usize, v: usize) -> Result<Schedule> {
 /// late), against 1F1B's `3 (m + p - 1)` and interleaving's `3 m v + 3 (p - 1)`: a third of
 /// their bubble. Any `p, m, v >= 1`; checked by the planner's property tests.
 pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
-    check_sizes(p, m, v)?;
+    check_sizes(p, m, v, 3)?;
     let mut schedule = new_schedule(ScheduleKind::ZeroBubble, p, m, v);
     for (rank, actions) in schedule.ranks.iter_mut().enumerate() {
         let order = RankOrder::new(p, m, v, rank);
@@ -352,7 +376,7 @@ pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
 /// `m >= 2p` (a unit test checks every `p <= 16`, `m <= 64`): half of ZB-H1's `p - 1`
 /// whole-stage bubble. Requires `v = 2`; any `p, m >= 1`.
 pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
-    check_sizes(p, m, v)?;
+    check_sizes(p, m, v, 3)?;
     if v != 2 {
         invalid!("zb-v runs two stages per rank, in a V: chunks must be 2 (got {v})");
     }
