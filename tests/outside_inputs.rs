@@ -151,14 +151,13 @@ fn a_checkpoint_changed_after_saving_is_refused_naming_the_file() {
     let out = eval(&ckpt, &["--no-verify"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("does not match"), "{err}");
-    // A listed file that is gone is named too.
+    // A host may hold only some of the files: those it has are checked.
     for b in &mut bytes[at..at + 64] {
         *b ^= 0xff;
     }
     std::fs::write(&path, &bytes).unwrap();
-    ok(&eval(&ckpt, &[]));
     std::fs::remove_file(ckpt.join("optimizer.safetensors")).unwrap();
-    refused(&eval(&ckpt, &[]), &["optimizer.safetensors", "is missing"]);
+    ok(&eval(&ckpt, &[]));
 }
 
 #[test]

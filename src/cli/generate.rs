@@ -376,7 +376,9 @@ impl Sample {
 /// `<|endoftext|>` unless `args.ignore_eos`; generation stops when every sample has ended
 /// (every rank sees the same tokens, so every rank stops at the same round). Only the
 /// `leader` writes: one sample as it goes, several at the end (with a progress bar
-/// meanwhile).
+/// meanwhile). A non-finite logit is an error naming the first weight of `ckpt` that is not
+/// finite.
+#[allow(clippy::too_many_arguments)]
 fn write_samples(
     args: &GenerateArgs,
     tokenizer: &Tokenizer,

@@ -109,7 +109,7 @@ pub fn read_some(path: &Path, keep: &dyn Fn(&str) -> bool) -> Result<HostTensors
         let offsets: [u64; 2] = serde_json::from_value(entry["data_offsets"].clone())
             .map_err(|_| corrupt(&format!("tensor `{name}`: bad data_offsets")))?;
         let [begin, end] = offsets;
-        if begin > end || data_start + end > size {
+        if begin > end || data_start.checked_add(end).is_none_or(|e| e > size) {
             return Err(corrupt(&format!(
                 "tensor `{name}`: byte range {begin}..{end} exceeds the data"
             )));
@@ -138,14 +138,17 @@ fn parse_tensor(entry: &Value, data: &[u8]) -> Result<HostTensor> {
         "byte range {begin}..{end} exceeds the data"
     );
     let raw = &data[begin..end];
-    let count: usize = shape.iter().product();
+    let count = shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .context("shape's element count overflows")?;
     let width = match dtype {
         "F32" => 4,
         "F16" | "BF16" => 2,
         other => bail!("dtype {other} is not supported (F32, F16, BF16 are)"),
     };
     ensure!(
-        raw.len() == count * width,
+        count.checked_mul(width) == Some(raw.len()),
         "{} bytes for shape {shape:?} of {dtype}",
         raw.len()
     );

@@ -268,8 +268,13 @@ pub fn read_frame(r: &mut impl Read) -> Result<Option<(u64, Frame)>, FrameError>
         )));
     }
     let shape: Vec<usize> = (0..ndim).map(|i| u64_at(&rest, 8 * i) as usize).collect();
-    let mut payload = vec![0u8; payload_len as usize];
-    r.read_exact(&mut payload)?;
+    // Grown as the bytes arrive, so a frame that states more than it carries holds no more
+    // memory than it sent.
+    let mut payload = Vec::with_capacity((payload_len as usize).min(1 << 20));
+    r.by_ref().take(payload_len).read_to_end(&mut payload)?;
+    if payload.len() as u64 != payload_len {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
     let mut tail = [0u8; 8];
     r.read_exact(&mut tail)?;
     let (computed, stated) = (Fnv64::of(&payload), u64::from_le_bytes(tail));

@@ -187,11 +187,18 @@ impl ModelConfig {
                 invalid!("model {name} must be at least 1, got 0");
             }
         }
-        if self.vocab_size > u32::MAX as usize {
-            invalid!(
-                "model vocab_size must fit token ids in u32, got {}",
-                self.vocab_size
-            );
+        // Far beyond any model trained (Llama 3.1 405B: 126 layers, width 16,384, 128,256
+        // tokens), and small enough that every count and size computed from them fits.
+        for (name, value, limit) in [
+            ("vocab_size", self.vocab_size, 1 << 24),
+            ("n_positions", self.n_positions, 1 << 24),
+            ("n_embd", self.n_embd, 1 << 20),
+            ("n_layer", self.n_layer, 1 << 14),
+            ("ffn_dim", self.ffn(), 1 << 22),
+        ] {
+            if value > limit {
+                invalid!("model {name} must be at most {limit}, got {value}");
+            }
         }
         if self.n_embd % self.n_head != 0 {
             invalid!(
@@ -433,5 +440,16 @@ mod tests {
         ModelConfig::from_hf_config(&qwen).unwrap();
         qwen["use_sliding_window"] = serde_json::json!(true);
         assert!(ModelConfig::from_hf_config(&qwen).is_err());
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_before_anything_is_built() {
+        // Found by the config_json fuzz target: 13 billion layers listed their parameters
+        // until memory ran out.
+        let json = serde_json::json!({"model_type": "gpt2", "vocab_size": 256, "n_positions": 8,
+            "n_embd": 10, "n_head": 2, "n_layer": 13_145_224_191u64});
+        let err = ModelConfig::from_hf_config(&json).unwrap_err();
+        assert!(crate::is_invalid_input(&err));
+        assert!(err.to_string().contains("n_layer must be at most 16384"), "{err}");
     }
 }

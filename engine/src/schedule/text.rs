@@ -43,6 +43,11 @@ impl fmt::Display for Action {
     }
 }
 
+/// Stage, micro-batch and rank numbers of a schedule file stay below this (2²⁰): far beyond
+/// any pipeline, and small enough that what is built from them (placements, the validator's
+/// tables) stays small.
+const MAX_INDEX: usize = 1 << 20;
+
 const ACTION_FORMS: &str =
     "expected S<stage><F|B|I|W><microbatch>, or a transfer S<s>F<m>>, >S<s>F<m>, S<s>B<m>>, >S<s>B<m>";
 
@@ -72,8 +77,10 @@ impl FromStr for Action {
             if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
                 invalid!("`{token}`: {ACTION_FORMS}");
             }
-            text.parse::<usize>()
-                .map_err(|_| invalid_input!("`{token}`: number `{text}` is too large"))
+            match text.parse::<usize>() {
+                Ok(n) if n < MAX_INDEX => Ok(n),
+                _ => invalid!("`{token}`: number `{text}` is too large (at most {})", MAX_INDEX - 1),
+            }
         };
         let (stage, microbatch) = (number(stage)?, number(microbatch)?);
         let action = match (kind, recv, send) {
@@ -164,9 +171,9 @@ impl Schedule {
                 "microbatches" => {
                     let value = value.trim();
                     match value.parse::<usize>() {
-                        Ok(m) if m > 0 => microbatches = Some(m),
+                        Ok(m) if m > 0 && m <= MAX_INDEX => microbatches = Some(m),
                         _ => invalid!(
-                            "line {line_no}, token 1: microbatches must be a whole number of at least 1, got `{value}`"
+                            "line {line_no}, token 1: microbatches must be a whole number from 1 to {MAX_INDEX}, got `{value}`"
                         ),
                     }
                 }
@@ -174,8 +181,8 @@ impl Schedule {
                     let mut list = Vec::new();
                     for (t, token) in tokens.enumerate() {
                         match token.parse::<usize>() {
-                            Ok(rank) => list.push(rank),
-                            Err(_) => invalid!(
+                            Ok(rank) if rank < MAX_INDEX => list.push(rank),
+                            _ => invalid!(
                                 "line {line_no}, token {}: a placement entry is a rank number, got `{token}`",
                                 t + 1
                             ),
@@ -216,6 +223,17 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_beyond_any_pipeline_are_refused_before_anything_is_built() {
+        // Found by the schedule_file fuzz target: stage 17777777777777777777 made the
+        // implied placement that long.
+        let text = "rank 0: S0F0 >S17777777777777777777B1\nrank 1: >S0F0\n";
+        let err = Schedule::parse(text).unwrap_err().to_string();
+        assert!(err.contains("too large (at most 1048575)"), "{err}");
+        let err = Schedule::parse("microbatches: 99999999999\nrank 0: S0F0\n").unwrap_err();
+        assert!(err.to_string().contains("from 1 to 1048576"), "{err}");
+    }
 
     #[test]
     fn actions_round_trip() {
