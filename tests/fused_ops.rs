@@ -400,39 +400,38 @@ fn llama_gradients_match_finite_differences() {
     let host = llama_params(&cfg);
     let (_, grads) = loss_and_grads(&b, &cfg, &host);
     assert!(grads.get("lm_head.weight").is_some(), "the head is untied");
-    let mut rng = Rng::new(10);
-    for (name, t) in host.iter() {
-        let grad = f64s(&grads.get(name).unwrap().data);
-        let loss = |x: &[f32]| {
-            let mut h = host.clone();
-            h.get_mut(name).unwrap().data = x.to_vec();
-            loss_and_grads(&b, &cfg, &h).0
-        };
-        finite_differences(name, &t.data, &grad, &mut rng, loss);
-    }
+    let checked = model_finite_differences(&cfg, 10, |_| true);
+    assert_eq!(checked, host.len());
 }
 
-#[test]
-fn qwen2_bias_gradients_match_finite_differences() {
+/// Finite differences of the whole model's loss against its gradient, for each weight
+/// `which` picks; returns how many were checked.
+fn model_finite_differences(cfg: &ModelConfig, seed: u64, which: impl Fn(&str) -> bool) -> usize {
     let b = ReferenceBackend::new();
-    let cfg = ModelConfig {
-        family: Family::Qwen2,
-        ..tiny_llama()
-    };
-    let host = llama_params(&cfg);
-    let (_, grads) = loss_and_grads(&b, &cfg, &host);
-    let mut rng = Rng::new(11);
+    let host = llama_params(cfg);
+    let (_, grads) = loss_and_grads(&b, cfg, &host);
+    let mut rng = Rng::new(seed);
     let mut checked = 0;
-    for (name, t) in host.iter().filter(|(n, _)| n.ends_with("_proj.bias")) {
+    for (name, t) in host.iter().filter(|(n, _)| which(n)) {
         let grad = f64s(&grads.get(name).unwrap().data);
         let loss = |x: &[f32]| {
             let mut h = host.clone();
             h.get_mut(name).unwrap().data = x.to_vec();
-            loss_and_grads(&b, &cfg, &h).0
+            loss_and_grads(&b, cfg, &h).0
         };
         finite_differences(name, &t.data, &grad, &mut rng, loss);
         checked += 1;
     }
+    checked
+}
+
+#[test]
+fn qwen2_bias_gradients_match_finite_differences() {
+    let cfg = ModelConfig {
+        family: Family::Qwen2,
+        ..tiny_llama()
+    };
+    let checked = model_finite_differences(&cfg, 11, |n| n.ends_with("_proj.bias"));
     assert_eq!(checked, 3 * cfg.n_layer, "q, k and v biases in every block");
 }
 

@@ -48,6 +48,14 @@ fn tensor_bytes(file: &[u8], name: &str) -> std::ops::Range<usize> {
     start..8 + len + offsets[1].as_u64().unwrap() as usize
 }
 
+/// Invert `range` of `bytes` and write them to `path`.
+fn flip(path: &Path, bytes: &mut [u8], range: std::ops::Range<usize>) {
+    for b in &mut bytes[range] {
+        *b ^= 0xff;
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
 fn eval(ckpt: &Path, extra: &[&str]) -> Output {
     let c = ckpt.to_str().unwrap();
     pipit(
@@ -129,10 +137,7 @@ fn a_checkpoint_changed_after_saving_is_refused_naming_the_file() {
     let path = ckpt.join("model.safetensors");
     let mut bytes = std::fs::read(&path).unwrap();
     let at = tensor_bytes(&bytes, "transformer.h.0.mlp.c_fc.weight").start;
-    for b in &mut bytes[at..at + 64] {
-        *b ^= 0xff;
-    }
-    std::fs::write(&path, &bytes).unwrap();
+    flip(&path, &mut bytes, at..at + 64);
     let out = eval(&ckpt, &[]);
     refused(&out, &["model.safetensors does not match", "--no-verify"]);
     // Every command that loads it refuses it alike.
@@ -152,10 +157,7 @@ fn a_checkpoint_changed_after_saving_is_refused_naming_the_file() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("does not match"), "{err}");
     // A host may hold only some of the files: those it has are checked.
-    for b in &mut bytes[at..at + 64] {
-        *b ^= 0xff;
-    }
-    std::fs::write(&path, &bytes).unwrap();
+    flip(&path, &mut bytes, at..at + 64);
     std::fs::remove_file(ckpt.join("optimizer.safetensors")).unwrap();
     ok(&eval(&ckpt, &[]));
 }

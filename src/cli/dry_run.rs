@@ -61,13 +61,7 @@ pub fn run(
     )?;
     let mut rows = Vec::new();
     for (r, rank) in step.report.ranks.iter().enumerate() {
-        let params: usize = c
-            .rank_param_shapes(r)?
-            .iter()
-            .map(|(_, shape)| shape.iter().product::<usize>())
-            .sum();
-        let own: Vec<usize> = trainer.ranks[r].stages.iter().map(|(s, _)| *s).collect();
-        let stages = c.stage_names(&own)?;
+        let (params, stages) = rank_share(&c, &trainer, r)?;
         let held = format!(
             "{} ({})",
             bytes(rank.peak_activation_bytes),
@@ -217,13 +211,7 @@ pub fn generation(
         "rank  parameters     weights  caches+activations       peak  stages"
     )?;
     for (r, (&rest, &peak)) in at_rest.iter().zip(&peaks).enumerate() {
-        let params: usize = c
-            .rank_param_shapes(r)?
-            .iter()
-            .map(|(_, shape)| shape.iter().product::<usize>())
-            .sum();
-        let own: Vec<usize> = trainer.ranks[r].stages.iter().map(|(s, _)| *s).collect();
-        let stages = c.stage_names(&own)?;
+        let (params, stages) = rank_share(&c, &trainer, r)?;
         let transient = peak.max(rest) - rest;
         writeln!(
             out,
@@ -256,6 +244,21 @@ pub fn generation(
                     "batch_size": batch, "ranks": rows })
         )),
     }
+}
+
+/// Rank `r`'s parameter count and the names of its stages' layers.
+fn rank_share(
+    c: &TrainConfig,
+    trainer: &Trainer<MetaBackend>,
+    r: usize,
+) -> Result<(usize, String)> {
+    let params = c
+        .rank_param_shapes(r)?
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum();
+    let own: Vec<usize> = trainer.ranks[r].stages.iter().map(|(s, _)| *s).collect();
+    Ok((params, c.stage_names(&own)?))
 }
 
 /// How unevenly the ranks' step peaks spread, as the troubleshooting of a pipeline starts:

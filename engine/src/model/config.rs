@@ -450,6 +450,9 @@ mod tests {
             "n_embd": 10, "n_head": 2, "n_layer": 13_145_224_191u64});
         let err = ModelConfig::from_hf_config(&json).unwrap_err();
         assert!(crate::is_invalid_input(&err));
-        assert!(err.to_string().contains("n_layer must be at most 16384"), "{err}");
+        assert!(
+            err.to_string().contains("n_layer must be at most 16384"),
+            "{err}"
+        );
     }
 }

@@ -79,7 +79,10 @@ impl FromStr for Action {
             }
             match text.parse::<usize>() {
                 Ok(n) if n < MAX_INDEX => Ok(n),
-                _ => invalid!("`{token}`: number `{text}` is too large (at most {})", MAX_INDEX - 1),
+                _ => invalid!(
+                    "`{token}`: number `{text}` is too large (at most {})",
+                    MAX_INDEX - 1
+                ),
             }
         };
         let (stage, microbatch) = (number(stage)?, number(microbatch)?);
