@@ -8,10 +8,10 @@
 //! - `optimizer.safetensors` (pipit's): AdamW moments, `{name}.exp_avg` and `{name}.exp_avg_sq`;
 //! - `trainer_state.json` (pipit's): step, seed, data position and the run's settings;
 //! - `vocab.json` and `merges.txt`, GPT-2's tokenizer, when the model was trained with it;
-//! - `pipit-checksums.json` (pipit's): a checksum of every other file, checked when the
-//!   checkpoint loads, so a file that changed after pipit wrote it (a flipped byte, a
-//!   truncated copy) is refused by name. Directories made elsewhere have none and load as
-//!   they are.
+//! - `pipit-checksums.json` (pipit's): a checksum of every other file, each checked as a load
+//!   opens it (a rank checks its own shards only), so a file that changed after pipit wrote it
+//!   (a flipped byte, a truncated copy) is refused by name. Directories made elsewhere have
+//!   none and load as they are.
 //!
 //! Saving is atomic at the directory level: everything is written into a temporary sibling
 //! directory, which then replaces the old one by rename, so a crash mid-save leaves the previous
@@ -218,39 +218,50 @@ fn write_manifest(dir: &Path) -> Result<()> {
     write_synced(&dir.join(MANIFEST), &serde_json::to_vec_pretty(&manifest)?)
 }
 
-/// Errors unless every file `dir`'s [`MANIFEST`] lists has the checksum recorded (nothing to
-/// check in a directory without one). A listed file that is absent is not checked: a host
-/// may hold only the shards its ranks read, and a file a load needs is missed there anyway.
-pub fn verify(dir: &Path) -> Result<()> {
-    let path = dir.join(MANIFEST);
-    if !path.exists() {
-        return Ok(());
+/// The checksums a checkpoint directory's [`MANIFEST`] records, each checked as a load opens
+/// its file: a rank checks the files it reads (its shards, not every shard), and a file the
+/// manifest does not list (one added by hand) is read unchecked.
+struct Checksums {
+    dir: PathBuf,
+    files: serde_json::Map<String, Value>,
+}
+
+impl Checksums {
+    /// The manifest of `dir`: none without one, or when `verify` is off.
+    fn of(dir: &Path, verify: bool) -> Result<Self> {
+        let path = dir.join(MANIFEST);
+        let mut files = serde_json::Map::new();
+        if verify && path.exists() {
+            let text = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let manifest: Value = serde_json::from_slice(&text)
+                .map_err(|e| invalid_input!("{} is not JSON: {e}", path.display()))?;
+            files = manifest
+                .get("files")
+                .and_then(Value::as_object)
+                .cloned()
+                .ok_or_else(|| invalid_input!("{} lists no files", path.display()))?;
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+        })
     }
-    let text = fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let manifest: Value = serde_json::from_slice(&text)
-        .map_err(|e| invalid_input!("{} is not JSON: {e}", path.display()))?;
-    let Some(files) = manifest.get("files").and_then(Value::as_object) else {
-        return Err(invalid_input!("{} lists no files", path.display()));
-    };
-    for (name, want) in files {
-        let file = dir.join(name);
-        if name.contains(['/', '\\']) {
+
+    /// Errors unless the file `path` (in the directory) has the checksum recorded for it.
+    fn check(&self, path: &Path) -> Result<()> {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        let Some(want) = name.as_deref().and_then(|n| self.files.get(n)) else {
+            return Ok(());
+        };
+        if want.as_str() != Some(file_checksum(path)?.as_str()) {
             return Err(invalid_input!(
-                "{}: {name} is not a file name of the checkpoint",
-                path.display()
+                "checkpoint {}: {} does not match the checksum pipit recorded when it saved it ({MANIFEST}): the file changed since (--no-verify loads it anyway)",
+                self.dir.display(),
+                name.unwrap_or_default()
             ));
         }
-        if !file.is_file() {
-            continue;
-        }
-        if want.as_str() != Some(file_checksum(&file)?.as_str()) {
-            return Err(invalid_input!(
-                "checkpoint {}: {name} does not match the checksum pipit recorded when it saved it ({MANIFEST}): the file changed since (--no-verify loads it anyway)",
-                dir.display()
-            ));
-        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// Read a checkpoint directory: pipit's own, or a Hugging Face GPT-2 one. Every tensor the
@@ -262,7 +273,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint> {
 /// Read the config and training state of a checkpoint directory, without its tensors
 /// (`params` is empty, `optimizer` is `None`).
 pub fn load_header(dir: &Path) -> Result<Checkpoint> {
-    let mut c = read_checkpoint(dir, &|_| false)?;
+    let mut c = read_checkpoint(dir, &|_| false, &Checksums::of(dir, false)?)?;
     c.optimizer = None;
     Ok(c)
 }
@@ -270,16 +281,19 @@ pub fn load_header(dir: &Path) -> Result<Checkpoint> {
 /// [`load`], keeping only the tensors (and their optimizer moments) whose pipit names `keep`
 /// accepts, and reading only their bytes: a pipeline rank's share of a checkpoint. Each kept
 /// tensor the model needs must be present with its shape.
-/// Every file pipit recorded is checked against its checksum first (see [`verify`]).
+/// Each file read is first checked against the checksum pipit recorded for it when it saved
+/// the checkpoint, if it did ([`MANIFEST`]; [`verify_checksums`] turns this off).
 pub fn load_some(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint> {
-    if dir.is_dir() && VERIFY.load(Ordering::Relaxed) {
-        verify(dir)?;
-    }
-    read_checkpoint(dir, keep)
+    let verify = dir.is_dir() && VERIFY.load(Ordering::Relaxed);
+    read_checkpoint(dir, keep, &Checksums::of(dir, verify)?)
 }
 
-/// [`load_some`] without the checksums.
-fn read_checkpoint(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint> {
+/// [`load_some`], checking each file it opens against `sums`.
+fn read_checkpoint(
+    dir: &Path,
+    keep: &dyn Fn(&str) -> bool,
+    sums: &Checksums,
+) -> Result<Checkpoint> {
     if !dir.is_dir() {
         return Err(invalid_input!(
             "checkpoint directory {} does not exist",
@@ -287,6 +301,7 @@ fn read_checkpoint(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint
         ));
     }
     let config_path = dir.join("config.json");
+    sums.check(&config_path)?;
     let config_text = fs::read(&config_path)
         .map_err(|e| invalid_input!("cannot read {}: {e}", config_path.display()))?;
     let config_json: Value = serde_json::from_slice(&config_text)
@@ -295,12 +310,13 @@ fn read_checkpoint(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint
 
     let family = config.family;
     let wanted = |hf: &str| family.internal_name(hf).is_some_and(|n| keep(&n));
-    let (model_path, raw) = read_weights(dir, &wanted)?;
+    let (model_path, raw) = read_weights(dir, &wanted, sums)?;
     let params = hf_names_to_internal(family, raw)?;
     check_shapes_of(&config, &params, keep).with_context(|| model_path.display().to_string())?;
 
     let opt_path = dir.join("optimizer.safetensors");
     let optimizer = if opt_path.exists() {
+        sums.check(&opt_path)?;
         let base = |name: &str| {
             let base = name
                 .strip_suffix(".exp_avg_sq")
@@ -315,6 +331,7 @@ fn read_checkpoint(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<Checkpoint
     };
     let state_path = dir.join("trainer_state.json");
     let trainer_state = if state_path.exists() {
+        sums.check(&state_path)?;
         let text = fs::read(&state_path)?;
         Some(
             serde_json::from_slice(&text)
@@ -376,13 +393,21 @@ pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 /// or, in a sharded checkpoint, from the shards its index names: only the shards holding a
 /// kept tensor are opened, and of each only the kept tensors' bytes are read. Returns the
 /// file to name in errors (the single file or the index) with the tensors.
-fn read_weights(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<(PathBuf, HostTensors)> {
+fn read_weights(
+    dir: &Path,
+    keep: &dyn Fn(&str) -> bool,
+    sums: &Checksums,
+) -> Result<(PathBuf, HostTensors)> {
     let single = dir.join("model.safetensors");
     let index_path = dir.join(SHARD_INDEX);
     if single.exists() || !index_path.exists() {
+        if single.exists() {
+            sums.check(&single)?;
+        }
         let raw = safetensors::read_some(&single, keep)?;
         return Ok((single, raw));
     }
+    sums.check(&index_path)?;
     let text = fs::read(&index_path)
         .map_err(|e| invalid_input!("cannot read {}: {e}", index_path.display()))?;
     let index: Value = serde_json::from_slice(&text)
@@ -411,6 +436,7 @@ fn read_weights(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<(PathBuf, Hos
     }
     let mut raw = HostTensors::new();
     for (file, names) in shards {
+        sums.check(&dir.join(file))?;
         let got = safetensors::read_some(&dir.join(file), &|n| names.contains(&n))?;
         if let Some(missing) = names.iter().find(|n| got.get(n).is_none()) {
             return Err(invalid_input!(
@@ -539,8 +565,22 @@ mod tests {
         assert!(files.len() > 3, "{files:?}");
         let back = load(&dir).unwrap();
         assert_eq!(back.params, ckpt.params);
-        // The last stage's share (the final layernorm) loads with every other shard gone.
+        // A changed shard is refused when a load reads it, and only then: each rank checks
+        // the files it opens.
         let lnf = map["transformer.ln_f.weight"].as_str().unwrap();
+        let wte = map["transformer.wte.weight"].as_str().unwrap();
+        assert_ne!(lnf, wte);
+        let mut bytes = fs::read(dir.join(wte)).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        fs::write(dir.join(wte), &bytes).unwrap();
+        let err = load(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("{wte} does not match the checksum")),
+            "{err}"
+        );
+        load_some(&dir, &|n| n.starts_with("ln_f.")).unwrap();
+        // The last stage's share (the final layernorm) loads with every other shard gone.
         for f in &files {
             if *f != lnf && *f != map["transformer.ln_f.bias"].as_str().unwrap() {
                 fs::remove_file(dir.join(f)).unwrap();
