@@ -8,9 +8,10 @@
 #
 # Targets (fuzz/fuzz_targets/): safetensors (whole files and a rank's share), config_json (each
 # family's config.json), tokenizer (tokenizer.json; vocab.json + merges.txt), schedule_file
-# (--schedule-file, then the deadlock check), train_toml (--config FILE, then the plan) and
-# tensor_frame (the TCP frames ranks exchange). A panic, a hang (over 10 s on one input) or
-# an allocation beyond 2 GB is a failure: libFuzzer stops, leaves the input under
+# (--schedule-file, then the deadlock check), train_toml (--config FILE, then the plan),
+# tensor_frame (the TCP frames ranks exchange) and rendezvous (a joining rank's request, the
+# store's roster). A panic, a hang (over 10 s on one input) or an allocation beyond 2 GB is a
+# failure: libFuzzer stops, leaves the input under
 # target/fuzz/artifacts/TARGET, and the script exits non-zero. Inputs found interesting go to
 # target/fuzz/corpus/TARGET (the committed seeds stay as they are). Installs cargo-fuzz if it
 # is missing; the fuzz build uses the stable toolchain's nightly features
@@ -22,7 +23,7 @@ seconds=${1:-20}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(safetensors config_json tokenizer schedule_file train_toml tensor_frame)
+    targets=(safetensors config_json tokenizer schedule_file train_toml tensor_frame rendezvous)
 fi
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 export RUSTC_BOOTSTRAP=1

@@ -194,46 +194,109 @@ fn admit(
             return None;
         }
     };
-    let rank = request["rank"].as_u64().map(|r| r as usize);
-    let why_not = if request["token"].as_str() != token {
-        Some("wrong PIPIT_TOKEN (every rank must present rank 0's)".to_string())
-    } else if request["world_size"].as_u64() != Some(world as u64) {
-        Some(format!(
-            "WORLD_SIZE {} differs from rank 0's {world}",
-            request["world_size"]
-        ))
-    } else {
-        match rank {
-            Some(r) if r >= 1 && r < world => joined[r].as_ref().map(|j| {
-                format!(
-                    "rank {r} is already taken (by the process at {})",
-                    j.stream
-                        .peer_addr()
-                        .map(|a| a.to_string())
-                        .unwrap_or_default()
-                )
-            }),
-            _ => Some(format!("RANK {} is not in 1..{world}", request["rank"])),
-        }
+    let taken = |r: usize| {
+        joined[r].as_ref().map(|j| {
+            j.stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        })
     };
-    let data_port = request["data_port"]
-        .as_u64()
-        .and_then(|p| u16::try_from(p).ok());
-    match (why_not, rank, data_port) {
-        (None, Some(r), Some(port)) => Some((
+    match read_hello(&request, world, token, &taken) {
+        Ok((r, port)) => Some((
             r,
             Joined {
                 stream,
                 data: SocketAddr::new(addr.ip(), port),
             },
         )),
-        (why_not, _, _) => {
-            let why = why_not.unwrap_or_else(|| "the request has no data_port".into());
+        Err(why) => {
             log::warn!("rendezvous: refused {addr}: {why}");
             let _ = send_line(&mut stream, &json!({ "error": why, "refused": true }));
             None
         }
     }
+}
+
+/// A joining rank's request, as rank 0's store reads it: its rank and data port, or why it is
+/// refused (a wrong token or world size, a rank out of range or already `taken` by the
+/// process at the address returned, no data port).
+pub fn read_hello(
+    request: &Value,
+    world: usize,
+    token: Option<&str>,
+    taken: &dyn Fn(usize) -> Option<String>,
+) -> Result<(usize, u16), String> {
+    let rank = request["rank"].as_u64().map(|r| r as usize);
+    if request["token"].as_str() != token {
+        return Err("wrong PIPIT_TOKEN (every rank must present rank 0's)".to_string());
+    }
+    if request["world_size"].as_u64() != Some(world as u64) {
+        return Err(format!(
+            "WORLD_SIZE {} differs from rank 0's {world}",
+            request["world_size"]
+        ));
+    }
+    let rank = match rank {
+        Some(r) if r >= 1 && r < world => r,
+        _ => return Err(format!("RANK {} is not in 1..{world}", request["rank"])),
+    };
+    if let Some(by) = taken(rank) {
+        return Err(format!(
+            "rank {rank} is already taken (by the process at {by})"
+        ));
+    }
+    request["data_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .map(|port| (rank, port))
+        .ok_or_else(|| "the request has no data_port".into())
+}
+
+/// What rank 0's store answers a joining rank once everybody has joined.
+#[derive(Debug)]
+pub struct Roster {
+    /// The run's id, shared by every rank.
+    pub run_id: u128,
+    /// Every rank's data address, in rank order.
+    pub peers: Vec<SocketAddr>,
+    /// Rank 0's settings for the run.
+    pub shared: Value,
+}
+
+/// The store's answer `line` to `rank` of `world`, joining at `master`: the roster, or the
+/// refusal it carries (an [`crate::InvalidInput`]) or why it is not one.
+pub fn read_roster(line: &str, world: usize, master: SocketAddr, rank: usize) -> Result<Roster> {
+    let reply: Value = serde_json::from_str(line).with_context(|| {
+        format!("the rendezvous at {master} answered with something that is not JSON")
+    })?;
+    if let Some(why) = reply["error"].as_str() {
+        if reply["refused"].as_bool() == Some(true) {
+            return Err(invalid_input!(
+                "the rendezvous at {master} refused rank {rank}: {why}"
+            ));
+        }
+        bail!("the rendezvous at {master} failed: {why}");
+    }
+    let run_id = reply["run_id"]
+        .as_str()
+        .and_then(|s| u128::from_str_radix(s, 16).ok())
+        .ok_or_else(|| anyhow!("the rendezvous roster has no run id"))?;
+    let peers: Vec<SocketAddr> = reply["peers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|p| p.as_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    if peers.len() != world {
+        bail!(
+            "the rendezvous roster lists {} ranks, not {world}",
+            peers.len()
+        );
+    }
+    Ok(Roster {
+        run_id,
+        peers,
+        shared: reply["shared"].clone(),
+    })
 }
 
 /// After the run has started every rank is taken: answer each later request so.
@@ -304,37 +367,17 @@ pub fn join(
     if line.is_empty() {
         bail!("the rendezvous at {master} closed before the run started (rank 0 stopped)");
     }
-    let reply: Value = serde_json::from_str(&line).with_context(|| {
-        format!("the rendezvous at {master} answered with something that is not JSON")
-    })?;
-    if let Some(why) = reply["error"].as_str() {
-        if reply["refused"].as_bool() == Some(true) {
-            return Err(invalid_input!(
-                "the rendezvous at {master} refused rank {rank}: {why}"
-            ));
-        }
-        bail!("the rendezvous at {master} failed: {why}");
-    }
-    let run_id = reply["run_id"]
-        .as_str()
-        .and_then(|s| u128::from_str_radix(s, 16).ok())
-        .ok_or_else(|| anyhow!("the rendezvous roster has no run id"))?;
-    let mut peers: Vec<SocketAddr> = reply["peers"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|p| p.as_str()?.parse().ok()).collect())
-        .unwrap_or_default();
-    if peers.len() != world {
-        bail!(
-            "the rendezvous roster lists {} ranks, not {world}",
-            peers.len()
-        );
-    }
+    let Roster {
+        run_id,
+        mut peers,
+        shared,
+    } = read_roster(&line, world, master, rank)?;
     // Rank 0 listens on the address this rank reached it at, whatever it bound.
     peers[0] = SocketAddr::new(master.ip(), peers[0].port());
     Ok(Meeting {
         rank,
         run_id,
-        shared: reply["shared"].clone(),
+        shared,
         peers,
         listener,
     })
@@ -423,6 +466,33 @@ pub fn connect_mesh(meeting: &Meeting, timeout: Duration) -> Result<Vec<(usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_and_rosters_are_read_or_refused_with_the_reason() {
+        let none = |_: usize| None;
+        let hello = json!({"rank": 1, "world_size": 4, "token": "t", "data_port": 40001});
+        assert_eq!(read_hello(&hello, 4, Some("t"), &none), Ok((1, 40001)));
+        let refused = |v: Value| read_hello(&v, 4, Some("t"), &none).unwrap_err();
+        assert!(refused(json!({"rank": 1, "world_size": 4})).contains("PIPIT_TOKEN"));
+        assert!(refused(json!({"rank": 9, "world_size": 4, "token": "t"})).contains("not in 1..4"));
+        assert!(refused(json!({"rank": 1, "world_size": 3, "token": "t"})).contains("WORLD_SIZE"));
+        let big_port = json!({"rank": 1, "world_size": 4, "token": "t", "data_port": 70000});
+        assert!(refused(big_port).contains("data_port"));
+        let taken = |r: usize| (r == 1).then(|| "10.0.0.2:1".to_string());
+        let err = read_hello(&hello, 4, Some("t"), &taken).unwrap_err();
+        assert!(
+            err.contains("already taken (by the process at 10.0.0.2:1)"),
+            "{err}"
+        );
+        let master: SocketAddr = "127.0.0.1:29500".parse().unwrap();
+        let roster = r#"{"run_id": "ff", "peers": ["127.0.0.1:1", "127.0.0.1:2"], "shared": 7}"#;
+        let r = read_roster(roster, 2, master, 1).unwrap();
+        assert_eq!((r.run_id, r.peers.len(), r.shared), (255, 2, json!(7)));
+        assert!(read_roster(roster, 3, master, 1).is_err());
+        let no = read_roster(r#"{"error": "full", "refused": true}"#, 2, master, 1).unwrap_err();
+        assert!(crate::is_invalid_input(&no), "{no}");
+        assert!(read_roster("not json", 2, master, 1).is_err());
+    }
     use std::net::{IpAddr, Ipv4Addr};
 
     const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
