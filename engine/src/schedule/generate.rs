@@ -191,6 +191,11 @@ pub fn set_max_actions(limit: usize) {
     MAX_ACTIONS.store(limit, Ordering::Relaxed);
 }
 
+/// The plan size accepted now (see [`set_max_actions`]).
+pub fn max_actions() -> usize {
+    MAX_ACTIONS.load(Ordering::Relaxed)
+}
+
 /// Errors unless `p`, `m` and `v` are at least 1 and the plan's `per` actions per stage and
 /// micro-batch (forward, backward, and the weight half where it is split) stay within the
 /// limit, which the error names with the count.
@@ -206,7 +211,7 @@ fn check_sizes(p: usize, m: usize, v: usize, per: usize) -> Result<()> {
     }
     // Stage and micro-batch indices travel as u32 inside the validator and lowering.
     let actions = p.saturating_mul(v).saturating_mul(m).saturating_mul(per);
-    let limit = MAX_ACTIONS.load(Ordering::Relaxed);
+    let limit = max_actions();
     if actions > limit {
         invalid!(
             "p = {p}, m = {m}, v = {v} make a plan of {actions} actions ({per} per stage and micro-batch), beyond the limit of {limit} (--max-actions raises it)"

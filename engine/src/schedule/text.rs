@@ -207,16 +207,27 @@ impl Schedule {
         let all = ranks.iter().flatten();
         let max_stage = all.clone().map(Action::stage).max();
         let max_mb = all.map(Action::microbatch).max();
+        // What checking and simulating it builds grows with stages × micro-batches: bounded
+        // as a generated plan is.
+        let stages = placement.as_ref().map_or(
+            max_stage.map_or(ranks.len(), |s| (s + 1).max(ranks.len())),
+            Vec::len,
+        );
+        let microbatches = microbatches.unwrap_or_else(|| max_mb.map_or(1, |m| m + 1));
+        let cells = stages.saturating_mul(microbatches).saturating_mul(3);
+        if cells > super::generate::max_actions() {
+            invalid!(
+                "a schedule of {stages} stages and {microbatches} micro-batches makes up to {cells} actions, beyond the limit of {} (--max-actions raises it)",
+                super::generate::max_actions()
+            );
+        }
         let placement = match placement {
             Some(list) => list,
-            None => {
-                let stages = max_stage.map_or(ranks.len(), |s| (s + 1).max(ranks.len()));
-                super::looped_placement(stages, ranks.len())
-            }
+            None => super::looped_placement(stages, ranks.len()),
         };
         Ok(Schedule {
             name: name.unwrap_or_else(|| "file".to_string()),
-            microbatches: microbatches.unwrap_or_else(|| max_mb.map_or(1, |m| m + 1)),
+            microbatches,
             placement,
             ranks,
         })
@@ -236,6 +247,14 @@ mod tests {
         assert!(err.contains("too large (at most 1048575)"), "{err}");
         let err = Schedule::parse("microbatches: 99999999999\nrank 0: S0F0\n").unwrap_err();
         assert!(err.to_string().contains("from 1 to 1048576"), "{err}");
+        // Found by the same target: 10⁶ stages of 500 micro-batches ran the checker out of
+        // memory; such a file is held to the plan size limit.
+        let err = Schedule::parse("schedule:0\nrank 0:S999999F499\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("1000000 stages and 500 micro-batches"),
+            "{err}"
+        );
     }
 
     #[test]
