@@ -2,6 +2,7 @@
 //!
 //! A thin facade over the engine and the backends, so examples and tests name one crate.
 
+pub use pipit_cpu as cpu;
 pub use pipit_cuda as cuda;
 pub use pipit_engine as engine;
 pub use pipit_meta as meta;

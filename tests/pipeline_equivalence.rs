@@ -338,6 +338,16 @@ fn every_schedule_trains_llama_like_one_device_on_reference() {
     check_all(&ReferenceBackend::new, &llama());
 }
 
+#[test]
+fn every_schedule_trains_like_one_device_on_cpu() {
+    check_all(&pipit::cpu::CpuBackend::new, &model());
+}
+
+#[test]
+fn every_schedule_trains_llama_like_one_device_on_cpu() {
+    check_all(&pipit::cpu::CpuBackend::new, &llama());
+}
+
 /// Ranks sharing one memory space, as stages on one GPU: tensors are handed over as buffers.
 #[test]
 fn every_schedule_trains_like_one_device_with_buffers_handed_over() {

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::ValueEnum;
+use pipit_cpu::CpuBackend;
 use pipit_cuda::CudaBackend;
 use pipit_engine::Backend;
 use pipit_reference::ReferenceBackend;
@@ -12,9 +13,11 @@ use pipit_engine::invalid_input;
 /// The device family every rank uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
-    /// CUDA if a GPU is there, else wgpu on a hardware GPU, else the reference backend.
+    /// CUDA if a GPU is there, else wgpu on a hardware GPU, else the CPU backend.
     Auto,
-    /// Plain host code: slow, exact, the numerical oracle.
+    /// The fast CPU backend: f32 on the host's cores (gemm, SIMD row kernels).
+    Cpu,
+    /// Plain host code summing in f64: slow, the numerical oracle the others are tested against.
     Reference,
     /// wgpu: Vulkan/Metal/DX12, or Mesa's lavapipe on CPU-only machines.
     Wgpu,
@@ -41,6 +44,10 @@ pub trait BackendJob {
 /// Pick the backend for `choice`, say which on stderr, and run `job` on it.
 pub fn with_backend<J: BackendJob>(choice: BackendChoice, job: J) -> Result<J::Output> {
     match choice {
+        BackendChoice::Cpu => {
+            eprintln!("backend: {}", CpuBackend::new().describe());
+            job.run(&mut |_| Ok(CpuBackend::new()))
+        }
         BackendChoice::Reference => {
             eprintln!("backend: reference (host code)");
             job.run(&mut |_| Ok(ReferenceBackend::new()))
@@ -57,7 +64,7 @@ pub fn with_backend<J: BackendJob>(choice: BackendChoice, job: J) -> Result<J::O
         BackendChoice::Cuda => {
             // A machine without CUDA is an environment the user can change, not a failure.
             let devices = pipit_cuda::probe().map_err(|e| {
-                invalid_input!("--backend cuda: {e}; or use auto, wgpu or reference")
+                invalid_input!("--backend cuda: {e}; or use auto, cpu, wgpu or reference")
             })?;
             let first = CudaBackend::new(0)?;
             eprintln!("backend: {}", first.describe());
@@ -87,7 +94,7 @@ fn run_on_cuda<J: BackendJob>(job: J, first: CudaBackend, devices: usize) -> Res
 }
 
 /// `--backend auto` once CUDA is ruled out (`no_cuda` says why): a hardware GPU through wgpu,
-/// else the reference backend.
+/// else the CPU backend.
 fn auto_without_cuda<J: BackendJob>(job: J, no_cuda: &anyhow::Error) -> Result<J::Output> {
     // The first clause of the reason is enough here ("no CUDA driver found (libcuda.so)").
     let no_cuda = no_cuda.to_string();
@@ -109,8 +116,8 @@ fn auto_without_cuda<J: BackendJob>(job: J, no_cuda: &anyhow::Error) -> Result<J
                 Ok(b) => format!("only a software adapter ({})", b.describe()),
                 Err(e) => format!("no wgpu adapter ({e})"),
             };
-            eprintln!("backend: reference (auto: no GPU found, {no_cuda}, {why})");
-            job.run(&mut |_| Ok(ReferenceBackend::new()))
+            eprintln!("backend: cpu (auto: no GPU found, {no_cuda}, {why})");
+            job.run(&mut |_| Ok(CpuBackend::new()))
         }
     }
 }

@@ -41,6 +41,7 @@ pub fn run(
         "bytes as {} (nothing was allocated or computed)",
         match counting {
             Counting::Plain => "the reference and wgpu backends allocate them".to_string(),
+            Counting::Cpu => "the CPU backend allocates them".to_string(),
             Counting::Cuda {
                 tensor_cores,
                 devices,
@@ -335,12 +336,13 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// How the meta backends of a dry run count: as the reference and wgpu backends, or as the
-/// CUDA backend (its attention on tensor cores or not), in-process ranks sharing `devices`
+/// How the meta backends of a dry run count: as the reference and wgpu backends, as the CPU
+/// backend (attention keeps a log-sum-exp per row), or as the CUDA backend (its attention on tensor cores or not), in-process ranks sharing `devices`
 /// GPUs as `--backend cuda` places them (one when this machine has none).
 #[derive(Clone, Copy, Debug)]
 pub enum Counting {
     Plain,
+    Cpu,
     Cuda { tensor_cores: bool, devices: usize },
 }
 
@@ -355,17 +357,20 @@ impl Counting {
             ));
         }
         let gpus = pipit_cuda::probe().ok();
-        let cuda = match backend {
-            BackendChoice::Cuda => true,
-            BackendChoice::Auto => gpus.is_some(),
-            BackendChoice::Reference | BackendChoice::Wgpu => false,
-        };
-        Ok(match cuda {
-            false => Counting::Plain,
-            true => Counting::Cuda {
-                tensor_cores: pipit_cuda::tensor_core_attention()?,
-                devices: gpus.unwrap_or(1).max(1),
-            },
+        // `auto` without CUDA counts as the CPU backend: a hardware GPU through wgpu would
+        // hold the probabilities, a little more.
+        Ok(match backend {
+            BackendChoice::Cuda => Self::cuda(gpus)?,
+            BackendChoice::Auto if gpus.is_some() => Self::cuda(gpus)?,
+            BackendChoice::Auto | BackendChoice::Cpu => Counting::Cpu,
+            BackendChoice::Reference | BackendChoice::Wgpu => Counting::Plain,
+        })
+    }
+
+    fn cuda(gpus: Option<usize>) -> Result<Self> {
+        Ok(Counting::Cuda {
+            tensor_cores: pipit_cuda::tensor_core_attention()?,
+            devices: gpus.unwrap_or(1).max(1),
         })
     }
 
@@ -373,6 +378,7 @@ impl Counting {
     fn backend(self, rank: usize) -> MetaBackend {
         match self {
             Counting::Plain => MetaBackend::new(),
+            Counting::Cpu => MetaBackend::like_cpu(),
             Counting::Cuda {
                 tensor_cores,
                 devices,

@@ -195,7 +195,8 @@ pub struct TrainArgs {
     #[arg(long)]
     checkpoint_activations: bool,
     /// Compute dtype: f32, or bf16 mixed precision (bf16 matmuls and activations, f32 master
-    /// weights, gradients and optimizer state). bf16 runs on the CUDA and reference backends.
+    /// weights, gradients and optimizer state). bf16 runs on the CUDA, CPU and reference backends
+    /// (on the host as bf16-exact f32 values).
     #[arg(long, value_name = "f32|bf16")]
     dtype: Option<String>,
 

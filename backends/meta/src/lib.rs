@@ -30,6 +30,8 @@ pub struct MetaBackend {
     meter: Arc<MemoryMeter>,
     /// Counting as the CUDA backend, with its tensor-core attention or without.
     cuda: Option<bool>,
+    /// Counting as the CPU backend: attention keeps a log-sum-exp per query row.
+    cpu: bool,
     space: Option<String>,
 }
 
@@ -45,6 +47,16 @@ impl MetaBackend {
     pub fn like_cuda(tensor_core_attention: bool) -> Self {
         Self {
             cuda: Some(tensor_core_attention),
+            ..Self::default()
+        }
+    }
+
+    /// A backend that accounts as the CPU backend does: as the reference backend, except that
+    /// attention keeps one f32 log-sum-exp per query row instead of the probabilities (its
+    /// per-thread block of scores, a few hundred kilobytes at most, is not counted).
+    pub fn like_cpu() -> Self {
+        Self {
+            cpu: true,
             ..Self::default()
         }
     }
@@ -94,9 +106,10 @@ impl Backend for MetaBackend {
     type Mark = Instant;
 
     fn describe(&self) -> String {
-        let like = match self.cuda {
-            Some(_) => "CUDA",
-            None => "reference",
+        let like = match (self.cuda, self.cpu) {
+            (Some(_), _) => "CUDA",
+            (None, true) => "CPU",
+            (None, false) => "reference",
         };
         format!("meta: sizes only, no memory and no compute (accounting as the {like} backend)")
     }
@@ -266,7 +279,7 @@ impl Backend for MetaBackend {
 
     fn attention_state(&self, shape: Attention, dtype: DType) -> Result<MetaBuffer> {
         let rows = shape.batch * shape.heads * shape.seq;
-        if self.tensor_cores(shape, dtype) {
+        if self.cpu || self.tensor_cores(shape, dtype) {
             self.alloc(rows, DType::F32)
         } else {
             self.alloc(rows * shape.seq, dtype)

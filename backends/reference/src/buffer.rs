@@ -119,7 +119,7 @@ impl RefBuffer {
     }
 
     /// Write access to a float buffer; bf16 values are rounded when it ends.
-    pub(crate) fn f32_mut(&mut self, what: &str) -> Result<FloatMut<'_>> {
+    pub fn f32_mut(&mut self, what: &str) -> Result<FloatMut<'_>> {
         match &mut self.data {
             Data::Float(v, dtype) => Ok(FloatMut {
                 bf16: *dtype == DType::BF16,
@@ -129,7 +129,8 @@ impl RefBuffer {
         }
     }
 
-    pub(crate) fn u32_mut(&mut self, what: &str) -> Result<&mut [u32]> {
+    /// Write access to a u32 buffer; `what` names the operand in the error otherwise.
+    pub fn u32_mut(&mut self, what: &str) -> Result<&mut [u32]> {
         match &mut self.data {
             Data::U32(v) => Ok(v),
             Data::Float(_, dtype) => bail!("{what}: expected a u32 buffer, got {dtype:?}"),

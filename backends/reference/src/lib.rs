@@ -28,8 +28,11 @@ use pipit_engine::backend::{
     MemoryStats,
 };
 
-pub use buffer::RefBuffer;
 use buffer::{elems, expect_len};
+pub use buffer::{FloatMut, RefBuffer};
+/// The threads a host backend may use now: the host's cores (less those of other processes on
+/// it) divided among the host backends alive in this process; `PIPIT_THREADS` fixes it.
+pub use threads::share as core_share;
 
 /// The host reference backend. Cheap to create; each value keeps its own memory accounting.
 #[derive(Debug, Default)]

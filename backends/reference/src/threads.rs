@@ -29,8 +29,8 @@ impl Drop for CoreShare {
     }
 }
 
-/// Threads a backend may use now, at least one.
-pub(crate) fn share() -> usize {
+/// Threads a host backend may use now, at least one.
+pub fn share() -> usize {
     static HOST: OnceLock<(Option<usize>, usize)> = OnceLock::new();
     let &(fixed, cores) = HOST.get_or_init(|| {
         let env = |name: &str| {

@@ -1,0 +1,483 @@
+//! pipit-cpu: the fast CPU backend, what `--backend auto` runs where no GPU is found.
+//!
+//! It keeps the reference backend's host buffers, memory accounting and the ops that cost
+//! little (embeddings, copies, decoding), and replaces the ones a training step spends its
+//! time in with f32 kernels:
+//! - matrix products on the [`gemm`] crate (packed, cache-blocked, with run-time dispatch to
+//!   the CPU's vector unit), transposed operands read through strides;
+//! - attention in blocks of query rows on gemm, keeping one log-sum-exp per row rather than
+//!   the `seq × seq` probabilities ([`attention`]);
+//! - LayerNorm, GELU, cross-entropy and AdamW as row kernels compiled for AVX2 and FMA where
+//!   the CPU has them, with polynomial `exp`/`tanh` ([`math`]).
+//!
+//! Threads come from one rayon pool sized to the host's cores; each backend uses its share
+//! ([`threads`]). Sums are f32 in a fixed order for a given shape, so a run repeats to the bit;
+//! the reference backend, summing in f64, stays the oracle the tests compare against.
+
+mod adamw;
+mod attention;
+mod cross_entropy;
+mod gelu;
+mod math;
+mod matmul;
+mod norm;
+mod threads;
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use pipit_engine::backend::{
+    check, AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats,
+};
+use pipit_reference::{RefBuffer, ReferenceBackend};
+
+/// The fast CPU backend. Cheap to create; each value keeps its own memory accounting.
+#[derive(Debug, Default)]
+pub struct CpuBackend {
+    /// Buffers, accounting and the cheap ops.
+    host: ReferenceBackend,
+}
+
+impl CpuBackend {
+    /// A new backend with its memory counters at zero.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A backend whose buffers others made with the same `space` may take over
+    /// ([`ReferenceBackend::sharing_memory`]).
+    pub fn sharing_memory(space: &str) -> Self {
+        Self {
+            host: ReferenceBackend::sharing_memory(space),
+        }
+    }
+}
+
+/// Errors unless an operand has the length its dimensions imply.
+fn expect_len(what: &str, actual: usize, expected: usize) -> Result<()> {
+    if actual != expected {
+        bail!("{what}: buffer has {actual} elements, the dimensions need {expected}");
+    }
+    Ok(())
+}
+
+/// Errors unless the shape splits into heads of equal width.
+fn check_heads(channels: usize, heads: usize) -> Result<()> {
+    if heads == 0 || channels == 0 || channels % heads != 0 {
+        bail!("attention: {channels} channels cannot be split into {heads} heads of equal width");
+    }
+    Ok(())
+}
+
+/// Rows of log-sum-exps attention keeps for backward: one per query row of each head.
+fn lse_len(s: Attention) -> Result<usize> {
+    check::elems(&[s.batch, s.heads, s.seq])
+}
+
+impl Backend for CpuBackend {
+    type Buffer = RefBuffer;
+    type Mark = Instant;
+
+    fn describe(&self) -> String {
+        format!(
+            "cpu: host f32 on {} thread{} (gemm)",
+            pipit_reference::core_share(),
+            if pipit_reference::core_share() == 1 {
+                ""
+            } else {
+                "s"
+            }
+        )
+    }
+
+    fn memory_space(&self) -> Option<String> {
+        self.host.memory_space()
+    }
+    fn hand_over(&self, buf: &mut RefBuffer) {
+        self.host.hand_over(buf)
+    }
+    fn take_over(&self, buf: &mut RefBuffer) {
+        self.host.take_over(buf)
+    }
+    fn supports(&self, dtype: DType) -> bool {
+        self.host.supports(dtype)
+    }
+    fn alloc(&self, len: usize, dtype: DType) -> Result<RefBuffer> {
+        self.host.alloc(len, dtype)
+    }
+    fn alloc_output(&self, len: usize, dtype: DType) -> Result<RefBuffer> {
+        self.host.alloc_output(len, dtype)
+    }
+    fn upload(&self, data: &[f32]) -> Result<RefBuffer> {
+        self.host.upload(data)
+    }
+    fn upload_u32(&self, data: &[u32]) -> Result<RefBuffer> {
+        self.host.upload_u32(data)
+    }
+    fn write(&self, buf: &mut RefBuffer, data: &[f32]) -> Result<()> {
+        self.host.write(buf, data)
+    }
+    fn download(&self, buf: &RefBuffer) -> Result<Vec<f32>> {
+        self.host.download(buf)
+    }
+    fn len(&self, buf: &RefBuffer) -> usize {
+        buf.len()
+    }
+    fn dtype(&self, buf: &RefBuffer) -> DType {
+        buf.dtype()
+    }
+    fn fill(&self, buf: &mut RefBuffer, value: f32) -> Result<()> {
+        self.host.fill(buf, value)
+    }
+    fn copy(&self, dst: &mut RefBuffer, src: &RefBuffer) -> Result<()> {
+        self.host.copy(dst, src)
+    }
+    fn add(&self, out: &mut RefBuffer, a: &RefBuffer, b: &RefBuffer) -> Result<()> {
+        self.host.add(out, a, b)
+    }
+    fn add_assign(&self, acc: &mut RefBuffer, x: &RefBuffer) -> Result<()> {
+        self.host.add_assign(acc, x)
+    }
+
+    fn embedding_forward_at(
+        &self,
+        out: &mut RefBuffer,
+        tokens: &RefBuffer,
+        wte: &RefBuffer,
+        wpe: &RefBuffer,
+        batch: usize,
+        seq: usize,
+        start: usize,
+        channels: usize,
+    ) -> Result<()> {
+        self.host
+            .embedding_forward_at(out, tokens, wte, wpe, batch, seq, start, channels)
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: &mut RefBuffer,
+        dwpe: &mut RefBuffer,
+        dout: &RefBuffer,
+        tokens: &RefBuffer,
+        batch: usize,
+        seq: usize,
+        channels: usize,
+    ) -> Result<()> {
+        self.host
+            .embedding_backward(dwte, dwpe, dout, tokens, batch, seq, channels)
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut RefBuffer,
+        mean: &mut RefBuffer,
+        rstd: &mut RefBuffer,
+        inp: &RefBuffer,
+        weight: &RefBuffer,
+        bias: &RefBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        if channels == 0 {
+            bail!("layernorm needs at least one channel");
+        }
+        let (inp, weight, bias) = (
+            inp.f32("ln inp")?,
+            weight.f32("ln weight")?,
+            bias.f32("ln bias")?,
+        );
+        let (mut out, mut mean, mut rstd) = (
+            out.f32_mut("ln out")?,
+            mean.f32_mut("ln mean")?,
+            rstd.f32_mut("ln rstd")?,
+        );
+        let n = check::elems(&[rows, channels])?;
+        expect_len("ln inp", inp.len(), n)?;
+        expect_len("ln out", out.len(), n)?;
+        expect_len("ln weight", weight.len(), channels)?;
+        expect_len("ln bias", bias.len(), channels)?;
+        expect_len("ln mean", mean.len(), rows)?;
+        expect_len("ln rstd", rstd.len(), rows)?;
+        norm::layernorm_forward(&mut out, &mut mean, &mut rstd, inp, weight, bias, channels);
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut RefBuffer,
+        dweight: &mut RefBuffer,
+        dbias: &mut RefBuffer,
+        dout: &RefBuffer,
+        inp: &RefBuffer,
+        weight: &RefBuffer,
+        mean: &RefBuffer,
+        rstd: &RefBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        if channels == 0 {
+            bail!("layernorm needs at least one channel");
+        }
+        let (dout, inp, weight) = (
+            dout.f32("ln dout")?,
+            inp.f32("ln inp")?,
+            weight.f32("ln weight")?,
+        );
+        let (mean, rstd) = (mean.f32("ln mean")?, rstd.f32("ln rstd")?);
+        let (mut dinp, mut dweight, mut dbias) = (
+            dinp.f32_mut("ln dinp")?,
+            dweight.f32_mut("ln dweight")?,
+            dbias.f32_mut("ln dbias")?,
+        );
+        let n = check::elems(&[rows, channels])?;
+        for (what, len) in [
+            ("ln dinp", dinp.len()),
+            ("ln dout", dout.len()),
+            ("ln inp", inp.len()),
+        ] {
+            expect_len(what, len, n)?;
+        }
+        for (what, len) in [
+            ("ln weight", weight.len()),
+            ("ln dweight", dweight.len()),
+            ("ln dbias", dbias.len()),
+        ] {
+            expect_len(what, len, channels)?;
+        }
+        expect_len("ln mean", mean.len(), rows)?;
+        expect_len("ln rstd", rstd.len(), rows)?;
+        norm::layernorm_backward(
+            &mut dinp,
+            &mut dweight,
+            &mut dbias,
+            dout,
+            inp,
+            weight,
+            mean,
+            rstd,
+            channels,
+        );
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        out: &mut RefBuffer,
+        a: &RefBuffer,
+        b: &RefBuffer,
+        bias: Option<&RefBuffer>,
+        shape: Matmul,
+    ) -> Result<()> {
+        let (a, b) = (a.f32("matmul a")?, b.f32("matmul b")?);
+        let bias = bias.map(|x| x.f32("matmul bias")).transpose()?;
+        let mut out = out.f32_mut("matmul out")?;
+        expect_len("matmul a", a.len(), check::elems(&[shape.m, shape.k])?)?;
+        expect_len("matmul b", b.len(), check::elems(&[shape.k, shape.n])?)?;
+        expect_len("matmul out", out.len(), check::elems(&[shape.m, shape.n])?)?;
+        if let Some(bias) = bias {
+            expect_len("matmul bias", bias.len(), shape.n)?;
+        }
+        matmul::forward(&mut out, a, b, bias, shape);
+        Ok(())
+    }
+
+    fn bias_backward(
+        &self,
+        dbias: &mut RefBuffer,
+        dout: &RefBuffer,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let dout = dout.f32("bias dout")?;
+        let mut dbias = dbias.f32_mut("dbias")?;
+        expect_len("bias dout", dout.len(), check::elems(&[rows, cols])?)?;
+        expect_len("dbias", dbias.len(), cols)?;
+        matmul::bias_backward(&mut dbias, dout, cols);
+        Ok(())
+    }
+
+    fn gelu_forward(&self, out: &mut RefBuffer, inp: &RefBuffer) -> Result<()> {
+        let inp = inp.f32("gelu inp")?;
+        let mut out = out.f32_mut("gelu out")?;
+        expect_len("gelu inp", inp.len(), out.len())?;
+        gelu::forward(&mut out, inp);
+        Ok(())
+    }
+
+    fn gelu_backward(&self, dinp: &mut RefBuffer, inp: &RefBuffer, dout: &RefBuffer) -> Result<()> {
+        let (inp, dout) = (inp.f32("gelu inp")?, dout.f32("gelu dout")?);
+        let mut dinp = dinp.f32_mut("gelu dinp")?;
+        expect_len("gelu inp", inp.len(), dinp.len())?;
+        expect_len("gelu dout", dout.len(), dinp.len())?;
+        gelu::backward(&mut dinp, inp, dout);
+        Ok(())
+    }
+
+    /// One f32 log-sum-exp per query row of each head (`[batch, heads, seq]`), whatever the
+    /// dtype of the other operands: backward recomputes the probabilities from it.
+    fn attention_state(&self, shape: Attention, _dtype: DType) -> Result<RefBuffer> {
+        self.host.alloc_output(lse_len(shape)?, DType::F32)
+    }
+
+    fn attention_forward(
+        &self,
+        out: &mut RefBuffer,
+        att: &mut RefBuffer,
+        qkv: &RefBuffer,
+        shape: Attention,
+    ) -> Result<()> {
+        check_heads(shape.channels, shape.heads)?;
+        let qkv = qkv.f32("attention qkv")?;
+        let (mut out, mut lse) = (
+            out.f32_mut("attention out")?,
+            att.f32_mut("attention state")?,
+        );
+        expect_len(
+            "attention qkv",
+            qkv.len(),
+            check::elems(&[shape.batch, shape.seq, 3, shape.channels])?,
+        )?;
+        expect_len(
+            "attention out",
+            out.len(),
+            check::elems(&[shape.batch, shape.seq, shape.channels])?,
+        )?;
+        expect_len("attention state", lse.len(), lse_len(shape)?)?;
+        attention::forward(&mut out, &mut lse, qkv, shape);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &mut RefBuffer,
+        dout: &RefBuffer,
+        qkv: &RefBuffer,
+        out: &RefBuffer,
+        att: &RefBuffer,
+        shape: Attention,
+    ) -> Result<()> {
+        check_heads(shape.channels, shape.heads)?;
+        let (dout, qkv, out, lse) = (
+            dout.f32("attention dout")?,
+            qkv.f32("attention qkv")?,
+            out.f32("attention out")?,
+            att.f32("attention state")?,
+        );
+        let mut dqkv = dqkv.f32_mut("attention dqkv")?;
+        let qkv_len = check::elems(&[shape.batch, shape.seq, 3, shape.channels])?;
+        let out_len = check::elems(&[shape.batch, shape.seq, shape.channels])?;
+        expect_len("attention dqkv", dqkv.len(), qkv_len)?;
+        expect_len("attention qkv", qkv.len(), qkv_len)?;
+        expect_len("attention dout", dout.len(), out_len)?;
+        expect_len("attention out", out.len(), out_len)?;
+        expect_len("attention state", lse.len(), lse_len(shape)?)?;
+        attention::backward(&mut dqkv, dout, qkv, out, lse, shape);
+        Ok(())
+    }
+
+    fn attention_decode(
+        &self,
+        out: &mut RefBuffer,
+        cache: &mut RefBuffer,
+        qkv: &RefBuffer,
+        shape: CachedAttention,
+    ) -> Result<()> {
+        self.host.attention_decode(out, cache, qkv, shape)
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut RefBuffer,
+        logits: &RefBuffer,
+        targets: &RefBuffer,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let (logits, targets) = (logits.f32("logits")?, targets.u32("targets")?);
+        let mut losses = losses.f32_mut("losses")?;
+        check_cross_entropy(logits.len(), targets, rows, vocab)?;
+        expect_len("losses", losses.len(), rows)?;
+        cross_entropy::forward(&mut losses, logits, targets, vocab);
+        Ok(())
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut RefBuffer,
+        logits: &RefBuffer,
+        targets: &RefBuffer,
+        scale: f32,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<()> {
+        let (logits, targets) = (logits.f32("logits")?, targets.u32("targets")?);
+        let mut dlogits = dlogits.f32_mut("dlogits")?;
+        check_cross_entropy(logits.len(), targets, rows, vocab)?;
+        expect_len("dlogits", dlogits.len(), logits.len())?;
+        cross_entropy::backward(&mut dlogits, logits, targets, scale, vocab);
+        Ok(())
+    }
+
+    fn adamw(
+        &self,
+        param: &mut RefBuffer,
+        grad: &RefBuffer,
+        m: &mut RefBuffer,
+        v: &mut RefBuffer,
+        hp: AdamW,
+    ) -> Result<()> {
+        if hp.step == 0 {
+            bail!("AdamW step numbers start at 1 (bias correction), got 0");
+        }
+        let grad = grad.f32("adamw grad")?;
+        let (mut param, mut m, mut v) = (
+            param.f32_mut("adamw param")?,
+            m.f32_mut("adamw m")?,
+            v.f32_mut("adamw v")?,
+        );
+        for (what, len) in [
+            ("adamw grad", grad.len()),
+            ("adamw m", m.len()),
+            ("adamw v", v.len()),
+        ] {
+            expect_len(what, len, param.len())?;
+        }
+        adamw::step(&mut param, grad, &mut m, &mut v, hp);
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+    fn mark(&self) -> Result<Instant> {
+        Ok(Instant::now())
+    }
+    fn elapsed_ms(&self, start: &Instant, end: &Instant) -> Result<f64> {
+        self.host.elapsed_ms(start, end)
+    }
+    fn memory(&self) -> MemoryStats {
+        self.host.memory()
+    }
+    fn reset_peak_memory(&self) {
+        self.host.reset_peak_memory()
+    }
+}
+
+/// Check `logits[rows, vocab]` and the targets against the sizes.
+fn check_cross_entropy(
+    logits_len: usize,
+    targets: &[u32],
+    rows: usize,
+    vocab: usize,
+) -> Result<()> {
+    if vocab == 0 {
+        bail!("cross-entropy needs a vocabulary of at least one token");
+    }
+    expect_len("logits", logits_len, check::elems(&[rows, vocab])?)?;
+    expect_len("targets", targets.len(), rows)?;
+    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
+        bail!("target id {bad} is outside the vocabulary of {vocab}");
+    }
+    Ok(())
+}
