@@ -18,7 +18,7 @@ pub(crate) fn forward(out: &mut [f32], inp: &[f32]) {
         let x = &inp[first * row..][..block.len()];
         wide(|| {
             for (o, &x) in block.iter_mut().zip(x) {
-                let u = SQRT_2_OVER_PI * x * (CUBIC * x).mul_add(x, 1.0);
+                let u = SQRT_2_OVER_PI * x * (CUBIC * x * x + 1.0);
                 *o = 0.5 * x * (1.0 + tanh(u));
             }
         })
@@ -33,9 +33,9 @@ pub(crate) fn backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         let (x, dy) = (&inp[at..][..block.len()], &dout[at..][..block.len()]);
         wide(|| {
             for ((d, &x), &g) in block.iter_mut().zip(x).zip(dy) {
-                let u = SQRT_2_OVER_PI * x * (CUBIC * x).mul_add(x, 1.0);
+                let u = SQRT_2_OVER_PI * x * (CUBIC * x * x + 1.0);
                 let th = tanh(u);
-                let du = SQRT_2_OVER_PI * (3.0 * CUBIC * x).mul_add(x, 1.0);
+                let du = SQRT_2_OVER_PI * (3.0 * CUBIC * x * x + 1.0);
                 let grad = 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * du;
                 *d = grad * g;
             }

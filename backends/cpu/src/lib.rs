@@ -41,15 +41,38 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// A new backend with its memory counters at zero.
     pub fn new() -> Self {
+        keep_freed_memory();
         Self::default()
     }
 
     /// A backend whose buffers others made with the same `space` may take over
     /// ([`ReferenceBackend::sharing_memory`]).
     pub fn sharing_memory(space: &str) -> Self {
+        keep_freed_memory();
         Self {
             host: ReferenceBackend::sharing_memory(space),
         }
+    }
+}
+
+/// Keep freed buffers in the process for the next ones of their size, the allocator serving
+/// as the buffer pool: a step allocates the same buffers every time, and by default glibc
+/// maps each one above 128 kB fresh from the kernel and returns it on free (and trims the heap
+/// top), so every op's output paid page faults and zero-filling by the kernel. Measured on the
+/// 2-core VM, width 64, seq 64: 43,193 → 57,492 tokens/s. Buffers stay in the heap up to 32 MB (glibc's
+/// largest mmap threshold), and the heap is not trimmed below 4 GB free. Once per process.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        static ONCE: std::sync::Once = std::sync::Once::new();
+        ONCE.call_once(|| {
+            // SAFETY: mallopt only changes allocator thresholds; it is called before this
+            // backend allocates, and is safe to call at any time.
+            unsafe {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+                libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            }
+        });
     }
 }
 
@@ -105,8 +128,10 @@ impl Backend for CpuBackend {
     fn alloc(&self, len: usize, dtype: DType) -> Result<RefBuffer> {
         self.host.alloc(len, dtype)
     }
+    /// Zero-filled, without the reference backend's NaN poisoning: one pass over the memory
+    /// less for every op output.
     fn alloc_output(&self, len: usize, dtype: DType) -> Result<RefBuffer> {
-        self.host.alloc_output(len, dtype)
+        self.host.alloc(len, dtype)
     }
     fn upload(&self, data: &[f32]) -> Result<RefBuffer> {
         self.host.upload(data)

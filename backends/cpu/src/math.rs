@@ -1,11 +1,13 @@
 //! The scalar functions and reductions the row kernels share, written so the compiler turns
 //! each loop into vector code: fixed lanes of f32 partial sums (a single running sum would
 //! chain every add), and `exp`/`tanh` as branch-free polynomials instead of libm calls.
+//! Products and sums are written apart, never as `mul_add`: where a closure is not inlined
+//! into the AVX2 function that would be a call to libm's software `fmaf` per element.
 
 /// Lanes of independent f32 partial sums: two 256-bit registers.
 const LANES: usize = 16;
 
-/// Run `f` compiled for AVX2 and FMA where the CPU has them (checked once, at run time),
+/// Run `f` compiled for AVX2 (and FMA) where the CPU has them (checked once, at run time),
 /// else as it is. Kernels call it once around a whole loop, so the `#[inline(always)]`
 /// helpers below are compiled into the vector version.
 #[inline(always)]
@@ -54,7 +56,7 @@ pub(crate) fn dot(x: &[f32], y: &[f32]) -> f32 {
     let mut ys = y.chunks_exact(LANES);
     for (a, b) in (&mut xs).zip(&mut ys) {
         for l in 0..LANES {
-            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+            lanes[l] += a[l] * b[l];
         }
     }
     let tail: f32 = xs
@@ -90,14 +92,17 @@ pub(crate) fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E).round_ties_even();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
-    let p = r.mul_add(1.0 / 720.0, 1.0 / 120.0);
-    let p = r.mul_add(p, 1.0 / 24.0);
-    let p = r.mul_add(p, 1.0 / 6.0);
-    let p = r.mul_add(p, 0.5);
-    let p = r.mul_add(p, 1.0);
-    let p = r.mul_add(p, 1.0);
+    // Rounded to the nearest integer by adding and taking away 1.5·2²³ (exact in f32 for
+    // |x·log₂e| < 2²²), which vectorises where `round_ties_even` may be a libm call.
+    const ROUND: f32 = 12_582_912.0;
+    let n = (xc * LOG2E + ROUND) - ROUND;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let p = r * (1.0 / 720.0) + 1.0 / 120.0;
+    let p = r * p + 1.0 / 24.0;
+    let p = r * p + 1.0 / 6.0;
+    let p = r * p + 0.5;
+    let p = r * p + 1.0;
+    let p = r * p + 1.0;
     let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
     let y = p * scale;
     // Outside the clamped range the true value underflows to 0 or overflows to ∞.

@@ -51,7 +51,7 @@ pub(crate) fn layernorm_forward(
                 let (mu, s) = (mean[row], rstd[row]);
                 let x = &inp[row * c..][..c];
                 for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
-                    *o = ((x - mu) * s).mul_add(w, b);
+                    *o = (x - mu) * s * w + b;
                 }
             }
         })
@@ -98,7 +98,7 @@ pub(crate) fn layernorm_backward(
         let (mu, s) = (mean[r], rstd[r]);
         let (dw, db) = acc.split_at_mut(c);
         for i in 0..c {
-            dw[i] = dy[i].mul_add((x[i] - mu) * s, dw[i]);
+            dw[i] += dy[i] * ((x[i] - mu) * s);
             db[i] += dy[i];
         }
     });
