@@ -29,7 +29,7 @@ use anyhow::{bail, Result};
 use pipit_engine::backend::{
     check, AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats,
 };
-use pipit_reference::{RefBuffer, ReferenceBackend};
+use pipit_reference::{check_cross_entropy, expect_len, RefBuffer, ReferenceBackend};
 
 /// The fast CPU backend. Cheap to create; each value keeps its own memory accounting.
 #[derive(Debug, Default)]
@@ -74,14 +74,6 @@ fn keep_freed_memory() {
             }
         });
     }
-}
-
-/// Errors unless an operand has the length its dimensions imply.
-fn expect_len(what: &str, actual: usize, expected: usize) -> Result<()> {
-    if actual != expected {
-        bail!("{what}: buffer has {actual} elements, the dimensions need {expected}");
-    }
-    Ok(())
 }
 
 /// Errors unless the shape splits into heads of equal width.
@@ -487,22 +479,4 @@ impl Backend for CpuBackend {
     fn reset_peak_memory(&self) {
         self.host.reset_peak_memory()
     }
-}
-
-/// Check `logits[rows, vocab]` and the targets against the sizes.
-fn check_cross_entropy(
-    logits_len: usize,
-    targets: &[u32],
-    rows: usize,
-    vocab: usize,
-) -> Result<()> {
-    if vocab == 0 {
-        bail!("cross-entropy needs a vocabulary of at least one token");
-    }
-    expect_len("logits", logits_len, check::elems(&[rows, vocab])?)?;
-    expect_len("targets", targets.len(), rows)?;
-    if let Some(&bad) = targets.iter().find(|&&t| t as usize >= vocab) {
-        bail!("target id {bad} is outside the vocabulary of {vocab}");
-    }
-    Ok(())
 }

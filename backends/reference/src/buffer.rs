@@ -157,7 +157,7 @@ impl RefBuffer {
 }
 
 /// Fail unless an operand has the length its dimensions imply.
-pub(crate) fn expect_len(what: &str, actual: usize, expected: usize) -> Result<()> {
+pub fn expect_len(what: &str, actual: usize, expected: usize) -> Result<()> {
     if actual != expected {
         bail!("{what}: buffer has {actual} elements, the dimensions need {expected}");
     }

@@ -5,7 +5,7 @@ use anyhow::{bail, Result};
 use crate::buffer::{elems, expect_len};
 
 /// Check `logits[rows, vocab]` and the targets against the sizes.
-pub(crate) fn check(logits_len: usize, targets: &[u32], rows: usize, vocab: usize) -> Result<()> {
+pub fn check(logits_len: usize, targets: &[u32], rows: usize, vocab: usize) -> Result<()> {
     if vocab == 0 {
         bail!("cross-entropy needs a vocabulary of at least one token");
     }

@@ -28,8 +28,10 @@ use pipit_engine::backend::{
     MemoryStats,
 };
 
-use buffer::{elems, expect_len};
-pub use buffer::{FloatMut, RefBuffer};
+use buffer::elems;
+pub use buffer::{expect_len, FloatMut, RefBuffer};
+/// The size and target checks of cross-entropy, shared with the CPU backend.
+pub use cross_entropy::check as check_cross_entropy;
 /// The threads a host backend may use now: the host's cores (less those of other processes on
 /// it) divided among the host backends alive in this process; `PIPIT_THREADS` fixes it.
 pub use threads::share as core_share;
