@@ -9,6 +9,7 @@
 mod adamw;
 mod attention;
 mod buffer;
+pub mod checks;
 mod cross_entropy;
 mod dot;
 mod elementwise;
@@ -22,7 +23,7 @@ mod threads;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use pipit_engine::backend::{
     host_elapsed_ms, AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryMeter,
     MemoryStats,
@@ -211,9 +212,6 @@ impl Backend for ReferenceBackend {
         rows: usize,
         channels: usize,
     ) -> Result<()> {
-        if channels == 0 {
-            bail!("layernorm needs at least one channel");
-        }
         let (inp, weight, bias) = (
             inp.f32("ln inp")?,
             weight.f32("ln weight")?,
@@ -224,13 +222,13 @@ impl Backend for ReferenceBackend {
             mean.f32_mut("ln mean")?,
             rstd.f32_mut("ln rstd")?,
         );
-        let n = elems(&[rows, channels])?;
-        expect_len("ln inp", inp.len(), n)?;
-        expect_len("ln out", out.len(), n)?;
-        expect_len("ln weight", weight.len(), channels)?;
-        expect_len("ln bias", bias.len(), channels)?;
-        expect_len("ln mean", mean.len(), rows)?;
-        expect_len("ln rstd", rstd.len(), rows)?;
+        checks::layernorm(
+            rows,
+            channels,
+            &[("ln inp", inp.len()), ("ln out", out.len())],
+            &[("ln weight", weight.len()), ("ln bias", bias.len())],
+            &[("ln mean", mean.len()), ("ln rstd", rstd.len())],
+        )?;
         layernorm::forward(&mut out, &mut mean, &mut rstd, inp, weight, bias, channels);
         Ok(())
     }
@@ -248,9 +246,6 @@ impl Backend for ReferenceBackend {
         rows: usize,
         channels: usize,
     ) -> Result<()> {
-        if channels == 0 {
-            bail!("layernorm needs at least one channel");
-        }
         let (dout, inp, weight) = (
             dout.f32("ln dout")?,
             inp.f32("ln inp")?,
@@ -262,23 +257,21 @@ impl Backend for ReferenceBackend {
             dweight.f32_mut("ln dweight")?,
             dbias.f32_mut("ln dbias")?,
         );
-        let n = elems(&[rows, channels])?;
-        for (what, len) in [
-            ("ln dinp", dinp.len()),
-            ("ln dout", dout.len()),
-            ("ln inp", inp.len()),
-        ] {
-            expect_len(what, len, n)?;
-        }
-        for (what, len) in [
-            ("ln weight", weight.len()),
-            ("ln dweight", dweight.len()),
-            ("ln dbias", dbias.len()),
-        ] {
-            expect_len(what, len, channels)?;
-        }
-        expect_len("ln mean", mean.len(), rows)?;
-        expect_len("ln rstd", rstd.len(), rows)?;
+        checks::layernorm(
+            rows,
+            channels,
+            &[
+                ("ln dinp", dinp.len()),
+                ("ln dout", dout.len()),
+                ("ln inp", inp.len()),
+            ],
+            &[
+                ("ln weight", weight.len()),
+                ("ln dweight", dweight.len()),
+                ("ln dbias", dbias.len()),
+            ],
+            &[("ln mean", mean.len()), ("ln rstd", rstd.len())],
+        )?;
         layernorm::backward(
             &mut dinp,
             &mut dweight,
@@ -304,12 +297,7 @@ impl Backend for ReferenceBackend {
         let (a, b) = (a.f32("matmul a")?, b.f32("matmul b")?);
         let bias = bias.map(|x| x.f32("matmul bias")).transpose()?;
         let mut out = out.f32_mut("matmul out")?;
-        expect_len("matmul a", a.len(), elems(&[shape.m, shape.k])?)?;
-        expect_len("matmul b", b.len(), elems(&[shape.k, shape.n])?)?;
-        expect_len("matmul out", out.len(), elems(&[shape.m, shape.n])?)?;
-        if let Some(bias) = bias {
-            expect_len("matmul bias", bias.len(), shape.n)?;
-        }
+        checks::matmul(shape, a.len(), b.len(), out.len(), bias.map(|b| b.len()))?;
         matmul::forward(&mut out, a, b, bias, shape);
         Ok(())
     }
@@ -449,22 +437,13 @@ impl Backend for ReferenceBackend {
         v: &mut RefBuffer,
         hp: AdamW,
     ) -> Result<()> {
-        if hp.step == 0 {
-            bail!("AdamW step numbers start at 1 (bias correction), got 0");
-        }
         let grad = grad.f32("adamw grad")?;
         let (mut param, mut m, mut v) = (
             param.f32_mut("adamw param")?,
             m.f32_mut("adamw m")?,
             v.f32_mut("adamw v")?,
         );
-        for (what, len) in [
-            ("adamw grad", grad.len()),
-            ("adamw m", m.len()),
-            ("adamw v", v.len()),
-        ] {
-            expect_len(what, len, param.len())?;
-        }
+        checks::adamw(hp.step, param.len(), grad.len(), m.len(), v.len())?;
         adamw::step(&mut param, grad, &mut m, &mut v, hp);
         Ok(())
     }
