@@ -5,8 +5,8 @@
 //! its result is chaotic, and comparing precisions (or backends) on it says nothing.
 //!
 //! Run: `cargo run --release --example sensitivity [-- CONFIG.toml]`, CONFIG in the format of
-//! `pipit train --config` (default: `pipit train`'s own defaults). Evaluates every
-//! `eval_every` steps (200 when 0).
+//! `pipit train --config` (default: the recipe of BENCHMARKS.md's table, [`recipe`]). Evaluates
+//! every `eval_every` steps (200 when 0).
 
 use std::sync::Arc;
 
@@ -67,13 +67,32 @@ fn run(
     Ok(losses)
 }
 
+/// The run BENCHMARKS.md's sensitivity table measured: `pipit train`'s defaults but a width-64
+/// model on 64-byte sequences, 1,200 steps at lr 3e-3 with 60 warm-up steps.
+fn recipe() -> TrainConfig {
+    let defaults = TrainConfig::default();
+    TrainConfig {
+        model: pipit::engine::model::ModelConfig {
+            n_embd: 64,
+            n_positions: 64,
+            ..defaults.model.clone()
+        },
+        seq_len: 64,
+        steps: 1200,
+        lr: 3e-3,
+        warmup_steps: 60,
+        eval_every: 200,
+        ..defaults
+    }
+}
+
 fn main() -> Result<()> {
     let config = match std::env::args().nth(1) {
         Some(path) => {
             let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
             toml::from_str(&text).with_context(|| format!("parsing {path}"))?
         }
-        None => TrainConfig::default(),
+        None => recipe(),
     };
     config.validate()?;
     let every = if config.eval_every == 0 {
