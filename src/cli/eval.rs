@@ -57,6 +57,11 @@ pub struct EvalArgs {
 
 /// Run `pipit eval`.
 pub fn run(args: EvalArgs) -> Result<()> {
+    run_to(args, &mut std::io::stdout().lock())
+}
+
+/// Run `pipit eval`, writing what it prints to `out`.
+pub fn run_to(args: EvalArgs, out: &mut dyn std::io::Write) -> Result<()> {
     // A rank started by `pipit launch` stops by itself once the launcher is gone.
     watch_launcher()?;
     if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
@@ -112,8 +117,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
         return Err(ckpt.non_finite("the loss", loss));
     }
     match args.format {
-        OutputFormat::Json => println!("{}", json!({ "loss": loss, "tokens": tokens, "per": per })),
-        OutputFormat::Text => println!("loss {loss:.4} nats/{per} over {tokens} tokens"),
+        OutputFormat::Json => writeln!(
+            out,
+            "{}",
+            json!({ "loss": loss, "tokens": tokens, "per": per })
+        )?,
+        OutputFormat::Text => writeln!(out, "loss {loss:.4} nats/{per} over {tokens} tokens")?,
     }
     Ok(())
 }

@@ -107,6 +107,11 @@ const DEFAULT_MAX_BATCH: usize = 16;
 
 /// Run `pipit generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
+    run_to(args, &mut std::io::stdout().lock())
+}
+
+/// Run `pipit generate`, writing what it prints to `out`.
+pub fn run_to(args: GenerateArgs, out: &mut dyn Write) -> Result<()> {
     // A rank started by `pipit launch` stops by itself once the launcher is gone.
     watch_launcher()?;
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
@@ -180,11 +185,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             config,
             ckpt: &ckpt,
             launch,
+            out,
         },
     )
 }
 
 struct GenerateJob<'a> {
+    /// Where the samples go.
+    out: &'a mut dyn Write,
     args: &'a GenerateArgs,
     tokenizer: &'a Tokenizer,
     prompts: &'a [Prompt],
@@ -198,6 +206,7 @@ impl BackendJob for GenerateJob<'_> {
 
     fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<()> {
         let GenerateJob {
+            out,
             args,
             tokenizer,
             prompts,
@@ -213,6 +222,7 @@ impl BackendJob for GenerateJob<'_> {
         let Some(env) = launch else {
             let mut trainer = Trainer::new(config, make, Init::Frozen(ckpt))?;
             return write_samples(
+                out,
                 args,
                 tokenizer,
                 prompts,
@@ -253,6 +263,7 @@ impl BackendJob for GenerateJob<'_> {
             .same_settings("generation settings", &settings)
             .and_then(|()| {
                 write_samples(
+                    out,
                     args,
                     tokenizer,
                     prompts,
@@ -380,6 +391,7 @@ impl Sample {
 /// finite.
 #[allow(clippy::too_many_arguments)]
 fn write_samples(
+    out: &mut dyn Write,
     args: &GenerateArgs,
     tokenizer: &Tokenizer,
     prompts: &[Prompt],
@@ -404,7 +416,6 @@ fn write_samples(
     let mut order: Vec<usize> = (0..count).collect();
     order.sort_by_key(|&i| prompts[samples[i].prompt].ids.len());
     let streaming = leader && count == 1 && args.format == OutputFormat::Text;
-    let mut out = std::io::stdout().lock();
     if streaming {
         out.write_all(prompts[0].text.as_bytes())?;
     }

@@ -1,15 +1,15 @@
-//! Subcommands of the `pipit` command line, one file each.
+//! Subcommands of the `pipit` command line, one file each ([`main`] is the binary's).
 
 mod device;
 mod dry_run;
-mod eval;
-mod generate;
+pub(crate) mod eval;
+pub(crate) mod generate;
 mod interrupt;
 mod launch;
 mod partition;
-mod plan;
+pub(crate) mod plan;
 mod trace;
-mod train;
+pub(crate) mod train;
 
 use std::process::ExitCode;
 

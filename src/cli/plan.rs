@@ -164,8 +164,13 @@ pub fn per_stage(flag: &str, text: &str, stages: usize) -> Result<Vec<f64>> {
 
 /// Build the lowered schedule, simulate it and write the chosen report.
 pub fn run(args: PlanArgs) -> Result<()> {
+    write(&args, report(&args)?)
+}
+
+/// The report `pipit plan` prints for `args`.
+pub fn report(args: &PlanArgs) -> Result<String> {
     if args.compare {
-        return compare(&args);
+        return compare(args);
     }
     let (schedule, costs) = match &args.schedule_file {
         Some(path) => {
@@ -173,7 +178,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
                 .with_context(|| format!("reading schedule file {}", path.display()))?;
             let schedule = Schedule::parse(&text)
                 .with_context(|| format!("schedule file {}", path.display()))?;
-            let costs = costs(&args, schedule.num_stages())?;
+            let costs = costs(args, schedule.num_stages())?;
             (schedule, costs)
         }
         None => {
@@ -186,11 +191,11 @@ pub fn run(args: PlanArgs) -> Result<()> {
             let v = args.chunks.unwrap_or(kind.default_chunks());
             // The sizes first (their errors name them), then the order for these costs.
             let stages = generate(kind, p, m, v)?.num_stages();
-            let costs = costs(&args, stages)?;
+            let costs = costs(args, stages)?;
             (generate_for(kind, p, m, v, &costs)?, costs)
         }
     };
-    let plan = plan_for(schedule, costs, &args)?;
+    let plan = plan_for(schedule, costs, args)?;
     let format = match args.format {
         FormatArg::Text => Format::Text,
         FormatArg::Json => Format::Json,
@@ -198,7 +203,7 @@ pub fn run(args: PlanArgs) -> Result<()> {
         FormatArg::Svg => Format::Svg,
         FormatArg::Schedule => Format::Schedule,
     };
-    write(&args, render(&plan, format)?)
+    render(&plan, format)
 }
 
 /// The costs the flags give, for a pipeline of `stages` stages.
@@ -259,7 +264,7 @@ fn plan_for(schedule: Schedule, costs: Costs, args: &PlanArgs) -> Result<Plan> {
 }
 
 /// `--compare`: every schedule that accepts these sizes, planned under the same costs.
-fn compare(args: &PlanArgs) -> Result<()> {
+fn compare(args: &PlanArgs) -> Result<String> {
     let (p, m, v) = (
         args.stages.unwrap_or(0),
         args.microbatches.unwrap_or(0),
@@ -342,7 +347,7 @@ fn compare(args: &PlanArgs) -> Result<()> {
         }
         _ => invalid!("--compare prints text or json (got another --format)"),
     };
-    write(args, out)
+    Ok(out)
 }
 
 /// `count` chunks of `1/k` of a stage, in stages' worth: `8` chunks of a half are `4`.

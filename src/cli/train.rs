@@ -18,7 +18,7 @@ use pipit_engine::schedule::{ScheduleChoice, ScheduleKind};
 use pipit_engine::tokenizer::Tokenizer;
 use pipit_engine::train::{Init, StepLog, TrainConfig, TrainLoop, Trainer};
 use pipit_engine::{invalid_input, Backend};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::device::{with_backend, BackendChoice, BackendJob};
 use super::{interrupt, trace};
@@ -391,66 +391,10 @@ pub fn load_checkpoint(
 pub fn run(args: TrainArgs) -> Result<()> {
     // A rank started by `pipit launch` stops by itself once the launcher is gone.
     pipit_engine::dist::watch_launcher()?;
-    // The settings first (from the checkpoints' headers); the tensors once it is known which
-    // of them this process needs.
-    let resume_header = args
-        .resume
-        .as_deref()
-        .map(checkpoint::load_header)
-        .transpose()?;
-    let init_header = args
-        .init
-        .as_deref()
-        .map(checkpoint::load_header)
-        .transpose()?;
-    let mut config = args.config(resume_header.as_ref())?;
-    if let Some(c) = resume_header.as_ref().or(init_header.as_ref()) {
-        // The checkpoint fixes the model's sizes; flags may not contradict them.
-        let m = &c.config;
-        let contradicted: Vec<String> = [
-            ("n-layer", args.n_layer, m.n_layer),
-            ("n-head", args.n_head, m.n_head),
-            ("n-embd", args.n_embd, m.n_embd),
-            ("n-positions", args.n_positions, m.n_positions),
-            ("vocab-size", args.vocab_size, m.vocab_size),
-            ("n-kv-head", args.n_kv_head, m.kv_heads()),
-            ("ffn-dim", args.ffn_dim, m.ffn()),
-        ]
-        .iter()
-        .filter_map(|&(flag, given, has)| {
-            given
-                .filter(|&g| g != has)
-                .map(|g| format!("--{flag} {g} (it has {has})"))
-        })
-        .collect();
-        if let Some(family) = args.model.filter(|&f| f != m.family) {
-            return Err(invalid_input!(
-                "the checkpoint holds a {} model; --model asks for {family}",
-                m.family
-            ));
-        }
-        if !contradicted.is_empty() {
-            return Err(invalid_input!(
-                "the checkpoint fixes the model's sizes; the flags ask for another: {}",
-                contradicted.join(", ")
-            ));
-        }
-        config.model = c.config.clone();
-        config.seq_len = config.seq_len.min(config.model.n_positions);
-    }
     // Where a launcher started this process: its rank and the run's size.
     let env = LaunchEnv::from_env()?;
     let leader = env.as_ref().is_none_or(|env| env.rank == 0);
-    let limit = args.memory_limit.as_deref().map(parse_bytes).transpose()?;
-    if config.schedule == ScheduleChoice::Auto {
-        config = auto_schedule(&config, limit, args.backend, leader)?;
-    } else if limit.is_some() && !args.dry_run {
-        return Err(invalid_input!(
-            "--memory-limit chooses among schedules or checks a dry run: use it with --schedule auto or --dry-run (got --schedule {})",
-            config.schedule
-        ));
-    }
-    config.validate()?;
+    let config = args.settle(leader)?;
     if args.show_config {
         print!(
             "{}",
@@ -463,6 +407,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         if !leader {
             return Ok(());
         }
+        let limit = args.memory_limit.as_deref().map(parse_bytes).transpose()?;
         return super::dry_run::run(config, args.backend, limit, args.log_json.as_deref());
     }
     if !(args.peer_timeout > 0.0 && args.peer_timeout.is_finite()) {
@@ -473,49 +418,246 @@ pub fn run(args: TrainArgs) -> Result<()> {
     }
     // Under a launcher with more than one process, this process runs only its own rank.
     let launch = env.filter(|env| env.world_size > 1);
-    // A model that came with GPT-2's tokenizer trains on its tokens, and saves it beside it.
-    let tokenizer = match args.resume.as_deref().or(args.init.as_deref()) {
-        Some(dir) => Tokenizer::for_checkpoint(dir, config.model.vocab_size)?,
-        None => Tokenizer::Bytes,
-    };
-    let text = text(args.data.as_deref())?;
-    let corpus = Corpus::tokenized(&text, VAL_FRACTION, &tokenizer)?;
-    let largest = corpus
-        .train
-        .iter()
-        .chain(&corpus.val)
-        .max()
-        .copied()
-        .unwrap_or(0);
-    if largest as usize >= config.model.vocab_size {
-        return Err(invalid_input!(
-            "--vocab-size must exceed every byte of the text (the tokens are bytes; the largest is {largest}), got {}",
-            config.model.vocab_size
-        ));
-    }
-    if let (Tokenizer::Bpe(_), true) = (&tokenizer, leader) {
-        eprintln!(
-            "tokens: GPT-2's BPE from the checkpoint, {} to train on and {} held out",
-            corpus.train.len(),
-            corpus.val.len()
-        );
-    }
-    let load = |dir: Option<&Path>| {
-        dir.map(|d| load_checkpoint(d, &config, launch.as_ref()))
-            .transpose()
-    };
-    let resume = load(args.resume.as_deref())?;
-    let init = load(args.init.as_deref())?;
+    let inputs = Inputs::read(&args, &config, launch.as_ref(), leader)?;
     let job = TrainJob {
         args: &args,
         config,
-        corpus,
-        tokenizer: &tokenizer,
-        resume: resume.as_ref(),
-        init: init.as_ref(),
+        corpus: inputs.corpus,
+        tokenizer: &inputs.tokenizer,
+        resume: inputs.resume.as_ref(),
+        init: inputs.init.as_ref(),
         launch,
     };
     with_backend(args.backend, job)
+}
+
+impl TrainArgs {
+    /// The run's settings, checked: defaults, the resumed run's, the config file and the
+    /// flags (see [`TrainArgs::config`]), the model of a starting checkpoint, and the schedule
+    /// `--schedule auto` picks (the `leader` says which and why).
+    fn settle(&self, leader: bool) -> Result<TrainConfig> {
+        let args = self;
+        // The settings first (from the checkpoints' headers); the tensors once it is known
+        // which of them this process needs.
+        let resume_header = args
+            .resume
+            .as_deref()
+            .map(checkpoint::load_header)
+            .transpose()?;
+        let init_header = args
+            .init
+            .as_deref()
+            .map(checkpoint::load_header)
+            .transpose()?;
+        let mut config = args.config(resume_header.as_ref())?;
+        if let Some(c) = resume_header.as_ref().or(init_header.as_ref()) {
+            // The checkpoint fixes the model's sizes; flags may not contradict them.
+            let m = &c.config;
+            let contradicted: Vec<String> = [
+                ("n-layer", args.n_layer, m.n_layer),
+                ("n-head", args.n_head, m.n_head),
+                ("n-embd", args.n_embd, m.n_embd),
+                ("n-positions", args.n_positions, m.n_positions),
+                ("vocab-size", args.vocab_size, m.vocab_size),
+                ("n-kv-head", args.n_kv_head, m.kv_heads()),
+                ("ffn-dim", args.ffn_dim, m.ffn()),
+            ]
+            .iter()
+            .filter_map(|&(flag, given, has)| {
+                given
+                    .filter(|&g| g != has)
+                    .map(|g| format!("--{flag} {g} (it has {has})"))
+            })
+            .collect();
+            if let Some(family) = args.model.filter(|&f| f != m.family) {
+                return Err(invalid_input!(
+                    "the checkpoint holds a {} model; --model asks for {family}",
+                    m.family
+                ));
+            }
+            if !contradicted.is_empty() {
+                return Err(invalid_input!(
+                    "the checkpoint fixes the model's sizes; the flags ask for another: {}",
+                    contradicted.join(", ")
+                ));
+            }
+            config.model = c.config.clone();
+            config.seq_len = config.seq_len.min(config.model.n_positions);
+        }
+        let limit = args.memory_limit.as_deref().map(parse_bytes).transpose()?;
+        if config.schedule == ScheduleChoice::Auto {
+            config = auto_schedule(&config, limit, args.backend, leader)?;
+        } else if limit.is_some() && !args.dry_run {
+            return Err(invalid_input!(
+                "--memory-limit chooses among schedules or checks a dry run: use it with --schedule auto or --dry-run (got --schedule {})",
+                config.schedule
+            ));
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// What a run reads besides its settings: the text in its tokens, and the checkpoints it
+/// starts from (under a launcher, only this rank's tensors of them).
+struct Inputs {
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    resume: Option<Checkpoint>,
+    init: Option<Checkpoint>,
+}
+
+impl Inputs {
+    fn read(
+        args: &TrainArgs,
+        config: &TrainConfig,
+        launch: Option<&LaunchEnv>,
+        leader: bool,
+    ) -> Result<Self> {
+        // A model that came with GPT-2's tokenizer trains on its tokens, and saves it beside it.
+        let tokenizer = match args.resume.as_deref().or(args.init.as_deref()) {
+            Some(dir) => Tokenizer::for_checkpoint(dir, config.model.vocab_size)?,
+            None => Tokenizer::Bytes,
+        };
+        let text = text(args.data.as_deref())?;
+        let corpus = Corpus::tokenized(&text, VAL_FRACTION, &tokenizer)?;
+        let largest = corpus
+            .train
+            .iter()
+            .chain(&corpus.val)
+            .max()
+            .copied()
+            .unwrap_or(0);
+        if largest as usize >= config.model.vocab_size {
+            return Err(invalid_input!(
+                "--vocab-size must exceed every byte of the text (the tokens are bytes; the largest is {largest}), got {}",
+                config.model.vocab_size
+            ));
+        }
+        if let (Tokenizer::Bpe(_), true) = (&tokenizer, leader) {
+            eprintln!(
+                "tokens: GPT-2's BPE from the checkpoint, {} to train on and {} held out",
+                corpus.train.len(),
+                corpus.val.len()
+            );
+        }
+        let load = |dir: Option<&Path>| dir.map(|d| load_checkpoint(d, config, launch)).transpose();
+        Ok(Inputs {
+            resume: load(args.resume.as_deref())?,
+            init: load(args.init.as_deref())?,
+            corpus,
+            tokenizer,
+        })
+    }
+
+    /// How the run starts: from the checkpoint it resumes, the weights it starts from, or fresh.
+    fn start(&self) -> Init<'_> {
+        match (&self.resume, &self.init) {
+            (Some(c), _) => Init::Resume(c),
+            (None, Some(c)) => Init::Weights(c),
+            (None, None) => Init::Fresh,
+        }
+    }
+}
+
+/// A run in this process (no launcher), as `pipit train`'s flags set it up: the pipeline, and
+/// the text in its tokens. The library ([`crate::api::Training`]) drives it a step at a time.
+pub(crate) struct Run {
+    pub trainer: Box<dyn TrainLoop + Send>,
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+}
+
+impl Run {
+    pub fn new(args: &TrainArgs) -> Result<Self> {
+        let config = args.settle(true)?;
+        let inputs = Inputs::read(args, &config, None, true)?;
+        let trainer = with_backend(
+            args.backend,
+            BuildTrainer {
+                config,
+                start: inputs.start(),
+            },
+        )?;
+        for line in trainer.describe() {
+            eprintln!("  {line}");
+        }
+        Ok(Run {
+            trainer,
+            corpus: inputs.corpus,
+            tokenizer: inputs.tokenizer,
+        })
+    }
+
+    /// One step and, where `pipit train` makes one, an evaluation: the step's `--log-json` line.
+    pub fn step(&mut self) -> Result<Value> {
+        let (done, steps) = (self.trainer.step(), self.trainer.config().steps);
+        if done >= steps {
+            return Err(invalid_input!(
+                "the run has done its {steps} steps (`steps`); start another with more"
+            ));
+        }
+        let entry = self.trainer.train_step(&self.corpus)?;
+        let val = match evaluates_after(self.trainer.config(), entry.step) {
+            true => Some(self.evaluate()?),
+            false => None,
+        };
+        Ok(log_line(&entry, val))
+    }
+
+    /// The validation loss over the run's `eval_tokens`.
+    pub fn evaluate(&mut self) -> Result<f64> {
+        let c = self.trainer.config();
+        let (seq, tokens) = (c.seq_len, c.eval_tokens);
+        Ok(self.trainer.evaluate(&self.corpus.val, seq, tokens)?.0)
+    }
+
+    /// Save a checkpoint to `dir`, with the tokenizer's files beside it.
+    pub fn save(&mut self, dir: &Path) -> Result<()> {
+        let ckpt = self
+            .trainer
+            .gather_checkpoint()?
+            .context("the run in this process holds every stage")?;
+        checkpoint::save_with(dir, &ckpt, &self.tokenizer.files())
+    }
+}
+
+/// Builds the trainer on the chosen backend.
+struct BuildTrainer<'a> {
+    config: TrainConfig,
+    start: Init<'a>,
+}
+
+impl BackendJob for BuildTrainer<'_> {
+    type Output = Box<dyn TrainLoop + Send>;
+
+    fn run<B: Backend>(self, make: &mut dyn FnMut(usize) -> Result<B>) -> Result<Self::Output> {
+        Ok(Box::new(Trainer::new(self.config, make, self.start)?))
+    }
+}
+
+/// Whether `pipit train` evaluates after `step`: every `eval_every` steps, and after the last.
+fn evaluates_after(c: &TrainConfig, step: u64) -> bool {
+    step == c.steps || (c.eval_every > 0 && step % c.eval_every == 0)
+}
+
+/// A step's line in `--log-json`, with the validation loss `val` when it evaluated.
+fn log_line(entry: &StepLog, val: Option<f64>) -> Value {
+    let mut line = json!({
+        "step": entry.step,
+        "loss": entry.loss,
+        "lr": entry.lr,
+        "tokens_per_sec": entry.tokens_per_sec,
+        "bubble_fraction": entry.bubble_fraction,
+        "peak_bytes": entry.report.ranks.iter().map(|r| r.peak_bytes).collect::<Vec<_>>(),
+    });
+    if let Some(v) = val {
+        line["val_loss"] = json!(v);
+    }
+    if let Some(norm) = entry.report.grad_norm {
+        line["grad_norm"] = json!(norm);
+    }
+    line
 }
 
 struct TrainJob<'a> {
@@ -657,8 +799,7 @@ impl TrainJob<'_> {
         while trainer.step() < c.steps && !interrupt::requested() {
             let entry = trainer.train_step(corpus)?;
             let step = entry.step;
-            let evaluate = step == c.steps || (c.eval_every > 0 && step % c.eval_every == 0);
-            let val = if evaluate {
+            let val = if evaluates_after(&c, step) {
                 let (loss, _) = trainer.evaluate(&corpus.val, c.seq_len, c.eval_tokens)?;
                 val_loss = Some(loss);
                 let line = format!(
@@ -690,20 +831,7 @@ impl TrainJob<'_> {
                 100.0 * entry.bubble_fraction
             ));
             if let Some(f) = log.as_mut() {
-                let mut line = json!({
-                    "step": step,
-                    "loss": entry.loss,
-                    "lr": entry.lr,
-                    "tokens_per_sec": entry.tokens_per_sec,
-                    "bubble_fraction": entry.bubble_fraction,
-                    "peak_bytes": entry.report.ranks.iter().map(|r| r.peak_bytes).collect::<Vec<_>>(),
-                });
-                if let Some(v) = val {
-                    line["val_loss"] = json!(v);
-                }
-                if let Some(norm) = entry.report.grad_norm {
-                    line["grad_norm"] = json!(norm);
-                }
+                let line = log_line(&entry, val);
                 // One write per line, so a reader following the file never sees half of one.
                 f.write_all(format!("{line}\n").as_bytes())
                     .context("writing --log-json")?;
