@@ -20,6 +20,7 @@ fn main() -> Result<()> {
         (ScheduleKind::ZeroBubble, 1),
         (ScheduleKind::ZeroBubble, 2),
         (ScheduleKind::ZeroBubbleV, 2),
+        (ScheduleKind::DualPipeV, 2),
     ] {
         let lowered = lower(&generate(kind, p, m, v)?)?;
         validate(&lowered)?;

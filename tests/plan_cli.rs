@@ -171,6 +171,8 @@ fn compare_plans_every_schedule_under_the_same_costs() {
     // Without --chunks the V runs its two, each half a stage: 6m + p - 1 half-units.
     assert_eq!(row("zb-v"), "25.50 94.1 % 4 4 4 4");
     assert!(text.contains("zb-v runs 2 chunks per rank here"), "{text}");
+    // DualPipeV on the same V: zb-v's time here, one chunk more held on every rank.
+    assert_eq!(row("dualpipev"), "25.50 94.1 % 4.5 4.5 4.5 4.5");
     let value = json(&[
         "plan",
         "--compare",
@@ -184,7 +186,7 @@ fn compare_plans_every_schedule_under_the_same_costs() {
         "json",
     ]);
     let rows = value.as_array().unwrap();
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 7);
     let ofob = rows.iter().find(|r| r["schedule"] == "1f1b").unwrap();
     assert!(ofob["error"].as_str().unwrap().contains("chunks must be 1"));
     let zb = rows.iter().find(|r| r["schedule"] == "zb-h1").unwrap();

@@ -106,7 +106,7 @@ pub struct Plan {
     /// Efficiency the user aims for (default 0.9).
     pub target_efficiency: f64,
     /// Closed-form efficiency for this `p, m, v` (uniform costs, free transfers); `None` where
-    /// no closed form holds (zb-v below `m = 2p`).
+    /// no closed form holds (zb-v below `m = 2p`; dualpipev).
     pub closed_form_efficiency: Option<f64>,
     /// Fewest micro-batches reaching the target, closed form.
     pub microbatches_for_target: usize,
@@ -128,9 +128,17 @@ impl Plan {
             // The V's closed form holds from m = 2p on; fewer cannot fill its round trip.
             microbatches_for_target = microbatches_for_target.max(2 * ranks);
         }
+        if kind == Some(ScheduleKind::DualPipeV) {
+            // No closed form here for DualPipeV: no advice beyond the 2p it needs.
+            microbatches_for_target = m.max(2 * ranks);
+        }
+        let closed_form = match kind {
+            Some(ScheduleKind::DualPipeV) => false,
+            Some(ScheduleKind::ZeroBubbleV) => m >= 2 * ranks,
+            _ => true,
+        };
         let mut plan = Plan {
-            closed_form_efficiency: (kind != Some(ScheduleKind::ZeroBubbleV) || m >= 2 * ranks)
-                .then(|| interleaved_efficiency(ranks, m, divisor)),
+            closed_form_efficiency: closed_form.then(|| interleaved_efficiency(ranks, m, divisor)),
             schedule,
             ranks,
             chunks,

@@ -33,7 +33,7 @@ pub struct TrainConfig {
     /// Model sizes (Hugging Face GPT-2 names).
     #[serde(flatten)]
     pub model: ModelConfig,
-    /// Schedule generator: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v (or auto, which
+    /// Schedule generator: naive, gpipe, 1f1b, interleaved, zb-h1, zb-v or dualpipev (or auto, which
     /// the command line resolves to one of them before the run).
     pub schedule: ScheduleChoice,
     /// Pipeline ranks `p`.
@@ -306,7 +306,7 @@ impl TrainConfig {
     /// The schedules `--schedule auto` weighs for these stages and micro-batches, those the
     /// model's layers allow, each with its step simulated under [`TrainConfig::stage_costs`]
     /// (transfers free): 1f1b, zb-h1 (over `chunks`), interleaved (over `chunks`, at least 2),
-    /// zb-v and gpipe, in that order, the order [`TrainConfig::fastest`] keeps on ties (1F1B
+    /// zb-v, dualpipev and gpipe, in that order, the order [`TrainConfig::fastest`] keeps on ties (1F1B
     /// holds fewer micro-batches than GPipe for the same time).
     pub fn schedule_choices(&self) -> Vec<(TrainConfig, Simulation)> {
         let chunks = self.chunks.max(1);
@@ -315,6 +315,7 @@ impl TrainConfig {
             (ScheduleKind::ZeroBubble, chunks),
             (ScheduleKind::Interleaved, chunks.max(2)),
             (ScheduleKind::ZeroBubbleV, 2),
+            (ScheduleKind::DualPipeV, 2),
             (ScheduleKind::GPipe, 1),
         ]
         .into_iter()
@@ -378,7 +379,7 @@ impl TrainConfig {
         match self.partition {
             Method::Uniform => crate::partition::uniform(layers, stages),
             // The V's ranks each run two stages from opposite ends: balance the ranks.
-            Method::Balanced if self.schedule == ScheduleKind::ZeroBubbleV.into() => {
+            Method::Balanced if self.schedule.kind().is_ok_and(ScheduleKind::is_v) => {
                 crate::partition::balanced_v(&layer_costs(&self.model, self.seq_len), self.stages)
             }
             Method::Balanced => {
@@ -779,7 +780,14 @@ mod tests {
             ..TrainConfig::default()
         };
         let choices = two.schedule_choices();
-        assert_eq!(choices.len(), 5);
+        let names: Vec<String> = choices
+            .iter()
+            .map(|(c, _)| c.schedule.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            ["1f1b", "zb-h1", "interleaved", "zb-v", "dualpipev", "gpipe"]
+        );
         let (best, sim) = TrainConfig::fastest(&choices).unwrap();
         assert!(choices.iter().all(|(_, s)| sim.makespan <= s.makespan));
         // Split backwards fill the drain: zero bubble beats 1F1B's order.
@@ -791,7 +799,7 @@ mod tests {
         // Equal steps: the first listed stays (1f1b before gpipe).
         let tied = [
             choices[0].clone(),
-            (choices[4].0.clone(), choices[0].1.clone()),
+            (choices[5].0.clone(), choices[0].1.clone()),
         ];
         assert_eq!(
             TrainConfig::fastest(&tied).unwrap().0.schedule,

@@ -22,6 +22,7 @@ proptest! {
                 prop_assert!(
                     (kind == ScheduleKind::OneFOneB && v > 1)
                         || (kind == ScheduleKind::ZeroBubbleV && v != 2)
+                        || (kind == ScheduleKind::DualPipeV && (v != 2 || m < 2 * p))
                 );
                 continue;
             };

@@ -33,6 +33,11 @@ pub enum ScheduleArg {
     /// backward split; half of zb-h1's bubble, at most 2p chunks held per rank. --chunks is 2.
     #[value(name = "zb-v")]
     ZeroBubbleV,
+    /// DualPipeV (DeepSeek's DualPipe cut into a V): zb-v's placement, each rank pairing one
+    /// chunk's forward with the other's full backward of another micro-batch, so the two can
+    /// overlap; split backwards only at the ends. Needs m >= 2p. --chunks is 2.
+    #[value(name = "dualpipev")]
+    DualPipeV,
 }
 
 impl From<ScheduleArg> for ScheduleKind {
@@ -44,6 +49,7 @@ impl From<ScheduleArg> for ScheduleKind {
             ScheduleArg::Interleaved => ScheduleKind::Interleaved,
             ScheduleArg::ZeroBubble => ScheduleKind::ZeroBubble,
             ScheduleArg::ZeroBubbleV => ScheduleKind::ZeroBubbleV,
+            ScheduleArg::DualPipeV => ScheduleKind::DualPipeV,
         }
     }
 }
@@ -100,7 +106,7 @@ pub struct PlanArgs {
     )]
     pub microbatches: Option<usize>,
     /// Chunks v: stages per rank (interleaved, zb-h1; naive and gpipe accept them too).
-    /// [default: 1; 2 for zb-v, which runs only 2]
+    /// [default: 1; 2 for zb-v and dualpipev, which run only 2]
     #[arg(long, short = 'v', value_name = "V")]
     pub chunks: Option<usize>,
     /// Forward time of one micro-batch on one stage, in ms: one value for every stage, or a

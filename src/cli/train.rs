@@ -122,9 +122,10 @@ pub struct TrainArgs {
     #[arg(long, value_name = "BOOL")]
     tie_embeddings: Option<bool>,
 
-    /// Pipeline schedule: naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v (two stages per
-    /// rank in a V: rank r runs stages r and 2p-1-r), or auto: the one whose step simulates
-    /// fastest under the layers' estimated FLOPs (within --memory-limit, by a dry run).
+    /// Pipeline schedule: naive, gpipe, 1f1b, interleaved, zb-h1, zb-v or dualpipev (two
+    /// stages per rank in a V: rank r runs stages r and 2p-1-r; dualpipev needs m >= 2p), or
+    /// auto: the one whose step simulates fastest under the layers' estimated FLOPs (within
+    /// --memory-limit, by a dry run).
     #[arg(long, value_name = "NAME")]
     schedule: Option<String>,
     /// With --schedule auto: only schedules whose dry run (see --dry-run) peaks at most this

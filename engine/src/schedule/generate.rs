@@ -34,17 +34,23 @@ pub enum ScheduleKind {
     /// `2p - 1 - r`, with split backwards; half of ZB-H1's bubble, holding what 1F1B's first
     /// rank holds when every rank's layers cost alike.
     ZeroBubbleV,
+    /// DualPipeV (DeepSeek's DualPipe cut into a V, as PyTorch ships it): zb-v's placement,
+    /// each rank's steady state pairing the forward of one chunk with the full backward of
+    /// the other (different micro-batches, so the two can overlap), split backwards only at
+    /// the ends. Needs `m >= 2p`.
+    DualPipeV,
 }
 
 impl ScheduleKind {
     /// Every kind, in the order the CLI lists them.
-    pub const ALL: [ScheduleKind; 6] = [
+    pub const ALL: [ScheduleKind; 7] = [
         ScheduleKind::Naive,
         ScheduleKind::GPipe,
         ScheduleKind::OneFOneB,
         ScheduleKind::Interleaved,
         ScheduleKind::ZeroBubble,
         ScheduleKind::ZeroBubbleV,
+        ScheduleKind::DualPipeV,
     ];
 
     /// The name used on the command line and in schedule files.
@@ -56,15 +62,22 @@ impl ScheduleKind {
             ScheduleKind::Interleaved => "interleaved",
             ScheduleKind::ZeroBubble => "zb-h1",
             ScheduleKind::ZeroBubbleV => "zb-v",
+            ScheduleKind::DualPipeV => "dualpipev",
         }
+    }
+
+    /// Whether this kind places its stages in a V (rank `r` runs stages `r` and `2p - 1 - r`).
+    pub fn is_v(self) -> bool {
+        matches!(self, ScheduleKind::ZeroBubbleV | ScheduleKind::DualPipeV)
     }
 
     /// The chunks per rank this kind runs when none are asked for: two for the V, one for
     /// the rest.
     pub fn default_chunks(self) -> usize {
-        match self {
-            ScheduleKind::ZeroBubbleV => 2,
-            _ => 1,
+        if self.is_v() {
+            2
+        } else {
+            1
         }
     }
 
@@ -90,7 +103,7 @@ impl FromStr for ScheduleKind {
             Some(kind) => Ok(kind),
             None => {
                 invalid!(
-                    "unknown schedule `{name}` (expected naive, gpipe, 1f1b, interleaved, zb-h1 or zb-v)"
+                    "unknown schedule `{name}` (expected naive, gpipe, 1f1b, interleaved, zb-h1, zb-v or dualpipev)"
                 )
             }
         }
@@ -144,7 +157,7 @@ impl FromStr for ScheduleChoice {
         match ScheduleKind::ALL.into_iter().find(|k| k.name() == name) {
             Some(kind) => Ok(ScheduleChoice::Kind(kind)),
             None => invalid!(
-                "unknown schedule `{name}` (expected naive, gpipe, 1f1b, interleaved, zb-h1, zb-v or auto)"
+                "unknown schedule `{name}` (expected naive, gpipe, 1f1b, interleaved, zb-h1, zb-v, dualpipev or auto)"
             ),
         }
     }
@@ -161,6 +174,7 @@ pub fn generate(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Result<Sche
         ScheduleKind::Interleaved => interleaved(p, m, v),
         ScheduleKind::ZeroBubble => zero_bubble(p, m, v),
         ScheduleKind::ZeroBubbleV => zero_bubble_v(p, m, v),
+        ScheduleKind::DualPipeV => dualpipe_v(p, m, v),
     }
 }
 
@@ -395,33 +409,244 @@ pub fn zero_bubble_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
 
 /// [`zero_bubble_v`] for stages of unequal cost: the greedy order is also built under `costs`
 /// (forward, and backward split by the weight share), in each `Greedy` variant, and the
-/// order that simulates fastest under them is kept, the unit-time one included. Orders that
-/// would stall under the `2p` cap are not candidates, so no rank holds more than the unit-time
-/// order allows. The greedy orders are built without transfer times; the simulation that
-/// picks among them includes `costs`' latency and bandwidth. Under uniform costs the unit-time
-/// order is returned.
+/// published fixed V orders ([`fixed_zb_v`], the zero-bubble paper's ZB-V as PyTorch builds
+/// it, and DualPipeV's) are weighed beside them; the order that simulates fastest under them
+/// is kept, the unit-time one included (first on ties). Orders that would stall under the
+/// `2p` cap, or hold more than `2p` chunks' activations at once on a rank, are not
+/// candidates, so no rank holds more than the unit-time order allows. The greedy orders are
+/// built without transfer times; the simulation that picks among them includes `costs`'
+/// latency and bandwidth. Under uniform costs the unit-time order is returned.
 pub fn zero_bubble_v_for(p: usize, m: usize, v: usize, costs: &Costs) -> Result<Schedule> {
     let unit = zero_bubble_v(p, m, v)?;
     costs.check(2 * p)?;
-    let makespan = |s: &Schedule| simulate(s, costs).map(|sim| sim.makespan);
-    let mut best = (makespan(&unit)?, unit);
+    let fits = |s: &Schedule| -> Result<Option<f64>> {
+        let sim = simulate(s, costs)?;
+        let within = sim.ranks.iter().all(|r| r.peak_activations <= 2 * p);
+        Ok(within.then_some(sim.makespan))
+    };
+    let unit_time = fits(&unit)?.unwrap_or(f64::INFINITY);
+    let mut best = (unit_time, unit);
+    let mut consider = |ranks: Vec<Vec<Action>>| -> Result<()> {
+        let timed = v_schedule(p, m, ranks);
+        if let Some(time) = fits(&timed)? {
+            if time < best.0 {
+                best = (time, timed);
+            }
+        }
+        Ok(())
+    };
     for inputs_first in [false, true] {
         for reserve in [false, true] {
             let order = Greedy {
                 inputs_first,
                 reserve,
             };
-            let Some(ranks) = greedy_v(p, m, 2 * p, order, &|a| costs.duration(a)) else {
-                continue;
-            };
-            let timed = v_schedule(p, m, ranks);
-            let time = makespan(&timed)?;
-            if time < best.0 {
-                best = (time, timed);
+            if let Some(ranks) = greedy_v(p, m, 2 * p, order, &|a| costs.duration(a)) {
+                consider(ranks)?;
             }
         }
     }
+    consider(fixed_zb_v(p, m))?;
+    if m >= 2 * p {
+        consider(dualpipe_v_order(p, m))?;
+    }
     Ok(best.1)
+}
+
+/// One rank's list in a fixed V order, built phase by phase: each call adds the next
+/// micro-batch of a chunk (0 the way down, stage `r`; 1 the way back, stage `2p - 1 - r`),
+/// and input gradients queue their weight halves (first in, first out) for [`VOrder::weight`].
+struct VOrder {
+    stages: [usize; 2],
+    forwards: [usize; 2],
+    backwards: [usize; 2],
+    queued: std::collections::VecDeque<(usize, usize)>,
+    actions: Vec<Action>,
+}
+
+impl VOrder {
+    fn new(p: usize, rank: usize, m: usize) -> Self {
+        VOrder {
+            stages: [rank, 2 * p - 1 - rank],
+            forwards: [0; 2],
+            backwards: [0; 2],
+            queued: Default::default(),
+            actions: Vec::with_capacity(6 * m),
+        }
+    }
+
+    fn forward(&mut self, chunk: usize) {
+        self.actions
+            .push(fwd(self.stages[chunk], self.forwards[chunk]));
+        self.forwards[chunk] += 1;
+    }
+
+    /// The next backward of `chunk`: whole, or its input half with the weight half queued.
+    fn backward(&mut self, chunk: usize, split: bool) {
+        let (stage, microbatch) = (self.stages[chunk], self.backwards[chunk]);
+        self.backwards[chunk] += 1;
+        if split {
+            self.actions
+                .push(Action::BackwardInput { stage, microbatch });
+            self.queued.push_back((stage, microbatch));
+        } else {
+            self.actions.push(bwd(stage, microbatch));
+        }
+    }
+
+    /// The oldest queued weight half, if any.
+    fn weight(&mut self) {
+        if let Some((stage, microbatch)) = self.queued.pop_front() {
+            self.actions
+                .push(Action::BackwardWeight { stage, microbatch });
+        }
+    }
+}
+
+/// The zero-bubble paper's fixed ZB-V order ([`fixed_zb_v`]) as a schedule named zb-v: the
+/// published order that [`zero_bubble_v_for`] weighs its own against (BENCHMARKS.md).
+pub fn zero_bubble_v_fixed(p: usize, m: usize, v: usize) -> Result<Schedule> {
+    check_sizes(p, m, v, 3)?;
+    if v != 2 {
+        invalid!("zb-v runs two stages per rank, in a V: chunks must be 2 (got {v})");
+    }
+    Ok(v_schedule(p, m, fixed_zb_v(p, m)))
+}
+
+/// The zero-bubble paper's fixed ZB-V order, as PyTorch's `ScheduleZBVZeroBubble` builds it:
+/// per rank, `2(p - r) - 1` forwards down, `r` pairs of forwards (back, down), `p - r` rounds
+/// of forward, input and weight on the way back, then rounds of (forward, input, weight) on
+/// each chunk, and a cool-down of input halves with the weight halves after. Built for at
+/// least `2p - 1` micro-batches; the actions of those beyond `m` are dropped (which keeps the
+/// order free of cycles: a micro-batch's dependencies never leave it).
+fn fixed_zb_v(p: usize, m: usize) -> Vec<Vec<Action>> {
+    let n = m.max(2 * p - 1);
+    (0..p)
+        .map(|r| {
+            let mut o = VOrder::new(p, r, n);
+            let pair = |o: &mut VOrder, chunk: usize| {
+                o.forward(chunk);
+                o.backward(chunk, true);
+                o.weight();
+            };
+            (0..2 * (p - r) - 1).for_each(|_| o.forward(0));
+            for _ in 0..r {
+                o.forward(1);
+                o.forward(0);
+            }
+            (0..p - r).for_each(|_| pair(&mut o, 1));
+            while o.forwards[1] < o.forwards[0] || o.forwards[0] < n {
+                if o.forwards[0] < n {
+                    o.forward(0);
+                }
+                o.backward(0, true);
+                o.weight();
+                pair(&mut o, 1);
+            }
+            for _ in 0..r {
+                o.backward(0, true);
+                o.backward(1, true);
+            }
+            for _ in 0..p - r {
+                o.backward(0, true);
+                o.weight_of(0);
+            }
+            o.weights_left(1);
+            o.weights_left(0);
+            o.actions.retain(|a| a.microbatch() < m);
+            o.actions
+        })
+        .collect()
+}
+
+impl VOrder {
+    /// The oldest queued weight half of `chunk`.
+    fn weight_of(&mut self, chunk: usize) {
+        let stage = self.stages[chunk];
+        if let Some(i) = self.queued.iter().position(|&(s, _)| s == stage) {
+            let (stage, microbatch) = self.queued.remove(i).expect("found");
+            self.actions
+                .push(Action::BackwardWeight { stage, microbatch });
+        }
+    }
+
+    /// Every queued weight half of `chunk`, oldest first.
+    fn weights_left(&mut self, chunk: usize) {
+        while self.queued.iter().any(|&(s, _)| s == self.stages[chunk]) {
+            self.weight_of(chunk);
+        }
+    }
+}
+
+/// DualPipeV's order (DeepSeek's DualPipe cut into a V; PyTorch's `ScheduleDualPipeV`), per
+/// rank `r` in eight phases: `2(p - r - 1)` forwards down; `r + 1` pairs of forwards (down,
+/// back); `p - r - 1` rounds of input half, weight half and forward on the way back; then the
+/// steady state, `m - 2p + r + 1` rounds of two pairs (forward down with full backward back,
+/// forward back with full backward down), each pair two micro-batches that can overlap;
+/// `p - r - 1` rounds of a backward back and a pair (forward back with backward down); `r + 1`
+/// pairs of backwards (back, down), split from the middle one on (the way-back half first on
+/// odd ranks); `p - r - 1` rounds of a weight half and a split backward down; and the weight
+/// halves left.
+fn dualpipe_v_order(p: usize, m: usize) -> Vec<Vec<Action>> {
+    (0..p)
+        .map(|r| {
+            let mut o = VOrder::new(p, r, m);
+            (0..2 * (p - r - 1)).for_each(|_| o.forward(0));
+            for _ in 0..r + 1 {
+                o.forward(0);
+                o.forward(1);
+            }
+            for _ in 0..p - r - 1 {
+                o.backward(1, true);
+                o.weight();
+                o.forward(1);
+            }
+            for _ in 0..m + r + 1 - 2 * p {
+                o.forward(0);
+                o.backward(1, false);
+                o.forward(1);
+                o.backward(0, false);
+            }
+            for _ in 0..p - r - 1 {
+                o.backward(1, false);
+                o.forward(1);
+                o.backward(0, false);
+            }
+            let rounds = r + 1;
+            let mut split = false;
+            for i in 0..rounds {
+                split |= i == rounds / 2 && r % 2 == 1;
+                o.backward(1, split);
+                split |= i == rounds / 2 && r % 2 == 0;
+                o.backward(0, split);
+            }
+            for _ in 0..p - r - 1 {
+                o.weight();
+                o.backward(0, true);
+            }
+            (0..r + 1).for_each(|_| o.weight());
+            o.actions
+        })
+        .collect()
+}
+
+/// DualPipeV ([`ScheduleKind::DualPipeV`]) for `p` ranks and `m >= 2p` micro-batches; `v`
+/// must be 2. Its orders do not depend on the costs.
+pub fn dualpipe_v(p: usize, m: usize, v: usize) -> Result<Schedule> {
+    check_sizes(p, m, v, 3)?;
+    if v != 2 {
+        invalid!("dualpipev runs two stages per rank, in a V: chunks must be 2 (got {v})");
+    }
+    if m < 2 * p {
+        invalid!(
+            "dualpipev needs at least two micro-batches per rank: microbatches must be at least 2p = {} (got {m})",
+            2 * p
+        );
+    }
+    Ok(Schedule {
+        name: ScheduleKind::DualPipeV.name().to_string(),
+        ..v_schedule(p, m, dualpipe_v_order(p, m))
+    })
 }
 
 /// Stage `k` on rank `k mod p`: every generator's placement but zb-v's (`stages` a multiple of
@@ -720,6 +945,90 @@ mod tests {
         // Under uniform costs the unit-time order is the one returned.
         let uniform = zero_bubble_v_for(3, 9, 2, &Costs::uniform(6)).unwrap();
         assert_eq!(uniform, zero_bubble_v(3, 9, 2).unwrap());
+    }
+
+    #[test]
+    fn dualpipe_v_runs_each_action_once_and_completes() {
+        for p in 1..=6 {
+            for m in [2 * p, 2 * p + 1, 3 * p + 2] {
+                let s = dualpipe_v(p, m, 2).unwrap();
+                crate::schedule::validate(&s).unwrap();
+                let lowered = crate::schedule::lower(&s).unwrap();
+                crate::schedule::validate(&lowered).unwrap();
+                let sim = simulate(&lowered, &Costs::uniform(2 * p)).unwrap();
+                assert!(sim.makespan > 0.0);
+            }
+        }
+        // Rank 0 of p = 2, m = 4: two forwards down, a pair, one round on the way back, the
+        // steady pairs, then the split ends.
+        let s = dualpipe_v(2, 4, 2).unwrap();
+        assert_eq!(
+            text(&s.ranks[0]),
+            "S0F0 S0F1 S0F2 S3F0 S3I0 S3W0 S3F1 S0F3 S3B1 S3F2 S0B0 S3B2 S3F3 S0B1 S3B3 S0I2 S0W2 S0I3 S0W3"
+        );
+    }
+
+    #[test]
+    fn dualpipe_v_refuses_what_it_cannot_run() {
+        let err = dualpipe_v(4, 7, 2).unwrap_err().to_string();
+        assert!(
+            err.contains("microbatches must be at least 2p = 8 (got 7)"),
+            "{err}"
+        );
+        let err = dualpipe_v(4, 8, 1).unwrap_err().to_string();
+        assert!(err.contains("chunks must be 2 (got 1)"), "{err}");
+        assert_eq!(
+            "dualpipev".parse::<ScheduleKind>().unwrap(),
+            ScheduleKind::DualPipeV
+        );
+    }
+
+    #[test]
+    fn the_fixed_zb_v_order_completes_for_any_m() {
+        for p in 1..=6 {
+            for m in 1..=3 * p {
+                let s = v_schedule(p, m, fixed_zb_v(p, m));
+                crate::schedule::validate(&s).unwrap();
+                let lowered = crate::schedule::lower(&s).unwrap();
+                crate::schedule::validate(&lowered).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn zero_bubble_v_for_is_never_slower_than_the_published_v_orders() {
+        // Forward : input : weight from 1 : 1 : 1 to 1 : 1.6 : 0.4, stages alike or not.
+        for (p, m) in [(2, 4), (4, 8), (4, 12), (8, 16)] {
+            for (bwd, share) in [(2.0, 0.5), (2.0, 0.2), (1.6, 0.3)] {
+                for skew in [0.0, 0.5] {
+                    let stages = 2 * p;
+                    let costs = Costs {
+                        fwd: (0..stages)
+                            .map(|s| 1.0 + skew * s as f64 / stages as f64)
+                            .collect(),
+                        bwd: (0..stages)
+                            .map(|s| bwd * (1.0 + skew * s as f64 / stages as f64))
+                            .collect(),
+                        weight_share: vec![share; stages],
+                        ..Costs::uniform(stages)
+                    };
+                    let ours =
+                        simulate(&zero_bubble_v_for(p, m, 2, &costs).unwrap(), &costs).unwrap();
+                    assert!(ours.ranks.iter().all(|r| r.peak_activations <= 2 * p));
+                    let fixed = simulate(&v_schedule(p, m, fixed_zb_v(p, m)), &costs).unwrap();
+                    let dual = simulate(&dualpipe_v(p, m, 2).unwrap(), &costs).unwrap();
+                    for other in [&fixed, &dual] {
+                        let within = other.ranks.iter().all(|r| r.peak_activations <= 2 * p);
+                        assert!(
+                            !within || ours.makespan <= other.makespan + 1e-9,
+                            "p={p} m={m} bwd={bwd} share={share}: {} against {}",
+                            ours.makespan,
+                            other.makespan
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
