@@ -525,6 +525,7 @@ macro_rules! fused_ops {
 }
 
 fused_ops!(reference, || Some(ReferenceBackend::new()));
+fused_ops!(cpu, || Some(pipit::cpu::CpuBackend::new()));
 fused_ops!(wgpu, || Some(
     pipit_wgpu::WgpuBackend::new().expect("a wgpu adapter (lavapipe in CI)")
 ));

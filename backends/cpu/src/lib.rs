@@ -7,8 +7,9 @@
 //!   the CPU's vector unit), transposed operands read through strides;
 //! - attention in blocks of query rows on gemm, keeping one log-sum-exp per row rather than
 //!   the `seq × seq` probabilities ([`attention`]);
-//! - LayerNorm, GELU, cross-entropy and AdamW as row kernels compiled for AVX2 and FMA where
-//!   the CPU has them, with polynomial `exp`/`tanh` ([`math`]).
+//! - LayerNorm, GELU, cross-entropy and AdamW, and Llama's RMSNorm, rotary embedding, SwiGLU
+//!   and grouped-query head layout, as row kernels compiled for AVX2 and FMA where the CPU
+//!   has them, with polynomial `exp`/`tanh` ([`math`]).
 //!
 //! Threads come from one rayon pool sized to the host's cores; each backend uses its share
 //! ([`threads`]). Sums are f32 in a fixed order for a given shape, so a run repeats to the bit;
@@ -18,16 +19,20 @@ mod adamw;
 mod attention;
 mod cross_entropy;
 mod gelu;
+mod heads;
 mod math;
 mod matmul;
 mod norm;
+mod rope;
+mod swiglu;
 mod threads;
 
 use std::time::Instant;
 
 use anyhow::{bail, Result};
 use pipit_engine::backend::{
-    check, AdamW, Attention, Backend, CachedAttention, DType, Matmul, MemoryStats,
+    check, fused, AdamW, Attention, Backend, CachedAttention, DType, Heads, Matmul, MemoryStats,
+    Rope,
 };
 use pipit_reference::{check_cross_entropy, checks, expect_len, RefBuffer, ReferenceBackend};
 
@@ -321,6 +326,114 @@ impl Backend for CpuBackend {
         expect_len("gelu inp", inp.len(), dinp.len())?;
         expect_len("gelu dout", dout.len(), dinp.len())?;
         gelu::backward(&mut dinp, inp, dout);
+        Ok(())
+    }
+
+    fn rmsnorm_forward(
+        &self,
+        out: &mut RefBuffer,
+        rstd: &mut RefBuffer,
+        inp: &RefBuffer,
+        weight: &RefBuffer,
+        rows: usize,
+        channels: usize,
+        eps: f32,
+    ) -> Result<()> {
+        fused::check_rmsnorm_forward(self, out, rstd, inp, weight, rows, channels)?;
+        let (inp, weight) = (inp.f32("rmsnorm inp")?, weight.f32("rmsnorm weight")?);
+        let (mut out, mut rstd) = (out.f32_mut("rmsnorm out")?, rstd.f32_mut("rmsnorm rstd")?);
+        norm::rmsnorm_forward(&mut out, &mut rstd, inp, weight, channels, eps);
+        Ok(())
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dinp: &mut RefBuffer,
+        dweight: &mut RefBuffer,
+        dout: &RefBuffer,
+        inp: &RefBuffer,
+        weight: &RefBuffer,
+        rstd: &RefBuffer,
+        rows: usize,
+        channels: usize,
+    ) -> Result<()> {
+        fused::check_rmsnorm_backward(self, dinp, dweight, dout, inp, weight, rstd, rows, channels)?;
+        let (dout, inp) = (dout.f32("rmsnorm dout")?, inp.f32("rmsnorm inp")?);
+        let (weight, rstd) = (weight.f32("rmsnorm weight")?, rstd.f32("rmsnorm rstd")?);
+        let (mut dinp, mut dweight) = (
+            dinp.f32_mut("rmsnorm dinp")?,
+            dweight.f32_mut("rmsnorm dweight")?,
+        );
+        norm::rmsnorm_backward(&mut dinp, &mut dweight, dout, inp, weight, rstd, channels);
+        Ok(())
+    }
+
+    fn rope(&self, out: &mut RefBuffer, inp: &RefBuffer, shape: Rope) -> Result<()> {
+        fused::check_rope(self, out, inp, &shape)?;
+        let inp = inp.f32("rope inp")?;
+        let mut out = out.f32_mut("rope out")?;
+        rope::rotate(&mut out, inp, shape);
+        Ok(())
+    }
+
+    fn swiglu_forward(&self, out: &mut RefBuffer, gate: &RefBuffer, up: &RefBuffer) -> Result<()> {
+        fused::check_swiglu_forward(self, out, gate, up)?;
+        let (gate, up) = (gate.f32("swiglu gate")?, up.f32("swiglu up")?);
+        let mut out = out.f32_mut("swiglu out")?;
+        swiglu::forward(&mut out, gate, up);
+        Ok(())
+    }
+
+    fn swiglu_backward(
+        &self,
+        dgate: &mut RefBuffer,
+        dup: &mut RefBuffer,
+        gate: &RefBuffer,
+        up: &RefBuffer,
+        dout: &RefBuffer,
+    ) -> Result<()> {
+        fused::check_swiglu_backward(self, dgate, dup, gate, up, dout)?;
+        let (gate, up, dout) = (
+            gate.f32("swiglu gate")?,
+            up.f32("swiglu up")?,
+            dout.f32("swiglu dout")?,
+        );
+        let (mut dgate, mut dup) = (dgate.f32_mut("swiglu dgate")?, dup.f32_mut("swiglu dup")?);
+        swiglu::backward(&mut dgate, &mut dup, gate, up, dout);
+        Ok(())
+    }
+
+    fn pack_qkv(
+        &self,
+        qkv: &mut RefBuffer,
+        q: &RefBuffer,
+        k: &RefBuffer,
+        v: &RefBuffer,
+        shape: Heads,
+    ) -> Result<()> {
+        fused::check_pack_qkv(self, qkv, q, k, v, &shape)?;
+        let (q, k, v) = (q.f32("queries")?, k.f32("keys")?, v.f32("values")?);
+        let mut qkv = qkv.f32_mut("packed qkv")?;
+        heads::pack(&mut qkv, q, k, v, shape);
+        Ok(())
+    }
+
+    fn unpack_qkv_grad(
+        &self,
+        dq: &mut RefBuffer,
+        dk: &mut RefBuffer,
+        dv: &mut RefBuffer,
+        dqkv: &RefBuffer,
+        shape: Heads,
+    ) -> Result<()> {
+        fused::check_unpack_qkv_grad(self, dq, dk, dv, dqkv, &shape)?;
+        let dqkv = dqkv.f32("packed qkv gradient")?;
+        let (mut dq, mut dk, mut dv) = (
+            dq.f32_mut("query gradient")?,
+            dk.f32_mut("key gradient")?,
+            dv.f32_mut("value gradient")?,
+        );
+        heads::unpack_grad(&mut dq, &mut dk, &mut dv, dqkv, shape);
         Ok(())
     }
 

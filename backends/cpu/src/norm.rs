@@ -110,3 +110,78 @@ pub(crate) fn layernorm_backward(
         dbias.iter_mut().zip(&part[c..]).for_each(|(d, &p)| *d += p);
     }
 }
+
+/// RMSNorm (Llama): `out = weight · (x · rstd)` with `rstd = 1/√(mean(x²) + eps)`, saved per
+/// row; the normalised value is rounded to f32 before the weight scales it, as transformers
+/// does.
+pub(crate) fn rmsnorm_forward(
+    out: &mut [f32],
+    rstd: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    c: usize,
+    eps: f32,
+) {
+    rows(rstd, 1, c, |first, block| {
+        wide(|| {
+            for (r, s) in block.iter_mut().enumerate() {
+                let x = &inp[(first + r) * c..][..c];
+                *s = 1.0 / (dot(x, x) / c as f32 + eps).sqrt();
+            }
+        })
+    });
+    let rstd = &*rstd;
+    rows(out, c, c * 2, |first, block| {
+        wide(|| {
+            for (r, o) in block.chunks_exact_mut(c).enumerate() {
+                let row = first + r;
+                let (x, s) = (&inp[row * c..][..c], rstd[row]);
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(weight) {
+                    *o = w * (x * s);
+                }
+            }
+        })
+    });
+}
+
+/// RMSNorm backward: overwrite `dinp`, accumulate `dweight`. With `x̂ = x·rstd` and
+/// `g = dout·weight`, a row's input gradient is `rstd·(g − x̂·mean(g·x̂))`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rmsnorm_backward(
+    dinp: &mut [f32],
+    dweight: &mut [f32],
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    rstd: &[f32],
+    c: usize,
+) {
+    rows(dinp, c, c * 6, |first, block| {
+        let mut g = vec![0f32; c];
+        let mut n = vec![0f32; c];
+        wide(|| {
+            for (r, di) in block.chunks_exact_mut(c).enumerate() {
+                let row = first + r;
+                let s = rstd[row];
+                let (x, dy) = (&inp[row * c..][..c], &dout[row * c..][..c]);
+                for i in 0..c {
+                    g[i] = dy[i] * weight[i];
+                    n[i] = x[i] * s;
+                }
+                let gn_mean = dot(&g, &n) / c as f32;
+                for i in 0..c {
+                    di[i] = s * (g[i] - n[i] * gn_mean);
+                }
+            }
+        })
+    });
+    let partials = crate::matmul::column_sums(dout.len() / c, c, |acc, r| {
+        let (x, dy, s) = (&inp[r * c..][..c], &dout[r * c..][..c], rstd[r]);
+        for i in 0..c {
+            acc[i] += dy[i] * (x[i] * s);
+        }
+    });
+    for part in partials.chunks_exact(c) {
+        dweight.iter_mut().zip(part).for_each(|(d, &p)| *d += p);
+    }
+}
