@@ -122,6 +122,21 @@ unsafe fn clear(result: *mut *mut c_char) {
     }
 }
 
+/// `call` on the options at `options`, its JSON result handed over in `*result`.
+///
+/// # Safety
+/// As [`options_arg`] and [`give`].
+unsafe fn json_call(
+    options: *const c_char,
+    result: *mut *mut c_char,
+    call: fn(&Options) -> anyhow::Result<Value>,
+) -> PipitStatus {
+    guard(|| unsafe {
+        clear(result);
+        give(result, &call(&options_arg(options)?)?)
+    })
+}
+
 /// The version of the library, e.g. "0.1.0" (static; never freed). Compare with
 /// PIPIT_VERSION to check that the header and the library agree.
 #[no_mangle]
@@ -158,11 +173,8 @@ pub unsafe extern "C" fn pipit_plan(
     options: *const c_char,
     result: *mut *mut c_char,
 ) -> PipitStatus {
-    guard(|| unsafe {
-        clear(result);
-        let value = api::plan(&options_arg(options)?)?;
-        give(result, &value)
-    })
+    // SAFETY: as the caller promises.
+    unsafe { json_call(options, result, api::plan) }
 }
 
 /// Generate from a checkpoint, as `pipit generate --format json` ({"checkpoint": "runs/latest",
@@ -175,11 +187,8 @@ pub unsafe extern "C" fn pipit_generate(
     options: *const c_char,
     result: *mut *mut c_char,
 ) -> PipitStatus {
-    guard(|| unsafe {
-        clear(result);
-        let value = api::generate(&options_arg(options)?)?;
-        give(result, &value)
-    })
+    // SAFETY: as the caller promises.
+    unsafe { json_call(options, result, api::generate) }
 }
 
 /// Score a checkpoint on a text, as `pipit eval --format json` ({"checkpoint": "runs/latest"});
@@ -192,11 +201,8 @@ pub unsafe extern "C" fn pipit_evaluate(
     options: *const c_char,
     result: *mut *mut c_char,
 ) -> PipitStatus {
-    guard(|| unsafe {
-        clear(result);
-        let value = api::evaluate(&options_arg(options)?)?;
-        give(result, &value)
-    })
+    // SAFETY: as the caller promises.
+    unsafe { json_call(options, result, api::evaluate) }
 }
 
 /// Build a training run from `pipit train`'s flags (JSON, or TOML as in `--config`:

@@ -26,31 +26,32 @@ fn options(text: &str) -> PyResult<Options> {
     api::options_from_text(text).map_err(raise)
 }
 
+/// `call` on the options (JSON text) with the GIL released; its result as JSON text.
+fn json_call(
+    py: Python<'_>,
+    options_json: &str,
+    call: fn(&Options) -> anyhow::Result<serde_json::Value>,
+) -> PyResult<String> {
+    let o = options(options_json)?;
+    py.detach(|| call(&o)).map(|v| v.to_string()).map_err(raise)
+}
+
 /// `pipit plan --format json` for the options (JSON text); its JSON.
 #[pyfunction]
 fn plan(py: Python<'_>, options_json: &str) -> PyResult<String> {
-    let o = options(options_json)?;
-    py.detach(|| api::plan(&o))
-        .map(|v| v.to_string())
-        .map_err(raise)
+    json_call(py, options_json, api::plan)
 }
 
 /// `pipit generate --format json` for the options (JSON text); its JSON.
 #[pyfunction]
 fn generate(py: Python<'_>, options_json: &str) -> PyResult<String> {
-    let o = options(options_json)?;
-    py.detach(|| api::generate(&o))
-        .map(|v| v.to_string())
-        .map_err(raise)
+    json_call(py, options_json, api::generate)
 }
 
 /// `pipit eval --format json` for the options (JSON text); its JSON.
 #[pyfunction]
 fn evaluate(py: Python<'_>, options_json: &str) -> PyResult<String> {
-    let o = options(options_json)?;
-    py.detach(|| api::evaluate(&o))
-        .map(|v| v.to_string())
-        .map_err(raise)
+    json_call(py, options_json, api::evaluate)
 }
 
 /// A training run (`pipit train`'s flags as JSON text), a step at a time.

@@ -9,7 +9,11 @@ use crate::threads::rows;
 /// `qkv[r] = [q[r] | k heads repeated | v heads repeated]`.
 pub(crate) fn pack(qkv: &mut [f32], q: &[f32], k: &[f32], v: &[f32], shape: Heads) {
     let d = shape.head_dim;
-    let (qw, kw, group) = (shape.heads * d, shape.kv_heads * d, shape.heads / shape.kv_heads);
+    let (qw, kw, group) = (
+        shape.heads * d,
+        shape.kv_heads * d,
+        shape.heads / shape.kv_heads,
+    );
     rows(qkv, 3 * qw, 3 * qw, |first, block| {
         for (i, row) in block.chunks_exact_mut(3 * qw).enumerate() {
             let r = first + i;
@@ -35,7 +39,11 @@ pub(crate) fn unpack_grad(
     shape: Heads,
 ) {
     let d = shape.head_dim;
-    let (qw, kw, group) = (shape.heads * d, shape.kv_heads * d, shape.heads / shape.kv_heads);
+    let (qw, kw, group) = (
+        shape.heads * d,
+        shape.kv_heads * d,
+        shape.heads / shape.kv_heads,
+    );
     rows(dq, qw, qw, |first, block| {
         for (i, row) in block.chunks_exact_mut(qw).enumerate() {
             row.copy_from_slice(&dqkv[(first + i) * 3 * qw..][..qw]);

@@ -357,7 +357,9 @@ impl Backend for CpuBackend {
         rows: usize,
         channels: usize,
     ) -> Result<()> {
-        fused::check_rmsnorm_backward(self, dinp, dweight, dout, inp, weight, rstd, rows, channels)?;
+        fused::check_rmsnorm_backward(
+            self, dinp, dweight, dout, inp, weight, rstd, rows, channels,
+        )?;
         let (dout, inp) = (dout.f32("rmsnorm dout")?, inp.f32("rmsnorm inp")?);
         let (weight, rstd) = (weight.f32("rmsnorm weight")?, rstd.f32("rmsnorm rstd")?);
         let (mut dinp, mut dweight) = (
