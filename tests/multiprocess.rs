@@ -359,6 +359,67 @@ fn processes_started_by_hand_with_torchrun_or_srun_variables() {
 }
 
 /// The last line of a rank's stderr: the one error line.
+/// The real torchrun: `$PIPIT_TORCHRUN`, else `torchrun` on the PATH; `None` says why not.
+fn real_torchrun() -> Result<PathBuf, String> {
+    if let Some(path) = std::env::var_os("PIPIT_TORCHRUN") {
+        return Ok(PathBuf::from(path));
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("torchrun"))
+            .find(|p| p.is_file())
+    });
+    found.ok_or_else(|| "no torchrun: set PIPIT_TORCHRUN or put torch's torchrun on PATH".into())
+}
+
+/// `torchrun --nproc-per-node 4 --no-python pipit train ...`, as a new user types it: the
+/// agent already serves its own TCPStore on the master port, and the ranks meet in it. The
+/// losses are the single process's.
+#[test]
+fn the_real_torchrun_runs_a_pipeline() {
+    let torchrun = match real_torchrun() {
+        Ok(path) => path,
+        Err(why) => {
+            assert!(
+                std::env::var_os("PIPIT_REQUIRE_TORCHRUN").is_none(),
+                "PIPIT_REQUIRE_TORCHRUN is set, but {why}"
+            );
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = scratch("real-torchrun");
+    let args = |log: &Path| {
+        let extra = [
+            "--steps",
+            "3",
+            "--no-save",
+            "--log-json",
+            log.to_str().unwrap(),
+        ];
+        train_args("1f1b", 4, 1, &extra)
+    };
+    let single = dir.join("single.jsonl");
+    ok(&run(&mut pipit(&args(&single), &[])));
+    let multi = dir.join("torchrun.jsonl");
+    let bin = std::env::var_os("PIPIT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_pipit").into());
+    let mut cmd = Command::new(&torchrun);
+    cmd.args(["--nproc-per-node", "4", "--master-port"])
+        .arg(free_port().to_string())
+        .arg("--no-python")
+        .arg(&bin)
+        .args(args(&multi))
+        .env("XDG_RUNTIME_DIR", "/tmp")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for var in LAUNCH_VARS {
+        cmd.env_remove(var);
+    }
+    let out = run(&mut cmd);
+    ok(&out);
+    same_losses(&single, &multi, 4);
+}
+
 fn error_line(out: &Output) -> String {
     let err = stderr(out);
     let last = err.lines().last().unwrap_or_default().to_string();

@@ -120,6 +120,7 @@ fn env(rank: usize, port: u16) -> LaunchEnv {
         master_port: port,
         token: None,
         launcher: "torchrun",
+        agent_store: None,
     }
 }
 

@@ -28,6 +28,11 @@ pub struct LaunchEnv {
     pub token: Option<String>,
     /// Which launcher's variables were found: `torchrun` or `srun`.
     pub launcher: &'static str,
+    /// Under torchrun's elastic agent (`TORCHELASTIC_USE_AGENT_STORE` set), the agent already
+    /// serves a TCPStore on MASTER_ADDR:MASTER_PORT: the ranks meet in it, under this key
+    /// prefix (the run id and restart count torchrun gives), instead of rank 0 serving
+    /// pipit's own store there.
+    pub agent_store: Option<String>,
 }
 
 impl LaunchEnv {
@@ -83,6 +88,13 @@ impl LaunchEnv {
             master_port,
             token: get("PIPIT_TOKEN").filter(|t| !t.is_empty()),
             launcher,
+            agent_store: get("TORCHELASTIC_USE_AGENT_STORE")
+                .filter(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1"))
+                .map(|_| {
+                    let run = get("TORCHELASTIC_RUN_ID").unwrap_or_else(|| "none".into());
+                    let restart = get("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
+                    format!("pipit/{}/{}", run.trim(), restart.trim())
+                }),
         }))
     }
 }
@@ -177,6 +189,24 @@ mod tests {
         .unwrap();
         assert_eq!((env.rank, env.world_size, env.local_rank), (1, 2, 1));
         assert_eq!(env.master_addr, "127.0.0.1");
+    }
+
+    #[test]
+    fn torchruns_agent_store_is_joined_under_its_run_and_restart() {
+        let env = read(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RUN_ID", "abc"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(env.agent_store.as_deref(), Some("pipit/abc/2"));
+        let plain = read(&[("RANK", "1"), ("WORLD_SIZE", "2")])
+            .unwrap()
+            .unwrap();
+        assert_eq!(plain.agent_store, None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod launcher_watch;
 pub mod links;
 pub mod rendezvous;
 pub mod tcp;
+pub mod tcp_store;
 mod trainer;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -50,7 +51,8 @@ pub fn master_address(env: &LaunchEnv) -> Result<SocketAddr> {
 /// Returns this rank's transport and what rank 0 shared. Every wait lasts at most `timeout`.
 ///
 /// Rank 0 serves the store on MASTER_ADDR: loopback unless MASTER_ADDR names another
-/// interface, in which case `PIPIT_TOKEN` must be set so strangers are refused.
+/// interface, in which case `PIPIT_TOKEN` must be set so strangers are refused. Under
+/// torchrun's agent the ranks meet in the agent's own TCPStore there instead.
 pub fn connect(env: &LaunchEnv, shared: Value, timeout: Duration) -> Result<(TcpTransport, Value)> {
     let (transport, shared, _) = connect_sharing(env, shared, &[], timeout)?;
     Ok((transport, shared))
@@ -68,7 +70,9 @@ pub fn connect_sharing(
     let shared = serde_json::json!({ "settings": shared, "blob": links::to_hex(blob) });
     let master = master_address(env)?;
     let token = env.token.as_deref();
-    let meeting = if env.rank == 0 {
+    let meeting = if let Some(prefix) = &env.agent_store {
+        rendezvous::meet_in_store(master, env.rank, env.world_size, prefix, shared, timeout)?
+    } else if env.rank == 0 {
         if !master.ip().is_loopback() && token.is_none() {
             return Err(invalid_input!(
                 "MASTER_ADDR {} is not a loopback address: set PIPIT_TOKEN to the same secret on every rank, so the rendezvous admits only this run's processes",

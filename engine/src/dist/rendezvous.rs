@@ -1,6 +1,8 @@
 //! How the ranks of a run find each other: rank 0 serves a small TCP store; every other rank
 //! joins it, and once all have joined the store hands each the run id, what rank 0 shares
 //! (the run's settings) and every rank's data address. Then the ranks connect pairwise.
+//! Under torchrun's agent, which serves a TCPStore of its own on the same port, the ranks
+//! meet in that instead ([`meet_in_store`]).
 //!
 //! Store protocol: one JSON line each way. A joining rank sends
 //! `{"rank", "world_size", "token", "data_port"}`; the store answers, once everybody is in,
@@ -378,6 +380,76 @@ pub fn join(
         rank,
         run_id,
         shared,
+        peers,
+        listener,
+    })
+}
+
+/// Meet the other ranks in torchrun's own store at `store` (its agent serves a TCPStore on
+/// MASTER_ADDR:MASTER_PORT), under the key prefix `prefix`: each rank sets its data address
+/// under `{prefix}/peer/{rank}`, rank 0 also the run id and what it shares under
+/// `{prefix}/run`, and every rank waits for all of them. Fails after `timeout` naming the
+/// ranks that never appeared.
+pub fn meet_in_store(
+    store: SocketAddr,
+    rank: usize,
+    world: usize,
+    prefix: &str,
+    shared: Value,
+    timeout: Duration,
+) -> Result<Meeting> {
+    let deadline = Instant::now() + timeout;
+    let mut client = super::tcp_store::TcpStoreClient::connect(store, deadline)
+        .with_context(|| format!("rank {rank} joining torchrun's store"))?;
+    // Listen for data connections on the interface that reaches the store.
+    let local_ip = client.local_ip()?;
+    let listener = TcpListener::bind((local_ip, 0))
+        .with_context(|| format!("rank {rank} opening its data listener on {local_ip}"))?;
+    let peer_key = |r: usize| format!("{prefix}/peer/{r}");
+    let run_key = format!("{prefix}/run");
+    client.set(
+        &peer_key(rank),
+        listener.local_addr()?.to_string().as_bytes(),
+    )?;
+    if rank == 0 {
+        let run = json!({
+            "run_id": format!("{:032x}", random_id()),
+            "world_size": world,
+            "shared": shared,
+        });
+        client.set(&run_key, run.to_string().as_bytes())?;
+    }
+    let mut keys: Vec<String> = (0..world).map(peer_key).collect();
+    keys.push(run_key.clone());
+    client.wait(&keys, deadline).map_err(|e| {
+        anyhow!(
+            "rank {rank}: the ranks did not all reach torchrun's store at {store} within {:.0} s ({e})",
+            timeout.as_secs_f64()
+        )
+    })?;
+    let run: Value = serde_json::from_slice(&client.get(&run_key)?)
+        .context("reading the run rank 0 set in torchrun's store")?;
+    if run["world_size"].as_u64() != Some(world as u64) {
+        return Err(invalid_input!(
+            "rank 0 runs a world of {} ranks, this rank one of {world} (WORLD_SIZE differs)",
+            run["world_size"]
+        ));
+    }
+    let run_id = run["run_id"]
+        .as_str()
+        .and_then(|h| u128::from_str_radix(h, 16).ok())
+        .ok_or_else(|| anyhow!("rank 0 set no readable run id in torchrun's store"))?;
+    let peers = (0..world)
+        .map(|r| {
+            let text = String::from_utf8(client.get(&peer_key(r))?)?;
+            text.parse::<SocketAddr>()
+                .map_err(|e| anyhow!("rank {r}'s address `{text}` in torchrun's store: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Meeting {
+        rank,
+        run_id,
+        shared: run["shared"].clone(),
         peers,
         listener,
     })
