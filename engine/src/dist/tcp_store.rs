@@ -205,9 +205,11 @@ mod tests {
                     5 => {
                         let mut n = [0u8; 8];
                         s.read_exact(&mut n).unwrap();
-                        let all = (0..u64::from_le_bytes(n))
+                        // Every key is read off the stream before any is looked up.
+                        let keys: Vec<Vec<u8>> = (0..u64::from_le_bytes(n))
                             .map(|_| read_bytes(&mut s).unwrap())
-                            .fold(true, |all, k| all && map.contains_key(&k));
+                            .collect();
+                        let all = keys.iter().all(|k| map.contains_key(k));
                         s.write_all(&[if all { 0 } else { 1 }]).unwrap();
                     }
                     other => panic!("query {other}"),
