@@ -178,8 +178,9 @@ pub fn generate(kind: ScheduleKind, p: usize, m: usize, v: usize) -> Result<Sche
     }
 }
 
-/// [`generate`] for the stage costs the schedule will run under: zb-v's order is built by
-/// simulating them ([`zero_bubble_v_for`]); the other orders do not depend on costs.
+/// [`generate`] for the stage costs the schedule will run under: zb-h1's and zb-v's orders
+/// are chosen by simulating them ([`zero_bubble_for`], [`zero_bubble_v_for`]); the other
+/// orders do not depend on costs.
 pub fn generate_for(
     kind: ScheduleKind,
     p: usize,
@@ -188,6 +189,7 @@ pub fn generate_for(
     costs: &Costs,
 ) -> Result<Schedule> {
     match kind {
+        ScheduleKind::ZeroBubble => zero_bubble_for(p, m, v, costs),
         ScheduleKind::ZeroBubbleV => zero_bubble_v_for(p, m, v, costs),
         _ => generate(kind, p, m, v),
     }
@@ -372,6 +374,93 @@ pub fn zero_bubble(p: usize, m: usize, v: usize) -> Result<Schedule> {
         actions.retain(|a| a.microbatch() < m);
     }
     Ok(schedule)
+}
+
+/// [`zero_bubble`] for stages of the given costs: pipit's order or the published ZB-1P order
+/// ([`zero_bubble_fixed`]), whichever simulates faster under `costs` while no rank holds more
+/// micro-batches than pipit's order holds on its busiest rank; on a tie, the one that holds
+/// fewer at its peak (ZB-1P with chunks), else pipit's.
+pub fn zero_bubble_for(p: usize, m: usize, v: usize, costs: &Costs) -> Result<Schedule> {
+    let ours = zero_bubble(p, m, v)?;
+    costs.check(p * v)?;
+    let sim = simulate(&ours, costs)?;
+    let cap = sim
+        .ranks
+        .iter()
+        .map(|r| r.peak_activations)
+        .max()
+        .unwrap_or(0);
+    let Some(fixed) = zero_bubble_fixed(p, m, v) else {
+        return Ok(ours);
+    };
+    let other = simulate(&fixed, costs)?;
+    let held = other
+        .ranks
+        .iter()
+        .map(|r| r.peak_activations)
+        .max()
+        .unwrap_or(0);
+    // Faster, or as fast holding less (with chunks, ZB-1P's shorter warm-up holds 2p chunks
+    // where the interleaved order's holds up to 3p - 1, in the same time).
+    let better = other.makespan < sim.makespan - 1e-9
+        || (other.makespan <= sim.makespan + 1e-9 && held < cap);
+    Ok(if held <= cap && better { fixed } else { ours })
+}
+
+/// The published zero-bubble order ZB-1P (Qi et al., 2024) as PyTorch's
+/// `ScheduleInterleavedZeroBubble` builds it, on [`zero_bubble`]'s looped placement: the `m`
+/// micro-batches in rounds of `m / max(1, m / p)` (`None` where that does not divide `m`);
+/// rank `r` warms up with `(v - 1)` rounds of forwards plus `p - 1 - r`, then alternates a
+/// forward with an input half (chunks taken round by round, backwards in reverse chunk order),
+/// the weight halves following the input halves `r` behind, the rest at the end.
+pub fn zero_bubble_fixed(p: usize, m: usize, v: usize) -> Option<Schedule> {
+    check_sizes(p, m, v, 3).ok()?;
+    let rounds = (m / p).max(1);
+    if m % rounds != 0 {
+        return None;
+    }
+    let per_round = m / rounds;
+    let total = m * v;
+    let mut schedule = new_schedule(ScheduleKind::ZeroBubble, p, m, v);
+    for (r, actions) in schedule.ranks.iter_mut().enumerate() {
+        let warmup = ((v - 1) * per_round + (p - 1 - r)).min(total);
+        let forward_stage = |op: usize| ((op / per_round) % v) * p + r;
+        let backward_stage = |op: usize| (v - 1 - ((op - warmup) / per_round) % v) * p + r;
+        let mut next = vec![[0usize; 3]; p * v];
+        let mut take = |stage: usize, kind: usize| {
+            let mb = next[stage][kind];
+            next[stage][kind] += 1;
+            mb
+        };
+        let mut backward_ops = Vec::with_capacity(total);
+        let mut weights_done = 0;
+        for op in 0..total + warmup {
+            if op < total {
+                let stage = forward_stage(op);
+                actions.push(fwd(stage, take(stage, 0)));
+            }
+            if op < warmup {
+                continue;
+            }
+            let stage = backward_stage(op);
+            let microbatch = take(stage, 1);
+            actions.push(Action::BackwardInput { stage, microbatch });
+            backward_ops.push(op);
+            if op - warmup >= r {
+                let stage = backward_stage(backward_ops[weights_done]);
+                let microbatch = take(stage, 2);
+                actions.push(Action::BackwardWeight { stage, microbatch });
+                weights_done += 1;
+            }
+        }
+        while weights_done < backward_ops.len() {
+            let stage = backward_stage(backward_ops[weights_done]);
+            let microbatch = take(stage, 2);
+            actions.push(Action::BackwardWeight { stage, microbatch });
+            weights_done += 1;
+        }
+    }
+    Some(schedule)
 }
 
 /// Zero bubble on a V (ZB-V; Qi et al., "Zero Bubble Pipeline Parallelism", ICLR 2024):
@@ -1026,6 +1115,52 @@ mod tests {
                             other.makespan
                         );
                     }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_fixed_zb_1p_order_completes_where_it_applies() {
+        for p in 1..=6 {
+            for m in 1..=3 * p {
+                for v in 1..=3 {
+                    let Some(s) = zero_bubble_fixed(p, m, v) else {
+                        assert_ne!(m % (m / p).max(1), 0, "p={p} m={m}");
+                        continue;
+                    };
+                    crate::schedule::validate(&s).unwrap();
+                    let lowered = crate::schedule::lower(&s).unwrap();
+                    crate::schedule::validate(&lowered).unwrap();
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn zero_bubble_for_is_never_slower_than_the_fixed_zb_1p_within_its_cap() {
+        for (p, m, v) in [(2, 4, 1), (4, 8, 1), (4, 16, 1), (4, 8, 2), (8, 16, 2)] {
+            for share in [0.5, 0.4, 0.3, 0.2] {
+                let costs = Costs {
+                    weight_share: vec![share; p * v],
+                    ..Costs::uniform(p * v)
+                };
+                let ours = zero_bubble(p, m, v).unwrap();
+                let cap = simulate(&ours, &costs)
+                    .unwrap()
+                    .ranks
+                    .iter()
+                    .map(|r| r.peak_activations)
+                    .max()
+                    .unwrap();
+                let chosen = simulate(&zero_bubble_for(p, m, v, &costs).unwrap(), &costs).unwrap();
+                assert!(chosen.ranks.iter().all(|r| r.peak_activations <= cap));
+                let fixed = simulate(&zero_bubble_fixed(p, m, v).unwrap(), &costs).unwrap();
+                if fixed.ranks.iter().all(|r| r.peak_activations <= cap) {
+                    assert!(
+                        chosen.makespan <= fixed.makespan + 1e-9,
+                        "p={p} m={m} v={v}"
+                    );
                 }
             }
         }

@@ -14,8 +14,8 @@ pub(crate) mod validate;
 pub use action::{Action, Schedule};
 pub use generate::{
     dualpipe_v, generate, generate_for, gpipe, interleaved, looped_placement, naive, one_f_one_b,
-    set_max_actions, v_placement, zero_bubble, zero_bubble_v, zero_bubble_v_fixed,
-    zero_bubble_v_for, ScheduleChoice, ScheduleKind, DEFAULT_MAX_ACTIONS,
+    set_max_actions, v_placement, zero_bubble, zero_bubble_fixed, zero_bubble_for, zero_bubble_v,
+    zero_bubble_v_fixed, zero_bubble_v_for, ScheduleChoice, ScheduleKind, DEFAULT_MAX_ACTIONS,
 };
 pub use lower::{lower, lower_for};
 pub use validate::validate;
