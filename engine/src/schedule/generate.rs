@@ -384,22 +384,12 @@ pub fn zero_bubble_for(p: usize, m: usize, v: usize, costs: &Costs) -> Result<Sc
     let ours = zero_bubble(p, m, v)?;
     costs.check(p * v)?;
     let sim = simulate(&ours, costs)?;
-    let cap = sim
-        .ranks
-        .iter()
-        .map(|r| r.peak_activations)
-        .max()
-        .unwrap_or(0);
+    let cap = sim.peak_held();
     let Some(fixed) = zero_bubble_fixed(p, m, v) else {
         return Ok(ours);
     };
     let other = simulate(&fixed, costs)?;
-    let held = other
-        .ranks
-        .iter()
-        .map(|r| r.peak_activations)
-        .max()
-        .unwrap_or(0);
+    let held = other.peak_held();
     // Faster, or as fast holding less (with chunks, ZB-1P's shorter warm-up holds 2p chunks
     // where the interleaved order's holds up to 3p - 1, in the same time).
     let better = other.makespan < sim.makespan - 1e-9
@@ -426,14 +416,17 @@ pub fn zero_bubble_fixed(p: usize, m: usize, v: usize) -> Option<Schedule> {
         let warmup = ((v - 1) * per_round + (p - 1 - r)).min(total);
         let forward_stage = |op: usize| ((op / per_round) % v) * p + r;
         let backward_stage = |op: usize| (v - 1 - ((op - warmup) / per_round) % v) * p + r;
-        let mut next = vec![[0usize; 3]; p * v];
+        // Per stage, the next micro-batch of its forwards and of its input halves.
+        let mut next = vec![[0usize; 2]; p * v];
         let mut take = |stage: usize, kind: usize| {
-            let mb = next[stage][kind];
             next[stage][kind] += 1;
-            mb
+            next[stage][kind] - 1
         };
-        let mut backward_ops = Vec::with_capacity(total);
-        let mut weights_done = 0;
+        // The input halves in order; the weight halves replay them, `r` behind.
+        let mut inputs: Vec<(usize, usize)> = Vec::with_capacity(total);
+        let mut weights = 0;
+        let weight =
+            |(stage, microbatch): (usize, usize)| Action::BackwardWeight { stage, microbatch };
         for op in 0..total + warmup {
             if op < total {
                 let stage = forward_stage(op);
@@ -445,20 +438,13 @@ pub fn zero_bubble_fixed(p: usize, m: usize, v: usize) -> Option<Schedule> {
             let stage = backward_stage(op);
             let microbatch = take(stage, 1);
             actions.push(Action::BackwardInput { stage, microbatch });
-            backward_ops.push(op);
+            inputs.push((stage, microbatch));
             if op - warmup >= r {
-                let stage = backward_stage(backward_ops[weights_done]);
-                let microbatch = take(stage, 2);
-                actions.push(Action::BackwardWeight { stage, microbatch });
-                weights_done += 1;
+                actions.push(weight(inputs[weights]));
+                weights += 1;
             }
         }
-        while weights_done < backward_ops.len() {
-            let stage = backward_stage(backward_ops[weights_done]);
-            let microbatch = take(stage, 2);
-            actions.push(Action::BackwardWeight { stage, microbatch });
-            weights_done += 1;
-        }
+        actions.extend(inputs[weights..].iter().map(|&i| weight(i)));
     }
     Some(schedule)
 }
@@ -510,8 +496,7 @@ pub fn zero_bubble_v_for(p: usize, m: usize, v: usize, costs: &Costs) -> Result<
     costs.check(2 * p)?;
     let fits = |s: &Schedule| -> Result<Option<f64>> {
         let sim = simulate(s, costs)?;
-        let within = sim.ranks.iter().all(|r| r.peak_activations <= 2 * p);
-        Ok(within.then_some(sim.makespan))
+        Ok((sim.peak_held() <= 2 * p).then_some(sim.makespan))
     };
     let unit_time = fits(&unit)?.unwrap_or(f64::INFINITY);
     let mut best = (unit_time, unit);

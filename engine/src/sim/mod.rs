@@ -253,6 +253,18 @@ pub struct Simulation {
     pub timeline: Vec<Vec<Timed>>,
 }
 
+impl Simulation {
+    /// The most micro-batches (chunks' worth, with several stages a rank) any rank holds at
+    /// once.
+    pub fn peak_held(&self) -> usize {
+        self.ranks
+            .iter()
+            .map(|r| r.peak_activations)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 /// Simulate `schedule` (compute-only or lowered) under `costs`.
 pub fn simulate(schedule: &Schedule, costs: &Costs) -> Result<Simulation> {
     let positions = check_structure(schedule)?;
