@@ -62,7 +62,10 @@ fn parse<A: Args + FromArgMatches>(
                     "unknown option `{key}` (the options are `pipit {command}`'s flags, with _ for -; see `pipit {command} --help`)"
                 )
             })?;
-        if forced.iter().any(|f| *f == format!("--{flag}")) {
+        if forced
+            .iter()
+            .any(|f| f.split('=').next() == Some(format!("--{flag}").as_str()))
+        {
             return Err(invalid_input!(
                 "option `{key}` is set by this call itself; leave it out"
             ));

@@ -125,6 +125,8 @@ def test_bad_input_raises_value_error_with_pipits_message_and_the_interpreter_li
         pipit.plan(schedule="sideways", stages=2, microbatches=4)
     with pytest.raises(ValueError, match="option `save` is the command line's"):
         pipit.Trainer(save="somewhere", **RUN)
+    with pytest.raises(ValueError, match="option `format` is set by this call itself"):
+        pipit.plan(schedule="1f1b", stages=2, microbatches=4, format="text")
     with pytest.raises(ValueError, match="not-a-checkpoint"):
         pipit.generate("not-a-checkpoint")
     assert pipit.plan(schedule="gpipe", stages=2, microbatches=2)["microbatches"] == 2
