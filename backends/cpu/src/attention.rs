@@ -218,15 +218,16 @@ pub(crate) fn backward(
                     {
                         let t = i0 + r;
                         let (l, d) = (lse[hd.lse + t], delta[t]);
-                        for j in 0..keys {
-                            let pj = if j <= t {
-                                exp(p[j] * hd.scale - l)
-                            } else {
-                                0.0
-                            };
-                            p[j] = pj;
-                            ds[j] = pj * (ds[j] - d) * hd.scale;
+                        // Keys up to `t` (branch-free, so it vectorises); the rest are masked.
+                        let (p_live, p_masked) = p.split_at_mut(t + 1);
+                        let (ds_live, ds_masked) = ds.split_at_mut(t + 1);
+                        for (pj, dj) in p_live.iter_mut().zip(ds_live.iter_mut()) {
+                            let e = exp(*pj * hd.scale - l);
+                            *pj = e;
+                            *dj = e * (*dj - d) * hd.scale;
                         }
+                        p_masked.fill(0.0);
+                        ds_masked.fill(0.0);
                     }
                     // dQ = dS·k, dK += dSᵀ·q, dV += Pᵀ·dO.
                     mm(
