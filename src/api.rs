@@ -10,7 +10,9 @@
 //! list (`fwd`) takes a string (`"1,2"`) or an array. Errors a caller can fix are
 //! [`pipit_engine::is_invalid_input`].
 //!
-//! Everything runs in this process, one rank per thread (no launcher).
+//! One option is the library's own: `verbose` (default false) keeps the messages the command
+//! line prints on stderr (which device, how the layers were cut, progress bars); without it a
+//! call prints nothing. Everything runs in this process, one rank per thread (no launcher).
 
 use std::path::Path;
 
@@ -113,6 +115,25 @@ fn parse<A: Args + FromArgMatches>(
     A::from_arg_matches(&matches).map_err(|e| invalid_input!("{e}"))
 }
 
+/// `call` on `options` less the library's own `verbose`, quietly unless that is true.
+fn with_options<R>(options: &Options, call: impl FnOnce(&Options) -> Result<R>) -> Result<R> {
+    let mut options = options.clone();
+    let verbose = match options.remove("verbose") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(other) => {
+            return Err(invalid_input!(
+                "option `verbose` is a switch: give true or false, got {other}"
+            ))
+        }
+    };
+    if verbose {
+        call(&options)
+    } else {
+        crate::cli::quietly(|| call(&options))
+    }
+}
+
 /// Errors if `options` sets one of `keys`, flags of the command line that a library call
 /// has no use for (`why` says what to do instead).
 fn refuse(options: &Options, keys: &[&str], why: &str) -> Result<()> {
@@ -126,27 +147,33 @@ fn refuse(options: &Options, keys: &[&str], why: &str) -> Result<()> {
 
 /// `pipit plan --format json`: the plan's figures (or, with `compare`, one entry per schedule).
 pub fn plan(options: &Options) -> Result<Value> {
-    refuse(options, &["output"], "the plan is returned")?;
-    let args: plan::PlanArgs = parse("plan", options, &["--format=json"])?;
-    Ok(serde_json::from_str(&plan::report(&args)?)?)
+    with_options(options, |options| {
+        refuse(options, &["output"], "the plan is returned")?;
+        let args: plan::PlanArgs = parse("plan", options, &["--format=json"])?;
+        Ok(serde_json::from_str(&plan::report(&args)?)?)
+    })
 }
 
 /// `pipit generate --format json`: `{"samples": [{"prompt", "seed", "text", "ids", "end"}],
 /// "tokens", "seconds", "tokens_per_sec"}`.
 pub fn generate(options: &Options) -> Result<Value> {
-    refuse(options, &["dry_run"], "run `pipit generate --dry-run`")?;
-    let args: generate::GenerateArgs = parse("generate", options, &["--format=json"])?;
-    let mut out = Vec::new();
-    generate::run_to(args, &mut out)?;
-    Ok(serde_json::from_slice(&out)?)
+    with_options(options, |options| {
+        refuse(options, &["dry_run"], "run `pipit generate --dry-run`")?;
+        let args: generate::GenerateArgs = parse("generate", options, &["--format=json"])?;
+        let mut out = Vec::new();
+        generate::run_to(args, &mut out)?;
+        Ok(serde_json::from_slice(&out)?)
+    })
 }
 
 /// `pipit eval --format json`: `{"loss", "tokens", "per"}`.
 pub fn evaluate(options: &Options) -> Result<Value> {
-    let args: eval::EvalArgs = parse("eval", options, &["--format=json"])?;
-    let mut out = Vec::new();
-    eval::run_to(args, &mut out)?;
-    Ok(serde_json::from_slice(&out)?)
+    with_options(options, |options| {
+        let args: eval::EvalArgs = parse("eval", options, &["--format=json"])?;
+        let mut out = Vec::new();
+        eval::run_to(args, &mut out)?;
+        Ok(serde_json::from_slice(&out)?)
+    })
 }
 
 /// `pipit train`, a step at a time: the same settings, the same batches, the same losses.
@@ -158,24 +185,26 @@ impl Training {
     /// Build the pipeline `pipit train` would build from these flags (on `backend`, `auto` by
     /// default); nothing is trained yet, nothing is saved unless [`Training::save`] says so.
     pub fn new(options: &Options) -> Result<Self> {
-        refuse(
-            options,
-            &["dry_run", "show_config"],
-            "run `pipit train` with it",
-        )?;
-        refuse(
-            options,
-            &["save", "no_save", "save_every"],
-            "a library run saves when told to (save)",
-        )?;
-        refuse(
-            options,
-            &["log_json", "trace", "transport", "peer_timeout"],
-            "each step returns its log line; a library run is one process",
-        )?;
-        let args: train::TrainArgs = parse("train", options, &[])?;
-        Ok(Training {
-            run: train::Run::new(&args)?,
+        with_options(options, |options| {
+            refuse(
+                options,
+                &["dry_run", "show_config"],
+                "run `pipit train` with it",
+            )?;
+            refuse(
+                options,
+                &["save", "no_save", "save_every"],
+                "a library run saves when told to (save)",
+            )?;
+            refuse(
+                options,
+                &["log_json", "trace", "transport", "peer_timeout"],
+                "each step returns its log line; a library run is one process",
+            )?;
+            let args: train::TrainArgs = parse("train", options, &[])?;
+            Ok(Training {
+                run: train::Run::new(&args)?,
+            })
         })
     }
 

@@ -107,6 +107,8 @@ fn the_c_example_plans_trains_and_samples_as_the_command_line_does() {
         .output()
         .unwrap();
     ok(&out);
+    // Without "verbose", the library prints nothing of its own.
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
     let stdout = String::from_utf8(out.stdout).unwrap();
     let field = |prefix: &str| -> Vec<&str> {
         stdout

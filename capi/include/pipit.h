@@ -8,7 +8,9 @@
  *   pipit's one-line message for this thread.
  * - Options are a NUL-terminated UTF-8 JSON object (or TOML table) whose keys are the flags of
  *   the pipit subcommand of the same name with '_' for '-': {"stages": 4} is --stages 4.
- *   pipit only reads them during the call; they stay the caller's.
+ *   pipit only reads them during the call; they stay the caller's. The one option of the
+ *   library's own, "verbose": true, keeps the command line's messages on stderr (the device,
+ *   the stages, progress); by default a call prints nothing.
  * - A `char **result` receives a NUL-terminated UTF-8 JSON text that the caller owns and
  *   frees with pipit_string_free (it is set to NULL when the call fails).
  * - A PipitTrainer is freed with pipit_trainer_free; it may be used from one thread at a time.

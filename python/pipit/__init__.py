@@ -5,7 +5,9 @@ flags with ``_`` for ``-``: ``pipit.plan(schedule="1f1b", stages=4, microbatches
 ``pipit plan --schedule 1f1b --stages 4 --microbatches 8``, parsed by the command line's own
 parser, so the defaults, the checks and the results are the command line's (see
 ``pipit <command> --help`` for every option). A switch takes ``True``; a flag that takes a
-list takes a list or a comma-separated string. Input pipit refuses raises ``ValueError``
+list takes a list or a comma-separated string. ``verbose=True`` keeps the messages the command
+line prints on stderr (the device, the stages, progress); by default a call prints nothing.
+Input pipit refuses raises ``ValueError``
 with pipit's one-line message; other failures raise ``RuntimeError``. pipit releases the
 GIL while it computes.
 

@@ -90,6 +90,16 @@ def test_trainer_steps_give_the_command_lines_losses(tmp_path):
         run.step()
 
 
+def test_calls_print_nothing_unless_verbose(capfd):
+    pipit.Trainer(**RUN).step()
+    assert capfd.readouterr().err == ""
+    pipit.Trainer(verbose=True, **RUN)
+    err = capfd.readouterr().err
+    assert "backend: cpu" in err and "rank 1:" in err, err
+    with pytest.raises(ValueError, match="option `verbose` is a switch"):
+        pipit.plan(schedule="1f1b", stages=2, microbatches=4, verbose="loud")
+
+
 def test_a_callback_stops_the_run():
     run = pipit.Trainer(**RUN)
     seen = run.train(lambda line: line["step"] < 2)

@@ -10,6 +10,8 @@ use pipit_wgpu::WgpuBackend;
 
 use pipit_engine::invalid_input;
 
+use super::say;
+
 /// The device family every rank uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
@@ -45,16 +47,16 @@ pub trait BackendJob {
 pub fn with_backend<J: BackendJob>(choice: BackendChoice, job: J) -> Result<J::Output> {
     match choice {
         BackendChoice::Cpu => {
-            eprintln!("backend: {}", CpuBackend::new().describe());
+            say!("backend: {}", CpuBackend::new().describe());
             job.run(&mut |_| Ok(CpuBackend::new()))
         }
         BackendChoice::Reference => {
-            eprintln!("backend: reference (host code)");
+            say!("backend: reference (host code)");
             job.run(&mut |_| Ok(ReferenceBackend::new()))
         }
         BackendChoice::Wgpu => {
             let probe = WgpuBackend::new()?;
-            eprintln!("backend: {}", probe.describe());
+            say!("backend: {}", probe.describe());
             let mut first = Some(probe);
             job.run(&mut |_| match first.take() {
                 Some(b) => Ok(b),
@@ -67,13 +69,13 @@ pub fn with_backend<J: BackendJob>(choice: BackendChoice, job: J) -> Result<J::O
                 invalid_input!("--backend cuda: {e}; or use auto, cpu, wgpu or reference")
             })?;
             let first = CudaBackend::new(0)?;
-            eprintln!("backend: {}", first.describe());
+            say!("backend: {}", first.describe());
             run_on_cuda(job, first, devices)
         }
         BackendChoice::Auto => {
             let no_cuda = match pipit_cuda::probe().and_then(|n| Ok((CudaBackend::new(0)?, n))) {
                 Ok((first, devices)) => {
-                    eprintln!("backend: {} (auto: a CUDA GPU)", first.describe());
+                    say!("backend: {} (auto: a CUDA GPU)", first.describe());
                     return run_on_cuda(job, first, devices);
                 }
                 Err(e) => e,
@@ -101,7 +103,7 @@ fn auto_without_cuda<J: BackendJob>(job: J, no_cuda: &anyhow::Error) -> Result<J
     let no_cuda = no_cuda.split(": ").next().unwrap_or_default();
     match WgpuBackend::new() {
         Ok(b) if b.adapter_info().device_type != wgpu::DeviceType::Cpu => {
-            eprintln!(
+            say!(
                 "backend: {} (auto: {no_cuda}, a hardware GPU through wgpu)",
                 b.describe()
             );
@@ -116,7 +118,7 @@ fn auto_without_cuda<J: BackendJob>(job: J, no_cuda: &anyhow::Error) -> Result<J
                 Ok(b) => format!("only a software adapter ({})", b.describe()),
                 Err(e) => format!("no wgpu adapter ({e})"),
             };
-            eprintln!("backend: cpu (auto: no GPU found, {no_cuda}, {why})");
+            say!("backend: cpu (auto: no GPU found, {no_cuda}, {why})");
             job.run(&mut |_| Ok(CpuBackend::new()))
         }
     }

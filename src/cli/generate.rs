@@ -419,7 +419,7 @@ fn write_samples(
     if streaming {
         out.write_all(prompts[0].text.as_bytes())?;
     }
-    let bar = if leader && !streaming {
+    let bar = if leader && !streaming && !super::is_quiet() {
         ProgressBar::new((count * args.max_tokens) as u64)
     } else {
         ProgressBar::hidden()

@@ -99,6 +99,35 @@ pub fn main() -> ExitCode {
     }
 }
 
+thread_local! {
+    /// Set while a library call runs without the command line's messages ([`quietly`]).
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether this thread's messages are silenced ([`quietly`]).
+pub(crate) fn is_quiet() -> bool {
+    QUIET.with(|q| q.get())
+}
+
+/// Run `f` without the messages the command line prints on stderr (which device, how the
+/// layers were cut, progress bars): what the library's calls do unless asked otherwise.
+pub(crate) fn quietly<R>(f: impl FnOnce() -> R) -> R {
+    let before = QUIET.with(|q| q.replace(true));
+    let out = f();
+    QUIET.with(|q| q.set(before));
+    out
+}
+
+/// `eprintln!`, unless this thread runs [`quietly`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        if !$crate::cli::is_quiet() {
+            eprintln!($($arg)*);
+        }
+    };
+}
+pub(crate) use say;
+
 /// Write `text` to standard output in one piece (a reader that goes away makes an error that
 /// [`main`] takes quietly).
 pub fn print_out(text: &str) -> anyhow::Result<()> {

@@ -21,7 +21,7 @@ use pipit_engine::{invalid_input, Backend};
 use serde_json::{json, Value};
 
 use super::device::{with_backend, BackendChoice, BackendJob};
-use super::{interrupt, trace};
+use super::{interrupt, say, trace};
 
 /// Where `pipit train` saves and `pipit generate`/`pipit eval` look by default.
 pub const DEFAULT_CHECKPOINT: &str = "runs/latest";
@@ -536,7 +536,7 @@ impl Inputs {
             ));
         }
         if let (Tokenizer::Bpe(_), true) = (&tokenizer, leader) {
-            eprintln!(
+            say!(
                 "tokens: GPT-2's BPE from the checkpoint, {} to train on and {} held out",
                 corpus.train.len(),
                 corpus.val.len()
@@ -581,7 +581,7 @@ impl Run {
             },
         )?;
         for line in trainer.describe() {
-            eprintln!("  {line}");
+            say!("  {line}");
         }
         Ok(Run {
             trainer,
@@ -759,10 +759,10 @@ impl TrainJob<'_> {
         let c = trainer.config().clone();
         let leader = trainer.is_leader();
         if leader {
-            eprintln!("model: {}", c.summary());
+            say!("model: {}", c.summary());
         }
         for line in trainer.describe() {
-            eprintln!("  {line}");
+            say!("  {line}");
         }
         if trainer.step() >= c.steps {
             return Err(invalid_input!(
@@ -811,7 +811,7 @@ impl TrainJob<'_> {
                 );
                 // A hidden bar (output not a terminal) prints nothing; logs still get the line.
                 if bar.is_hidden() && leader {
-                    eprintln!("{line}");
+                    say!("{line}");
                 } else {
                     bar.println(line);
                 }
@@ -857,14 +857,14 @@ impl TrainJob<'_> {
         trainer.finish()?;
         if let (Some(dir), Some(ckpt)) = (save_to, final_checkpoint) {
             save(dir, &ckpt)?;
-            eprintln!("saved checkpoint to {}", dir.display());
+            say!("saved checkpoint to {}", dir.display());
         }
         if !leader {
             return Ok(());
         }
         if let (Some(path), Some(entry)) = (&args.trace, &last) {
             trace::write_measured(path, &entry.report)?;
-            eprintln!(
+            say!(
                 "wrote the last step's measured timeline to {}",
                 path.display()
             );
@@ -954,7 +954,7 @@ fn auto_schedule(
     }
     let (chosen, sim) = TrainConfig::fastest(&choices).expect("at least one choice");
     if leader {
-        eprintln!(
+        say!(
             "schedule auto: {}, the fastest simulated step ({:.1} % busy under estimated FLOPs{fit}; weighed {})",
             label(chosen),
             100.0 * sim.efficiency,
