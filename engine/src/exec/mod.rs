@@ -1,5 +1,6 @@
 //! The executor: runs a lowered schedule on one worker per rank, over any backend.
 
+pub mod collective;
 mod infer;
 mod step;
 mod transport;

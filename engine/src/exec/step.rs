@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 
+use super::collective;
 use crate::backend::{Backend, Transport};
 use crate::data::Batch;
 use crate::model::{AdamWConfig, Keep, Saved, StageInput, StageModel, StageOutput, WeightGrads};
@@ -420,9 +421,10 @@ pub fn clip_scale(norm: f64, clip: f32) -> f32 {
     }
 }
 
-/// The norm of every stage's gradient together, the same on every rank: rank 0 adds the ranks'
-/// sums of squares in rank order and hands the total back, each sum rounded to f32 as it travels
-/// (rank 0's too), so every rank scales by the same factor.
+/// The norm of every stage's gradient together, the same on every rank: an all-reduce of the
+/// ranks' sums of squares over every rank ([`collective::all_reduce_sum_scalar`]: added in
+/// rank order in f64 at rank 0, each rounded to f32 as it travels), so every rank scales by
+/// the same factor.
 fn global_grad_norm<B: Backend, T: Transport<B>>(
     schedule: &Schedule,
     me: usize,
@@ -434,25 +436,8 @@ fn global_grad_norm<B: Backend, T: Transport<B>>(
     for (_, model) in stages {
         local += model.grad_sum_squares(backend)?;
     }
-    let local = local as f32;
-    let world = schedule.num_ranks();
-    let total = if world == 1 {
-        local
-    } else if me == 0 {
-        let mut total = f64::from(local);
-        for r in 1..world {
-            total += f64::from(backend.download(&transport.recv(backend, r, 1)?)?[0]);
-        }
-        let total = total as f32;
-        let buf = backend.upload(&[total])?;
-        for r in 1..world {
-            transport.send(backend, r, &buf)?;
-        }
-        total
-    } else {
-        transport.send(backend, 0, &backend.upload(&[local])?)?;
-        backend.download(&transport.recv(backend, 0, 1)?)?[0]
-    };
+    let everyone: Vec<usize> = (0..schedule.num_ranks()).collect();
+    let total = collective::all_reduce_sum_scalar(&everyone, me, backend, transport, local as f32)?;
     Ok(f64::from(total).sqrt())
 }
 
@@ -486,21 +471,14 @@ fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
             let gl = tail[0].1.grad_mut(name).ok_or_else(|| missing(last))?;
             backend.add_assign(g0, gl)?;
             backend.copy(gl, g0)?;
-        } else if me == last_rank {
-            let gl = stage_mut(stages, last)?
+        } else if me == first_rank || me == last_rank {
+            // An all-reduce over the two ranks, the first stage's rank its root: the first
+            // stage's gradient plus the last's, on both.
+            let stage = if me == first_rank { 0 } else { last };
+            let grad = stage_mut(stages, stage)?
                 .grad_mut(name)
-                .ok_or_else(|| missing(last))?;
-            let len = backend.len(gl);
-            transport.send(backend, first_rank, gl)?;
-            let sum = transport.recv(backend, first_rank, len)?;
-            backend.copy(gl, &sum)?;
-        } else if me == first_rank {
-            let g0 = stage_mut(stages, 0)?
-                .grad_mut(name)
-                .ok_or_else(|| missing(0))?;
-            let other = transport.recv(backend, last_rank, backend.len(g0))?;
-            backend.add_assign(g0, &other)?;
-            transport.send(backend, last_rank, g0)?;
+                .ok_or_else(|| missing(stage))?;
+            collective::all_reduce_sum(&[first_rank, last_rank], me, backend, transport, grad)?;
         }
     }
     Ok(())
