@@ -11,80 +11,93 @@ use anyhow::{anyhow, Result};
 
 use crate::backend::{Backend, Transport};
 
-/// The root of `group` (its first member), or an error for an empty group or one `me` is not
-/// in.
-fn root_of(group: &[usize], me: usize) -> Result<usize> {
-    let root = *group
-        .first()
-        .ok_or_else(|| anyhow!("a collective over an empty group"))?;
-    if !group.contains(&me) {
-        return Err(anyhow!("rank {me} is not in the group {group:?}"));
-    }
-    Ok(root)
+/// This rank's view of a group: the members (the first is the root), who this rank is, and
+/// how it reaches the others.
+pub struct Group<'a, B: Backend, T: Transport<B>> {
+    members: &'a [usize],
+    me: usize,
+    backend: &'a B,
+    transport: &'a mut T,
 }
 
-/// Replace `buf` on every member of `group` with the members' sum: at the root, its own value
-/// plus each other member's in member order.
-pub fn all_reduce_sum<B: Backend, T: Transport<B>>(
-    group: &[usize],
-    me: usize,
-    backend: &B,
-    transport: &mut T,
-    buf: &mut B::Buffer,
-) -> Result<()> {
-    let root = root_of(group, me)?;
-    let len = backend.len(buf);
-    if me == root {
-        for &member in group.iter().filter(|&&r| r != root) {
-            let part = transport.recv(backend, member, len)?;
-            backend.add_assign(buf, &part)?;
+impl<'a, B: Backend, T: Transport<B>> Group<'a, B, T> {
+    /// Rank `me`'s view of `members`; an error for an empty group or one `me` is not in.
+    pub fn new(
+        members: &'a [usize],
+        me: usize,
+        backend: &'a B,
+        transport: &'a mut T,
+    ) -> Result<Self> {
+        if members.is_empty() {
+            return Err(anyhow!("a collective over an empty group"));
         }
-    } else {
-        transport.send(backend, root, buf)?;
+        if !members.contains(&me) {
+            return Err(anyhow!("rank {me} is not in the group {members:?}"));
+        }
+        Ok(Group {
+            members,
+            me,
+            backend,
+            transport,
+        })
     }
-    broadcast(group, me, backend, transport, buf)
-}
 
-/// `value` summed over `group` on every member: in f64 at the root, its own first and then each
-/// other member's in member order, rounded to f32 once (each contribution travels as f32).
-pub fn all_reduce_sum_scalar<B: Backend, T: Transport<B>>(
-    group: &[usize],
-    me: usize,
-    backend: &B,
-    transport: &mut T,
-    value: f32,
-) -> Result<f32> {
-    let root = root_of(group, me)?;
-    let mut total = if me == root {
-        let mut sum = f64::from(value);
-        for &member in group.iter().filter(|&&r| r != root) {
-            sum += f64::from(backend.download(&transport.recv(backend, member, 1)?)?[0]);
-        }
-        backend.upload(&[sum as f32])?
-    } else {
-        transport.send(backend, root, &backend.upload(&[value])?)?;
-        backend.upload(&[0.0])?
-    };
-    broadcast(group, me, backend, transport, &mut total)?;
-    Ok(backend.download(&total)?[0])
-}
-
-/// Replace `buf` on every member of `group` with the root's.
-pub fn broadcast<B: Backend, T: Transport<B>>(
-    group: &[usize],
-    me: usize,
-    backend: &B,
-    transport: &mut T,
-    buf: &mut B::Buffer,
-) -> Result<()> {
-    let root = root_of(group, me)?;
-    if me == root {
-        for &member in group.iter().filter(|&&r| r != root) {
-            transport.send(backend, member, buf)?;
-        }
-    } else {
-        let value = transport.recv(backend, root, backend.len(buf))?;
-        backend.copy(buf, &value)?;
+    fn root(&self) -> usize {
+        self.members[0]
     }
-    Ok(())
+
+    /// The members other than the root, in member order.
+    fn others(&self) -> impl Iterator<Item = usize> + 'a {
+        let root = self.root();
+        self.members.iter().copied().filter(move |&r| r != root)
+    }
+
+    /// Replace `buf` on every member with the members' sum: at the root, its own value plus
+    /// each other member's in member order.
+    pub fn all_reduce_sum(&mut self, buf: &mut B::Buffer) -> Result<()> {
+        let len = self.backend.len(buf);
+        if self.me == self.root() {
+            for member in self.others() {
+                let part = self.transport.recv(self.backend, member, len)?;
+                self.backend.add_assign(buf, &part)?;
+            }
+        } else {
+            self.transport.send(self.backend, self.root(), buf)?;
+        }
+        self.broadcast(buf)
+    }
+
+    /// `value` summed over the members, on every member: in f64 at the root, its own first and
+    /// then each other member's in member order, rounded to f32 once (each contribution
+    /// travels as f32).
+    pub fn all_reduce_sum_scalar(&mut self, value: f32) -> Result<f32> {
+        let b = self.backend;
+        let mut total = if self.me == self.root() {
+            let mut sum = f64::from(value);
+            for member in self.others() {
+                sum += f64::from(b.download(&self.transport.recv(b, member, 1)?)?[0]);
+            }
+            b.upload(&[sum as f32])?
+        } else {
+            self.transport.send(b, self.root(), &b.upload(&[value])?)?;
+            b.upload(&[0.0])?
+        };
+        self.broadcast(&mut total)?;
+        Ok(b.download(&total)?[0])
+    }
+
+    /// Replace `buf` on every member with the root's.
+    pub fn broadcast(&mut self, buf: &mut B::Buffer) -> Result<()> {
+        if self.me == self.root() {
+            for member in self.others() {
+                self.transport.send(self.backend, member, buf)?;
+            }
+        } else {
+            let value = self
+                .transport
+                .recv(self.backend, self.root(), self.backend.len(buf))?;
+            self.backend.copy(buf, &value)?;
+        }
+        Ok(())
+    }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 
-use super::collective;
+use super::collective::Group;
 use crate::backend::{Backend, Transport};
 use crate::data::Batch;
 use crate::model::{AdamWConfig, Keep, Saved, StageInput, StageModel, StageOutput, WeightGrads};
@@ -422,7 +422,7 @@ pub fn clip_scale(norm: f64, clip: f32) -> f32 {
 }
 
 /// The norm of every stage's gradient together, the same on every rank: an all-reduce of the
-/// ranks' sums of squares over every rank ([`collective::all_reduce_sum_scalar`]: added in
+/// ranks' sums of squares over every rank ([`Group::all_reduce_sum_scalar`]: added in
 /// rank order in f64 at rank 0, each rounded to f32 as it travels), so every rank scales by
 /// the same factor.
 fn global_grad_norm<B: Backend, T: Transport<B>>(
@@ -437,7 +437,8 @@ fn global_grad_norm<B: Backend, T: Transport<B>>(
         local += model.grad_sum_squares(backend)?;
     }
     let everyone: Vec<usize> = (0..schedule.num_ranks()).collect();
-    let total = collective::all_reduce_sum_scalar(&everyone, me, backend, transport, local as f32)?;
+    let total =
+        Group::new(&everyone, me, backend, transport)?.all_reduce_sum_scalar(local as f32)?;
     Ok(f64::from(total).sqrt())
 }
 
@@ -478,7 +479,7 @@ fn reconcile_tied_embedding<B: Backend, T: Transport<B>>(
             let grad = stage_mut(stages, stage)?
                 .grad_mut(name)
                 .ok_or_else(|| missing(stage))?;
-            collective::all_reduce_sum(&[first_rank, last_rank], me, backend, transport, grad)?;
+            Group::new(&[first_rank, last_rank], me, backend, transport)?.all_reduce_sum(grad)?;
         }
     }
     Ok(())
