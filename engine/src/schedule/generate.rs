@@ -575,6 +575,23 @@ impl VOrder {
                 .push(Action::BackwardWeight { stage, microbatch });
         }
     }
+
+    /// The oldest queued weight half of `chunk`.
+    fn weight_of(&mut self, chunk: usize) {
+        let stage = self.stages[chunk];
+        if let Some(i) = self.queued.iter().position(|&(s, _)| s == stage) {
+            let (stage, microbatch) = self.queued.remove(i).expect("found");
+            self.actions
+                .push(Action::BackwardWeight { stage, microbatch });
+        }
+    }
+
+    /// Every queued weight half of `chunk`, oldest first.
+    fn weights_left(&mut self, chunk: usize) {
+        while self.queued.iter().any(|&(s, _)| s == self.stages[chunk]) {
+            self.weight_of(chunk);
+        }
+    }
 }
 
 /// The zero-bubble paper's fixed ZB-V order ([`fixed_zb_v`]) as a schedule named zb-v: the
@@ -631,25 +648,6 @@ fn fixed_zb_v(p: usize, m: usize) -> Vec<Vec<Action>> {
             o.actions
         })
         .collect()
-}
-
-impl VOrder {
-    /// The oldest queued weight half of `chunk`.
-    fn weight_of(&mut self, chunk: usize) {
-        let stage = self.stages[chunk];
-        if let Some(i) = self.queued.iter().position(|&(s, _)| s == stage) {
-            let (stage, microbatch) = self.queued.remove(i).expect("found");
-            self.actions
-                .push(Action::BackwardWeight { stage, microbatch });
-        }
-    }
-
-    /// Every queued weight half of `chunk`, oldest first.
-    fn weights_left(&mut self, chunk: usize) {
-        while self.queued.iter().any(|&(s, _)| s == self.stages[chunk]) {
-            self.weight_of(chunk);
-        }
-    }
 }
 
 /// DualPipeV's order (DeepSeek's DualPipe cut into a V; PyTorch's `ScheduleDualPipeV`), per
