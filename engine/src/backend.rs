@@ -504,6 +504,19 @@ pub trait Backend: Send + 'static {
     /// `dst = src` (same length; u32 buffers too, so token ids can be kept). Between f32 and
     /// bf16 the values are converted (rounded to nearest even into bf16).
     fn copy(&self, dst: &mut Self::Buffer, src: &Self::Buffer) -> Result<()>;
+    /// `dst[dst_start..dst_start + len] = src[src_start..src_start + len]` between f32
+    /// buffers (the rows of one sequence out of a batch of several, and back). This default
+    /// goes through the host; a backend with device memory copies on the device.
+    fn copy_range(
+        &self,
+        dst: &mut Self::Buffer,
+        dst_start: usize,
+        src: &Self::Buffer,
+        src_start: usize,
+        len: usize,
+    ) -> Result<()> {
+        fused::copy_range(self, dst, dst_start, src, src_start, len)
+    }
     /// `out = a + b`, elementwise. bf16: `b` may be bf16 (a matmul output added to the f32
     /// residual stream).
     fn add(&self, out: &mut Self::Buffer, a: &Self::Buffer, b: &Self::Buffer) -> Result<()>;

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use pipit_engine::checkpoint;
 use pipit_engine::dist::{watch_launcher, LaunchEnv, RankTrainer};
 use pipit_engine::rng::Rng;
+use pipit_engine::sample::Sampling;
 use pipit_engine::schedule::ScheduleKind;
 use pipit_engine::tokenizer::Tokenizer;
 use pipit_engine::train::{Init, TrainConfig, Trainer};
@@ -102,6 +103,17 @@ pub struct GenerateArgs {
     dry_run: bool,
 }
 
+impl GenerateArgs {
+    /// How each next token is picked.
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+        }
+    }
+}
+
 /// The most samples a pass takes unless `--batch-size` says otherwise.
 const DEFAULT_MAX_BATCH: usize = 16;
 
@@ -114,18 +126,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 pub fn run_to(args: GenerateArgs, out: &mut dyn Write) -> Result<()> {
     // A rank started by `pipit launch` stops by itself once the launcher is gone.
     watch_launcher()?;
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        return Err(invalid_input!(
-            "--temperature must be 0 or more, got {}",
-            args.temperature
-        ));
-    }
-    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
-        return Err(invalid_input!(
-            "--top-p must be in (0, 1], got {}",
-            args.top_p
-        ));
-    }
+    args.sampling().check(("--temperature", "--top-p"))?;
     if args.samples == 0 {
         return Err(invalid_input!("--samples must be at least 1, got 0"));
     }
@@ -403,6 +404,7 @@ fn write_samples(
 ) -> Result<()> {
     // Only tokens with text are drawn (a padded vocabulary's extra rows are never targets).
     let drawn = tokenizer.len();
+    let sampling = args.sampling();
     let mut samples: Vec<Sample> = prompts
         .iter()
         .enumerate()
@@ -484,7 +486,7 @@ fn write_samples(
                 if bad.is_none() {
                     bad = logits.iter().find(|x| !x.is_finite()).copied();
                 }
-                sample(logits, args, &mut rngs[group[k]])
+                sampling.pick(logits, &mut rngs[group[k]])
             })?;
             if let Some(x) = bad {
                 return Err(ckpt.non_finite("a logit", f64::from(x)));
@@ -574,90 +576,4 @@ fn write_samples(
         }
     }
     Ok(())
-}
-
-/// Pick a token from `logits` as `args` say: the arg-max when the temperature is 0, otherwise
-/// a draw from the softmax of `logits / temperature` restricted to the `top_k` largest (0:
-/// all), and of those to the fewest most likely whose probabilities add up to `top_p`.
-fn sample(logits: &[f32], args: &GenerateArgs, rng: &mut Rng) -> usize {
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if args.temperature == 0.0 {
-        return order[0];
-    }
-    if args.top_k > 0 {
-        order.truncate(args.top_k);
-    }
-    let top = logits[order[0]] as f64;
-    let mut weights: Vec<f64> = order
-        .iter()
-        .map(|&i| ((logits[i] as f64 - top) / args.temperature as f64).exp())
-        .collect();
-    if args.top_p < 1.0 {
-        let total: f64 = weights.iter().sum();
-        let mut sum = 0.0;
-        let keep = weights
-            .iter()
-            .position(|w| {
-                sum += w;
-                sum >= args.top_p * total
-            })
-            .map_or(weights.len(), |i| i + 1);
-        weights.truncate(keep);
-        order.truncate(keep);
-    }
-    let mut draw = rng.uniform() * weights.iter().sum::<f64>();
-    for (&i, w) in order.iter().zip(&weights) {
-        draw -= w;
-        if draw <= 0.0 {
-            return i;
-        }
-    }
-    order[order.len() - 1]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The settings of `pipit generate` with these sampling flags.
-    fn settings(flags: &[&str]) -> GenerateArgs {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            args: GenerateArgs,
-        }
-        Cli::parse_from([&["generate"], flags].concat()).args
-    }
-
-    #[test]
-    fn greedy_takes_the_largest_and_top_k_excludes_the_rest() {
-        let logits = [0.1, 3.0, 2.9, -1.0];
-        let mut rng = Rng::new(1);
-        assert_eq!(
-            sample(&logits, &settings(&["--temperature", "0"]), &mut rng),
-            1
-        );
-        let top2 = settings(&["--temperature", "1", "--top-k", "2"]);
-        for _ in 0..200 {
-            let t = sample(&logits, &top2, &mut rng);
-            assert!(t == 1 || t == 2);
-        }
-    }
-
-    #[test]
-    fn top_p_keeps_the_fewest_likely_tokens_that_reach_it() {
-        // Probabilities 0.5, 0.3, 0.2 at temperature 1.
-        let logits = [0.5f32.ln(), 0.3f32.ln(), 0.2f32.ln()];
-        let mut rng = Rng::new(2);
-        let drawn = |p: &str, rng: &mut Rng| -> std::collections::BTreeSet<usize> {
-            let args = settings(&["--temperature", "1", "--top-k", "0", "--top-p", p]);
-            (0..400).map(|_| sample(&logits, &args, rng)).collect()
-        };
-        assert_eq!(drawn("0.45", &mut rng), [0].into());
-        assert_eq!(drawn("0.7", &mut rng), [0, 1].into());
-        assert_eq!(drawn("0.81", &mut rng), [0, 1, 2].into());
-        assert_eq!(drawn("1", &mut rng), [0, 1, 2].into());
-    }
 }

@@ -8,6 +8,7 @@ mod interrupt;
 mod launch;
 mod partition;
 pub(crate) mod plan;
+mod serve;
 mod trace;
 pub(crate) mod train;
 
@@ -59,6 +60,17 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Cut a model's layers into pipeline stages (uniform, balanced or memory-capped).
     Partition(partition::PartitionArgs),
+    /// Serve a checkpoint over HTTP with OpenAI's completions API, batching requests continuously.
+    ///
+    /// `POST /v1/completions` (prompt, max_tokens, temperature, top_p, top_k, seed, stop, n,
+    /// stream), `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus). Requests join
+    /// the running batch between passes and leave it as soon as they finish; the key/value
+    /// cache is a budget of blocks (--kv-cache-bytes), and a request waits until its blocks
+    /// are free. With --stages P the ranks run on P threads with P batches in flight.
+    /// Try: `pipit serve --checkpoint runs/latest --port 8000`, then
+    /// `curl localhost:8000/v1/completions -H 'Content-Type: application/json'
+    /// -d '{"model": "latest", "prompt": "ROMEO:", "max_tokens": 40}'`.
+    Serve(serve::ServeArgs),
     /// Start one process per pipeline rank on this host: `pipit launch --nproc-per-node 4 -- train ...`.
     Launch(launch::LaunchArgs),
 }
@@ -78,6 +90,7 @@ pub fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Plan(args) => plan::run(args),
         Command::Partition(args) => partition::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Launch(args) => launch::run(args),
     };
     match result {

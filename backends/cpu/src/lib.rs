@@ -160,6 +160,16 @@ impl Backend for CpuBackend {
     fn copy(&self, dst: &mut RefBuffer, src: &RefBuffer) -> Result<()> {
         self.host.copy(dst, src)
     }
+    fn copy_range(
+        &self,
+        dst: &mut RefBuffer,
+        dst_start: usize,
+        src: &RefBuffer,
+        src_start: usize,
+        len: usize,
+    ) -> Result<()> {
+        self.host.copy_range(dst, dst_start, src, src_start, len)
+    }
     fn add(&self, out: &mut RefBuffer, a: &RefBuffer, b: &RefBuffer) -> Result<()> {
         self.host.add(out, a, b)
     }

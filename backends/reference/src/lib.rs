@@ -142,6 +142,21 @@ impl Backend for ReferenceBackend {
         dst.copy_from(src)
     }
 
+    fn copy_range(
+        &self,
+        dst: &mut RefBuffer,
+        dst_start: usize,
+        src: &RefBuffer,
+        src_start: usize,
+        len: usize,
+    ) -> Result<()> {
+        pipit_engine::backend::fused::check_copy_range(self, dst, dst_start, src, src_start, len)?;
+        let from = &src.f32("range copy source")?[src_start..src_start + len];
+        let mut to = dst.f32_mut("range copy destination")?;
+        to[dst_start..dst_start + len].copy_from_slice(from);
+        Ok(())
+    }
+
     fn add(&self, out: &mut RefBuffer, a: &RefBuffer, b: &RefBuffer) -> Result<()> {
         let (a, b) = (a.f32("add a")?, b.f32("add b")?);
         let mut out = out.f32_mut("add out")?;

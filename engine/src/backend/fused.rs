@@ -29,6 +29,47 @@ fn f32s<B: Backend + ?Sized>(b: &B, what: &str, buf: &B::Buffer, len: usize) -> 
     check::buffer(what, b.len(buf), b.dtype(buf), len, DType::F32)
 }
 
+/// Errors unless `src[src_start..][..len]` and `dst[dst_start..][..len]` lie inside f32
+/// buffers.
+pub fn check_copy_range<B: Backend + ?Sized>(
+    b: &B,
+    dst: &B::Buffer,
+    dst_start: usize,
+    src: &B::Buffer,
+    src_start: usize,
+    len: usize,
+) -> Result<()> {
+    check::dtype("range copy destination", b.dtype(dst), DType::F32)?;
+    check::dtype("range copy source", b.dtype(src), DType::F32)?;
+    for (what, start, buf) in [("destination", dst_start, dst), ("source", src_start, src)] {
+        if start.checked_add(len).is_none_or(|end| end > b.len(buf)) {
+            bail!(
+                "range copy: {len} elements from {start} overrun the {what}'s {}",
+                b.len(buf)
+            );
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn copy_range<B: Backend + ?Sized>(
+    b: &B,
+    dst: &mut B::Buffer,
+    dst_start: usize,
+    src: &B::Buffer,
+    src_start: usize,
+    len: usize,
+) -> Result<()> {
+    check_copy_range(b, dst, dst_start, src, src_start, len)?;
+    if !b.computes() || len == 0 {
+        return Ok(());
+    }
+    let mut host = b.download(dst)?;
+    let from = b.download(src)?;
+    host[dst_start..dst_start + len].copy_from_slice(&from[src_start..src_start + len]);
+    b.write(dst, &host)
+}
+
 pub(super) fn embedding_lookup<B: Backend + ?Sized>(
     b: &B,
     out: &mut B::Buffer,

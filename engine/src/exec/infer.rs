@@ -8,7 +8,7 @@
 //! and values each stage keeps in a cache ([`Pass::Cached`]): text generation feeds one token
 //! at a time that way, through a [`Decoder`], instead of running the whole context again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{anyhow, bail, Context, Result};
 
@@ -42,6 +42,88 @@ pub enum Pass<'a, B: Backend> {
     /// other) that follow those in the caches (by stage index), which take them in; the last
     /// stage produces the new tokens' logits.
     Cached(&'a mut BTreeMap<usize, KvCache<B>>),
+    /// The new tokens of several sequences (continuous batching), each at its own length,
+    /// their tokens one sequence after the other: `pieces` says whose and how many, `caches`
+    /// holds every sequence's cache on this rank (made on a sequence's first piece); the last
+    /// stage produces each sequence's next-token logits.
+    Ragged {
+        /// The sequences and their new tokens, in the order of the rows.
+        pieces: &'a [Piece],
+        /// This rank's caches.
+        caches: &'a mut SequenceCaches<B>,
+    },
+}
+
+/// One sequence's share of a ragged pass ([`Pass::Ragged`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// The sequence.
+    pub id: u64,
+    /// Its tokens after those in its cache.
+    pub tokens: Vec<u32>,
+    /// Positions its cache holds (fixed when its first piece makes it).
+    pub capacity: usize,
+}
+
+/// The key/value caches of the sequences a rank serves, by sequence and stage: each of one
+/// sequence, of its own capacity.
+pub struct SequenceCaches<B: Backend> {
+    caches: HashMap<(u64, usize), KvCache<B>>,
+}
+
+impl<B: Backend> Default for SequenceCaches<B> {
+    fn default() -> Self {
+        Self {
+            caches: HashMap::new(),
+        }
+    }
+}
+
+impl<B: Backend> SequenceCaches<B> {
+    /// Forget the sequence `id` (its memory with it).
+    pub fn free(&mut self, id: u64) {
+        self.caches.retain(|(s, _), _| *s != id);
+    }
+
+    /// Sequences with a cache here.
+    pub fn len(&self) -> usize {
+        let ids: std::collections::HashSet<u64> = self.caches.keys().map(|(s, _)| *s).collect();
+        ids.len()
+    }
+
+    /// Whether no sequence has a cache here.
+    pub fn is_empty(&self) -> bool {
+        self.caches.is_empty()
+    }
+
+    /// Run `model` (stage `stage`) on the ragged batch `pieces`, from their caches.
+    fn run(
+        &mut self,
+        backend: &B,
+        model: &StageModel<B>,
+        stage: usize,
+        input: StageInput<'_, B>,
+        pieces: &[Piece],
+    ) -> Result<StageOutput<B>> {
+        let mut taken = Vec::with_capacity(pieces.len());
+        for p in pieces {
+            let cache = match self.caches.remove(&(p.id, stage)) {
+                Some(c) => c,
+                None => model.kv_cache(backend, 1, p.capacity)?,
+            };
+            taken.push((cache, p.tokens.len()));
+        }
+        let mut refs: Vec<(&mut KvCache<B>, usize)> =
+            taken.iter_mut().map(|(c, n)| (c, *n)).collect();
+        let out = model.decode_ragged(backend, input, &mut refs);
+        drop(refs);
+        // On failure the caches are dropped: their sequences cannot go on.
+        let out = out?;
+        for (p, (cache, _)) in pieces.iter().zip(taken) {
+            self.caches.insert((p.id, stage), cache);
+        }
+        Ok(out)
+    }
 }
 
 impl<B: Backend> Pass<'_, B> {
@@ -72,6 +154,7 @@ impl<B: Backend> Pass<'_, B> {
                 )?;
                 Ok(out)
             }
+            Pass::Ragged { pieces, caches } => caches.run(backend, model, stage, input, pieces),
             Pass::Cached(caches) => {
                 let cache = caches
                     .get_mut(&stage)

@@ -6,7 +6,8 @@ mod step;
 mod transport;
 
 pub use infer::{
-    decode_rank, evaluate_rank, forward, forward_rank, on_every_rank, Decoder, Pass, Want,
+    decode_rank, evaluate_rank, forward, forward_rank, on_every_rank, Decoder, Pass, Piece,
+    SequenceCaches, Want,
 };
 pub use step::{
     clip_scale, train_step, train_step_rank, Rank, RankReport, StepOptions, StepReport,

@@ -481,6 +481,131 @@ impl<B: Backend> StageModel<B> {
         Ok(output)
     }
 
+    /// Run the stage forward on a ragged batch: several sequences, each with its own cache
+    /// (of one sequence) and `new` tokens after the ones it holds, their rows one sequence
+    /// after the other (`input` is their token ids, or the previous stage's output for
+    /// them), and add each sequence's keys and values to its cache. Every row's output is
+    /// the one [`StageModel::decode`] gives it in its own sequence; the head stage returns
+    /// only each sequence's last row of logits (`[sequences, vocab]`). f32 only.
+    ///
+    /// This is what continuous batching runs: sequences admitted at different times, at
+    /// different lengths, and prompts (many new tokens) beside decoding ones (one each) share
+    /// one pass, so every matrix product runs once over all their rows, and only attention
+    /// and positions go sequence by sequence.
+    pub fn decode_ragged(
+        &self,
+        b: &B,
+        input: StageInput<'_, B>,
+        sequences: &mut [(&mut KvCache<B>, usize)],
+    ) -> Result<StageOutput<B>> {
+        if self.dtype != DType::F32 {
+            bail!(
+                "decoding with a key/value cache runs in f32, not {:?}",
+                self.dtype
+            );
+        }
+        let mut rows = 0usize;
+        let mut positions = Vec::new();
+        for (cache, new) in sequences.iter() {
+            if cache.batch != 1 {
+                bail!("a ragged batch takes caches of one sequence, not {}", cache.batch);
+            }
+            if *new == 0 || cache.past + new > cache.capacity {
+                bail!(
+                    "{} cached and {new} new tokens do not fit a cache of {} positions",
+                    cache.past,
+                    cache.capacity
+                );
+            }
+            positions.extend((cache.past..cache.past + new).map(|t| t as u32));
+            rows += new;
+        }
+        if rows == 0 {
+            bail!("a ragged batch needs at least one sequence");
+        }
+        let c = self.cfg.n_embd;
+        let takes_tokens = self.kinds[0] == Layer::Embedding;
+        let (ids, mut current) = match input {
+            StageInput::Tokens(t) if takes_tokens => {
+                check_len(b, t, rows, "decoder input")?;
+                (Some(t), None)
+            }
+            StageInput::Hidden(h) if !takes_tokens => {
+                check_len(b, &h, rows * c, "decoder input")?;
+                (None, Some(h))
+            }
+            _ => bail!(
+                "stage {:?} starts with {}; it was given the other kind of input",
+                self.layers,
+                self.kinds[0]
+            ),
+        };
+        let t = Tokens {
+            batch: rows,
+            seq: 1,
+            start: 0,
+            act: DType::F32,
+        };
+        let mut block = 0;
+        for (layer, parts) in self.kinds.iter().zip(&self.parts) {
+            current = Some(match parts {
+                LayerParts::Embedding(e) => {
+                    let ids = ids.context("the embedding without its tokens")?;
+                    let at = b.upload_u32(&positions)?;
+                    e.forward_at_positions(b, &self.params, ids, &at, rows)?
+                }
+                LayerParts::Block(part) => {
+                    let x = current.as_ref().context("a block without its input")?;
+                    let caches = sequences
+                        .iter_mut()
+                        .map(|(cache, new)| {
+                            let shape = CachedAttention {
+                                batch: 1,
+                                new: *new,
+                                past: cache.past,
+                                capacity: cache.capacity,
+                                channels: c,
+                                heads: self.cfg.n_head,
+                            };
+                            let buf = cache
+                                .blocks
+                                .get_mut(block)
+                                .context("a block without its cache")?;
+                            Ok((buf, shape))
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    block += 1;
+                    part.forward(b, &self.params, x, t, Past::Ragged(caches))
+                        .with_context(|| format!("forward of {layer}"))?
+                        .0
+                }
+                LayerParts::Head(head) => {
+                    let x = current.as_ref().context("the head without its input")?;
+                    // Only each sequence's last position is sampled from.
+                    let mut last = b.alloc(sequences.len() * c, DType::F32)?;
+                    let mut row = 0;
+                    for (i, (_, new)) in sequences.iter().enumerate() {
+                        row += new;
+                        b.copy_range(&mut last, i * c, x, (row - 1) * c, c)?;
+                    }
+                    let acts = head
+                        .forward(b, &self.params, &last, sequences.len(), DType::F32)
+                        .context("forward of the head")?;
+                    for (cache, new) in sequences.iter_mut() {
+                        cache.past += *new;
+                    }
+                    return Ok(StageOutput::Logits(acts.logits));
+                }
+            });
+        }
+        for (cache, new) in sequences.iter_mut() {
+            cache.past += *new;
+        }
+        current
+            .map(StageOutput::Hidden)
+            .with_context(|| format!("stage {:?} produced no output", self.layers))
+    }
+
     /// Run every layer on `x0`; with `keep_acts`, return what backward needs as well. With a
     /// `cache`, `x0` holds the tokens after the cached ones, whose keys and values it adds.
     fn run(

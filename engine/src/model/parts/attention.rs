@@ -50,6 +50,10 @@ pub(crate) enum Past<'a, B: Backend> {
     Nothing,
     /// The keys and values of the tokens before them, in this block's cache (decoding).
     Cached(&'a mut B::Buffer, CachedAttention),
+    /// Several sequences one after the other, each with its own cache (a sequence of the
+    /// batch) and as many new tokens as its shape says, at its own positions: the tokens'
+    /// rows are the first sequence's new ones, then the second's, and so on.
+    Ragged(Vec<(&'a mut B::Buffer, CachedAttention)>),
 }
 
 /// Sizes of one micro-batch as the parts see it.
@@ -157,9 +161,9 @@ impl SelfAttention {
             Qkv::Packed(l) => l.forward(b, p, x, rows, t.act)?,
             Qkv::Split { q, k, v } => {
                 let q = q.forward(b, p, x, rows, t.act)?;
-                let q = self.rotated(b, q, t, self.heads, false)?;
+                let q = self.rotated_at(b, q, t, &past, self.heads)?;
                 let k = k.forward(b, p, x, rows, t.act)?;
-                let k = self.rotated(b, k, t, self.kv_heads, false)?;
+                let k = self.rotated_at(b, k, t, &past, self.kv_heads)?;
                 let v = v.forward(b, p, x, rows, t.act)?;
                 let mut qkv = b.alloc_output(rows * 3 * self.width(), t.act)?;
                 b.pack_qkv(&mut qkv, &q, &k, &v, self.heads_of(rows))?;
@@ -177,8 +181,59 @@ impl SelfAttention {
                 b.attention_decode(&mut y, cache, &qkv, shape)?;
                 None
             }
+            Past::Ragged(sequences) => {
+                let width = self.width();
+                let mut row = 0;
+                for (cache, shape) in sequences {
+                    let n = shape.new;
+                    let mut part = b.alloc(n * 3 * width, DType::F32)?;
+                    b.copy_range(&mut part, 0, &qkv, row * 3 * width, n * 3 * width)?;
+                    let mut out = b.alloc(n * width, DType::F32)?;
+                    b.attention_decode(&mut out, cache, &part, shape)?;
+                    b.copy_range(&mut y, row * width, &out, 0, n * width)?;
+                    row += n;
+                }
+                None
+            }
         };
         Ok((y, AttnActs { qkv, att }))
+    }
+
+    /// `x` (`[rows, heads·head_dim]`) turned by the rotary positions of its tokens, as the
+    /// forward pass with `past` places them: after their caches for ragged sequences, each
+    /// sequence's rows by its own position.
+    fn rotated_at<B: Backend>(
+        &self,
+        b: &B,
+        x: B::Buffer,
+        t: Tokens,
+        past: &Past<'_, B>,
+        heads: usize,
+    ) -> Result<B::Buffer> {
+        let Past::Ragged(sequences) = past else {
+            return self.rotated(b, x, t, heads, false);
+        };
+        if self.rope.is_none() {
+            return Ok(x);
+        }
+        let width = heads * self.head_dim;
+        let mut out = b.alloc_output(b.len(&x), b.dtype(&x))?;
+        let mut row = 0;
+        for (_, shape) in sequences {
+            let n = shape.new;
+            let mut part = b.alloc(n * width, DType::F32)?;
+            b.copy_range(&mut part, 0, &x, row * width, n * width)?;
+            let at = Tokens {
+                batch: 1,
+                seq: n,
+                start: shape.past,
+                act: t.act,
+            };
+            let part = self.rotated(b, part, at, heads, false)?;
+            b.copy_range(&mut out, row * width, &part, 0, n * width)?;
+            row += n;
+        }
+        Ok(out)
     }
 
     /// The gradient of the normed input (`x`, which the weight gradients take over) from the

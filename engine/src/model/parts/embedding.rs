@@ -50,6 +50,29 @@ impl Embedding {
         Ok(out)
     }
 
+    /// The embedding of `rows` tokens `ids` at the positions `positions` (u32 `[rows]`, the
+    /// rows of several sequences, each from its own place): the same sums as
+    /// [`Self::forward`] gives each row.
+    pub(crate) fn forward_at_positions<B: Backend>(
+        &self,
+        b: &B,
+        p: &Params<B>,
+        ids: &B::Buffer,
+        positions: &B::Buffer,
+        rows: usize,
+    ) -> Result<B::Buffer> {
+        let c = self.channels;
+        let mut out = b.alloc_output(rows * c, DType::F32)?;
+        b.embedding_lookup(&mut out, ids, p.value(&self.tokens)?, rows, c)?;
+        if let Some(pos) = &self.positions {
+            let mut at = b.alloc_output(rows * c, DType::F32)?;
+            b.embedding_lookup(&mut at, positions, p.value(pos)?, rows, c)?;
+            let tokens = std::mem::replace(&mut out, b.alloc_output(rows * c, DType::F32)?);
+            b.add(&mut out, &tokens, &at)?;
+        }
+        Ok(out)
+    }
+
     /// Accumulate the tables' gradients from `dout`.
     pub(crate) fn backward<B: Backend>(
         &self,
