@@ -237,3 +237,169 @@ fn wgpu_cached_decoding_matches_whole_passes() {
         );
     }
 }
+
+/// Continuous batching's ragged passes through the serving pipeline (the ranks on their
+/// threads, `stages` batches in flight): sequences at different lengths share a pass, prompts
+/// fill in chunks beside tokens that decode one at a time, sequences leave and others join;
+/// each sequence's logits are those of its whole context run again, within `tol`.
+fn ragged_passes_match_whole_passes(model: ModelConfig, stages: usize, tol: f64) {
+    use pipit_engine::exec::Piece;
+    use pipit_engine::serve::{Job, Pipeline};
+    let cfg = TrainConfig {
+        model,
+        ..config(stages, "f32")
+    };
+    let mut oracle = reference(cfg.clone());
+    let serving = reference(cfg.clone());
+    let vocab = cfg.model.vocab_size;
+    let mut pipeline = Pipeline::start(serving.schedule.placement.clone(), serving.ranks);
+    let mut rng = Rng::new(9);
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(61) as u32).collect() };
+    // Each sequence's whole context, and how much of it the caches hold.
+    let mut contexts: Vec<Vec<u32>> = vec![draw(5), draw(9), draw(2), draw(13)];
+    let mut cached = vec![0usize; contexts.len()];
+    // Passes: (sequence, tokens) pieces; a piece that reaches the end of its context is
+    // checked, and its sequence then grows by one token.
+    let passes: Vec<(Vec<(usize, usize)>, Vec<u64>)> = vec![
+        (vec![(0, 5), (1, 4), (2, 2)], vec![]),
+        (vec![(0, 1), (1, 5), (2, 1)], vec![]),
+        (vec![(2, 1), (0, 1), (1, 1), (3, 6)], vec![]),
+        (vec![(3, 7), (1, 1)], vec![0]),
+        (vec![(3, 1), (1, 1), (2, 1)], vec![]),
+    ];
+    let mut checked = 0;
+    for (k, (pieces, free)) in passes.into_iter().enumerate() {
+        let job = Job {
+            group: k,
+            pieces: pieces
+                .iter()
+                .map(|&(s, n)| Piece {
+                    id: s as u64,
+                    tokens: contexts[s][cached[s]..cached[s] + n].to_vec(),
+                    capacity: 24,
+                })
+                .collect(),
+            free,
+        };
+        pipeline.submit(job).unwrap();
+        let (group, logits) = pipeline.next().unwrap();
+        assert_eq!(group, k);
+        assert_eq!(logits.len(), pieces.len() * vocab);
+        for (&(s, n), row) in pieces.iter().zip(logits.chunks_exact(vocab)) {
+            cached[s] += n;
+            if cached[s] < contexts[s].len() {
+                continue;
+            }
+            let want = whole(&mut oracle, &contexts[s]);
+            let err = relative_error(row, &want);
+            assert!(
+                err <= tol,
+                "pass {k}, sequence {s} at {} tokens: relative error {err:e} > {tol:e}",
+                contexts[s].len()
+            );
+            checked += 1;
+            let next = draw(1)[0];
+            contexts[s].push(next);
+        }
+    }
+    assert_eq!(checked, 13);
+}
+
+#[test]
+fn ragged_passes_of_gpt2_match_whole_passes() {
+    for stages in [1, 2, 3] {
+        ragged_passes_match_whole_passes(config(stages, "f32").model, stages, 0.0);
+    }
+}
+
+#[test]
+fn ragged_passes_of_llama_with_grouped_query_attention_match_whole_passes() {
+    let model = ModelConfig {
+        family: pipit_engine::model::Family::Llama,
+        n_kv_head: Some(2),
+        ..config(1, "f32").model
+    };
+    for stages in [1, 2] {
+        ragged_passes_match_whole_passes(model.clone(), stages, 0.0);
+    }
+}
+
+/// The continuous-batching scheduler with a key/value budget for only two sequences at a time
+/// and prompts longer than a pass's token budget: every request is answered with the greedy
+/// tokens of its context run whole, requests beyond the queue are turned away, and the budget
+/// is never exceeded.
+#[test]
+fn the_scheduler_answers_every_request_with_greedy_tokens_within_its_budget() {
+    use pipit_engine::sample::Sampling;
+    use pipit_engine::serve::{Command, Event, Finish, Gauges, Limits, Pipeline, Request, Scheduler};
+    use std::sync::atomic::Ordering;
+    use std::sync::{mpsc, Arc, Mutex};
+    let cfg = config(2, "f32");
+    let mut oracle = reference(cfg.clone());
+    let serving = reference(cfg.clone());
+    let pipeline = Pipeline::start(serving.schedule.placement.clone(), serving.ranks);
+    // Each request reserves ceil((prompt + 6) / 8) blocks, 2 for these prompts: 4 blocks
+    // hold two sequences.
+    let limits = Limits {
+        window: 24,
+        block_tokens: 8,
+        blocks: 4,
+        max_batch_tokens: 4,
+        max_batch_size: 8,
+        max_waiting: 5,
+        groups: 2,
+        drawn: 61,
+    };
+    let gauges = Arc::new(Gauges::default());
+    let scheduler = Scheduler::new(limits, Arc::clone(&gauges));
+    let (commands, receive) = mpsc::channel();
+    let mut rng = Rng::new(3);
+    let prompts: Vec<Vec<u32>> = (0..7)
+        .map(|i| (0..3 + i % 5).map(|_| rng.below(61) as u32).collect())
+        .collect();
+    let heard: Vec<Arc<Mutex<Vec<Event>>>> = prompts.iter().map(|_| Arc::default()).collect();
+    let most_blocks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for (i, prompt) in prompts.iter().enumerate() {
+        let (events, g, most) = (Arc::clone(&heard[i]), Arc::clone(&gauges), Arc::clone(&most_blocks));
+        commands
+            .send(Command::Submit(Request {
+                id: i as u64,
+                prompt: prompt.clone(),
+                max_tokens: 6,
+                sampling: Sampling::GREEDY,
+                seed: 0,
+                end: None,
+                sink: Box::new(move |e| {
+                    most.fetch_max(g.blocks_used.load(Ordering::Relaxed), Ordering::Relaxed);
+                    events.lock().unwrap().push(e);
+                    true
+                }),
+            }))
+            .unwrap();
+    }
+    commands.send(Command::Shutdown { cancel: false }).unwrap();
+    // Every command is queued before the scheduler starts, so which are turned away is fixed.
+    std::thread::spawn(move || scheduler.run(pipeline, receive))
+        .join()
+        .unwrap()
+        .unwrap();
+    assert!(most_blocks.load(Ordering::Relaxed) <= 4);
+    let mut busy = 0;
+    for (i, prompt) in prompts.iter().enumerate() {
+        let events = heard[i].lock().unwrap().clone();
+        if events == [Event::Finished(Finish::Busy)] {
+            busy += 1;
+            continue;
+        }
+        let mut context = prompt.clone();
+        for e in &events[..6] {
+            let logits = whole(&mut oracle, &context);
+            let best = Sampling::GREEDY.pick(&logits, &mut Rng::new(0)) as u32;
+            assert_eq!(e, &Event::Token(best), "request {i} after {} tokens", context.len());
+            context.push(best);
+        }
+        assert_eq!(events[6..], [Event::Finished(Finish::Length)], "request {i}");
+    }
+    // Five may wait; the other two are turned away.
+    assert_eq!(busy, 2);
+}
