@@ -403,3 +403,58 @@ fn the_scheduler_answers_every_request_with_greedy_tokens_within_its_budget() {
     // Five may wait; the other two are turned away.
     assert_eq!(busy, 2);
 }
+
+/// A sequence whose listener goes away (a client that disconnected) is cancelled at its next
+/// token and gives its blocks back: with room for one sequence, the request waiting behind it
+/// runs to its end.
+#[test]
+fn a_sequence_nobody_listens_to_gives_its_room_to_the_next() {
+    use pipit_engine::sample::Sampling;
+    use pipit_engine::serve::{Command, Event, Finish, Gauges, Limits, Pipeline, Request, Scheduler};
+    use std::sync::{mpsc, Arc, Mutex};
+    let cfg = config(1, "f32");
+    let serving = reference(cfg);
+    let pipeline = Pipeline::start(serving.schedule.placement.clone(), serving.ranks);
+    let limits = Limits {
+        window: 24,
+        block_tokens: 8,
+        blocks: 3,
+        max_batch_tokens: 32,
+        max_batch_size: 8,
+        max_waiting: 4,
+        groups: 1,
+        drawn: 61,
+    };
+    let scheduler = Scheduler::new(limits, Arc::new(Gauges::default()));
+    let (commands, receive) = mpsc::channel();
+    let heard: Vec<Arc<Mutex<Vec<Event>>>> = (0..2).map(|_| Arc::default()).collect();
+    for (i, events) in heard.iter().enumerate() {
+        let events = Arc::clone(events);
+        commands
+            .send(Command::Submit(Request {
+                id: i as u64,
+                prompt: vec![1, 2, 3, 4],
+                max_tokens: 20,
+                sampling: Sampling::GREEDY,
+                seed: 0,
+                end: None,
+                sink: Box::new(move |e| {
+                    let mut events = events.lock().unwrap();
+                    events.push(e);
+                    // The first listener hangs up after its second token.
+                    i == 1 || events.len() < 2
+                }),
+            }))
+            .unwrap();
+    }
+    commands.send(Command::Shutdown { cancel: false }).unwrap();
+    std::thread::spawn(move || scheduler.run(pipeline, receive))
+        .join()
+        .unwrap()
+        .unwrap();
+    let first = heard[0].lock().unwrap().clone();
+    assert!(matches!(first[..], [Event::Token(_), Event::Token(_), Event::Finished(Finish::Cancelled)]), "{first:?}");
+    let second = heard[1].lock().unwrap().clone();
+    assert_eq!(second.len(), 21, "{second:?}");
+    assert_eq!(second[20], Event::Finished(Finish::Length));
+}

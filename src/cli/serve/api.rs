@@ -178,7 +178,9 @@ impl CompletionRequest {
             let inner = e.into_inner();
             let text = inner.to_string();
             // An unknown field is named by serde in backquotes.
-            let param = if text.starts_with("unknown field") {
+            let param = if inner.is_syntax() || inner.is_eof() {
+                String::new()
+            } else if text.starts_with("unknown field") {
                 text.split('`').nth(1).unwrap_or("").to_string()
             } else if path == "." {
                 String::new()
