@@ -331,7 +331,9 @@ fn ragged_passes_of_llama_with_grouped_query_attention_match_whole_passes() {
 #[test]
 fn the_scheduler_answers_every_request_with_greedy_tokens_within_its_budget() {
     use pipit_engine::sample::Sampling;
-    use pipit_engine::serve::{Command, Event, Finish, Gauges, Limits, Pipeline, Request, Scheduler};
+    use pipit_engine::serve::{
+        Command, Event, Finish, Gauges, Limits, Pipeline, Request, Scheduler,
+    };
     use std::sync::atomic::Ordering;
     use std::sync::{mpsc, Arc, Mutex};
     let cfg = config(2, "f32");
@@ -360,7 +362,11 @@ fn the_scheduler_answers_every_request_with_greedy_tokens_within_its_budget() {
     let heard: Vec<Arc<Mutex<Vec<Event>>>> = prompts.iter().map(|_| Arc::default()).collect();
     let most_blocks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for (i, prompt) in prompts.iter().enumerate() {
-        let (events, g, most) = (Arc::clone(&heard[i]), Arc::clone(&gauges), Arc::clone(&most_blocks));
+        let (events, g, most) = (
+            Arc::clone(&heard[i]),
+            Arc::clone(&gauges),
+            Arc::clone(&most_blocks),
+        );
         commands
             .send(Command::Submit(Request {
                 id: i as u64,
@@ -395,10 +401,19 @@ fn the_scheduler_answers_every_request_with_greedy_tokens_within_its_budget() {
         for e in &events[..6] {
             let logits = whole(&mut oracle, &context);
             let best = Sampling::GREEDY.pick(&logits, &mut Rng::new(0)) as u32;
-            assert_eq!(e, &Event::Token(best), "request {i} after {} tokens", context.len());
+            assert_eq!(
+                e,
+                &Event::Token(best),
+                "request {i} after {} tokens",
+                context.len()
+            );
             context.push(best);
         }
-        assert_eq!(events[6..], [Event::Finished(Finish::Length)], "request {i}");
+        assert_eq!(
+            events[6..],
+            [Event::Finished(Finish::Length)],
+            "request {i}"
+        );
     }
     // Five may wait; the other two are turned away.
     assert_eq!(busy, 2);
@@ -410,7 +425,9 @@ fn the_scheduler_answers_every_request_with_greedy_tokens_within_its_budget() {
 #[test]
 fn a_sequence_nobody_listens_to_gives_its_room_to_the_next() {
     use pipit_engine::sample::Sampling;
-    use pipit_engine::serve::{Command, Event, Finish, Gauges, Limits, Pipeline, Request, Scheduler};
+    use pipit_engine::serve::{
+        Command, Event, Finish, Gauges, Limits, Pipeline, Request, Scheduler,
+    };
     use std::sync::{mpsc, Arc, Mutex};
     let cfg = config(1, "f32");
     let serving = reference(cfg);
@@ -453,7 +470,17 @@ fn a_sequence_nobody_listens_to_gives_its_room_to_the_next() {
         .unwrap()
         .unwrap();
     let first = heard[0].lock().unwrap().clone();
-    assert!(matches!(first[..], [Event::Token(_), Event::Token(_), Event::Finished(Finish::Cancelled)]), "{first:?}");
+    assert!(
+        matches!(
+            first[..],
+            [
+                Event::Token(_),
+                Event::Token(_),
+                Event::Finished(Finish::Cancelled)
+            ]
+        ),
+        "{first:?}"
+    );
     let second = heard[1].lock().unwrap().clone();
     assert_eq!(second.len(), 21, "{second:?}");
     assert_eq!(second[20], Event::Finished(Finish::Length));

@@ -25,9 +25,34 @@ fn checkpoint(dir: &Path) -> PathBuf {
     let ckpt = dir.join("ckpt");
     let window = WINDOW.to_string();
     let out = pipit_command()
-        .args(["train", "--backend", "cpu", "--n-layer", "2", "--n-embd", "32", "--n-head"])
-        .args(["2", "--n-positions", &window, "--seq-len", &window, "--batch-size", "4"])
-        .args(["--microbatches", "2", "--stages", "2", "--steps", "30", "--eval-tokens"])
+        .args([
+            "train",
+            "--backend",
+            "cpu",
+            "--n-layer",
+            "2",
+            "--n-embd",
+            "32",
+            "--n-head",
+        ])
+        .args([
+            "2",
+            "--n-positions",
+            &window,
+            "--seq-len",
+            &window,
+            "--batch-size",
+            "4",
+        ])
+        .args([
+            "--microbatches",
+            "2",
+            "--stages",
+            "2",
+            "--steps",
+            "30",
+            "--eval-tokens",
+        ])
         .args(["256", "--save"])
         .arg(&ckpt)
         .output()
@@ -39,9 +64,7 @@ fn checkpoint(dir: &Path) -> PathBuf {
 /// Python with the openai package, or why there is none.
 fn python() -> Result<PathBuf, String> {
     let python = std::env::var_os("PIPIT_PYTHON").map_or("python3".into(), PathBuf::from);
-    let found = Command::new(&python)
-        .args(["-c", "import openai"])
-        .output();
+    let found = Command::new(&python).args(["-c", "import openai"]).output();
     match found {
         Ok(out) if out.status.success() => Ok(python),
         Ok(_) => Err(format!("{} has no openai package", python.display())),
@@ -108,11 +131,28 @@ fn stop(mut server: Server) {
 /// The greedy samples `pipit generate` gives `prompts`, as the client script reads them.
 fn expected(dir: &Path, ckpt: &Path, prompts: &[&str]) -> PathBuf {
     let file = dir.join("prompts.jsonl");
-    let lines: Vec<String> = prompts.iter().map(|p| Value::from(*p).to_string()).collect();
+    let lines: Vec<String> = prompts
+        .iter()
+        .map(|p| Value::from(*p).to_string())
+        .collect();
     std::fs::write(&file, lines.join("\n")).unwrap();
     let out = pipit_command()
-        .args(["generate", "--backend", "cpu", "--stages", "1", "--temperature", "0"])
-        .args(["--max-tokens", &MAX_TOKENS.to_string(), "--format", "json", "--checkpoint"])
+        .args([
+            "generate",
+            "--backend",
+            "cpu",
+            "--stages",
+            "1",
+            "--temperature",
+            "0",
+        ])
+        .args([
+            "--max-tokens",
+            &MAX_TOKENS.to_string(),
+            "--format",
+            "json",
+            "--checkpoint",
+        ])
         .arg(ckpt)
         .arg("--prompts")
         .arg(&file)
@@ -159,7 +199,12 @@ fn the_openai_client_gets_greedy_text_streams_and_errors_from_the_server() {
     };
     let dir = scratch("serve", "openai");
     let ckpt = checkpoint(&dir);
-    let prompts = ["ROMEO:\n", "To be, or not", "JULIET: O", "First Citizen:\nBefore we"];
+    let prompts = [
+        "ROMEO:\n",
+        "To be, or not",
+        "JULIET: O",
+        "First Citizen:\nBefore we",
+    ];
     let expected = expected(&dir, &ckpt, &prompts);
     // Two stages, two batches in flight.
     let (server, url) = serve(&ckpt, &["--stages", "2"]);
@@ -167,7 +212,17 @@ fn the_openai_client_gets_greedy_text_streams_and_errors_from_the_server() {
     stop(server);
     // Room in the cache for one whole context (4 blocks of 16 positions, one block layer a
     // rank: 4 × 16 × 2 × 32 × 4 bytes), and two waiting requests.
-    let (server, url) = serve(&ckpt, &["--stages", "2", "--kv-cache-bytes", "16384", "--max-waiting", "2"]);
+    let (server, url) = serve(
+        &ckpt,
+        &[
+            "--stages",
+            "2",
+            "--kv-cache-bytes",
+            "16384",
+            "--max-waiting",
+            "2",
+        ],
+    );
     client(&python, "tight", &url, &expected);
     stop(server);
     let _ = std::fs::remove_dir_all(&dir);
@@ -178,9 +233,18 @@ fn bad_server_settings_are_one_line_and_status_2() {
     let dir = scratch("serve", "settings");
     let ckpt = checkpoint(&dir);
     for (flags, says) in [
-        (&["--kv-cache-bytes", "100"][..], "--kv-cache-bytes 100 holds 0 blocks"),
-        (&["--stages", "9"][..], "--stages must be between 1 and the model's 4 layers, got 9"),
-        (&["--max-batch-tokens", "0"][..], "--max-batch-tokens must be at least 1, got 0"),
+        (
+            &["--kv-cache-bytes", "100"][..],
+            "--kv-cache-bytes 100 holds 0 blocks",
+        ),
+        (
+            &["--stages", "9"][..],
+            "--stages must be between 1 and the model's 4 layers, got 9",
+        ),
+        (
+            &["--max-batch-tokens", "0"][..],
+            "--max-batch-tokens must be at least 1, got 0",
+        ),
     ] {
         let out = pipit_command()
             .args(["serve", "--backend", "cpu", "--port", "0", "--checkpoint"])
@@ -191,7 +255,10 @@ fn bad_server_settings_are_one_line_and_status_2() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{flags:?}: {stderr}");
         let last = stderr.lines().last().unwrap_or("");
-        assert!(last.starts_with("error: ") && last.contains(says), "{flags:?}: {stderr}");
+        assert!(
+            last.starts_with("error: ") && last.contains(says),
+            "{flags:?}: {stderr}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

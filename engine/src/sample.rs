@@ -127,7 +127,9 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let e = at(-1.0, 0, 1.0).check(("temperature", "top_p")).unwrap_err();
+        let e = at(-1.0, 0, 1.0)
+            .check(("temperature", "top_p"))
+            .unwrap_err();
         assert_eq!(e.to_string(), "temperature must be 0 or more, got -1");
         let e = at(1.0, 0, 0.0).check(("temperature", "top_p")).unwrap_err();
         assert_eq!(e.to_string(), "top_p must be in (0, 1], got 0");

@@ -164,12 +164,22 @@ pub fn run(args: ServeArgs) -> Result<()> {
         drawn: tokenizer.len(),
     };
     let name = args.served_model_name.clone().unwrap_or_else(|| {
-        let dir = args.checkpoint.canonicalize().unwrap_or(args.checkpoint.clone());
+        let dir = args
+            .checkpoint
+            .canonicalize()
+            .unwrap_or(args.checkpoint.clone());
         dir.file_name()
             .map_or("pipit".into(), |n| n.to_string_lossy().into_owned())
     });
     let ckpt = load_checkpoint(&args.checkpoint, &config, None)?;
-    let engine = with_backend(args.backend, StartJob { config, ckpt: &ckpt, limits })?;
+    let engine = with_backend(
+        args.backend,
+        StartJob {
+            config,
+            ckpt: &ckpt,
+            limits,
+        },
+    )?;
     drop(ckpt);
     say!(
         "key/value cache: {blocks} blocks of {} positions ({} bytes a rank)",
@@ -345,11 +355,7 @@ async fn models(State(s): State<Arc<Shared>>) -> Response {
 
 async fn metrics_text(State(s): State<Arc<Shared>>) -> Response {
     let body = s.metrics.render(&s.gauges, &s.limits);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 
 /// One choice's sequence as the handler sees it: its events, and its text so far.
@@ -480,8 +486,16 @@ async fn start_completion(s: &Arc<Shared>, body: &[u8]) -> Result<Response, ApiE
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     if req.stream {
-        return stream(Arc::clone(s), choices, id, created, prompt_tokens, req.include_usage(), arrived)
-            .await;
+        return stream(
+            Arc::clone(s),
+            choices,
+            id,
+            created,
+            prompt_tokens,
+            req.include_usage(),
+            arrived,
+        )
+        .await;
     }
     let mut texts = vec![String::new(); choices.len()];
     let mut first = None;
@@ -563,7 +577,12 @@ async fn stream(
         }
     };
     // Each choice's events on a task of its own, merged into one stream of (index, event).
-    let (merged_send, mut merged) = tmpsc::unbounded_channel::<(usize, Result<Option<String>, ApiError>, Option<&'static str>, usize)>();
+    let (merged_send, mut merged) = tmpsc::unbounded_channel::<(
+        usize,
+        Result<Option<String>, ApiError>,
+        Option<&'static str>,
+        usize,
+    )>();
     for mut c in choices.drain(..) {
         let (s, send) = (Arc::clone(&s), merged_send.clone());
         tokio::spawn(async move {
@@ -602,7 +621,9 @@ async fn stream(
                     break;
                 }
             };
-            let grew = per_choice.insert(index, count).map_or(count > 0, |c| count > c);
+            let grew = per_choice
+                .insert(index, count)
+                .map_or(count > 0, |c| count > c);
             if grew {
                 let now = Instant::now();
                 if !seen_first {

@@ -508,7 +508,10 @@ impl<B: Backend> StageModel<B> {
         let mut positions = Vec::new();
         for (cache, new) in sequences.iter() {
             if cache.batch != 1 {
-                bail!("a ragged batch takes caches of one sequence, not {}", cache.batch);
+                bail!(
+                    "a ragged batch takes caches of one sequence, not {}",
+                    cache.batch
+                );
             }
             if *new == 0 || cache.past + new > cache.capacity {
                 bail!(

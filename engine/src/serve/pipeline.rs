@@ -33,7 +33,10 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Start one worker per rank of `ranks`, whose stages `placement` places.
-    pub fn start<B: Backend>(placement: Vec<usize>, ranks: Vec<Rank<B, InProcessTransport>>) -> Self {
+    pub fn start<B: Backend>(
+        placement: Vec<usize>,
+        ranks: Vec<Rank<B, InProcessTransport>>,
+    ) -> Self {
         let placement = Arc::new(placement);
         let (done, results) = mpsc::channel();
         let mut senders = Vec::new();

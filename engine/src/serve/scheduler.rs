@@ -107,7 +107,9 @@ pub struct Limits {
 impl Limits {
     /// Blocks a sequence of `prompt` tokens that may generate `max_tokens` reserves.
     pub fn blocks_for(&self, prompt: usize, max_tokens: usize) -> usize {
-        (prompt + max_tokens).min(self.window).div_ceil(self.block_tokens)
+        (prompt + max_tokens)
+            .min(self.window)
+            .div_ceil(self.block_tokens)
     }
 
     /// Errors unless a request of `prompt` tokens and `max_tokens` can ever run: it fits the
@@ -308,9 +310,10 @@ impl Scheduler {
                     }
                 })
                 .collect();
-            self.gauges
-                .batch_tokens
-                .store(pieces.iter().map(|p| p.tokens.len()).sum(), Ordering::Relaxed);
+            self.gauges.batch_tokens.store(
+                pieces.iter().map(|p| p.tokens.len()).sum(),
+                Ordering::Relaxed,
+            );
             self.gauges
                 .batch_sequences
                 .store(pieces.len(), Ordering::Relaxed);

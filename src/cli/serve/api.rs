@@ -197,7 +197,10 @@ impl CompletionRequest {
             ApiError::invalid(&message, &param)
         })?;
         if req.max_tokens == Some(0) {
-            return Err(ApiError::invalid("`max_tokens` must be at least 1, got 0", "max_tokens"));
+            return Err(ApiError::invalid(
+                "`max_tokens` must be at least 1, got 0",
+                "max_tokens",
+            ));
         }
         if let Some(n) = req.n {
             if n == 0 || n > MAX_N {
@@ -299,7 +302,9 @@ mod tests {
     use super::*;
 
     fn error(body: &str) -> Value {
-        CompletionRequest::parse(body.as_bytes()).unwrap_err().body()
+        CompletionRequest::parse(body.as_bytes())
+            .unwrap_err()
+            .body()
     }
 
     #[test]
@@ -315,9 +320,15 @@ mod tests {
         let e = error(r#"{"model": "m", "prompt": "a", "stop": ["", "x"]}"#);
         assert_eq!(e["error"]["param"], "stop");
         let e = error(r#"{"model": "m", "prompt": "a""#);
-        assert!(e["error"]["message"].as_str().unwrap().contains("not valid JSON"));
+        assert!(e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON"));
         let e = error(r#"{"model": "m"}"#);
-        assert!(e["error"]["message"].as_str().unwrap().contains("prompt"), "{e}");
+        assert!(
+            e["error"]["message"].as_str().unwrap().contains("prompt"),
+            "{e}"
+        );
     }
 
     #[test]

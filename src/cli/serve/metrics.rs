@@ -81,7 +81,10 @@ impl Metrics {
     pub fn render(&self, g: &Gauges, limits: &Limits) -> String {
         let mut out = String::new();
         let mut line = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed) as u64;
         line(
@@ -102,11 +105,36 @@ impl Metrics {
             "Tokens generated for the requests answered.",
             self.generated_tokens.load(Ordering::Relaxed),
         );
-        line("pipit_running_sequences", "gauge", "Sequences in the running batches.", load(&g.running));
-        line("pipit_waiting_sequences", "gauge", "Sequences waiting for room.", load(&g.waiting));
-        line("pipit_batch_tokens", "gauge", "Tokens in the last pass.", load(&g.batch_tokens));
-        line("pipit_batch_sequences", "gauge", "Sequences in the last pass.", load(&g.batch_sequences));
-        line("pipit_passes_total", "counter", "Passes through the pipeline.", load(&g.passes));
+        line(
+            "pipit_running_sequences",
+            "gauge",
+            "Sequences in the running batches.",
+            load(&g.running),
+        );
+        line(
+            "pipit_waiting_sequences",
+            "gauge",
+            "Sequences waiting for room.",
+            load(&g.waiting),
+        );
+        line(
+            "pipit_batch_tokens",
+            "gauge",
+            "Tokens in the last pass.",
+            load(&g.batch_tokens),
+        );
+        line(
+            "pipit_batch_sequences",
+            "gauge",
+            "Sequences in the last pass.",
+            load(&g.batch_sequences),
+        );
+        line(
+            "pipit_passes_total",
+            "counter",
+            "Passes through the pipeline.",
+            load(&g.passes),
+        );
         line(
             "pipit_kv_cache_blocks_used",
             "gauge",
