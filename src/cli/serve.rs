@@ -172,6 +172,10 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .map_or("pipit".into(), |n| n.to_string_lossy().into_owned())
     });
     let ckpt = load_checkpoint(&args.checkpoint, &config, None)?;
+    // The HTTP side and the scheduler take a share of the host's cores like a rank, so a
+    // host backend's products leave them room (on two cores, one rank computes on one
+    // thread and never waits for a second that is busy answering clients).
+    let _http_share = pipit_reference::CoreShare::default();
     let engine = with_backend(
         args.backend,
         StartJob {

@@ -36,6 +36,7 @@ pub use cross_entropy::check as check_cross_entropy;
 /// The threads a host backend may use now: the host's cores (less those of other processes on
 /// it) divided among the host backends alive in this process; `PIPIT_THREADS` fixes it.
 pub use threads::share as core_share;
+pub use threads::CoreShare;
 
 /// The host reference backend. Cheap to create; each value keeps its own memory accounting.
 #[derive(Debug, Default)]

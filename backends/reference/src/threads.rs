@@ -12,9 +12,10 @@ use std::sync::OnceLock;
 /// Reference backends alive in this process.
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 
-/// Counts one backend while it lives.
+/// Counts one backend while it lives. Something else that keeps the cores busy beside the
+/// backends (`pipit serve`'s HTTP side and scheduler) holds one too, and takes a share.
 #[derive(Debug)]
-pub(crate) struct CoreShare;
+pub struct CoreShare;
 
 impl Default for CoreShare {
     fn default() -> Self {
