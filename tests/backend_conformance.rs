@@ -114,6 +114,15 @@ pub fn check_buffers<B: Backend>(b: &B) {
         let mut dst = poisoned(b, len);
         b.copy(&mut dst, &bx).unwrap();
         assert_eq!(b.download(&dst).unwrap(), x, "copy");
+        // The middle third of `y` into the last third of `x`'s copy; the rest stays.
+        let third = len / 3;
+        b.copy_range(&mut dst, len - third, &by, third, third)
+            .unwrap();
+        let mut want = x.clone();
+        want[len - third..].copy_from_slice(&y[third..2 * third]);
+        assert_eq!(b.download(&dst).unwrap(), want, "copy_range");
+        let overrun = b.copy_range(&mut dst, len - third, &by, third, third + 1);
+        assert!(overrun.unwrap_err().to_string().contains("overrun"));
         let mut sum = poisoned(b, len);
         b.add(&mut sum, &bx, &by).unwrap();
         let want: Vec<f64> = x

@@ -283,6 +283,30 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn copy_range(
+        &self,
+        dst: &mut CudaBuffer,
+        dst_start: usize,
+        src: &CudaBuffer,
+        src_start: usize,
+        len: usize,
+    ) -> Result<()> {
+        let _span = self.span("copy_range");
+        pipit_engine::backend::fused::check_copy_range(self, dst, dst_start, src, src_start, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        match (&mut dst.data, &src.data) {
+            (Data::F32(d), Data::F32(s)) => {
+                let from = s.slice(src_start..src_start + len);
+                let mut to = d.slice_mut(dst_start..dst_start + len);
+                self.stream.memcpy_dtod(&from, &mut to)?;
+                Ok(())
+            }
+            _ => bail!("range copy between f32 buffers only"),
+        }
+    }
+
     fn copy(&self, dst: &mut CudaBuffer, src: &CudaBuffer) -> Result<()> {
         let _span = self.span("copy");
         let converts =

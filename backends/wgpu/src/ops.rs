@@ -205,6 +205,31 @@ impl Backend for WgpuBackend {
         self.record(|enc| enc.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, size))
     }
 
+    fn copy_range(
+        &self,
+        dst: &mut WgpuBuffer,
+        dst_start: usize,
+        src: &WgpuBuffer,
+        src_start: usize,
+        len: usize,
+    ) -> Result<()> {
+        pipit_engine::backend::fused::check_copy_range(self, dst, dst_start, src, src_start, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        // f32 elements: offsets and size are multiples of the 4 bytes copies align to.
+        let at = |i: usize| (i * 4) as u64;
+        self.record(|enc| {
+            enc.copy_buffer_to_buffer(
+                &src.buffer,
+                at(src_start),
+                &dst.buffer,
+                at(dst_start),
+                at(len),
+            )
+        })
+    }
+
     fn add(&self, out: &mut WgpuBuffer, a: &WgpuBuffer, b: &WgpuBuffer) -> Result<()> {
         same_len(
             out.len,
