@@ -194,7 +194,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         name,
         tokenizer,
         limits,
-        commands: std::sync::Mutex::new(engine.commands),
+        commands: engine.commands,
         gauges: engine.gauges,
         metrics: Metrics::default(),
         next_id: AtomicU64::new(1),
@@ -258,7 +258,7 @@ struct Shared {
     name: String,
     tokenizer: Tokenizer,
     limits: Limits,
-    commands: std::sync::Mutex<mpsc::Sender<Command>>,
+    commands: mpsc::Sender<Command>,
     gauges: Arc<Gauges>,
     metrics: Metrics,
     next_id: AtomicU64,
@@ -270,11 +270,7 @@ struct Shared {
 
 impl Shared {
     fn send(&self, command: Command) -> bool {
-        let sent = self
-            .commands
-            .lock()
-            .map(|c| c.send(command).is_ok())
-            .unwrap_or(false);
+        let sent = self.commands.send(command).is_ok();
         if !sent {
             self.failed.store(true, Ordering::Relaxed);
         }

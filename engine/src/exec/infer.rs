@@ -85,17 +85,6 @@ impl<B: Backend> SequenceCaches<B> {
         self.caches.retain(|(s, _), _| *s != id);
     }
 
-    /// Sequences with a cache here.
-    pub fn len(&self) -> usize {
-        let ids: std::collections::HashSet<u64> = self.caches.keys().map(|(s, _)| *s).collect();
-        ids.len()
-    }
-
-    /// Whether no sequence has a cache here.
-    pub fn is_empty(&self) -> bool {
-        self.caches.is_empty()
-    }
-
     /// Run `model` (stage `stage`) on the ragged batch `pieces`, from their caches.
     fn run(
         &mut self,
